@@ -1,0 +1,126 @@
+//! What the engine needs from a VM, and nothing more.
+//!
+//! A VMM implements these traits for its VM; the engine never sees KVM, threads of the
+//! VMM or device models. Both sides use the same traits: the source saves through them,
+//! the destination (a VM created paused, with the same RAM layout) loads through them.
+
+use std::io;
+use std::sync::Arc;
+
+use thiserror::Error;
+
+use super::bitmap::DirtyBitmap;
+use crate::state::{DeviceState, StateError, StateSchema};
+
+/// One contiguous block of guest RAM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RamBlock {
+    /// Stable name, the same on both sides (for example `ram0`).
+    pub name: String,
+    /// Guest-physical address of the first byte.
+    pub gpa: u64,
+    /// Length in bytes, a multiple of [`crate::PAGE_SIZE`].
+    pub size: u64,
+}
+
+impl RamBlock {
+    pub fn pages(&self) -> usize {
+        (self.size / crate::PAGE_SIZE as u64) as usize
+    }
+}
+
+/// Guest RAM as host memory.
+///
+/// # Safety
+///
+/// Implementors guarantee that `host_ptr(i)` is the start of a readable and writable
+/// mapping of `blocks()[i].size` bytes that stays mapped for as long as the implementor
+/// lives. vCPUs and devices may write to it at any time while the VM runs; the engine
+/// reads pages racily on the source (the dirty log catches every page written after it
+/// was harvested) and writes pages only on a destination whose VM is not running.
+pub unsafe trait GuestRam: Send + Sync {
+    fn blocks(&self) -> &[RamBlock];
+
+    fn host_ptr(&self, block: usize) -> *mut u8;
+
+    /// Marks in `out` every page of `block` that may hold non-zero data. A page left
+    /// unmarked must read as zero. The default marks every page.
+    fn populated(&self, block: usize, out: &DirtyBitmap) {
+        let _ = block;
+        out.set_all();
+    }
+}
+
+/// Write tracking of guest RAM.
+pub trait DirtyLog: Send + Sync {
+    /// Starts tracking writes to guest RAM.
+    fn start(&self) -> Result<(), VmError>;
+
+    /// Stops tracking.
+    fn stop(&self);
+
+    /// ORs into `into` the pages of `block` written since tracking started or since the
+    /// previous harvest, and forgets them.
+    fn harvest(&self, block: usize, into: &DirtyBitmap) -> Result<(), VmError>;
+
+    /// Puts back pages that a failed migration harvested but did not deliver, so the next
+    /// harvest reports them again.
+    fn restore(&self, block: usize, pages: &DirtyBitmap);
+}
+
+/// A device whose state migrates.
+#[derive(Debug, Clone)]
+pub struct DeviceInfo {
+    /// The device's state name (also its schema's name).
+    pub name: String,
+    pub instance: u32,
+    pub schema: &'static StateSchema,
+}
+
+/// A VM the engine can migrate out of or into.
+pub trait MigratableVm: Send + Sync {
+    fn ram(&self) -> Arc<dyn GuestRam>;
+
+    fn dirty_log(&self) -> &dyn DirtyLog;
+
+    fn vcpu_count(&self) -> usize;
+
+    /// The schema of one vCPU's state.
+    fn vcpu_schema(&self) -> &'static StateSchema;
+
+    fn devices(&self) -> Vec<DeviceInfo>;
+
+    /// Stops vCPUs and devices. When it returns, neither writes guest RAM nor changes its
+    /// state until [`MigratableVm::resume`].
+    fn pause(&self) -> Result<(), VmError>;
+
+    fn resume(&self) -> Result<(), VmError>;
+
+    fn is_running(&self) -> bool;
+
+    /// Saves vCPU `index`. Only called while paused.
+    fn save_vcpu(&self, index: usize) -> Result<DeviceState, VmError>;
+
+    /// Loads vCPU `index`. Only called on a destination that is not running.
+    fn load_vcpu(&self, index: usize, state: DeviceState) -> Result<(), VmError>;
+
+    /// Saves device `index` of [`MigratableVm::devices`]. Only called while paused.
+    fn save_device(&self, index: usize) -> Result<DeviceState, VmError>;
+
+    /// Loads device `index` of [`MigratableVm::devices`].
+    fn load_device(&self, index: usize, state: DeviceState) -> Result<(), VmError>;
+}
+
+#[derive(Debug, Error)]
+pub enum VmError {
+    #[error("{op} failed")]
+    Io {
+        op: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("{0}")]
+    Failed(String),
+}

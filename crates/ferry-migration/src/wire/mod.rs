@@ -1,0 +1,1 @@
+//! The migration stream's byte formats.
