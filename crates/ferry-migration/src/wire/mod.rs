@@ -1,1 +1,54 @@
-//! The migration stream's byte formats.
+//! The migration stream's byte formats: every byte either side puts on a socket.
+//!
+//! # Shape of a migration
+//!
+//! One main channel, a byte stream (TCP or a unix socket). The source writes the forward
+//! stream; the destination answers on the same connection (the *return path*).
+//!
+//! ```text
+//!  source                                              destination
+//!    | StreamHeader (16 bytes, fixed forever)                |
+//!    | Hello: release, machine type, wire properties,        |
+//!    |        RAM layout, vCPU and device state versions ---> | checks all of it
+//!    | <----------------------------- Accept | Refuse(cause) | before any RAM moves
+//!    | RamBatch* PassEnd   (pass 0: every populated page)     |
+//!    | RamBatch* PassEnd   (pass k: pages dirtied since k-1)  |
+//!    |   ... until pending bytes fit the downtime limit ...  |
+//!    | (vCPUs stopped)                                       |
+//!    | RamBatch* PassEnd   (final pass)                       |
+//!    | DeviceState* VcpuState*                               |
+//!    | EndOfStream: digest of guest memory  ---------------> | loads, verifies, resumes
+//!    | <------------------------- Completed | LoadFailed(why) |
+//! ```
+//!
+//! The source may send `Abort(reason)` at any point instead of going on; the destination
+//! may send `LoadFailed(reason)` at any point and close. Neither side ever waits for a
+//! message the other will not send: every wait has a peer-closed or timeout exit.
+//!
+//! # Encoding rules
+//!
+//! * All integers are little-endian, written and read one field at a time: nothing is a
+//!   `repr(C)` struct cast onto bytes, so no layout or endianness leaks across hosts.
+//! * [`StreamHeader`] is 16 bytes (magic, protocol version, header length) and never
+//!   changes shape, so any release can read it and refuse a version it does not speak.
+//! * After the header everything is a frame: an 8-byte [`FrameHeader`] (tag, three zero
+//!   bytes, payload length) followed by the payload. The receiver checks the length
+//!   against the limit for that tag ([`FrameTag::max_len`]) before reading or allocating.
+//! * Strings are a u16 length and UTF-8 bytes, each with its own bound.
+//! * A RAM batch carries up to [`MAX_BATCH_PAGES`] page entries, then the data of the
+//!   non-zero pages back to back. A zero page is a flag with no payload.
+//! * Device and vCPU state payloads are produced by [`crate::state`] and bounded by the
+//!   destination's schema for that device.
+//!
+//! # Versioning
+//!
+//! [`PROTOCOL_VERSION`] covers framing and message layout. Compatible additions travel
+//! as new frame tags or hello fields behind a property that the hello carries, so both
+//! sides agree before they are used; see [`crate::compat`]. Device state versions are a
+//! separate axis ([`crate::state`]).
+
+mod codec;
+mod messages;
+
+pub use codec::{Reader, WireError, Writer};
+pub use messages::*;

@@ -1,0 +1,810 @@
+//! Message layouts. See the module docs of [`crate::wire`] for the sequence.
+
+use super::codec::{Reader, WireError, Writer};
+use crate::PAGE_SIZE;
+
+/// First bytes of every migration stream.
+pub const MAGIC: [u8; 8] = *b"FERRYMIG";
+/// The framing and message layout this release speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Protocol versions this release can receive.
+pub const SUPPORTED_PROTOCOL_VERSIONS: &[u32] = &[1];
+/// Most pages in one RAM batch (512 KiB of data, as QEMU's multifd packets).
+pub const MAX_BATCH_PAGES: usize = 128;
+/// Bound of a human-readable reason (refusal, load failure, abort).
+pub const MAX_REASON_LEN: usize = 4096;
+/// Bound of any name on the wire (machine type, device, RAM block, property).
+pub const MAX_NAME_LEN: usize = 128;
+/// Bound of a property value's text.
+pub const MAX_VALUE_LEN: usize = 256;
+/// Bounds of the hello's lists.
+pub const MAX_PROPS: usize = 512;
+pub const MAX_RAM_BLOCKS: usize = 64;
+pub const MAX_DEVICES: usize = 1024;
+pub const MAX_VCPUS: u32 = 4096;
+/// Largest device-state frame any device may send; each device is further bounded by
+/// its own schema on the destination.
+pub const MAX_DEVICE_STATE_LEN: u32 = 1 << 30;
+
+/// The 16 bytes that open a stream, fixed for every protocol version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamHeader {
+    pub version: u32,
+}
+
+impl StreamHeader {
+    pub const LEN: usize = 16;
+
+    pub fn encode(&self) -> [u8; Self::LEN] {
+        let mut b = [0u8; Self::LEN];
+        b[..8].copy_from_slice(&MAGIC);
+        b[8..12].copy_from_slice(&self.version.to_le_bytes());
+        b[12..16].copy_from_slice(&(Self::LEN as u32).to_le_bytes());
+        b
+    }
+
+    /// Checks the magic and the header length; the version is returned as sent, for the
+    /// caller to accept or refuse.
+    pub fn decode(b: &[u8; Self::LEN]) -> Result<Self, WireError> {
+        let mut r = Reader::new(b, "stream header");
+        let magic: [u8; 8] = r.bytes(8)?.try_into().expect("8 bytes");
+        if magic != MAGIC {
+            return Err(WireError::BadMagic(magic));
+        }
+        let version = r.u32()?;
+        let len = r.u32()?;
+        if len as usize != Self::LEN {
+            return Err(WireError::BadValue {
+                what: "stream header length",
+                value: len.into(),
+            });
+        }
+        Ok(Self { version })
+    }
+}
+
+/// Kinds of frame. Tags below 0x80 travel from source to destination, tags from 0x80 on
+/// the return path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum FrameTag {
+    Hello = 0x01,
+    RamBatch = 0x02,
+    PassEnd = 0x03,
+    DeviceState = 0x04,
+    VcpuState = 0x05,
+    EndOfStream = 0x06,
+    Abort = 0x07,
+    Accept = 0x81,
+    Refuse = 0x82,
+    LoadFailed = 0x83,
+    Completed = 0x84,
+}
+
+impl FrameTag {
+    pub fn from_u8(v: u8) -> Result<Self, WireError> {
+        Ok(match v {
+            0x01 => Self::Hello,
+            0x02 => Self::RamBatch,
+            0x03 => Self::PassEnd,
+            0x04 => Self::DeviceState,
+            0x05 => Self::VcpuState,
+            0x06 => Self::EndOfStream,
+            0x07 => Self::Abort,
+            0x81 => Self::Accept,
+            0x82 => Self::Refuse,
+            0x83 => Self::LoadFailed,
+            0x84 => Self::Completed,
+            _ => return Err(WireError::UnknownFrame(v)),
+        })
+    }
+
+    /// The largest payload a frame of this kind may carry.
+    pub fn max_len(self) -> u32 {
+        match self {
+            Self::Hello => 1 << 20,
+            Self::RamBatch => (RamBatchHeader::LEN + MAX_BATCH_PAGES * (8 + PAGE_SIZE)) as u32,
+            Self::PassEnd => PassEnd::LEN as u32,
+            Self::DeviceState => MAX_DEVICE_STATE_LEN,
+            Self::VcpuState => 1 << 20,
+            Self::EndOfStream => EndOfStream::LEN as u32,
+            Self::Abort | Self::Refuse | Self::LoadFailed => (MAX_REASON_LEN + 16) as u32,
+            Self::Accept => 1024,
+            Self::Completed => Completed::LEN as u32,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Hello => "hello",
+            Self::RamBatch => "RAM batch",
+            Self::PassEnd => "pass end",
+            Self::DeviceState => "device state",
+            Self::VcpuState => "vCPU state",
+            Self::EndOfStream => "end of stream",
+            Self::Abort => "abort",
+            Self::Accept => "accept",
+            Self::Refuse => "refuse",
+            Self::LoadFailed => "load failed",
+            Self::Completed => "completed",
+        }
+    }
+}
+
+/// The 8 bytes before every payload: tag, three zero bytes, payload length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameHeader {
+    pub tag: FrameTag,
+    pub len: u32,
+}
+
+impl FrameHeader {
+    pub const LEN: usize = 8;
+
+    pub fn encode(&self) -> [u8; Self::LEN] {
+        let mut b = [0u8; Self::LEN];
+        b[0] = self.tag as u8;
+        b[4..].copy_from_slice(&self.len.to_le_bytes());
+        b
+    }
+
+    /// Decodes and bounds a frame header: an unknown tag, nonzero reserved bytes or a
+    /// length over the tag's limit are refused before any payload is read.
+    pub fn decode(b: &[u8; Self::LEN]) -> Result<Self, WireError> {
+        let tag = FrameTag::from_u8(b[0])?;
+        if b[1..4] != [0, 0, 0] {
+            return Err(WireError::BadValue {
+                what: "frame header reserved bytes",
+                value: u64::from(u32::from_le_bytes([b[1], b[2], b[3], 0])),
+            });
+        }
+        let len = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+        if len > tag.max_len() {
+            return Err(WireError::TooLong {
+                what: tag.name(),
+                len: len.into(),
+                max: tag.max_len().into(),
+            });
+        }
+        Ok(Self { tag, len })
+    }
+}
+
+/// A RAM block as the source describes it; the destination's must match.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HelloRamBlock {
+    pub name: String,
+    pub gpa: u64,
+    pub size: u64,
+}
+
+/// A device state the source will send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HelloDevice {
+    pub name: String,
+    pub instance: u32,
+    pub version: u32,
+}
+
+/// Everything the destination needs to accept or refuse before any RAM moves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    /// Identifies this migration; later channels of the same migration carry it too.
+    pub session_id: u64,
+    /// The source's release, for messages.
+    pub release: String,
+    /// The resolved machine type (never an alias).
+    pub machine: String,
+    pub page_size: u32,
+    /// [`Hello::FLAG_FULL_VERIFY`] and future flags.
+    pub flags: u32,
+    /// `(driver.property, value)` of every property that changes the wire or the guest.
+    pub wire_props: Vec<(String, String)>,
+    pub ram_blocks: Vec<HelloRamBlock>,
+    pub vcpu_count: u32,
+    pub vcpu_state: String,
+    pub vcpu_version: u32,
+    pub devices: Vec<HelloDevice>,
+}
+
+impl Hello {
+    /// The source will also send a digest of all of guest memory at switchover.
+    pub const FLAG_FULL_VERIFY: u32 = 1;
+    const KNOWN_FLAGS: u32 = Self::FLAG_FULL_VERIFY;
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::new();
+        w.u64(self.session_id)
+            .str16(&self.release, MAX_NAME_LEN)
+            .str16(&self.machine, MAX_NAME_LEN)
+            .u32(self.page_size)
+            .u32(self.flags)
+            .u16(self.wire_props.len() as u16);
+        for (k, v) in &self.wire_props {
+            w.str16(k, MAX_NAME_LEN).str16(v, MAX_VALUE_LEN);
+        }
+        w.u16(self.ram_blocks.len() as u16);
+        for b in &self.ram_blocks {
+            w.str16(&b.name, MAX_NAME_LEN).u64(b.gpa).u64(b.size);
+        }
+        w.u32(self.vcpu_count)
+            .str16(&self.vcpu_state, MAX_NAME_LEN)
+            .u32(self.vcpu_version)
+            .u16(self.devices.len() as u16);
+        for d in &self.devices {
+            w.str16(&d.name, MAX_NAME_LEN).u32(d.instance).u32(d.version);
+        }
+        w.buf
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Self, WireError> {
+        let mut r = Reader::new(b, "hello");
+        let session_id = r.u64()?;
+        let release = r.str16(MAX_NAME_LEN)?;
+        let machine = r.str16(MAX_NAME_LEN)?;
+        let page_size = r.u32()?;
+        let flags = r.u32()?;
+        if flags & !Self::KNOWN_FLAGS != 0 {
+            return Err(WireError::BadValue {
+                what: "hello flags",
+                value: flags.into(),
+            });
+        }
+        let n = r.u16()?;
+        let n = r.count(n.into(), MAX_PROPS, 4)?;
+        let mut wire_props = Vec::with_capacity(n);
+        for _ in 0..n {
+            wire_props.push((r.str16(MAX_NAME_LEN)?, r.str16(MAX_VALUE_LEN)?));
+        }
+        let n = r.u16()?;
+        let n = r.count(n.into(), MAX_RAM_BLOCKS, 18)?;
+        let mut ram_blocks = Vec::with_capacity(n);
+        for _ in 0..n {
+            ram_blocks.push(HelloRamBlock {
+                name: r.str16(MAX_NAME_LEN)?,
+                gpa: r.u64()?,
+                size: r.u64()?,
+            });
+        }
+        let vcpu_count = r.u32()?;
+        if vcpu_count > MAX_VCPUS {
+            return Err(WireError::TooLong {
+                what: "hello vCPU count",
+                len: vcpu_count.into(),
+                max: MAX_VCPUS.into(),
+            });
+        }
+        let vcpu_state = r.str16(MAX_NAME_LEN)?;
+        let vcpu_version = r.u32()?;
+        let n = r.u16()?;
+        let n = r.count(n.into(), MAX_DEVICES, 10)?;
+        let mut devices = Vec::with_capacity(n);
+        for _ in 0..n {
+            devices.push(HelloDevice {
+                name: r.str16(MAX_NAME_LEN)?,
+                instance: r.u32()?,
+                version: r.u32()?,
+            });
+        }
+        r.finish()?;
+        Ok(Self {
+            session_id,
+            release,
+            machine,
+            page_size,
+            flags,
+            wire_props,
+            ram_blocks,
+            vcpu_count,
+            vcpu_state,
+            vcpu_version,
+            devices,
+        })
+    }
+}
+
+/// The destination's yes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Accept {
+    pub release: String,
+}
+
+impl Accept {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::new();
+        w.str16(&self.release, MAX_NAME_LEN);
+        w.buf
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Self, WireError> {
+        let mut r = Reader::new(b, "accept");
+        let release = r.str16(MAX_NAME_LEN)?;
+        r.finish()?;
+        Ok(Self { release })
+    }
+}
+
+/// Why a destination refused a migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefuseCause {
+    ProtocolVersion,
+    UnknownMachine,
+    MachineMismatch,
+    UnknownDevice,
+    MissingDevice,
+    DeviceVersion,
+    PropertyMismatch,
+    RamLayout,
+    VcpuMismatch,
+    Busy,
+    /// A cause this release does not know (sent by a newer peer).
+    Other(u16),
+}
+
+impl RefuseCause {
+    pub fn code(self) -> u16 {
+        match self {
+            Self::ProtocolVersion => 1,
+            Self::UnknownMachine => 2,
+            Self::MachineMismatch => 3,
+            Self::UnknownDevice => 4,
+            Self::MissingDevice => 5,
+            Self::DeviceVersion => 6,
+            Self::PropertyMismatch => 7,
+            Self::RamLayout => 8,
+            Self::VcpuMismatch => 9,
+            Self::Busy => 10,
+            Self::Other(c) => c,
+        }
+    }
+
+    pub fn from_code(c: u16) -> Self {
+        match c {
+            1 => Self::ProtocolVersion,
+            2 => Self::UnknownMachine,
+            3 => Self::MachineMismatch,
+            4 => Self::UnknownDevice,
+            5 => Self::MissingDevice,
+            6 => Self::DeviceVersion,
+            7 => Self::PropertyMismatch,
+            8 => Self::RamLayout,
+            9 => Self::VcpuMismatch,
+            10 => Self::Busy,
+            c => Self::Other(c),
+        }
+    }
+}
+
+impl std::fmt::Display for RefuseCause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = match self {
+            Self::ProtocolVersion => "protocol version",
+            Self::UnknownMachine => "unknown machine type",
+            Self::MachineMismatch => "machine type mismatch",
+            Self::UnknownDevice => "unknown device",
+            Self::MissingDevice => "missing device",
+            Self::DeviceVersion => "device state version",
+            Self::PropertyMismatch => "property mismatch",
+            Self::RamLayout => "RAM layout",
+            Self::VcpuMismatch => "vCPU mismatch",
+            Self::Busy => "busy",
+            Self::Other(c) => return write!(f, "cause {c}"),
+        };
+        f.write_str(s)
+    }
+}
+
+/// A refusal (in answer to a hello) and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refuse {
+    pub cause: RefuseCause,
+    pub reason: String,
+}
+
+/// A text message: [`FrameTag::Abort`] from the source or [`FrameTag::LoadFailed`] from
+/// the destination, or the text of a [`Refuse`].
+pub fn encode_reason(reason: &str) -> Vec<u8> {
+    let mut w = Writer::new();
+    w.str16(reason, MAX_REASON_LEN);
+    w.buf
+}
+
+pub fn decode_reason(b: &[u8], what: &'static str) -> Result<String, WireError> {
+    let mut r = Reader::new(b, what);
+    let s = r.str16(MAX_REASON_LEN)?;
+    r.finish()?;
+    Ok(s)
+}
+
+impl Refuse {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::new();
+        w.u16(self.cause.code()).str16(&self.reason, MAX_REASON_LEN);
+        w.buf
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Self, WireError> {
+        let mut r = Reader::new(b, "refuse");
+        let cause = RefuseCause::from_code(r.u16()?);
+        let reason = r.str16(MAX_REASON_LEN)?;
+        r.finish()?;
+        Ok(Self { cause, reason })
+    }
+}
+
+/// Fixed part of a RAM batch; followed by `count` u64 page entries and then the data of
+/// every entry without [`RamBatchHeader::ZERO`], in entry order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RamBatchHeader {
+    pub block: u32,
+    pub count: u32,
+}
+
+impl RamBatchHeader {
+    pub const LEN: usize = 8;
+    /// Entry flag: the page is all zeros and has no data in the batch.
+    pub const ZERO: u64 = 1 << 63;
+    /// Entry bits that hold the page index within the block.
+    pub const PAGE_MASK: u64 = (1 << 48) - 1;
+
+    pub fn encode(&self) -> [u8; Self::LEN] {
+        let mut b = [0u8; Self::LEN];
+        b[..4].copy_from_slice(&self.block.to_le_bytes());
+        b[4..].copy_from_slice(&self.count.to_le_bytes());
+        b
+    }
+
+    /// Decodes a batch's fixed part and checks that the frame length holds exactly the
+    /// entries it announces plus some whole pages.
+    pub fn decode(b: &[u8; Self::LEN], frame_len: u32) -> Result<Self, WireError> {
+        let block = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        let count = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+        if count as usize > MAX_BATCH_PAGES {
+            return Err(WireError::TooLong {
+                what: "RAM batch page count",
+                len: count.into(),
+                max: MAX_BATCH_PAGES as u64,
+            });
+        }
+        let fixed = Self::LEN as u64 + 8 * u64::from(count);
+        if u64::from(frame_len) < fixed {
+            return Err(WireError::Truncated {
+                what: "RAM batch",
+                offset: frame_len as usize,
+                needed: (fixed - u64::from(frame_len)) as usize,
+            });
+        }
+        Ok(Self { block, count })
+    }
+
+    /// Decodes the entries, returning `(page index, is_zero)` pairs through `out` and
+    /// checking every index against `block_pages` and the data length against the frame.
+    pub fn decode_entries(
+        &self,
+        b: &[u8],
+        frame_len: u32,
+        block_pages: u64,
+        out: &mut Vec<(u64, bool)>,
+    ) -> Result<usize, WireError> {
+        out.clear();
+        let mut r = Reader::new(b, "RAM batch entries");
+        let mut data_pages = 0usize;
+        for _ in 0..self.count {
+            let e = r.u64()?;
+            if e & !(Self::ZERO | Self::PAGE_MASK) != 0 {
+                return Err(WireError::BadValue {
+                    what: "RAM batch entry flags",
+                    value: e,
+                });
+            }
+            let page = e & Self::PAGE_MASK;
+            if page >= block_pages {
+                return Err(WireError::BadValue {
+                    what: "RAM batch page index",
+                    value: page,
+                });
+            }
+            let zero = e & Self::ZERO != 0;
+            if !zero {
+                data_pages += 1;
+            }
+            out.push((page, zero));
+        }
+        r.finish()?;
+        let expect = Self::LEN as u64 + 8 * u64::from(self.count) + (data_pages * PAGE_SIZE) as u64;
+        if expect != u64::from(frame_len) {
+            return Err(WireError::BadValue {
+                what: "RAM batch length",
+                value: frame_len.into(),
+            });
+        }
+        Ok(data_pages)
+    }
+
+    pub fn entry(page: u64, zero: bool) -> u64 {
+        debug_assert!(page <= Self::PAGE_MASK);
+        page | if zero { Self::ZERO } else { 0 }
+    }
+}
+
+/// Marks the end of a pass over guest memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PassEnd {
+    pub pass: u32,
+    pub pages: u64,
+}
+
+impl PassEnd {
+    pub const LEN: usize = 12;
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::new();
+        w.u32(self.pass).u64(self.pages);
+        w.buf
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Self, WireError> {
+        let mut r = Reader::new(b, "pass end");
+        let v = Self {
+            pass: r.u32()?,
+            pages: r.u64()?,
+        };
+        r.finish()?;
+        Ok(v)
+    }
+}
+
+/// Fixed part of a device-state frame; the state bytes follow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceStateHeader {
+    pub name: String,
+    pub instance: u32,
+    pub version: u32,
+}
+
+impl DeviceStateHeader {
+    pub fn encode(&self, state: &[u8]) -> Vec<u8> {
+        let mut w = Writer::new();
+        w.str16(&self.name, MAX_NAME_LEN)
+            .u32(self.instance)
+            .u32(self.version)
+            .bytes(state);
+        w.buf
+    }
+
+    /// Returns the header and the state bytes.
+    pub fn decode(b: &[u8]) -> Result<(Self, &[u8]), WireError> {
+        let mut r = Reader::new(b, "device state");
+        let h = Self {
+            name: r.str16(MAX_NAME_LEN)?,
+            instance: r.u32()?,
+            version: r.u32()?,
+        };
+        let rest = r.bytes(r.remaining())?;
+        Ok((h, rest))
+    }
+}
+
+/// Fixed part of a vCPU-state frame; the state bytes follow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VcpuStateHeader {
+    pub index: u32,
+    pub version: u32,
+}
+
+impl VcpuStateHeader {
+    pub fn encode(&self, state: &[u8]) -> Vec<u8> {
+        let mut w = Writer::new();
+        w.u32(self.index).u32(self.version).bytes(state);
+        w.buf
+    }
+
+    pub fn decode(b: &[u8]) -> Result<(Self, &[u8]), WireError> {
+        let mut r = Reader::new(b, "vCPU state");
+        let h = Self {
+            index: r.u32()?,
+            version: r.u32()?,
+        };
+        let rest = r.bytes(r.remaining())?;
+        Ok((h, rest))
+    }
+}
+
+/// The last frame of a stream: what the destination must have to resume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EndOfStream {
+    /// Sum of the per-page terms of every page as last sent (see `engine::digest`).
+    pub digest: Option<u64>,
+    /// Digest of all of guest memory at switchover, when full verification was asked.
+    pub full_digest: Option<u64>,
+    /// Pages (zero or not) sent over the whole migration.
+    pub pages_sent: u64,
+}
+
+impl EndOfStream {
+    pub const LEN: usize = 25;
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::new();
+        let flags = u8::from(self.digest.is_some()) | (u8::from(self.full_digest.is_some()) << 1);
+        w.u8(flags)
+            .u64(self.digest.unwrap_or(0))
+            .u64(self.full_digest.unwrap_or(0))
+            .u64(self.pages_sent);
+        w.buf
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Self, WireError> {
+        let mut r = Reader::new(b, "end of stream");
+        let flags = r.u8()?;
+        if flags & !3 != 0 {
+            return Err(WireError::BadValue {
+                what: "end of stream flags",
+                value: flags.into(),
+            });
+        }
+        let digest = r.u64()?;
+        let full = r.u64()?;
+        let pages_sent = r.u64()?;
+        r.finish()?;
+        Ok(Self {
+            digest: (flags & 1 != 0).then_some(digest),
+            full_digest: (flags & 2 != 0).then_some(full),
+            pages_sent,
+        })
+    }
+}
+
+/// The destination runs the guest now; what its side cost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Completed {
+    /// From receiving the end of stream to the guest running, in microseconds.
+    pub resume_us: u64,
+    /// Microseconds spent loading device and vCPU state.
+    pub state_load_us: u64,
+    /// Pages written into guest memory.
+    pub pages_written: u64,
+}
+
+impl Completed {
+    pub const LEN: usize = 24;
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::new();
+        w.u64(self.resume_us)
+            .u64(self.state_load_us)
+            .u64(self.pages_written);
+        w.buf
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Self, WireError> {
+        let mut r = Reader::new(b, "completed");
+        let v = Self {
+            resume_us: r.u64()?,
+            state_load_us: r.u64()?,
+            pages_written: r.u64()?,
+        };
+        r.finish()?;
+        Ok(v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello() -> Hello {
+        Hello {
+            session_id: 0x1122_3344_5566_7788,
+            release: "0.1.0".into(),
+            machine: "ferry-0.1".into(),
+            page_size: 4096,
+            flags: Hello::FLAG_FULL_VERIFY,
+            wire_props: vec![("migration.digest".into(), "on".into())],
+            ram_blocks: vec![HelloRamBlock {
+                name: "ram".into(),
+                gpa: 0,
+                size: 1 << 30,
+            }],
+            vcpu_count: 2,
+            vcpu_state: "soft-vcpu".into(),
+            vcpu_version: 1,
+            devices: vec![HelloDevice {
+                name: "soft-console".into(),
+                instance: 0,
+                version: 1,
+            }],
+        }
+    }
+
+    #[test]
+    fn stream_header_is_sixteen_fixed_bytes() {
+        let b = StreamHeader { version: 1 }.encode();
+        assert_eq!(&b[..8], b"FERRYMIG");
+        assert_eq!(b[8..], [1, 0, 0, 0, 16, 0, 0, 0]);
+        assert_eq!(StreamHeader::decode(&b).unwrap().version, 1);
+    }
+
+    #[test]
+    fn stream_header_refuses_other_magic() {
+        let mut b = StreamHeader { version: 1 }.encode();
+        b[0] = b'Q';
+        assert!(matches!(StreamHeader::decode(&b), Err(WireError::BadMagic(_))));
+    }
+
+    #[test]
+    fn frame_header_bounds_length_per_tag() {
+        let h = FrameHeader {
+            tag: FrameTag::PassEnd,
+            len: 13,
+        };
+        assert!(matches!(
+            FrameHeader::decode(&h.encode()),
+            Err(WireError::TooLong { .. })
+        ));
+        let mut b = h.encode();
+        b[0] = 0x55;
+        assert_eq!(FrameHeader::decode(&b), Err(WireError::UnknownFrame(0x55)));
+    }
+
+    #[test]
+    fn hello_round_trips_and_refuses_every_truncation() {
+        let h = hello();
+        let b = h.encode();
+        assert_eq!(Hello::decode(&b).unwrap(), h);
+        for n in 0..b.len() {
+            assert!(Hello::decode(&b[..n]).is_err(), "truncated at {n}");
+        }
+        let mut long = b.clone();
+        long.push(0);
+        assert!(matches!(Hello::decode(&long), Err(WireError::Trailing { .. })));
+    }
+
+    #[test]
+    fn ram_batch_entries_are_checked_against_block_and_frame() {
+        let hdr = RamBatchHeader { block: 0, count: 2 };
+        let mut e = Vec::new();
+        e.extend_from_slice(&RamBatchHeader::entry(5, false).to_le_bytes());
+        e.extend_from_slice(&RamBatchHeader::entry(6, true).to_le_bytes());
+        let len = (8 + 16 + PAGE_SIZE) as u32;
+        let mut out = Vec::new();
+        assert_eq!(hdr.decode_entries(&e, len, 10, &mut out).unwrap(), 1);
+        assert_eq!(out, vec![(5, false), (6, true)]);
+        assert!(hdr.decode_entries(&e, len, 6, &mut out).is_err(), "index out of block");
+        assert!(hdr.decode_entries(&e, len + 1, 10, &mut out).is_err(), "length mismatch");
+        let over = RamBatchHeader {
+            block: 0,
+            count: MAX_BATCH_PAGES as u32 + 1,
+        };
+        assert!(RamBatchHeader::decode(&over.encode(), u32::MAX).is_err());
+    }
+
+    #[test]
+    fn unknown_refuse_causes_survive_as_other() {
+        let r = Refuse {
+            cause: RefuseCause::Other(999),
+            reason: "newer".into(),
+        };
+        assert_eq!(Refuse::decode(&r.encode()).unwrap(), r);
+    }
+
+    #[test]
+    fn end_of_stream_round_trips_optional_digests() {
+        for e in [
+            EndOfStream {
+                digest: Some(7),
+                full_digest: None,
+                pages_sent: 9,
+            },
+            EndOfStream {
+                digest: None,
+                full_digest: Some(1),
+                pages_sent: 0,
+            },
+        ] {
+            let b = e.encode();
+            assert_eq!(b.len(), EndOfStream::LEN);
+            assert_eq!(EndOfStream::decode(&b).unwrap(), e);
+        }
+    }
+}
