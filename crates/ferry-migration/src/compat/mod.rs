@@ -11,9 +11,15 @@ use thiserror::Error;
 pub enum PropKind {
     Bool,
     /// An integer in `min..=max`.
-    U64 { min: u64, max: u64 },
+    U64 {
+        min: u64,
+        max: u64,
+    },
     /// A size in bytes; accepts suffixes (`512K`, `64M`, `1G`). In `min..=max`.
-    Size { min: u64, max: u64 },
+    Size {
+        min: u64,
+        max: u64,
+    },
     /// One of a fixed set of words.
     Enum(&'static [&'static str]),
 }
@@ -69,7 +75,9 @@ pub enum PropValue {
 pub enum Origin {
     Default,
     /// The compat table of the named machine type.
-    Compat { machine: String },
+    Compat {
+        machine: String,
+    },
     Global,
 }
 
@@ -129,7 +137,17 @@ impl Config {
     pub fn machine(&self) -> &str {
         &self.machine
     }
+    pub fn bool(&self, driver: &str, property: &str) -> Result<bool, CompatError> {
+        let _ = (driver, property);
+        todo!()
+    }
+    pub fn u64(&self, driver: &str, property: &str) -> Result<u64, CompatError> {
+        let _ = (driver, property);
+        todo!()
+    }
     pub fn get(&self, driver: &str, property: &str) -> Option<&PropValue> {
-        self.values.get(&(driver.to_string(), property.to_string())).map(|(v, _)| v)
+        self.values
+            .get(&(driver.to_string(), property.to_string()))
+            .map(|(v, _)| v)
     }
 }

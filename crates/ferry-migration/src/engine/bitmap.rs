@@ -94,7 +94,10 @@ impl DirtyBitmap {
     }
 
     pub fn count(&self) -> usize {
-        self.words.iter().map(|w| w.load(Ordering::Relaxed).count_ones() as usize).sum()
+        self.words
+            .iter()
+            .map(|w| w.load(Ordering::Relaxed).count_ones() as usize)
+            .sum()
     }
 
     fn valid_mask(pages: usize, word: usize) -> u64 {

@@ -1,4 +1,24 @@
 //! The migration engine: source and destination state machines.
+//!
+//! The engine drives a VM only through [`vm`]'s traits and moves bytes only through
+//! [`crate::wire`]'s formats over a [`transport::Channel`].
 
 pub mod bitmap;
+pub mod destination;
+pub mod digest;
+pub mod error;
+mod iov;
+pub mod params;
+mod ram;
+pub mod source;
+pub mod stats;
+mod stream;
+pub mod transport;
 pub mod vm;
+
+pub use destination::{receive, DestinationIdentity};
+pub use error::{error_chain, MigrationError};
+pub use params::{human_bytes, MigrationParams, MIGRATION, MIGRATION_DRIVER};
+pub use source::{migrate, SourceIdentity};
+pub use stats::{MigrationEvent, MigrationInfo, MigrationMonitor, MigrationStatus};
+pub use transport::{Channel, Listener, MigrationUri};

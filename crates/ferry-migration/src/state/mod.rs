@@ -13,9 +13,13 @@ pub enum FieldKind {
     U64,
     Bool,
     /// Variable-length bytes, at most `max_len` of them.
-    Bytes { max_len: u32 },
+    Bytes {
+        max_len: u32,
+    },
     /// Exactly `len` bytes.
-    Array { len: u32 },
+    Array {
+        len: u32,
+    },
 }
 
 /// One field of a device state schema.
@@ -77,15 +81,27 @@ pub struct DeviceState {
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum StateError {
     #[error("device {device}: state version {version} is newer than this release can load (at most {max})")]
-    TooNew { device: String, version: u32, max: u32 },
+    TooNew {
+        device: String,
+        version: u32,
+        max: u32,
+    },
     #[error("device {device}: state version {version} is older than this release can load (at least {min})")]
-    TooOld { device: String, version: u32, min: u32 },
+    TooOld {
+        device: String,
+        version: u32,
+        min: u32,
+    },
     #[error("device {device}: unknown subsection {subsection:?}")]
     UnknownSubsection { device: String, subsection: String },
     #[error("device {device}: malformed state: {reason}")]
     Malformed { device: String, reason: String },
     #[error("device {device}: field {field}: {reason}")]
-    Field { device: String, field: String, reason: String },
+    Field {
+        device: String,
+        field: String,
+        reason: String,
+    },
 }
 
 impl DeviceState {
@@ -98,6 +114,13 @@ impl DeviceState {
     }
     pub fn get(&self, name: &str) -> Option<&Value> {
         self.fields.iter().find(|(n, _)| n == name).map(|(_, v)| v)
+    }
+}
+
+impl StateSchema {
+    /// An upper bound of the encoded size of any valid state of this schema.
+    pub fn max_encoded_len(&self) -> u64 {
+        todo!()
     }
 }
 

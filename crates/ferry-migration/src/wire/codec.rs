@@ -117,7 +117,12 @@ impl<'a> Reader<'a> {
 
     /// A count field, refused when over `max` or when `count * min_item_len` cannot fit
     /// in what remains (so a lying count never sizes an allocation).
-    pub fn count(&mut self, count: u64, max: usize, min_item_len: usize) -> Result<usize, WireError> {
+    pub fn count(
+        &mut self,
+        count: u64,
+        max: usize,
+        min_item_len: usize,
+    ) -> Result<usize, WireError> {
         if count > max as u64 {
             return Err(WireError::TooLong {
                 what: self.what,
@@ -223,7 +228,10 @@ mod tests {
         let mut w = Writer::new();
         w.u16(300);
         let mut r = Reader::new(&w.buf, "s");
-        assert!(matches!(r.str16(100), Err(WireError::TooLong { len: 300, .. })));
+        assert!(matches!(
+            r.str16(100),
+            Err(WireError::TooLong { len: 300, .. })
+        ));
     }
 
     #[test]

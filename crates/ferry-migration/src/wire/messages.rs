@@ -232,7 +232,9 @@ impl Hello {
             .u32(self.vcpu_version)
             .u16(self.devices.len() as u16);
         for d in &self.devices {
-            w.str16(&d.name, MAX_NAME_LEN).u32(d.instance).u32(d.version);
+            w.str16(&d.name, MAX_NAME_LEN)
+                .u32(d.instance)
+                .u32(d.version);
         }
         w.buf
     }
@@ -729,7 +731,10 @@ mod tests {
     fn stream_header_refuses_other_magic() {
         let mut b = StreamHeader { version: 1 }.encode();
         b[0] = b'Q';
-        assert!(matches!(StreamHeader::decode(&b), Err(WireError::BadMagic(_))));
+        assert!(matches!(
+            StreamHeader::decode(&b),
+            Err(WireError::BadMagic(_))
+        ));
     }
 
     #[test]
@@ -757,7 +762,10 @@ mod tests {
         }
         let mut long = b.clone();
         long.push(0);
-        assert!(matches!(Hello::decode(&long), Err(WireError::Trailing { .. })));
+        assert!(matches!(
+            Hello::decode(&long),
+            Err(WireError::Trailing { .. })
+        ));
     }
 
     #[test]
@@ -770,8 +778,14 @@ mod tests {
         let mut out = Vec::new();
         assert_eq!(hdr.decode_entries(&e, len, 10, &mut out).unwrap(), 1);
         assert_eq!(out, vec![(5, false), (6, true)]);
-        assert!(hdr.decode_entries(&e, len, 6, &mut out).is_err(), "index out of block");
-        assert!(hdr.decode_entries(&e, len + 1, 10, &mut out).is_err(), "length mismatch");
+        assert!(
+            hdr.decode_entries(&e, len, 6, &mut out).is_err(),
+            "index out of block"
+        );
+        assert!(
+            hdr.decode_entries(&e, len + 1, 10, &mut out).is_err(),
+            "length mismatch"
+        );
         let over = RamBatchHeader {
             block: 0,
             count: MAX_BATCH_PAGES as u32 + 1,

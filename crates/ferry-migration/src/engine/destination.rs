@@ -1,0 +1,683 @@
+//! The incoming side of a migration.
+//!
+//! Every byte from the source is untrusted: lengths are bounded by the wire layer and by
+//! each device's schema before anything is allocated, page indices are checked against
+//! the RAM block, and the guest is resumed only when every device and vCPU has loaded
+//! exactly once and the memory digest matches. Any failure is reported to the source
+//! on the return path with its reason, and the guest stays stopped.
+//!
+//! Pages are read from the socket straight into guest memory. A zero page is a flag; it
+//! is written only when the page was written earlier in this migration (or the backend
+//! reports it populated), so fresh memory the guest never touched stays untouched.
+
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use super::bitmap::DirtyBitmap;
+use super::digest::{content_hash, zero_page_hash, PageDigest};
+use super::error::{error_chain, MigrationError};
+use super::iov::readv_all;
+use super::params::MigrationParams;
+use super::ram::{full_memory_digest, page_slice};
+use super::stats::{MigrationEvent, MigrationInfo, MigrationMonitor, MigrationStatus};
+use super::stream::{read_exact, read_frame_header, read_payload, write_frame};
+use super::transport::Channel;
+use super::vm::{DeviceInfo, MigratableVm, RamBlock};
+use crate::state;
+use crate::wire::{
+    decode_reason, encode_reason, Accept, Completed, EndOfStream, FrameHeader, FrameTag, Hello,
+    PassEnd, RamBatchHeader, Refuse, RefuseCause, StreamHeader, WireError, MAX_BATCH_PAGES,
+    MAX_NAME_LEN, SUPPORTED_PROTOCOL_VERSIONS,
+};
+use crate::PAGE_SIZE;
+
+const PEER: &str = "source";
+/// Silence from the source this long ends the migration.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Who the destination is, to check a source's hello against.
+#[derive(Debug, Clone)]
+pub struct DestinationIdentity {
+    pub release: String,
+    /// The machine type this VM was created with (resolved).
+    pub machine: String,
+    /// Every machine type this release knows.
+    pub known_machines: Vec<String>,
+    /// `(driver.property, value)` of every wire property.
+    pub wire_props: Vec<(String, String)>,
+}
+
+/// Receives a migration on `ch` into `vm`, which must not be running. On success the
+/// guest runs here; on failure it does not, and the source has been told why.
+pub fn receive(
+    vm: &dyn MigratableVm,
+    id: &DestinationIdentity,
+    params: &MigrationParams,
+    ch: Channel,
+    monitor: &MigrationMonitor,
+) -> Result<MigrationInfo, MigrationError> {
+    let start = Instant::now();
+    monitor.set_status(MigrationStatus::Setup);
+    if let Ok(c) = ch.try_clone() {
+        monitor.attach_channel(c);
+    }
+    let _ = ch.set_read_timeout(Some(IDLE_TIMEOUT));
+    let ram = vm.ram();
+    let blocks = ram.blocks().to_vec();
+    let mut dst = Dest {
+        vm,
+        params,
+        monitor,
+        ch,
+        written: blocks.iter().map(|b| DirtyBitmap::new(b.pages())).collect(),
+        digest: None,
+        devices: vm.devices(),
+        device_loaded: Vec::new(),
+        vcpu_loaded: vec![false; vm.vcpu_count()],
+        hello: None,
+        entries: Vec::with_capacity(MAX_BATCH_PAGES),
+        entry_buf: Vec::with_capacity(MAX_BATCH_PAGES * 8),
+        iov: Vec::with_capacity(MAX_BATCH_PAGES),
+        pages_received: 0,
+        pages_written: 0,
+        state_load: Duration::ZERO,
+        blocks,
+        start,
+    };
+    dst.device_loaded = vec![false; dst.devices.len()];
+    let r = dst.run(id);
+    monitor.detach_channel();
+    monitor.update(|i| i.total_time = start.elapsed().as_millis() as u64);
+    match r {
+        Ok(()) => {
+            monitor.set_status(MigrationStatus::Completed);
+            Ok(monitor.info())
+        }
+        Err(e) => {
+            // Tell the source why, unless it is gone or already knows.
+            if !matches!(
+                e,
+                MigrationError::PeerClosed { .. }
+                    | MigrationError::Incompatible { .. }
+                    | MigrationError::SourceAborted(_)
+            ) {
+                let _ = write_frame(
+                    &dst.ch,
+                    FrameTag::LoadFailed,
+                    &encode_reason(&error_chain(&e)),
+                    PEER,
+                    "load failed",
+                );
+            }
+            dst.ch.shutdown();
+            monitor.update(|i| i.error_desc = Some(error_chain(&e)));
+            monitor.set_status(if monitor.is_cancelled() {
+                MigrationStatus::Cancelled
+            } else {
+                MigrationStatus::Failed
+            });
+            tracing::warn!(error = %error_chain(&e), "incoming migration failed; the guest was not started");
+            Err(e)
+        }
+    }
+}
+
+struct Dest<'a> {
+    vm: &'a dyn MigratableVm,
+    params: &'a MigrationParams,
+    monitor: &'a MigrationMonitor,
+    ch: Channel,
+    blocks: Vec<RamBlock>,
+    /// Pages that may hold non-zero bytes: populated before we started, or written by us.
+    written: Vec<DirtyBitmap>,
+    digest: Option<PageDigest>,
+    devices: Vec<DeviceInfo>,
+    device_loaded: Vec<bool>,
+    vcpu_loaded: Vec<bool>,
+    hello: Option<Hello>,
+    entries: Vec<(u64, bool)>,
+    entry_buf: Vec<u8>,
+    iov: Vec<libc::iovec>,
+    pages_received: u64,
+    pages_written: u64,
+    state_load: Duration,
+    start: Instant,
+}
+
+impl Dest<'_> {
+    fn run(&mut self, id: &DestinationIdentity) -> Result<(), MigrationError> {
+        let mut hb = [0u8; StreamHeader::LEN];
+        read_exact(&mut self.ch, &mut hb, PEER, "stream header")?;
+        let header = StreamHeader::decode(&hb)?;
+        if !SUPPORTED_PROTOCOL_VERSIONS.contains(&header.version) {
+            let reason = format!(
+                "the source speaks migration protocol version {}, this release ({}) speaks {:?}; migrate between releases that share a protocol version",
+                header.version, id.release, SUPPORTED_PROTOCOL_VERSIONS
+            );
+            return Err(self.refuse(RefuseCause::ProtocolVersion, reason));
+        }
+        let fh = read_frame_header(&mut self.ch, PEER, "hello")?;
+        if fh.tag != FrameTag::Hello {
+            return Err(WireError::UnexpectedFrame {
+                tag: fh.tag as u8,
+                expected: "hello",
+            }
+            .into());
+        }
+        let hello = Hello::decode(&read_payload(&mut self.ch, fh.len, PEER, "hello")?)?;
+        if let Err((cause, reason)) = check_hello(&hello, self.vm, &self.devices, id) {
+            return Err(self.refuse(cause, reason));
+        }
+        write_frame(
+            &self.ch,
+            FrameTag::Accept,
+            &Accept {
+                release: id.release.clone(),
+            }
+            .encode(),
+            PEER,
+            "accept",
+        )?;
+        tracing::info!(source = %hello.release, machine = %hello.machine, "accepted an incoming migration");
+        for (b, bm) in self.written.iter().enumerate() {
+            self.vm.ram().populated(b, bm);
+        }
+        if self.params.digest {
+            self.digest = Some(PageDigest::new(
+                &self.blocks.iter().map(RamBlock::pages).collect::<Vec<_>>(),
+            ));
+        }
+        let total: u64 = self.blocks.iter().map(|b| b.size).sum();
+        self.monitor.update(|i| {
+            i.setup_time = self.start.elapsed().as_millis() as u64;
+            i.ram.total = total;
+            i.ram.page_size = PAGE_SIZE as u64;
+        });
+        self.hello = Some(hello);
+        self.monitor.set_status(MigrationStatus::Active);
+
+        loop {
+            if self.monitor.is_cancelled() {
+                return Err(MigrationError::Cancelled);
+            }
+            let fh = read_frame_header(&mut self.ch, PEER, "the migration stream")?;
+            match fh.tag {
+                FrameTag::RamBatch => self.ram_batch(fh)?,
+                FrameTag::PassEnd => {
+                    let p =
+                        PassEnd::decode(&read_payload(&mut self.ch, fh.len, PEER, "pass end")?)?;
+                    self.monitor.update(|i| i.ram.dirty_sync_count += 1);
+                    self.monitor.emit(&MigrationEvent::Pass(p.pass));
+                }
+                FrameTag::DeviceState => self.device_state(fh)?,
+                FrameTag::VcpuState => self.vcpu_state(fh)?,
+                FrameTag::EndOfStream => {
+                    let eos = EndOfStream::decode(&read_payload(
+                        &mut self.ch,
+                        fh.len,
+                        PEER,
+                        "end of stream",
+                    )?)?;
+                    return self.finish(eos);
+                }
+                FrameTag::Abort => {
+                    let r = decode_reason(
+                        &read_payload(&mut self.ch, fh.len, PEER, "abort")?,
+                        "abort",
+                    )?;
+                    return Err(MigrationError::SourceAborted(r));
+                }
+                t => {
+                    return Err(WireError::UnexpectedFrame {
+                        tag: t as u8,
+                        expected: "RAM, state or end of stream",
+                    }
+                    .into())
+                }
+            }
+        }
+    }
+
+    fn refuse(&mut self, cause: RefuseCause, reason: String) -> MigrationError {
+        let _ = write_frame(
+            &self.ch,
+            FrameTag::Refuse,
+            &Refuse {
+                cause,
+                reason: reason.clone(),
+            }
+            .encode(),
+            PEER,
+            "refuse",
+        );
+        MigrationError::Incompatible { cause, reason }
+    }
+
+    fn ram_batch(&mut self, fh: FrameHeader) -> Result<(), MigrationError> {
+        let mut hb = [0u8; RamBatchHeader::LEN];
+        read_exact(&mut self.ch, &mut hb, PEER, "RAM transfer")?;
+        let bh = RamBatchHeader::decode(&hb, fh.len)?;
+        let block = bh.block as usize;
+        let Some(info) = self.blocks.get(block) else {
+            return Err(WireError::BadValue {
+                what: "RAM batch block index",
+                value: bh.block.into(),
+            }
+            .into());
+        };
+        let block_pages = info.pages() as u64;
+        self.entry_buf.resize(bh.count as usize * 8, 0);
+        read_exact(&mut self.ch, &mut self.entry_buf, PEER, "RAM transfer")?;
+        bh.decode_entries(&self.entry_buf, fh.len, block_pages, &mut self.entries)?;
+        let base = self.vm.ram().host_ptr(block);
+        self.iov.clear();
+        for &(page, zero) in &self.entries {
+            if zero {
+                continue;
+            }
+            // SAFETY: page < block_pages (checked by decode_entries), inside the mapping.
+            let p = unsafe { base.add(page as usize * PAGE_SIZE) };
+            match self.iov.last_mut() {
+                Some(last) if last.iov_base.cast::<u8>().wrapping_add(last.iov_len) == p => {
+                    last.iov_len += PAGE_SIZE;
+                }
+                _ => self.iov.push(libc::iovec {
+                    iov_base: p.cast(),
+                    iov_len: PAGE_SIZE,
+                }),
+            }
+        }
+        // SAFETY: every iovec covers whole pages inside the block's mapping; the guest
+        // is not running and no Rust reference points into guest memory now.
+        unsafe { readv_all(self.ch.as_raw_fd(), &mut self.iov) }
+            .map_err(|e| MigrationError::io(PEER, "RAM transfer", e))?;
+        let mut zero_pages = 0u64;
+        for &(page, zero) in &self.entries {
+            let page = page as usize;
+            // SAFETY: as above; the guest is stopped, so nothing else touches the page.
+            let ptr = unsafe { base.add(page * PAGE_SIZE) };
+            let h = if zero {
+                zero_pages += 1;
+                if self.written[block].is_set(page) {
+                    // SAFETY: whole page inside the mapping; no reference aliases it.
+                    unsafe { std::ptr::write_bytes(ptr, 0, PAGE_SIZE) };
+                    self.pages_written += 1;
+                }
+                zero_page_hash()
+            } else {
+                self.written[block].set(page);
+                self.pages_written += 1;
+                if self.digest.is_some() {
+                    // SAFETY: the page was just filled and nothing writes it concurrently.
+                    content_hash(unsafe { page_slice(ptr) })
+                } else {
+                    0
+                }
+            };
+            if let Some(d) = self.digest.as_mut() {
+                d.update(block, page, h);
+            }
+        }
+        let n = self.entries.len() as u64;
+        self.pages_received += n;
+        self.monitor.update(|i| {
+            i.ram.transferred += u64::from(fh.len) + FrameHeader::LEN as u64;
+            i.ram.duplicate += zero_pages;
+            i.ram.normal += n - zero_pages;
+            i.ram.normal_bytes += (n - zero_pages) * PAGE_SIZE as u64;
+        });
+        Ok(())
+    }
+
+    /// Reads a state frame's name, instance and version without trusting its length.
+    fn device_state(&mut self, fh: FrameHeader) -> Result<(), MigrationError> {
+        let mut lb = [0u8; 2];
+        read_exact(&mut self.ch, &mut lb, PEER, "device state")?;
+        let name_len = u16::from_le_bytes(lb) as usize;
+        if name_len > MAX_NAME_LEN {
+            return Err(WireError::TooLong {
+                what: "device state name",
+                len: name_len as u64,
+                max: MAX_NAME_LEN as u64,
+            }
+            .into());
+        }
+        let fixed = 2 + name_len + 8;
+        let Some(state_len) = (fh.len as usize).checked_sub(fixed) else {
+            return Err(WireError::Truncated {
+                what: "device state",
+                offset: fh.len as usize,
+                needed: fixed - fh.len as usize,
+            }
+            .into());
+        };
+        let mut nb = vec![0u8; name_len + 8];
+        read_exact(&mut self.ch, &mut nb, PEER, "device state")?;
+        let name = std::str::from_utf8(&nb[..name_len])
+            .map_err(|_| WireError::BadUtf8 {
+                what: "device state name",
+            })?
+            .to_string();
+        let instance = u32::from_le_bytes(nb[name_len..name_len + 4].try_into().expect("4 bytes"));
+        let version = u32::from_le_bytes(nb[name_len + 4..].try_into().expect("4 bytes"));
+        let Some(idx) = self
+            .devices
+            .iter()
+            .position(|d| d.name == name && d.instance == instance)
+        else {
+            return Err(MigrationError::Protocol(format!(
+                "state for device {name} instance {instance}, which the hello did not announce"
+            )));
+        };
+        let schema = self.devices[idx].schema;
+        let max = schema.max_encoded_len();
+        if state_len as u64 > max {
+            return Err(WireError::TooLong {
+                what: "device state",
+                len: state_len as u64,
+                max,
+            }
+            .into());
+        }
+        if std::mem::replace(&mut self.device_loaded[idx], true) {
+            return Err(MigrationError::Protocol(format!(
+                "device {name} instance {instance} sent twice"
+            )));
+        }
+        let bytes = read_payload(&mut self.ch, state_len as u32, PEER, "device state")?;
+        let t = Instant::now();
+        let st = state::decode(schema, version, &bytes)?;
+        self.vm.load_device(idx, st)?;
+        self.state_load += t.elapsed();
+        Ok(())
+    }
+
+    fn vcpu_state(&mut self, fh: FrameHeader) -> Result<(), MigrationError> {
+        let mut hb = [0u8; 8];
+        if (fh.len as usize) < hb.len() {
+            return Err(WireError::Truncated {
+                what: "vCPU state",
+                offset: fh.len as usize,
+                needed: hb.len() - fh.len as usize,
+            }
+            .into());
+        }
+        read_exact(&mut self.ch, &mut hb, PEER, "vCPU state")?;
+        let index = u32::from_le_bytes(hb[..4].try_into().expect("4 bytes")) as usize;
+        let version = u32::from_le_bytes(hb[4..].try_into().expect("4 bytes"));
+        let state_len = fh.len as usize - hb.len();
+        let schema = self.vm.vcpu_schema();
+        if index >= self.vcpu_loaded.len() {
+            return Err(WireError::BadValue {
+                what: "vCPU index",
+                value: index as u64,
+            }
+            .into());
+        }
+        let max = schema.max_encoded_len();
+        if state_len as u64 > max {
+            return Err(WireError::TooLong {
+                what: "vCPU state",
+                len: state_len as u64,
+                max,
+            }
+            .into());
+        }
+        if std::mem::replace(&mut self.vcpu_loaded[index], true) {
+            return Err(MigrationError::Protocol(format!("vCPU {index} sent twice")));
+        }
+        let bytes = read_payload(&mut self.ch, state_len as u32, PEER, "vCPU state")?;
+        let t = Instant::now();
+        let st = state::decode(schema, version, &bytes)?;
+        self.vm.load_vcpu(index, st)?;
+        self.state_load += t.elapsed();
+        Ok(())
+    }
+
+    fn finish(&mut self, eos: EndOfStream) -> Result<(), MigrationError> {
+        let t = Instant::now();
+        if let Some(i) = self.device_loaded.iter().position(|l| !l) {
+            let d = &self.devices[i];
+            return Err(MigrationError::Protocol(format!(
+                "the stream ended without state for device {} instance {}",
+                d.name, d.instance
+            )));
+        }
+        if let Some(i) = self.vcpu_loaded.iter().position(|l| !l) {
+            return Err(MigrationError::Protocol(format!(
+                "the stream ended without state for vCPU {i}"
+            )));
+        }
+        if eos.pages_sent != self.pages_received {
+            return Err(MigrationError::Verify(format!(
+                "the source sent {} pages, {} arrived",
+                eos.pages_sent, self.pages_received
+            )));
+        }
+        let mut verified = Vec::new();
+        match (self.digest.as_ref(), eos.digest) {
+            (Some(mine), Some(theirs)) => {
+                if mine.value() != theirs {
+                    return Err(MigrationError::Verify(format!(
+                        "guest memory digest differs: source {theirs:#018x}, destination {:#018x}",
+                        mine.value()
+                    )));
+                }
+                verified.push("digest");
+            }
+            (None, None) => {}
+            (Some(_), None) => {
+                return Err(MigrationError::Protocol(
+                    "the end of stream carries no digest".into(),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(MigrationError::Protocol(
+                    "the end of stream carries an unexpected digest".into(),
+                ))
+            }
+        }
+        let wants_full = self
+            .hello
+            .as_ref()
+            .is_some_and(|h| h.flags & Hello::FLAG_FULL_VERIFY != 0);
+        match (wants_full, eos.full_digest) {
+            (true, Some(theirs)) => {
+                let mine = full_memory_digest(self.vm.ram().as_ref());
+                if mine != theirs {
+                    return Err(MigrationError::Verify(format!(
+                        "full memory digest differs: source {theirs:#018x}, destination {mine:#018x}"
+                    )));
+                }
+                verified.push("full");
+            }
+            (false, None) => {}
+            _ => {
+                return Err(MigrationError::Protocol(
+                    "the end of stream does not match the full verification the hello announced"
+                        .into(),
+                ))
+            }
+        }
+        self.vm.resume()?;
+        let done = Completed {
+            resume_us: t.elapsed().as_micros() as u64,
+            state_load_us: self.state_load.as_micros() as u64,
+            pages_written: self.pages_written,
+        };
+        // The guest runs here now; if this last message is lost the source cannot know,
+        // and reports a failure while the guest runs on here (see the wire docs).
+        if let Err(e) = write_frame(
+            &self.ch,
+            FrameTag::Completed,
+            &done.encode(),
+            PEER,
+            "completion",
+        ) {
+            tracing::warn!(error = %error_chain(&e), "the guest runs here but the source did not hear so");
+        }
+        let verified = if verified.is_empty() {
+            "none".to_string()
+        } else {
+            verified.join("+")
+        };
+        self.monitor.update(|i| {
+            i.verified = Some(verified);
+            i.downtime = None;
+        });
+        Ok(())
+    }
+}
+
+/// Everything the destination must refuse before any RAM moves. Returns the cause and a
+/// reason that says what to do.
+fn check_hello(
+    hello: &Hello,
+    vm: &dyn MigratableVm,
+    devices: &[DeviceInfo],
+    id: &DestinationIdentity,
+) -> Result<(), (RefuseCause, String)> {
+    if !id.known_machines.iter().any(|m| *m == hello.machine) {
+        return Err((
+            RefuseCause::UnknownMachine,
+            format!(
+                "machine type {} is unknown to release {} (it knows {}); migrate to a release that has {}, or start the source on a machine type both releases know",
+                hello.machine,
+                id.release,
+                id.known_machines.join(", "),
+                hello.machine
+            ),
+        ));
+    }
+    if hello.machine != id.machine {
+        return Err((
+            RefuseCause::MachineMismatch,
+            format!(
+                "the source runs machine type {} but this destination was started with {}; start the destination with --machine {}",
+                hello.machine, id.machine, hello.machine
+            ),
+        ));
+    }
+    if hello.page_size as usize != PAGE_SIZE {
+        return Err((
+            RefuseCause::RamLayout,
+            format!(
+                "the source uses {}-byte pages, this release {PAGE_SIZE}",
+                hello.page_size
+            ),
+        ));
+    }
+    let mismatches = compare_props(&id.wire_props, &hello.wire_props);
+    if !mismatches.is_empty() {
+        return Err((RefuseCause::PropertyMismatch, mismatches.join("; ")));
+    }
+    let ram = vm.ram();
+    let mine = ram.blocks();
+    if mine.len() != hello.ram_blocks.len()
+        || mine
+            .iter()
+            .zip(&hello.ram_blocks)
+            .any(|(a, b)| a.name != b.name || a.gpa != b.gpa || a.size != b.size)
+    {
+        let show = |v: Vec<(String, u64, u64)>| {
+            v.iter()
+                .map(|(n, g, s)| format!("{n} {} at {g:#x}", super::human_bytes(*s)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        return Err((
+            RefuseCause::RamLayout,
+            format!(
+                "RAM differs: source has [{}], destination has [{}]; start the destination with the source's --mem",
+                show(hello.ram_blocks.iter().map(|b| (b.name.clone(), b.gpa, b.size)).collect()),
+                show(mine.iter().map(|b| (b.name.clone(), b.gpa, b.size)).collect()),
+            ),
+        ));
+    }
+    let vs = vm.vcpu_schema();
+    if hello.vcpu_count as usize != vm.vcpu_count() || hello.vcpu_state != vs.name {
+        return Err((
+            RefuseCause::VcpuMismatch,
+            format!(
+                "the source has {} vCPUs of kind {}, this destination {} of kind {}; start the destination with the source's backend and vCPU count",
+                hello.vcpu_count,
+                hello.vcpu_state,
+                vm.vcpu_count(),
+                vs.name
+            ),
+        ));
+    }
+    if hello.vcpu_version > vs.version || hello.vcpu_version < vs.min_version {
+        return Err((
+            RefuseCause::DeviceVersion,
+            format!(
+                "vCPU state {} version {} cannot be loaded by release {} (it loads versions {} to {})",
+                vs.name, hello.vcpu_version, id.release, vs.min_version, vs.version
+            ),
+        ));
+    }
+    for d in &hello.devices {
+        let Some(local) = devices
+            .iter()
+            .find(|l| l.name == d.name && l.instance == d.instance)
+        else {
+            return Err((
+                RefuseCause::UnknownDevice,
+                format!(
+                    "device {} instance {} of the source does not exist here; start the destination with the same devices",
+                    d.name, d.instance
+                ),
+            ));
+        };
+        let s = local.schema;
+        if d.version > s.version || d.version < s.min_version {
+            return Err((
+                RefuseCause::DeviceVersion,
+                format!(
+                    "device {} state version {} cannot be loaded by release {} (it loads versions {} to {}); migrate to a release that can, or start the source on an older machine type",
+                    d.name, d.version, id.release, s.min_version, s.version
+                ),
+            ));
+        }
+    }
+    for l in devices {
+        if !hello
+            .devices
+            .iter()
+            .any(|d| d.name == l.name && d.instance == l.instance)
+        {
+            return Err((
+                RefuseCause::MissingDevice,
+                format!(
+                    "device {} instance {} exists here but the source does not send it; start the destination with the source's devices",
+                    l.name, l.instance
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Every wire property on which the two sides differ, with what to do about it.
+fn compare_props(local: &[(String, String)], remote: &[(String, String)]) -> Vec<String> {
+    let mut out = Vec::new();
+    for (k, v) in remote {
+        match local.iter().find(|(lk, _)| lk == k) {
+            Some((_, lv)) if lv == v => {}
+            Some((_, lv)) => out.push(format!(
+                "property {k} is {v} on the source and {lv} here; give both sides the same -global {k}=..."
+            )),
+            None => out.push(format!(
+                "property {k}={v} of the source is unknown to this release"
+            )),
+        }
+    }
+    for (k, lv) in local {
+        if !remote.iter().any(|(rk, _)| rk == k) {
+            out.push(format!(
+                "property {k}={lv} here is not set by the source (an older release?); start both sides on the same machine type"
+            ));
+        }
+    }
+    out
+}

@@ -1,0 +1,90 @@
+//! Why a migration did not complete.
+
+use std::io;
+
+use thiserror::Error;
+
+use super::vm::VmError;
+use crate::state::StateError;
+use crate::wire::{RefuseCause, WireError};
+
+#[derive(Debug, Error)]
+pub enum MigrationError {
+    #[error("cannot connect to {uri}")]
+    Connect {
+        uri: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{peer} closed the connection during {phase}")]
+    PeerClosed {
+        peer: &'static str,
+        phase: &'static str,
+    },
+    #[error("I/O error during {phase}")]
+    Io {
+        phase: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("no answer from the {peer} for {secs} s while waiting for {waiting_for}")]
+    Timeout {
+        peer: &'static str,
+        waiting_for: &'static str,
+        secs: u64,
+    },
+    #[error("destination refused the migration ({cause}): {reason}")]
+    Refused { cause: RefuseCause, reason: String },
+    /// Destination side: the source's hello asks for something this side cannot do.
+    #[error("refused the incoming migration ({cause}): {reason}")]
+    Incompatible { cause: RefuseCause, reason: String },
+    #[error("destination failed to load the migration: {0}")]
+    LoadFailed(String),
+    #[error("source aborted the migration: {0}")]
+    SourceAborted(String),
+    #[error("malformed migration stream")]
+    Wire(#[from] WireError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    #[error("memory verification failed: {0}")]
+    Verify(String),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error("migration cancelled")]
+    Cancelled,
+    #[error("a migration is already running")]
+    Busy,
+}
+
+impl MigrationError {
+    /// Maps an I/O error on the migration socket: a closed peer reads better than an errno.
+    pub(crate) fn io(peer: &'static str, phase: &'static str, e: io::Error) -> Self {
+        match e.kind() {
+            io::ErrorKind::UnexpectedEof
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::NotConnected => Self::PeerClosed { peer, phase },
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => Self::Timeout {
+                peer,
+                waiting_for: phase,
+                secs: 0,
+            },
+            _ => Self::Io { phase, source: e },
+        }
+    }
+}
+
+/// Renders an error with its chain of causes, for messages sent to the peer or a user.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -1,0 +1,116 @@
+//! The `migration` pseudo-device: the migration's own properties.
+//!
+//! As in QEMU, migration is configured like a device so that machine types can carry
+//! compat entries for it and users can override it with `-global migration.prop=value`.
+//! Properties marked `wire` change what travels on the stream: both sides must hold the
+//! same value, and the hello carries them so the destination can check before any RAM
+//! moves.
+
+use std::time::Duration;
+
+use crate::compat::{CompatError, Config, DriverDef, PropDef, PropKind};
+
+/// Driver name of the migration pseudo-device.
+pub const MIGRATION: &str = "migration";
+
+/// The migration pseudo-device's properties, with the newest release's defaults.
+pub static MIGRATION_DRIVER: DriverDef = DriverDef {
+    name: MIGRATION,
+    doc: "the migration itself, configured like a device",
+    props: &[
+        PropDef {
+            name: "downtime-limit",
+            kind: PropKind::U64 {
+                min: 1,
+                max: 600_000,
+            },
+            default: "300",
+            wire: false,
+            doc: "longest pause of the guest the source aims for at switchover, in milliseconds",
+        },
+        PropDef {
+            name: "max-bandwidth",
+            kind: PropKind::Size {
+                min: 0,
+                max: u64::MAX,
+            },
+            default: "0",
+            wire: false,
+            doc: "cap on the bytes per second the source sends; 0 means no cap",
+        },
+        PropDef {
+            name: "digest",
+            kind: PropKind::Bool,
+            default: "on",
+            wire: true,
+            doc: "carry an incremental digest of guest memory that the destination checks before it resumes",
+        },
+        PropDef {
+            name: "verify-full",
+            kind: PropKind::Bool,
+            default: "off",
+            wire: false,
+            doc: "also hash all of guest memory on both sides at switchover (costs downtime in proportion to RAM)",
+        },
+    ],
+};
+
+/// The migration's parameters, read from a VM's configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrationParams {
+    pub downtime_limit: Duration,
+    /// Bytes per second; 0 means no cap.
+    pub max_bandwidth: u64,
+    pub digest: bool,
+    pub verify_full: bool,
+}
+
+impl Default for MigrationParams {
+    fn default() -> Self {
+        Self {
+            downtime_limit: Duration::from_millis(300),
+            max_bandwidth: 0,
+            digest: true,
+            verify_full: false,
+        }
+    }
+}
+
+impl MigrationParams {
+    pub fn from_config(cfg: &Config) -> Result<Self, CompatError> {
+        Ok(Self {
+            downtime_limit: Duration::from_millis(cfg.u64(MIGRATION, "downtime-limit")?),
+            max_bandwidth: cfg.u64(MIGRATION, "max-bandwidth")?,
+            digest: cfg.bool(MIGRATION, "digest")?,
+            verify_full: cfg.bool(MIGRATION, "verify-full")?,
+        })
+    }
+}
+
+/// `1536` → `1.5 KiB`: sizes as people read them.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn human_bytes_reads_naturally() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(4 << 30), "4.0 GiB");
+    }
+}

@@ -1,0 +1,782 @@
+//! The outgoing side of a migration.
+//!
+//! ```text
+//!  setup ──> active (pass 0, 1, … until converged) ──> device (guest stopped) ──> completed
+//!    │            │                                        │
+//!    └────────────┴──────── any error or cancel ───────────┴──> failed | cancelled
+//!                           (guest resumed if we stopped it, harvested dirty bits put back)
+//! ```
+//!
+//! Convergence: after each pass the dirty log is harvested and the bytes still to send
+//! are divided by the bandwidth measured over that pass. When that expected downtime
+//! fits the `downtime-limit`, the guest is stopped and the final pass, device and vCPU
+//! state follow. Nothing is retried: a failure ends the attempt cleanly, and a new
+//! migration can start at once.
+
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::bitmap::DirtyBitmap;
+use super::digest::{content_hash, zero_page_hash, PageDigest};
+use super::error::{error_chain, MigrationError};
+use super::iov::writev_all;
+use super::params::MigrationParams;
+use super::ram::{full_memory_digest, page_is_zero, page_slice};
+use super::stats::{
+    DowntimeBreakdown, MigrationEvent, MigrationInfo, MigrationMonitor, MigrationStatus, PassStats,
+};
+use super::stream::{read_frame_header, read_payload, write_frame};
+use super::transport::{Channel, MigrationUri};
+use super::vm::{GuestRam, MigratableVm, RamBlock};
+use crate::state;
+use crate::wire::{
+    decode_reason, encode_reason, Accept, Completed, DeviceStateHeader, EndOfStream, FrameHeader,
+    FrameTag, Hello, HelloDevice, HelloRamBlock, PassEnd, RamBatchHeader, Refuse, StreamHeader,
+    VcpuStateHeader, MAX_BATCH_PAGES, PROTOCOL_VERSION,
+};
+use crate::PAGE_SIZE;
+
+const PEER: &str = "destination";
+/// How long the destination may take to answer the hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the destination may take to load state and resume after the end of stream.
+const COMPLETION_TIMEOUT: Duration = Duration::from_secs(120);
+/// A write that makes no progress for this long means the destination is gone.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Who the source is, as its hello states it.
+#[derive(Debug, Clone)]
+pub struct SourceIdentity {
+    pub release: String,
+    /// The resolved machine type.
+    pub machine: String,
+    /// `(driver.property, value)` of every wire property.
+    pub wire_props: Vec<(String, String)>,
+}
+
+/// Migrates `vm` to `uri`. On success the VM is left stopped (its guest now runs at the
+/// destination); on any failure it runs as before and the error says why.
+pub fn migrate(
+    vm: &dyn MigratableVm,
+    id: &SourceIdentity,
+    params: &MigrationParams,
+    uri: &MigrationUri,
+    monitor: &MigrationMonitor,
+) -> Result<MigrationInfo, MigrationError> {
+    let start = Instant::now();
+    monitor.set_status(MigrationStatus::Setup);
+    let was_running = vm.is_running();
+    let ram = vm.ram();
+    let blocks = ram.blocks().to_vec();
+    let mut src = Source {
+        vm,
+        ram: Arc::clone(&ram),
+        params,
+        monitor,
+        pending: blocks.iter().map(|b| DirtyBitmap::new(b.pages())).collect(),
+        harvested: blocks.iter().map(|b| DirtyBitmap::new(b.pages())).collect(),
+        digest: params
+            .digest
+            .then(|| PageDigest::new(&blocks.iter().map(RamBlock::pages).collect::<Vec<_>>())),
+        blocks,
+        ch: None,
+        rp: None,
+        start,
+        paused_by_us: false,
+        logging: false,
+        pages_sent: 0,
+        batch: Batch::default(),
+    };
+    let result = src.run(id, uri);
+    match result {
+        Ok(()) => {
+            src.vm.dirty_log().stop();
+            monitor.detach_channel();
+            monitor.update(|i| i.total_time = start.elapsed().as_millis() as u64);
+            monitor.set_status(MigrationStatus::Completed);
+            Ok(monitor.info())
+        }
+        Err(e) => {
+            let e = if monitor.is_cancelled() && !matches!(e, MigrationError::Refused { .. }) {
+                MigrationError::Cancelled
+            } else {
+                src.explain(e)
+            };
+            src.abandon(&e, was_running);
+            monitor.detach_channel();
+            monitor.update(|i| {
+                i.total_time = start.elapsed().as_millis() as u64;
+                i.error_desc = Some(error_chain(&e));
+            });
+            monitor.set_status(if matches!(e, MigrationError::Cancelled) {
+                MigrationStatus::Cancelled
+            } else {
+                MigrationStatus::Failed
+            });
+            Err(e)
+        }
+    }
+}
+
+/// What the return-path reader hands the migration thread.
+enum RpEvent {
+    Frame(FrameTag, Vec<u8>),
+    Closed(MigrationError),
+}
+
+/// One RAM batch being assembled: entries plus the guest pages they describe.
+#[derive(Default)]
+struct Batch {
+    block: usize,
+    /// Frame header, batch header and entries, contiguous.
+    head: Vec<u8>,
+    count: u32,
+    /// Start pointers of the non-zero pages, in entry order.
+    pages: Vec<*const u8>,
+    zero: u64,
+}
+
+struct Source<'a> {
+    vm: &'a dyn MigratableVm,
+    ram: Arc<dyn GuestRam>,
+    params: &'a MigrationParams,
+    monitor: &'a MigrationMonitor,
+    blocks: Vec<RamBlock>,
+    /// Pages still to send, per block.
+    pending: Vec<DirtyBitmap>,
+    /// Every page this attempt took from the dirty log, to put back on failure.
+    harvested: Vec<DirtyBitmap>,
+    digest: Option<PageDigest>,
+    ch: Option<Channel>,
+    rp: Option<Receiver<RpEvent>>,
+    start: Instant,
+    paused_by_us: bool,
+    logging: bool,
+    pages_sent: u64,
+    batch: Batch,
+}
+
+/// Figures of one pass.
+#[derive(Default)]
+struct PassCount {
+    pages: u64,
+    zero: u64,
+    bytes: u64,
+}
+
+impl Source<'_> {
+    fn ch(&self) -> &Channel {
+        self.ch.as_ref().expect("connected")
+    }
+
+    fn run(&mut self, id: &SourceIdentity, uri: &MigrationUri) -> Result<(), MigrationError> {
+        let ch = Channel::connect(uri, Duration::from_secs(10)).map_err(|e| {
+            MigrationError::Connect {
+                uri: uri.to_string(),
+                source: e,
+            }
+        })?;
+        ch.set_write_timeout(Some(WRITE_TIMEOUT))
+            .map_err(|e| MigrationError::io(PEER, "setup", e))?;
+        self.monitor.attach_channel(
+            ch.try_clone()
+                .map_err(|e| MigrationError::io(PEER, "setup", e))?,
+        );
+        let mut rch = ch
+            .try_clone()
+            .map_err(|e| MigrationError::io(PEER, "setup", e))?;
+        self.ch = Some(ch);
+        let (tx, rx) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("ferry-return-path".into())
+            .spawn(move || loop {
+                let ev = read_frame_header(&mut rch, PEER, "return path").and_then(|h| {
+                    read_payload(&mut rch, h.len, PEER, "return path").map(|p| (h.tag, p))
+                });
+                match ev {
+                    Ok((tag, p)) => {
+                        if tx.send(RpEvent::Frame(tag, p)).is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(RpEvent::Closed(e));
+                        break;
+                    }
+                }
+            })
+            .map_err(|e| MigrationError::io(PEER, "setup", e))?;
+        self.rp = Some(rx);
+
+        self.handshake(id)?;
+        if self.monitor.is_cancelled() {
+            return Err(MigrationError::Cancelled);
+        }
+
+        // Tracking starts before the populated scan, so a page first written after the
+        // scan is caught by the log rather than missed by both.
+        self.vm.dirty_log().start()?;
+        self.logging = true;
+        for (b, bm) in self.pending.iter().enumerate() {
+            self.ram.populated(b, bm);
+        }
+        let total: u64 = self.blocks.iter().map(|b| b.size).sum();
+        self.monitor.update(|i| {
+            i.setup_time = self.start.elapsed().as_millis() as u64;
+            i.ram.total = total;
+            i.ram.page_size = PAGE_SIZE as u64;
+        });
+        self.monitor.set_status(MigrationStatus::Active);
+
+        let mut pass = 0u32;
+        loop {
+            let t = Instant::now();
+            let c = self.send_pass(pass)?;
+            let dur = t.elapsed();
+            self.harvest()?;
+            let dirty = self.pending.iter().map(|b| b.count() as u64).sum::<u64>();
+            let secs = dur.as_secs_f64().max(1e-6);
+            let bw = c.bytes as f64 / secs;
+            let remaining = dirty * PAGE_SIZE as u64;
+            let expected = if dirty == 0 {
+                0.0
+            } else if bw > 0.0 {
+                remaining as f64 / bw
+            } else {
+                f64::INFINITY
+            };
+            let st = PassStats {
+                pass,
+                pages: c.pages,
+                zero_pages: c.zero,
+                bytes: c.bytes,
+                duration_ms: secs * 1e3,
+                throughput_bytes_per_sec: bw,
+                dirty_after: dirty,
+                expected_downtime_ms: expected * 1e3,
+                final_pass: false,
+            };
+            self.monitor.update(|i| {
+                i.ram.remaining = remaining;
+                i.ram.dirty_sync_count += 1;
+                i.ram.dirty_pages_rate = (dirty as f64 / secs) as u64;
+                i.ram.mbps = bw * 8.0 / 1e6;
+                i.expected_downtime = (expected * 1e3).min(u64::MAX as f64) as u64;
+                i.passes.push(st);
+                i.total_time = self.start.elapsed().as_millis() as u64;
+            });
+            self.monitor.emit(&MigrationEvent::Pass(pass));
+            tracing::debug!(pass, pages = c.pages, dirty, bw, "pass finished");
+            if dirty == 0 || expected <= self.params.downtime_limit.as_secs_f64() {
+                break;
+            }
+            pass += 1;
+        }
+        self.switchover(pass + 1)
+    }
+
+    fn handshake(&mut self, id: &SourceIdentity) -> Result<(), MigrationError> {
+        let vm = self.vm;
+        let hello = Hello {
+            session_id: session_id(),
+            release: id.release.clone(),
+            machine: id.machine.clone(),
+            page_size: PAGE_SIZE as u32,
+            flags: if self.params.verify_full {
+                Hello::FLAG_FULL_VERIFY
+            } else {
+                0
+            },
+            wire_props: id.wire_props.clone(),
+            ram_blocks: self
+                .blocks
+                .iter()
+                .map(|b| HelloRamBlock {
+                    name: b.name.clone(),
+                    gpa: b.gpa,
+                    size: b.size,
+                })
+                .collect(),
+            vcpu_count: vm.vcpu_count() as u32,
+            vcpu_state: vm.vcpu_schema().name.to_string(),
+            vcpu_version: vm.vcpu_schema().version,
+            devices: vm
+                .devices()
+                .iter()
+                .map(|d| HelloDevice {
+                    name: d.name.clone(),
+                    instance: d.instance,
+                    version: d.schema.version,
+                })
+                .collect(),
+        };
+        let hdr = StreamHeader {
+            version: PROTOCOL_VERSION,
+        }
+        .encode();
+        let body = hello.encode();
+        let mut first = Vec::with_capacity(hdr.len() + FrameHeader::LEN + body.len());
+        first.extend_from_slice(&hdr);
+        first.extend_from_slice(
+            &FrameHeader {
+                tag: FrameTag::Hello,
+                len: body.len() as u32,
+            }
+            .encode(),
+        );
+        first.extend_from_slice(&body);
+        let mut iov = [libc::iovec {
+            iov_base: first.as_ptr() as *mut _,
+            iov_len: first.len(),
+        }];
+        // SAFETY: the iovec describes `first`, alive for the call.
+        unsafe { writev_all(std::os::fd::AsRawFd::as_raw_fd(self.ch()), &mut iov) }
+            .map_err(|e| MigrationError::io(PEER, "hello", e))?;
+        let (tag, payload) = self.wait_rp("the answer to the hello", HELLO_TIMEOUT)?;
+        match tag {
+            FrameTag::Accept => {
+                let a = Accept::decode(&payload)?;
+                tracing::info!(release = %a.release, "destination accepted the migration");
+                Ok(())
+            }
+            FrameTag::Refuse => {
+                let r = Refuse::decode(&payload)?;
+                Err(MigrationError::Refused {
+                    cause: r.cause,
+                    reason: r.reason,
+                })
+            }
+            t => Err(self.unexpected(t, "accept or refuse", &payload)),
+        }
+    }
+
+    fn unexpected(&self, tag: FrameTag, expected: &str, payload: &[u8]) -> MigrationError {
+        if tag == FrameTag::LoadFailed {
+            return MigrationError::LoadFailed(
+                decode_reason(payload, "load failed").unwrap_or_else(|e| e.to_string()),
+            );
+        }
+        MigrationError::Protocol(format!(
+            "destination sent {} while the source expected {expected}",
+            tag.name()
+        ))
+    }
+
+    /// Waits for the next return-path frame, watching for cancel.
+    fn wait_rp(
+        &mut self,
+        what: &'static str,
+        timeout: Duration,
+    ) -> Result<(FrameTag, Vec<u8>), MigrationError> {
+        let deadline = Instant::now() + timeout;
+        let rx = self.rp.as_ref().expect("return path");
+        loop {
+            if self.monitor.is_cancelled() {
+                return Err(MigrationError::Cancelled);
+            }
+            match rx.recv_timeout(Duration::from_millis(50)) {
+                Ok(RpEvent::Frame(t, p)) => return Ok((t, p)),
+                Ok(RpEvent::Closed(e)) => {
+                    return Err(match e {
+                        MigrationError::PeerClosed { peer, .. } => {
+                            MigrationError::PeerClosed { peer, phase: what }
+                        }
+                        e => e,
+                    })
+                }
+                Err(RecvTimeoutError::Timeout) if Instant::now() < deadline => {}
+                Err(_) => {
+                    return Err(MigrationError::Timeout {
+                        peer: PEER,
+                        waiting_for: what,
+                        secs: timeout.as_secs(),
+                    })
+                }
+            }
+        }
+    }
+
+    /// Checks, without waiting, that the destination has not given up.
+    fn poll_rp(&self) -> Result<(), MigrationError> {
+        if self.monitor.is_cancelled() {
+            return Err(MigrationError::Cancelled);
+        }
+        match self.rp.as_ref().expect("return path").try_recv() {
+            Ok(RpEvent::Frame(t, p)) => Err(self.unexpected(t, "nothing during the transfer", &p)),
+            Ok(RpEvent::Closed(e)) => Err(e),
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// A write failed: the destination's own account of why beats a broken pipe.
+    fn explain(&self, e: MigrationError) -> MigrationError {
+        if !matches!(
+            e,
+            MigrationError::PeerClosed { .. } | MigrationError::Io { .. }
+        ) {
+            return e;
+        }
+        let Some(rx) = self.rp.as_ref() else { return e };
+        let deadline = Instant::now() + Duration::from_millis(500);
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match rx.recv_timeout(left) {
+                Ok(RpEvent::Frame(FrameTag::LoadFailed, p)) => {
+                    return MigrationError::LoadFailed(
+                        decode_reason(&p, "load failed").unwrap_or_else(|d| d.to_string()),
+                    )
+                }
+                Ok(RpEvent::Frame(..)) => continue,
+                _ => break,
+            }
+        }
+        e
+    }
+
+    /// Ends a failed attempt: tells the destination, puts back the dirty bits taken,
+    /// and lets the guest run again if we stopped it.
+    fn abandon(&mut self, e: &MigrationError, was_running: bool) {
+        if let Some(ch) = self.ch.take() {
+            if !matches!(
+                e,
+                MigrationError::PeerClosed { .. } | MigrationError::Refused { .. }
+            ) {
+                let _ = write_frame(
+                    &ch,
+                    FrameTag::Abort,
+                    &encode_reason(&error_chain(e)),
+                    PEER,
+                    "abort",
+                );
+            }
+            ch.shutdown();
+        }
+        if self.logging {
+            for (b, bm) in self.harvested.iter().enumerate() {
+                self.vm.dirty_log().restore(b, bm);
+            }
+            self.vm.dirty_log().stop();
+        }
+        if self.paused_by_us && was_running {
+            if let Err(re) = self.vm.resume() {
+                tracing::error!(error = %error_chain(&re), "could not resume the guest after a failed migration");
+            }
+        }
+        tracing::warn!(error = %error_chain(e), "migration failed; the guest stays here");
+    }
+
+    fn harvest(&mut self) -> Result<(), MigrationError> {
+        for b in 0..self.blocks.len() {
+            // Harvest into a scratch map first so the record of what this attempt took
+            // from the log is exact.
+            let fresh = DirtyBitmap::new(self.blocks[b].pages());
+            self.vm.dirty_log().harvest(b, &fresh)?;
+            self.harvested[b].or_from(&fresh);
+            self.pending[b].or_from(&fresh);
+        }
+        Ok(())
+    }
+
+    /// Sends every pending page, then a pass end.
+    fn send_pass(&mut self, pass: u32) -> Result<PassCount, MigrationError> {
+        let mut c = PassCount::default();
+        let mut window = Throttle::new(self.params.max_bandwidth);
+        for b in 0..self.blocks.len() {
+            let base = self.ram.host_ptr(b);
+            self.batch.block = b;
+            for w in 0..self.pending[b].words() {
+                let mut bits = self.pending[b].take_word(w);
+                while bits != 0 {
+                    let page = w * 64 + bits.trailing_zeros() as usize;
+                    bits &= bits - 1;
+                    // SAFETY: `page` < the block's page count (the bitmap is sized so),
+                    // and `base` maps the whole block per the GuestRam contract.
+                    let ptr = unsafe { base.add(page * PAGE_SIZE) }.cast_const();
+                    self.add_page(page, ptr);
+                    if self.batch.count as usize == MAX_BATCH_PAGES {
+                        let sent = self.flush_batch(&mut c)?;
+                        window.after(sent, self.monitor)?;
+                        self.poll_rp()?;
+                    }
+                }
+            }
+            let sent = self.flush_batch(&mut c)?;
+            window.after(sent, self.monitor)?;
+        }
+        write_frame(
+            self.ch(),
+            FrameTag::PassEnd,
+            &PassEnd {
+                pass,
+                pages: c.pages,
+            }
+            .encode(),
+            PEER,
+            "RAM transfer",
+        )?;
+        Ok(c)
+    }
+
+    fn add_page(&mut self, page: usize, ptr: *const u8) {
+        // SAFETY: `ptr` starts a guest page inside a mapped block. The guest may write it
+        // concurrently; what we read is only used to decide zero/non-zero and to hash,
+        // and a page written after its harvest is dirty again and will be sent again.
+        let bytes = unsafe { page_slice(ptr) };
+        let zero = page_is_zero(bytes);
+        if let Some(d) = self.digest.as_mut() {
+            d.update(
+                self.batch.block,
+                page,
+                if zero {
+                    zero_page_hash()
+                } else {
+                    content_hash(bytes)
+                },
+            );
+        }
+        if self.batch.count == 0 {
+            self.batch.head.clear();
+            self.batch
+                .head
+                .resize(FrameHeader::LEN + RamBatchHeader::LEN, 0);
+        }
+        self.batch
+            .head
+            .extend_from_slice(&RamBatchHeader::entry(page as u64, zero).to_le_bytes());
+        self.batch.count += 1;
+        if zero {
+            self.batch.zero += 1;
+        } else {
+            self.batch.pages.push(ptr);
+        }
+    }
+
+    /// Sends the batch being built, if any; returns the bytes put on the wire.
+    fn flush_batch(&mut self, c: &mut PassCount) -> Result<u64, MigrationError> {
+        if self.batch.count == 0 {
+            return Ok(0);
+        }
+        let data = self.batch.pages.len() * PAGE_SIZE;
+        let len = RamBatchHeader::LEN + self.batch.count as usize * 8 + data;
+        let fh = FrameHeader {
+            tag: FrameTag::RamBatch,
+            len: len as u32,
+        }
+        .encode();
+        let bh = RamBatchHeader {
+            block: self.batch.block as u32,
+            count: self.batch.count,
+        }
+        .encode();
+        self.batch.head[..FrameHeader::LEN].copy_from_slice(&fh);
+        self.batch.head[FrameHeader::LEN..FrameHeader::LEN + RamBatchHeader::LEN]
+            .copy_from_slice(&bh);
+        let mut iov = Vec::with_capacity(1 + self.batch.pages.len());
+        iov.push(libc::iovec {
+            iov_base: self.batch.head.as_ptr() as *mut _,
+            iov_len: self.batch.head.len(),
+        });
+        for &p in &self.batch.pages {
+            // Adjacent pages travel as one iovec.
+            let n = iov.len();
+            match iov.last_mut() {
+                Some(last)
+                    if n > 1
+                        && last.iov_base.cast::<u8>().wrapping_add(last.iov_len)
+                            == p.cast_mut() =>
+                {
+                    last.iov_len += PAGE_SIZE;
+                }
+                _ => iov.push(libc::iovec {
+                    iov_base: p as *mut _,
+                    iov_len: PAGE_SIZE,
+                }),
+            }
+        }
+        // SAFETY: the first iovec is our buffer; the others are whole guest pages inside
+        // mapped blocks, which stay mapped while the VM lives. The kernel only reads them.
+        unsafe { writev_all(std::os::fd::AsRawFd::as_raw_fd(self.ch()), &mut iov) }
+            .map_err(|e| MigrationError::io(PEER, "RAM transfer", e))?;
+        let bytes = (FrameHeader::LEN + len) as u64;
+        let pages = u64::from(self.batch.count);
+        let zero = self.batch.zero;
+        c.pages += pages;
+        c.zero += zero;
+        c.bytes += bytes;
+        self.pages_sent += pages;
+        self.batch.count = 0;
+        self.batch.zero = 0;
+        self.batch.pages.clear();
+        self.monitor.update(|i| {
+            i.ram.transferred += bytes;
+            i.ram.duplicate += zero;
+            i.ram.normal += pages - zero;
+            i.ram.normal_bytes += (pages - zero) * PAGE_SIZE as u64;
+            i.ram.remaining = i
+                .ram
+                .remaining
+                .saturating_sub((pages - zero) * PAGE_SIZE as u64);
+        });
+        Ok(bytes)
+    }
+
+    /// Stops the guest, sends the rest, waits for the destination to run it.
+    fn switchover(&mut self, pass: u32) -> Result<(), MigrationError> {
+        self.monitor.set_status(MigrationStatus::Device);
+        let t_down = Instant::now();
+        let mut br = DowntimeBreakdown::default();
+        if self.vm.is_running() {
+            self.vm.pause()?;
+            self.paused_by_us = true;
+        }
+        br.stop_ms = ms(t_down.elapsed());
+
+        let t = Instant::now();
+        self.harvest()?;
+        let c = self.send_pass(pass)?;
+        br.final_pass_ms = ms(t.elapsed());
+        self.monitor.update(|i| {
+            i.passes.push(PassStats {
+                pass,
+                pages: c.pages,
+                zero_pages: c.zero,
+                bytes: c.bytes,
+                duration_ms: br.final_pass_ms,
+                throughput_bytes_per_sec: c.bytes as f64 / t.elapsed().as_secs_f64().max(1e-6),
+                dirty_after: 0,
+                expected_downtime_ms: 0.0,
+                final_pass: true,
+            });
+            i.ram.remaining = 0;
+        });
+
+        let t = Instant::now();
+        for (i, d) in self.vm.devices().iter().enumerate() {
+            let st = self.vm.save_device(i)?;
+            let bytes = state::encode(d.schema, &st)?;
+            let payload = DeviceStateHeader {
+                name: d.name.clone(),
+                instance: d.instance,
+                version: d.schema.version,
+            }
+            .encode(&bytes);
+            write_frame(
+                self.ch(),
+                FrameTag::DeviceState,
+                &payload,
+                PEER,
+                "device state",
+            )?;
+        }
+        br.devices_ms = ms(t.elapsed());
+
+        let t = Instant::now();
+        let schema = self.vm.vcpu_schema();
+        for i in 0..self.vm.vcpu_count() {
+            let st = self.vm.save_vcpu(i)?;
+            let bytes = state::encode(schema, &st)?;
+            let payload = VcpuStateHeader {
+                index: i as u32,
+                version: schema.version,
+            }
+            .encode(&bytes);
+            write_frame(self.ch(), FrameTag::VcpuState, &payload, PEER, "vCPU state")?;
+        }
+        br.vcpus_ms = ms(t.elapsed());
+
+        let t = Instant::now();
+        let full = self
+            .params
+            .verify_full
+            .then(|| full_memory_digest(self.ram.as_ref()));
+        br.verify_ms = ms(t.elapsed());
+        let eos = EndOfStream {
+            digest: self.digest.as_ref().map(PageDigest::value),
+            full_digest: full,
+            pages_sent: self.pages_sent,
+        };
+        let t = Instant::now();
+        write_frame(
+            self.ch(),
+            FrameTag::EndOfStream,
+            &eos.encode(),
+            PEER,
+            "end of stream",
+        )?;
+        let (tag, payload) =
+            self.wait_rp("the destination to load and resume", COMPLETION_TIMEOUT)?;
+        if tag != FrameTag::Completed {
+            return Err(self.unexpected(tag, "completed", &payload));
+        }
+        let done = Completed::decode(&payload)?;
+        br.switchover_ms = ms(t.elapsed());
+        br.destination_resume_ms = done.resume_us as f64 / 1e3;
+        let downtime = t_down.elapsed();
+        let verified = match (self.params.digest, self.params.verify_full) {
+            (true, true) => "digest+full",
+            (true, false) => "digest",
+            (false, true) => "full",
+            (false, false) => "none",
+        };
+        self.monitor.update(|i| {
+            i.downtime = Some(downtime.as_millis() as u64);
+            i.downtime_breakdown = Some(br);
+            i.verified = Some(verified.to_string());
+        });
+        tracing::info!(downtime_ms = ms(downtime), "migration completed");
+        Ok(())
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// A number that identifies this migration to the destination's channels.
+fn session_id() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    super::digest::page_term(t, u64::from(std::process::id()))
+}
+
+/// Holds the send rate under `max-bandwidth`, in windows of about a second.
+struct Throttle {
+    bw: u64,
+    start: Instant,
+    bytes: u64,
+}
+
+impl Throttle {
+    fn new(bw: u64) -> Self {
+        Self {
+            bw,
+            start: Instant::now(),
+            bytes: 0,
+        }
+    }
+
+    fn after(&mut self, sent: u64, monitor: &MigrationMonitor) -> Result<(), MigrationError> {
+        if self.bw == 0 {
+            return Ok(());
+        }
+        self.bytes += sent;
+        loop {
+            let due = Duration::from_secs_f64(self.bytes as f64 / self.bw as f64);
+            let el = self.start.elapsed();
+            if el >= due {
+                break;
+            }
+            if monitor.is_cancelled() {
+                return Err(MigrationError::Cancelled);
+            }
+            std::thread::sleep((due - el).min(Duration::from_millis(50)));
+        }
+        if self.start.elapsed() > Duration::from_secs(1) {
+            self.start = Instant::now();
+            self.bytes = 0;
+        }
+        Ok(())
+    }
+}
