@@ -1,0 +1,107 @@
+//! Guest RAM in host memory, shared by the soft and KVM backends.
+//!
+//! Allocation goes through rust-vmm's vm-memory (`GuestMemoryMmap`): anonymous private
+//! mappings, one per RAM block, which a KVM backend can register as memslots as they
+//! are. Each mapping is advised for transparent huge pages, which halves the cost of
+//! first-touch faults on these hosts (see the design notes), and is reported to the
+//! engine through [`GuestRam`], whose `populated` reads `/proc/self/pagemap` so pages
+//! the guest never touched are never read.
+
+use ferry_migration::engine::bitmap::DirtyBitmap;
+use ferry_migration::engine::vm::{GuestRam, RamBlock, VmError};
+use ferry_migration::PAGE_SIZE;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
+
+use crate::pagemap;
+
+/// Guest RAM blocks mapped in this process.
+#[derive(Debug)]
+pub struct HostRam {
+    mem: GuestMemoryMmap,
+    blocks: Vec<RamBlock>,
+    ptrs: Vec<usize>,
+}
+
+impl HostRam {
+    /// Maps one block per `(name, guest address, size)`.
+    pub fn new(layout: &[(&str, u64, u64)]) -> Result<Self, VmError> {
+        let ranges: Vec<(GuestAddress, usize)> =
+            layout.iter().map(|&(_, gpa, size)| (GuestAddress(gpa), size as usize)).collect();
+        let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| {
+            VmError::Failed(format!("cannot map {} of guest memory: {e}", human(layout)))
+        })?;
+        let mut ptrs = Vec::with_capacity(layout.len());
+        for &(name, gpa, size) in layout {
+            let region = mem
+                .find_region(GuestAddress(gpa))
+                .ok_or_else(|| VmError::Failed(format!("RAM block {name} was not mapped")))?;
+            let host = region
+                .get_host_address(MemoryRegionAddress(0))
+                .map_err(|e| VmError::Failed(format!("RAM block {name}: {e}")))?;
+            // SAFETY: madvise on a range we just mapped; it only changes paging policy.
+            let r = unsafe { libc::madvise(host.cast(), size as usize, libc::MADV_HUGEPAGE) };
+            if r != 0 {
+                tracing::debug!(block = name, "transparent huge pages not available");
+            }
+            ptrs.push(host as usize);
+        }
+        let blocks = layout
+            .iter()
+            .map(|&(name, gpa, size)| RamBlock {
+                name: name.to_string(),
+                gpa,
+                size,
+            })
+            .collect();
+        Ok(Self { mem, blocks, ptrs })
+    }
+
+    /// The vm-memory view, for registering memslots.
+    pub fn guest_memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// Writes pseudo-random (incompressible, non-zero) bytes into `len` bytes of `block`
+    /// from `offset`, for benchmarks that need real data.
+    pub fn fill_random(&self, block: usize, offset: u64, len: u64) {
+        let b = &self.blocks[block];
+        assert!(offset + len <= b.size, "fill outside block {}", b.name);
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15 ^ offset;
+        let base = self.host_ptr(block);
+        for i in (offset..offset + len).step_by(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            // SAFETY: i + 8 <= offset + len <= block size (sizes are page multiples), so
+            // the write is inside the mapping; nothing runs in the guest yet.
+            unsafe { std::ptr::write_unaligned(base.add(i as usize).cast::<u64>(), x | 1) };
+        }
+    }
+}
+
+fn human(layout: &[(&str, u64, u64)]) -> String {
+    ferry_migration::engine::human_bytes(layout.iter().map(|l| l.2).sum())
+}
+
+// SAFETY: every pointer in `ptrs` is the start of the mapping of the block with the same
+// index, `blocks[i].size` bytes long, readable and writable, owned by `mem` and unmapped
+// only when `self` is dropped.
+unsafe impl GuestRam for HostRam {
+    fn blocks(&self) -> &[RamBlock] {
+        &self.blocks
+    }
+
+    fn host_ptr(&self, block: usize) -> *mut u8 {
+        self.ptrs[block] as *mut u8
+    }
+
+    fn populated(&self, block: usize, out: &DirtyBitmap) {
+        let len = self.blocks[block].size as usize;
+        if let Err(e) = pagemap::mark_populated(self.host_ptr(block), len, out) {
+            tracing::debug!(error = %e, "pagemap unreadable; treating every page as populated");
+            out.set_all();
+        }
+    }
+}
+
+const _: () = assert!(PAGE_SIZE == 4096);

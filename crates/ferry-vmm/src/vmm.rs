@@ -1,0 +1,441 @@
+//! One running VM and its migrations: what the control socket and the CLI act on.
+
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use ferry_migration::compat::{Config, Global, Registry};
+use ferry_migration::engine::{
+    self, error_chain, Channel, DestinationIdentity, Listener, MigrationError, MigrationEvent,
+    MigrationInfo, MigrationMonitor, MigrationParams, MigrationStatus, MigrationUri,
+    SourceIdentity, MIGRATION,
+};
+use thiserror::Error;
+
+use crate::guest::GuestVm;
+use crate::machine::{self, RELEASE};
+use crate::soft::{SoftConfig, SoftVm};
+
+/// Which hypervisor runs the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Soft,
+    Kvm,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Soft => "soft",
+            Self::Kvm => "kvm",
+        }
+    }
+}
+
+/// How to build a VM.
+#[derive(Debug, Clone)]
+pub struct VmmConfig {
+    pub backend: Backend,
+    pub machine: String,
+    pub globals: Vec<Global>,
+    pub mem_size: u64,
+    pub vcpus: usize,
+    pub dirty_size: u64,
+    pub dirty_rate: u64,
+    pub fill: u64,
+    /// Create the VM stopped, waiting for an incoming migration.
+    pub incoming: bool,
+    /// Start the guest stopped (QEMU's `-S`).
+    pub paused: bool,
+}
+
+impl Default for VmmConfig {
+    fn default() -> Self {
+        Self {
+            backend: Backend::Soft,
+            machine: "ferry".into(),
+            globals: Vec::new(),
+            mem_size: 256 << 20,
+            vcpus: 1,
+            dirty_size: 16 << 20,
+            dirty_rate: 0,
+            fill: 0,
+            incoming: false,
+            paused: false,
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum VmmError {
+    #[error(transparent)]
+    Compat(#[from] ferry_migration::compat::CompatError),
+    #[error("cannot create the VM")]
+    Vm(#[source] ferry_migration::engine::vm::VmError),
+    #[error(transparent)]
+    Migration(#[from] MigrationError),
+    #[error(transparent)]
+    Uri(#[from] ferry_migration::engine::transport::UriError),
+    #[error("cannot listen on {uri}")]
+    Listen {
+        uri: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("a migration is already in progress; wait for it or cancel it with migrate_cancel")]
+    Busy,
+    #[error("{0}")]
+    State(String),
+    #[error("the {0} backend is not available in this build")]
+    Unavailable(&'static str),
+}
+
+/// What `query-status` says, in QEMU's words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunState {
+    Running,
+    Paused,
+    /// Waiting for or receiving an incoming migration.
+    InMigrate,
+    /// The guest moved away; this VM will not run it again.
+    PostMigrate,
+    /// An incoming migration failed; the guest cannot run here.
+    FailedIncoming,
+}
+
+impl RunState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Paused => "paused",
+            Self::InMigrate => "inmigrate",
+            Self::PostMigrate => "postmigrate",
+            Self::FailedIncoming => "inmigrate-failed",
+        }
+    }
+}
+
+/// Events a control socket forwards to its clients.
+#[derive(Debug, Clone, PartialEq)]
+pub enum VmmEvent {
+    Migration(MigrationStatus),
+    MigrationPass(u32),
+    Stop,
+    Resume,
+}
+
+type EventSink = Arc<dyn Fn(VmmEvent) + Send + Sync>;
+
+/// A VM with its configuration and migration machinery.
+pub struct Vmm {
+    vm: Arc<dyn GuestVm>,
+    config: Config,
+    registry: Registry,
+    params: Mutex<MigrationParams>,
+    monitor: Arc<MigrationMonitor>,
+    worker: Mutex<Option<JoinHandle<()>>>,
+    state: Mutex<RunState>,
+    events: Mutex<Option<EventSink>>,
+}
+
+impl std::fmt::Debug for Vmm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vmm")
+            .field("backend", &self.vm.backend())
+            .field("machine", &self.config.machine())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Vmm {
+    pub fn new(cfg: &VmmConfig) -> Result<Arc<Self>, VmmError> {
+        let registry = machine::registry();
+        let config = registry.configure(&cfg.machine, &cfg.globals)?;
+        let params = MigrationParams::from_config(&config)?;
+        let vm: Arc<dyn GuestVm> = match cfg.backend {
+            Backend::Soft => Arc::new(
+                SoftVm::create(&SoftConfig {
+                    mem_size: cfg.mem_size,
+                    dirty_size: cfg.dirty_size,
+                    dirty_rate: cfg.dirty_rate,
+                    fill: cfg.fill,
+                    incoming: cfg.incoming || cfg.paused,
+                    ..SoftConfig::default()
+                })
+                .map_err(VmmError::Vm)?,
+            ),
+            Backend::Kvm => return Err(VmmError::Unavailable("kvm")),
+        };
+        let state = if cfg.incoming {
+            RunState::InMigrate
+        } else if cfg.paused {
+            RunState::Paused
+        } else {
+            RunState::Running
+        };
+        let vmm = Arc::new(Self {
+            vm,
+            config,
+            registry,
+            params: Mutex::new(params),
+            monitor: Arc::new(MigrationMonitor::new()),
+            worker: Mutex::new(None),
+            state: Mutex::new(state),
+            events: Mutex::new(None),
+        });
+        let weak = Arc::downgrade(&vmm);
+        vmm.monitor.set_listener(move |e| {
+            if let Some(v) = weak.upgrade() {
+                v.emit(match e {
+                    MigrationEvent::Status(s) => VmmEvent::Migration(*s),
+                    MigrationEvent::Pass(p) => VmmEvent::MigrationPass(*p),
+                });
+            }
+        });
+        Ok(vmm)
+    }
+
+    /// Sends events to `f` (one sink; a later call replaces it).
+    pub fn set_event_sink(&self, f: impl Fn(VmmEvent) + Send + Sync + 'static) {
+        *self.events.lock().unwrap() = Some(Arc::new(f));
+    }
+
+    fn emit(&self, e: VmmEvent) {
+        let sink = self.events.lock().unwrap().clone();
+        if let Some(s) = sink {
+            s(e);
+        }
+    }
+
+    pub fn vm(&self) -> &Arc<dyn GuestVm> {
+        &self.vm
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    pub fn run_state(&self) -> RunState {
+        *self.state.lock().unwrap()
+    }
+
+    fn set_state(&self, s: RunState) {
+        *self.state.lock().unwrap() = s;
+    }
+
+    pub fn params(&self) -> MigrationParams {
+        self.params.lock().unwrap().clone()
+    }
+
+    pub fn set_params(&self, p: MigrationParams) {
+        *self.params.lock().unwrap() = p;
+    }
+
+    pub fn monitor(&self) -> &Arc<MigrationMonitor> {
+        &self.monitor
+    }
+
+    pub fn query_migrate(&self) -> MigrationInfo {
+        self.monitor.info()
+    }
+
+    /// Stops the guest (QMP `stop`).
+    pub fn stop(&self) -> Result<(), VmmError> {
+        match self.run_state() {
+            RunState::Running => {
+                self.vm.pause().map_err(VmmError::Vm)?;
+                self.set_state(RunState::Paused);
+                self.emit(VmmEvent::Stop);
+                Ok(())
+            }
+            RunState::Paused => Ok(()),
+            s => Err(VmmError::State(format!("the VM is {}; stop applies to a running VM", s.as_str()))),
+        }
+    }
+
+    /// Resumes the guest (QMP `cont`).
+    pub fn cont(&self) -> Result<(), VmmError> {
+        match self.run_state() {
+            RunState::Paused => {
+                self.vm.resume().map_err(VmmError::Vm)?;
+                self.set_state(RunState::Running);
+                self.emit(VmmEvent::Resume);
+                Ok(())
+            }
+            RunState::Running => Ok(()),
+            s => Err(VmmError::State(format!(
+                "the VM is {}; its guest cannot run here (cont applies to a paused VM)",
+                s.as_str()
+            ))),
+        }
+    }
+
+    fn wire_props(&self) -> Vec<(String, String)> {
+        self.config.wire_properties()
+    }
+
+    fn claim_worker(&self) -> Result<std::sync::MutexGuard<'_, Option<JoinHandle<()>>>, VmmError> {
+        let mut w = self.worker.lock().unwrap();
+        if let Some(h) = w.as_ref() {
+            if !h.is_finished() {
+                return Err(VmmError::Busy);
+            }
+        }
+        if let Some(h) = w.take() {
+            let _ = h.join();
+        }
+        Ok(w)
+    }
+
+    /// Starts migrating the guest to `uri` in the background (QMP `migrate`).
+    pub fn migrate(self: &Arc<Self>, uri: &str) -> Result<(), VmmError> {
+        let uri: MigrationUri = uri.parse()?;
+        match self.run_state() {
+            RunState::Running | RunState::Paused => {}
+            s => {
+                return Err(VmmError::State(format!(
+                    "the VM is {}; only a running or paused VM can migrate",
+                    s.as_str()
+                )))
+            }
+        }
+        let mut w = self.claim_worker()?;
+        self.monitor.reset();
+        let me = Arc::clone(self);
+        let id = SourceIdentity {
+            release: RELEASE.to_string(),
+            machine: self.config.machine().to_string(),
+            wire_props: self.wire_props(),
+        };
+        let params = self.params();
+        *w = Some(
+            std::thread::Builder::new()
+                .name("ferry-migration".into())
+                .spawn(move || {
+                    let was_running = me.run_state() == RunState::Running;
+                    match engine::migrate(me.vm.as_ref(), &id, &params, &uri, &me.monitor) {
+                        Ok(info) => {
+                            me.set_state(RunState::PostMigrate);
+                            if was_running {
+                                me.emit(VmmEvent::Stop);
+                            }
+                            tracing::info!(
+                                downtime_ms = info.downtime.unwrap_or(0),
+                                total_ms = info.total_time,
+                                "the guest now runs at {uri}"
+                            );
+                        }
+                        Err(e) => tracing::warn!(error = %error_chain(&e), "migration to {uri} failed; the guest keeps running here"),
+                    }
+                })
+                .map_err(|e| VmmError::State(format!("cannot start the migration thread: {e}")))?,
+        );
+        Ok(())
+    }
+
+    /// Cancels the running migration, if any (QMP `migrate_cancel`).
+    pub fn cancel_migration(&self) {
+        if !self.monitor.status().is_finished() {
+            self.monitor.set_status(MigrationStatus::Cancelling);
+        }
+        self.monitor.cancel();
+    }
+
+    /// Listens on `uri` and receives one incoming migration in the background. Returns
+    /// the address actually bound. `on_done` is called with the result.
+    pub fn incoming(
+        self: &Arc<Self>,
+        uri: &str,
+        on_done: impl FnOnce(Result<MigrationInfo, MigrationError>) + Send + 'static,
+    ) -> Result<MigrationUri, VmmError> {
+        let uri: MigrationUri = uri.parse()?;
+        if self.run_state() != RunState::InMigrate {
+            return Err(VmmError::State(format!(
+                "the VM is {}; only a VM started with --incoming can receive a migration",
+                self.run_state().as_str()
+            )));
+        }
+        let listener = Listener::bind(&uri).map_err(|e| VmmError::Listen {
+            uri: uri.to_string(),
+            source: e,
+        })?;
+        let bound = listener.local_uri().map_err(|e| VmmError::Listen {
+            uri: uri.to_string(),
+            source: e,
+        })?;
+        let mut w = self.claim_worker()?;
+        self.monitor.reset();
+        let me = Arc::clone(self);
+        let id = DestinationIdentity {
+            release: RELEASE.to_string(),
+            machine: self.config.machine().to_string(),
+            known_machines: machine::machine_names(),
+            wire_props: self.wire_props(),
+        };
+        let params = self.params();
+        *w = Some(
+            std::thread::Builder::new()
+                .name("ferry-incoming".into())
+                .spawn(move || {
+                    let r = listener
+                        .accept()
+                        .map_err(|e| MigrationError::Io {
+                            phase: "accepting the migration connection",
+                            source: e,
+                        })
+                        .and_then(|ch: Channel| {
+                            drop(listener);
+                            engine::receive(me.vm.as_ref(), &id, &params, ch, &me.monitor)
+                        });
+                    match &r {
+                        Ok(_) => {
+                            me.set_state(RunState::Running);
+                            me.emit(VmmEvent::Resume);
+                        }
+                        Err(_) => me.set_state(RunState::FailedIncoming),
+                    }
+                    on_done(r);
+                })
+                .map_err(|e| VmmError::State(format!("cannot start the incoming thread: {e}")))?,
+        );
+        Ok(bound)
+    }
+
+    /// Waits for the migration worker, if any.
+    pub fn join_worker(&self) {
+        let h = self.worker.lock().unwrap().take();
+        if let Some(h) = h {
+            let _ = h.join();
+        }
+    }
+
+    /// Sets a migration parameter by its property name (QMP `migrate-set-parameters`).
+    pub fn set_migration_property(&self, prop: &str, value: &str) -> Result<(), VmmError> {
+        // Parse through the registry so the value gets the property's own checks.
+        let cfg = self.registry.configure(
+            self.config.machine(),
+            &[Global {
+                driver: MIGRATION.into(),
+                property: prop.into(),
+                value: value.into(),
+            }],
+        )?;
+        let p = MigrationParams::from_config(&cfg)?;
+        let mut cur = self.params();
+        match prop {
+            "downtime-limit" => cur.downtime_limit = p.downtime_limit,
+            "max-bandwidth" => cur.max_bandwidth = p.max_bandwidth,
+            "verify-full" => cur.verify_full = p.verify_full,
+            other => {
+                return Err(VmmError::State(format!(
+                    "migration parameter {other} cannot change at run time (it is fixed by the machine type and -global)"
+                )))
+            }
+        }
+        self.set_params(cur);
+        Ok(())
+    }
+}

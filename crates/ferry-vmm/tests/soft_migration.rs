@@ -1,0 +1,477 @@
+//! In-process migrations of the soft guest over loopback TCP: the engine's bulk tests,
+//! including the failure cases. Both sides are real engine code over real sockets; only
+//! the hypervisor is replaced by the soft backend.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use ferry_migration::engine::vm::{DeviceInfo, DirtyLog, GuestRam, MigratableVm, VmError};
+use ferry_migration::engine::{
+    self, DestinationIdentity, Listener, MigrationError, MigrationInfo, MigrationMonitor,
+    MigrationParams, MigrationStatus, MigrationUri, SourceIdentity,
+};
+use ferry_migration::state::{DeviceState, StateSchema};
+use ferry_migration::wire::{FrameHeader, FrameTag, RamBatchHeader, RefuseCause, StreamHeader};
+use ferry_vmm::guest::GuestVm;
+use ferry_vmm::soft::{SoftConfig, SoftVm, SOFT_CONSOLE_SCHEMA};
+
+const MACHINE: &str = "ferry-0.1";
+
+fn wire_props(digest: bool) -> Vec<(String, String)> {
+    vec![("migration.digest".into(), if digest { "on" } else { "off" }.into())]
+}
+
+fn source_id() -> SourceIdentity {
+    SourceIdentity {
+        release: "test".into(),
+        machine: MACHINE.into(),
+        wire_props: wire_props(true),
+    }
+}
+
+fn dest_id() -> DestinationIdentity {
+    DestinationIdentity {
+        release: "test".into(),
+        machine: MACHINE.into(),
+        known_machines: vec![MACHINE.into()],
+        wire_props: wire_props(true),
+    }
+}
+
+fn params() -> MigrationParams {
+    MigrationParams {
+        verify_full: true,
+        ..MigrationParams::default()
+    }
+}
+
+fn soft(incoming: bool, mem: u64, dirty: u64) -> Arc<SoftVm> {
+    Arc::new(
+        SoftVm::create(&SoftConfig {
+            mem_size: mem,
+            dirty_size: dirty,
+            incoming,
+            console_every: 50,
+            ..SoftConfig::default()
+        })
+        .unwrap(),
+    )
+}
+
+/// A destination receiving one migration in a thread.
+struct Dest {
+    uri: MigrationUri,
+    handle: thread::JoinHandle<Result<MigrationInfo, MigrationError>>,
+}
+
+fn spawn_dest(
+    vm: Arc<dyn MigratableVm>,
+    id: DestinationIdentity,
+    params: MigrationParams,
+) -> Dest {
+    let l = Listener::bind(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
+    let uri = l.local_uri().unwrap();
+    let handle = thread::spawn(move || {
+        let ch = l.accept().unwrap();
+        let m = MigrationMonitor::new();
+        engine::receive(vm.as_ref(), &id, &params, ch, &m)
+    });
+    Dest { uri, handle }
+}
+
+fn wait_passes(vm: &SoftVm, n: u64) {
+    let t = Instant::now();
+    while vm.report().passes[0] < n {
+        assert!(t.elapsed() < Duration::from_secs(20), "guest made no progress");
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn assert_guest_intact(vm: &SoftVm) {
+    let (checked, bad) = vm.verify().unwrap();
+    assert!(checked > 0);
+    assert_eq!(bad, 0, "{bad} of {checked} pages do not hold the pass value");
+}
+
+#[test]
+fn live_migration_carries_on_at_the_destination() {
+    let src = soft(false, 64 << 20, 8 << 20);
+    wait_passes(&src, 100);
+    let dst = soft(true, 64 << 20, 8 << 20);
+    let d = spawn_dest(dst.clone(), dest_id(), params());
+    let m = MigrationMonitor::new();
+    let info = engine::migrate(src.as_ref(), &source_id(), &params(), &d.uri, &m).unwrap();
+    d.handle.join().unwrap().unwrap();
+
+    assert_eq!(info.status, MigrationStatus::Completed);
+    assert_eq!(info.verified.as_deref(), Some("digest+full"));
+    assert!(info.downtime.is_some());
+    assert!(info.ram.normal > 0 && info.ram.transferred > 0);
+    assert!(!src.is_running(), "the source must stay stopped after success");
+    let at_stop = src.report().passes[0];
+    wait_passes(&dst, at_stop + 20);
+    assert_guest_intact(&dst);
+    assert!(dst.console_tail().contains("pass 50"), "console state did not move");
+}
+
+#[test]
+fn idle_guest_memory_never_touched_is_not_sent() {
+    let src = soft(false, 256 << 20, 0);
+    let dst = soft(true, 256 << 20, 0);
+    let d = spawn_dest(dst.clone(), dest_id(), params());
+    let m = MigrationMonitor::new();
+    let info = engine::migrate(src.as_ref(), &source_id(), &params(), &d.uri, &m).unwrap();
+    d.handle.join().unwrap().unwrap();
+    assert!(
+        info.ram.normal + info.ram.duplicate < 16,
+        "an idle guest sent {} pages",
+        info.ram.normal + info.ram.duplicate
+    );
+}
+
+#[test]
+fn a_killed_destination_leaves_the_source_running_and_a_retry_succeeds() {
+    let src = soft(false, 64 << 20, 8 << 20);
+    wait_passes(&src, 10);
+    // A destination that reads the hello, accepts, takes some RAM, then dies.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let uri: MigrationUri = format!("tcp:{}", l.local_addr().unwrap()).parse().unwrap();
+    let killer = thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        let mut b = [0u8; StreamHeader::LEN + FrameHeader::LEN];
+        s.read_exact(&mut b).unwrap();
+        let fh = FrameHeader::decode(b[StreamHeader::LEN..].try_into().unwrap()).unwrap();
+        let mut hello = vec![0u8; fh.len as usize];
+        s.read_exact(&mut hello).unwrap();
+        let acc = ferry_migration::wire::Accept { release: "x".into() }.encode();
+        s.write_all(&FrameHeader { tag: FrameTag::Accept, len: acc.len() as u32 }.encode()).unwrap();
+        s.write_all(&acc).unwrap();
+        let mut sink = vec![0u8; 1 << 20];
+        let _ = s.read_exact(&mut sink);
+        // Dropping the socket kills the "destination" mid-transfer.
+    });
+    let m = MigrationMonitor::new();
+    let err = engine::migrate(src.as_ref(), &source_id(), &params(), &uri, &m).unwrap_err();
+    killer.join().unwrap();
+    assert!(
+        matches!(err, MigrationError::PeerClosed { .. } | MigrationError::Io { .. }),
+        "{err}"
+    );
+    assert_eq!(m.status(), MigrationStatus::Failed);
+    assert!(m.info().error_desc.unwrap().contains("destination"));
+    assert!(src.is_running(), "the source must keep running");
+    let before = src.report().passes[0];
+    wait_passes(&src, before + 5);
+
+    let dst = soft(true, 64 << 20, 8 << 20);
+    let d = spawn_dest(dst.clone(), dest_id(), params());
+    engine::migrate(src.as_ref(), &source_id(), &params(), &d.uri, &MigrationMonitor::new()).unwrap();
+    d.handle.join().unwrap().unwrap();
+    assert_guest_intact(&dst);
+}
+
+/// Plays a destination that accepts, reads frames until `until`, then reports a load
+/// failure.
+fn failing_destination(until: FrameTag) -> (MigrationUri, thread::JoinHandle<()>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let uri: MigrationUri = format!("tcp:{}", l.local_addr().unwrap()).parse().unwrap();
+    let t = thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        let mut hdr = [0u8; StreamHeader::LEN];
+        s.read_exact(&mut hdr).unwrap();
+        let acc = ferry_migration::wire::Accept { release: "x".into() }.encode();
+        let mut accepted = false;
+        loop {
+            let mut h = [0u8; FrameHeader::LEN];
+            s.read_exact(&mut h).unwrap();
+            let fh = FrameHeader::decode(&h).unwrap();
+            let mut p = vec![0u8; fh.len as usize];
+            s.read_exact(&mut p).unwrap();
+            if !accepted {
+                s.write_all(&FrameHeader { tag: FrameTag::Accept, len: acc.len() as u32 }.encode()).unwrap();
+                s.write_all(&acc).unwrap();
+                accepted = true;
+            }
+            if fh.tag == until {
+                break;
+            }
+        }
+        let why = ferry_migration::wire::encode_reason("test destination gives up");
+        s.write_all(&FrameHeader { tag: FrameTag::LoadFailed, len: why.len() as u32 }.encode()).unwrap();
+        s.write_all(&why).unwrap();
+    });
+    (uri, t)
+}
+
+#[test]
+fn harvested_dirty_bits_are_put_back_after_a_failure() {
+    let src = soft(false, 64 << 20, 8 << 20);
+    wait_passes(&src, 3);
+    src.pause().unwrap();
+    // The paused guest's log holds its whole range; the attempt harvests all of it.
+    let before = src.dirty_pages_pending();
+    assert_eq!(before, 2048);
+    let (uri, t) = failing_destination(FrameTag::EndOfStream);
+    let m = MigrationMonitor::new();
+    let err = engine::migrate(src.as_ref(), &source_id(), &params(), &uri, &m).unwrap_err();
+    t.join().unwrap();
+    assert!(matches!(&err, MigrationError::LoadFailed(r) if r.contains("gives up")), "{err}");
+    assert!(m.info().ram.dirty_sync_count >= 1, "the attempt never harvested");
+    assert_eq!(src.dirty_pages_pending(), before, "harvested dirty bits were lost");
+    assert!(!src.is_running(), "a paused source stays paused after a failure");
+}
+
+#[test]
+fn a_cancel_leaves_the_source_running_and_a_retry_succeeds() {
+    let src = soft(false, 64 << 20, 8 << 20);
+    wait_passes(&src, 10);
+    let dst = soft(true, 64 << 20, 8 << 20);
+    let d = spawn_dest(dst.clone(), dest_id(), params());
+    let m = Arc::new(MigrationMonitor::new());
+    let slow = MigrationParams {
+        max_bandwidth: 4 << 20,
+        ..params()
+    };
+    let m2 = Arc::clone(&m);
+    let canceller = thread::spawn(move || {
+        while m2.status() != MigrationStatus::Active {
+            thread::sleep(Duration::from_millis(2));
+        }
+        thread::sleep(Duration::from_millis(300));
+        m2.cancel();
+    });
+    let err = engine::migrate(src.as_ref(), &source_id(), &slow, &d.uri, &m).unwrap_err();
+    canceller.join().unwrap();
+    assert!(matches!(err, MigrationError::Cancelled), "{err}");
+    assert_eq!(m.status(), MigrationStatus::Cancelled);
+    let derr = d.handle.join().unwrap().unwrap_err();
+    assert!(derr.to_string().contains("cancel"), "destination saw: {derr}");
+    assert!(!dst.is_running(), "the destination must not resume a partial guest");
+    assert!(src.is_running());
+
+    let dst2 = soft(true, 64 << 20, 8 << 20);
+    let d2 = spawn_dest(dst2.clone(), dest_id(), params());
+    engine::migrate(src.as_ref(), &source_id(), &params(), &d2.uri, &MigrationMonitor::new()).unwrap();
+    d2.handle.join().unwrap().unwrap();
+    assert_guest_intact(&dst2);
+}
+
+fn refused(src: &SoftVm, dst: Arc<dyn MigratableVm>, id: DestinationIdentity) -> (RefuseCause, String, MigrationInfo) {
+    let d = spawn_dest(dst, id, params());
+    let m = MigrationMonitor::new();
+    let err = engine::migrate(src, &source_id(), &params(), &d.uri, &m).unwrap_err();
+    let derr = d.handle.join().unwrap().unwrap_err();
+    assert!(matches!(derr, MigrationError::Incompatible { .. }), "{derr}");
+    assert!(src.is_running());
+    match err {
+        MigrationError::Refused { cause, reason } => (cause, reason, m.info()),
+        e => panic!("expected a refusal, got {e}"),
+    }
+}
+
+#[test]
+fn an_unknown_machine_type_is_refused_before_any_ram_moves() {
+    let src = soft(false, 32 << 20, 1 << 20);
+    let id = DestinationIdentity {
+        known_machines: vec!["ferry-0.0".into()],
+        machine: "ferry-0.0".into(),
+        ..dest_id()
+    };
+    let (cause, reason, info) = refused(&src, soft(true, 32 << 20, 1 << 20), id);
+    assert_eq!(cause, RefuseCause::UnknownMachine);
+    assert!(reason.contains("ferry-0.1"), "{reason}");
+    assert_eq!(info.ram.transferred, 0);
+}
+
+#[test]
+fn a_wire_property_mismatch_is_refused_naming_both_values() {
+    let src = soft(false, 32 << 20, 1 << 20);
+    let id = DestinationIdentity {
+        wire_props: wire_props(false),
+        ..dest_id()
+    };
+    let (cause, reason, info) = refused(&src, soft(true, 32 << 20, 1 << 20), id);
+    assert_eq!(cause, RefuseCause::PropertyMismatch);
+    assert!(reason.contains("migration.digest") && reason.contains("on") && reason.contains("off"), "{reason}");
+    assert_eq!(info.ram.transferred, 0);
+}
+
+#[test]
+fn a_different_ram_size_is_refused_in_human_units() {
+    let src = soft(false, 32 << 20, 1 << 20);
+    let (cause, reason, _) = refused(&src, soft(true, 64 << 20, 1 << 20), dest_id());
+    assert_eq!(cause, RefuseCause::RamLayout);
+    assert!(reason.contains("32.0 MiB") && reason.contains("64.0 MiB"), "{reason}");
+}
+
+/// A soft VM whose console claims a state version range this release cannot load.
+struct NewerConsole {
+    inner: Arc<SoftVm>,
+    schema: &'static StateSchema,
+}
+
+impl MigratableVm for NewerConsole {
+    fn ram(&self) -> Arc<dyn GuestRam> {
+        self.inner.ram()
+    }
+    fn dirty_log(&self) -> &dyn DirtyLog {
+        self.inner.dirty_log()
+    }
+    fn vcpu_count(&self) -> usize {
+        self.inner.vcpu_count()
+    }
+    fn vcpu_schema(&self) -> &'static StateSchema {
+        self.inner.vcpu_schema()
+    }
+    fn devices(&self) -> Vec<DeviceInfo> {
+        vec![DeviceInfo {
+            name: "soft-console".into(),
+            instance: 0,
+            schema: self.schema,
+        }]
+    }
+    fn pause(&self) -> Result<(), VmError> {
+        self.inner.pause()
+    }
+    fn resume(&self) -> Result<(), VmError> {
+        self.inner.resume()
+    }
+    fn is_running(&self) -> bool {
+        self.inner.is_running()
+    }
+    fn save_vcpu(&self, i: usize) -> Result<DeviceState, VmError> {
+        self.inner.save_vcpu(i)
+    }
+    fn load_vcpu(&self, i: usize, s: DeviceState) -> Result<(), VmError> {
+        self.inner.load_vcpu(i, s)
+    }
+    fn save_device(&self, i: usize) -> Result<DeviceState, VmError> {
+        self.inner.save_device(i)
+    }
+    fn load_device(&self, i: usize, s: DeviceState) -> Result<(), VmError> {
+        self.inner.load_device(i, s)
+    }
+}
+
+#[test]
+fn a_device_state_version_the_destination_cannot_load_is_refused_naming_the_device() {
+    static V3_ONLY: StateSchema = StateSchema {
+        version: 3,
+        min_version: 3,
+        ..SOFT_CONSOLE_SCHEMA
+    };
+    let src = soft(false, 32 << 20, 1 << 20);
+    let dst = Arc::new(NewerConsole {
+        inner: soft(true, 32 << 20, 1 << 20),
+        schema: &V3_ONLY,
+    });
+    let (cause, reason, info) = refused(&src, dst, dest_id());
+    assert_eq!(cause, RefuseCause::DeviceVersion);
+    assert!(reason.contains("soft-console") && reason.contains("version 1"), "{reason}");
+    assert_eq!(info.ram.transferred, 0);
+}
+
+/// Relays a migration, flipping one byte of page data in the last RAM batch before the
+/// guest stops, to show that the digest catches a page the destination got wrong.
+fn corrupting_proxy(to: MigrationUri) -> (MigrationUri, thread::JoinHandle<()>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let uri: MigrationUri = format!("tcp:{}", l.local_addr().unwrap()).parse().unwrap();
+    let MigrationUri::Tcp(addr) = to else { unreachable!() };
+    let h = thread::spawn(move || {
+        let (mut a, _) = l.accept().unwrap();
+        let mut b = TcpStream::connect(addr).unwrap();
+        // Return path: copy as is.
+        let (mut a2, mut b2) = (a.try_clone().unwrap(), b.try_clone().unwrap());
+        let back = thread::spawn(move || {
+            let _ = std::io::copy(&mut b2, &mut a2);
+            let _ = a2.shutdown(std::net::Shutdown::Both);
+        });
+        let mut hdr = [0u8; StreamHeader::LEN];
+        a.read_exact(&mut hdr).unwrap();
+        b.write_all(&hdr).unwrap();
+        let mut flipped = false;
+        loop {
+            let mut h = [0u8; FrameHeader::LEN];
+            if a.read_exact(&mut h).is_err() {
+                break;
+            }
+            let fh = FrameHeader::decode(&h).unwrap();
+            let mut p = vec![0u8; fh.len as usize];
+            a.read_exact(&mut p).unwrap();
+            if fh.tag == FrameTag::RamBatch && !flipped {
+                let count = u32::from_le_bytes(p[4..8].try_into().unwrap()) as usize;
+                let data = RamBatchHeader::LEN + 8 * count;
+                if p.len() > data + 100 {
+                    p[data + 100] ^= 0x5a;
+                    flipped = true;
+                }
+            }
+            b.write_all(&h).unwrap();
+            b.write_all(&p).unwrap();
+        }
+        let _ = b.shutdown(std::net::Shutdown::Write);
+        back.join().unwrap();
+    });
+    (uri, h)
+}
+
+#[test]
+fn a_page_damaged_in_flight_fails_the_digest_and_the_destination_does_not_resume() {
+    let src = soft(false, 32 << 20, 4 << 20);
+    src.pause().unwrap();
+    // A paused guest: the damaged page is never sent again, so only the digest can see it.
+    let dst = soft(true, 32 << 20, 4 << 20);
+    let p = MigrationParams {
+        verify_full: false,
+        ..params()
+    };
+    let d = spawn_dest(dst.clone(), dest_id(), p.clone());
+    let (via, proxy) = corrupting_proxy(d.uri.clone());
+    let m = MigrationMonitor::new();
+    let err = engine::migrate(src.as_ref(), &source_id(), &p, &via, &m).unwrap_err();
+    let derr = d.handle.join().unwrap().unwrap_err();
+    proxy.join().unwrap();
+    assert!(matches!(derr, MigrationError::Verify(_)), "destination: {derr}");
+    assert!(err.to_string().contains("digest"), "source: {err}");
+    assert!(!dst.is_running(), "a guest whose memory is wrong must not run");
+    assert!(!src.is_running(), "the source was paused before and stays so");
+}
+
+#[test]
+fn malformed_streams_are_refused_with_a_reason() {
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("magic", b"QEVM\0\0\0\x03garbage!".to_vec()),
+        ("truncated", b"FERRYMIG\x01\0".to_vec()),
+        ("version", {
+            let mut b = StreamHeader { version: 99 }.encode().to_vec();
+            b.extend_from_slice(&[0; 8]);
+            b
+        }),
+        ("hello length", {
+            let mut b = StreamHeader { version: 1 }.encode().to_vec();
+            b.extend_from_slice(&[1, 0, 0, 0, 0xff, 0xff, 0xff, 0x7f]);
+            b
+        }),
+        ("frame type", {
+            let mut b = StreamHeader { version: 1 }.encode().to_vec();
+            b.extend_from_slice(&[0x66, 0, 0, 0, 0, 0, 0, 0]);
+            b
+        }),
+    ];
+    for (what, bytes) in cases {
+        let dst = soft(true, 16 << 20, 0);
+        let d = spawn_dest(dst.clone(), dest_id(), params());
+        let MigrationUri::Tcp(addr) = &d.uri else { unreachable!() };
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.write_all(&bytes).unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let err = d.handle.join().unwrap().unwrap_err();
+        let text = ferry_migration::engine::error_chain(&err);
+        assert!(!text.is_empty(), "{what}");
+        assert!(!dst.is_running(), "{what}: resumed a guest from garbage");
+        eprintln!("{what}: {text}");
+    }
+}
