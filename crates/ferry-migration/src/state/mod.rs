@@ -4,6 +4,8 @@
 
 use thiserror::Error;
 
+mod schema;
+
 /// The type of one field of a device state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub enum FieldKind {
@@ -13,9 +15,13 @@ pub enum FieldKind {
     U64,
     Bool,
     /// Variable-length bytes, at most `max_len` of them.
-    Bytes { max_len: u32 },
+    Bytes {
+        max_len: u32,
+    },
     /// Exactly `len` bytes.
-    Array { len: u32 },
+    Array {
+        len: u32,
+    },
 }
 
 /// One field of a device state schema.
@@ -74,18 +80,53 @@ pub struct DeviceState {
     pub subsections: Vec<SubsectionState>,
 }
 
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
 pub enum StateError {
     #[error("device {device}: state version {version} is newer than this release can load (at most {max})")]
-    TooNew { device: String, version: u32, max: u32 },
+    TooNew {
+        device: String,
+        version: u32,
+        max: u32,
+    },
     #[error("device {device}: state version {version} is older than this release can load (at least {min})")]
-    TooOld { device: String, version: u32, min: u32 },
+    TooOld {
+        device: String,
+        version: u32,
+        min: u32,
+    },
     #[error("device {device}: unknown subsection {subsection:?}")]
     UnknownSubsection { device: String, subsection: String },
     #[error("device {device}: malformed state: {reason}")]
     Malformed { device: String, reason: String },
     #[error("device {device}: field {field}: {reason}")]
-    Field { device: String, field: String, reason: String },
+    Field {
+        device: String,
+        field: String,
+        reason: String,
+    },
+    #[error("device {device}: subsection {subsection:?} version {version} is newer than this release can load (at most {max})")]
+    SubsectionTooNew {
+        device: String,
+        subsection: String,
+        version: u32,
+        max: u32,
+    },
+    #[error("device {device}: subsection {subsection:?} appears more than once")]
+    DuplicateSubsection { device: String, subsection: String },
+    /// The local schema itself is inconsistent: a bug in the release, not in the stream.
+    #[error("device {device}: invalid schema: {reason}")]
+    Schema { device: String, reason: String },
+    /// A typed getter found no field of that name. The state does not know its device,
+    /// so the caller adds that context.
+    #[error("no field {field} in the state")]
+    NoField { field: String },
+    /// A typed getter found the field holding another kind of value.
+    #[error("field {field} holds {found}, not {expected}")]
+    WrongKind {
+        field: String,
+        expected: &'static str,
+        found: &'static str,
+    },
 }
 
 impl DeviceState {
@@ -96,9 +137,174 @@ impl DeviceState {
         self.fields.push((name.to_string(), value));
         self
     }
-    pub fn get(&self, name: &str) -> Option<&Value> {
-        self.fields.iter().find(|(n, _)| n == name).map(|(_, v)| v)
+    /// Adds a subsection: call it only when the subsection's `needed_when` holds.
+    pub fn with_subsection(mut self, subsection: SubsectionState) -> Self {
+        self.subsections.push(subsection);
+        self
     }
+    pub fn get(&self, name: &str) -> Option<&Value> {
+        lookup(&self.fields, name)
+    }
+    /// The subsection `name`, if the peer sent it (or the device added it).
+    pub fn subsection(&self, name: &str) -> Option<&SubsectionState> {
+        self.subsections.iter().find(|s| s.name == name)
+    }
+    pub fn get_u8(&self, name: &str) -> Result<u8, StateError> {
+        get_u8(&self.fields, None, name)
+    }
+    pub fn get_u16(&self, name: &str) -> Result<u16, StateError> {
+        get_u16(&self.fields, None, name)
+    }
+    pub fn get_u32(&self, name: &str) -> Result<u32, StateError> {
+        get_u32(&self.fields, None, name)
+    }
+    pub fn get_u64(&self, name: &str) -> Result<u64, StateError> {
+        get_u64(&self.fields, None, name)
+    }
+    pub fn get_bool(&self, name: &str) -> Result<bool, StateError> {
+        get_bool(&self.fields, None, name)
+    }
+    /// The bytes of a `Bytes` or `Array` field.
+    pub fn get_bytes(&self, name: &str) -> Result<&[u8], StateError> {
+        get_bytes(&self.fields, None, name)
+    }
+}
+
+impl SubsectionState {
+    pub fn new(name: &str) -> Self {
+        Self {
+            name: name.to_string(),
+            fields: Vec::new(),
+        }
+    }
+    pub fn with(mut self, name: &str, value: Value) -> Self {
+        self.fields.push((name.to_string(), value));
+        self
+    }
+    pub fn get(&self, name: &str) -> Option<&Value> {
+        lookup(&self.fields, name)
+    }
+    // The getters name a missing field `subsection/field` so the error says where it looked.
+    pub fn get_u8(&self, name: &str) -> Result<u8, StateError> {
+        get_u8(&self.fields, Some(&self.name), name)
+    }
+    pub fn get_u16(&self, name: &str) -> Result<u16, StateError> {
+        get_u16(&self.fields, Some(&self.name), name)
+    }
+    pub fn get_u32(&self, name: &str) -> Result<u32, StateError> {
+        get_u32(&self.fields, Some(&self.name), name)
+    }
+    pub fn get_u64(&self, name: &str) -> Result<u64, StateError> {
+        get_u64(&self.fields, Some(&self.name), name)
+    }
+    pub fn get_bool(&self, name: &str) -> Result<bool, StateError> {
+        get_bool(&self.fields, Some(&self.name), name)
+    }
+    /// The bytes of a `Bytes` or `Array` field.
+    pub fn get_bytes(&self, name: &str) -> Result<&[u8], StateError> {
+        get_bytes(&self.fields, Some(&self.name), name)
+    }
+}
+
+impl Value {
+    /// The value a field of `kind` takes when the stream's version predates the field.
+    pub fn zero(kind: FieldKind) -> Self {
+        match kind {
+            FieldKind::U8 => Value::U8(0),
+            FieldKind::U16 => Value::U16(0),
+            FieldKind::U32 => Value::U32(0),
+            FieldKind::U64 => Value::U64(0),
+            FieldKind::Bool => Value::Bool(false),
+            FieldKind::Bytes { .. } => Value::Bytes(Vec::new()),
+            FieldKind::Array { len } => Value::Bytes(vec![0; len as usize]),
+        }
+    }
+
+    /// A short name of the value's kind, for error messages.
+    pub fn kind_name(&self) -> &'static str {
+        match self {
+            Value::U8(_) => "u8",
+            Value::U16(_) => "u16",
+            Value::U32(_) => "u32",
+            Value::U64(_) => "u64",
+            Value::Bool(_) => "bool",
+            Value::Bytes(_) => "bytes",
+        }
+    }
+}
+
+fn lookup<'a>(fields: &'a [(String, Value)], name: &str) -> Option<&'a Value> {
+    fields.iter().find(|(n, _)| n == name).map(|(_, v)| v)
+}
+
+fn qualified(subsection: Option<&str>, field: &str) -> String {
+    match subsection {
+        Some(sub) => format!("{sub}/{field}"),
+        None => field.to_string(),
+    }
+}
+
+fn typed<'a, T>(
+    fields: &'a [(String, Value)],
+    subsection: Option<&str>,
+    name: &str,
+    expected: &'static str,
+    pick: impl FnOnce(&'a Value) -> Option<T>,
+) -> Result<T, StateError> {
+    let value = lookup(fields, name).ok_or_else(|| StateError::NoField {
+        field: qualified(subsection, name),
+    })?;
+    pick(value).ok_or_else(|| StateError::WrongKind {
+        field: qualified(subsection, name),
+        expected,
+        found: value.kind_name(),
+    })
+}
+
+fn get_u8(fields: &[(String, Value)], sub: Option<&str>, name: &str) -> Result<u8, StateError> {
+    typed(fields, sub, name, "u8", |v| match v {
+        Value::U8(x) => Some(*x),
+        _ => None,
+    })
+}
+
+fn get_u16(fields: &[(String, Value)], sub: Option<&str>, name: &str) -> Result<u16, StateError> {
+    typed(fields, sub, name, "u16", |v| match v {
+        Value::U16(x) => Some(*x),
+        _ => None,
+    })
+}
+
+fn get_u32(fields: &[(String, Value)], sub: Option<&str>, name: &str) -> Result<u32, StateError> {
+    typed(fields, sub, name, "u32", |v| match v {
+        Value::U32(x) => Some(*x),
+        _ => None,
+    })
+}
+
+fn get_u64(fields: &[(String, Value)], sub: Option<&str>, name: &str) -> Result<u64, StateError> {
+    typed(fields, sub, name, "u64", |v| match v {
+        Value::U64(x) => Some(*x),
+        _ => None,
+    })
+}
+
+fn get_bool(fields: &[(String, Value)], sub: Option<&str>, name: &str) -> Result<bool, StateError> {
+    typed(fields, sub, name, "bool", |v| match v {
+        Value::Bool(x) => Some(*x),
+        _ => None,
+    })
+}
+
+fn get_bytes<'a>(
+    fields: &'a [(String, Value)],
+    sub: Option<&str>,
+    name: &str,
+) -> Result<&'a [u8], StateError> {
+    typed(fields, sub, name, "bytes", |v| match v {
+        Value::Bytes(x) => Some(x.as_slice()),
+        _ => None,
+    })
 }
 
 /// Encodes `state` at `schema.version`, checking it against the schema.
