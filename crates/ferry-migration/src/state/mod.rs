@@ -4,7 +4,10 @@
 
 use thiserror::Error;
 
+mod codec;
 mod schema;
+
+pub use codec::{decode, encode};
 
 /// The type of one field of a device state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -305,16 +308,4 @@ fn get_bytes<'a>(
         Value::Bytes(x) => Some(x.as_slice()),
         _ => None,
     })
-}
-
-/// Encodes `state` at `schema.version`, checking it against the schema.
-pub fn encode(schema: &StateSchema, state: &DeviceState) -> Result<Vec<u8>, StateError> {
-    let _ = (schema, state);
-    todo!()
-}
-
-/// Decodes a state that the peer encoded at `version`. Untrusted input.
-pub fn decode(schema: &StateSchema, version: u32, bytes: &[u8]) -> Result<DeviceState, StateError> {
-    let _ = (schema, version, bytes);
-    todo!()
 }
