@@ -6,6 +6,8 @@ use thiserror::Error;
 
 mod codec;
 mod schema;
+#[cfg(test)]
+mod tests;
 
 pub use codec::{decode, encode};
 
