@@ -1,6 +1,148 @@
 //! Versioned device state: schemas, values and their codec.
 //!
-//! (Module docs to be completed: format, versioning rules, subsections.)
+//! Every device (and every vCPU) describes its migratable state with a [`StateSchema`]: a
+//! name, the `version` this release writes, the `min_version` it can still load, fields that
+//! each record the version that added them (`since`), and subsections that carry state only
+//! when it is needed. The source device saves a [`DeviceState`] (named [`Value`]s);
+//! [`encode`] checks it against the schema and writes it at `schema.version`. The destination
+//! passes the bytes, which it does not trust, and the version they were written at to
+//! [`decode`], which checks both against its own schema and hands the device a
+//! [`DeviceState`] holding every field the destination knows.
+//!
+//! The version is not part of these bytes: whatever frames a device's state carries it
+//! beside them. Schemas derive `Serialize`, so a release can dump all of them and a checker
+//! can compare two releases' dumps before anyone migrates.
+//!
+//! # Byte format
+//!
+//! Integers are little-endian, nothing is padded. A state at version `v` is:
+//!
+//! | part | bytes |
+//! |---|---|
+//! | every field with `since <= v`, in schema order | as below |
+//! | subsection count | u8 |
+//! | each subsection | u8 name length, name (UTF-8), u32 subsection version, u32 payload length, payload |
+//!
+//! A subsection's payload is its fields with `since <=` the subsection version, encoded the
+//! same way, and nothing more. Nothing follows the last subsection. Fields:
+//!
+//! | kind | bytes |
+//! |---|---|
+//! | `U8` | 1 |
+//! | `U16`, `U32`, `U64` | 2, 4, 8 |
+//! | `Bool` | 1: `0` or `1`; any other byte is refused |
+//! | `Bytes { max_len }` | u32 length (at most `max_len`), then that many bytes |
+//! | `Array { len }` | exactly `len` bytes, no length ([`Value::Bytes`] in memory) |
+//!
+//! Given the schema and the version the format delimits itself, so a strict prefix of a valid
+//! encoding never decodes. No encoding is longer than [`StateSchema::max_encoded_len`], which
+//! lets the layer that frames it refuse an oversized state before allocating for it.
+//! [`encode`] writes fields and subsections in schema order whatever order the device gave
+//! them in, so equal states give equal bytes.
+//!
+//! # Decoding
+//!
+//! * A version above `schema.version` is [`StateError::TooNew`]; below `schema.min_version`,
+//!   [`StateError::TooOld`].
+//! * Fields the version lacks (added later) are filled with [`Value::zero`] of their kind: 0,
+//!   `false`, empty bytes, an all-zero array. [`DeviceState::version`] is the version that was
+//!   sent, so a device's load can tell a zero that was sent from one that was filled in.
+//! * A subsection the destination does not know is [`StateError::UnknownSubsection`]: state it
+//!   cannot interpret is never dropped silently. One newer than the destination's version of
+//!   it is [`StateError::SubsectionTooNew`]; an older one loads with its missing fields zero.
+//!   A subsection sent twice is [`StateError::DuplicateSubsection`]. Subsections may come in
+//!   any order, and any subsection may be missing: that is what makes them optional.
+//! * Every length is checked against the bytes that remain before anything is allocated, and
+//!   bytes left over, in a subsection payload or at the end, are refused. Errors name the
+//!   device, the field (`subsection/field` inside a subsection) or subsection, and the byte
+//!   offset from the start of the state.
+//! * [`encode`] and [`decode`] both refuse a schema that fails [`StateSchema::validate`].
+//!
+//! # Versioning rules
+//!
+//! A release loads any version in `min_version..=version`, so migrating from an older release
+//! keeps working as long as `min_version` stays low. Migrating *to* an older release does not
+//! survive a version bump: the older release refuses every stream above its own version,
+//! whatever the machine type. A subsection is refused only when it is actually sent.
+//!
+//! 1. Never change a field that a released version carries: not its kind, not its `since`, and
+//!    not its place among the fields of its version (both sides derive the stream order from
+//!    their schemas). Names are not on the wire, but device code and schema checkers use them.
+//! 2. Bump `version`, giving the new fields `since = version`, when the new state is needed in
+//!    every migration and migrating to older releases may stop working. Choose the field so
+//!    its zero value means "what the older release did", because that is what loading an older
+//!    stream gives; if zero is also a meaningful value, look at [`DeviceState::version`].
+//! 3. Use a subsection when the new state must reach older releases only sometimes: when a
+//!    feature is on (a property that older machine types' compat tables turn off), or in a
+//!    runtime condition older releases never produced. Put the condition in `needed_when`
+//!    and add the subsection on save exactly when it holds. A VM on an older machine type
+//!    then migrates to the older release, and one that uses the feature fails loudly with
+//!    [`StateError::UnknownSubsection`] instead of losing state.
+//! 4. Raise `min_version` only when removing the code that loads older streams (the fallbacks
+//!    for zero-filled fields); it ends migration from every release that writes below it.
+//! 5. A field cannot leave the stream without a version bump: keep it and write a fixed value.
+//! 6. A subsection's `version` follows the same rules for its own fields. A loaded
+//!    [`SubsectionState`] does not say which version it came at, so a field added to a
+//!    subsection needs a zero value that means the old behaviour (or goes in a new subsection).
+//!
+//! # Example
+//!
+//! An RTC whose second release started saving a pending alarm instead of recomputing it on
+//! load, with lost-tick bookkeeping that only one tick policy produces:
+//!
+//! ```
+//! use ferry_migration::state::*;
+//!
+//! static RTC: StateSchema = StateSchema {
+//!     name: "rtc",
+//!     version: 2,
+//!     min_version: 1,
+//!     fields: &[
+//!         FieldSchema { name: "cmos", kind: FieldKind::Array { len: 128 }, since: 1 },
+//!         FieldSchema { name: "base_ns", kind: FieldKind::U64, since: 1 },
+//!         FieldSchema { name: "alarm_pending", kind: FieldKind::Bool, since: 2 },
+//!     ],
+//!     subsections: &[SubsectionSchema {
+//!         name: "rtc/irq-reinject",
+//!         version: 1,
+//!         fields: &[FieldSchema { name: "coalesced", kind: FieldKind::U32, since: 1 }],
+//!         needed_when: "property rtc.lost-tick-policy=slew and ticks are coalesced",
+//!     }],
+//! };
+//!
+//! let saved = DeviceState::new()
+//!     .with("cmos", Value::Bytes(vec![0; 128]))
+//!     .with("base_ns", Value::U64(1_000))
+//!     .with("alarm_pending", Value::Bool(true))
+//!     .with_subsection(SubsectionState::new("rtc/irq-reinject").with("coalesced", Value::U32(3)));
+//! let bytes = encode(&RTC, &saved)?;
+//! // 128 + 8 + 1, count, then 1 + 16 + 4 + 4 header bytes and a 4-byte payload.
+//! assert_eq!(bytes.len(), 137 + 1 + 25 + 4);
+//! assert!(bytes.len() as u64 <= RTC.max_encoded_len());
+//!
+//! let loaded = decode(&RTC, RTC.version, &bytes)?;
+//! assert_eq!(loaded.get_u64("base_ns")?, 1_000);
+//! let coalesced = match loaded.subsection("rtc/irq-reinject") {
+//!     Some(sub) => sub.get_u32("coalesced")?,
+//!     None => 0,
+//! };
+//! assert_eq!(coalesced, 3);
+//!
+//! // The previous release writes version 1: no alarm_pending, no subsection.
+//! let mut v1 = vec![0; 128];
+//! v1.extend_from_slice(&1_000u64.to_le_bytes());
+//! v1.push(0);
+//! let old = decode(&RTC, 1, &v1)?;
+//! assert_eq!(old.version, 1); // so the device recomputes the alarm as version 1 did
+//! assert!(!old.get_bool("alarm_pending")?);
+//!
+//! // The release after this one, at version 3, is refused by name.
+//! assert_eq!(
+//!     decode(&RTC, 3, &bytes).unwrap_err().to_string(),
+//!     "device rtc: state version 3 is newer than this release can load (at most 2)"
+//! );
+//! # Ok::<(), StateError>(())
+//! ```
 
 use thiserror::Error;
 
