@@ -6,14 +6,24 @@ use std::collections::BTreeMap;
 
 use thiserror::Error;
 
-/// What values a property takes.
+mod value;
+
+pub use value::{parse_size, ValueProblem, BOOL_FALSE_WORDS, BOOL_TRUE_WORDS};
+
+/// What values a property takes. Its `Display` describes the valid values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub enum PropKind {
     Bool,
     /// An integer in `min..=max`.
-    U64 { min: u64, max: u64 },
+    U64 {
+        min: u64,
+        max: u64,
+    },
     /// A size in bytes; accepts suffixes (`512K`, `64M`, `1G`). In `min..=max`.
-    Size { min: u64, max: u64 },
+    Size {
+        min: u64,
+        max: u64,
+    },
     /// One of a fixed set of words.
     Enum(&'static [&'static str]),
 }
@@ -56,7 +66,7 @@ pub struct MachineDef {
     pub compat: &'static [CompatEntry],
 }
 
-/// A parsed property value.
+/// A parsed property value. A size is a `U64` of bytes. `Display` gives the canonical text.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PropValue {
     Bool(bool),
@@ -69,7 +79,9 @@ pub enum PropValue {
 pub enum Origin {
     Default,
     /// The compat table of the named machine type.
-    Compat { machine: String },
+    Compat {
+        machine: String,
+    },
     Global,
 }
 
@@ -130,6 +142,8 @@ impl Config {
         &self.machine
     }
     pub fn get(&self, driver: &str, property: &str) -> Option<&PropValue> {
-        self.values.get(&(driver.to_string(), property.to_string())).map(|(v, _)| v)
+        self.values
+            .get(&(driver.to_string(), property.to_string()))
+            .map(|(v, _)| v)
     }
 }
