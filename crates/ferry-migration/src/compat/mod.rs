@@ -4,10 +4,11 @@
 
 use std::collections::BTreeMap;
 
-use thiserror::Error;
-
+mod error;
+mod global;
 mod value;
 
+pub use error::{CompatError, GlobalProblem, RegistryProblem};
 pub use value::{parse_size, ValueProblem, BOOL_FALSE_WORDS, BOOL_TRUE_WORDS};
 
 /// What values a property takes. Its `Display` describes the valid values.
@@ -85,18 +86,12 @@ pub enum Origin {
     Global,
 }
 
-/// A user's `-global driver.prop=value`.
+/// A user's `-global driver.prop=value`. Parsed with `FromStr`, printed back with `Display`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Global {
     pub driver: String,
     pub property: String,
     pub value: String,
-}
-
-#[derive(Debug, Error, PartialEq, Eq)]
-pub enum CompatError {
-    #[error("placeholder")]
-    Placeholder,
 }
 
 /// All drivers and machine types a release knows.
