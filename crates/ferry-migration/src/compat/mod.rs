@@ -4,11 +4,17 @@
 
 use std::collections::BTreeMap;
 
+mod config;
 mod error;
 mod global;
+mod registry;
+#[cfg(test)]
+mod tests;
 mod value;
 
+use config::Setting;
 pub use error::{CompatError, GlobalProblem, RegistryProblem};
+pub use registry::{parse_machine_name, MACHINE_PREFIX, NEWEST_ALIAS};
 pub use value::{parse_size, ValueProblem, BOOL_FALSE_WORDS, BOOL_TRUE_WORDS};
 
 /// What values a property takes. Its `Display` describes the valid values.
@@ -68,7 +74,7 @@ pub struct MachineDef {
 }
 
 /// A parsed property value. A size is a `U64` of bytes. `Display` gives the canonical text.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub enum PropValue {
     Bool(bool),
     U64(u64),
@@ -76,7 +82,7 @@ pub enum PropValue {
 }
 
 /// Where an effective property value came from.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub enum Origin {
     Default,
     /// The compat table of the named machine type.
@@ -103,42 +109,10 @@ pub struct Registry {
 }
 
 /// The effective properties of one VM: its machine type's defaults, compat entries and globals.
+/// Holds every property of every driver of the registry it came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     machine: String,
-    values: BTreeMap<(String, String), (PropValue, Origin)>,
-}
-
-impl Registry {
-    /// `machines` newest first.
-    pub fn new(drivers: Vec<&'static DriverDef>, machines: Vec<&'static MachineDef>) -> Self {
-        Self { drivers, machines }
-    }
-    pub fn machines(&self) -> &[&'static MachineDef] {
-        &self.machines
-    }
-    pub fn drivers(&self) -> &[&'static DriverDef] {
-        &self.drivers
-    }
-    /// Resolves a machine name or the alias `ferry` (the newest).
-    pub fn resolve_machine(&self, name: &str) -> Result<&'static MachineDef, CompatError> {
-        let _ = name;
-        todo!()
-    }
-    pub fn configure(&self, machine: &str, globals: &[Global]) -> Result<Config, CompatError> {
-        let _ = (machine, globals);
-        todo!()
-    }
-}
-
-impl Config {
-    /// The resolved machine type name (never the alias).
-    pub fn machine(&self) -> &str {
-        &self.machine
-    }
-    pub fn get(&self, driver: &str, property: &str) -> Option<&PropValue> {
-        self.values
-            .get(&(driver.to_string(), property.to_string()))
-            .map(|(v, _)| v)
-    }
+    /// Driver name → property name → setting; the maps give the stable iteration order.
+    values: BTreeMap<&'static str, BTreeMap<&'static str, Setting>>,
 }
