@@ -1,5 +1,6 @@
-//! Reading a VM's effective properties.
+//! Reading a VM's effective properties, and comparing the wire-relevant ones with a peer's.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use super::{CompatError, Config, Origin, PropDef, PropKind, PropValue};
@@ -88,6 +89,38 @@ impl Config {
         })
     }
 
+    /// `("driver.property", canonical value)` of every property marked `wire`, sorted: what a
+    /// source states in its hello and a destination compares with [`wire_mismatches`].
+    pub fn wire_properties(&self) -> Vec<(String, String)> {
+        let mut wire: Vec<(String, String)> = self
+            .values
+            .iter()
+            .flat_map(|(driver, settings)| {
+                settings
+                    .iter()
+                    .filter(|(_, s)| s.def.wire)
+                    .map(move |(property, s)| (format!("{driver}.{property}"), s.value.to_string()))
+            })
+            .collect();
+        wire.sort();
+        wire
+    }
+
+    /// Every difference between this VM's wire properties and a peer's list.
+    pub fn wire_mismatches(&self, peer: &[(String, String)]) -> Vec<WireMismatch> {
+        wire_mismatches(&self.wire_properties(), peer)
+    }
+
+    /// Refuses a peer whose wire properties differ, listing every difference.
+    pub fn check_wire(&self, peer: &[(String, String)]) -> Result<(), CompatError> {
+        let mismatches = self.wire_mismatches(peer);
+        if mismatches.is_empty() {
+            Ok(())
+        } else {
+            Err(CompatError::WireMismatch { mismatches })
+        }
+    }
+
     fn setting(&self, driver: &str, property: &str) -> Result<&Setting, CompatError> {
         let settings = self
             .values
@@ -135,4 +168,71 @@ impl fmt::Display for Origin {
             Origin::Global => f.write_str("-global"),
         }
     }
+}
+
+/// A wire property on which the two sides of a migration disagree. `None` means that side does
+/// not have the property at all (an older or newer release, or a different device set).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+pub struct WireMismatch {
+    /// `driver.property`.
+    pub property: String,
+    pub local: Option<String>,
+    pub peer: Option<String>,
+}
+
+impl fmt::Display for WireMismatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let side = |value: &Option<String>| match value {
+            Some(value) => value.clone(),
+            None => "(absent)".to_string(),
+        };
+        write!(
+            f,
+            "{}: local {}, peer {}",
+            self.property,
+            side(&self.local),
+            side(&self.peer)
+        )
+    }
+}
+
+/// Every difference between two lists of `(driver.property, value)`, sorted by property.
+///
+/// A property that one side lists and the other lacks is a mismatch. Neither list needs to be
+/// sorted. A list should name each property once (a wire decoder ought to refuse duplicates);
+/// should one not, every value it gives is compared, so a contradiction inside one list is
+/// reported rather than hidden.
+pub fn wire_mismatches(local: &[(String, String)], peer: &[(String, String)]) -> Vec<WireMismatch> {
+    fn by_property(list: &[(String, String)]) -> BTreeMap<&str, BTreeSet<&str>> {
+        let mut map: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+        for (property, value) in list {
+            map.entry(property).or_default().insert(value);
+        }
+        map
+    }
+    let local = by_property(local);
+    let peer = by_property(peer);
+    let properties: BTreeSet<&str> = local.keys().chain(peer.keys()).copied().collect();
+
+    let mut mismatches = Vec::new();
+    for property in properties {
+        let sides = |map: &BTreeMap<&str, BTreeSet<&str>>| -> Vec<Option<String>> {
+            match map.get(property) {
+                Some(values) => values.iter().map(|v| Some(v.to_string())).collect(),
+                None => vec![None],
+            }
+        };
+        for local_value in sides(&local) {
+            for peer_value in sides(&peer) {
+                if local_value != peer_value {
+                    mismatches.push(WireMismatch {
+                        property: property.to_string(),
+                        local: local_value.clone(),
+                        peer: peer_value,
+                    });
+                }
+            }
+        }
+    }
+    mismatches
 }

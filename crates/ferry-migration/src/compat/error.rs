@@ -6,7 +6,7 @@ use std::fmt;
 
 use thiserror::Error;
 
-use super::{PropKind, ValueProblem};
+use super::{PropKind, ValueProblem, WireMismatch};
 
 /// Joins items with `sep`, or says `(none)` so an empty list never reads as a truncated message.
 fn list<T: fmt::Display>(items: &[T], sep: &str) -> String {
@@ -61,6 +61,13 @@ pub enum CompatError {
         wanted: &'static str,
         kind: PropKind,
     },
+
+    /// The two sides of a migration disagree on properties that change the wire or the guest.
+    #[error(
+        "wire properties differ from the peer's: {}",
+        list(.mismatches, "; ")
+    )]
+    WireMismatch { mismatches: Vec<WireMismatch> },
 
     /// The driver and machine-type definitions themselves are wrong: a programming error that
     /// [`Registry::validate`](super::Registry::validate) finds in tests.

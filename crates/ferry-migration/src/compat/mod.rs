@@ -13,6 +13,7 @@ mod tests;
 mod value;
 
 use config::Setting;
+pub use config::{wire_mismatches, WireMismatch};
 pub use error::{CompatError, GlobalProblem, RegistryProblem};
 pub use registry::{parse_machine_name, MACHINE_PREFIX, NEWEST_ALIAS};
 pub use value::{parse_size, ValueProblem, BOOL_FALSE_WORDS, BOOL_TRUE_WORDS};

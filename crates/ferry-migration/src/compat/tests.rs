@@ -308,6 +308,106 @@ fn get_and_value_agree() {
     );
 }
 
+// ---- wire properties ----
+
+fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
+    list.iter()
+        .map(|(p, v)| (p.to_string(), v.to_string()))
+        .collect()
+}
+
+#[test]
+fn wire_properties_are_the_wire_ones_sorted_in_canonical_text() {
+    let config = registry()
+        .configure("ferry-1.0", &globals(&["virtio-blk.discard=yes"]))
+        .unwrap();
+    assert_eq!(
+        config.wire_properties(),
+        pairs(&[
+            ("migration.multifd-flush-after-each-section", "on"),
+            ("migration.zero-page-detection", "legacy"),
+            ("virtio-blk.discard", "on"),
+            ("virtio-blk.num-queues", "1"),
+        ])
+    );
+}
+
+#[test]
+fn same_machine_type_has_no_wire_mismatch() {
+    let config = registry().configure("ferry-1.1", &[]).unwrap();
+    let peer = registry().configure("ferry-1.1", &[]).unwrap();
+    assert_eq!(config.wire_mismatches(&peer.wire_properties()), []);
+    assert_eq!(config.check_wire(&peer.wire_properties()), Ok(()));
+}
+
+#[test]
+fn wire_mismatches_report_differences_and_missing_properties() {
+    let local = pairs(&[("a.x", "on"), ("a.y", "1"), ("b.z", "legacy")]);
+    // Unsorted on purpose: the peer's order must not matter.
+    let peer = pairs(&[("c.new", "off"), ("a.y", "2"), ("a.x", "on")]);
+    assert_eq!(
+        wire_mismatches(&local, &peer),
+        [
+            WireMismatch {
+                property: "a.y".into(),
+                local: Some("1".into()),
+                peer: Some("2".into()),
+            },
+            WireMismatch {
+                property: "b.z".into(),
+                local: Some("legacy".into()),
+                peer: None,
+            },
+            WireMismatch {
+                property: "c.new".into(),
+                local: None,
+                peer: Some("off".into()),
+            },
+        ]
+    );
+    assert_eq!(wire_mismatches(&[], &[]), []);
+}
+
+#[test]
+fn a_contradiction_inside_one_list_is_not_hidden() {
+    let local = pairs(&[("a.x", "on")]);
+    let peer = pairs(&[("a.x", "on"), ("a.x", "off")]);
+    assert_eq!(
+        wire_mismatches(&local, &peer),
+        [WireMismatch {
+            property: "a.x".into(),
+            local: Some("on".into()),
+            peer: Some("off".into()),
+        }]
+    );
+}
+
+#[test]
+fn check_wire_names_every_mismatch() {
+    let new = registry().configure("ferry-1.2", &[]).unwrap();
+    let old = registry().configure("ferry-1.0", &[]).unwrap();
+    let err = new.check_wire(&old.wire_properties()).unwrap_err();
+    let CompatError::WireMismatch { mismatches } = &err else {
+        panic!("expected a wire mismatch, got {err:?}");
+    };
+    assert_eq!(mismatches.len(), 4);
+    assert_mentions(
+        &err.to_string(),
+        &[
+            "virtio-blk.num-queues: local 4, peer 1",
+            "migration.multifd-flush-after-each-section: local off, peer on",
+            "migration.zero-page-detection: local multifd, peer legacy",
+            "virtio-blk.discard: local on, peer off",
+        ],
+    );
+    let missing = WireMismatch {
+        property: "a.b".into(),
+        local: None,
+        peer: Some("on".into()),
+    };
+    assert_eq!(missing.to_string(), "a.b: local (absent), peer on");
+}
+
 // ---- error messages ----
 
 #[test]
