@@ -4,9 +4,21 @@
 
 use std::collections::BTreeMap;
 
-use thiserror::Error;
+mod config;
+mod error;
+mod global;
+mod registry;
+#[cfg(test)]
+mod tests;
+mod value;
 
-/// What values a property takes.
+use config::Setting;
+pub use config::{wire_mismatches, WireMismatch};
+pub use error::{CompatError, GlobalProblem, RegistryProblem};
+pub use registry::{parse_machine_name, MACHINE_PREFIX, NEWEST_ALIAS};
+pub use value::{parse_size, ValueProblem, BOOL_FALSE_WORDS, BOOL_TRUE_WORDS};
+
+/// What values a property takes. Its `Display` describes the valid values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub enum PropKind {
     Bool,
@@ -62,8 +74,8 @@ pub struct MachineDef {
     pub compat: &'static [CompatEntry],
 }
 
-/// A parsed property value.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A parsed property value. A size is a `U64` of bytes. `Display` gives the canonical text.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub enum PropValue {
     Bool(bool),
     U64(u64),
@@ -71,7 +83,7 @@ pub enum PropValue {
 }
 
 /// Where an effective property value came from.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub enum Origin {
     Default,
     /// The compat table of the named machine type.
@@ -81,18 +93,12 @@ pub enum Origin {
     Global,
 }
 
-/// A user's `-global driver.prop=value`.
+/// A user's `-global driver.prop=value`. Parsed with `FromStr`, printed back with `Display`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Global {
     pub driver: String,
     pub property: String,
     pub value: String,
-}
-
-#[derive(Debug, Error, PartialEq, Eq)]
-pub enum CompatError {
-    #[error("placeholder")]
-    Placeholder,
 }
 
 /// All drivers and machine types a release knows.
@@ -104,50 +110,10 @@ pub struct Registry {
 }
 
 /// The effective properties of one VM: its machine type's defaults, compat entries and globals.
+/// Holds every property of every driver of the registry it came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     machine: String,
-    values: BTreeMap<(String, String), (PropValue, Origin)>,
-}
-
-impl Registry {
-    /// `machines` newest first.
-    pub fn new(drivers: Vec<&'static DriverDef>, machines: Vec<&'static MachineDef>) -> Self {
-        Self { drivers, machines }
-    }
-    pub fn machines(&self) -> &[&'static MachineDef] {
-        &self.machines
-    }
-    pub fn drivers(&self) -> &[&'static DriverDef] {
-        &self.drivers
-    }
-    /// Resolves a machine name or the alias `ferry` (the newest).
-    pub fn resolve_machine(&self, name: &str) -> Result<&'static MachineDef, CompatError> {
-        let _ = name;
-        todo!()
-    }
-    pub fn configure(&self, machine: &str, globals: &[Global]) -> Result<Config, CompatError> {
-        let _ = (machine, globals);
-        todo!()
-    }
-}
-
-impl Config {
-    /// The resolved machine type name (never the alias).
-    pub fn machine(&self) -> &str {
-        &self.machine
-    }
-    pub fn bool(&self, driver: &str, property: &str) -> Result<bool, CompatError> {
-        let _ = (driver, property);
-        todo!()
-    }
-    pub fn u64(&self, driver: &str, property: &str) -> Result<u64, CompatError> {
-        let _ = (driver, property);
-        todo!()
-    }
-    pub fn get(&self, driver: &str, property: &str) -> Option<&PropValue> {
-        self.values
-            .get(&(driver.to_string(), property.to_string()))
-            .map(|(v, _)| v)
-    }
+    /// Driver name → property name → setting; the maps give the stable iteration order.
+    values: BTreeMap<&'static str, BTreeMap<&'static str, Setting>>,
 }
