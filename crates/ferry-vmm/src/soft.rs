@@ -18,7 +18,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ferry_migration::engine::bitmap::DirtyBitmap;
-use ferry_migration::engine::vm::{DeviceInfo, DirtyLog, GuestRam, MigratableVm, RamBlock, VmError};
+use ferry_migration::engine::vm::{DeviceInfo, DirtyLog, GuestRam, MigratableVm, VmError};
 use ferry_migration::state::{DeviceState, FieldKind, FieldSchema, StateSchema, Value};
 use ferry_migration::PAGE_SIZE;
 
