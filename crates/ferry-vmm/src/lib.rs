@@ -1,1 +1,3 @@
 //! ferry's reference VMM.
+
+pub mod qmp;
