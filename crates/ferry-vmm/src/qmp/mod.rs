@@ -1,13 +1,71 @@
-//! QMP, QEMU's JSON control protocol: the types shared by a server that a
-//! VMM exposes and a client for tools that drive one.
+//! QMP, QEMU's JSON control protocol, over a unix socket: a server for a VMM to
+//! expose.
 //!
-//! Nothing here knows about VMs: what commands exist and what they do is up to
-//! a [`QmpHandler`].
+//! Nothing here knows about VMs. The server owns the protocol (greeting,
+//! capabilities negotiation, request validation, replies, events); what commands
+//! exist and what they do is up to a [`QmpHandler`].
+//!
+//! # Subset of QMP implemented
+//!
+//! Following QEMU's `docs/interop/qmp-spec.rst`:
+//!
+//! * Greeting `{"QMP": {"version": {"qemu": {"micro", "minor", "major"},
+//!   "package": "ferry X.Y.Z"}, "capabilities": []}}`, the version being ferry's
+//!   crate version ([`version_info`] gives the same object, for `query-version`).
+//! * Capabilities negotiation: a connection starts in negotiation mode where only
+//!   `qmp_capabilities` is accepted (any other command gets `CommandNotFound`). No
+//!   capabilities are offered, so `arguments: {"enable": [...]}` must be empty.
+//!   Afterwards `qmp_capabilities` itself is refused with `CommandNotFound`, as
+//!   QEMU does.
+//! * Commands `{"execute": name, "arguments": {...}, "id": any}`, executed one at
+//!   a time per connection in arrival order. Replies `{"return": value}` or
+//!   `{"error": {"class", "desc"}}`, with `id` echoed whenever the request was an
+//!   object carrying one (even if the request was otherwise invalid).
+//! * Error classes as QEMU names them: [`ErrorClass`].
+//! * Events `{"event", "data", "timestamp": {"seconds", "microseconds"}}` (wall
+//!   clock; `data` omitted when it is `null`), sent to every connection in command
+//!   mode, in emission order.
+//!
+//! Not implemented: out-of-band execution (`exec-oob`, the `oob` capability),
+//! the legacy `control` member, and any command other than `qmp_capabilities`
+//! (those are the handler's).
+//!
+//! # Framing and limits
+//!
+//! Input is a stream of JSON texts, usually one per line but neither required
+//! nor relied on: texts are delimited by bracket depth outside strings (see
+//! `framer`), then parsed. Each text that is not a valid request (bad JSON, not
+//! an object, missing or non-string `execute`, non-object `arguments`, unknown
+//! members) gets one `GenericError` reply and the connection stays usable. An
+//! ASCII control character other than tab, CR and LF discards any partial text
+//! and gets an error, so a client can always resynchronise.
+//!
+//! A single text above [`MAX_MESSAGE_SIZE`] (1 MiB) gets an error and the
+//! connection is closed; the server never buffers more than that per
+//! connection. Output lines end in CRLF like QEMU's. Each connection has a
+//! writer thread fed through a queue of [`OUTPUT_QUEUE_LEN`] messages with a
+//! [`WRITE_TIMEOUT`] on the socket: a client that stops reading stalls only
+//! itself, and is disconnected when its queue overflows with events or a write
+//! times out.
+
+mod framer;
+mod server;
 
 use std::fmt;
+use std::time::Duration;
 
 use serde_json::{json, Value};
 use thiserror::Error;
+
+pub use server::{EventSender, QmpServer};
+
+/// Largest JSON text the server accepts on a connection, in bytes.
+pub const MAX_MESSAGE_SIZE: usize = 1 << 20;
+/// Messages a connection may have waiting to be written before events to it
+/// are considered undeliverable and the connection is closed.
+pub const OUTPUT_QUEUE_LEN: usize = 1024;
+/// How long one write to a client may block before the connection is closed.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The class of a QMP error, as QEMU names it on the wire.
 ///
@@ -182,4 +240,9 @@ pub fn version_info() -> Value {
         },
         "package": concat!("ferry ", env!("CARGO_PKG_VERSION")),
     })
+}
+
+/// The greeting a server sends when a client connects.
+fn greeting() -> Value {
+    json!({"QMP": {"version": version_info(), "capabilities": []}})
 }
