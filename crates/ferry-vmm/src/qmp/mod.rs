@@ -1,5 +1,5 @@
 //! QMP, QEMU's JSON control protocol, over a unix socket: a server for a VMM to
-//! expose.
+//! expose and a client for tools that drive one.
 //!
 //! Nothing here knows about VMs. The server owns the protocol (greeting,
 //! capabilities negotiation, request validation, replies, events); what commands
@@ -48,6 +48,7 @@
 //! itself, and is disconnected when its queue overflows with events or a write
 //! times out.
 
+mod client;
 mod framer;
 mod server;
 
@@ -57,6 +58,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use thiserror::Error;
 
+pub use client::{Event, Greeting, QmpClient, QmpClientError, Timestamp, DEFAULT_CLIENT_TIMEOUT};
 pub use server::{EventSender, QmpServer};
 
 /// Largest JSON text the server accepts on a connection, in bytes.
