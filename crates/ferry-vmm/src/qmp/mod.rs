@@ -52,6 +52,9 @@ mod client;
 mod framer;
 mod server;
 
+#[cfg(test)]
+mod tests;
+
 use std::fmt;
 use std::time::Duration;
 
