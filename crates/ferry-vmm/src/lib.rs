@@ -1,9 +1,11 @@
 //! ferry's reference VMM: guests on the soft backend (and KVM), their devices, the
-//! machine types this release ships, and the `ferry` command's building blocks.
+//! machine types this release ships, its QMP control socket, and the `ferry` command's
+//! building blocks.
 
 pub mod guest;
+pub mod machine;
 pub mod memory;
 pub mod pagemap;
+pub mod qmp;
 pub mod soft;
-pub mod machine;
 pub mod vmm;
