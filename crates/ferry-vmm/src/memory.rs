@@ -10,7 +10,9 @@
 use ferry_migration::engine::bitmap::DirtyBitmap;
 use ferry_migration::engine::vm::{GuestRam, RamBlock, VmError};
 use ferry_migration::PAGE_SIZE;
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
+use vm_memory::{
+    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress,
+};
 
 use crate::pagemap;
 
@@ -25,8 +27,10 @@ pub struct HostRam {
 impl HostRam {
     /// Maps one block per `(name, guest address, size)`.
     pub fn new(layout: &[(&str, u64, u64)]) -> Result<Self, VmError> {
-        let ranges: Vec<(GuestAddress, usize)> =
-            layout.iter().map(|&(_, gpa, size)| (GuestAddress(gpa), size as usize)).collect();
+        let ranges: Vec<(GuestAddress, usize)> = layout
+            .iter()
+            .map(|&(_, gpa, size)| (GuestAddress(gpa), size as usize))
+            .collect();
         let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| {
             VmError::Failed(format!("cannot map {} of guest memory: {e}", human(layout)))
         })?;

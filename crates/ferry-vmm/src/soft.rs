@@ -12,7 +12,7 @@
 //! A small console device (`soft-console`) keeps the last lines the workload printed,
 //! to show device state moving with the guest.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -154,6 +154,8 @@ struct Shared {
     ctl: Mutex<Ctl>,
     cv: Condvar,
     stop: AtomicBool,
+    /// The pass counter, published at every pass while the vCPU runs.
+    pass_now: AtomicU64,
     console: Mutex<Console>,
     console_every: u64,
 }
@@ -166,7 +168,9 @@ pub struct SoftVm {
 
 impl std::fmt::Debug for SoftVm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SoftVm").field("regs", &self.regs()).finish_non_exhaustive()
+        f.debug_struct("SoftVm")
+            .field("regs", &self.regs())
+            .finish_non_exhaustive()
     }
 }
 
@@ -205,6 +209,7 @@ impl SoftVm {
             ctl: Mutex::new(Ctl::default()),
             cv: Condvar::new(),
             stop: AtomicBool::new(true),
+            pass_now: AtomicU64::new(0),
             console: Mutex::new(Console::default()),
             console_every: cfg.console_every.max(1),
         });
@@ -308,8 +313,12 @@ fn vcpu_thread(s: &Shared) {
                 if regs.position == regs.range_pages {
                     regs.position = 0;
                     regs.pass += 1;
+                    s.pass_now.store(regs.pass, Ordering::Relaxed);
                     if regs.pass % s.console_every == 0 {
-                        s.console.lock().unwrap().write(&format!("pass {}\n", regs.pass));
+                        s.console
+                            .lock()
+                            .unwrap()
+                            .write(&format!("pass {}\n", regs.pass));
                     }
                 }
                 done += 1;
@@ -419,7 +428,10 @@ impl MigratableVm for SoftVm {
 
     fn load_vcpu(&self, index: usize, st: DeviceState) -> Result<(), VmError> {
         if index != 0 {
-            return Err(VmError::Failed(format!("the soft backend has one vCPU, not {}", index + 1)));
+            return Err(VmError::Failed(format!(
+                "the soft backend has one vCPU, not {}",
+                index + 1
+            )));
         }
         let r = Regs {
             pass: st.get_u64("pass")?,
@@ -429,13 +441,18 @@ impl MigratableVm for SoftVm {
             rate: st.get_u64("rate")?,
         };
         let pages = self.shared.ram.blocks()[0].pages() as u64;
-        if r.range_start.checked_add(r.range_pages).is_none_or(|end| end > pages) || (r.range_pages > 0 && r.position >= r.range_pages) {
+        if r.range_start
+            .checked_add(r.range_pages)
+            .is_none_or(|end| end > pages)
+            || (r.range_pages > 0 && r.position >= r.range_pages)
+        {
             return Err(VmError::Failed(format!(
                 "soft vCPU state out of range: pages {}+{} at position {} in a guest of {pages} pages",
                 r.range_start, r.range_pages, r.position
             )));
         }
         *self.shared.regs.lock().unwrap() = r;
+        self.shared.pass_now.store(r.pass, Ordering::Relaxed);
         Ok(())
     }
 
@@ -462,9 +479,8 @@ impl GuestVm for SoftVm {
     }
 
     fn report(&self) -> GuestReport {
-        let r = self.regs();
         GuestReport {
-            passes: vec![r.pass],
+            passes: vec![self.shared.pass_now.load(Ordering::Relaxed)],
             running: self.is_running(),
             console_tail: self.console_tail(),
         }

@@ -252,7 +252,10 @@ impl Vmm {
                 Ok(())
             }
             RunState::Paused => Ok(()),
-            s => Err(VmmError::State(format!("the VM is {}; stop applies to a running VM", s.as_str()))),
+            s => Err(VmmError::State(format!(
+                "the VM is {}; stop applies to a running VM",
+                s.as_str()
+            ))),
         }
     }
 

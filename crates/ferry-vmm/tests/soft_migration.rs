@@ -21,7 +21,10 @@ use ferry_vmm::soft::{SoftConfig, SoftVm, SOFT_CONSOLE_SCHEMA};
 const MACHINE: &str = "ferry-0.1";
 
 fn wire_props(digest: bool) -> Vec<(String, String)> {
-    vec![("migration.digest".into(), if digest { "on" } else { "off" }.into())]
+    vec![(
+        "migration.digest".into(),
+        if digest { "on" } else { "off" }.into(),
+    )]
 }
 
 fn source_id() -> SourceIdentity {
@@ -67,11 +70,7 @@ struct Dest {
     handle: thread::JoinHandle<Result<MigrationInfo, MigrationError>>,
 }
 
-fn spawn_dest(
-    vm: Arc<dyn MigratableVm>,
-    id: DestinationIdentity,
-    params: MigrationParams,
-) -> Dest {
+fn spawn_dest(vm: Arc<dyn MigratableVm>, id: DestinationIdentity, params: MigrationParams) -> Dest {
     let l = Listener::bind(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
     let uri = l.local_uri().unwrap();
     let handle = thread::spawn(move || {
@@ -85,7 +84,10 @@ fn spawn_dest(
 fn wait_passes(vm: &SoftVm, n: u64) {
     let t = Instant::now();
     while vm.report().passes[0] < n {
-        assert!(t.elapsed() < Duration::from_secs(20), "guest made no progress");
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "guest made no progress"
+        );
         thread::sleep(Duration::from_millis(5));
     }
 }
@@ -93,7 +95,10 @@ fn wait_passes(vm: &SoftVm, n: u64) {
 fn assert_guest_intact(vm: &SoftVm) {
     let (checked, bad) = vm.verify().unwrap();
     assert!(checked > 0);
-    assert_eq!(bad, 0, "{bad} of {checked} pages do not hold the pass value");
+    assert_eq!(
+        bad, 0,
+        "{bad} of {checked} pages do not hold the pass value"
+    );
 }
 
 #[test]
@@ -110,11 +115,17 @@ fn live_migration_carries_on_at_the_destination() {
     assert_eq!(info.verified.as_deref(), Some("digest+full"));
     assert!(info.downtime.is_some());
     assert!(info.ram.normal > 0 && info.ram.transferred > 0);
-    assert!(!src.is_running(), "the source must stay stopped after success");
+    assert!(
+        !src.is_running(),
+        "the source must stay stopped after success"
+    );
     let at_stop = src.report().passes[0];
     wait_passes(&dst, at_stop + 20);
     assert_guest_intact(&dst);
-    assert!(dst.console_tail().contains("pass 50"), "console state did not move");
+    assert!(
+        dst.console_tail().contains("pass 50"),
+        "console state did not move"
+    );
 }
 
 #[test]
@@ -146,8 +157,18 @@ fn a_killed_destination_leaves_the_source_running_and_a_retry_succeeds() {
         let fh = FrameHeader::decode(b[StreamHeader::LEN..].try_into().unwrap()).unwrap();
         let mut hello = vec![0u8; fh.len as usize];
         s.read_exact(&mut hello).unwrap();
-        let acc = ferry_migration::wire::Accept { release: "x".into() }.encode();
-        s.write_all(&FrameHeader { tag: FrameTag::Accept, len: acc.len() as u32 }.encode()).unwrap();
+        let acc = ferry_migration::wire::Accept {
+            release: "x".into(),
+        }
+        .encode();
+        s.write_all(
+            &FrameHeader {
+                tag: FrameTag::Accept,
+                len: acc.len() as u32,
+            }
+            .encode(),
+        )
+        .unwrap();
         s.write_all(&acc).unwrap();
         let mut sink = vec![0u8; 1 << 20];
         let _ = s.read_exact(&mut sink);
@@ -157,7 +178,10 @@ fn a_killed_destination_leaves_the_source_running_and_a_retry_succeeds() {
     let err = engine::migrate(src.as_ref(), &source_id(), &params(), &uri, &m).unwrap_err();
     killer.join().unwrap();
     assert!(
-        matches!(err, MigrationError::PeerClosed { .. } | MigrationError::Io { .. }),
+        matches!(
+            err,
+            MigrationError::PeerClosed { .. } | MigrationError::Io { .. }
+        ),
         "{err}"
     );
     assert_eq!(m.status(), MigrationStatus::Failed);
@@ -168,7 +192,14 @@ fn a_killed_destination_leaves_the_source_running_and_a_retry_succeeds() {
 
     let dst = soft(true, 64 << 20, 8 << 20);
     let d = spawn_dest(dst.clone(), dest_id(), params());
-    engine::migrate(src.as_ref(), &source_id(), &params(), &d.uri, &MigrationMonitor::new()).unwrap();
+    engine::migrate(
+        src.as_ref(),
+        &source_id(),
+        &params(),
+        &d.uri,
+        &MigrationMonitor::new(),
+    )
+    .unwrap();
     d.handle.join().unwrap().unwrap();
     assert_guest_intact(&dst);
 }
@@ -182,7 +213,10 @@ fn failing_destination(until: FrameTag) -> (MigrationUri, thread::JoinHandle<()>
         let (mut s, _) = l.accept().unwrap();
         let mut hdr = [0u8; StreamHeader::LEN];
         s.read_exact(&mut hdr).unwrap();
-        let acc = ferry_migration::wire::Accept { release: "x".into() }.encode();
+        let acc = ferry_migration::wire::Accept {
+            release: "x".into(),
+        }
+        .encode();
         let mut accepted = false;
         loop {
             let mut h = [0u8; FrameHeader::LEN];
@@ -191,7 +225,14 @@ fn failing_destination(until: FrameTag) -> (MigrationUri, thread::JoinHandle<()>
             let mut p = vec![0u8; fh.len as usize];
             s.read_exact(&mut p).unwrap();
             if !accepted {
-                s.write_all(&FrameHeader { tag: FrameTag::Accept, len: acc.len() as u32 }.encode()).unwrap();
+                s.write_all(
+                    &FrameHeader {
+                        tag: FrameTag::Accept,
+                        len: acc.len() as u32,
+                    }
+                    .encode(),
+                )
+                .unwrap();
                 s.write_all(&acc).unwrap();
                 accepted = true;
             }
@@ -200,7 +241,14 @@ fn failing_destination(until: FrameTag) -> (MigrationUri, thread::JoinHandle<()>
             }
         }
         let why = ferry_migration::wire::encode_reason("test destination gives up");
-        s.write_all(&FrameHeader { tag: FrameTag::LoadFailed, len: why.len() as u32 }.encode()).unwrap();
+        s.write_all(
+            &FrameHeader {
+                tag: FrameTag::LoadFailed,
+                len: why.len() as u32,
+            }
+            .encode(),
+        )
+        .unwrap();
         s.write_all(&why).unwrap();
     });
     (uri, t)
@@ -218,10 +266,23 @@ fn harvested_dirty_bits_are_put_back_after_a_failure() {
     let m = MigrationMonitor::new();
     let err = engine::migrate(src.as_ref(), &source_id(), &params(), &uri, &m).unwrap_err();
     t.join().unwrap();
-    assert!(matches!(&err, MigrationError::LoadFailed(r) if r.contains("gives up")), "{err}");
-    assert!(m.info().ram.dirty_sync_count >= 1, "the attempt never harvested");
-    assert_eq!(src.dirty_pages_pending(), before, "harvested dirty bits were lost");
-    assert!(!src.is_running(), "a paused source stays paused after a failure");
+    assert!(
+        matches!(&err, MigrationError::LoadFailed(r) if r.contains("gives up")),
+        "{err}"
+    );
+    assert!(
+        m.info().ram.dirty_sync_count >= 1,
+        "the attempt never harvested"
+    );
+    assert_eq!(
+        src.dirty_pages_pending(),
+        before,
+        "harvested dirty bits were lost"
+    );
+    assert!(
+        !src.is_running(),
+        "a paused source stays paused after a failure"
+    );
 }
 
 #[test]
@@ -248,23 +309,43 @@ fn a_cancel_leaves_the_source_running_and_a_retry_succeeds() {
     assert!(matches!(err, MigrationError::Cancelled), "{err}");
     assert_eq!(m.status(), MigrationStatus::Cancelled);
     let derr = d.handle.join().unwrap().unwrap_err();
-    assert!(derr.to_string().contains("cancel"), "destination saw: {derr}");
-    assert!(!dst.is_running(), "the destination must not resume a partial guest");
+    assert!(
+        derr.to_string().contains("cancel"),
+        "destination saw: {derr}"
+    );
+    assert!(
+        !dst.is_running(),
+        "the destination must not resume a partial guest"
+    );
     assert!(src.is_running());
 
     let dst2 = soft(true, 64 << 20, 8 << 20);
     let d2 = spawn_dest(dst2.clone(), dest_id(), params());
-    engine::migrate(src.as_ref(), &source_id(), &params(), &d2.uri, &MigrationMonitor::new()).unwrap();
+    engine::migrate(
+        src.as_ref(),
+        &source_id(),
+        &params(),
+        &d2.uri,
+        &MigrationMonitor::new(),
+    )
+    .unwrap();
     d2.handle.join().unwrap().unwrap();
     assert_guest_intact(&dst2);
 }
 
-fn refused(src: &SoftVm, dst: Arc<dyn MigratableVm>, id: DestinationIdentity) -> (RefuseCause, String, MigrationInfo) {
+fn refused(
+    src: &SoftVm,
+    dst: Arc<dyn MigratableVm>,
+    id: DestinationIdentity,
+) -> (RefuseCause, String, MigrationInfo) {
     let d = spawn_dest(dst, id, params());
     let m = MigrationMonitor::new();
     let err = engine::migrate(src, &source_id(), &params(), &d.uri, &m).unwrap_err();
     let derr = d.handle.join().unwrap().unwrap_err();
-    assert!(matches!(derr, MigrationError::Incompatible { .. }), "{derr}");
+    assert!(
+        matches!(derr, MigrationError::Incompatible { .. }),
+        "{derr}"
+    );
     assert!(src.is_running());
     match err {
         MigrationError::Refused { cause, reason } => (cause, reason, m.info()),
@@ -295,7 +376,10 @@ fn a_wire_property_mismatch_is_refused_naming_both_values() {
     };
     let (cause, reason, info) = refused(&src, soft(true, 32 << 20, 1 << 20), id);
     assert_eq!(cause, RefuseCause::PropertyMismatch);
-    assert!(reason.contains("migration.digest") && reason.contains("on") && reason.contains("off"), "{reason}");
+    assert!(
+        reason.contains("migration.digest") && reason.contains("on") && reason.contains("off"),
+        "{reason}"
+    );
     assert_eq!(info.ram.transferred, 0);
 }
 
@@ -304,7 +388,10 @@ fn a_different_ram_size_is_refused_in_human_units() {
     let src = soft(false, 32 << 20, 1 << 20);
     let (cause, reason, _) = refused(&src, soft(true, 64 << 20, 1 << 20), dest_id());
     assert_eq!(cause, RefuseCause::RamLayout);
-    assert!(reason.contains("32.0 MiB") && reason.contains("64.0 MiB"), "{reason}");
+    assert!(
+        reason.contains("32.0 MiB") && reason.contains("64.0 MiB"),
+        "{reason}"
+    );
 }
 
 /// A soft VM whose console claims a state version range this release cannot load.
@@ -370,16 +457,21 @@ fn a_device_state_version_the_destination_cannot_load_is_refused_naming_the_devi
     });
     let (cause, reason, info) = refused(&src, dst, dest_id());
     assert_eq!(cause, RefuseCause::DeviceVersion);
-    assert!(reason.contains("soft-console") && reason.contains("version 1"), "{reason}");
+    assert!(
+        reason.contains("soft-console") && reason.contains("version 1"),
+        "{reason}"
+    );
     assert_eq!(info.ram.transferred, 0);
 }
 
-/// Relays a migration, flipping one byte of page data in the last RAM batch before the
-/// guest stops, to show that the digest catches a page the destination got wrong.
+/// Relays a migration, flipping one byte of page data in every RAM batch, to show that
+/// the digest catches pages the destination got wrong.
 fn corrupting_proxy(to: MigrationUri) -> (MigrationUri, thread::JoinHandle<()>) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let uri: MigrationUri = format!("tcp:{}", l.local_addr().unwrap()).parse().unwrap();
-    let MigrationUri::Tcp(addr) = to else { unreachable!() };
+    let MigrationUri::Tcp(addr) = to else {
+        unreachable!()
+    };
     let h = thread::spawn(move || {
         let (mut a, _) = l.accept().unwrap();
         let mut b = TcpStream::connect(addr).unwrap();
@@ -392,7 +484,6 @@ fn corrupting_proxy(to: MigrationUri) -> (MigrationUri, thread::JoinHandle<()>) 
         let mut hdr = [0u8; StreamHeader::LEN];
         a.read_exact(&mut hdr).unwrap();
         b.write_all(&hdr).unwrap();
-        let mut flipped = false;
         loop {
             let mut h = [0u8; FrameHeader::LEN];
             if a.read_exact(&mut h).is_err() {
@@ -401,12 +492,11 @@ fn corrupting_proxy(to: MigrationUri) -> (MigrationUri, thread::JoinHandle<()>) 
             let fh = FrameHeader::decode(&h).unwrap();
             let mut p = vec![0u8; fh.len as usize];
             a.read_exact(&mut p).unwrap();
-            if fh.tag == FrameTag::RamBatch && !flipped {
+            if fh.tag == FrameTag::RamBatch {
                 let count = u32::from_le_bytes(p[4..8].try_into().unwrap()) as usize;
                 let data = RamBatchHeader::LEN + 8 * count;
                 if p.len() > data + 100 {
                     p[data + 100] ^= 0x5a;
-                    flipped = true;
                 }
             }
             b.write_all(&h).unwrap();
@@ -421,6 +511,7 @@ fn corrupting_proxy(to: MigrationUri) -> (MigrationUri, thread::JoinHandle<()>) 
 #[test]
 fn a_page_damaged_in_flight_fails_the_digest_and_the_destination_does_not_resume() {
     let src = soft(false, 32 << 20, 4 << 20);
+    wait_passes(&src, 3);
     src.pause().unwrap();
     // A paused guest: the damaged page is never sent again, so only the digest can see it.
     let dst = soft(true, 32 << 20, 4 << 20);
@@ -434,10 +525,19 @@ fn a_page_damaged_in_flight_fails_the_digest_and_the_destination_does_not_resume
     let err = engine::migrate(src.as_ref(), &source_id(), &p, &via, &m).unwrap_err();
     let derr = d.handle.join().unwrap().unwrap_err();
     proxy.join().unwrap();
-    assert!(matches!(derr, MigrationError::Verify(_)), "destination: {derr}");
+    assert!(
+        matches!(derr, MigrationError::Verify(_)),
+        "destination: {derr}"
+    );
     assert!(err.to_string().contains("digest"), "source: {err}");
-    assert!(!dst.is_running(), "a guest whose memory is wrong must not run");
-    assert!(!src.is_running(), "the source was paused before and stays so");
+    assert!(
+        !dst.is_running(),
+        "a guest whose memory is wrong must not run"
+    );
+    assert!(
+        !src.is_running(),
+        "the source was paused before and stays so"
+    );
 }
 
 #[test]
@@ -464,7 +564,9 @@ fn malformed_streams_are_refused_with_a_reason() {
     for (what, bytes) in cases {
         let dst = soft(true, 16 << 20, 0);
         let d = spawn_dest(dst.clone(), dest_id(), params());
-        let MigrationUri::Tcp(addr) = &d.uri else { unreachable!() };
+        let MigrationUri::Tcp(addr) = &d.uri else {
+            unreachable!()
+        };
         let mut s = TcpStream::connect(addr).unwrap();
         s.write_all(&bytes).unwrap();
         s.shutdown(std::net::Shutdown::Write).unwrap();

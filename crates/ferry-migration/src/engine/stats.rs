@@ -4,7 +4,8 @@
 //! software reads them without translation.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde::Serialize;
 
@@ -131,6 +132,9 @@ pub enum MigrationEvent {
     Pass(u32),
 }
 
+/// How long a cancelled migration may take to wind down on its own.
+pub const CANCEL_GRACE: Duration = Duration::from_secs(2);
+
 type Listener = Box<dyn Fn(&MigrationEvent) + Send + Sync>;
 
 /// Shared between the migration thread and whoever watches or cancels it.
@@ -197,12 +201,22 @@ impl MigrationMonitor {
         *self.channel.lock().unwrap() = None;
     }
 
-    /// Asks the migration to stop; a thread blocked on the socket is woken.
-    pub fn cancel(&self) {
+    /// Asks the migration to stop. The migration thread notices within one batch and
+    /// tells the peer why; if it is stuck on a socket that does not move, the socket is
+    /// shut after [`CANCEL_GRACE`] to wake it.
+    pub fn cancel(self: &Arc<Self>) {
         self.cancel.store(true, Ordering::SeqCst);
-        if let Some(ch) = self.channel.lock().unwrap().as_ref() {
-            ch.shutdown();
-        }
+        let me = Arc::downgrade(self);
+        let _ = std::thread::Builder::new()
+            .name("ferry-cancel".into())
+            .spawn(move || {
+                std::thread::sleep(CANCEL_GRACE);
+                if let Some(m) = me.upgrade() {
+                    if let Some(ch) = m.channel.lock().unwrap().as_ref() {
+                        ch.shutdown();
+                    }
+                }
+            });
     }
 
     pub fn is_cancelled(&self) -> bool {
@@ -211,9 +225,6 @@ impl MigrationMonitor {
 
     pub(crate) fn attach_channel(&self, ch: Channel) {
         *self.channel.lock().unwrap() = Some(ch);
-        if self.is_cancelled() {
-            self.cancel();
-        }
     }
 
     pub(crate) fn detach_channel(&self) {
