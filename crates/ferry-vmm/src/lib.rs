@@ -2,6 +2,7 @@
 //! machine types this release ships, its QMP control socket, and the `ferry` command's
 //! building blocks.
 
+pub mod control;
 pub mod guest;
 pub mod machine;
 pub mod memory;

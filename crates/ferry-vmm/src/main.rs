@@ -1,1 +1,68 @@
-fn main() {}
+//! `ferry`: run a VM, migrate it, watch it, or see the whole thing in one `ferry demo`.
+
+mod commands;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ferry",
+    version,
+    about = "Live migration of virtual machines",
+    long_about = "ferry moves a running VM from one process (or host) to another while its guest keeps running.\n\n\
+                  Start with `ferry demo`: it runs a source and a destination on this machine, migrates a \
+                  running guest between them and shows what happened.",
+    after_help = "Examples:\n  \
+                  ferry demo\n  \
+                  ferry run --qmp /tmp/src.sock --mem 1G --dirty 100M\n  \
+                  ferry run --qmp /tmp/dst.sock --mem 1G --incoming tcp:127.0.0.1:4444\n  \
+                  ferry migrate --qmp /tmp/src.sock tcp:127.0.0.1:4444\n  \
+                  ferry status --qmp /tmp/dst.sock"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Migrate a running built-in guest between two ferry processes on this machine and report
+    Demo(commands::demo::DemoArgs),
+    /// Run a VM (or wait for one with --incoming) until `quit` on its QMP socket
+    Run(commands::run::RunArgs),
+    /// Tell a running VM to migrate, show progress and the final statistics
+    Migrate(commands::migrate::MigrateArgs),
+    /// Show a VM's state and its last migration
+    Status(commands::migrate::StatusArgs),
+    /// List machine types, or show one machine type's effective properties
+    Machines(commands::machines::MachinesArgs),
+}
+
+fn main() -> ExitCode {
+    // QEMU spells it `-global`; clap wants two dashes.
+    let args = std::env::args_os().map(|a| if a == "-global" { "--global".into() } else { a });
+    let cli = Cli::parse_from(args);
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    let r = match cli.command {
+        Command::Demo(a) => commands::demo::main(a),
+        Command::Run(a) => commands::run::main(a),
+        Command::Migrate(a) => commands::migrate::main(a),
+        Command::Status(a) => commands::migrate::status(a),
+        Command::Machines(a) => commands::machines::main(a),
+    };
+    match r {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("ferry: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

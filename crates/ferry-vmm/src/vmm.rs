@@ -89,6 +89,11 @@ pub enum VmmError {
     Unavailable(&'static str),
 }
 
+/// Whether the KVM backend can run here; the error says why not.
+pub fn kvm_usable() -> Result<(), VmmError> {
+    Err(VmmError::Unavailable("kvm"))
+}
+
 /// What `query-status` says, in QEMU's words.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RunState {
@@ -341,10 +346,13 @@ impl Vmm {
 
     /// Cancels the running migration, if any (QMP `migrate_cancel`).
     pub fn cancel_migration(&self) {
-        if !self.monitor.status().is_finished() {
+        if matches!(
+            self.monitor.status(),
+            MigrationStatus::Setup | MigrationStatus::Active | MigrationStatus::Device
+        ) {
             self.monitor.set_status(MigrationStatus::Cancelling);
+            self.monitor.cancel();
         }
-        self.monitor.cancel();
     }
 
     /// Listens on `uri` and receives one incoming migration in the background. Returns

@@ -23,6 +23,7 @@ use super::stats::{MigrationEvent, MigrationInfo, MigrationMonitor, MigrationSta
 use super::stream::{read_exact, read_frame_header, read_payload, write_frame};
 use super::transport::Channel;
 use super::vm::{DeviceInfo, MigratableVm, RamBlock};
+use crate::compat::wire_mismatches;
 use crate::state;
 use crate::wire::{
     decode_reason, encode_reason, Accept, Completed, EndOfStream, FrameHeader, FrameTag, Hello,
@@ -537,7 +538,7 @@ fn check_hello(
     devices: &[DeviceInfo],
     id: &DestinationIdentity,
 ) -> Result<(), (RefuseCause, String)> {
-    if !id.known_machines.iter().any(|m| *m == hello.machine) {
+    if !id.known_machines.contains(&hello.machine) {
         return Err((
             RefuseCause::UnknownMachine,
             format!(
@@ -660,24 +661,22 @@ fn check_hello(
 
 /// Every wire property on which the two sides differ, with what to do about it.
 fn compare_props(local: &[(String, String)], remote: &[(String, String)]) -> Vec<String> {
-    let mut out = Vec::new();
-    for (k, v) in remote {
-        match local.iter().find(|(lk, _)| lk == k) {
-            Some((_, lv)) if lv == v => {}
-            Some((_, lv)) => out.push(format!(
-                "property {k} is {v} on the source and {lv} here; give both sides the same -global {k}=..."
-            )),
-            None => out.push(format!(
-                "property {k}={v} of the source is unknown to this release"
-            )),
-        }
-    }
-    for (k, lv) in local {
-        if !remote.iter().any(|(rk, _)| rk == k) {
-            out.push(format!(
-                "property {k}={lv} here is not set by the source (an older release?); start both sides on the same machine type"
-            ));
-        }
-    }
-    out
+    wire_mismatches(local, remote)
+        .into_iter()
+        .map(|m| match (m.peer, m.local) {
+            (Some(theirs), Some(mine)) => format!(
+                "property {} is {theirs} on the source and {mine} here; give both sides the same -global {}=...",
+                m.property, m.property
+            ),
+            (Some(theirs), None) => format!(
+                "property {}={theirs} of the source is unknown to this release; start the source on a machine type this release knows",
+                m.property
+            ),
+            (None, Some(mine)) => format!(
+                "property {}={mine} here is not set by the source (an older release?); start both sides on the same machine type",
+                m.property
+            ),
+            (None, None) => format!("property {} differs", m.property),
+        })
+        .collect()
 }

@@ -7,12 +7,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::transport::Channel;
 
 /// The life of one migration, as QEMU names its states.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum MigrationStatus {
     #[default]
@@ -47,7 +47,8 @@ impl MigrationStatus {
 }
 
 /// RAM counters, named as in QEMU's `query-migrate`.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
 #[serde(rename_all = "kebab-case")]
 pub struct RamStats {
     /// Bytes put on the wire for RAM, headers included.
@@ -71,7 +72,8 @@ pub struct RamStats {
 }
 
 /// One pass over guest memory.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
 #[serde(rename_all = "kebab-case")]
 pub struct PassStats {
     pub pass: u32,
@@ -88,7 +90,8 @@ pub struct PassStats {
 }
 
 /// Where the downtime went.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
 #[serde(rename_all = "kebab-case")]
 pub struct DowntimeBreakdown {
     /// Stopping vCPUs and devices.
@@ -105,7 +108,8 @@ pub struct DowntimeBreakdown {
 }
 
 /// Everything `query-migrate` reports.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
 #[serde(rename_all = "kebab-case")]
 pub struct MigrationInfo {
     pub status: MigrationStatus,

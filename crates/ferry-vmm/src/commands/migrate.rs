@@ -1,0 +1,244 @@
+//! `ferry migrate` and `ferry status`: QMP clients of a running `ferry run`.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use ferry_migration::engine::{human_bytes, MigrationInfo, MigrationStatus};
+use ferry_vmm::qmp::QmpClient;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{json, Value};
+
+use super::{parse_size, qmp_path, CliError, CliResult};
+
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// QMP socket of the VM to migrate (PATH or unix:PATH)
+    #[arg(long, value_parser = qmp_path)]
+    pub qmp: PathBuf,
+    /// Where to: tcp:HOST:PORT or unix:PATH of a `ferry run --incoming`
+    pub uri: String,
+    /// Longest guest pause to aim for at switchover, in milliseconds
+    #[arg(long, value_name = "MS")]
+    pub downtime_limit: Option<u64>,
+    /// Cap on the migration's bandwidth, bytes per second (e.g. 500M)
+    #[arg(long, value_parser = parse_size)]
+    pub max_bandwidth: Option<u64>,
+    /// Print one JSON object per update instead of a progress bar
+    #[arg(long)]
+    pub json: bool,
+    /// Start the migration and return at once
+    #[arg(long)]
+    pub detach: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// QMP socket of the VM (PATH or unix:PATH)
+    #[arg(long, value_parser = qmp_path)]
+    pub qmp: PathBuf,
+    /// Print JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn connect(path: &std::path::Path) -> Result<QmpClient, CliError> {
+    QmpClient::connect(path).map_err(|e| {
+        CliError::msg(format!(
+            "cannot reach a VM at {}: {}; is `ferry run --qmp {}` running?",
+            path.display(),
+            super::chain(&e),
+            path.display()
+        ))
+    })
+}
+
+/// Reads `query-migrate` into the engine's type.
+pub fn query_migrate(c: &mut QmpClient) -> Result<MigrationInfo, CliError> {
+    let v = c.execute("query-migrate", Value::Null)?;
+    serde_json::from_value(v)
+        .map_err(|e| CliError::msg(format!("unexpected query-migrate reply: {e}")))
+}
+
+pub fn main(args: MigrateArgs) -> CliResult {
+    let mut c = connect(&args.qmp)?;
+    let mut params = serde_json::Map::new();
+    if let Some(d) = args.downtime_limit {
+        params.insert("downtime-limit".into(), json!(d));
+    }
+    if let Some(b) = args.max_bandwidth {
+        params.insert("max-bandwidth".into(), json!(b));
+    }
+    if !params.is_empty() {
+        c.execute("migrate-set-parameters", Value::Object(params))?;
+    }
+    c.execute("migrate", json!({ "uri": args.uri }))?;
+    if args.detach {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let info = follow(&mut c, args.json)?;
+    finish(&info, args.json)
+}
+
+/// Polls `query-migrate` until the migration ends, showing progress.
+pub fn follow(c: &mut QmpClient, json_lines: bool) -> Result<MigrationInfo, CliError> {
+    let bar = (!json_lines && std::io::stderr().is_terminal()).then(|| {
+        let b = ProgressBar::new_spinner();
+        b.set_style(
+            ProgressStyle::with_template("{spinner} {elapsed} {msg}").expect("static template"),
+        );
+        b.enable_steady_tick(Duration::from_millis(100));
+        b
+    });
+    let start = Instant::now();
+    let mut last_line = Instant::now() - Duration::from_secs(10);
+    loop {
+        let info = query_migrate(c)?;
+        if json_lines {
+            println!("{}", serde_json::to_string(&info).unwrap_or_default());
+        } else {
+            let line = progress_line(&info);
+            match &bar {
+                Some(b) => b.set_message(line),
+                None if last_line.elapsed() >= Duration::from_secs(1) => {
+                    eprintln!("{:>6.1}s {line}", start.elapsed().as_secs_f64());
+                    last_line = Instant::now();
+                }
+                None => {}
+            }
+        }
+        if info.status.is_finished() {
+            if let Some(b) = bar {
+                b.finish_and_clear();
+            }
+            return Ok(info);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn progress_line(i: &MigrationInfo) -> String {
+    let pass = i.passes.len();
+    let bw = i.passes.last().map_or(0.0, |p| p.throughput_bytes_per_sec);
+    format!(
+        "{}: pass {pass}, {} sent, {} remaining, {}/s, expected downtime {} ms",
+        i.status.as_str(),
+        human_bytes(i.ram.transferred),
+        human_bytes(i.ram.remaining),
+        human_bytes(bw as u64),
+        i.expected_downtime
+    )
+}
+
+/// The final word on a migration: a summary, or the JSON object.
+pub fn finish(info: &MigrationInfo, json_out: bool) -> CliResult {
+    if json_out {
+        println!("{}", serde_json::to_string(info).unwrap_or_default());
+    } else {
+        print!("{}", summary(info));
+    }
+    Ok(if info.status == MigrationStatus::Completed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// A human summary of a finished migration.
+pub fn summary(i: &MigrationInfo) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(s, "migration {}", i.status.as_str());
+    if let Some(e) = &i.error_desc {
+        let _ = writeln!(s, "  error:        {e}");
+    }
+    let _ = writeln!(
+        s,
+        "  total time:   {} ms (setup {} ms)",
+        i.total_time, i.setup_time
+    );
+    if let Some(d) = i.downtime {
+        let _ = writeln!(s, "  downtime:     {d} ms");
+    }
+    let secs = (i.total_time as f64 / 1e3).max(1e-3);
+    let _ = writeln!(
+        s,
+        "  transferred:  {} ({}/s average) of {} guest RAM",
+        human_bytes(i.ram.transferred),
+        human_bytes((i.ram.transferred as f64 / secs) as u64),
+        human_bytes(i.ram.total)
+    );
+    let _ = writeln!(
+        s,
+        "  pages:        {} with data, {} zero (sent as a flag)",
+        i.ram.normal, i.ram.duplicate
+    );
+    if let Some(v) = &i.verified {
+        let _ = writeln!(s, "  verified:     {v}");
+    }
+    if !i.passes.is_empty() {
+        let _ = writeln!(s, "  passes:");
+        for p in &i.passes {
+            let _ = writeln!(
+                s,
+                "    {:>3}{} {:>9} pages {:>10} {:>9.1} ms {:>11}/s  dirty after {:>7}",
+                p.pass,
+                if p.final_pass { "*" } else { " " },
+                p.pages,
+                human_bytes(p.bytes),
+                p.duration_ms,
+                human_bytes(p.throughput_bytes_per_sec as u64),
+                p.dirty_after
+            );
+        }
+        let _ = writeln!(s, "    (* = with the guest stopped)");
+    }
+    if let Some(b) = &i.downtime_breakdown {
+        let _ = writeln!(
+            s,
+            "  downtime:     stop {:.2} ms, final pass {:.2} ms, devices {:.2} ms, vCPUs {:.2} ms, verify {:.2} ms, switchover {:.2} ms (destination resume {:.2} ms)",
+            b.stop_ms, b.final_pass_ms, b.devices_ms, b.vcpus_ms, b.verify_ms, b.switchover_ms, b.destination_resume_ms
+        );
+    }
+    s
+}
+
+pub fn status(args: StatusArgs) -> CliResult {
+    let mut c = connect(&args.qmp)?;
+    let st = c.execute("query-status", Value::Null)?;
+    let guest = c.execute("x-ferry-guest", Value::Null)?;
+    let mig = c.execute("query-migrate", Value::Null)?;
+    if args.json {
+        println!(
+            "{}",
+            json!({ "status": st, "guest": guest, "migration": mig })
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("VM: {}", st["status"].as_str().unwrap_or("unknown"));
+    println!(
+        "guest: passes {}",
+        guest["passes"]
+            .as_array()
+            .map(|a| a
+                .iter()
+                .map(Value::to_string)
+                .collect::<Vec<_>>()
+                .join(", "))
+            .unwrap_or_default()
+    );
+    if mig.as_object().is_some_and(|m| !m.is_empty()) {
+        let info: MigrationInfo = serde_json::from_value(mig)
+            .map_err(|e| CliError::msg(format!("unexpected query-migrate reply: {e}")))?;
+        if info.status.is_finished() {
+            print!("last {}", summary(&info));
+        } else {
+            println!("migration: {}", progress_line(&info));
+        }
+    } else {
+        println!("migration: none yet");
+    }
+    Ok(ExitCode::SUCCESS)
+}

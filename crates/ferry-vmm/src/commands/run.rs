@@ -1,0 +1,165 @@
+//! `ferry run`: one VM, driven through its QMP socket.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use clap::{Args, ValueEnum};
+use ferry_migration::compat::Global;
+use ferry_migration::engine::human_bytes;
+use ferry_vmm::control::Control;
+use ferry_vmm::vmm::{Backend, Vmm, VmmConfig};
+
+use super::{chain, parse_size, qmp_path, CliError, CliResult};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BackendArg {
+    /// KVM when /dev/kvm is usable, else the soft backend
+    Auto,
+    /// Guest RAM in this process, a thread as its vCPU; no hypervisor needed
+    Soft,
+    /// A real guest on /dev/kvm
+    Kvm,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Hypervisor backend
+    #[arg(long, value_enum, default_value = "auto")]
+    pub backend: BackendArg,
+    /// Guest RAM size
+    #[arg(long, default_value = "512M", value_parser = parse_size)]
+    pub mem: u64,
+    /// Machine type (`ferry` is the newest; see `ferry machines`)
+    #[arg(long, short = 'M', default_value = "ferry")]
+    pub machine: String,
+    /// Override a device or migration property: DRIVER.PROP=VALUE (repeatable; `-global` works too)
+    #[arg(long = "global", value_name = "DRIVER.PROP=VALUE")]
+    pub globals: Vec<String>,
+    /// Number of vCPUs
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: usize,
+    /// Bytes of RAM the guest workload dirties each pass (one byte per 4 KiB page); 0 for an idle guest
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    pub dirty: u64,
+    /// Pages per second the workload dirties; 0 for as fast as it can
+    #[arg(long, default_value_t = 0)]
+    pub dirty_rate: u64,
+    /// Fill this many bytes after the dirtied range with incompressible data at start
+    #[arg(long, default_value = "0", value_parser = parse_size)]
+    pub fill: u64,
+    /// Wait for an incoming migration on tcp:HOST:PORT or unix:PATH instead of starting a guest
+    #[arg(long, value_name = "URI")]
+    pub incoming: Option<String>,
+    /// Serve QMP on this unix socket (PATH or unix:PATH)
+    #[arg(long, value_name = "PATH", value_parser = qmp_path)]
+    pub qmp: Option<PathBuf>,
+    /// Create the guest stopped (resume with `cont`)
+    #[arg(short = 'S', long)]
+    pub paused: bool,
+}
+
+impl RunArgs {
+    pub fn vmm_config(&self) -> Result<VmmConfig, CliError> {
+        let globals = self
+            .globals
+            .iter()
+            .map(|g| g.parse::<Global>())
+            .collect::<Result<Vec<_>, _>>()?;
+        let backend = match self.backend {
+            BackendArg::Soft => Backend::Soft,
+            BackendArg::Kvm => Backend::Kvm,
+            BackendArg::Auto => {
+                if ferry_vmm::vmm::kvm_usable().is_ok() {
+                    Backend::Kvm
+                } else {
+                    Backend::Soft
+                }
+            }
+        };
+        if backend == Backend::Kvm && self.backend == BackendArg::Kvm {
+            if let Err(e) = ferry_vmm::vmm::kvm_usable() {
+                return Err(CliError::msg(format!(
+                    "{e}; use --backend soft to run without KVM"
+                )));
+            }
+        }
+        Ok(VmmConfig {
+            backend,
+            machine: self.machine.clone(),
+            globals,
+            mem_size: self.mem,
+            vcpus: self.vcpus,
+            dirty_size: self.dirty,
+            dirty_rate: self.dirty_rate,
+            fill: self.fill,
+            incoming: self.incoming.is_some(),
+            paused: self.paused,
+        })
+    }
+}
+
+pub fn main(args: RunArgs) -> CliResult {
+    let cfg = args.vmm_config()?;
+    let vmm = Vmm::new(&cfg)?;
+    let control = Control::new(vmm.clone());
+    let _server = match &args.qmp {
+        Some(p) => Some(control.serve(p).map_err(|e| CliError::Io {
+            what: format!("cannot serve QMP on {}", p.display()),
+            source: e,
+        })?),
+        None => None,
+    };
+    eprintln!(
+        "ferry: {} VM on the {} backend, machine {}: {} RAM, {} vCPU(s), workload dirtying {}{}",
+        if args.incoming.is_some() {
+            "incoming"
+        } else {
+            "running"
+        },
+        vmm.vm().backend(),
+        vmm.config().machine(),
+        human_bytes(args.mem),
+        vmm.vm().vcpu_count(),
+        human_bytes(args.dirty),
+        args.qmp
+            .as_ref()
+            .map(|p| format!("; QMP on {}", p.display()))
+            .unwrap_or_default()
+    );
+    let failed = Arc::new(AtomicBool::new(false));
+    if let Some(uri) = &args.incoming {
+        if uri != "defer" {
+            let c2 = control.clone();
+            let f2 = failed.clone();
+            let v2 = vmm.clone();
+            let bound = vmm.incoming(uri, move |r| match r {
+                Ok(info) => eprintln!(
+                    "ferry: migration received ({} verified) in {} ms; the guest runs here from pass {}",
+                    info.verified.as_deref().unwrap_or("none"),
+                    info.total_time,
+                    v2.vm().report().passes.iter().map(u64::to_string).collect::<Vec<_>>().join("/")
+                ),
+                Err(e) => {
+                    eprintln!("ferry: incoming migration failed: {}; the guest was not started", chain(&e));
+                    f2.store(true, Ordering::SeqCst);
+                    c2.request_quit();
+                }
+            })?;
+            println!("listening for an incoming migration on {bound}");
+            let _ = std::io::stdout().flush();
+        }
+    }
+    if args.qmp.is_none() && args.incoming.is_none() {
+        eprintln!("ferry: no --qmp socket: this VM can only be stopped with Ctrl-C");
+    }
+    control.wait_quit(None);
+    vmm.cancel_migration();
+    Ok(if failed.load(Ordering::SeqCst) {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
