@@ -97,6 +97,8 @@ pub struct SoftConfig {
     pub fill: u64,
     /// Create stopped, to receive a migration.
     pub incoming: bool,
+    /// Create stopped (the guest's memory is set up, its vCPU waits for a resume).
+    pub paused: bool,
     /// Print a console line every this many passes.
     pub console_every: u64,
 }
@@ -109,6 +111,7 @@ impl Default for SoftConfig {
             dirty_rate: 0,
             fill: 0,
             incoming: false,
+            paused: false,
             console_every: 1000,
         }
     }
@@ -225,7 +228,7 @@ impl SoftVm {
             shared,
             thread: Mutex::new(Some(thread)),
         };
-        if !cfg.incoming {
+        if !cfg.incoming && !cfg.paused {
             vm.resume()?;
         }
         Ok(vm)

@@ -163,7 +163,8 @@ impl Vmm {
                     dirty_size: cfg.dirty_size,
                     dirty_rate: cfg.dirty_rate,
                     fill: cfg.fill,
-                    incoming: cfg.incoming || cfg.paused,
+                    incoming: cfg.incoming,
+                    paused: cfg.paused,
                     ..SoftConfig::default()
                 })
                 .map_err(VmmError::Vm)?,
@@ -402,10 +403,11 @@ impl Vmm {
                             engine::receive(me.vm.as_ref(), &id, &params, ch, &me.monitor)
                         });
                     match &r {
-                        Ok(_) => {
+                        Ok(_) if me.vm.is_running() => {
                             me.set_state(RunState::Running);
                             me.emit(VmmEvent::Resume);
                         }
+                        Ok(_) => me.set_state(RunState::Paused),
                         Err(_) => me.set_state(RunState::FailedIncoming),
                     }
                     on_done(r);

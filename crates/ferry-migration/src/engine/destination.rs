@@ -49,7 +49,8 @@ pub struct DestinationIdentity {
 }
 
 /// Receives a migration on `ch` into `vm`, which must not be running. On success the
-/// guest runs here; on failure it does not, and the source has been told why.
+/// guest runs here (or stays stopped, if it was stopped at the source); on failure it
+/// does not run, and the source has been told why.
 pub fn receive(
     vm: &dyn MigratableVm,
     id: &DestinationIdentity,
@@ -500,7 +501,9 @@ impl Dest<'_> {
                 ))
             }
         }
-        self.vm.resume()?;
+        if eos.resume {
+            self.vm.resume()?;
+        }
         let done = Completed {
             resume_us: t.elapsed().as_micros() as u64,
             state_load_us: self.state_load.as_micros() as u64,

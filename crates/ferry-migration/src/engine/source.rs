@@ -625,7 +625,8 @@ impl Source<'_> {
         self.monitor.set_status(MigrationStatus::Device);
         let t_down = Instant::now();
         let mut br = DowntimeBreakdown::default();
-        if self.vm.is_running() {
+        let resume = self.vm.is_running();
+        if resume {
             self.vm.pause()?;
             self.paused_by_us = true;
         }
@@ -694,6 +695,7 @@ impl Source<'_> {
             digest: self.digest.as_ref().map(PageDigest::value),
             full_digest: full,
             pages_sent: self.pages_sent,
+            resume,
         };
         let t = Instant::now();
         write_frame(

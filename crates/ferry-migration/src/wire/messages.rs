@@ -621,14 +621,30 @@ pub struct EndOfStream {
     pub full_digest: Option<u64>,
     /// Pages (zero or not) sent over the whole migration.
     pub pages_sent: u64,
+    /// The guest was running at the source: resume it at the destination. A guest the
+    /// user had stopped arrives stopped.
+    pub resume: bool,
 }
 
 impl EndOfStream {
+    const DIGEST: u8 = 1;
+    const FULL_DIGEST: u8 = 2;
+    const RESUME: u8 = 4;
+
     pub const LEN: usize = 25;
 
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer::new();
-        let flags = u8::from(self.digest.is_some()) | (u8::from(self.full_digest.is_some()) << 1);
+        let mut flags = 0;
+        if self.digest.is_some() {
+            flags |= Self::DIGEST;
+        }
+        if self.full_digest.is_some() {
+            flags |= Self::FULL_DIGEST;
+        }
+        if self.resume {
+            flags |= Self::RESUME;
+        }
         w.u8(flags)
             .u64(self.digest.unwrap_or(0))
             .u64(self.full_digest.unwrap_or(0))
@@ -639,7 +655,7 @@ impl EndOfStream {
     pub fn decode(b: &[u8]) -> Result<Self, WireError> {
         let mut r = Reader::new(b, "end of stream");
         let flags = r.u8()?;
-        if flags & !3 != 0 {
+        if flags & !(Self::DIGEST | Self::FULL_DIGEST | Self::RESUME) != 0 {
             return Err(WireError::BadValue {
                 what: "end of stream flags",
                 value: flags.into(),
@@ -650,9 +666,10 @@ impl EndOfStream {
         let pages_sent = r.u64()?;
         r.finish()?;
         Ok(Self {
-            digest: (flags & 1 != 0).then_some(digest),
-            full_digest: (flags & 2 != 0).then_some(full),
+            digest: (flags & Self::DIGEST != 0).then_some(digest),
+            full_digest: (flags & Self::FULL_DIGEST != 0).then_some(full),
             pages_sent,
+            resume: flags & Self::RESUME != 0,
         })
     }
 }
@@ -809,11 +826,13 @@ mod tests {
                 digest: Some(7),
                 full_digest: None,
                 pages_sent: 9,
+                resume: true,
             },
             EndOfStream {
                 digest: None,
                 full_digest: Some(1),
                 pages_sent: 0,
+                resume: false,
             },
         ] {
             let b = e.encode();

@@ -137,9 +137,10 @@ pub fn main(args: RunArgs) -> CliResult {
             let v2 = vmm.clone();
             let bound = vmm.incoming(uri, move |r| match r {
                 Ok(info) => eprintln!(
-                    "ferry: migration received ({} verified) in {} ms; the guest runs here from pass {}",
+                    "ferry: migration received ({} verified) in {} ms; the guest {} here at pass {}",
                     info.verified.as_deref().unwrap_or("none"),
                     info.total_time,
+                    if v2.vm().is_running() { "runs" } else { "is stopped (as at the source; `cont` resumes it)" },
                     v2.vm().report().passes.iter().map(u64::to_string).collect::<Vec<_>>().join("/")
                 ),
                 Err(e) => {
