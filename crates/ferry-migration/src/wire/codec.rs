@@ -135,7 +135,7 @@ impl<'a> Reader<'a> {
             return Err(WireError::Truncated {
                 what: self.what,
                 offset: self.pos,
-                needed: count * min_item_len - self.remaining(),
+                needed: count.saturating_mul(min_item_len) - self.remaining(),
             });
         }
         Ok(count)
@@ -249,5 +249,18 @@ mod tests {
         assert!(r.count(3, 10, 8).is_err());
         assert_eq!(r.count(2, 10, 8).unwrap(), 2);
         assert!(r.count(11, 10, 0).is_err());
+    }
+
+    #[test]
+    fn count_refuses_without_overflow_when_count_times_item_len_overflows() {
+        let mut r = Reader::new(&[0u8; 4], "c");
+        assert!(matches!(
+            r.count(2, 2, usize::MAX / 2 + 1),
+            Err(WireError::Truncated { .. })
+        ));
+        assert!(matches!(
+            r.count(u64::MAX, usize::MAX, 2),
+            Err(WireError::Truncated { .. })
+        ));
     }
 }

@@ -476,6 +476,14 @@ impl RamBatchHeader {
                 needed: (fixed - u64::from(frame_len)) as usize,
             });
         }
+        let data = u64::from(frame_len) - fixed;
+        let page = PAGE_SIZE as u64;
+        if data % page != 0 || data / page > u64::from(count) {
+            return Err(WireError::BadValue {
+                what: "RAM batch length",
+                value: frame_len.into(),
+            });
+        }
         Ok(Self { block, count })
     }
 
@@ -808,6 +816,27 @@ mod tests {
             count: MAX_BATCH_PAGES as u32 + 1,
         };
         assert!(RamBatchHeader::decode(&over.encode(), u32::MAX).is_err());
+    }
+
+    #[test]
+    fn ram_batch_header_refuses_lengths_that_are_not_whole_pages_of_its_entries() {
+        let hdr = RamBatchHeader { block: 0, count: 2 };
+        let fixed = (8 + 16) as u32;
+        let page = PAGE_SIZE as u32;
+        for ok in [fixed, fixed + page, fixed + 2 * page] {
+            assert_eq!(RamBatchHeader::decode(&hdr.encode(), ok), Ok(hdr), "{ok}");
+        }
+        for bad in [
+            fixed + 1,
+            fixed + page - 1,
+            fixed + page + 8,
+            fixed + 3 * page,
+        ] {
+            assert!(
+                RamBatchHeader::decode(&hdr.encode(), bad).is_err(),
+                "{bad} accepted"
+            );
+        }
     }
 
     #[test]

@@ -49,6 +49,8 @@
 
 mod codec;
 mod messages;
+#[cfg(test)]
+mod proptests;
 
 pub use codec::{Reader, WireError, Writer};
 pub use messages::*;

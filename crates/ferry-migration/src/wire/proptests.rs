@@ -1,0 +1,1060 @@
+//! Property tests for every decoder the destination runs on bytes from the peer.
+//!
+//! For each message: an encoding decodes to the value it came from; every strict prefix
+//! of it is refused; one byte more is refused where the format is length-exact; and no
+//! input, random or a mutated valid encoding, makes a decoder panic. Where a decoder
+//! accepts a mutated encoding, what it returns must re-encode to exactly those bytes, so
+//! the format has one spelling per message and nothing the decoder ignores is lost. The
+//! one exception is [`EndOfStream`], whose decoder ignores the value field of an absent
+//! digest; its property pins that down instead.
+//!
+//! [`StreamHeader`], [`FrameHeader`] and [`RamBatchHeader`] decode from fixed-size arrays,
+//! so a short read cannot reach them; their properties instead characterise exactly which
+//! of all possible arrays they accept.
+
+use std::fmt::Debug;
+
+use proptest::collection::vec;
+use proptest::prelude::*;
+use proptest::sample::Index;
+use proptest::string::string_regex;
+use proptest::test_runner::TestCaseError;
+
+use super::*;
+use crate::PAGE_SIZE;
+
+const ALL_TAGS: [FrameTag; 11] = [
+    FrameTag::Hello,
+    FrameTag::RamBatch,
+    FrameTag::PassEnd,
+    FrameTag::DeviceState,
+    FrameTag::VcpuState,
+    FrameTag::EndOfStream,
+    FrameTag::Abort,
+    FrameTag::Accept,
+    FrameTag::Refuse,
+    FrameTag::LoadFailed,
+    FrameTag::Completed,
+];
+
+// ---------------------------------------------------------------------------------------
+// Strategies
+
+/// Packs characters into a string of at most `max` bytes.
+fn fit(chars: Vec<char>, max: usize) -> String {
+    let mut s = String::new();
+    for c in chars {
+        if s.len() + c.len_utf8() > max {
+            break;
+        }
+        s.push(c);
+    }
+    s
+}
+
+/// Strings a well-behaved peer may send for a field bounded to `max` bytes: printable
+/// ASCII as names usually are, ASCII exactly at the bound, and arbitrary Unicode.
+fn text(max: usize) -> BoxedStrategy<String> {
+    prop_oneof![
+        2 => string_regex(&format!("[ -~]{{0,{max}}}")).expect("regex"),
+        1 => string_regex(&format!("[a-z]{{{max}}}")).expect("regex"),
+        2 => vec(any::<char>(), 0..=max).prop_map(move |cs| fit(cs, max)),
+    ]
+    .boxed()
+}
+
+/// Strings longer than `max` bytes, ASCII or not.
+fn overlong(max: usize) -> BoxedStrategy<String> {
+    prop_oneof![
+        string_regex(&format!("[ -~]{{{},{}}}", max + 1, max + 64)).expect("regex"),
+        vec(any::<char>(), max + 1..=max + 64).prop_map(String::from_iter),
+    ]
+    .boxed()
+}
+
+/// A list length: mostly short, sometimes anything up to the bound, sometimes the bound.
+fn list_len(max: usize) -> BoxedStrategy<usize> {
+    prop_oneof![4 => 0..=4usize, 1 => 0..=max, 1 => Just(max)].boxed()
+}
+
+fn ram_block() -> impl Strategy<Value = HelloRamBlock> {
+    (text(MAX_NAME_LEN), any::<u64>(), any::<u64>()).prop_map(|(name, gpa, size)| HelloRamBlock {
+        name,
+        gpa,
+        size,
+    })
+}
+
+fn device() -> impl Strategy<Value = HelloDevice> {
+    (text(MAX_NAME_LEN), any::<u32>(), any::<u32>()).prop_map(|(name, instance, version)| {
+        HelloDevice {
+            name,
+            instance,
+            version,
+        }
+    })
+}
+
+/// A hello within every bound, with list lengths drawn from the given strategies.
+fn hello_with(
+    props: BoxedStrategy<usize>,
+    blocks: BoxedStrategy<usize>,
+    devices: BoxedStrategy<usize>,
+) -> impl Strategy<Value = Hello> {
+    let lists = (
+        props.prop_flat_map(|n| vec((text(MAX_NAME_LEN), text(MAX_VALUE_LEN)), n)),
+        blocks.prop_flat_map(|n| vec(ram_block(), n)),
+        devices.prop_flat_map(|n| vec(device(), n)),
+    );
+    let scalars = (
+        any::<u64>(),
+        text(MAX_NAME_LEN),
+        text(MAX_NAME_LEN),
+        any::<u32>(),
+        0..=Hello::FLAG_FULL_VERIFY,
+        0..=MAX_VCPUS,
+        text(MAX_NAME_LEN),
+        any::<u32>(),
+    );
+    (scalars, lists).prop_map(
+        |(
+            (session_id, release, machine, page_size, flags, vcpu_count, vcpu_state, vcpu_version),
+            (wire_props, ram_blocks, devices),
+        )| Hello {
+            session_id,
+            release,
+            machine,
+            page_size,
+            flags,
+            wire_props,
+            ram_blocks,
+            vcpu_count,
+            vcpu_state,
+            vcpu_version,
+            devices,
+        },
+    )
+}
+
+/// Hellos small enough to try every prefix of.
+fn small_hello() -> impl Strategy<Value = Hello> {
+    let short = || (0..=4usize).boxed();
+    hello_with(short(), short(), short())
+}
+
+/// Hellos whose lists reach their bounds.
+fn full_hello() -> impl Strategy<Value = Hello> {
+    hello_with(
+        list_len(MAX_PROPS),
+        list_len(MAX_RAM_BLOCKS),
+        list_len(MAX_DEVICES),
+    )
+}
+
+/// Every cause, named or not, as a decoder would produce it.
+fn refuse_cause() -> impl Strategy<Value = RefuseCause> {
+    prop_oneof![
+        (1..=10u16).prop_map(RefuseCause::from_code),
+        any::<u16>().prop_map(RefuseCause::from_code),
+    ]
+}
+
+fn end_of_stream() -> impl Strategy<Value = EndOfStream> {
+    (
+        proptest::option::of(any::<u64>()),
+        proptest::option::of(any::<u64>()),
+        any::<u64>(),
+    )
+        .prop_map(|(digest, full_digest, pages_sent)| EndOfStream {
+            digest,
+            full_digest,
+            pages_sent,
+        })
+}
+
+// ---------------------------------------------------------------------------------------
+// Shared checks
+
+/// Every strict prefix of `b` is refused.
+fn prefixes_refused<T: Debug>(
+    b: &[u8],
+    decode: impl Fn(&[u8]) -> Result<T, WireError>,
+) -> Result<(), TestCaseError> {
+    for n in 0..b.len() {
+        let r = decode(&b[..n]);
+        prop_assert!(r.is_err(), "{n}-byte prefix of {} accepted: {r:?}", b.len());
+    }
+    Ok(())
+}
+
+/// `b` followed by one more byte is refused as trailing.
+fn trailing_refused<T: Debug>(
+    b: &[u8],
+    extra: u8,
+    decode: impl Fn(&[u8]) -> Result<T, WireError>,
+) -> Result<(), TestCaseError> {
+    let mut long = b.to_vec();
+    long.push(extra);
+    let r = decode(&long);
+    prop_assert!(
+        matches!(r, Err(WireError::Trailing { trailing: 1, .. })),
+        "one trailing byte: {r:?}"
+    );
+    Ok(())
+}
+
+/// Round trip, every prefix refused, one trailing byte refused.
+fn length_exact<T: Debug + PartialEq>(
+    value: &T,
+    b: &[u8],
+    extra: u8,
+    decode: impl Fn(&[u8]) -> Result<T, WireError>,
+) -> Result<(), TestCaseError> {
+    prop_assert_eq!(&decode(b)?, value);
+    prefixes_refused(b, &decode)?;
+    trailing_refused(b, extra, &decode)
+}
+
+/// Overwrites one byte of a valid encoding; if the decoder still accepts it, the value
+/// must re-encode to exactly the mutated bytes.
+fn mutation_canonical<T: Debug>(
+    mut b: Vec<u8>,
+    at: Index,
+    byte: u8,
+    decode: impl Fn(&[u8]) -> Result<T, WireError>,
+    encode: impl Fn(&T) -> Vec<u8>,
+) -> Result<(), TestCaseError> {
+    if b.is_empty() {
+        return Ok(());
+    }
+    let i = at.index(b.len());
+    b[i] = byte;
+    if let Ok(v) = decode(&b) {
+        prop_assert_eq!(encode(&v), b, "accepted a second spelling: {:?}", v);
+    }
+    Ok(())
+}
+
+/// The longest prefix of `s` that ends on a character boundary and fits `max` bytes.
+fn cut(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+fn entries_bytes(entries: &[u64]) -> Vec<u8> {
+    entries.iter().flat_map(|e| e.to_le_bytes()).collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// Frame tags, stream header, frame header
+
+#[test]
+fn frame_tags_are_exactly_the_listed_ones() {
+    let known: Vec<u8> = (0..=u8::MAX)
+        .filter(|&v| FrameTag::from_u8(v).is_ok())
+        .collect();
+    let listed: Vec<u8> = ALL_TAGS.iter().map(|&t| t as u8).collect();
+    assert_eq!(known, listed);
+    for t in ALL_TAGS {
+        assert_eq!(FrameTag::from_u8(t as u8), Ok(t));
+    }
+}
+
+#[test]
+fn fixed_size_messages_have_their_size_as_frame_limit() {
+    assert_eq!(FrameTag::PassEnd.max_len() as usize, PassEnd::LEN);
+    assert_eq!(FrameTag::EndOfStream.max_len() as usize, EndOfStream::LEN);
+    assert_eq!(FrameTag::Completed.max_len() as usize, Completed::LEN);
+    assert_eq!(
+        FrameTag::RamBatch.max_len() as usize,
+        RamBatchHeader::LEN + MAX_BATCH_PAGES * (8 + PAGE_SIZE)
+    );
+}
+
+#[test]
+fn largest_legal_messages_fit_their_frame_limits() {
+    let name = "\u{10000}".repeat(MAX_NAME_LEN / 4);
+    let value = "\u{10000}".repeat(MAX_VALUE_LEN / 4);
+    let reason = "\u{10000}".repeat(MAX_REASON_LEN / 4);
+    assert_eq!(name.len(), MAX_NAME_LEN);
+    let hello = Hello {
+        session_id: u64::MAX,
+        release: name.clone(),
+        machine: name.clone(),
+        page_size: u32::MAX,
+        flags: Hello::FLAG_FULL_VERIFY,
+        wire_props: vec![(name.clone(), value); MAX_PROPS],
+        ram_blocks: vec![
+            HelloRamBlock {
+                name: name.clone(),
+                gpa: u64::MAX,
+                size: u64::MAX,
+            };
+            MAX_RAM_BLOCKS
+        ],
+        vcpu_count: MAX_VCPUS,
+        vcpu_state: name.clone(),
+        vcpu_version: u32::MAX,
+        devices: vec![
+            HelloDevice {
+                name: name.clone(),
+                instance: u32::MAX,
+                version: u32::MAX,
+            };
+            MAX_DEVICES
+        ],
+    };
+    let b = hello.encode();
+    assert!(b.len() <= FrameTag::Hello.max_len() as usize, "{}", b.len());
+    assert_eq!(Hello::decode(&b).unwrap(), hello);
+
+    let accept = Accept { release: name }.encode();
+    assert!(accept.len() <= FrameTag::Accept.max_len() as usize);
+    let refuse = Refuse {
+        cause: RefuseCause::Other(u16::MAX),
+        reason: reason.clone(),
+    }
+    .encode();
+    assert!(refuse.len() <= FrameTag::Refuse.max_len() as usize);
+    let text = encode_reason(&reason);
+    assert!(text.len() <= FrameTag::Abort.max_len() as usize);
+    assert!(text.len() <= FrameTag::LoadFailed.max_len() as usize);
+}
+
+proptest! {
+    #[test]
+    fn stream_header_round_trips(version in any::<u32>()) {
+        let b = StreamHeader { version }.encode();
+        prop_assert_eq!(StreamHeader::decode(&b)?, StreamHeader { version });
+    }
+
+    #[test]
+    fn stream_header_accepts_exactly_magic_and_its_length(
+        b in prop_oneof![
+            any::<[u8; 16]>(),
+            (any::<u32>(), any::<Index>(), any::<u8>()).prop_map(|(v, at, byte)| {
+                let mut b = StreamHeader { version: v }.encode();
+                b[at.index(16)] = byte;
+                b
+            }),
+        ]
+    ) {
+        let ok = b[..8] == MAGIC && b[12..] == [16, 0, 0, 0];
+        let r = StreamHeader::decode(&b);
+        prop_assert_eq!(r.is_ok(), ok, "{:?}", r);
+        if let Ok(h) = r {
+            prop_assert_eq!(h.version.to_le_bytes(), [b[8], b[9], b[10], b[11]]);
+            prop_assert_eq!(h.encode(), b);
+        }
+    }
+
+    #[test]
+    fn frame_header_round_trips_for_every_tag(
+        tag in proptest::sample::select(&ALL_TAGS[..]),
+        len in any::<Index>(),
+    ) {
+        let len = len.index(tag.max_len() as usize + 1) as u32;
+        for len in [len, 0, tag.max_len()] {
+            let h = FrameHeader { tag, len };
+            prop_assert_eq!(FrameHeader::decode(&h.encode())?, h);
+        }
+    }
+
+    #[test]
+    fn frame_header_refuses_lengths_over_the_tag_limit(
+        tag in proptest::sample::select(&ALL_TAGS[..]),
+        over in any::<Index>(),
+    ) {
+        let first = tag.max_len() + 1;
+        let len = first + over.index((u32::MAX - first) as usize + 1) as u32;
+        for len in [len, first, u32::MAX] {
+            let r = FrameHeader::decode(&FrameHeader { tag, len }.encode());
+            prop_assert!(matches!(r, Err(WireError::TooLong { .. })), "{:?}", r);
+        }
+    }
+
+    #[test]
+    fn frame_header_accepts_exactly_known_tags_zero_reserved_and_bounded_length(
+        b in prop_oneof![
+            any::<[u8; 8]>(),
+            (proptest::sample::select(&ALL_TAGS[..]), any::<u32>(), any::<Index>(), any::<u8>())
+                .prop_map(|(tag, len, at, byte)| {
+                    let mut b = FrameHeader { tag, len: len % (tag.max_len() + 1) }.encode();
+                    b[at.index(8)] = byte;
+                    b
+                }),
+        ]
+    ) {
+        let len = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+        let expect = FrameTag::from_u8(b[0])
+            .ok()
+            .filter(|t| b[1..4] == [0, 0, 0] && len <= t.max_len());
+        let r = FrameHeader::decode(&b);
+        prop_assert_eq!(r.as_ref().ok().map(|h| h.tag), expect, "{:?}", r);
+        if let Ok(h) = r {
+            prop_assert_eq!(h.len, len);
+            prop_assert_eq!(h.encode(), b);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Hello
+
+proptest! {
+    #[test]
+    fn hello_round_trips_and_is_length_exact(h in small_hello(), extra in any::<u8>()) {
+        let b = h.encode();
+        length_exact(&h, &b, extra, Hello::decode)?;
+    }
+
+    #[test]
+    fn hello_mutations_never_yield_a_second_spelling(
+        h in small_hello(),
+        at in any::<Index>(),
+        byte in any::<u8>(),
+    ) {
+        mutation_canonical(h.encode(), at, byte, Hello::decode, Hello::encode)?;
+    }
+
+    #[test]
+    fn hello_refuses_unknown_flags(h in small_hello(), flags in any::<u32>()) {
+        prop_assume!(flags & !Hello::FLAG_FULL_VERIFY != 0);
+        let r = Hello::decode(&Hello { flags, ..h }.encode());
+        prop_assert!(matches!(r, Err(WireError::BadValue { what: "hello flags", .. })), "{:?}", r);
+    }
+
+    #[test]
+    fn hello_refuses_too_many_vcpus(h in small_hello(), n in MAX_VCPUS + 1..=u32::MAX) {
+        let r = Hello::decode(&Hello { vcpu_count: n, ..h }.encode());
+        prop_assert!(matches!(r, Err(WireError::TooLong { .. })), "{:?}", r);
+    }
+
+    #[test]
+    fn hello_refuses_over_long_release_on_the_wire(len in MAX_NAME_LEN as u16 + 1..=u16::MAX) {
+        let mut w = Writer::new();
+        w.u64(1).u16(len).bytes(&vec![b'a'; len.into()]);
+        let r = Hello::decode(&w.buf);
+        prop_assert!(matches!(r, Err(WireError::TooLong { .. })), "{:?}", r);
+    }
+
+    #[test]
+    fn hello_cuts_over_long_strings_and_still_decodes(
+        h in small_hello(),
+        release in overlong(MAX_NAME_LEN),
+        key in overlong(MAX_NAME_LEN),
+        value in overlong(MAX_VALUE_LEN),
+    ) {
+        let long = Hello {
+            release: release.clone(),
+            wire_props: vec![(key.clone(), value.clone())],
+            ..h
+        };
+        let d = Hello::decode(&long.encode())?;
+        prop_assert_eq!(d.release.as_str(), cut(&release, MAX_NAME_LEN));
+        prop_assert_eq!(d.wire_props[0].0.as_str(), cut(&key, MAX_NAME_LEN));
+        prop_assert_eq!(d.wire_props[0].1.as_str(), cut(&value, MAX_VALUE_LEN));
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+
+    #[test]
+    fn hello_with_lists_up_to_their_bounds_round_trips(
+        h in full_hello(),
+        cuts in vec(any::<Index>(), 16),
+        extra in any::<u8>(),
+    ) {
+        let b = h.encode();
+        prop_assert!(b.len() <= FrameTag::Hello.max_len() as usize);
+        prop_assert_eq!(Hello::decode(&b)?, h);
+        for at in cuts {
+            let n = at.index(b.len());
+            prop_assert!(Hello::decode(&b[..n]).is_err(), "{}-byte prefix accepted", n);
+        }
+        trailing_refused(&b, extra, Hello::decode)?;
+    }
+}
+
+#[test]
+fn hello_refuses_lists_one_over_their_bounds() {
+    let base = Hello {
+        session_id: 0,
+        release: String::new(),
+        machine: String::new(),
+        page_size: 4096,
+        flags: 0,
+        wire_props: vec![],
+        ram_blocks: vec![],
+        vcpu_count: 1,
+        vcpu_state: String::new(),
+        vcpu_version: 0,
+        devices: vec![],
+    };
+    let block = HelloRamBlock {
+        name: String::new(),
+        gpa: 0,
+        size: 0,
+    };
+    let dev = HelloDevice {
+        name: String::new(),
+        instance: 0,
+        version: 0,
+    };
+    for (at, over) in [
+        (
+            Hello {
+                wire_props: vec![(String::new(), String::new()); MAX_PROPS],
+                ..base.clone()
+            },
+            Hello {
+                wire_props: vec![(String::new(), String::new()); MAX_PROPS + 1],
+                ..base.clone()
+            },
+        ),
+        (
+            Hello {
+                ram_blocks: vec![block.clone(); MAX_RAM_BLOCKS],
+                ..base.clone()
+            },
+            Hello {
+                ram_blocks: vec![block; MAX_RAM_BLOCKS + 1],
+                ..base.clone()
+            },
+        ),
+        (
+            Hello {
+                devices: vec![dev.clone(); MAX_DEVICES],
+                ..base.clone()
+            },
+            Hello {
+                devices: vec![dev; MAX_DEVICES + 1],
+                ..base.clone()
+            },
+        ),
+    ] {
+        assert_eq!(Hello::decode(&at.encode()).unwrap(), at);
+        let r = Hello::decode(&over.encode());
+        assert!(matches!(r, Err(WireError::TooLong { .. })), "{r:?}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Accept, Refuse, reason texts
+
+proptest! {
+    #[test]
+    fn accept_round_trips_and_is_length_exact(release in text(MAX_NAME_LEN), extra in any::<u8>()) {
+        let a = Accept { release };
+        let b = a.encode();
+        prop_assert!(b.len() <= FrameTag::Accept.max_len() as usize);
+        length_exact(&a, &b, extra, Accept::decode)?;
+    }
+
+    #[test]
+    fn accept_cuts_over_long_release(release in overlong(MAX_NAME_LEN)) {
+        let d = Accept::decode(&Accept { release: release.clone() }.encode())?;
+        prop_assert_eq!(d.release.as_str(), cut(&release, MAX_NAME_LEN));
+    }
+
+    #[test]
+    fn refuse_cause_codes_round_trip(code in any::<u16>()) {
+        let c = RefuseCause::from_code(code);
+        prop_assert_eq!(c.code(), code);
+        prop_assert_eq!(matches!(c, RefuseCause::Other(_)), !(1..=10).contains(&code));
+        prop_assert!(!c.to_string().is_empty());
+    }
+
+    #[test]
+    fn refuse_round_trips_and_is_length_exact(
+        cause in refuse_cause(),
+        reason in text(MAX_REASON_LEN),
+        extra in any::<u8>(),
+    ) {
+        let r = Refuse { cause, reason };
+        let b = r.encode();
+        prop_assert!(b.len() <= FrameTag::Refuse.max_len() as usize);
+        length_exact(&r, &b, extra, Refuse::decode)?;
+    }
+
+    #[test]
+    fn refuse_cuts_over_long_reason(cause in refuse_cause(), reason in overlong(MAX_REASON_LEN)) {
+        let d = Refuse::decode(&Refuse { cause, reason: reason.clone() }.encode())?;
+        prop_assert_eq!(d.cause, cause);
+        prop_assert_eq!(d.reason.as_str(), cut(&reason, MAX_REASON_LEN));
+    }
+
+    #[test]
+    fn refuse_and_accept_mutations_never_yield_a_second_spelling(
+        cause in refuse_cause(),
+        text in text(64),
+        at in any::<Index>(),
+        byte in any::<u8>(),
+    ) {
+        let r = Refuse { cause, reason: text.clone() };
+        mutation_canonical(r.encode(), at, byte, Refuse::decode, Refuse::encode)?;
+        let a = Accept { release: text };
+        mutation_canonical(a.encode(), at, byte, Accept::decode, Accept::encode)?;
+    }
+
+    #[test]
+    fn reason_round_trips_and_is_length_exact(
+        reason in text(MAX_REASON_LEN),
+        extra in any::<u8>(),
+    ) {
+        let b = encode_reason(&reason);
+        prop_assert!(b.len() <= FrameTag::Abort.max_len() as usize);
+        length_exact(&reason, &b, extra, |b| decode_reason(b, "abort"))?;
+    }
+
+    #[test]
+    fn reason_cuts_over_long_text(reason in overlong(MAX_REASON_LEN)) {
+        let d = decode_reason(&encode_reason(&reason), "load failed")?;
+        prop_assert_eq!(d.as_str(), cut(&reason, MAX_REASON_LEN));
+    }
+
+    #[test]
+    fn reason_refuses_invalid_utf8(mut s in text(32), at in any::<Index>()) {
+        s.push('x');
+        let mut b = encode_reason(&s);
+        let i = 2 + at.index(b.len() - 2);
+        b[i] = 0xff;
+        let r = decode_reason(&b, "abort");
+        prop_assert!(matches!(r, Err(WireError::BadUtf8 { .. })), "{:?}", r);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Writer::str16 cuts, never refuses
+
+proptest! {
+    #[test]
+    fn str16_cuts_over_long_strings_at_a_char_boundary(
+        s in prop_oneof![
+            any::<String>(),
+            "[ -~]{0,400}",
+            vec(any::<char>(), 0..400).prop_map(String::from_iter),
+        ],
+        max in 0usize..=300,
+    ) {
+        let mut w = Writer::new();
+        w.str16(&s, max);
+        let mut r = Reader::new(&w.buf, "s");
+        let d = r.str16(max)?;
+        r.finish()?;
+        prop_assert_eq!(d.as_str(), cut(&s, max));
+        // Cut no more than needed: the next character would not have fitted.
+        if let Some(c) = s[d.len()..].chars().next() {
+            prop_assert!(d.len() + c.len_utf8() > max);
+        }
+    }
+}
+
+#[test]
+fn str16_cuts_at_the_u16_length_limit() {
+    let s = "\u{10000}".repeat(20_000);
+    let mut w = Writer::new();
+    w.str16(&s, usize::MAX);
+    let mut r = Reader::new(&w.buf, "s");
+    let d = r.str16(usize::MAX).unwrap();
+    r.finish().unwrap();
+    assert_eq!(d, cut(&s, u16::MAX as usize));
+    assert_eq!(d.len(), 65532);
+}
+
+// ---------------------------------------------------------------------------------------
+// Reader::count
+
+proptest! {
+    #[test]
+    fn count_accepts_exactly_what_the_payload_can_hold(
+        count in prop_oneof![0u64..64, any::<u64>()],
+        max in prop_oneof![0usize..64, any::<usize>()],
+        min_item_len in prop_oneof![0usize..32, any::<usize>()],
+        len in 0usize..256,
+    ) {
+        let buf = vec![0u8; len];
+        let mut r = Reader::new(&buf, "c");
+        let ok = count <= max as u64 && u128::from(count) * min_item_len as u128 <= len as u128;
+        let got = r.count(count, max, min_item_len);
+        prop_assert_eq!(got.is_ok(), ok, "{:?}", got);
+        if let Ok(n) = got {
+            prop_assert_eq!(n as u64, count);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// RAM batches
+
+/// What a batch's fixed part accepts: a count within the batch bound and a frame holding
+/// the header, every entry and between zero and `count` whole pages.
+fn batch_header_ok(count: u32, frame_len: u32) -> bool {
+    let fixed = (RamBatchHeader::LEN + 8 * count as usize) as u64;
+    let frame_len = u64::from(frame_len);
+    count as usize <= MAX_BATCH_PAGES
+        && frame_len >= fixed
+        && (frame_len - fixed) % PAGE_SIZE as u64 == 0
+        && (frame_len - fixed) / PAGE_SIZE as u64 <= u64::from(count)
+}
+
+/// A frame length near the one a batch of `count` entries and `pages` data pages has.
+fn near_frame_len(count: u32, pages: u32, delta: i64) -> u32 {
+    let exact =
+        RamBatchHeader::LEN as i64 + 8 * i64::from(count) + PAGE_SIZE as i64 * i64::from(pages);
+    (exact + delta).clamp(0, u32::MAX.into()) as u32
+}
+
+/// A page entry for a block of `block_pages` pages: in range, out of range, or with
+/// arbitrary bits (flags this release does not know).
+fn page_entry(block_pages: u64) -> BoxedStrategy<u64> {
+    let in_range = (
+        0..block_pages.clamp(1, RamBatchHeader::PAGE_MASK + 1),
+        any::<bool>(),
+    )
+        .prop_map(|(p, z)| RamBatchHeader::entry(p, z));
+    let out_of_range = (
+        block_pages.min(RamBatchHeader::PAGE_MASK)..=RamBatchHeader::PAGE_MASK,
+        any::<bool>(),
+    )
+        .prop_map(|(p, z)| RamBatchHeader::entry(p, z));
+    prop_oneof![
+        12 => in_range,
+        1 => out_of_range,
+        1 => any::<u64>(),
+    ]
+    .boxed()
+}
+
+fn block_pages() -> impl Strategy<Value = u64> {
+    prop_oneof![
+        8 => 1..=1024u64,
+        1 => Just(0u64),
+        1 => any::<u64>(),
+        1 => Just(RamBatchHeader::PAGE_MASK + 1),
+    ]
+}
+
+/// A batch header's count and a frame length, mostly near the lengths that matter.
+fn count_and_frame_len() -> impl Strategy<Value = (u32, u32)> {
+    prop_oneof![4 => 0..=MAX_BATCH_PAGES as u32 + 1, 1 => any::<u32>()].prop_flat_map(|count| {
+        let near = (
+            0..=count.min(MAX_BATCH_PAGES as u32) + 2,
+            prop_oneof![3 => Just(0i64), 1 => -2i64..=2],
+        )
+            .prop_map(move |(pages, delta)| near_frame_len(count, pages, delta));
+        let off_page = (0..=count.min(MAX_BATCH_PAGES as u32), 1..PAGE_SIZE as i64)
+            .prop_map(move |(pages, delta)| near_frame_len(count, pages, delta));
+        (
+            Just(count),
+            prop_oneof![3 => near, 1 => off_page, 1 => any::<u32>()],
+        )
+    })
+}
+
+proptest! {
+    #[test]
+    fn ram_batch_header_accepts_exactly_whole_batches(
+        block in any::<u32>(),
+        (count, frame_len) in count_and_frame_len(),
+    ) {
+        let h = RamBatchHeader { block, count };
+        let r = RamBatchHeader::decode(&h.encode(), frame_len);
+        prop_assert_eq!(r.is_ok(), batch_header_ok(count, frame_len), "{:?}", r);
+        if let Ok(d) = r {
+            prop_assert_eq!(d, h);
+        }
+    }
+
+    /// `decode_entries` accepts exactly when the bytes hold `count` entries, every entry
+    /// has only known bits and an index inside the block, and the frame is header +
+    /// entries + one page per non-zero entry.
+    #[test]
+    fn ram_batch_entries_accept_exactly_valid_batches(
+        (block_pages, entries) in block_pages().prop_flat_map(|bp| {
+            let valid = (0..bp.clamp(1, RamBatchHeader::PAGE_MASK + 1), any::<bool>())
+                .prop_map(|(p, z)| RamBatchHeader::entry(p, z));
+            let entries = prop_oneof![
+                3 => vec(valid, 0..=MAX_BATCH_PAGES),
+                1 => vec(page_entry(bp), 0..=MAX_BATCH_PAGES),
+            ];
+            (Just(bp), entries)
+        }),
+        len_delta in prop_oneof![
+            6 => Just(0i64),
+            1 => -2i64..=2,
+            1 => prop_oneof![Just(-4096i64), Just(4096)],
+        ],
+        bytes_delta in prop_oneof![6 => Just(0i64), 1 => -9i64..=9],
+        arbitrary_len in proptest::option::weighted(0.05, any::<u32>()),
+    ) {
+        let h = RamBatchHeader { block: 0, count: entries.len() as u32 };
+        let known = |e: u64| e & !(RamBatchHeader::ZERO | RamBatchHeader::PAGE_MASK) == 0;
+        let data_pages = entries.iter().filter(|&&e| e & RamBatchHeader::ZERO == 0).count();
+        let exact = near_frame_len(h.count, data_pages as u32, 0);
+        let frame_len =
+            arbitrary_len.unwrap_or(near_frame_len(h.count, data_pages as u32, len_delta));
+
+        let mut b = entries_bytes(&entries);
+        let new_len = (b.len() as i64 + bytes_delta).max(0) as usize;
+        b.resize(new_len, 0xa5);
+
+        let ok = b.len() == 8 * entries.len()
+            && entries
+                .iter()
+                .all(|&e| known(e) && (e & RamBatchHeader::PAGE_MASK) < block_pages)
+            && frame_len == exact;
+        let mut out = vec![(7, true)];
+        let r = h.decode_entries(&b, frame_len, block_pages, &mut out);
+        prop_assert_eq!(r.is_ok(), ok, "{:?}", r);
+        if let Ok(n) = r {
+            prop_assert_eq!(n, data_pages);
+            let want: Vec<(u64, bool)> = entries
+                .iter()
+                .map(|&e| (e & RamBatchHeader::PAGE_MASK, e & RamBatchHeader::ZERO != 0))
+                .collect();
+            prop_assert_eq!(out, want);
+        }
+    }
+
+    /// A whole batch frame, built as the source sends it, decodes back; its entries are
+    /// length-exact.
+    #[test]
+    fn ram_batch_round_trips(
+        block in any::<u32>(),
+        (block_pages, pages) in (1..=1u64 << 20).prop_flat_map(|bp| {
+            (Just(bp), vec((0..bp, any::<bool>()), 0..=MAX_BATCH_PAGES))
+        }),
+        extra in any::<u8>(),
+    ) {
+        let h = RamBatchHeader { block, count: pages.len() as u32 };
+        let entries: Vec<u64> = pages.iter().map(|&(p, z)| RamBatchHeader::entry(p, z)).collect();
+        let mut frame = h.encode().to_vec();
+        frame.extend(entries_bytes(&entries));
+        for (i, &(_, zero)) in pages.iter().enumerate() {
+            if !zero {
+                frame.extend(std::iter::repeat_n(i as u8, PAGE_SIZE));
+            }
+        }
+        let frame_len = frame.len() as u32;
+        prop_assert!(frame_len <= FrameTag::RamBatch.max_len());
+
+        let hdr: [u8; RamBatchHeader::LEN] = frame[..RamBatchHeader::LEN].try_into().unwrap();
+        let d = RamBatchHeader::decode(&hdr, frame_len)?;
+        prop_assert_eq!(d, h);
+        let end = RamBatchHeader::LEN + 8 * d.count as usize;
+        let body = &frame[RamBatchHeader::LEN..end];
+        let mut out = Vec::new();
+        let n = d.decode_entries(body, frame_len, block_pages, &mut out)?;
+        prop_assert_eq!(&out, &pages);
+        prop_assert_eq!(end + n * PAGE_SIZE, frame.len());
+
+        let decode = |b: &[u8]| d.decode_entries(b, frame_len, block_pages, &mut Vec::new());
+        prefixes_refused(body, decode)?;
+        trailing_refused(body, extra, decode)?;
+        for len in [frame_len - 1, frame_len + 1] {
+            prop_assert!(d.decode_entries(body, len, block_pages, &mut out).is_err());
+        }
+    }
+}
+
+#[test]
+fn a_full_batch_of_data_pages_is_exactly_the_frame_limit() {
+    let count = MAX_BATCH_PAGES as u32;
+    let len = near_frame_len(count, count, 0);
+    assert_eq!(len, FrameTag::RamBatch.max_len());
+    let h = RamBatchHeader { block: 0, count };
+    assert!(RamBatchHeader::decode(&h.encode(), len).is_ok());
+    let entries: Vec<u64> = (0..u64::from(count))
+        .map(|p| RamBatchHeader::entry(p, false))
+        .collect();
+    let mut out = Vec::new();
+    assert_eq!(
+        h.decode_entries(&entries_bytes(&entries), len, u64::from(count), &mut out),
+        Ok(MAX_BATCH_PAGES)
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Pass end, device and vCPU state, end of stream, completed
+
+proptest! {
+    #[test]
+    fn pass_end_round_trips_and_is_length_exact(
+        pass in any::<u32>(),
+        pages in any::<u64>(),
+        extra in any::<u8>(),
+    ) {
+        let p = PassEnd { pass, pages };
+        let b = p.encode();
+        prop_assert_eq!(b.len(), PassEnd::LEN);
+        length_exact(&p, &b, extra, PassEnd::decode)?;
+    }
+
+    #[test]
+    fn completed_round_trips_and_is_length_exact(
+        resume_us in any::<u64>(),
+        state_load_us in any::<u64>(),
+        pages_written in any::<u64>(),
+        extra in any::<u8>(),
+    ) {
+        let c = Completed { resume_us, state_load_us, pages_written };
+        let b = c.encode();
+        prop_assert_eq!(b.len(), Completed::LEN);
+        length_exact(&c, &b, extra, Completed::decode)?;
+    }
+
+    #[test]
+    fn end_of_stream_round_trips_and_is_length_exact(e in end_of_stream(), extra in any::<u8>()) {
+        let b = e.encode();
+        prop_assert_eq!(b.len(), EndOfStream::LEN);
+        length_exact(&e, &b, extra, EndOfStream::decode)?;
+    }
+
+    #[test]
+    fn end_of_stream_accepts_exactly_known_flags(b in any::<[u8; EndOfStream::LEN]>()) {
+        let r = EndOfStream::decode(&b);
+        prop_assert_eq!(r.is_ok(), b[0] & !3 == 0, "{:?}", r);
+        if let Ok(e) = r {
+            let field = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap());
+            prop_assert_eq!(e.digest, (b[0] & 1 != 0).then(|| field(1)));
+            prop_assert_eq!(e.full_digest, (b[0] & 2 != 0).then(|| field(9)));
+            prop_assert_eq!(e.pages_sent, field(17));
+            prop_assert_eq!(EndOfStream::decode(&e.encode())?, e);
+        }
+    }
+
+    #[test]
+    fn fixed_messages_mutations_never_yield_a_second_spelling(
+        p in (any::<u32>(), any::<u64>()).prop_map(|(pass, pages)| PassEnd { pass, pages }),
+        c in (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(a, b, c)| Completed {
+            resume_us: a,
+            state_load_us: b,
+            pages_written: c,
+        }),
+        at in any::<Index>(),
+        byte in any::<u8>(),
+    ) {
+        mutation_canonical(p.encode(), at, byte, PassEnd::decode, PassEnd::encode)?;
+        mutation_canonical(c.encode(), at, byte, Completed::decode, Completed::encode)?;
+    }
+
+    /// Device state is not length-exact: its state bytes run to the end of the frame. A
+    /// prefix shorter than the fixed part is refused; a longer one cuts the state.
+    #[test]
+    fn device_state_header_round_trips_and_refuses_a_cut_header(
+        name in text(MAX_NAME_LEN),
+        instance in any::<u32>(),
+        version in any::<u32>(),
+        state in vec(any::<u8>(), 0..512),
+        extra in any::<u8>(),
+    ) {
+        let h = DeviceStateHeader { name, instance, version };
+        let b = h.encode(&state);
+        let fixed = 2 + h.name.len() + 8;
+        prop_assert_eq!(b.len(), fixed + state.len());
+        for n in 0..=b.len() {
+            match DeviceStateHeader::decode(&b[..n]) {
+                Ok((d, s)) => {
+                    prop_assert!(n >= fixed);
+                    prop_assert_eq!(&d, &h);
+                    prop_assert_eq!(s, &state[..n - fixed]);
+                }
+                Err(e) => prop_assert!(n < fixed, "{}-byte prefix refused: {}", n, e),
+            }
+        }
+        let mut long = b.clone();
+        long.push(extra);
+        let (d, s) = DeviceStateHeader::decode(&long)?;
+        prop_assert_eq!(d, h);
+        prop_assert_eq!(s.last(), Some(&extra));
+        prop_assert_eq!(s.len(), state.len() + 1);
+    }
+
+    #[test]
+    fn device_state_header_cuts_over_long_name(
+        name in overlong(MAX_NAME_LEN),
+        state in vec(any::<u8>(), 0..64),
+    ) {
+        let h = DeviceStateHeader { name: name.clone(), instance: 3, version: 4 };
+        let b = h.encode(&state);
+        let (d, s) = DeviceStateHeader::decode(&b)?;
+        prop_assert_eq!(d.name.as_str(), cut(&name, MAX_NAME_LEN));
+        prop_assert_eq!((d.instance, d.version), (3, 4));
+        prop_assert_eq!(s, &state[..]);
+    }
+
+    #[test]
+    fn vcpu_state_header_round_trips_and_refuses_a_cut_header(
+        index in any::<u32>(),
+        version in any::<u32>(),
+        state in vec(any::<u8>(), 0..512),
+        extra in any::<u8>(),
+    ) {
+        let h = VcpuStateHeader { index, version };
+        let b = h.encode(&state);
+        prop_assert_eq!(b.len(), 8 + state.len());
+        for n in 0..=b.len() {
+            match VcpuStateHeader::decode(&b[..n]) {
+                Ok((d, s)) => {
+                    prop_assert!(n >= 8);
+                    prop_assert_eq!(d, h);
+                    prop_assert_eq!(s, &state[..n - 8]);
+                }
+                Err(e) => prop_assert!(n < 8, "{}-byte prefix refused: {}", n, e),
+            }
+        }
+        let mut long = b.clone();
+        long.push(extra);
+        let (d, s) = VcpuStateHeader::decode(&long)?;
+        prop_assert_eq!(d, h);
+        prop_assert_eq!(s.len(), state.len() + 1);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Random bytes
+
+fn array<const N: usize>(b: &[u8]) -> Option<[u8; N]> {
+    b.get(..N)?.try_into().ok()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2048))]
+
+    /// No decoder panics on arbitrary input, whatever the frame length and block size.
+    #[test]
+    fn no_decoder_panics_on_random_bytes(
+        b in prop_oneof![vec(any::<u8>(), 0..64), vec(any::<u8>(), 0..2048)],
+        frame_len in any::<u32>(),
+        block_pages in any::<u64>(),
+    ) {
+        if let Some(a) = array::<16>(&b) {
+            let _ = StreamHeader::decode(&a);
+        }
+        if let Some(a) = array::<8>(&b) {
+            let _ = FrameHeader::decode(&a);
+            let _ = RamBatchHeader::decode(&a, frame_len);
+            // Also drive the entry decoder with a count no header check has bounded.
+            let count = u32::from_le_bytes([a[4], a[5], a[6], a[7]]);
+            let h = RamBatchHeader { block: 0, count };
+            let _ = h.decode_entries(&b[8..], frame_len, block_pages, &mut Vec::new());
+            if let Ok(h) = RamBatchHeader::decode(&a, frame_len) {
+                let _ = h.decode_entries(&b[8..], frame_len, block_pages, &mut Vec::new());
+            }
+        }
+        let _ = Hello::decode(&b);
+        let _ = Accept::decode(&b);
+        let _ = Refuse::decode(&b);
+        let _ = decode_reason(&b, "abort");
+        let _ = PassEnd::decode(&b);
+        let _ = DeviceStateHeader::decode(&b);
+        let _ = VcpuStateHeader::decode(&b);
+        let _ = EndOfStream::decode(&b);
+        let _ = Completed::decode(&b);
+    }
+}
