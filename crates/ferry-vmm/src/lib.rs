@@ -1,1 +1,2 @@
 //! ferry's reference VMM.
+pub mod kvm;

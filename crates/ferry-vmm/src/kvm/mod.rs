@@ -1,0 +1,3 @@
+//! The KVM backend of the reference VMM.
+
+pub mod pagemap;
