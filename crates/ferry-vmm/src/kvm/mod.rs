@@ -61,6 +61,7 @@
 //! 4-12 ms (the host is oversubscribed: two vCPU threads plus the test). Details and the
 //! races in `vcpu.rs`.
 
+mod dirty;
 mod guest;
 mod layout;
 mod memory;
@@ -74,13 +75,14 @@ use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use ferry_migration::engine::vm::GuestRam;
+use ferry_migration::engine::vm::{GuestRam, VmError};
 use ferry_migration::state::StateError;
 use ferry_migration::PAGE_SIZE;
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use thiserror::Error;
 
+pub use dirty::{HarvestCost, KvmDirtyLog};
 pub use memory::{KvmRam, LOW_BLOCK, RAM_BLOCK};
 pub use vcpu::kick_signal;
 
@@ -200,6 +202,19 @@ fn chain(err: &dyn std::error::Error) -> String {
     s
 }
 
+impl KvmError {
+    /// The engine's error for this one, under the name of what the engine asked for.
+    fn into_vm(self, op: &'static str) -> VmError {
+        match self {
+            KvmError::State(e) => VmError::State(e),
+            other => VmError::Io {
+                op,
+                source: io::Error::other(other),
+            },
+        }
+    }
+}
+
 /// Whether this host can run [`KvmVm`]s: `/dev/kvm` opens, speaks API 12, makes a VM,
 /// and offers what the pause protocol relies on.
 pub fn kvm_usable() -> Result<(), KvmError> {
@@ -244,6 +259,7 @@ fn check_caps(kvm: &Kvm, vm: &VmFd) -> Result<(), KvmError> {
 pub struct KvmVm {
     // Declared first so vCPU threads stop before anything else goes.
     vcpus: vcpu::Vcpus,
+    dirty: KvmDirtyLog,
     ram: Arc<KvmRam>,
     _vm: Arc<VmFd>,
     _kvm: Kvm,
@@ -268,6 +284,7 @@ impl KvmVm {
         })?;
         let vm = Arc::new(vm);
         let ram = Arc::new(KvmRam::new(cfg.mem_size)?);
+        let dirty = KvmDirtyLog::new(vm.clone(), ram.clone());
         for slot in 0..ram.blocks().len() {
             ram.set_memslot(&vm, slot, 0)?;
         }
@@ -293,6 +310,7 @@ impl KvmVm {
         }
         Ok(KvmVm {
             vcpus: vcpu::Vcpus::new(fds, ram.clone())?,
+            dirty,
             ram,
             _vm: vm,
             _kvm: kvm,
@@ -352,6 +370,31 @@ impl KvmVm {
             .iter()
             .map(|s| s.out_errors.load(Ordering::Relaxed))
             .collect()
+    }
+
+    /// The dirty log, with the KVM-specific extras ([`KvmDirtyLog::harvest_with_cost`]).
+    pub fn dirty(&self) -> &KvmDirtyLog {
+        &self.dirty
+    }
+
+    /// Writes guest memory as a device would, and records the pages in the VMM's dirty
+    /// bitmap (KVM does not see these writes).
+    pub fn write_guest(&self, gpa: u64, bytes: &[u8]) -> Result<(), KvmError> {
+        let (block, _) = self
+            .ram
+            .host_addr(gpa, bytes.len())
+            .ok_or(KvmError::OutsideRam {
+                gpa,
+                len: bytes.len(),
+            })?;
+        self.ram.write(gpa, bytes);
+        if !bytes.is_empty() {
+            let base = self.ram.blocks()[block].gpa;
+            let first = ((gpa - base) / PAGE_SIZE as u64) as usize;
+            let last = ((gpa - base + bytes.len() as u64 - 1) / PAGE_SIZE as u64) as usize;
+            self.dirty.mark(block, first, last - first + 1);
+        }
+        Ok(())
     }
 
     /// Checks, while paused, that every vCPU's range holds what its workload wrote: a

@@ -3,6 +3,10 @@
 
 use std::time::{Duration, Instant};
 
+use ferry_migration::engine::bitmap::DirtyBitmap;
+use ferry_migration::engine::vm::{DirtyLog, GuestRam};
+use ferry_migration::PAGE_SIZE;
+
 use super::*;
 
 const MIB: u64 = 1 << 20;
@@ -40,6 +44,10 @@ fn wait_passes(vm: &KvmVm, from: &[u64], more: u64) {
         }
         std::thread::sleep(Duration::from_millis(2));
     }
+}
+
+fn pages_set(b: &DirtyBitmap) -> Vec<usize> {
+    (0..b.pages()).filter(|&p| b.is_set(p)).collect()
 }
 
 #[test]
@@ -97,6 +105,72 @@ fn kvm_pause_stops_the_guest_and_resume_carries_on() {
         pauses[pauses.len() / 2],
         pauses.last().unwrap()
     );
+}
+
+#[test]
+fn kvm_dirty_log_reports_the_guest_range_and_nothing_else() {
+    if !kvm_here("kvm_dirty_log_reports_the_guest_range_and_nothing_else") {
+        return;
+    }
+    let (vcpus, dirty) = (2, 2);
+    let vm = vm(64, vcpus, dirty, false);
+    let log = vm.dirty();
+    let ram = &vm.ram;
+    let bitmaps: Vec<DirtyBitmap> = ram
+        .blocks()
+        .iter()
+        .map(|b| DirtyBitmap::new(b.pages()))
+        .collect();
+    assert!(matches!(
+        vm.dirty().harvest_with_cost(RAM_BLOCK, &bitmaps[RAM_BLOCK]),
+        Err(KvmError::NotLogging)
+    ));
+    vm.start().unwrap();
+    log.start().unwrap();
+    // Once the guest has completed a whole pass after a harvest, the next harvest holds
+    // exactly its range in `ram` and its control page in `ram-low`.
+    let harvest = || {
+        for (b, map) in bitmaps.iter().enumerate() {
+            map.clear_all();
+            log.harvest(b, map).unwrap();
+        }
+    };
+    for _ in 0..3 {
+        harvest();
+        wait_passes(&vm, &vm.passes(), 2);
+    }
+    harvest();
+    let per_vcpu = (dirty * MIB) as usize / PAGE_SIZE;
+    let expected_ram: Vec<usize> = (0..vcpus * per_vcpu).collect();
+    assert_eq!(pages_set(&bitmaps[RAM_BLOCK]), expected_ram);
+    let control: Vec<usize> = (0..vcpus)
+        .map(|i| (layout::control_gpa(i) / 4096) as usize)
+        .collect();
+    assert_eq!(pages_set(&bitmaps[LOW_BLOCK]), control);
+
+    // Pages the VMM writes, and pages put back after a failed send, come out too.
+    vm.write_guest(layout::RAM_GPA + 40 * MIB, &[1, 2, 3])
+        .unwrap();
+    let failed = DirtyBitmap::new(bitmaps[RAM_BLOCK].pages());
+    failed.set(12_000);
+    log.restore(RAM_BLOCK, &failed);
+    harvest();
+    let got = pages_set(&bitmaps[RAM_BLOCK]);
+    let extra = [12_000, 40 * MIB as usize / PAGE_SIZE];
+    assert!(extra.iter().all(|p| got.contains(p)), "{got:?}");
+    assert!(
+        got.iter()
+            .all(|p| *p < vcpus * per_vcpu || extra.contains(p)),
+        "{got:?}"
+    );
+
+    log.stop();
+    assert!(vm
+        .dirty()
+        .harvest_with_cost(RAM_BLOCK, &bitmaps[RAM_BLOCK])
+        .is_err());
+    vm.stop().unwrap();
+    vm.check_pattern().unwrap();
 }
 
 #[test]
