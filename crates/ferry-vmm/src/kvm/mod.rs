@@ -1,6 +1,5 @@
 //! The KVM backend: a VM whose vCPUs run a tiny workload that migration tests can check
-//! page by page, and that the engine migrates through
-//! [`MigratableVm`](ferry_migration::engine::vm::MigratableVm).
+//! page by page, and that the engine migrates through [`MigratableVm`].
 //!
 //! ```no_run
 //! use ferry_vmm::kvm::{KvmConfig, KvmVm};
@@ -60,12 +59,25 @@
 //! them all. Measured here with two vCPUs on the two cores: median 0.2-1.6 ms, worst
 //! 4-12 ms (the host is oversubscribed: two vCPU threads plus the test). Details and the
 //! races in `vcpu.rs`.
+//!
+//! # State format
+//!
+//! `kvm-vcpu` v1 ([`VCPU_SCHEMA`]): regs, sregs, xsave (4 KiB), xcrs, debugregs, lapic,
+//! vcpu_events, mp_state, every MSR of `KVM_GET_MSR_INDEX_LIST` that reads (41 here, all
+//! of them), tsc_khz. `kvm-vm` v1 ([`VM_SCHEMA`]): kvmclock, PIC master and slave,
+//! IOAPIC. KVM structs travel as their raw bytes in fixed-length fields, like
+//! kvm-bindings' serde; this requires the same struct layouts on both sides (same arch,
+//! uAPI unchanged), which the fixed lengths enforce (see `state.rs`). Loading checks
+//! every field before the first ioctl, and `KVM_SET_MSRS` is retried past each MSR it
+//! rejects, which are then reported together. A vCPU saved and loaded back reads back
+//! identical except for the TSC, which moves on.
 
 mod dirty;
 mod guest;
 mod layout;
 mod memory;
 pub mod pagemap;
+mod state;
 mod vcpu;
 
 #[cfg(test)]
@@ -75,8 +87,8 @@ use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use ferry_migration::engine::vm::{GuestRam, VmError};
-use ferry_migration::state::StateError;
+use ferry_migration::engine::vm::{DeviceInfo, DirtyLog, GuestRam, MigratableVm, VmError};
+use ferry_migration::state::{DeviceState, StateError, StateSchema};
 use ferry_migration::PAGE_SIZE;
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
@@ -84,6 +96,7 @@ use thiserror::Error;
 
 pub use dirty::{HarvestCost, KvmDirtyLog};
 pub use memory::{KvmRam, LOW_BLOCK, RAM_BLOCK};
+pub use state::{VCPU_SCHEMA, VM_SCHEMA};
 pub use vcpu::kick_signal;
 
 /// What to build.
@@ -251,8 +264,7 @@ fn check_caps(kvm: &Kvm, vm: &VmFd) -> Result<(), KvmError> {
             return Err(KvmError::Unsupported(name.into()));
         }
     }
-    let _ = vm;
-    Ok(())
+    state::check_xsave_size(vm)
 }
 
 /// A KVM VM running the ferry workload (see the module docs).
@@ -261,9 +273,10 @@ pub struct KvmVm {
     vcpus: vcpu::Vcpus,
     dirty: KvmDirtyLog,
     ram: Arc<KvmRam>,
-    _vm: Arc<VmFd>,
+    vm: Arc<VmFd>,
     _kvm: Kvm,
     cfg: KvmConfig,
+    msr_indices: Vec<u32>,
     /// Per vCPU: has state (from `create` or `load_vcpu`), so it may run.
     has_state: Vec<AtomicBool>,
 }
@@ -308,13 +321,22 @@ impl KvmVm {
                 (!cfg.incoming).then_some(cfg.dirty_size),
             )?);
         }
+        let msr_indices = kvm
+            .get_msr_index_list()
+            .map_err(|source| KvmError::VmIoctl {
+                ioctl: "KVM_GET_MSR_INDEX_LIST",
+                source,
+            })?
+            .as_slice()
+            .to_vec();
         Ok(KvmVm {
             vcpus: vcpu::Vcpus::new(fds, ram.clone())?,
             dirty,
             ram,
-            _vm: vm,
+            vm,
             _kvm: kvm,
             cfg: cfg.clone(),
+            msr_indices,
             has_state: (0..cfg.vcpus)
                 .map(|_| AtomicBool::new(!cfg.incoming))
                 .collect(),
@@ -551,4 +573,78 @@ fn create_vcpu(
         fd.set_mp_state(runnable).map_err(e("KVM_SET_MP_STATE"))?;
     }
     Ok(fd)
+}
+
+impl MigratableVm for KvmVm {
+    fn ram(&self) -> Arc<dyn GuestRam> {
+        self.ram.clone()
+    }
+
+    fn dirty_log(&self) -> &dyn DirtyLog {
+        &self.dirty
+    }
+
+    fn vcpu_count(&self) -> usize {
+        self.cfg.vcpus
+    }
+
+    fn vcpu_schema(&self) -> &'static StateSchema {
+        &VCPU_SCHEMA
+    }
+
+    fn devices(&self) -> Vec<DeviceInfo> {
+        vec![DeviceInfo {
+            name: VM_SCHEMA.name.into(),
+            instance: 0,
+            schema: &VM_SCHEMA,
+        }]
+    }
+
+    fn pause(&self) -> Result<(), VmError> {
+        self.vcpus.pause().map_err(|e| e.into_vm("pause vCPUs"))
+    }
+
+    fn resume(&self) -> Result<(), VmError> {
+        self.start().map_err(|e| e.into_vm("resume vCPUs"))
+    }
+
+    fn is_running(&self) -> bool {
+        self.running()
+    }
+
+    fn save_vcpu(&self, index: usize) -> Result<DeviceState, VmError> {
+        let op = "save vCPU state";
+        let fd = self.vcpus.parked(index).map_err(|e| e.into_vm(op))?;
+        state::save_vcpu(index, &fd, &self.msr_indices).map_err(|e| e.into_vm(op))
+    }
+
+    fn load_vcpu(&self, index: usize, state: DeviceState) -> Result<(), VmError> {
+        let op = "load vCPU state";
+        let fd = self.vcpus.parked(index).map_err(|e| e.into_vm(op))?;
+        state::load_vcpu(index, &fd, &state).map_err(|e| e.into_vm(op))?;
+        self.has_state[index].store(true, Ordering::Release);
+        Ok(())
+    }
+
+    fn save_device(&self, index: usize) -> Result<DeviceState, VmError> {
+        let op = "save KVM VM state";
+        if index != 0 {
+            return Err(KvmError::NoDevice(index).into_vm(op));
+        }
+        if self.running() {
+            return Err(KvmError::Running.into_vm(op));
+        }
+        state::save_vm(&self.vm).map_err(|e| e.into_vm(op))
+    }
+
+    fn load_device(&self, index: usize, state: DeviceState) -> Result<(), VmError> {
+        let op = "load KVM VM state";
+        if index != 0 {
+            return Err(KvmError::NoDevice(index).into_vm(op));
+        }
+        if self.running() {
+            return Err(KvmError::Running.into_vm(op));
+        }
+        state::load_vm(&self.vm, &state).map_err(|e| e.into_vm(op))
+    }
 }

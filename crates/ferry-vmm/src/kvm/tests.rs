@@ -4,7 +4,8 @@
 use std::time::{Duration, Instant};
 
 use ferry_migration::engine::bitmap::DirtyBitmap;
-use ferry_migration::engine::vm::{DirtyLog, GuestRam};
+use ferry_migration::engine::vm::{DirtyLog, GuestRam, MigratableVm};
+use ferry_migration::state::Value;
 use ferry_migration::PAGE_SIZE;
 
 use super::*;
@@ -173,9 +174,129 @@ fn kvm_dirty_log_reports_the_guest_range_and_nothing_else() {
     vm.check_pattern().unwrap();
 }
 
+/// Copies the pages set in `pages` of `block` from `src` to `dst`; returns how many.
+fn copy_pages(src: &dyn GuestRam, dst: &dyn GuestRam, block: usize, pages: &DirtyBitmap) -> usize {
+    assert_eq!(src.blocks()[block], dst.blocks()[block]);
+    let (s, d) = (src.host_ptr(block), dst.host_ptr(block));
+    let mut n = 0;
+    for p in 0..pages.pages() {
+        if pages.is_set(p) {
+            // SAFETY: page `p` is inside block `block` of both VMs (same layout, checked
+            // above); the destination does not run, and a racy read of the source is
+            // what the dirty log is for.
+            unsafe {
+                std::ptr::copy_nonoverlapping(s.add(p * PAGE_SIZE), d.add(p * PAGE_SIZE), PAGE_SIZE)
+            };
+            n += 1;
+        }
+    }
+    n
+}
+
+fn same_memory(src: &dyn GuestRam, dst: &dyn GuestRam, block: usize) -> usize {
+    let len = src.blocks()[block].size as usize;
+    // SAFETY: both blocks are `len` bytes and stay mapped; neither VM runs.
+    let (a, b) = unsafe {
+        (
+            std::slice::from_raw_parts(src.host_ptr(block), len),
+            std::slice::from_raw_parts(dst.host_ptr(block), len),
+        )
+    };
+    a.chunks(PAGE_SIZE)
+        .zip(b.chunks(PAGE_SIZE))
+        .filter(|(x, y)| x != y)
+        .count()
+}
+
 #[test]
-fn kvm_rejects_bad_configs() {
-    if !kvm_here("kvm_rejects_bad_configs") {
+fn kvm_in_process_migration_carries_the_guest_on() {
+    if !kvm_here("kvm_in_process_migration_carries_the_guest_on") {
+        return;
+    }
+    let (vcpus, dirty) = (2, 8);
+    let src = vm(256, vcpus, dirty, false);
+    src.start().unwrap();
+    wait_passes(&src, &[0; 2], 3);
+    let dst = vm(256, vcpus, dirty, true);
+    assert!(matches!(dst.start(), Err(KvmError::NotLoaded(0))));
+    let (sram, dram) = (src.ram(), dst.ram());
+    let maps: Vec<DirtyBitmap> = sram
+        .blocks()
+        .iter()
+        .map(|b| DirtyBitmap::new(b.pages()))
+        .collect();
+
+    src.dirty_log().start().unwrap();
+    let mut rounds = Vec::new();
+    for (b, map) in maps.iter().enumerate() {
+        sram.populated(b, map);
+    }
+    // The guest touched its ranges and the low slot's pages, and nothing else.
+    assert!(maps[RAM_BLOCK].count() < (vcpus as u64 * dirty * MIB) as usize / PAGE_SIZE + 1024);
+    for round in 0..3 {
+        if round > 0 {
+            std::thread::sleep(Duration::from_millis(30));
+            for (b, map) in maps.iter().enumerate() {
+                map.clear_all();
+                src.dirty_log().harvest(b, map).unwrap();
+            }
+        }
+        rounds.push(
+            (0..maps.len())
+                .map(|b| copy_pages(&*sram, &*dram, b, &maps[b]))
+                .sum::<usize>(),
+        );
+    }
+    std::thread::sleep(Duration::from_millis(30));
+    let t = Instant::now();
+    MigratableVm::pause(&src).unwrap();
+    for (b, map) in maps.iter().enumerate() {
+        map.clear_all();
+        src.dirty_log().harvest(b, map).unwrap();
+    }
+    src.dirty_log().stop();
+    let vcpu_states: Vec<_> = (0..vcpus).map(|i| src.save_vcpu(i).unwrap()).collect();
+    let vm_state = src.save_device(0).unwrap();
+    for (i, s) in vcpu_states.iter().enumerate() {
+        dst.load_vcpu(i, s.clone()).unwrap();
+    }
+    dst.load_device(0, vm_state).unwrap();
+    // Negative control: without the final pages the destination does not hold up.
+    if maps[RAM_BLOCK].count() > 0 {
+        assert!(
+            dst.check_pattern().is_err(),
+            "stale destination passed the pattern check"
+        );
+    }
+    let last = (0..maps.len())
+        .map(|b| copy_pages(&*sram, &*dram, b, &maps[b]))
+        .sum::<usize>();
+    let downtime = t.elapsed();
+    println!("rounds copied {rounds:?} pages, final {last}, pause to state loaded {downtime:?}");
+
+    src.check_pattern().unwrap();
+    dst.check_pattern().unwrap();
+    for b in 0..maps.len() {
+        assert_eq!(same_memory(&*sram, &*dram, b), 0, "block {b} differs");
+    }
+    let at_switch = src.passes();
+    assert_eq!(dst.passes(), at_switch);
+    MigratableVm::resume(&dst).unwrap();
+    wait_passes(&dst, &at_switch, 5);
+    MigratableVm::pause(&dst).unwrap();
+    dst.check_pattern().unwrap();
+    assert_eq!(dst.out_errors(), vec![0; vcpus]);
+    assert_eq!(src.out_errors(), vec![0; vcpus]);
+    assert!(dst.exits().iter().all(|&e| e >= 5), "{:?}", dst.exits());
+    println!(
+        "passes at switchover {at_switch:?}, on the destination now {:?}",
+        dst.passes()
+    );
+}
+
+#[test]
+fn kvm_rejects_bad_configs_and_state() {
+    if !kvm_here("kvm_rejects_bad_configs_and_state") {
         return;
     }
     let bad = |mem_size, vcpus, dirty_size| {
@@ -191,6 +312,49 @@ fn kvm_rejects_bad_configs() {
     assert!(bad(64 * MIB, 0, MIB));
     assert!(bad(64 * MIB, 1, 100));
     assert!(bad(0, 1, MIB));
+    let vm = vm(16, 1, 1, true);
+    let err = vm.load_vcpu(0, DeviceState::new()).unwrap_err();
+    assert!(matches!(err, VmError::State(_)), "{err}");
+    assert!(vm.save_device(1).is_err());
+}
+
+#[test]
+fn kvm_vcpu_state_loads_back_unchanged() {
+    if !kvm_here("kvm_vcpu_state_loads_back_unchanged") {
+        return;
+    }
+    let src = vm(16, 1, 1, false);
+    src.start().unwrap();
+    wait_passes(&src, &[0], 3);
+    src.stop().unwrap();
+    let saved = src.save_vcpu(0).unwrap();
+    let dst = vm(16, 1, 1, true);
+    dst.load_vcpu(0, saved.clone()).unwrap();
+    let again = dst.save_vcpu(0).unwrap();
+    assert_eq!(saved.fields.len(), VCPU_SCHEMA.fields.len());
+    for (name, value) in &saved.fields {
+        let other = again.get(name).unwrap();
+        if name != "msrs" {
+            assert_eq!(value, other, "field {name}");
+            continue;
+        }
+        let (Value::Bytes(a), Value::Bytes(b)) = (value, other) else {
+            panic!("msrs not bytes")
+        };
+        // Every MSR of KVM's list was readable, and only the TSC moved.
+        assert_eq!(a.len() / 16, src.msr_indices.len());
+        assert_eq!(a.len(), b.len());
+        let differ: Vec<u32> = a
+            .chunks(16)
+            .zip(b.chunks(16))
+            .filter(|(x, y)| x != y)
+            .map(|(x, _)| u32::from_le_bytes(x[..4].try_into().unwrap()))
+            .collect();
+        assert!(
+            differ.iter().all(|&m| m == 0x10),
+            "MSRs {differ:x?} changed"
+        );
+    }
 }
 
 #[test]
