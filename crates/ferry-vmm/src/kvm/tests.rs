@@ -318,6 +318,51 @@ fn kvm_rejects_bad_configs_and_state() {
     assert!(vm.save_device(1).is_err());
 }
 
+/// Not a test: prints what `KVM_GET_DIRTY_LOG` and `KVM_CLEAR_DIRTY_LOG` cost. Run with
+/// `cargo test -p ferry-vmm --release kvm_measure -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn kvm_measure_dirty_bitmap_cost() {
+    if !kvm_here("kvm_measure_dirty_bitmap_cost") {
+        return;
+    }
+    for (mem_gib, ws_mib, every_ms) in [(1, 64, 100), (8, 64, 100), (8, 1024, 100), (8, 1024, 500)]
+    {
+        let vm = vm(mem_gib << 10, 1, ws_mib, false);
+        vm.start().unwrap();
+        wait_passes(&vm, &[0], 2);
+        let t = Instant::now();
+        vm.dirty().start().unwrap();
+        let start = t.elapsed();
+        let map = DirtyBitmap::new(vm.ram.blocks()[RAM_BLOCK].pages());
+        let mut costs = Vec::new();
+        for _ in 0..(2500 / every_ms) {
+            std::thread::sleep(Duration::from_millis(every_ms));
+            map.clear_all();
+            costs.push(vm.dirty().harvest_with_cost(RAM_BLOCK, &map).unwrap());
+        }
+        vm.stop().unwrap();
+        let idle = (0..5)
+            .map(|_| {
+                map.clear_all();
+                vm.dirty().harvest_with_cost(RAM_BLOCK, &map).unwrap()
+            })
+            .last()
+            .unwrap();
+        costs.sort_by_key(|c| c.get + c.clear);
+        let med = costs[costs.len() / 2];
+        println!(
+            "{mem_gib} GiB slot, {ws_mib} MiB ws, every {every_ms} ms: log on in {start:?}; median GET {:?} + \
+             CLEAR {:?} for {} pages (manual protect {}); paused, 0 dirty: GET {:?}",
+            med.get,
+            med.clear,
+            med.kvm_pages,
+            vm.dirty().manual_protect(),
+            idle.get
+        );
+    }
+}
+
 #[test]
 fn kvm_vcpu_state_loads_back_unchanged() {
     if !kvm_here("kvm_vcpu_state_loads_back_unchanged") {
