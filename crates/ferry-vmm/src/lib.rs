@@ -1,9 +1,10 @@
-//! ferry's reference VMM: guests on the soft backend (and KVM), their devices, the
-//! machine types this release ships, its QMP control socket, and the `ferry` command's
-//! building blocks.
+//! ferry's reference VMM: guests on KVM or the soft backend, their devices, the machine
+//! types this release ships, its QMP control socket, and the `ferry` command's building
+//! blocks.
 
 pub mod control;
 pub mod guest;
+pub mod kvm;
 pub mod machine;
 pub mod memory;
 pub mod pagemap;

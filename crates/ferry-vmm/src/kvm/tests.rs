@@ -1,0 +1,416 @@
+//! Tests against the host's `/dev/kvm`; each one prints `skipped: ...` and passes when
+//! KVM is not usable here.
+
+use std::time::{Duration, Instant};
+
+use ferry_migration::engine::bitmap::DirtyBitmap;
+use ferry_migration::engine::vm::{DirtyLog, GuestRam, MigratableVm};
+use ferry_migration::state::Value;
+use ferry_migration::PAGE_SIZE;
+
+use super::*;
+
+const MIB: u64 = 1 << 20;
+
+fn kvm_here(test: &str) -> bool {
+    match kvm_usable() {
+        Ok(()) => true,
+        Err(e) => {
+            println!("skipped: {test}: {}", chain(&e));
+            false
+        }
+    }
+}
+
+fn vm(mem_mib: u64, vcpus: usize, dirty_mib: u64, incoming: bool) -> KvmVm {
+    let cfg = KvmConfig {
+        mem_size: mem_mib * MIB,
+        vcpus,
+        dirty_size: dirty_mib * MIB,
+        incoming,
+    };
+    KvmVm::create(&cfg).unwrap_or_else(|e| panic!("{}", chain(&e)))
+}
+
+/// Waits until every vCPU has made `more` passes beyond `from` (one count per vCPU).
+fn wait_passes(vm: &KvmVm, from: &[u64], more: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while vm.passes().iter().zip(from).any(|(&p, &f)| p < f + more) {
+        if Instant::now() > deadline {
+            let stopped = vm.stop().map_err(|e| chain(&e));
+            panic!(
+                "passes stuck at {:?}, waiting for {more} beyond {from:?}; vCPUs: {stopped:?}",
+                vm.passes()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn pages_set(b: &DirtyBitmap) -> Vec<usize> {
+    (0..b.pages()).filter(|&p| b.is_set(p)).collect()
+}
+
+#[test]
+fn kvm_guest_runs_and_passes_advance() {
+    if !kvm_here("kvm_guest_runs_and_passes_advance") {
+        return;
+    }
+    let vm = vm(64, 2, 8, false);
+    assert_eq!(vm.passes(), [0, 0]);
+    vm.check_pattern().unwrap();
+    vm.start().unwrap();
+    wait_passes(&vm, &[0, 0], 20);
+    vm.stop().unwrap();
+    vm.check_pattern().unwrap();
+    let (passes, exits) = (vm.passes(), vm.exits());
+    assert_eq!(vm.out_errors(), [0, 0]);
+    // Each pass ends in one `out`; a pause can fall between the counter and the `out`.
+    for i in 0..2 {
+        assert!(
+            exits[i] == passes[i] || exits[i] + 1 == passes[i],
+            "vCPU {i}: {exits:?} exits, {passes:?} passes"
+        );
+    }
+}
+
+#[test]
+fn kvm_pause_stops_the_guest_and_resume_carries_on() {
+    if !kvm_here("kvm_pause_stops_the_guest_and_resume_carries_on") {
+        return;
+    }
+    let vm = vm(64, 2, 4, false);
+    vm.start().unwrap();
+    wait_passes(&vm, &[0, 0], 1);
+    let mut pauses = Vec::new();
+    for round in 0..20 {
+        // Vary where in a pass the pause lands.
+        std::thread::sleep(Duration::from_micros(300 + 700 * round));
+        let t = Instant::now();
+        vm.stop().unwrap();
+        pauses.push(t.elapsed());
+        assert!(!vm.running());
+        let before = vm.passes();
+        vm.check_pattern()
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(vm.passes(), before, "round {round}: guest ran while paused");
+        vm.start().unwrap();
+        wait_passes(&vm, &before, 1);
+    }
+    vm.stop().unwrap();
+    assert_eq!(vm.out_errors(), [0, 0]);
+    pauses.sort();
+    println!(
+        "pause latency: median {:?}, max {:?}",
+        pauses[pauses.len() / 2],
+        pauses.last().unwrap()
+    );
+}
+
+#[test]
+fn kvm_dirty_log_reports_the_guest_range_and_nothing_else() {
+    if !kvm_here("kvm_dirty_log_reports_the_guest_range_and_nothing_else") {
+        return;
+    }
+    let (vcpus, dirty) = (2, 2);
+    let vm = vm(64, vcpus, dirty, false);
+    let log = vm.dirty();
+    let ram = &vm.ram;
+    let bitmaps: Vec<DirtyBitmap> = ram
+        .blocks()
+        .iter()
+        .map(|b| DirtyBitmap::new(b.pages()))
+        .collect();
+    assert!(matches!(
+        vm.dirty().harvest_with_cost(RAM_BLOCK, &bitmaps[RAM_BLOCK]),
+        Err(KvmError::NotLogging)
+    ));
+    vm.start().unwrap();
+    log.start().unwrap();
+    // Once the guest has completed a whole pass after a harvest, the next harvest holds
+    // exactly its range in `ram` and its control page in `ram-low`.
+    let harvest = || {
+        for (b, map) in bitmaps.iter().enumerate() {
+            map.clear_all();
+            log.harvest(b, map).unwrap();
+        }
+    };
+    for _ in 0..3 {
+        harvest();
+        wait_passes(&vm, &vm.passes(), 2);
+    }
+    harvest();
+    let per_vcpu = (dirty * MIB) as usize / PAGE_SIZE;
+    let expected_ram: Vec<usize> = (0..vcpus * per_vcpu).collect();
+    assert_eq!(pages_set(&bitmaps[RAM_BLOCK]), expected_ram);
+    let control: Vec<usize> = (0..vcpus)
+        .map(|i| (layout::control_gpa(i) / 4096) as usize)
+        .collect();
+    assert_eq!(pages_set(&bitmaps[LOW_BLOCK]), control);
+
+    // Pages the VMM writes, and pages put back after a failed send, come out too.
+    vm.write_guest(layout::RAM_GPA + 40 * MIB, &[1, 2, 3])
+        .unwrap();
+    let failed = DirtyBitmap::new(bitmaps[RAM_BLOCK].pages());
+    failed.set(12_000);
+    log.restore(RAM_BLOCK, &failed);
+    harvest();
+    let got = pages_set(&bitmaps[RAM_BLOCK]);
+    let extra = [12_000, 40 * MIB as usize / PAGE_SIZE];
+    assert!(extra.iter().all(|p| got.contains(p)), "{got:?}");
+    assert!(
+        got.iter()
+            .all(|p| *p < vcpus * per_vcpu || extra.contains(p)),
+        "{got:?}"
+    );
+
+    log.stop();
+    assert!(vm
+        .dirty()
+        .harvest_with_cost(RAM_BLOCK, &bitmaps[RAM_BLOCK])
+        .is_err());
+    vm.stop().unwrap();
+    vm.check_pattern().unwrap();
+}
+
+/// Copies the pages set in `pages` of `block` from `src` to `dst`; returns how many.
+fn copy_pages(src: &dyn GuestRam, dst: &dyn GuestRam, block: usize, pages: &DirtyBitmap) -> usize {
+    assert_eq!(src.blocks()[block], dst.blocks()[block]);
+    let (s, d) = (src.host_ptr(block), dst.host_ptr(block));
+    let mut n = 0;
+    for p in 0..pages.pages() {
+        if pages.is_set(p) {
+            // SAFETY: page `p` is inside block `block` of both VMs (same layout, checked
+            // above); the destination does not run, and a racy read of the source is
+            // what the dirty log is for.
+            unsafe {
+                std::ptr::copy_nonoverlapping(s.add(p * PAGE_SIZE), d.add(p * PAGE_SIZE), PAGE_SIZE)
+            };
+            n += 1;
+        }
+    }
+    n
+}
+
+fn same_memory(src: &dyn GuestRam, dst: &dyn GuestRam, block: usize) -> usize {
+    let len = src.blocks()[block].size as usize;
+    // SAFETY: both blocks are `len` bytes and stay mapped; neither VM runs.
+    let (a, b) = unsafe {
+        (
+            std::slice::from_raw_parts(src.host_ptr(block), len),
+            std::slice::from_raw_parts(dst.host_ptr(block), len),
+        )
+    };
+    a.chunks(PAGE_SIZE)
+        .zip(b.chunks(PAGE_SIZE))
+        .filter(|(x, y)| x != y)
+        .count()
+}
+
+#[test]
+fn kvm_in_process_migration_carries_the_guest_on() {
+    if !kvm_here("kvm_in_process_migration_carries_the_guest_on") {
+        return;
+    }
+    let (vcpus, dirty) = (2, 8);
+    let src = vm(256, vcpus, dirty, false);
+    src.start().unwrap();
+    wait_passes(&src, &[0; 2], 3);
+    let dst = vm(256, vcpus, dirty, true);
+    assert!(matches!(dst.start(), Err(KvmError::NotLoaded(0))));
+    let (sram, dram) = (src.ram(), dst.ram());
+    let maps: Vec<DirtyBitmap> = sram
+        .blocks()
+        .iter()
+        .map(|b| DirtyBitmap::new(b.pages()))
+        .collect();
+
+    src.dirty_log().start().unwrap();
+    let mut rounds = Vec::new();
+    for (b, map) in maps.iter().enumerate() {
+        sram.populated(b, map);
+    }
+    // The guest touched its ranges and the low slot's pages, and nothing else.
+    assert!(maps[RAM_BLOCK].count() < (vcpus as u64 * dirty * MIB) as usize / PAGE_SIZE + 1024);
+    for round in 0..3 {
+        if round > 0 {
+            std::thread::sleep(Duration::from_millis(30));
+            for (b, map) in maps.iter().enumerate() {
+                map.clear_all();
+                src.dirty_log().harvest(b, map).unwrap();
+            }
+        }
+        rounds.push(
+            (0..maps.len())
+                .map(|b| copy_pages(&*sram, &*dram, b, &maps[b]))
+                .sum::<usize>(),
+        );
+    }
+    std::thread::sleep(Duration::from_millis(30));
+    let t = Instant::now();
+    MigratableVm::pause(&src).unwrap();
+    for (b, map) in maps.iter().enumerate() {
+        map.clear_all();
+        src.dirty_log().harvest(b, map).unwrap();
+    }
+    src.dirty_log().stop();
+    let vcpu_states: Vec<_> = (0..vcpus).map(|i| src.save_vcpu(i).unwrap()).collect();
+    let vm_state = src.save_device(0).unwrap();
+    for (i, s) in vcpu_states.iter().enumerate() {
+        dst.load_vcpu(i, s.clone()).unwrap();
+    }
+    dst.load_device(0, vm_state).unwrap();
+    // Negative control: without the final pages the destination does not hold up.
+    if maps[RAM_BLOCK].count() > 0 {
+        assert!(
+            dst.check_pattern().is_err(),
+            "stale destination passed the pattern check"
+        );
+    }
+    let last = (0..maps.len())
+        .map(|b| copy_pages(&*sram, &*dram, b, &maps[b]))
+        .sum::<usize>();
+    let downtime = t.elapsed();
+    println!("rounds copied {rounds:?} pages, final {last}, pause to state loaded {downtime:?}");
+
+    src.check_pattern().unwrap();
+    dst.check_pattern().unwrap();
+    for b in 0..maps.len() {
+        assert_eq!(same_memory(&*sram, &*dram, b), 0, "block {b} differs");
+    }
+    let at_switch = src.passes();
+    assert_eq!(dst.passes(), at_switch);
+    MigratableVm::resume(&dst).unwrap();
+    wait_passes(&dst, &at_switch, 5);
+    MigratableVm::pause(&dst).unwrap();
+    dst.check_pattern().unwrap();
+    assert_eq!(dst.out_errors(), vec![0; vcpus]);
+    assert_eq!(src.out_errors(), vec![0; vcpus]);
+    assert!(dst.exits().iter().all(|&e| e >= 5), "{:?}", dst.exits());
+    println!(
+        "passes at switchover {at_switch:?}, on the destination now {:?}",
+        dst.passes()
+    );
+}
+
+#[test]
+fn kvm_rejects_bad_configs_and_state() {
+    if !kvm_here("kvm_rejects_bad_configs_and_state") {
+        return;
+    }
+    let bad = |mem_size, vcpus, dirty_size| {
+        let cfg = KvmConfig {
+            mem_size,
+            vcpus,
+            dirty_size,
+            incoming: false,
+        };
+        matches!(KvmVm::create(&cfg), Err(KvmError::Config(_)))
+    };
+    assert!(bad(64 * MIB, 2, 48 * MIB));
+    assert!(bad(64 * MIB, 0, MIB));
+    assert!(bad(64 * MIB, 1, 100));
+    assert!(bad(0, 1, MIB));
+    let vm = vm(16, 1, 1, true);
+    let err = vm.load_vcpu(0, DeviceState::new()).unwrap_err();
+    assert!(matches!(err, VmError::State(_)), "{err}");
+    assert!(vm.save_device(1).is_err());
+}
+
+/// Not a test: prints what `KVM_GET_DIRTY_LOG` and `KVM_CLEAR_DIRTY_LOG` cost. Run with
+/// `cargo test -p ferry-vmm --release kvm_measure -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn kvm_measure_dirty_bitmap_cost() {
+    if !kvm_here("kvm_measure_dirty_bitmap_cost") {
+        return;
+    }
+    for (mem_gib, ws_mib, every_ms) in [(1, 64, 100), (8, 64, 100), (8, 1024, 100), (8, 1024, 500)]
+    {
+        let vm = vm(mem_gib << 10, 1, ws_mib, false);
+        vm.start().unwrap();
+        wait_passes(&vm, &[0], 2);
+        let t = Instant::now();
+        vm.dirty().start().unwrap();
+        let start = t.elapsed();
+        let map = DirtyBitmap::new(vm.ram.blocks()[RAM_BLOCK].pages());
+        let mut costs = Vec::new();
+        for _ in 0..(2500 / every_ms) {
+            std::thread::sleep(Duration::from_millis(every_ms));
+            map.clear_all();
+            costs.push(vm.dirty().harvest_with_cost(RAM_BLOCK, &map).unwrap());
+        }
+        vm.stop().unwrap();
+        let idle = (0..5)
+            .map(|_| {
+                map.clear_all();
+                vm.dirty().harvest_with_cost(RAM_BLOCK, &map).unwrap()
+            })
+            .last()
+            .unwrap();
+        costs.sort_by_key(|c| c.get + c.clear);
+        let med = costs[costs.len() / 2];
+        println!(
+            "{mem_gib} GiB slot, {ws_mib} MiB ws, every {every_ms} ms: log on in {start:?}; median GET {:?} + \
+             CLEAR {:?} for {} pages (manual protect {}); paused, 0 dirty: GET {:?}",
+            med.get,
+            med.clear,
+            med.kvm_pages,
+            vm.dirty().manual_protect(),
+            idle.get
+        );
+    }
+}
+
+#[test]
+fn kvm_vcpu_state_loads_back_unchanged() {
+    if !kvm_here("kvm_vcpu_state_loads_back_unchanged") {
+        return;
+    }
+    let src = vm(16, 1, 1, false);
+    src.start().unwrap();
+    wait_passes(&src, &[0], 3);
+    src.stop().unwrap();
+    let saved = src.save_vcpu(0).unwrap();
+    let dst = vm(16, 1, 1, true);
+    dst.load_vcpu(0, saved.clone()).unwrap();
+    let again = dst.save_vcpu(0).unwrap();
+    assert_eq!(saved.fields.len(), VCPU_SCHEMA.fields.len());
+    for (name, value) in &saved.fields {
+        let other = again.get(name).unwrap();
+        if name != "msrs" {
+            assert_eq!(value, other, "field {name}");
+            continue;
+        }
+        let (Value::Bytes(a), Value::Bytes(b)) = (value, other) else {
+            panic!("msrs not bytes")
+        };
+        // Every MSR of KVM's list was readable, and only the TSC moved.
+        assert_eq!(a.len() / 16, src.msr_indices.len());
+        assert_eq!(a.len(), b.len());
+        let differ: Vec<u32> = a
+            .chunks(16)
+            .zip(b.chunks(16))
+            .filter(|(x, y)| x != y)
+            .map(|(x, _)| u32::from_le_bytes(x[..4].try_into().unwrap()))
+            .collect();
+        assert!(
+            differ.iter().all(|&m| m == 0x10),
+            "MSRs {differ:x?} changed"
+        );
+    }
+}
+
+#[test]
+fn kvm_unusable_error_names_dev_kvm_and_errno() {
+    let err = KvmError::Unusable {
+        what: "open",
+        errno: libc::ENOENT,
+    };
+    let msg = err.to_string();
+    assert!(
+        msg.contains("/dev/kvm") && msg.contains("os error 2") && !msg.contains('\n'),
+        "{msg}"
+    );
+}

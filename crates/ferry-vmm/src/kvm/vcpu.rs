@@ -1,0 +1,295 @@
+//! vCPU threads and the pause protocol.
+//!
+//! Each running vCPU has a thread that owns its `VcpuFd` (`KVM_RUN` needs `&mut`) for as
+//! long as it runs. Pausing is:
+//!
+//! 1. set the VM's stop flag;
+//! 2. send the kick signal (`SIGRTMIN`) to every vCPU thread. Its handler sets
+//!    `immediate_exit` in that thread's `kvm_run` page through a thread-local pointer, so
+//!    a thread inside `KVM_RUN` comes back with `EINTR`, and a thread about to enter it
+//!    comes back at once;
+//! 3. each thread sees the flag, re-enters `KVM_RUN` once with `immediate_exit` set so
+//!    KVM completes an I/O exit the VMM has just handled (on VMX/SVM the `out` is only
+//!    retired on the next entry; saving state before that would replay it), and ends;
+//! 4. `pause` joins every thread, so when it returns no vCPU is in `KVM_RUN`.
+//!
+//! The races: a thread clears `immediate_exit` *before* it looks at the flag, and the
+//! flag is set before the signal is sent, so a kick is either seen in the flag or left in
+//! `immediate_exit` for the next entry; it is never lost. A signal that arrives before the
+//! thread published its pointer finds none and does nothing, but then the flag check
+//! that follows sees the stop. `resume` starts fresh threads.
+
+use std::cell::Cell;
+use std::ptr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, TryLockError};
+use std::thread::JoinHandle;
+
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::signal::{register_signal_handler, unblock_signal, Killable, SIGRTMIN};
+
+use super::layout::{pass_gpa, CODE_GPA};
+use super::memory::KvmRam;
+use super::{guest, KvmError};
+
+thread_local! {
+    /// `&kvm_run.immediate_exit` of the vCPU this thread runs, or null.
+    static IMMEDIATE_EXIT: Cell<*mut u8> = const { Cell::new(ptr::null_mut()) };
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // A const-initialised thread local without destructor is a plain TLS load: no
+    // allocation or lock, so it is async-signal-safe.
+    if let Ok(p) = IMMEDIATE_EXIT.try_with(Cell::get) {
+        if !p.is_null() {
+            // SAFETY: the pointer is published only while this thread owns the vCPU and
+            // its kvm_run mapping, and cleared before it lets go of them.
+            unsafe { p.write_volatile(1) };
+        }
+    }
+}
+
+/// The signal that kicks vCPU threads out of `KVM_RUN`. Reserved for that in ferry.
+pub fn kick_signal() -> libc::c_int {
+    SIGRTMIN()
+}
+
+fn install_kick_handler() -> Result<(), KvmError> {
+    static INSTALLED: OnceLock<Result<(), i32>> = OnceLock::new();
+    INSTALLED
+        .get_or_init(|| register_signal_handler(kick_signal(), kick_handler).map_err(|e| e.errno()))
+        .map_err(|errno| KvmError::KickSignal {
+            source: kvm_ioctls::Error::new(errno),
+        })
+}
+
+/// What the VMM counts per vCPU.
+#[derive(Debug, Default)]
+pub struct VcpuStats {
+    /// `out` exits seen (one per pass of the guest).
+    pub exits: AtomicU64,
+    /// `out` values that did not follow the previous one, or disagreed with the counter
+    /// in guest memory.
+    pub out_errors: AtomicU64,
+}
+
+/// A vCPU's fd; its thread holds the lock while it runs.
+type Slot = Arc<Mutex<VcpuFd>>;
+/// A vCPU thread; it ends with the reason it stopped by itself, if it did.
+type VcpuThread = JoinHandle<Result<(), KvmError>>;
+
+pub struct Vcpus {
+    fds: Vec<Slot>,
+    /// Running threads; the lock also serialises pause and resume.
+    threads: Mutex<Vec<Option<VcpuThread>>>,
+    stop: Arc<AtomicBool>,
+    running: AtomicBool,
+    pub stats: Arc<[VcpuStats]>,
+    ram: Arc<KvmRam>,
+}
+
+impl Vcpus {
+    pub fn new(fds: Vec<VcpuFd>, ram: Arc<KvmRam>) -> Result<Self, KvmError> {
+        install_kick_handler()?;
+        let n = fds.len();
+        Ok(Self {
+            fds: fds.into_iter().map(|fd| Arc::new(Mutex::new(fd))).collect(),
+            threads: Mutex::new((0..n).map(|_| None).collect()),
+            stop: Arc::new(AtomicBool::new(true)),
+            running: AtomicBool::new(false),
+            stats: (0..n).map(|_| VcpuStats::default()).collect(),
+            ram,
+        })
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.running.load(Ordering::Acquire)
+    }
+
+    /// vCPU `index`'s fd, while no thread runs it.
+    pub fn parked(&self, index: usize) -> Result<ParkedVcpu<'_>, KvmError> {
+        let slot = self.fds.get(index).ok_or(KvmError::NoVcpu(index))?;
+        if self.is_running() {
+            return Err(KvmError::Running);
+        }
+        match slot.try_lock() {
+            Ok(guard) => Ok(ParkedVcpu(guard)),
+            // A vCPU thread panicked holding it; the fd itself is fine.
+            Err(TryLockError::Poisoned(p)) => Ok(ParkedVcpu(p.into_inner())),
+            Err(TryLockError::WouldBlock) => Err(KvmError::Running),
+        }
+    }
+
+    /// Starts a thread per vCPU. Does nothing if they run.
+    pub fn resume(&self) -> Result<(), KvmError> {
+        let mut threads = self.threads.lock().expect("vCPU threads lock");
+        if self.is_running() {
+            return Ok(());
+        }
+        self.stop.store(false, Ordering::SeqCst);
+        for index in 0..self.fds.len() {
+            let (slot, stop, stats, ram) = (
+                self.fds[index].clone(),
+                self.stop.clone(),
+                self.stats.clone(),
+                self.ram.clone(),
+            );
+            let spawned = std::thread::Builder::new()
+                .name(format!("vcpu{index}"))
+                .spawn(move || run_vcpu(index, &slot, &stop, &stats[index], &ram));
+            match spawned {
+                Ok(handle) => threads[index] = Some(handle),
+                Err(source) => {
+                    // The fd stayed in its slot (the closure was not run); stop the others.
+                    let _ = self.stop_threads(&mut threads);
+                    return Err(KvmError::Thread { index, source });
+                }
+            }
+        }
+        self.running.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Stops every vCPU thread; returns when none is in `KVM_RUN`. An error says that a
+    /// vCPU had stopped by itself (the guest failed) before the pause; all are stopped
+    /// either way.
+    pub fn pause(&self) -> Result<(), KvmError> {
+        let mut threads = self.threads.lock().expect("vCPU threads lock");
+        if !self.is_running() {
+            return Ok(());
+        }
+        let result = self.stop_threads(&mut threads);
+        self.running.store(false, Ordering::Release);
+        result
+    }
+
+    fn stop_threads(&self, threads: &mut [Option<VcpuThread>]) -> Result<(), KvmError> {
+        self.stop.store(true, Ordering::SeqCst);
+        for handle in threads.iter().flatten() {
+            // ESRCH when the thread already ended (its guest failed); the join says why.
+            let _ = handle.kill(kick_signal());
+        }
+        let mut first_err = None;
+        for (index, handle) in threads.iter_mut().enumerate() {
+            let Some(handle) = handle.take() else {
+                continue;
+            };
+            let outcome = handle.join().unwrap_or(Err(KvmError::VcpuPanicked(index)));
+            if let Err(err) = outcome {
+                first_err.get_or_insert(err);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+}
+
+impl Drop for Vcpus {
+    fn drop(&mut self) {
+        if let Err(err) = self.pause() {
+            tracing::warn!(err = %super::chain(&err), "vCPU stopped with an error");
+        }
+    }
+}
+
+/// A vCPU fd borrowed while its vCPU is paused.
+pub struct ParkedVcpu<'a>(MutexGuard<'a, VcpuFd>);
+
+impl std::ops::Deref for ParkedVcpu<'_> {
+    type Target = VcpuFd;
+    fn deref(&self) -> &VcpuFd {
+        &self.0
+    }
+}
+
+fn run_vcpu(
+    index: usize,
+    slot: &Slot,
+    stop: &AtomicBool,
+    stats: &VcpuStats,
+    ram: &KvmRam,
+) -> Result<(), KvmError> {
+    let mut guard = slot.lock().unwrap_or_else(PoisonError::into_inner);
+    let fd = &mut *guard;
+    // Threads inherit the spawner's mask; the kick must get through.
+    let _ = unblock_signal(kick_signal());
+    let regs = fd.get_regs().map_err(|source| KvmError::Vcpu {
+        index,
+        ioctl: "KVM_GET_REGS",
+        source,
+    })?;
+    let mut expected = guest::next_out(
+        regs.rip.wrapping_sub(CODE_GPA),
+        ram.read_u64(pass_gpa(index)),
+    );
+
+    fd.set_kvm_immediate_exit(0);
+    IMMEDIATE_EXIT.with(|c| c.set(ptr::addr_of_mut!(fd.get_kvm_run().immediate_exit)));
+    let result = run_loop(index, fd, stop, stats, ram, &mut expected);
+    // Complete a pending I/O exit so the saved state is past it (see module docs).
+    fd.set_kvm_immediate_exit(1);
+    let completed = match fd.run() {
+        Err(e) if e.errno() == libc::EINTR => Ok(()),
+        Err(source) => Err(KvmError::Vcpu {
+            index,
+            ioctl: "KVM_RUN (completing I/O)",
+            source,
+        }),
+        Ok(exit) => Err(KvmError::GuestStopped {
+            index,
+            reason: format!("{exit:?} while completing I/O"),
+        }),
+    };
+    IMMEDIATE_EXIT.with(|c| c.set(ptr::null_mut()));
+    fd.set_kvm_immediate_exit(0);
+    result.and(completed)
+}
+
+fn run_loop(
+    index: usize,
+    fd: &mut VcpuFd,
+    stop: &AtomicBool,
+    stats: &VcpuStats,
+    ram: &KvmRam,
+    expected: &mut u8,
+) -> Result<(), KvmError> {
+    let port = guest::port(index);
+    while !stop.load(Ordering::SeqCst) {
+        match fd.run() {
+            Ok(VcpuExit::IoOut(p, data)) if p == port && data.len() == 1 => {
+                let value = data[0];
+                stats.exits.fetch_add(1, Ordering::Relaxed);
+                let pass = ram.read_u64(pass_gpa(index));
+                if value != *expected || value != pass as u8 {
+                    stats.out_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        index,
+                        value,
+                        expected = *expected,
+                        pass,
+                        "guest out of sequence"
+                    );
+                }
+                *expected = value.wrapping_add(1);
+            }
+            Ok(exit) => {
+                let reason = format!("{exit:?}");
+                let regs = fd.get_regs().unwrap_or_default();
+                let reason = format!("{reason} at rip {:#x}, rflags {:#x}", regs.rip, regs.rflags);
+                return Err(KvmError::GuestStopped { index, reason });
+            }
+            // The kick (or another signal): clear it before the flag check, so a kick
+            // that lands after the check stays in immediate_exit.
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                fd.set_kvm_immediate_exit(0)
+            }
+            Err(source) => {
+                return Err(KvmError::Vcpu {
+                    index,
+                    ioctl: "KVM_RUN",
+                    source,
+                })
+            }
+        }
+    }
+    Ok(())
+}
