@@ -23,7 +23,32 @@ pub trait GuestVm: MigratableVm {
     /// Checks every page the workload dirties against its registers, briefly stopping
     /// the guest if it runs. Returns `(pages checked, pages wrong)`.
     fn verify(&self) -> Result<(u64, u64), VmError>;
+}
 
-    /// Pages in the backend's dirty log not yet harvested.
-    fn dirty_pages_pending(&self) -> usize;
+impl GuestVm for crate::kvm::KvmVm {
+    fn backend(&self) -> &'static str {
+        "kvm"
+    }
+
+    fn report(&self) -> GuestReport {
+        GuestReport {
+            passes: self.passes(),
+            running: self.running(),
+            console_tail: String::new(),
+        }
+    }
+
+    fn verify(&self) -> Result<(u64, u64), VmError> {
+        let was = self.running();
+        if was {
+            self.pause()?;
+        }
+        let r = self.check_pattern();
+        if was {
+            self.resume()?;
+        }
+        let pages = self.config().vcpus as u64
+            * (self.config().dirty_size / ferry_migration::PAGE_SIZE as u64);
+        r.map(|()| (pages, 0)).map_err(VmError::Failed)
+    }
 }

@@ -238,6 +238,11 @@ impl SoftVm {
         *self.shared.regs.lock().unwrap()
     }
 
+    /// Pages in the dirty log not yet harvested.
+    pub fn dirty_pages_pending(&self) -> usize {
+        self.shared.dirty.count()
+    }
+
     /// The console's recent output.
     pub fn console_tail(&self) -> String {
         String::from_utf8_lossy(&self.shared.console.lock().unwrap().tail).into_owned()
@@ -499,9 +504,5 @@ impl GuestVm for SoftVm {
             self.resume()?;
         }
         Ok(r)
-    }
-
-    fn dirty_pages_pending(&self) -> usize {
-        self.shared.dirty.count()
     }
 }

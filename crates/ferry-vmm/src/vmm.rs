@@ -85,13 +85,13 @@ pub enum VmmError {
     Busy,
     #[error("{0}")]
     State(String),
-    #[error("the {0} backend is not available in this build")]
-    Unavailable(&'static str),
+    #[error(transparent)]
+    Kvm(crate::kvm::KvmError),
 }
 
 /// Whether the KVM backend can run here; the error says why not.
 pub fn kvm_usable() -> Result<(), VmmError> {
-    Err(VmmError::Unavailable("kvm"))
+    crate::kvm::kvm_usable().map_err(VmmError::Kvm)
 }
 
 /// What `query-status` says, in QEMU's words.
@@ -169,7 +169,19 @@ impl Vmm {
                 })
                 .map_err(VmmError::Vm)?,
             ),
-            Backend::Kvm => return Err(VmmError::Unavailable("kvm")),
+            Backend::Kvm => {
+                let vm = crate::kvm::KvmVm::create(&crate::kvm::KvmConfig {
+                    mem_size: cfg.mem_size,
+                    vcpus: cfg.vcpus,
+                    dirty_size: cfg.dirty_size,
+                    incoming: cfg.incoming,
+                })
+                .map_err(VmmError::Kvm)?;
+                if !cfg.incoming && !cfg.paused {
+                    vm.start().map_err(VmmError::Kvm)?;
+                }
+                Arc::new(vm)
+            }
         };
         let state = if cfg.incoming {
             RunState::InMigrate

@@ -104,7 +104,7 @@ mod dirty;
 mod guest;
 mod layout;
 mod memory;
-pub mod pagemap;
+pub use crate::pagemap;
 mod state;
 mod vcpu;
 
