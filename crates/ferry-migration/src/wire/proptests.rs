@@ -164,11 +164,13 @@ fn end_of_stream() -> impl Strategy<Value = EndOfStream> {
         proptest::option::of(any::<u64>()),
         proptest::option::of(any::<u64>()),
         any::<u64>(),
+        any::<bool>(),
     )
-        .prop_map(|(digest, full_digest, pages_sent)| EndOfStream {
+        .prop_map(|(digest, full_digest, pages_sent, resume)| EndOfStream {
             digest,
             full_digest,
             pages_sent,
+            resume,
         })
 }
 
@@ -918,12 +920,13 @@ proptest! {
     #[test]
     fn end_of_stream_accepts_exactly_known_flags(b in any::<[u8; EndOfStream::LEN]>()) {
         let r = EndOfStream::decode(&b);
-        prop_assert_eq!(r.is_ok(), b[0] & !3 == 0, "{:?}", r);
+        prop_assert_eq!(r.is_ok(), b[0] & !7 == 0, "{:?}", r);
         if let Ok(e) = r {
             let field = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap());
             prop_assert_eq!(e.digest, (b[0] & 1 != 0).then(|| field(1)));
             prop_assert_eq!(e.full_digest, (b[0] & 2 != 0).then(|| field(9)));
             prop_assert_eq!(e.pages_sent, field(17));
+            prop_assert_eq!(e.resume, b[0] & 4 != 0);
             prop_assert_eq!(EndOfStream::decode(&e.encode())?, e);
         }
     }
