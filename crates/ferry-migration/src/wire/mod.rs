@@ -25,6 +25,18 @@
 //! may send `LoadFailed(reason)` at any point and close. Neither side ever waits for a
 //! message the other will not send: every wait has a peer-closed or timeout exit.
 //!
+//! # Who runs the guest when something breaks
+//!
+//! Until the source reads `Completed`, the guest belongs to the source: on any error,
+//! refusal, abort or cancel the source resumes it (if it was running) and the
+//! destination never starts it. The destination starts the guest only after the end of
+//! stream has arrived, every device and vCPU state has loaded exactly once and the
+//! digest matched; then it sends `Completed`. One window remains, as in every
+//! two-party protocol: if the connection breaks after the destination resumed but
+//! before `Completed` reaches the source, the source reports a failure although the
+//! guest runs at the destination. The destination logs that case; management must
+//! check the destination before restarting the source guest.
+//!
 //! # Encoding rules
 //!
 //! * All integers are little-endian, written and read one field at a time: nothing is a
