@@ -349,7 +349,17 @@ impl Vmm {
                                 "the guest now runs at {uri}"
                             );
                         }
-                        Err(e) => tracing::warn!(error = %error_chain(&e), "migration to {uri} failed; the guest keeps running here"),
+                        Err(e) => {
+                            if was_running && !me.vm.is_running() {
+                                // The engine left the guest stopped: the destination may
+                                // be running it (see the wire docs).
+                                me.set_state(RunState::Paused);
+                                me.emit(VmmEvent::Stop);
+                                tracing::error!(error = %error_chain(&e), "migration to {uri} failed after the guest was handed over; it stays stopped here");
+                            } else {
+                                tracing::warn!(error = %error_chain(&e), "migration to {uri} failed; the guest keeps running here");
+                            }
+                        }
                     }
                 })
                 .map_err(|e| VmmError::State(format!("cannot start the migration thread: {e}")))?,

@@ -207,6 +207,12 @@ fn a_killed_destination_leaves_the_source_running_and_a_retry_succeeds() {
 /// Plays a destination that accepts, reads frames until `until`, then reports a load
 /// failure.
 fn failing_destination(until: FrameTag) -> (MigrationUri, thread::JoinHandle<()>) {
+    fake_destination(until, true)
+}
+
+/// Plays a destination that accepts and reads frames until `until`; then it reports a
+/// load failure when `report` is set, or just disappears.
+fn fake_destination(until: FrameTag, report: bool) -> (MigrationUri, thread::JoinHandle<()>) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let uri: MigrationUri = format!("tcp:{}", l.local_addr().unwrap()).parse().unwrap();
     let t = thread::spawn(move || {
@@ -239,6 +245,9 @@ fn failing_destination(until: FrameTag) -> (MigrationUri, thread::JoinHandle<()>
             if fh.tag == until {
                 break;
             }
+        }
+        if !report {
+            return;
         }
         let why = ferry_migration::wire::encode_reason("test destination gives up");
         s.write_all(
@@ -283,6 +292,30 @@ fn harvested_dirty_bits_are_put_back_after_a_failure() {
         !src.is_running(),
         "a paused source stays paused after a failure"
     );
+}
+
+#[test]
+fn a_destination_lost_after_the_end_of_stream_leaves_the_guest_stopped_not_twice_running() {
+    let src = soft(false, 32 << 20, 4 << 20);
+    wait_passes(&src, 3);
+    let (uri, t) = fake_destination(FrameTag::EndOfStream, false);
+    let m = MigrationMonitor::new();
+    let err = engine::migrate(src.as_ref(), &source_id(), &params(), &uri, &m).unwrap_err();
+    t.join().unwrap();
+    assert!(matches!(err, MigrationError::PeerClosed { .. }), "{err}");
+    assert!(
+        !src.is_running(),
+        "the destination may run the guest: the source must not resume it on its own"
+    );
+    // The same loss long before the end of stream (more RAM than socket buffers hold):
+    // the guest is still ours and runs on.
+    let big = soft(false, 64 << 20, 48 << 20);
+    wait_passes(&big, 2);
+    let (uri, t) = fake_destination(FrameTag::Hello, false);
+    let err = engine::migrate(big.as_ref(), &source_id(), &params(), &uri, &m).unwrap_err();
+    t.join().unwrap();
+    assert!(matches!(err, MigrationError::PeerClosed { .. }), "{err}");
+    assert!(big.is_running());
 }
 
 #[test]
@@ -491,7 +524,9 @@ fn corrupting_proxy(to: MigrationUri) -> (MigrationUri, thread::JoinHandle<()>) 
             }
             let fh = FrameHeader::decode(&h).unwrap();
             let mut p = vec![0u8; fh.len as usize];
-            a.read_exact(&mut p).unwrap();
+            if a.read_exact(&mut p).is_err() {
+                break;
+            }
             if fh.tag == FrameTag::RamBatch {
                 let count = u32::from_le_bytes(p[4..8].try_into().unwrap()) as usize;
                 let data = RamBatchHeader::LEN + 8 * count;
@@ -499,8 +534,10 @@ fn corrupting_proxy(to: MigrationUri) -> (MigrationUri, thread::JoinHandle<()>) 
                     p[data + 100] ^= 0x5a;
                 }
             }
-            b.write_all(&h).unwrap();
-            b.write_all(&p).unwrap();
+            // The destination hangs up once it has seen the damage; stop relaying then.
+            if b.write_all(&h).and_then(|()| b.write_all(&p)).is_err() {
+                break;
+            }
         }
         let _ = b.shutdown(std::net::Shutdown::Write);
         back.join().unwrap();

@@ -84,6 +84,7 @@ pub fn migrate(
         rp: None,
         start,
         paused_by_us: false,
+        eos_sent: false,
         logging: false,
         pages_sent: 0,
         batch: Batch::default(),
@@ -152,6 +153,8 @@ struct Source<'a> {
     rp: Option<Receiver<RpEvent>>,
     start: Instant,
     paused_by_us: bool,
+    /// The end of stream went out: from here the destination may resume the guest.
+    eos_sent: bool,
     logging: bool,
     pages_sent: u64,
     batch: Batch,
@@ -457,7 +460,16 @@ impl Source<'_> {
             }
             self.vm.dirty_log().stop();
         }
-        if self.paused_by_us && was_running {
+        // After the end of stream, silence from the destination does not mean it failed:
+        // it may be running the guest already. Resuming here too could run the guest
+        // twice, so the guest stays stopped and the error says what to check.
+        let in_doubt = self.eos_sent
+            && !matches!(e, MigrationError::LoadFailed(_) | MigrationError::Cancelled);
+        if in_doubt {
+            tracing::error!(
+                "the destination may already be running the guest; check it, and `cont` here only if it is not"
+            );
+        } else if self.paused_by_us && was_running {
             if let Err(re) = self.vm.resume() {
                 tracing::error!(error = %error_chain(&re), "could not resume the guest after a failed migration");
             }
@@ -698,6 +710,7 @@ impl Source<'_> {
             resume,
         };
         let t = Instant::now();
+        self.eos_sent = true;
         write_frame(
             self.ch(),
             FrameTag::EndOfStream,

@@ -32,10 +32,10 @@
 //! destination never starts it. The destination starts the guest only after the end of
 //! stream has arrived, every device and vCPU state has loaded exactly once and the
 //! digest matched; then it sends `Completed`. One window remains, as in every
-//! two-party protocol: if the connection breaks after the destination resumed but
-//! before `Completed` reaches the source, the source reports a failure although the
-//! guest runs at the destination. The destination logs that case; management must
-//! check the destination before restarting the source guest.
+//! two-party protocol: once the end of stream has gone out, a silent destination may
+//! already be running the guest. So if the connection then breaks or times out without
+//! a `LoadFailed`, the source reports the failure but leaves the guest stopped, saying
+//! so: management checks the destination before it resumes the source (`cont`).
 //!
 //! # Encoding rules
 //!
