@@ -180,12 +180,8 @@ def reap(p: subprocess.Popen | None, grace: float = 3.0) -> None:
                     break
                 except subprocess.TimeoutExpired:
                     continue
-        else:
-            # The leader is gone; anything left in its group goes too.
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+        # Once the leader has been waited for, its pid (and so the group id) may belong to
+        # someone else: never signal it again. Nothing ferry or iperf3 starts outlives them.
     finally:
         if p in _LIVE:
             _LIVE.remove(p)
@@ -1140,4 +1136,9 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except KeyboardInterrupt:
+        # Interrupted before measuring began (building, installing iperf3).
+        reap_all()
+        sys.exit(130)
