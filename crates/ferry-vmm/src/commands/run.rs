@@ -158,6 +158,9 @@ pub fn main(args: RunArgs) -> CliResult {
     }
     control.wait_quit(None);
     vmm.cancel_migration();
+    // `quit` is answered by the connection's writer thread; give it a moment to reach
+    // the client before the process ends.
+    std::thread::sleep(std::time::Duration::from_millis(50));
     Ok(if failed.load(Ordering::SeqCst) {
         ExitCode::FAILURE
     } else {
