@@ -29,8 +29,15 @@ const KVM_2: &[&str] = &[
     "16M",
 ];
 
+/// Slow enough that a 32 MiB first pass takes over a second.
+const SLOW: &str = "20M";
+
 fn cat<'a>(a: &[&'a str], b: &[&'a str]) -> Vec<&'a str> {
     [a, b].concat()
+}
+
+fn err_desc(v: &Value) -> String {
+    v["error-desc"].as_str().unwrap_or_default().to_string()
 }
 
 /// Runs `ferry migrate --qmp SRC URI --json EXTRA` to a waiting destination and checks
@@ -137,4 +144,82 @@ fn live_migration_kvm_two_vcpus() {
         return;
     }
     live_migration("live-kvm-2", KVM_2, &[], "digest");
+}
+
+/// Waits until the source's migration is active and has moved some RAM.
+fn wait_ram_moving(s: &mut QmpClient) -> Value {
+    wait_for(
+        Duration::from_secs(20),
+        || "the migration to move RAM".to_string(),
+        || {
+            let q = query_migrate(s);
+            let moving =
+                q["status"] == "active" && q["ram"]["transferred"].as_u64().unwrap_or(0) > 1 << 20;
+            moving.then_some(q)
+        },
+    )
+}
+
+/// The destination dies (SIGKILL) mid-migration: `ferry migrate` fails naming the
+/// destination, the source's guest never stopped and is intact, and the next migration
+/// to a fresh destination succeeds.
+fn destination_killed(name: &str, vm: &[&str]) {
+    let _one_at_a_time = serial();
+    let dir = TestDir::new(name);
+    let (mut src, mut s, mut dst, uri) = pair(&dir, vm, &[]);
+    let mig = spawn_ferry(&[
+        "migrate",
+        "--qmp",
+        src.qmp_path(),
+        &uri,
+        "--json",
+        "--max-bandwidth",
+        SLOW,
+    ]);
+    let during = wait_ram_moving(&mut s);
+    assert_eq!(
+        during["passes"].as_array().map_or(0, Vec::len),
+        0,
+        "first pass already over; the bandwidth cap did not hold: {during}"
+    );
+    dst.kill();
+    let out = mig.finish(MIGRATE_TIMEOUT);
+    let ctx = format!("{out}{}{}", src.ctx(), dst.ctx());
+    assert!(!out.status.success(), "ferry migrate succeeded\n{ctx}");
+    let last = out.last_json();
+    assert_eq!(last["status"], "failed", "{ctx}");
+    let e = err_desc(&last);
+    assert!(
+        e.contains("destination") || e.contains(&uri),
+        "the error does not name the destination: {e:?}\n{ctx}"
+    );
+
+    assert_eq!(run_state(&mut s), "running", "{ctx}");
+    assert_guest_progresses(&mut s, "source");
+    assert_guest_intact(&mut s, "source");
+    assert_eq!(query_migrate(&mut s)["status"], "failed");
+
+    let mut dst2 = Vm::incoming(&dir, "destination2", vm);
+    let uri2 = dst2.uri();
+    migrate_and_check(
+        &mut src,
+        &mut s,
+        &mut dst2,
+        &uri2,
+        &["--max-bandwidth", "0"],
+        "digest",
+    );
+}
+
+#[test]
+fn destination_killed_mid_migration_soft() {
+    destination_killed("killed-soft", SOFT);
+}
+
+#[test]
+fn destination_killed_mid_migration_kvm() {
+    if !kvm_or_skip() {
+        return;
+    }
+    destination_killed("killed-kvm", KVM);
 }
