@@ -9,11 +9,13 @@
 
 mod common;
 
-use std::time::Duration;
+use std::thread;
+use std::time::{Duration, Instant};
 
 use common::*;
+use ferry_migration::engine::stats::CANCEL_GRACE;
 use ferry_vmm::qmp::QmpClient;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 /// A soft guest small enough to migrate in well under a second.
 const SOFT: &[&str] = &["--backend", "soft", "--mem", "256M", "--dirty", "32M"];
@@ -222,4 +224,125 @@ fn destination_killed_mid_migration_kvm() {
         return;
     }
     destination_killed("killed-kvm", KVM);
+}
+
+/// `migrate_cancel` mid-migration: cancelled, the source runs on, the destination exits
+/// non-zero without having run the guest, and a retry to a new destination succeeds.
+fn cancel_mid_migration(name: &str, vm: &[&str]) {
+    let _one_at_a_time = serial();
+    let dir = TestDir::new(name);
+    let (mut src, mut s, mut dst, uri) = pair(&dir, vm, &[]);
+    exec(
+        &mut s,
+        "migrate-set-parameters",
+        json!({ "max-bandwidth": 20 << 20 }),
+    );
+    let mig = spawn_ferry(&["migrate", "--qmp", src.qmp_path(), &uri, "--json"]);
+    wait_ram_moving(&mut s);
+    let mut d = dst.qmp();
+    assert_eq!(run_state(&mut d), "inmigrate", "{}", dst.ctx());
+    drop(d);
+    exec(&mut s, "migrate_cancel", Value::Null);
+    let cancelled_at = Instant::now();
+
+    let out = mig.finish(MIGRATE_TIMEOUT);
+    let ctx = format!("{out}{}{}", src.ctx(), dst.ctx());
+    assert!(!out.status.success(), "ferry migrate succeeded\n{ctx}");
+    assert_eq!(out.last_json()["status"], "cancelled", "{ctx}");
+    assert_eq!(query_migrate(&mut s)["status"], "cancelled", "{ctx}");
+    assert_eq!(run_state(&mut s), "running", "{ctx}");
+    assert_guest_progresses(&mut s, "source");
+    assert_guest_intact(&mut s, "source");
+
+    let st = dst.wait_exit(Duration::from_secs(10));
+    let ctx = format!("{out}{}{}", src.ctx(), dst.ctx());
+    assert!(
+        st.is_some_and(|s| !s.success()),
+        "destination: {st:?} after the cancel (want a non-zero exit)\n{ctx}"
+    );
+    let log = dst.log();
+    assert!(log.contains("was not started"), "{ctx}");
+    assert!(!log.contains("migration received"), "{ctx}");
+
+    exec(
+        &mut s,
+        "migrate-set-parameters",
+        json!({ "max-bandwidth": 0 }),
+    );
+    assert_eq!(
+        exec(&mut s, "query-migrate-parameters", Value::Null)["max-bandwidth"],
+        0
+    );
+    // A migration started within CANCEL_GRACE of the cancel gets its connection shut
+    // by that cancel (see `migration_started_right_after_a_cancel_survives`); retry
+    // after it, as that bug is not what this test is about.
+    let mut dst2 = Vm::incoming(&dir, "destination2", vm);
+    let uri2 = dst2.uri();
+    thread::sleep(
+        (cancelled_at + CANCEL_GRACE + GRACE_MARGIN).saturating_duration_since(Instant::now()),
+    );
+    migrate_and_check(&mut src, &mut s, &mut dst2, &uri2, &[], "digest");
+}
+
+/// Past the cancel's grace period by this much, its watchdog has run.
+const GRACE_MARGIN: Duration = Duration::from_millis(500);
+
+/// A migration started right after a `migrate_cancel` must not be cut off by it.
+///
+/// Shows with: a source, two destinations, `ferry migrate --qmp S URI1 --max-bandwidth
+/// 20M --detach`, `migrate_cancel` on S, then at once `ferry migrate --qmp S URI2
+/// --max-bandwidth 20M --json`: it fails about 2 s after the cancel with "destination
+/// closed the connection" while that destination is alive and well.
+#[test]
+#[ignore = "bug: migrate_cancel's watchdog (MigrationMonitor::cancel) shuts whatever channel is attached CANCEL_GRACE (2 s) later, including the next migration's"]
+fn migration_started_right_after_a_cancel_survives() {
+    let _one_at_a_time = serial();
+    let dir = TestDir::new("cancel-then-retry");
+    let (src, mut s, _dst, uri) = pair(&dir, SOFT, &[]);
+    exec(
+        &mut s,
+        "migrate-set-parameters",
+        json!({ "max-bandwidth": 20 << 20 }),
+    );
+    exec(&mut s, "migrate", json!({ "uri": uri }));
+    wait_ram_moving(&mut s);
+    exec(&mut s, "migrate_cancel", Value::Null);
+    let cancelled_at = Instant::now();
+    wait_for(
+        Duration::from_secs(10),
+        || "the first migration to be cancelled".to_string(),
+        || (query_migrate(&mut s)["status"] == "cancelled").then_some(()),
+    );
+
+    // Never converges at 20 MiB/s with 32 MiB dirtied per pass: it is still going when
+    // the cancel's grace period ends, unless something cuts it.
+    let mut dst2 = Vm::incoming(&dir, "destination2", SOFT);
+    let uri2 = dst2.uri();
+    exec(&mut s, "migrate", json!({ "uri": uri2 }));
+    while cancelled_at.elapsed() < CANCEL_GRACE + GRACE_MARGIN {
+        let q = query_migrate(&mut s);
+        assert!(
+            q["status"] == "setup" || q["status"] == "active",
+            "the second migration ended {:.1} s after the first one's cancel: {q}{}{}",
+            cancelled_at.elapsed().as_secs_f64(),
+            src.ctx(),
+            dst2.ctx()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert!(dst2.alive(), "{}", dst2.ctx());
+    exec(&mut s, "migrate_cancel", Value::Null);
+}
+
+#[test]
+fn migrate_cancel_mid_migration_soft() {
+    cancel_mid_migration("cancel-soft", SOFT);
+}
+
+#[test]
+fn migrate_cancel_mid_migration_kvm() {
+    if !kvm_or_skip() {
+        return;
+    }
+    cancel_mid_migration("cancel-kvm", KVM);
 }
