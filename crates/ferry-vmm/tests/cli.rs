@@ -34,12 +34,22 @@ const KVM_2: &[&str] = &[
 /// Slow enough that a 32 MiB first pass takes over a second.
 const SLOW: &str = "20M";
 
+/// Short for one-shot commands that must fail at once.
+const QUICK: Duration = Duration::from_secs(20);
+
 fn cat<'a>(a: &[&'a str], b: &[&'a str]) -> Vec<&'a str> {
     [a, b].concat()
 }
 
 fn err_desc(v: &Value) -> String {
     v["error-desc"].as_str().unwrap_or_default().to_string()
+}
+
+/// The words of `s`, for checking that `on` and `off` both appear as values.
+fn words(s: &str) -> Vec<&str> {
+    s.split(|c: char| !c.is_alphanumeric() && c != '-' && c != '.')
+        .filter(|w| !w.is_empty())
+        .collect()
 }
 
 /// Runs `ferry migrate --qmp SRC URI --json EXTRA` to a waiting destination and checks
@@ -345,4 +355,119 @@ fn migrate_cancel_mid_migration_kvm() {
         return;
     }
     cancel_mid_migration("cancel-kvm", KVM);
+}
+
+/// A small soft source for the refusal tests.
+const REFUSE_SRC: &[&str] = &["--backend", "soft", "--mem", "256M", "--dirty", "16M"];
+
+/// `ferry migrate` to `uri` fails before any RAM moves, with an error containing each of
+/// `causes`; the source keeps running, intact. Returns the error.
+fn assert_refused(
+    src: &Vm,
+    s: &mut QmpClient,
+    uri: &str,
+    causes: &[&str],
+    ctx: &dyn Fn() -> String,
+) -> String {
+    let out = ferry(
+        &["migrate", "--qmp", src.qmp_path(), uri, "--json"],
+        MIGRATE_TIMEOUT,
+    );
+    let ctx = format!("{out}{}{}", src.ctx(), ctx());
+    assert!(!out.status.success(), "ferry migrate succeeded\n{ctx}");
+    let last = out.last_json();
+    assert_eq!(last["status"], "failed", "{ctx}");
+    let e = err_desc(&last);
+    for c in causes {
+        assert!(e.contains(c), "the error does not name {c:?}: {e:?}\n{ctx}");
+    }
+    let q = query_migrate(s);
+    assert_eq!(q["status"], "failed", "{q}\n{ctx}");
+    assert_eq!(
+        q["ram"]["transferred"], 0,
+        "RAM moved before the refusal: {q}\n{ctx}"
+    );
+    assert_eq!(run_state(s), "running", "{ctx}");
+    assert_guest_progresses(s, "source");
+    assert_guest_intact(s, "source");
+    e
+}
+
+/// A destination that refuses the source's hello, then exits non-zero.
+fn refused_by_destination(name: &str, dst_args: &[&str], causes: &[&str]) -> String {
+    let _one_at_a_time = serial();
+    let dir = TestDir::new(name);
+    let mut src = Vm::start(&dir, "source", REFUSE_SRC);
+    let mut dst = Vm::incoming(&dir, "destination", dst_args);
+    let uri = dst.uri();
+    let mut s = src.qmp();
+    assert_guest_progresses(&mut s, "source");
+    let e = assert_refused(&src, &mut s, &uri, causes, &|| dst.ctx());
+    let st = dst.wait_exit(Duration::from_secs(10));
+    assert!(
+        st.is_some_and(|s| !s.success()),
+        "destination: {st:?} after refusing (want a non-zero exit){}",
+        dst.ctx()
+    );
+    assert!(dst.log().contains("was not started"), "{}", dst.ctx());
+    e
+}
+
+#[test]
+fn refused_ram_size_mismatch() {
+    refused_by_destination(
+        "refuse-mem",
+        &["--backend", "soft", "--mem", "128M", "--dirty", "16M"],
+        &["RAM", "256.0 MiB", "128.0 MiB"],
+    );
+}
+
+#[test]
+fn refused_wire_property_mismatch() {
+    let e = refused_by_destination(
+        "refuse-digest",
+        &[REFUSE_SRC, &["-global", "migration.digest=off"]].concat(),
+        &["migration.digest"],
+    );
+    let w = words(&e);
+    assert!(
+        w.contains(&"on") && w.contains(&"off"),
+        "the error does not give both values of migration.digest: {e:?}"
+    );
+}
+
+/// There is one machine type today, so a destination on another machine type is one
+/// the destination itself refuses at start, listing the ones it knows; migrating to it
+/// then fails without moving RAM.
+#[test]
+fn refused_unknown_machine_type() {
+    let _one_at_a_time = serial();
+    let dir = TestDir::new("refuse-machine");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let uri = format!("tcp:127.0.0.1:{port}");
+    let mut dst = Vm::start(
+        &dir,
+        "destination",
+        &cat(REFUSE_SRC, &["--machine", "nope", "--incoming", &uri]),
+    );
+    let st = dst.wait_exit(QUICK);
+    assert!(
+        st.is_some_and(|s| !s.success()),
+        "ferry run --machine nope: {st:?}{}",
+        dst.ctx()
+    );
+    let log = dst.log();
+    assert!(
+        log.contains("nope") && log.contains("ferry-0.1"),
+        "{}",
+        dst.ctx()
+    );
+
+    let mut src = Vm::start(&dir, "source", REFUSE_SRC);
+    let mut s = src.qmp();
+    assert_guest_progresses(&mut s, "source");
+    assert_refused(&src, &mut s, &uri, &[&uri], &|| dst.ctx());
 }
