@@ -471,3 +471,157 @@ fn refused_unknown_machine_type() {
     assert_guest_progresses(&mut s, "source");
     assert_refused(&src, &mut s, &uri, &[&uri], &|| dst.ctx());
 }
+
+/// `ferry run ARGS` (never reaching a running VM: no --qmp) fails at once with an
+/// error containing each of `names`.
+fn run_refused(args: &[&str], names: &[&str]) -> String {
+    let out = ferry(&cat(&["run"], args), QUICK);
+    assert!(!out.status.success(), "{out}");
+    for n in names {
+        assert!(
+            out.stderr.contains(n),
+            "the error does not name {n:?}\n{out}"
+        );
+    }
+    assert!(!out.stderr.contains("panicked"), "{out}");
+    out.stderr
+}
+
+#[test]
+fn bad_mem_size_is_refused() {
+    run_refused(&["--backend", "soft", "--mem", "12Q"], &["12Q", "--mem"]);
+}
+
+#[test]
+fn unknown_machine_type_is_refused_listing_the_known_ones() {
+    run_refused(
+        &["--backend", "soft", "--machine", "nope"],
+        &["nope", "ferry-0.1"],
+    );
+}
+
+/// The migration driver's properties, as `ferry machines ferry --json` lists them.
+fn migration_properties() -> Vec<String> {
+    let out = ferry(&["machines", "ferry", "--json"], QUICK);
+    assert!(out.status.success(), "{out}");
+    let v = out.last_json();
+    let props: Vec<String> = v["properties"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no properties: {v}"))
+        .iter()
+        .filter(|p| p["driver"] == "migration")
+        .filter_map(|p| p["property"].as_str().map(str::to_string))
+        .collect();
+    assert!(!props.is_empty(), "{v}");
+    props
+}
+
+#[test]
+fn unknown_global_property_is_refused_listing_the_valid_ones() {
+    let props = migration_properties();
+    let mut names: Vec<&str> = vec!["nope"];
+    names.extend(props.iter().map(String::as_str));
+    run_refused(
+        &["--backend", "soft", "-global", "migration.nope=1"],
+        &names,
+    );
+}
+
+#[test]
+fn bad_global_value_is_refused() {
+    run_refused(
+        &[
+            "--backend",
+            "soft",
+            "-global",
+            "migration.downtime-limit=abc",
+        ],
+        &["abc", "migration.downtime-limit"],
+    );
+}
+
+#[test]
+fn migrate_without_a_vm_names_the_socket() {
+    let out = ferry(&["migrate", "--qmp", "/nonexistent", "x"], QUICK);
+    assert!(!out.status.success(), "{out}");
+    assert!(out.stderr.contains("/nonexistent"), "{out}");
+}
+
+/// A `migrate` or `migrate-set-parameters` the VM refuses: `ferry migrate` must pass
+/// on the VM's reason (which names the bad value), and the guest keeps running.
+#[test]
+#[ignore = "bug: ferry migrate prints only \"QMP command 'migrate' failed\", dropping the VM's reason (main prints the top-level error, not its chain)"]
+fn migrate_refused_by_the_vm_says_why() {
+    let _one_at_a_time = serial();
+    let dir = TestDir::new("migrate-bad-args");
+    let mut src = Vm::start(&dir, "source", REFUSE_SRC);
+    let mut s = src.qmp();
+    assert_guest_progresses(&mut s, "source");
+
+    let out = ferry(&["migrate", "--qmp", src.qmp_path(), "x"], QUICK);
+    assert!(!out.status.success(), "{out}");
+    assert!(
+        out.stderr.contains("\"x\""),
+        "the bad URI is not named\n{out}"
+    );
+    assert!(
+        out.stderr.contains("tcp:HOST:PORT"),
+        "the valid forms are not given\n{out}"
+    );
+
+    let out = ferry(
+        &[
+            "migrate",
+            "--qmp",
+            src.qmp_path(),
+            "tcp:127.0.0.1:1",
+            "--downtime-limit",
+            "0",
+        ],
+        QUICK,
+    );
+    assert!(!out.status.success(), "{out}");
+    assert!(out.stderr.contains("downtime-limit"), "{out}");
+    assert!(
+        out.stderr.contains("600000"),
+        "the valid range is not given\n{out}"
+    );
+
+    assert_eq!(run_state(&mut s), "running", "{}", src.ctx());
+    assert_guest_progresses(&mut s, "source");
+}
+
+/// Sizes the soft backend cannot run: the error must say what is wrong with them.
+#[test]
+#[ignore = "bug: the soft backend's reason is dropped; ferry run prints only \"cannot create the VM\""]
+fn soft_vm_size_errors_say_why() {
+    let e = run_refused(
+        &["--backend", "soft", "--mem", "128M", "--dirty", "1G"],
+        &["128.0 MiB", "1.0 GiB"],
+    );
+    assert!(e.contains("dirt"), "{e}");
+    run_refused(&["--backend", "soft", "--mem", "1K"], &["1024"]);
+}
+
+/// `--vcpus 0` is refused by the KVM backend ("between 1 and 64 are supported"); the
+/// soft backend must not run a VM with it either.
+#[test]
+#[ignore = "bug: ferry run --backend soft --vcpus 0 starts a VM (with 1 vCPU) instead of refusing"]
+fn zero_vcpus_is_refused_by_the_soft_backend() {
+    let out = ferry(
+        &[
+            "run",
+            "--backend",
+            "soft",
+            "--mem",
+            "128M",
+            "--dirty",
+            "16M",
+            "--vcpus",
+            "0",
+        ],
+        Duration::from_secs(5),
+    );
+    assert!(!out.status.success(), "{out}");
+    assert!(out.stderr.contains("vCPU"), "{out}");
+}
