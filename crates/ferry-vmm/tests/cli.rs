@@ -555,7 +555,9 @@ const DEMO: &[&str] = &["--mem", "256M", "--dirty", "32M", "--warmup", "0.3"];
 #[test]
 fn demo_soft_json() {
     let _one_at_a_time = serial();
-    let out = ferry(
+    let dir = TestDir::new("demo-soft");
+    let out = ferry_in(
+        &dir,
         &cat(&["demo", "--json", "--backend", "soft"], DEMO),
         MIGRATE_TIMEOUT,
     );
@@ -571,7 +573,9 @@ fn demo_kvm_json() {
         return;
     }
     let _one_at_a_time = serial();
-    let out = ferry(
+    let dir = TestDir::new("demo-kvm");
+    let out = ferry_in(
+        &dir,
         &cat(&["demo", "--json", "--backend", "kvm"], DEMO),
         MIGRATE_TIMEOUT,
     );

@@ -79,11 +79,46 @@ impl Drop for TestDir {
     }
 }
 
+/// SIGKILLs `child` and every process it started (`ferry demo` runs two `ferry run`s,
+/// which its own cleanup would stop, but not when it is killed), then reaps `child`.
 fn kill_and_reap(child: &mut Child) {
     if matches!(child.try_wait(), Ok(None)) {
+        // Not reaped, so its pid, and its children's, are still theirs.
+        let mut tree = Vec::new();
+        descendants(child.id(), &mut tree);
         let _ = child.kill();
+        for pid in tree {
+            if let Ok(pid) = libc::pid_t::try_from(pid) {
+                // SAFETY: kill(2) takes no pointers; `pid` is a process this test started
+                // (directly or through `child`), found under /proc a moment ago.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
     }
     let _ = child.wait();
+}
+
+/// Appends the pids of `pid`'s children, grandchildren and so on, from /proc.
+fn descendants(pid: u32, out: &mut Vec<u32>) {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    let children: Vec<u32> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|&p| parent_of(p) == Some(pid))
+        .collect();
+    for c in children {
+        out.push(c);
+        descendants(c, out);
+    }
+}
+
+/// The parent pid in /proc/PID/stat: `pid (comm) state ppid ...`, where comm may hold
+/// spaces and parentheses.
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(1)?.parse().ok()
 }
 
 fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
@@ -293,8 +328,11 @@ fn drain(mut r: impl Read + Send + 'static) -> JoinHandle<String> {
 
 /// Starts `ferry ARGS`.
 pub fn spawn_ferry(args: &[&str]) -> Running {
-    let mut child = Command::new(FERRY)
-        .args(args)
+    spawn(Command::new(FERRY).args(args), args)
+}
+
+fn spawn(cmd: &mut Command, args: &[&str]) -> Running {
+    let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -347,6 +385,16 @@ impl Drop for Running {
 /// Runs `ferry ARGS` to the end, within `timeout`.
 pub fn ferry(args: &[&str], timeout: Duration) -> Output {
     spawn_ferry(args).finish(timeout)
+}
+
+/// Like [`ferry`], with `dir` as TMPDIR: for commands that make temp files of their
+/// own (`ferry demo`), so that nothing is left behind if they are killed.
+pub fn ferry_in(dir: &TestDir, args: &[&str], timeout: Duration) -> Output {
+    spawn(
+        Command::new(FERRY).args(args).env("TMPDIR", dir.path()),
+        args,
+    )
+    .finish(timeout)
 }
 
 /// Polls `f` every 20 ms until it gives a value; fails the test after `timeout`.
