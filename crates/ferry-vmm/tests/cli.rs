@@ -1,0 +1,665 @@
+//! ferry as a user drives it: `ferry run` processes talking QMP on unix sockets, and
+//! `ferry migrate` / `ferry demo` / `ferry run` invocations checked by their exit status,
+//! their output and what the VMs say over QMP afterwards.
+//!
+//! Every process a test starts is killed when the test ends, pass or fail, and every
+//! wait has a time limit. Tests that start VMs run one at a time (see
+//! [`common::serial`]). KVM tests print `skipped: ...` and pass when /dev/kvm is not
+//! usable.
+
+mod common;
+
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+use ferry_migration::engine::stats::CANCEL_GRACE;
+use ferry_vmm::qmp::QmpClient;
+use serde_json::{json, Value};
+
+/// A soft guest small enough to migrate in well under a second.
+const SOFT: &[&str] = &["--backend", "soft", "--mem", "256M", "--dirty", "32M"];
+const KVM: &[&str] = &["--backend", "kvm", "--mem", "256M", "--dirty", "32M"];
+const KVM_2: &[&str] = &[
+    "--backend",
+    "kvm",
+    "--vcpus",
+    "2",
+    "--mem",
+    "256M",
+    "--dirty",
+    "16M",
+];
+
+/// Slow enough that a 32 MiB first pass takes over a second.
+const SLOW: &str = "20M";
+
+/// Short for one-shot commands that must fail at once.
+const QUICK: Duration = Duration::from_secs(20);
+
+fn cat<'a>(a: &[&'a str], b: &[&'a str]) -> Vec<&'a str> {
+    [a, b].concat()
+}
+
+fn err_desc(v: &Value) -> String {
+    v["error-desc"].as_str().unwrap_or_default().to_string()
+}
+
+/// The words of `s`, for checking that `on` and `off` both appear as values.
+fn words(s: &str) -> Vec<&str> {
+    s.split(|c: char| !c.is_alphanumeric() && c != '-' && c != '.')
+        .filter(|w| !w.is_empty())
+        .collect()
+}
+
+/// Runs `ferry migrate --qmp SRC URI --json EXTRA` to a waiting destination and checks
+/// what a user expects of a successful live migration: exit 0, `completed` with the
+/// digest verified, the source `postmigrate` with its guest stopped, the destination
+/// `running` with its guest carrying on past where the source stopped and every dirtied
+/// page intact.
+fn migrate_and_check(
+    src: &mut Vm,
+    s: &mut QmpClient,
+    dst: &mut Vm,
+    uri: &str,
+    extra: &[&str],
+    verified: &str,
+) {
+    let mut d = dst.qmp();
+    assert_eq!(run_state(&mut d), "inmigrate", "{}", dst.ctx());
+    let mut args = vec!["migrate", "--qmp", src.qmp_path(), uri, "--json"];
+    args.extend(extra);
+    let out = ferry(&args, MIGRATE_TIMEOUT);
+    let ctx = format!("{out}{}{}", src.ctx(), dst.ctx());
+    assert!(out.status.success(), "ferry migrate failed\n{ctx}");
+    let last = out.last_json();
+    assert_eq!(last["status"], "completed", "{ctx}");
+    let v = last["verified"].as_str().unwrap_or_default();
+    assert!(
+        v.split('+').any(|x| x == "digest"),
+        "verified {v:?} lacks the digest\n{ctx}"
+    );
+    assert_eq!(v, verified, "{ctx}");
+    assert!(
+        last["ram"]["transferred"].as_u64().unwrap_or(0) > 0,
+        "{ctx}"
+    );
+
+    assert_eq!(run_state(s), "postmigrate", "{ctx}");
+    let src_final = passes(s);
+    let beyond = wait_passes_beyond(&mut d, &src_final, "destination");
+    wait_passes_beyond(&mut d, &beyond, "destination");
+    assert_guest_intact(&mut d, "destination");
+    assert_eq!(run_state(&mut d), "running", "{}", dst.ctx());
+    assert_eq!(
+        passes(s),
+        src_final,
+        "the source's guest ran after it migrated away{ctx}"
+    );
+    // The source's own record of it agrees with the command's.
+    let q = query_migrate(s);
+    assert_eq!(q["status"], "completed", "{q}");
+}
+
+/// A source and a waiting destination with the same arguments, the source's guest
+/// already making progress.
+fn pair(dir: &TestDir, vm: &[&str], src_extra: &[&str]) -> (Vm, QmpClient, Vm, String) {
+    let mut src = Vm::start(dir, "source", &cat(vm, src_extra));
+    let dst = Vm::incoming(dir, "destination", vm);
+    let uri = dst.uri();
+    let mut s = src.qmp();
+    assert_eq!(run_state(&mut s), "running", "{}", src.ctx());
+    assert_guest_progresses(&mut s, "source");
+    (src, s, dst, uri)
+}
+
+fn live_migration(name: &str, vm: &[&str], src_extra: &[&str], verified: &str) {
+    let _one_at_a_time = serial();
+    let dir = TestDir::new(name);
+    let (mut src, mut s, mut dst, uri) = pair(&dir, vm, src_extra);
+    migrate_and_check(&mut src, &mut s, &mut dst, &uri, &[], verified);
+    // Both processes leave cleanly on `quit`.
+    let mut d = dst.qmp();
+    for (vm, c) in [(&mut src, &mut s), (&mut dst, &mut d)] {
+        let _ = c.execute("quit", Value::Null);
+        let st = vm.wait_exit(Duration::from_secs(10));
+        assert!(
+            st.is_some_and(|s| s.success()),
+            "{} exited with {st:?} after quit{}",
+            vm.name,
+            vm.ctx()
+        );
+    }
+}
+
+#[test]
+fn live_migration_soft() {
+    live_migration(
+        "live-soft",
+        SOFT,
+        &["-global", "migration.verify-full=on"],
+        "digest+full",
+    );
+}
+
+#[test]
+fn live_migration_kvm() {
+    if !kvm_or_skip() {
+        return;
+    }
+    live_migration("live-kvm", KVM, &[], "digest");
+}
+
+#[test]
+fn live_migration_kvm_two_vcpus() {
+    if !kvm_or_skip() {
+        return;
+    }
+    live_migration("live-kvm-2", KVM_2, &[], "digest");
+}
+
+/// Waits until the source's migration is active and has moved some RAM.
+fn wait_ram_moving(s: &mut QmpClient) -> Value {
+    wait_for(
+        Duration::from_secs(20),
+        || "the migration to move RAM".to_string(),
+        || {
+            let q = query_migrate(s);
+            let moving =
+                q["status"] == "active" && q["ram"]["transferred"].as_u64().unwrap_or(0) > 1 << 20;
+            moving.then_some(q)
+        },
+    )
+}
+
+/// The destination dies (SIGKILL) mid-migration: `ferry migrate` fails naming the
+/// destination, the source's guest never stopped and is intact, and the next migration
+/// to a fresh destination succeeds.
+fn destination_killed(name: &str, vm: &[&str]) {
+    let _one_at_a_time = serial();
+    let dir = TestDir::new(name);
+    let (mut src, mut s, mut dst, uri) = pair(&dir, vm, &[]);
+    let mig = spawn_ferry(&[
+        "migrate",
+        "--qmp",
+        src.qmp_path(),
+        &uri,
+        "--json",
+        "--max-bandwidth",
+        SLOW,
+    ]);
+    let during = wait_ram_moving(&mut s);
+    assert_eq!(
+        during["passes"].as_array().map_or(0, Vec::len),
+        0,
+        "first pass already over; the bandwidth cap did not hold: {during}"
+    );
+    dst.kill();
+    let out = mig.finish(MIGRATE_TIMEOUT);
+    let ctx = format!("{out}{}{}", src.ctx(), dst.ctx());
+    assert!(!out.status.success(), "ferry migrate succeeded\n{ctx}");
+    let last = out.last_json();
+    assert_eq!(last["status"], "failed", "{ctx}");
+    let e = err_desc(&last);
+    assert!(
+        e.contains("destination") || e.contains(&uri),
+        "the error does not name the destination: {e:?}\n{ctx}"
+    );
+
+    assert_eq!(run_state(&mut s), "running", "{ctx}");
+    assert_guest_progresses(&mut s, "source");
+    assert_guest_intact(&mut s, "source");
+    assert_eq!(query_migrate(&mut s)["status"], "failed");
+
+    let mut dst2 = Vm::incoming(&dir, "destination2", vm);
+    let uri2 = dst2.uri();
+    migrate_and_check(
+        &mut src,
+        &mut s,
+        &mut dst2,
+        &uri2,
+        &["--max-bandwidth", "0"],
+        "digest",
+    );
+}
+
+#[test]
+fn destination_killed_mid_migration_soft() {
+    destination_killed("killed-soft", SOFT);
+}
+
+#[test]
+fn destination_killed_mid_migration_kvm() {
+    if !kvm_or_skip() {
+        return;
+    }
+    destination_killed("killed-kvm", KVM);
+}
+
+/// `migrate_cancel` mid-migration: cancelled, the source runs on, the destination exits
+/// non-zero without having run the guest, and a retry to a new destination succeeds.
+fn cancel_mid_migration(name: &str, vm: &[&str]) {
+    let _one_at_a_time = serial();
+    let dir = TestDir::new(name);
+    let (mut src, mut s, mut dst, uri) = pair(&dir, vm, &[]);
+    exec(
+        &mut s,
+        "migrate-set-parameters",
+        json!({ "max-bandwidth": 20 << 20 }),
+    );
+    let mig = spawn_ferry(&["migrate", "--qmp", src.qmp_path(), &uri, "--json"]);
+    wait_ram_moving(&mut s);
+    let mut d = dst.qmp();
+    assert_eq!(run_state(&mut d), "inmigrate", "{}", dst.ctx());
+    drop(d);
+    exec(&mut s, "migrate_cancel", Value::Null);
+    let cancelled_at = Instant::now();
+
+    let out = mig.finish(MIGRATE_TIMEOUT);
+    let ctx = format!("{out}{}{}", src.ctx(), dst.ctx());
+    assert!(!out.status.success(), "ferry migrate succeeded\n{ctx}");
+    assert_eq!(out.last_json()["status"], "cancelled", "{ctx}");
+    assert_eq!(query_migrate(&mut s)["status"], "cancelled", "{ctx}");
+    assert_eq!(run_state(&mut s), "running", "{ctx}");
+    assert_guest_progresses(&mut s, "source");
+    assert_guest_intact(&mut s, "source");
+
+    let st = dst.wait_exit(Duration::from_secs(10));
+    let ctx = format!("{out}{}{}", src.ctx(), dst.ctx());
+    assert!(
+        st.is_some_and(|s| !s.success()),
+        "destination: {st:?} after the cancel (want a non-zero exit)\n{ctx}"
+    );
+    let log = dst.log();
+    assert!(log.contains("was not started"), "{ctx}");
+    assert!(!log.contains("migration received"), "{ctx}");
+
+    exec(
+        &mut s,
+        "migrate-set-parameters",
+        json!({ "max-bandwidth": 0 }),
+    );
+    assert_eq!(
+        exec(&mut s, "query-migrate-parameters", Value::Null)["max-bandwidth"],
+        0
+    );
+    // A migration started within CANCEL_GRACE of the cancel gets its connection shut
+    // by that cancel (see `migration_started_right_after_a_cancel_survives`); retry
+    // after it, as that bug is not what this test is about.
+    let mut dst2 = Vm::incoming(&dir, "destination2", vm);
+    let uri2 = dst2.uri();
+    thread::sleep(
+        (cancelled_at + CANCEL_GRACE + GRACE_MARGIN).saturating_duration_since(Instant::now()),
+    );
+    migrate_and_check(&mut src, &mut s, &mut dst2, &uri2, &[], "digest");
+}
+
+/// Past the cancel's grace period by this much, its watchdog has run.
+const GRACE_MARGIN: Duration = Duration::from_millis(500);
+
+/// A migration started right after a `migrate_cancel` must not be cut off by it.
+///
+/// Shows with: a source, two destinations, `ferry migrate --qmp S URI1 --max-bandwidth
+/// 20M --detach`, `migrate_cancel` on S, then at once `ferry migrate --qmp S URI2
+/// --max-bandwidth 20M --json`: it fails about 2 s after the cancel with "destination
+/// closed the connection" while that destination is alive and well.
+#[test]
+#[ignore = "bug: migrate_cancel's watchdog (MigrationMonitor::cancel) shuts whatever channel is attached CANCEL_GRACE (2 s) later, including the next migration's"]
+fn migration_started_right_after_a_cancel_survives() {
+    let _one_at_a_time = serial();
+    let dir = TestDir::new("cancel-then-retry");
+    let (src, mut s, _dst, uri) = pair(&dir, SOFT, &[]);
+    exec(
+        &mut s,
+        "migrate-set-parameters",
+        json!({ "max-bandwidth": 20 << 20 }),
+    );
+    exec(&mut s, "migrate", json!({ "uri": uri }));
+    wait_ram_moving(&mut s);
+    exec(&mut s, "migrate_cancel", Value::Null);
+    let cancelled_at = Instant::now();
+    wait_for(
+        Duration::from_secs(10),
+        || "the first migration to be cancelled".to_string(),
+        || (query_migrate(&mut s)["status"] == "cancelled").then_some(()),
+    );
+
+    // Never converges at 20 MiB/s with 32 MiB dirtied per pass: it is still going when
+    // the cancel's grace period ends, unless something cuts it.
+    let mut dst2 = Vm::incoming(&dir, "destination2", SOFT);
+    let uri2 = dst2.uri();
+    exec(&mut s, "migrate", json!({ "uri": uri2 }));
+    while cancelled_at.elapsed() < CANCEL_GRACE + GRACE_MARGIN {
+        let q = query_migrate(&mut s);
+        assert!(
+            q["status"] == "setup" || q["status"] == "active",
+            "the second migration ended {:.1} s after the first one's cancel: {q}{}{}",
+            cancelled_at.elapsed().as_secs_f64(),
+            src.ctx(),
+            dst2.ctx()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert!(dst2.alive(), "{}", dst2.ctx());
+    exec(&mut s, "migrate_cancel", Value::Null);
+}
+
+#[test]
+fn migrate_cancel_mid_migration_soft() {
+    cancel_mid_migration("cancel-soft", SOFT);
+}
+
+#[test]
+fn migrate_cancel_mid_migration_kvm() {
+    if !kvm_or_skip() {
+        return;
+    }
+    cancel_mid_migration("cancel-kvm", KVM);
+}
+
+/// A small soft source for the refusal tests.
+const REFUSE_SRC: &[&str] = &["--backend", "soft", "--mem", "256M", "--dirty", "16M"];
+
+/// `ferry migrate` to `uri` fails before any RAM moves, with an error containing each of
+/// `causes`; the source keeps running, intact. Returns the error.
+fn assert_refused(
+    src: &Vm,
+    s: &mut QmpClient,
+    uri: &str,
+    causes: &[&str],
+    ctx: &dyn Fn() -> String,
+) -> String {
+    let out = ferry(
+        &["migrate", "--qmp", src.qmp_path(), uri, "--json"],
+        MIGRATE_TIMEOUT,
+    );
+    let ctx = format!("{out}{}{}", src.ctx(), ctx());
+    assert!(!out.status.success(), "ferry migrate succeeded\n{ctx}");
+    let last = out.last_json();
+    assert_eq!(last["status"], "failed", "{ctx}");
+    let e = err_desc(&last);
+    for c in causes {
+        assert!(e.contains(c), "the error does not name {c:?}: {e:?}\n{ctx}");
+    }
+    let q = query_migrate(s);
+    assert_eq!(q["status"], "failed", "{q}\n{ctx}");
+    assert_eq!(
+        q["ram"]["transferred"], 0,
+        "RAM moved before the refusal: {q}\n{ctx}"
+    );
+    assert_eq!(run_state(s), "running", "{ctx}");
+    assert_guest_progresses(s, "source");
+    assert_guest_intact(s, "source");
+    e
+}
+
+/// A destination that refuses the source's hello, then exits non-zero.
+fn refused_by_destination(name: &str, dst_args: &[&str], causes: &[&str]) -> String {
+    let _one_at_a_time = serial();
+    let dir = TestDir::new(name);
+    let mut src = Vm::start(&dir, "source", REFUSE_SRC);
+    let mut dst = Vm::incoming(&dir, "destination", dst_args);
+    let uri = dst.uri();
+    let mut s = src.qmp();
+    assert_guest_progresses(&mut s, "source");
+    let e = assert_refused(&src, &mut s, &uri, causes, &|| dst.ctx());
+    let st = dst.wait_exit(Duration::from_secs(10));
+    assert!(
+        st.is_some_and(|s| !s.success()),
+        "destination: {st:?} after refusing (want a non-zero exit){}",
+        dst.ctx()
+    );
+    assert!(dst.log().contains("was not started"), "{}", dst.ctx());
+    e
+}
+
+#[test]
+fn refused_ram_size_mismatch() {
+    refused_by_destination(
+        "refuse-mem",
+        &["--backend", "soft", "--mem", "128M", "--dirty", "16M"],
+        &["RAM", "256.0 MiB", "128.0 MiB"],
+    );
+}
+
+#[test]
+fn refused_wire_property_mismatch() {
+    let e = refused_by_destination(
+        "refuse-digest",
+        &[REFUSE_SRC, &["-global", "migration.digest=off"]].concat(),
+        &["migration.digest"],
+    );
+    let w = words(&e);
+    assert!(
+        w.contains(&"on") && w.contains(&"off"),
+        "the error does not give both values of migration.digest: {e:?}"
+    );
+}
+
+/// There is one machine type today, so a destination on another machine type is one
+/// the destination itself refuses at start, listing the ones it knows; migrating to it
+/// then fails without moving RAM.
+#[test]
+fn refused_unknown_machine_type() {
+    let _one_at_a_time = serial();
+    let dir = TestDir::new("refuse-machine");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let uri = format!("tcp:127.0.0.1:{port}");
+    let mut dst = Vm::start(
+        &dir,
+        "destination",
+        &cat(REFUSE_SRC, &["--machine", "nope", "--incoming", &uri]),
+    );
+    let st = dst.wait_exit(QUICK);
+    assert!(
+        st.is_some_and(|s| !s.success()),
+        "ferry run --machine nope: {st:?}{}",
+        dst.ctx()
+    );
+    let log = dst.log();
+    assert!(
+        log.contains("nope") && log.contains("ferry-0.1"),
+        "{}",
+        dst.ctx()
+    );
+
+    let mut src = Vm::start(&dir, "source", REFUSE_SRC);
+    let mut s = src.qmp();
+    assert_guest_progresses(&mut s, "source");
+    assert_refused(&src, &mut s, &uri, &[&uri], &|| dst.ctx());
+}
+
+/// `ferry run ARGS` (never reaching a running VM: no --qmp) fails at once with an
+/// error containing each of `names`.
+fn run_refused(args: &[&str], names: &[&str]) -> String {
+    let out = ferry(&cat(&["run"], args), QUICK);
+    assert!(!out.status.success(), "{out}");
+    for n in names {
+        assert!(
+            out.stderr.contains(n),
+            "the error does not name {n:?}\n{out}"
+        );
+    }
+    assert!(!out.stderr.contains("panicked"), "{out}");
+    out.stderr
+}
+
+#[test]
+fn bad_mem_size_is_refused() {
+    run_refused(&["--backend", "soft", "--mem", "12Q"], &["12Q", "--mem"]);
+}
+
+#[test]
+fn unknown_machine_type_is_refused_listing_the_known_ones() {
+    run_refused(
+        &["--backend", "soft", "--machine", "nope"],
+        &["nope", "ferry-0.1"],
+    );
+}
+
+/// The migration driver's properties, as `ferry machines ferry --json` lists them.
+fn migration_properties() -> Vec<String> {
+    let out = ferry(&["machines", "ferry", "--json"], QUICK);
+    assert!(out.status.success(), "{out}");
+    let v = out.last_json();
+    let props: Vec<String> = v["properties"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no properties: {v}"))
+        .iter()
+        .filter(|p| p["driver"] == "migration")
+        .filter_map(|p| p["property"].as_str().map(str::to_string))
+        .collect();
+    assert!(!props.is_empty(), "{v}");
+    props
+}
+
+#[test]
+fn unknown_global_property_is_refused_listing_the_valid_ones() {
+    let props = migration_properties();
+    let mut names: Vec<&str> = vec!["nope"];
+    names.extend(props.iter().map(String::as_str));
+    run_refused(
+        &["--backend", "soft", "-global", "migration.nope=1"],
+        &names,
+    );
+}
+
+#[test]
+fn bad_global_value_is_refused() {
+    run_refused(
+        &[
+            "--backend",
+            "soft",
+            "-global",
+            "migration.downtime-limit=abc",
+        ],
+        &["abc", "migration.downtime-limit"],
+    );
+}
+
+#[test]
+fn migrate_without_a_vm_names_the_socket() {
+    let out = ferry(&["migrate", "--qmp", "/nonexistent", "x"], QUICK);
+    assert!(!out.status.success(), "{out}");
+    assert!(out.stderr.contains("/nonexistent"), "{out}");
+}
+
+/// The demo's own 512 MiB guest dirtying 64 MiB per pass does not converge within its
+/// 300 ms downtime limit when other work shares the 2 cores, and the demo has no time
+/// limit of its own; a smaller guest keeps this test about the demo, not the machine.
+const DEMO: &[&str] = &["--mem", "256M", "--dirty", "32M", "--warmup", "0.3"];
+
+#[test]
+fn demo_soft_json() {
+    let _one_at_a_time = serial();
+    let dir = TestDir::new("demo-soft");
+    let out = ferry_in(
+        &dir,
+        &cat(&["demo", "--json", "--backend", "soft"], DEMO),
+        MIGRATE_TIMEOUT,
+    );
+    assert!(out.status.success(), "{out}");
+    let v = out.last_json();
+    assert_eq!(v["ok"], true, "{out}");
+    assert_eq!(v["backend"], "soft", "{out}");
+}
+
+#[test]
+fn demo_kvm_json() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let _one_at_a_time = serial();
+    let dir = TestDir::new("demo-kvm");
+    let out = ferry_in(
+        &dir,
+        &cat(&["demo", "--json", "--backend", "kvm"], DEMO),
+        MIGRATE_TIMEOUT,
+    );
+    assert!(out.status.success(), "{out}");
+    let v = out.last_json();
+    assert_eq!(v["ok"], true, "{out}");
+    assert_eq!(v["backend"], "kvm", "{out}");
+}
+
+/// A `migrate` or `migrate-set-parameters` the VM refuses: `ferry migrate` must pass
+/// on the VM's reason (which names the bad value), and the guest keeps running.
+#[test]
+#[ignore = "bug: ferry migrate prints only \"QMP command 'migrate' failed\", dropping the VM's reason (main prints the top-level error, not its chain)"]
+fn migrate_refused_by_the_vm_says_why() {
+    let _one_at_a_time = serial();
+    let dir = TestDir::new("migrate-bad-args");
+    let mut src = Vm::start(&dir, "source", REFUSE_SRC);
+    let mut s = src.qmp();
+    assert_guest_progresses(&mut s, "source");
+
+    let out = ferry(&["migrate", "--qmp", src.qmp_path(), "x"], QUICK);
+    assert!(!out.status.success(), "{out}");
+    assert!(
+        out.stderr.contains("\"x\""),
+        "the bad URI is not named\n{out}"
+    );
+    assert!(
+        out.stderr.contains("tcp:HOST:PORT"),
+        "the valid forms are not given\n{out}"
+    );
+
+    let out = ferry(
+        &[
+            "migrate",
+            "--qmp",
+            src.qmp_path(),
+            "tcp:127.0.0.1:1",
+            "--downtime-limit",
+            "0",
+        ],
+        QUICK,
+    );
+    assert!(!out.status.success(), "{out}");
+    assert!(out.stderr.contains("downtime-limit"), "{out}");
+    assert!(
+        out.stderr.contains("600000"),
+        "the valid range is not given\n{out}"
+    );
+
+    assert_eq!(run_state(&mut s), "running", "{}", src.ctx());
+    assert_guest_progresses(&mut s, "source");
+}
+
+/// Sizes the soft backend cannot run: the error must say what is wrong with them.
+#[test]
+#[ignore = "bug: the soft backend's reason is dropped; ferry run prints only \"cannot create the VM\""]
+fn soft_vm_size_errors_say_why() {
+    let e = run_refused(
+        &["--backend", "soft", "--mem", "128M", "--dirty", "1G"],
+        &["128.0 MiB", "1.0 GiB"],
+    );
+    assert!(e.contains("dirt"), "{e}");
+    run_refused(&["--backend", "soft", "--mem", "1K"], &["1024"]);
+}
+
+/// `--vcpus 0` is refused by the KVM backend ("between 1 and 64 are supported"); the
+/// soft backend must not run a VM with it either.
+#[test]
+#[ignore = "bug: ferry run --backend soft --vcpus 0 starts a VM (with 1 vCPU) instead of refusing"]
+fn zero_vcpus_is_refused_by_the_soft_backend() {
+    let out = ferry(
+        &[
+            "run",
+            "--backend",
+            "soft",
+            "--mem",
+            "128M",
+            "--dirty",
+            "16M",
+            "--vcpus",
+            "0",
+        ],
+        Duration::from_secs(5),
+    );
+    assert!(!out.status.success(), "{out}");
+    assert!(out.stderr.contains("vCPU"), "{out}");
+}
