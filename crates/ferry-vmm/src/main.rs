@@ -61,7 +61,7 @@ fn main() -> ExitCode {
     match r {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("ferry: {e}");
+            eprintln!("ferry: {}", commands::chain(&e));
             ExitCode::FAILURE
         }
     }

@@ -157,6 +157,12 @@ impl Vmm {
         let config = registry.configure(&cfg.machine, &cfg.globals)?;
         let params = MigrationParams::from_config(&config)?;
         let vm: Arc<dyn GuestVm> = match cfg.backend {
+            Backend::Soft if cfg.vcpus != 1 => {
+                return Err(VmmError::State(format!(
+                    "the soft backend runs exactly one vCPU, not {}; use --backend kvm for more",
+                    cfg.vcpus
+                )))
+            }
             Backend::Soft => Arc::new(
                 SoftVm::create(&SoftConfig {
                     mem_size: cfg.mem_size,
@@ -325,6 +331,8 @@ impl Vmm {
         }
         let mut w = self.claim_worker()?;
         self.monitor.reset();
+        // As in QEMU, `migrate` returns with the migration in setup, never "none".
+        self.monitor.set_status(MigrationStatus::Setup);
         let me = Arc::clone(self);
         let id = SourceIdentity {
             release: RELEASE.to_string(),
@@ -461,7 +469,10 @@ impl Vmm {
         let p = MigrationParams::from_config(&cfg)?;
         let mut cur = self.params();
         match prop {
-            "downtime-limit" => cur.downtime_limit = p.downtime_limit,
+            "downtime-limit" => {
+                cur.downtime_limit = p.downtime_limit;
+                self.monitor.set_downtime_limit(p.downtime_limit);
+            }
             "max-bandwidth" => cur.max_bandwidth = p.max_bandwidth,
             "verify-full" => cur.verify_full = p.verify_full,
             other => {

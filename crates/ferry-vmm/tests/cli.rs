@@ -304,7 +304,6 @@ const GRACE_MARGIN: Duration = Duration::from_millis(500);
 /// --max-bandwidth 20M --json`: it fails about 2 s after the cancel with "destination
 /// closed the connection" while that destination is alive and well.
 #[test]
-#[ignore = "bug: migrate_cancel's watchdog (MigrationMonitor::cancel) shuts whatever channel is attached CANCEL_GRACE (2 s) later, including the next migration's"]
 fn migration_started_right_after_a_cancel_survives() {
     let _one_at_a_time = serial();
     let dir = TestDir::new("cancel-then-retry");
@@ -588,7 +587,6 @@ fn demo_kvm_json() {
 /// A `migrate` or `migrate-set-parameters` the VM refuses: `ferry migrate` must pass
 /// on the VM's reason (which names the bad value), and the guest keeps running.
 #[test]
-#[ignore = "bug: ferry migrate prints only \"QMP command 'migrate' failed\", dropping the VM's reason (main prints the top-level error, not its chain)"]
 fn migrate_refused_by_the_vm_says_why() {
     let _one_at_a_time = serial();
     let dir = TestDir::new("migrate-bad-args");
@@ -631,7 +629,6 @@ fn migrate_refused_by_the_vm_says_why() {
 
 /// Sizes the soft backend cannot run: the error must say what is wrong with them.
 #[test]
-#[ignore = "bug: the soft backend's reason is dropped; ferry run prints only \"cannot create the VM\""]
 fn soft_vm_size_errors_say_why() {
     let e = run_refused(
         &["--backend", "soft", "--mem", "128M", "--dirty", "1G"],
@@ -644,7 +641,6 @@ fn soft_vm_size_errors_say_why() {
 /// `--vcpus 0` is refused by the KVM backend ("between 1 and 64 are supported"); the
 /// soft backend must not run a VM with it either.
 #[test]
-#[ignore = "bug: ferry run --backend soft --vcpus 0 starts a VM (with 1 vCPU) instead of refusing"]
 fn zero_vcpus_is_refused_by_the_soft_backend() {
     let out = ferry(
         &[

@@ -271,7 +271,11 @@ impl Source<'_> {
             });
             self.monitor.emit(&MigrationEvent::Pass(pass));
             tracing::debug!(pass, pages = c.pages, dirty, bw, "pass finished");
-            if dirty == 0 || expected <= self.params.downtime_limit.as_secs_f64() {
+            let limit = self
+                .monitor
+                .downtime_limit()
+                .unwrap_or(self.params.downtime_limit);
+            if dirty == 0 || expected <= limit.as_secs_f64() {
                 break;
             }
             pass += 1;

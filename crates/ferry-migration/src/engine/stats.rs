@@ -3,7 +3,7 @@
 //! Names follow QEMU's `query-migrate` where the meaning is the same, so management
 //! software reads them without translation.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -146,6 +146,10 @@ type Listener = Box<dyn Fn(&MigrationEvent) + Send + Sync>;
 pub struct MigrationMonitor {
     info: Mutex<MigrationInfo>,
     cancel: AtomicBool,
+    /// Counts migrations watched, so a late cancel watchdog never touches a newer one.
+    generation: AtomicU64,
+    /// A downtime limit set while the migration runs (ms; 0 = the migration's own).
+    downtime_limit_ms: AtomicU64,
     channel: Mutex<Option<Channel>>,
     listener: Mutex<Option<Listener>>,
 }
@@ -202,6 +206,8 @@ impl MigrationMonitor {
     pub fn reset(&self) {
         *self.info.lock().unwrap() = MigrationInfo::default();
         self.cancel.store(false, Ordering::SeqCst);
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.downtime_limit_ms.store(0, Ordering::SeqCst);
         *self.channel.lock().unwrap() = None;
     }
 
@@ -211,16 +217,35 @@ impl MigrationMonitor {
     pub fn cancel(self: &Arc<Self>) {
         self.cancel.store(true, Ordering::SeqCst);
         let me = Arc::downgrade(self);
+        let generation = self.generation.load(Ordering::SeqCst);
         let _ = std::thread::Builder::new()
             .name("ferry-cancel".into())
             .spawn(move || {
                 std::thread::sleep(CANCEL_GRACE);
                 if let Some(m) = me.upgrade() {
-                    if let Some(ch) = m.channel.lock().unwrap().as_ref() {
-                        ch.shutdown();
+                    let ch = m.channel.lock().unwrap();
+                    if m.generation.load(Ordering::SeqCst) == generation {
+                        if let Some(ch) = ch.as_ref() {
+                            ch.shutdown();
+                        }
                     }
                 }
             });
+    }
+
+    /// Changes the downtime limit of the running migration (QEMU applies
+    /// `migrate-set-parameters` to a migration in flight too).
+    pub fn set_downtime_limit(&self, limit: Duration) {
+        self.downtime_limit_ms
+            .store((limit.as_millis() as u64).max(1), Ordering::SeqCst);
+    }
+
+    /// The downtime limit set while running, if any.
+    pub fn downtime_limit(&self) -> Option<Duration> {
+        match self.downtime_limit_ms.load(Ordering::SeqCst) {
+            0 => None,
+            ms => Some(Duration::from_millis(ms)),
+        }
     }
 
     pub fn is_cancelled(&self) -> bool {

@@ -194,7 +194,7 @@ pub fn main(args: DemoArgs) -> CliResult {
         eprintln!("source guest at pass {before:?}; migrating…");
     }
     src.execute("migrate", json!({ "uri": uri }))?;
-    let info = follow(&mut src, false)?;
+    let info = follow(&mut src, false, Some(args.downtime_limit))?;
     let src_state = src.execute("query-status", Value::Null)?;
     let mut checks = Vec::new();
     let mut ok = info.status == MigrationStatus::Completed;

@@ -78,12 +78,21 @@ pub fn main(args: MigrateArgs) -> CliResult {
     if args.detach {
         return Ok(ExitCode::SUCCESS);
     }
-    let info = follow(&mut c, args.json)?;
+    let info = follow(&mut c, args.json, None)?;
     finish(&info, args.json)
 }
 
-/// Polls `query-migrate` until the migration ends, showing progress.
-pub fn follow(c: &mut QmpClient, json_lines: bool) -> Result<MigrationInfo, CliError> {
+/// Polls `query-migrate` until the migration ends, showing progress. With
+/// `escalate_from` (the downtime limit in ms), a migration that has not converged after
+/// 10 s gets its downtime limit doubled every 5 s, as management software does for
+/// guests that dirty memory faster than it moves.
+pub fn follow(
+    c: &mut QmpClient,
+    json_lines: bool,
+    escalate_from: Option<u64>,
+) -> Result<MigrationInfo, CliError> {
+    let mut limit = escalate_from.unwrap_or(0);
+    let mut next_escalation = Duration::from_secs(10);
     let bar = (!json_lines && std::io::stderr().is_terminal()).then(|| {
         let b = ProgressBar::new_spinner();
         b.set_style(
@@ -114,6 +123,21 @@ pub fn follow(c: &mut QmpClient, json_lines: bool) -> Result<MigrationInfo, CliE
                 b.finish_and_clear();
             }
             return Ok(info);
+        }
+        if escalate_from.is_some()
+            && info.status == MigrationStatus::Active
+            && start.elapsed() >= next_escalation
+        {
+            limit = (limit * 2).max(1);
+            c.execute("migrate-set-parameters", json!({ "downtime-limit": limit }))?;
+            let note =
+                format!("not converging at this dirty rate: downtime limit raised to {limit} ms");
+            match &bar {
+                Some(b) => b.println(note),
+                None if !json_lines => eprintln!("{note}"),
+                None => {}
+            }
+            next_escalation += Duration::from_secs(5);
         }
         std::thread::sleep(Duration::from_millis(100));
     }
