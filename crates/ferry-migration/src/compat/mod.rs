@@ -106,6 +106,11 @@
 //! The canonical text ([`PropValue`]'s `Display`) always parses back to the same value; it is
 //! what [`Config::wire_properties`] sends and compares.
 //!
+//! # Comparing two releases
+//!
+//! [`schema::dump`] writes a release's machine types, drivers and device state schemas as
+//! JSON (`ferry dump-vmstate`), so that two releases can be compared without running either.
+//!
 //! # Differences from QEMU
 //!
 //! Driver names match exactly (QEMU also matches QOM parent types, so one entry can cover every
@@ -119,6 +124,7 @@ mod config;
 mod error;
 mod global;
 mod registry;
+pub mod schema;
 #[cfg(test)]
 mod tests;
 mod value;
