@@ -109,7 +109,9 @@
 //! # Comparing two releases
 //!
 //! [`schema::dump`] writes a release's machine types, drivers and device state schemas as
-//! JSON (`ferry dump-vmstate`), so that two releases can be compared without running either.
+//! JSON (`ferry dump-vmstate`); [`check::check`] compares two such dumps and lists every
+//! change that breaks migration between them on the older release's machine types
+//! (`ferry compat-check`). Run it against the previous release's dump before shipping.
 //!
 //! # Differences from QEMU
 //!
@@ -120,6 +122,7 @@
 
 use std::collections::BTreeMap;
 
+pub mod check;
 mod config;
 mod error;
 mod global;
