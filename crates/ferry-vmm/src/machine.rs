@@ -8,6 +8,9 @@
 
 use ferry_migration::compat::{DriverDef, MachineDef, Registry};
 use ferry_migration::engine::MIGRATION_DRIVER;
+use ferry_migration::state::StateSchema;
+
+use crate::{kvm, soft};
 
 /// This build's release, as the hello states it.
 pub const RELEASE: &str = env!("CARGO_PKG_VERSION");
@@ -33,4 +36,74 @@ pub fn registry() -> Registry {
 /// Names of every machine type this release knows.
 pub fn machine_names() -> Vec<String> {
     MACHINES.iter().map(|m| m.name.to_string()).collect()
+}
+
+/// Every device and vCPU state schema this release can migrate, whichever backend runs the VM.
+///
+/// `ferry dump-vmstate` publishes these so that `ferry compat-check` can compare two releases
+/// before anyone migrates between them; a schema missing here is a state nobody checks. So
+/// every state a `MigratableVm` of this crate reports (its `vcpu_schema` and each device's
+/// `schema`) must be listed, which a test checks for the soft backend.
+pub fn state_schemas() -> Vec<&'static StateSchema> {
+    vec![
+        // vCPUs, one kind per backend.
+        &soft::SOFT_VCPU_SCHEMA,
+        &kvm::VCPU_SCHEMA,
+        // VM-wide state of a backend (in-kernel irqchip, clock).
+        &kvm::VM_SCHEMA,
+        // Devices. A device under `src/devices/` adds its schema here (serial, accel, ...).
+        &soft::SOFT_CONSOLE_SCHEMA,
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use ferry_migration::compat::check::check;
+    use ferry_migration::compat::schema::{dump, VmStateDump};
+    use ferry_migration::engine::vm::MigratableVm;
+
+    use super::*;
+    use crate::soft::{SoftConfig, SoftVm};
+
+    #[test]
+    fn the_registry_is_valid() {
+        registry().validate().unwrap();
+    }
+
+    #[test]
+    fn state_schemas_are_valid_and_named_once() {
+        let schemas = state_schemas();
+        let mut names = BTreeSet::new();
+        for schema in &schemas {
+            schema.validate().unwrap();
+            assert!(names.insert(schema.name), "{} is listed twice", schema.name);
+        }
+    }
+
+    #[test]
+    fn every_state_of_the_soft_backend_is_listed() {
+        let vm = SoftVm::create(&SoftConfig {
+            mem_size: 1 << 20,
+            dirty_size: 0,
+            incoming: true,
+            ..SoftConfig::default()
+        })
+        .unwrap();
+        let listed = state_schemas();
+        let is_listed = |schema: &'static StateSchema| listed.contains(&schema);
+        assert!(is_listed(vm.vcpu_schema()), "{}", vm.vcpu_schema().name);
+        for device in vm.devices() {
+            assert!(is_listed(device.schema), "{}", device.name);
+        }
+    }
+
+    #[test]
+    fn this_release_dumps_and_is_compatible_with_itself() {
+        let dumped = dump(RELEASE, &registry(), &state_schemas()).unwrap();
+        let parsed = VmStateDump::from_json(&dumped.to_json()).unwrap();
+        assert_eq!(parsed, dumped);
+        assert_eq!(check(&parsed, &dumped), vec![]);
+    }
 }

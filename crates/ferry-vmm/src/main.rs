@@ -38,6 +38,10 @@ enum Command {
     Status(commands::migrate::StatusArgs),
     /// List machine types, or show one machine type's effective properties
     Machines(commands::machines::MachinesArgs),
+    /// Write this release's machine types, properties and device state schemas as JSON
+    DumpVmstate(commands::compat::DumpArgs),
+    /// Compare two releases' dumps and list every change that breaks migration between them
+    CompatCheck(commands::compat::CheckArgs),
 }
 
 fn main() -> ExitCode {
@@ -57,6 +61,8 @@ fn main() -> ExitCode {
         Command::Migrate(a) => commands::migrate::main(a),
         Command::Status(a) => commands::migrate::status(a),
         Command::Machines(a) => commands::machines::main(a),
+        Command::DumpVmstate(a) => commands::compat::dump_vmstate(a),
+        Command::CompatCheck(a) => commands::compat::compat_check(a),
     };
     match r {
         Ok(code) => code,

@@ -106,6 +106,13 @@
 //! The canonical text ([`PropValue`]'s `Display`) always parses back to the same value; it is
 //! what [`Config::wire_properties`] sends and compares.
 //!
+//! # Comparing two releases
+//!
+//! [`schema::dump`] writes a release's machine types, drivers and device state schemas as
+//! JSON (`ferry dump-vmstate`); [`check::check`] compares two such dumps and lists every
+//! change that breaks migration between them on the older release's machine types
+//! (`ferry compat-check`). Run it against the previous release's dump before shipping.
+//!
 //! # Differences from QEMU
 //!
 //! Driver names match exactly (QEMU also matches QOM parent types, so one entry can cover every
@@ -115,10 +122,12 @@
 
 use std::collections::BTreeMap;
 
+pub mod check;
 mod config;
 mod error;
 mod global;
 mod registry;
+pub mod schema;
 #[cfg(test)]
 mod tests;
 mod value;

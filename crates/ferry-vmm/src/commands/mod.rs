@@ -1,5 +1,6 @@
 //! The `ferry` subcommands.
 
+pub mod compat;
 pub mod demo;
 pub mod machines;
 pub mod migrate;
