@@ -21,13 +21,11 @@
 //! | X, ferry-1.1 | - | X cannot even configure it |
 //! | Y, ferry-1.0 + `-global dev.x-feature=on` | X, ferry-1.0 | refused: X does not know the property |
 //!
-//! The two mixed-release cells are the point of the compat table, and they do not pass
-//! today: the destination's hello check refuses any wire property that one side states and
-//! the other does not know (`dev.x-feature=off` here), even when a compat table set it to
-//! the value that reproduces the older release. Their tests are `#[ignore]`d with that reason
-//! and pass once the hello tells a value that came from the machine type from one given by
-//! `-global`; `mixed_release_cells_are_refused_today` shows the refusal. The checker follows
-//! the compat rule, not this limitation, and finds X to Y compatible.
+//! The two mixed-release cells are the point of the compat table: Y states
+//! `dev.x-feature=off`, which X does not know, and the hello marks that value as set by
+//! `ferry-1.0`'s compat table, so X accepts it as the behaviour it has anyway. The same
+//! property set by `-global` is refused. The checker follows the same rule and finds X to
+//! Y compatible.
 //!
 //! The last tests run the compat checker on the two releases' dumps: X to Y is compatible,
 //! and a Y that changes a default without a compat entry, or drops a field without a version
@@ -508,6 +506,7 @@ fn migrate(from: Side, to: Side) -> Outcome {
         release: from.release.name.into(),
         machine: src_config.machine().into(),
         wire_props: src_config.wire_properties(),
+        compat_pinned: src_config.compat_pinned_wire_properties(),
     };
     let destination_id = DestinationIdentity {
         release: to.release.name.into(),
@@ -520,6 +519,7 @@ fn migrate(from: Side, to: Side) -> Outcome {
             .map(|m| m.name.to_string())
             .collect(),
         wire_props: dst_config.wire_properties(),
+        compat_pinned: dst_config.compat_pinned_wire_properties(),
     };
     let src_params = MigrationParams {
         verify_full: true,
@@ -636,35 +636,13 @@ fn the_feature_forced_on_an_old_machine_type_travels_between_y_releases() {
 }
 
 #[test]
-#[ignore = "the hello check refuses dev.x-feature=off, which X does not know, though \
-            ferry-1.0's compat table set it; see the module docs"]
 fn x_1_0_to_y_1_0() {
     assert_migrated(&migrate(side(X, "ferry-1.0"), side(Y, "ferry-1.0")), false);
 }
 
 #[test]
-#[ignore = "the hello check refuses dev.x-feature=off, which X does not know, though \
-            ferry-1.0's compat table set it; see the module docs"]
 fn y_1_0_to_x_1_0() {
     assert_migrated(&migrate(side(Y, "ferry-1.0"), side(X, "ferry-1.0")), false);
-}
-
-/// Records the gap the two ignored cells are waiting on, with the reasons a user gets. When
-/// the hello check is fixed this fails: delete it and drop the two `#[ignore]`s.
-#[test]
-fn mixed_release_cells_are_refused_today() {
-    let o = migrate(side(X, "ferry-1.0"), side(Y, "ferry-1.0"));
-    let reason = assert_refused(&o, RefuseCause::PropertyMismatch);
-    assert!(
-        reason.contains("dev.x-feature=off here is not set by the source"),
-        "{reason}"
-    );
-    let o = migrate(side(Y, "ferry-1.0"), side(X, "ferry-1.0"));
-    let reason = assert_refused(&o, RefuseCause::PropertyMismatch);
-    assert!(
-        reason.contains("dev.x-feature=off of the source is unknown to this release"),
-        "{reason}"
-    );
 }
 
 #[test]

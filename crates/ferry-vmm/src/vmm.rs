@@ -304,6 +304,11 @@ impl Vmm {
         self.config.wire_properties()
     }
 
+    /// Wire properties whose value the machine type's compat tables set.
+    fn compat_pinned(&self) -> Vec<String> {
+        self.config.compat_pinned_wire_properties()
+    }
+
     fn claim_worker(&self) -> Result<std::sync::MutexGuard<'_, Option<JoinHandle<()>>>, VmmError> {
         let mut w = self.worker.lock().unwrap();
         if let Some(h) = w.as_ref() {
@@ -338,6 +343,7 @@ impl Vmm {
             release: RELEASE.to_string(),
             machine: self.config.machine().to_string(),
             wire_props: self.wire_props(),
+            compat_pinned: self.compat_pinned(),
         };
         let params = self.params();
         *w = Some(
@@ -416,6 +422,7 @@ impl Vmm {
             machine: self.config.machine().to_string(),
             known_machines: machine::machine_names(),
             wire_props: self.wire_props(),
+            compat_pinned: self.compat_pinned(),
         };
         let params = self.params();
         *w = Some(

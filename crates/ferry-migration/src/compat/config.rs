@@ -106,6 +106,25 @@ impl Config {
         wire
     }
 
+    /// `"driver.property"` of every wire property whose value a machine type's compat
+    /// table set: the value that reproduces an older release, which a peer of that
+    /// release has without knowing the property. A source states them in its hello so a
+    /// destination can tell them from values set by default or `-global`.
+    pub fn compat_pinned_wire_properties(&self) -> Vec<String> {
+        let mut pinned: Vec<String> = self
+            .values
+            .iter()
+            .flat_map(|(driver, settings)| {
+                settings
+                    .iter()
+                    .filter(|(_, s)| s.def.wire && matches!(s.origin, Origin::Compat { .. }))
+                    .map(move |(property, _)| format!("{driver}.{property}"))
+            })
+            .collect();
+        pinned.sort();
+        pinned
+    }
+
     /// Every difference between this VM's wire properties and a peer's list.
     pub fn wire_mismatches(&self, peer: &[(String, String)]) -> Vec<WireMismatch> {
         wire_mismatches(&self.wire_properties(), peer)

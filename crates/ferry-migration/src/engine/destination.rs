@@ -46,6 +46,8 @@ pub struct DestinationIdentity {
     pub known_machines: Vec<String>,
     /// `(driver.property, value)` of every wire property.
     pub wire_props: Vec<(String, String)>,
+    /// The wire properties whose value comes from the machine type's compat tables.
+    pub compat_pinned: Vec<String>,
 }
 
 /// Receives a migration on `ch` into `vm`, which must not be running. On success the
@@ -571,7 +573,7 @@ fn check_hello(
             ),
         ));
     }
-    let mismatches = compare_props(&id.wire_props, &hello.wire_props);
+    let mismatches = compare_props(id, hello);
     if !mismatches.is_empty() {
         return Err((RefuseCause::PropertyMismatch, mismatches.join("; ")));
     }
@@ -663,23 +665,29 @@ fn check_hello(
 }
 
 /// Every wire property on which the two sides differ, with what to do about it.
-fn compare_props(local: &[(String, String)], remote: &[(String, String)]) -> Vec<String> {
-    wire_mismatches(local, remote)
+///
+/// A property only one side knows is fine when that side's value comes from the machine
+/// type's compat tables: the compat entry restores exactly what the older release does
+/// without the property (the seed's rule). Set by default or `-global`, it is a mismatch.
+fn compare_props(id: &DestinationIdentity, hello: &Hello) -> Vec<String> {
+    wire_mismatches(&id.wire_props, &hello.wire_props)
         .into_iter()
-        .map(|m| match (m.peer, m.local) {
-            (Some(theirs), Some(mine)) => format!(
+        .filter_map(|m| match (m.peer, m.local) {
+            (Some(theirs), Some(mine)) => Some(format!(
                 "property {} is {theirs} on the source and {mine} here; give both sides the same -global {}=...",
                 m.property, m.property
-            ),
-            (Some(theirs), None) => format!(
-                "property {}={theirs} of the source is unknown to this release; start the source on a machine type this release knows",
+            )),
+            (Some(_), None) if hello.compat_pinned.contains(&m.property) => None,
+            (Some(theirs), None) => Some(format!(
+                "property {}={theirs} of the source is unknown to this release and not its machine type's compat value; drop the -global that sets it, or migrate to a release that knows it",
                 m.property
-            ),
-            (None, Some(mine)) => format!(
-                "property {}={mine} here is not set by the source (an older release?); start both sides on the same machine type",
+            )),
+            (None, Some(_)) if id.compat_pinned.contains(&m.property) => None,
+            (None, Some(mine)) => Some(format!(
+                "property {}={mine} here is unknown to the source's release and not this machine type's compat value; drop the -global that sets it, or start both sides on an older machine type",
                 m.property
-            ),
-            (None, None) => format!("property {} differs", m.property),
+            )),
+            (None, None) => Some(format!("property {} differs", m.property)),
         })
         .collect()
 }

@@ -53,6 +53,8 @@ pub struct SourceIdentity {
     pub machine: String,
     /// `(driver.property, value)` of every wire property.
     pub wire_props: Vec<(String, String)>,
+    /// The wire properties whose value comes from the machine type's compat tables.
+    pub compat_pinned: Vec<String>,
 }
 
 /// Migrates `vm` to `uri`. On success the VM is left stopped (its guest now runs at the
@@ -296,6 +298,7 @@ impl Source<'_> {
                 0
             },
             wire_props: id.wire_props.clone(),
+            compat_pinned: id.compat_pinned.clone(),
             ram_blocks: self
                 .blocks
                 .iter()

@@ -200,6 +200,10 @@ pub struct Hello {
     pub flags: u32,
     /// `(driver.property, value)` of every property that changes the wire or the guest.
     pub wire_props: Vec<(String, String)>,
+    /// The wire properties whose value comes from the machine type's compat tables: the
+    /// value an older release has without knowing the property, so a peer that does not
+    /// know it still agrees.
+    pub compat_pinned: Vec<String>,
     pub ram_blocks: Vec<HelloRamBlock>,
     pub vcpu_count: u32,
     pub vcpu_state: String,
@@ -222,6 +226,10 @@ impl Hello {
             .u16(self.wire_props.len() as u16);
         for (k, v) in &self.wire_props {
             w.str16(k, MAX_NAME_LEN).str16(v, MAX_VALUE_LEN);
+        }
+        w.u16(self.compat_pinned.len() as u16);
+        for k in &self.compat_pinned {
+            w.str16(k, MAX_NAME_LEN);
         }
         w.u16(self.ram_blocks.len() as u16);
         for b in &self.ram_blocks {
@@ -257,6 +265,12 @@ impl Hello {
         let mut wire_props = Vec::with_capacity(n);
         for _ in 0..n {
             wire_props.push((r.str16(MAX_NAME_LEN)?, r.str16(MAX_VALUE_LEN)?));
+        }
+        let n = r.u16()?;
+        let n = r.count(n.into(), MAX_PROPS, 2)?;
+        let mut compat_pinned = Vec::with_capacity(n);
+        for _ in 0..n {
+            compat_pinned.push(r.str16(MAX_NAME_LEN)?);
         }
         let n = r.u16()?;
         let n = r.count(n.into(), MAX_RAM_BLOCKS, 18)?;
@@ -296,6 +310,7 @@ impl Hello {
             page_size,
             flags,
             wire_props,
+            compat_pinned,
             ram_blocks,
             vcpu_count,
             vcpu_state,
@@ -728,6 +743,7 @@ mod tests {
             page_size: 4096,
             flags: Hello::FLAG_FULL_VERIFY,
             wire_props: vec![("migration.digest".into(), "on".into())],
+            compat_pinned: vec!["migration.digest".into()],
             ram_blocks: vec![HelloRamBlock {
                 name: "ram".into(),
                 gpa: 0,

@@ -126,6 +126,12 @@ fn hello_with(
             machine,
             page_size,
             flags,
+            // Every other wire property marked as set by a compat table.
+            compat_pinned: wire_props
+                .iter()
+                .step_by(2)
+                .map(|(k, _)| k.clone())
+                .collect(),
             wire_props,
             ram_blocks,
             vcpu_count,
@@ -289,6 +295,7 @@ fn largest_legal_messages_fit_their_frame_limits() {
         page_size: u32::MAX,
         flags: Hello::FLAG_FULL_VERIFY,
         wire_props: vec![(name.clone(), value); MAX_PROPS],
+        compat_pinned: vec![name.clone(); MAX_PROPS],
         ram_blocks: vec![
             HelloRamBlock {
                 name: name.clone(),
@@ -491,6 +498,7 @@ fn hello_refuses_lists_one_over_their_bounds() {
         page_size: 4096,
         flags: 0,
         wire_props: vec![],
+        compat_pinned: vec![],
         ram_blocks: vec![],
         vcpu_count: 1,
         vcpu_state: String::new(),
