@@ -1,10 +1,11 @@
 //! The destination's handling of a whole migration stream, against hostile input.
 //!
 //! A real source migrates a tiny VM through a recording proxy into a real destination.
-//! The recorded forward stream is then replayed, cut short and corrupted byte by byte into
-//! fresh destinations. Whatever it is sent, a destination must end with an error, quickly,
-//! without allocating in proportion to a length it was told, and without resuming a guest
-//! whose state did not load completely or whose memory differs from the source's.
+//! The recorded forward stream is then replayed, cut short, corrupted byte by byte and
+//! spliced with hostile frames into fresh destinations. Whatever it is sent, a destination
+//! must end with an error that names the problem, quickly, without allocating in
+//! proportion to a length it was told, and without resuming a guest whose state did not
+//! load completely or whose memory differs from the source's.
 
 mod common;
 
@@ -24,8 +25,11 @@ use ferry_migration::engine::{
     self, error_chain, Channel, MigrationError, MigrationInfo, MigrationMonitor, MigrationParams,
     MigrationStatus, MigrationUri,
 };
+use ferry_migration::state::{encode, DeviceState, Value};
 use ferry_migration::wire::{
-    Completed, EndOfStream, FrameHeader, FrameTag, RamBatchHeader, StreamHeader,
+    decode_reason, encode_reason, Accept, Completed, DeviceStateHeader, EndOfStream, FrameHeader,
+    FrameTag, PassEnd, RamBatchHeader, Refuse, RefuseCause, StreamHeader, VcpuStateHeader,
+    MAX_DEVICE_STATE_LEN,
 };
 use ferry_migration::PAGE_SIZE;
 
@@ -178,6 +182,30 @@ impl Recording {
             .filter(|f| f.tag == tag)
             .copied()
             .collect()
+    }
+
+    fn bytes(&self, s: Span) -> &[u8] {
+        &self.stream[s.start..s.end()]
+    }
+
+    /// Stream header, hello, and every RAM batch and pass end: all but the state.
+    fn ram_part(&self) -> &[u8] {
+        &self.stream[..self.first(FrameTag::DeviceState).start]
+    }
+
+    fn device_frames(&self) -> Vec<u8> {
+        self.all(FrameTag::DeviceState)
+            .into_iter()
+            .flat_map(|s| self.bytes(s).to_vec())
+            .collect()
+    }
+
+    fn vcpu_frame(&self) -> &[u8] {
+        self.bytes(self.first(FrameTag::VcpuState))
+    }
+
+    fn eos_frame(&self) -> &[u8] {
+        self.bytes(self.first(FrameTag::EndOfStream))
     }
 
     fn eos(&self) -> EndOfStream {
@@ -372,6 +400,46 @@ fn replay(stream: &[u8]) -> Outcome {
         elapsed,
         largest_alloc,
     }
+}
+
+/// The stream must fail naming `needle`, leave the guest stopped, and, unless the source
+/// is gone or already knows, tell the source the same reason on the return path.
+fn assert_refused(stream: &[u8], needle: &str) -> Outcome {
+    check_refused(replay(stream), needle)
+}
+
+fn check_refused(o: Outcome, needle: &str) -> Outcome {
+    let err = o.error();
+    assert!(
+        o.result.is_err(),
+        "accepted a stream that should fail with {needle:?}"
+    );
+    assert!(err.contains(needle), "expected {needle:?}, got: {err}");
+    assert!(!o.vm.resumed());
+    assert!(!o.vm.is_running());
+    let replies = o.replies();
+    assert_eq!(
+        replies.first().map(|r| r.0),
+        Some(FrameTag::Accept),
+        "every stream here gets past the hello"
+    );
+    let told = !matches!(
+        o.result,
+        Err(MigrationError::PeerClosed { .. } | MigrationError::SourceAborted(_))
+    );
+    if told {
+        let (tag, payload) = replies.last().unwrap();
+        assert_eq!(*tag, FrameTag::LoadFailed, "the source was not told: {err}");
+        let reason = decode_reason(payload, "load failed").unwrap();
+        assert!(reason.contains(needle), "the source was told {reason:?}");
+    } else {
+        assert_eq!(replies.len(), 1, "nothing after the accept");
+    }
+    o
+}
+
+fn splice(parts: &[&[u8]]) -> Vec<u8> {
+    parts.concat()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -864,5 +932,502 @@ fn single_byte_corruptions_never_resume_with_wrong_memory() {
         }
         eprintln!("{} corruptions; refused by part: {refused:?}", cases.len());
         eprintln!("completed anyway, by part (memory always equal): {accepted:?}");
+    });
+}
+
+// ---------------------------------------------------------------------------------------
+// (d) Hostile frames.
+
+fn batch(block: u32, entries: &[(u64, bool)], data: &[[u8; PAGE_SIZE]]) -> Vec<u8> {
+    let mut p = RamBatchHeader {
+        block,
+        count: entries.len() as u32,
+    }
+    .encode()
+    .to_vec();
+    for &(page, zero) in entries {
+        p.extend_from_slice(&(page | if zero { RamBatchHeader::ZERO } else { 0 }).to_le_bytes());
+    }
+    for d in data {
+        p.extend_from_slice(d);
+    }
+    frame(FrameTag::RamBatch, &p)
+}
+
+fn device_frame(name: &str, instance: u32, version: u32, state: &[u8]) -> Vec<u8> {
+    frame(
+        FrameTag::DeviceState,
+        &DeviceStateHeader {
+            name: name.into(),
+            instance,
+            version,
+        }
+        .encode(state),
+    )
+}
+
+fn timer_state(state: &DeviceState) -> Vec<u8> {
+    encode(&TIMER_SCHEMA, state).unwrap()
+}
+
+#[test]
+fn a_device_state_claiming_a_huge_length_is_refused_before_reading_it() {
+    within(LIMIT, || {
+        let r = recording();
+        let head = DeviceStateHeader {
+            name: "test-uart".into(),
+            instance: 0,
+            version: 1,
+        }
+        .encode(&[0xAB; 64]);
+        let huge = raw_frame(FrameTag::DeviceState as u8, MAX_DEVICE_STATE_LEN, &head);
+        let claimed = MAX_DEVICE_STATE_LEN as usize - (2 + "test-uart".len() + 8);
+        // `replay` checks that no allocation came near the claim.
+        assert_refused(
+            &splice(&[r.ram_part(), &huge]),
+            &format!(
+                "device state: {claimed} is over the limit of {}",
+                UART_SCHEMA.max_encoded_len()
+            ),
+        );
+        // The same claim from a device the hello never announced.
+        let head = DeviceStateHeader {
+            name: "test-nic".into(),
+            instance: 0,
+            version: 1,
+        }
+        .encode(&[]);
+        assert_refused(
+            &splice(&[r.ram_part(), &raw_frame(4, MAX_DEVICE_STATE_LEN, &head)]),
+            "state for device test-nic instance 0, which the hello did not announce",
+        );
+        // Past the frame limit itself.
+        assert_refused(
+            &splice(&[r.ram_part(), &raw_frame(4, u32::MAX, &head)]),
+            "device state: 4294967295 is over the limit of 1073741824",
+        );
+        // A vCPU state at its frame limit.
+        let v = VcpuStateHeader {
+            index: 0,
+            version: 2,
+        }
+        .encode(&[0; 16]);
+        assert_refused(
+            &splice(&[r.ram_part(), &raw_frame(5, 1 << 20, &v)]),
+            &format!(
+                "vCPU state: {} is over the limit of {}",
+                (1 << 20) - 8,
+                VCPU_SCHEMA.max_encoded_len()
+            ),
+        );
+        // A name length past the bound, and a frame too short for its own name.
+        assert_refused(
+            &splice(&[r.ram_part(), &raw_frame(4, 300, &[0xff, 0x7f])]),
+            "device state name: 32767 is over the limit of 128",
+        );
+        assert_refused(
+            &splice(&[r.ram_part(), &raw_frame(4, 6, &head)]),
+            "device state: truncated",
+        );
+    });
+}
+
+#[test]
+fn state_for_an_unknown_device_is_refused() {
+    within(LIMIT, || {
+        let r = recording();
+        assert_refused(
+            &splice(&[r.ram_part(), &device_frame("test-nic", 0, 1, &[0; 8])]),
+            "state for device test-nic instance 0, which the hello did not announce",
+        );
+        // A known device under another instance number is another device.
+        let timer = timer_state(&source_device_states()[1]);
+        assert_refused(
+            &splice(&[r.ram_part(), &device_frame("test-timer", 0, 2, &timer)]),
+            "state for device test-timer instance 0, which the hello did not announce",
+        );
+        assert_refused(
+            &splice(&[r.ram_part(), &device_frame("test-timer", 3, 3, &timer)]),
+            "device test-timer: state version 3 is newer than this release can load (at most 2)",
+        );
+    });
+}
+
+#[test]
+fn a_duplicate_vcpu_or_device_state_is_refused() {
+    within(LIMIT, || {
+        let r = recording();
+        let devices = r.device_frames();
+        assert_refused(
+            &splice(&[
+                r.ram_part(),
+                &devices,
+                r.vcpu_frame(),
+                r.vcpu_frame(),
+                r.eos_frame(),
+            ]),
+            "vCPU 0 sent twice",
+        );
+        let uart = r.bytes(r.first(FrameTag::DeviceState)).to_vec();
+        assert_refused(
+            &splice(&[r.ram_part(), &devices, &uart, r.vcpu_frame(), r.eos_frame()]),
+            "device test-uart instance 0 sent twice",
+        );
+        // A second state that would load fine is refused all the same.
+        let other = DeviceState::new()
+            .with("period_ns", Value::U64(7))
+            .with("enabled", Value::Bool(false))
+            .with("id", Value::Bytes(vec![1; 8]))
+            .with("deadline_ns", Value::U64(0));
+        assert_refused(
+            &splice(&[
+                r.ram_part(),
+                &devices,
+                &device_frame("test-timer", 3, 2, &timer_state(&other)),
+            ]),
+            "device test-timer instance 3 sent twice",
+        );
+        let mut vcpu1 = r.vcpu_frame().to_vec();
+        vcpu1[FrameHeader::LEN] = 1;
+        assert_refused(
+            &splice(&[r.ram_part(), &devices, &vcpu1]),
+            "vCPU index: invalid value 1",
+        );
+    });
+}
+
+#[test]
+fn a_ram_batch_outside_guest_memory_is_refused() {
+    within(LIMIT, || {
+        let r = recording();
+        let ram0 = TEST_LAYOUT[0].2 as u64;
+        let ram1 = TEST_LAYOUT[1].2 as u64;
+        let page = page_pattern(99);
+        for (b, why) in [
+            (
+                batch(0, &[(ram0, true)], &[]),
+                format!("RAM batch page index: invalid value {ram0}"),
+            ),
+            (
+                batch(1, &[(0, true), (ram1, false)], &[page]),
+                format!("RAM batch page index: invalid value {ram1}"),
+            ),
+            (
+                batch(0, &[(RamBatchHeader::PAGE_MASK, false)], &[page]),
+                format!(
+                    "RAM batch page index: invalid value {}",
+                    RamBatchHeader::PAGE_MASK
+                ),
+            ),
+            (
+                batch(2, &[(0, true)], &[]),
+                "RAM batch block index: invalid value 2".into(),
+            ),
+            (
+                batch(u32::MAX, &[(0, false)], &[page]),
+                format!("RAM batch block index: invalid value {}", u32::MAX),
+            ),
+            (
+                batch(0, &[(1 << 48, false)], &[page]),
+                format!("RAM batch entry flags: invalid value {}", 1u64 << 48),
+            ),
+            // Two data entries with one page of data.
+            (
+                batch(0, &[(1, false), (2, false)], &[page]),
+                format!("RAM batch length: invalid value {}", 8 + 16 + PAGE_SIZE),
+            ),
+        ] {
+            let o = assert_refused(
+                &splice(&[r.ram_part(), &b, &r.stream[r.ram_part().len()..]]),
+                &why,
+            );
+            // Nothing of the hostile batch reached memory.
+            let mem = o.vm.test_ram().contents();
+            assert!(
+                !mem.iter()
+                    .any(|block| block.windows(16).step_by(16).any(|w| w == &page[..16])),
+                "{why}: page data landed in guest memory"
+            );
+        }
+        // A batch that claims more data pages than it has entries.
+        let mut p = RamBatchHeader { block: 0, count: 1 }.encode().to_vec();
+        p.extend_from_slice(&5u64.to_le_bytes());
+        assert_refused(
+            &splice(&[r.ram_part(), &raw_frame(2, (16 + 2 * PAGE_SIZE) as u32, &p)]),
+            "RAM batch length",
+        );
+        // And one that claims more entries than a batch may hold.
+        let p = RamBatchHeader {
+            block: 0,
+            count: 129,
+        }
+        .encode();
+        assert_refused(
+            &splice(&[r.ram_part(), &raw_frame(2, 8 + 129 * 8, &p)]),
+            "RAM batch page count: 129 is over the limit of 128",
+        );
+    });
+}
+
+#[test]
+fn an_end_of_stream_before_all_state_is_refused() {
+    within(LIMIT, || {
+        let r = recording();
+        assert_refused(
+            &splice(&[r.ram_part(), r.eos_frame()]),
+            "the stream ended without state for device test-uart instance 0",
+        );
+        let timer = r.all(FrameTag::DeviceState)[1];
+        assert_refused(
+            &splice(&[r.ram_part(), r.bytes(timer), r.vcpu_frame(), r.eos_frame()]),
+            "the stream ended without state for device test-uart instance 0",
+        );
+        assert_refused(
+            &splice(&[r.ram_part(), &r.device_frames(), r.eos_frame()]),
+            "the stream ended without state for vCPU 0",
+        );
+        // Only the header and hello, then the end.
+        let hello_end = r.first(FrameTag::Hello).end();
+        assert_refused(
+            &splice(&[&r.stream[..hello_end], r.eos_frame()]),
+            "the stream ended without state for device test-uart instance 0",
+        );
+    });
+}
+
+#[test]
+fn an_end_of_stream_that_does_not_match_what_arrived_is_refused() {
+    within(LIMIT, || {
+        let r = recording();
+        let state = splice(&[&r.device_frames(), r.vcpu_frame()]);
+        let eos = r.eos();
+        let with = |e: EndOfStream| frame(FrameTag::EndOfStream, &e.encode());
+        assert_refused(
+            &splice(&[
+                r.ram_part(),
+                &state,
+                &with(EndOfStream {
+                    digest: eos.digest.map(|d| d ^ 1),
+                    ..eos
+                }),
+            ]),
+            "guest memory digest differs",
+        );
+        assert_refused(
+            &splice(&[
+                r.ram_part(),
+                &state,
+                &with(EndOfStream {
+                    pages_sent: eos.pages_sent + 1,
+                    ..eos
+                }),
+            ]),
+            &format!(
+                "the source sent {} pages, {} arrived",
+                eos.pages_sent + 1,
+                eos.pages_sent
+            ),
+        );
+        assert_refused(
+            &splice(&[
+                r.ram_part(),
+                &state,
+                &with(EndOfStream {
+                    digest: None,
+                    ..eos
+                }),
+            ]),
+            "the end of stream carries no digest",
+        );
+        assert_refused(
+            &splice(&[
+                r.ram_part(),
+                &state,
+                &with(EndOfStream {
+                    full_digest: Some(0),
+                    ..eos
+                }),
+            ]),
+            "the end of stream does not match the full verification the hello announced",
+        );
+        // One page sent again with other bytes, between the passes and the state.
+        let ram1 = TEST_LAYOUT[1].2 as u64;
+        assert_refused(
+            &splice(&[
+                r.ram_part(),
+                &batch(1, &[(ram1 - 1, false)], &[page_pattern(7)]),
+                &state,
+                r.eos_frame(),
+            ]),
+            "the source sent",
+        );
+        // The same, without changing the page count: the digest catches it.
+        let cut = r.all(FrameTag::PassEnd)[0].end();
+        let mut tampered = r.stream[..cut].to_vec();
+        let first = r.first(FrameTag::RamBatch).payload().start;
+        let count = u32::from_le_bytes(r.stream[first + 4..first + 8].try_into().unwrap());
+        let data = first + 8 + 8 * count as usize;
+        tampered[data + 100] ^= 0x40;
+        assert_refused(
+            &splice(&[&tampered, &r.stream[cut..]]),
+            "guest memory digest differs",
+        );
+    });
+}
+
+#[test]
+fn return_path_frames_sent_forward_are_refused() {
+    within(LIMIT, || {
+        let r = recording();
+        let accept = Accept {
+            release: "x".into(),
+        }
+        .encode();
+        let refuse = Refuse {
+            cause: RefuseCause::Busy,
+            reason: "no".into(),
+        }
+        .encode();
+        let done = Completed {
+            resume_us: 1,
+            state_load_us: 1,
+            pages_written: 1,
+        }
+        .encode();
+        for (tag, payload) in [
+            (FrameTag::Accept, accept),
+            (FrameTag::Refuse, refuse),
+            (FrameTag::LoadFailed, encode_reason("x")),
+            (FrameTag::Completed, done),
+        ] {
+            // Right after the hello, and in place of the end of stream.
+            let f = frame(tag, &payload);
+            let why = format!(
+                "frame type {:#04x} is not allowed here (expected RAM, state or end of stream)",
+                tag as u8
+            );
+            let hello_end = r.first(FrameTag::Hello).end();
+            assert_refused(
+                &splice(&[&r.stream[..hello_end], &f, &r.stream[hello_end..]]),
+                &why,
+            );
+            let eos = r.first(FrameTag::EndOfStream).start;
+            assert_refused(&splice(&[&r.stream[..eos], &f]), &why);
+        }
+        // A second hello is no better.
+        let hello = r.bytes(r.first(FrameTag::Hello)).to_vec();
+        assert_refused(
+            &splice(&[r.ram_part(), &hello]),
+            "frame type 0x01 is not allowed here",
+        );
+    });
+}
+
+#[test]
+fn malformed_frame_headers_are_refused() {
+    within(LIMIT, || {
+        let r = recording();
+        assert_refused(
+            &splice(&[r.ram_part(), &raw_frame(0x55, 0, &[])]),
+            "unknown frame type 0x55",
+        );
+        let mut f = frame(FrameTag::PassEnd, &PassEnd { pass: 9, pages: 0 }.encode());
+        f[2] = 1;
+        assert_refused(&splice(&[r.ram_part(), &f]), "frame header reserved bytes");
+        assert_refused(
+            &splice(&[r.ram_part(), &raw_frame(3, 13, &[0; 13])]),
+            "pass end: 13 is over the limit of 12",
+        );
+        assert_refused(
+            &splice(&[r.ram_part(), &raw_frame(3, 4, &[0; 4])]),
+            "pass end: truncated",
+        );
+        let mut eos = r.eos_frame().to_vec();
+        eos[FrameHeader::LEN] |= 0x80;
+        assert_refused(
+            &splice(&[r.ram_part(), &r.device_frames(), r.vcpu_frame(), &eos]),
+            "end of stream flags: invalid value",
+        );
+    });
+}
+
+#[test]
+fn state_that_decodes_but_does_not_load_is_refused() {
+    within(LIMIT, || {
+        let r = recording();
+        let broken = DeviceState::new()
+            .with("period_ns", Value::U64(0))
+            .with("enabled", Value::Bool(true))
+            .with("id", Value::Bytes(vec![0; 8]))
+            .with("deadline_ns", Value::U64(0));
+        let uart = r.bytes(r.first(FrameTag::DeviceState));
+        assert_refused(
+            &splice(&[
+                r.ram_part(),
+                uart,
+                &device_frame("test-timer", 3, 2, &timer_state(&broken)),
+                r.vcpu_frame(),
+                r.eos_frame(),
+            ]),
+            "test-timer: enabled with a zero period",
+        );
+        // State bytes that do not decode: a bool that is neither 0 nor 1.
+        let mut bytes = timer_state(&source_device_states()[1]);
+        bytes[8] = 2;
+        assert_refused(
+            &splice(&[
+                r.ram_part(),
+                uart,
+                &device_frame("test-timer", 3, 2, &bytes),
+            ]),
+            "field enabled: bool byte 2 at offset 8 is neither 0 nor 1",
+        );
+    });
+}
+
+#[test]
+fn a_source_abort_ends_the_migration_without_resuming() {
+    within(LIMIT, || {
+        let r = recording();
+        let abort = frame(FrameTag::Abort, &encode_reason("operator cancelled"));
+        let eos = r.first(FrameTag::EndOfStream).start;
+        assert_refused(
+            &splice(&[&r.stream[..eos], &abort, r.eos_frame()]),
+            "source aborted the migration: operator cancelled",
+        );
+    });
+}
+
+#[test]
+fn a_bad_stream_header_is_refused_before_anything_else() {
+    within(LIMIT, || {
+        let r = recording();
+        let mut s = r.stream.clone();
+        s[0] = b'Q';
+        let o = replay(&s);
+        assert!(
+            o.error().contains("not a ferry migration stream"),
+            "{}",
+            o.error()
+        );
+        assert!(o.replies().iter().all(|(t, _)| *t == FrameTag::LoadFailed));
+        let mut s = r.stream.clone();
+        s[8] = 2;
+        let o = replay(&s);
+        assert!(
+            matches!(
+                &o.result,
+                Err(MigrationError::Incompatible {
+                    cause: RefuseCause::ProtocolVersion,
+                    ..
+                })
+            ),
+            "{}",
+            o.error()
+        );
+        let replies = o.replies();
+        assert_eq!(replies.len(), 1);
+        assert_eq!(replies[0].0, FrameTag::Refuse);
+        assert!(!o.vm.resumed());
     });
 }
