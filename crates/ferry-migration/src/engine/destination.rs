@@ -82,6 +82,7 @@ pub fn receive(
         entries: Vec::with_capacity(MAX_BATCH_PAGES),
         entry_buf: Vec::with_capacity(MAX_BATCH_PAGES * 8),
         iov: Vec::with_capacity(MAX_BATCH_PAGES),
+        batch_pages: Vec::with_capacity(MAX_BATCH_PAGES),
         pages_received: 0,
         pages_written: 0,
         state_load: Duration::ZERO,
@@ -142,6 +143,8 @@ struct Dest<'a> {
     entries: Vec<(u64, bool)>,
     entry_buf: Vec<u8>,
     iov: Vec<libc::iovec>,
+    /// The page indices of the batch being read, sorted, to find one named twice.
+    batch_pages: Vec<u64>,
     pages_received: u64,
     pages_written: u64,
     state_load: Duration,
@@ -273,6 +276,19 @@ impl Dest<'_> {
         self.entry_buf.resize(bh.count as usize * 8, 0);
         read_exact(&mut self.ch, &mut self.entry_buf, PEER, "RAM transfer")?;
         bh.decode_entries(&self.entry_buf, fh.len, block_pages, &mut self.entries)?;
+        // The data pages are scattered into memory before the zero pages are applied, so a
+        // page named twice (data, zero, data) would end zeroed although the batch's last
+        // word on it is data. A source sends each page at most once per batch.
+        self.batch_pages.clear();
+        self.batch_pages
+            .extend(self.entries.iter().map(|&(page, _)| page));
+        self.batch_pages.sort_unstable();
+        if let Some(w) = self.batch_pages.windows(2).find(|w| w[0] == w[1]) {
+            return Err(MigrationError::Protocol(format!(
+                "a RAM batch of block {block} names page {} twice",
+                w[0]
+            )));
+        }
         let base = self.vm.ram().host_ptr(block);
         self.iov.clear();
         for &(page, zero) in &self.entries {

@@ -1,0 +1,771 @@
+//! A tiny VM for driving the engine in tests, and helpers to read and build migration
+//! streams byte by byte.
+//!
+//! Shared by `tests/destination_stream.rs` and the `destination_stream` fuzz target
+//! (which includes this file with `#[path]`), so it uses nothing but `std` and
+//! `ferry-migration`. Each user needs a different part of it.
+#![allow(dead_code)]
+
+use std::alloc::{alloc_zeroed, dealloc, handle_alloc_error, Layout};
+use std::cell::RefCell;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use ferry_migration::engine::bitmap::DirtyBitmap;
+use ferry_migration::engine::vm::{
+    DeviceInfo, DirtyLog, GuestRam, MigratableVm, RamBlock, VmError,
+};
+use ferry_migration::engine::{DestinationIdentity, MigrationParams, SourceIdentity};
+use ferry_migration::state::{
+    DeviceState, FieldKind, FieldSchema, StateSchema, SubsectionSchema, SubsectionState, Value,
+};
+use ferry_migration::wire::{
+    FrameHeader, FrameTag, Hello, HelloDevice, HelloRamBlock, StreamHeader, PROTOCOL_VERSION,
+};
+use ferry_migration::PAGE_SIZE;
+
+pub const MACHINE: &str = "ferry-test-1";
+pub const RELEASE: &str = "streamfuzz";
+
+/// The one vCPU's state. Version 2 added `tsc`; version 1 streams still load.
+pub static VCPU_SCHEMA: StateSchema = StateSchema {
+    name: "test-vcpu",
+    version: 2,
+    min_version: 1,
+    fields: &[
+        FieldSchema {
+            name: "rip",
+            kind: FieldKind::U64,
+            since: 1,
+        },
+        FieldSchema {
+            name: "rsp",
+            kind: FieldKind::U64,
+            since: 1,
+        },
+        FieldSchema {
+            name: "rflags",
+            kind: FieldKind::U64,
+            since: 1,
+        },
+        FieldSchema {
+            name: "gprs",
+            kind: FieldKind::Array { len: 64 },
+            since: 1,
+        },
+        FieldSchema {
+            name: "tsc",
+            kind: FieldKind::U64,
+            since: 2,
+        },
+    ],
+    subsections: &[],
+};
+
+/// A serial port with a subsection for an interrupt that is pending at save time.
+pub static UART_SCHEMA: StateSchema = StateSchema {
+    name: "test-uart",
+    version: 1,
+    min_version: 1,
+    fields: &[
+        FieldSchema {
+            name: "ier",
+            kind: FieldKind::U8,
+            since: 1,
+        },
+        FieldSchema {
+            name: "lcr",
+            kind: FieldKind::U8,
+            since: 1,
+        },
+        FieldSchema {
+            name: "rx",
+            kind: FieldKind::Bytes { max_len: 16 },
+            since: 1,
+        },
+    ],
+    subsections: &[SubsectionSchema {
+        name: "test-uart/irq",
+        version: 1,
+        fields: &[
+            FieldSchema {
+                name: "line",
+                kind: FieldKind::U32,
+                since: 1,
+            },
+            FieldSchema {
+                name: "level",
+                kind: FieldKind::Bool,
+                since: 1,
+            },
+        ],
+        needed_when: "an interrupt is pending when the device is saved",
+    }],
+};
+
+/// A timer. Its load refuses a running timer with a zero period, so a state that decodes
+/// can still fail to load.
+pub static TIMER_SCHEMA: StateSchema = StateSchema {
+    name: "test-timer",
+    version: 2,
+    min_version: 1,
+    fields: &[
+        FieldSchema {
+            name: "period_ns",
+            kind: FieldKind::U64,
+            since: 1,
+        },
+        FieldSchema {
+            name: "enabled",
+            kind: FieldKind::Bool,
+            since: 1,
+        },
+        FieldSchema {
+            name: "id",
+            kind: FieldKind::Array { len: 8 },
+            since: 1,
+        },
+        FieldSchema {
+            name: "deadline_ns",
+            kind: FieldKind::U64,
+            since: 2,
+        },
+    ],
+    subsections: &[],
+};
+
+/// The devices of every test VM, in [`MigratableVm::devices`] order.
+pub fn device_infos() -> Vec<DeviceInfo> {
+    vec![
+        DeviceInfo {
+            name: UART_SCHEMA.name.into(),
+            instance: 0,
+            schema: &UART_SCHEMA,
+        },
+        DeviceInfo {
+            name: TIMER_SCHEMA.name.into(),
+            instance: 3,
+            schema: &TIMER_SCHEMA,
+        },
+    ]
+}
+
+/// RAM blocks as `(name, guest-physical address, pages)`.
+pub type RamLayout = &'static [(&'static str, u64, usize)];
+
+/// The layout the tests migrate: 2 MiB and 512 KiB.
+pub const TEST_LAYOUT: RamLayout = &[("ram0", 0, 512), ("ram1", 1 << 32, 128)];
+/// A smaller layout for the fuzz target, where every execution builds a VM.
+pub const FUZZ_LAYOUT: RamLayout = &[("ram0", 0, 32), ("ram1", 1 << 32, 8)];
+
+/// One page-aligned, zeroed heap allocation standing in for a RAM block.
+struct Region {
+    ptr: NonNull<u8>,
+    layout: Layout,
+}
+
+/// Regions of VMs that were dropped, zeroed again, for the next VM on the same thread:
+/// the fuzz target builds a VM per execution, and fresh memory costs it page faults.
+struct Spare(Vec<(NonNull<u8>, Layout)>);
+
+impl Drop for Spare {
+    fn drop(&mut self) {
+        for &(ptr, layout) in &self.0 {
+            // SAFETY: allocated in `Region::new` with this layout, owned by the pool.
+            unsafe { dealloc(ptr.as_ptr(), layout) }
+        }
+    }
+}
+
+thread_local! {
+    static SPARE: RefCell<Spare> = const { RefCell::new(Spare(Vec::new())) };
+}
+
+impl Region {
+    fn new(pages: usize) -> Self {
+        assert!(pages > 0, "a RAM block has at least one page");
+        let layout = Layout::from_size_align(pages * PAGE_SIZE, PAGE_SIZE).expect("layout");
+        let spare = SPARE
+            .try_with(|s| {
+                let mut s = s.borrow_mut();
+                let i = s.0.iter().position(|r| r.1 == layout)?;
+                Some(s.0.swap_remove(i).0)
+            })
+            .ok()
+            .flatten();
+        if let Some(ptr) = spare {
+            return Self { ptr, layout };
+        }
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { alloc_zeroed(layout) };
+        let ptr = NonNull::new(ptr).unwrap_or_else(|| handle_alloc_error(layout));
+        Self { ptr, layout }
+    }
+}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        const KEEP: usize = 4;
+        let (ptr, layout) = (self.ptr, self.layout);
+        let kept = SPARE
+            .try_with(|s| {
+                let mut s = s.borrow_mut();
+                if s.0.len() >= KEEP {
+                    return false;
+                }
+                // SAFETY: the whole allocation, which nothing else uses any more.
+                unsafe { std::ptr::write_bytes(ptr.as_ptr(), 0, layout.size()) };
+                s.0.push((ptr, layout));
+                true
+            })
+            .unwrap_or(false);
+        if !kept {
+            // SAFETY: allocated in `Region::new` with this layout, freed only here.
+            unsafe { dealloc(ptr.as_ptr(), layout) }
+        }
+    }
+}
+
+// SAFETY: a Region owns its allocation. Rust code never holds a reference into it across
+// calls: it is read and written through raw pointers (by the engine, the kernel, or the
+// short copies below), so moving it to or sharing it with another thread is sound.
+unsafe impl Send for Region {}
+// SAFETY: as above.
+unsafe impl Sync for Region {}
+
+/// Guest RAM on the heap: one page-aligned zeroed allocation per block.
+pub struct TestRam {
+    blocks: Vec<RamBlock>,
+    regions: Vec<Region>,
+    /// Pages the guest has written, even with zeros: the source reports them populated
+    /// like a backend that knows which pages were ever faulted in.
+    touched: Vec<DirtyBitmap>,
+}
+
+impl TestRam {
+    pub fn new(layout: RamLayout) -> Self {
+        Self {
+            blocks: layout
+                .iter()
+                .map(|&(name, gpa, pages)| RamBlock {
+                    name: name.into(),
+                    gpa,
+                    size: (pages * PAGE_SIZE) as u64,
+                })
+                .collect(),
+            regions: layout
+                .iter()
+                .map(|&(_, _, pages)| Region::new(pages))
+                .collect(),
+            touched: layout
+                .iter()
+                .map(|&(_, _, p)| DirtyBitmap::new(p))
+                .collect(),
+        }
+    }
+
+    fn page_ptr(&self, block: usize, page: usize) -> *mut u8 {
+        assert!(
+            page < self.blocks[block].pages(),
+            "page {page} outside block {block}"
+        );
+        // SAFETY: in bounds of the block's allocation, checked above.
+        unsafe { self.regions[block].ptr.as_ptr().add(page * PAGE_SIZE) }
+    }
+
+    /// Copies a page out. Only called while nothing writes guest memory (the engine calls
+    /// into the VM from its own thread, and tests read after it returned).
+    pub fn read_page(&self, block: usize, page: usize, out: &mut [u8; PAGE_SIZE]) {
+        let p = self.page_ptr(block, page);
+        // SAFETY: a whole page inside the allocation; `out` is a distinct buffer.
+        unsafe { std::ptr::copy_nonoverlapping(p, out.as_mut_ptr(), PAGE_SIZE) }
+    }
+
+    /// Overwrites a page, like a guest store (`None` writes zeros).
+    pub fn write_page(&self, block: usize, page: usize, content: Option<&[u8; PAGE_SIZE]>) {
+        let p = self.page_ptr(block, page);
+        match content {
+            // SAFETY: a whole page inside the allocation; `c` is a distinct buffer.
+            Some(c) => unsafe { std::ptr::copy_nonoverlapping(c.as_ptr(), p, PAGE_SIZE) },
+            // SAFETY: a whole page inside the allocation.
+            None => unsafe { std::ptr::write_bytes(p, 0, PAGE_SIZE) },
+        }
+        self.touched[block].set(page);
+    }
+
+    /// Every block's bytes.
+    pub fn contents(&self) -> Vec<Vec<u8>> {
+        (0..self.blocks.len())
+            .map(|b| {
+                let mut v = vec![0u8; self.blocks[b].size as usize];
+                // SAFETY: the whole block, copied into a buffer of the same size.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        self.regions[b].ptr.as_ptr(),
+                        v.as_mut_ptr(),
+                        v.len(),
+                    )
+                };
+                v
+            })
+            .collect()
+    }
+
+    fn page_is_zero(&self, block: usize, page: usize) -> bool {
+        static ZERO: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
+        let mut buf = [0u8; PAGE_SIZE];
+        self.read_page(block, page, &mut buf);
+        buf == ZERO
+    }
+}
+
+// SAFETY: `host_ptr(i)` is the start of region i, a live heap allocation of exactly
+// `blocks()[i].size` bytes, page-aligned, readable and writable. Regions are created
+// with the TestRam and freed only when it drops, so every pointer handed out stays valid
+// for as long as the TestRam lives (the engine holds it through an `Arc`). Nothing in
+// this file keeps a reference into a region: every access is a raw-pointer copy made
+// while the engine is not writing that memory.
+unsafe impl GuestRam for TestRam {
+    fn blocks(&self) -> &[RamBlock] {
+        &self.blocks
+    }
+
+    fn host_ptr(&self, block: usize) -> *mut u8 {
+        self.regions[block].ptr.as_ptr()
+    }
+
+    /// Every page the guest touched or that holds a non-zero byte: unmarked pages read
+    /// as zero, as the contract asks, including pages the engine itself wrote.
+    fn populated(&self, block: usize, out: &DirtyBitmap) {
+        for p in 0..self.blocks[block].pages() {
+            if self.touched[block].is_set(p) || !self.page_is_zero(block, p) {
+                out.set(p);
+            }
+        }
+    }
+}
+
+/// A write the source's guest makes during the migration: `(block, page, content seed)`;
+/// `None` zeroes the page.
+pub type GuestWrite = (usize, usize, Option<u64>);
+
+/// What the source's guest does while it is migrated, so the stream has several passes,
+/// pages sent more than once, pages that became zero and a non-empty final pass.
+#[derive(Debug, Default, Clone)]
+pub struct Script {
+    /// Writes made just before harvest round `i` (0-based) looks at the log.
+    pub on_harvest: Vec<Vec<GuestWrite>>,
+    /// Writes made as the guest stops, picked up by the final pass.
+    pub on_pause: Vec<GuestWrite>,
+}
+
+/// What a destination did with what it received.
+#[derive(Debug, Default, Clone)]
+pub struct Record {
+    pub vcpu_loads: Vec<u32>,
+    pub device_loads: Vec<u32>,
+    pub vcpus: Vec<Option<DeviceState>>,
+    pub devices: Vec<Option<DeviceState>>,
+    pub resumes: u32,
+    /// `resume` came before every device and vCPU had loaded exactly once.
+    pub resumed_incomplete: bool,
+    /// A load came after `resume`.
+    pub loaded_after_resume: bool,
+}
+
+/// The tiny VM: heap RAM, one vCPU, a UART and a timer.
+pub struct TestVm {
+    ram: Arc<TestRam>,
+    logging: AtomicBool,
+    dirty: Vec<DirtyBitmap>,
+    running: AtomicBool,
+    script: Mutex<(usize, Script)>,
+    vcpu: DeviceState,
+    devices: Vec<DeviceState>,
+    record: Mutex<Record>,
+}
+
+impl TestVm {
+    /// A paused VM with zeroed RAM, as a destination is created.
+    pub fn destination(layout: RamLayout) -> Self {
+        Self::new(layout, false, Script::default())
+    }
+
+    /// A running VM whose guest has made the `initial` writes, with the device states of
+    /// [`source_vcpu_state`] and [`source_device_states`].
+    pub fn source(layout: RamLayout, initial: &[GuestWrite], script: Script) -> Self {
+        let vm = Self::new(layout, true, script);
+        for &w in initial {
+            vm.guest_write(w);
+        }
+        vm
+    }
+
+    fn new(layout: RamLayout, running: bool, script: Script) -> Self {
+        let ram = TestRam::new(layout);
+        let dirty = ram
+            .blocks
+            .iter()
+            .map(|b| DirtyBitmap::new(b.pages()))
+            .collect();
+        let n = device_infos().len();
+        Self {
+            ram: Arc::new(ram),
+            logging: AtomicBool::new(false),
+            dirty,
+            running: AtomicBool::new(running),
+            script: Mutex::new((0, script)),
+            vcpu: source_vcpu_state(),
+            devices: source_device_states(),
+            record: Mutex::new(Record {
+                vcpu_loads: vec![0; 1],
+                device_loads: vec![0; n],
+                vcpus: vec![None; 1],
+                devices: vec![None; n],
+                ..Record::default()
+            }),
+        }
+    }
+
+    pub fn test_ram(&self) -> &TestRam {
+        &self.ram
+    }
+
+    /// A guest store: writes the page and logs it dirty if tracking is on.
+    pub fn guest_write(&self, (block, page, seed): GuestWrite) {
+        match seed {
+            Some(s) => self.ram.write_page(block, page, Some(&page_pattern(s))),
+            None => self.ram.write_page(block, page, None),
+        }
+        if self.logging.load(Ordering::SeqCst) {
+            self.dirty[block].set(page);
+        }
+    }
+
+    pub fn record(&self) -> Record {
+        self.record.lock().unwrap().clone()
+    }
+
+    pub fn resumed(&self) -> bool {
+        self.record.lock().unwrap().resumes > 0
+    }
+
+    /// What must hold of a destination whatever it was sent: at most one resume, and only
+    /// after every device and vCPU loaded exactly once, with nothing loaded afterwards.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let r = self.record.lock().unwrap();
+        if r.resumes > 1 {
+            return Err(format!("resumed {} times", r.resumes));
+        }
+        if r.resumed_incomplete {
+            return Err(format!(
+                "resumed with vCPU loads {:?} and device loads {:?}",
+                r.vcpu_loads, r.device_loads
+            ));
+        }
+        if r.loaded_after_resume {
+            return Err("state loaded after the guest was resumed".into());
+        }
+        Ok(())
+    }
+
+    fn note_load(&self, r: &mut Record) {
+        if r.resumes > 0 {
+            r.loaded_after_resume = true;
+        }
+    }
+}
+
+impl DirtyLog for TestVm {
+    fn start(&self) -> Result<(), VmError> {
+        self.logging.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn stop(&self) {
+        self.logging.store(false, Ordering::SeqCst);
+    }
+
+    fn harvest(&self, block: usize, into: &DirtyBitmap) -> Result<(), VmError> {
+        if block == 0 {
+            // The guest writes between two harvest rounds.
+            let writes = {
+                let mut s = self.script.lock().unwrap();
+                let round = s.0;
+                s.0 += 1;
+                s.1.on_harvest.get(round).cloned().unwrap_or_default()
+            };
+            for w in writes {
+                self.guest_write(w);
+            }
+        }
+        self.dirty[block].drain_into(into);
+        Ok(())
+    }
+
+    fn restore(&self, block: usize, pages: &DirtyBitmap) {
+        self.dirty[block].or_from(pages);
+    }
+}
+
+impl MigratableVm for TestVm {
+    fn ram(&self) -> Arc<dyn GuestRam> {
+        self.ram.clone()
+    }
+
+    fn dirty_log(&self) -> &dyn DirtyLog {
+        self
+    }
+
+    fn vcpu_count(&self) -> usize {
+        1
+    }
+
+    fn vcpu_schema(&self) -> &'static StateSchema {
+        &VCPU_SCHEMA
+    }
+
+    fn devices(&self) -> Vec<DeviceInfo> {
+        device_infos()
+    }
+
+    fn pause(&self) -> Result<(), VmError> {
+        let writes = self.script.lock().unwrap().1.on_pause.clone();
+        for w in writes {
+            self.guest_write(w);
+        }
+        self.running.store(false, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn resume(&self) -> Result<(), VmError> {
+        let mut r = self.record.lock().unwrap();
+        r.resumes += 1;
+        if r.vcpu_loads.iter().chain(&r.device_loads).any(|&n| n != 1) {
+            r.resumed_incomplete = true;
+        }
+        self.running.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn is_running(&self) -> bool {
+        self.running.load(Ordering::SeqCst)
+    }
+
+    fn save_vcpu(&self, index: usize) -> Result<DeviceState, VmError> {
+        assert_eq!(index, 0);
+        Ok(self.vcpu.clone())
+    }
+
+    fn load_vcpu(&self, index: usize, state: DeviceState) -> Result<(), VmError> {
+        let mut r = self.record.lock().unwrap();
+        self.note_load(&mut r);
+        // The engine must have bounded the index by `vcpu_count`.
+        r.vcpu_loads[index] += 1;
+        state.get_u64("rip")?;
+        state.get_bytes("gprs")?;
+        r.vcpus[index] = Some(state);
+        Ok(())
+    }
+
+    fn save_device(&self, index: usize) -> Result<DeviceState, VmError> {
+        Ok(self.devices[index].clone())
+    }
+
+    fn load_device(&self, index: usize, state: DeviceState) -> Result<(), VmError> {
+        let mut r = self.record.lock().unwrap();
+        self.note_load(&mut r);
+        r.device_loads[index] += 1;
+        match index {
+            0 => {
+                state.get_u8("lcr")?;
+                if let Some(irq) = state.subsection("test-uart/irq") {
+                    irq.get_u32("line")?;
+                }
+            }
+            _ => {
+                if state.get_bool("enabled")? && state.get_u64("period_ns")? == 0 {
+                    return Err(VmError::Failed(
+                        "test-timer: enabled with a zero period".into(),
+                    ));
+                }
+            }
+        }
+        r.devices[index] = Some(state);
+        Ok(())
+    }
+}
+
+/// A page of bytes that differ from every other seed's page and from byte to byte.
+pub fn page_pattern(seed: u64) -> [u8; PAGE_SIZE] {
+    let mut p = [0u8; PAGE_SIZE];
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    for chunk in p.chunks_exact_mut(8) {
+        // xorshift64
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes());
+    }
+    p
+}
+
+pub fn source_vcpu_state() -> DeviceState {
+    DeviceState::new()
+        .with("rip", Value::U64(0xffff_ffff_8100_0000))
+        .with("rsp", Value::U64(0x7ffc_0000_1000))
+        .with("rflags", Value::U64(0x202))
+        .with("gprs", Value::Bytes((0..64).collect()))
+        .with("tsc", Value::U64(123_456_789))
+}
+
+pub fn source_device_states() -> Vec<DeviceState> {
+    vec![
+        DeviceState::new()
+            .with("ier", Value::U8(0x0f))
+            .with("lcr", Value::U8(0x03))
+            .with("rx", Value::Bytes(b"ok\n".to_vec()))
+            .with_subsection(
+                SubsectionState::new("test-uart/irq")
+                    .with("line", Value::U32(4))
+                    .with("level", Value::Bool(true)),
+            ),
+        DeviceState::new()
+            .with("period_ns", Value::U64(1_000_000))
+            .with("enabled", Value::Bool(true))
+            .with("id", Value::Bytes(b"timer-03".to_vec()))
+            .with("deadline_ns", Value::U64(42_000_000)),
+    ]
+}
+
+pub fn wire_props() -> Vec<(String, String)> {
+    vec![("migration.digest".into(), "on".into())]
+}
+
+pub fn source_identity() -> SourceIdentity {
+    SourceIdentity {
+        release: RELEASE.into(),
+        machine: MACHINE.into(),
+        wire_props: wire_props(),
+    }
+}
+
+pub fn destination_identity() -> DestinationIdentity {
+    DestinationIdentity {
+        release: RELEASE.into(),
+        machine: MACHINE.into(),
+        known_machines: vec!["ferry-test-0".into(), MACHINE.into()],
+        wire_props: wire_props(),
+    }
+}
+
+/// The destination's parameters: the defaults, digest on.
+pub fn destination_params() -> MigrationParams {
+    MigrationParams::default()
+}
+
+/// The hello a source of `layout` sends.
+pub fn hello(layout: RamLayout, full_verify: bool) -> Hello {
+    Hello {
+        session_id: 0x5eed_0000_0000_0001,
+        release: RELEASE.into(),
+        machine: MACHINE.into(),
+        page_size: PAGE_SIZE as u32,
+        flags: if full_verify {
+            Hello::FLAG_FULL_VERIFY
+        } else {
+            0
+        },
+        wire_props: wire_props(),
+        ram_blocks: layout
+            .iter()
+            .map(|&(name, gpa, pages)| HelloRamBlock {
+                name: name.into(),
+                gpa,
+                size: (pages * PAGE_SIZE) as u64,
+            })
+            .collect(),
+        vcpu_count: 1,
+        vcpu_state: VCPU_SCHEMA.name.into(),
+        vcpu_version: VCPU_SCHEMA.version,
+        devices: device_infos()
+            .iter()
+            .map(|d| HelloDevice {
+                name: d.name.clone(),
+                instance: d.instance,
+                version: d.schema.version,
+            })
+            .collect(),
+    }
+}
+
+/// The stream header and a hello frame: what precedes RAM on every stream.
+pub fn stream_prefix(hello: &Hello) -> Vec<u8> {
+    let mut s = StreamHeader {
+        version: PROTOCOL_VERSION,
+    }
+    .encode()
+    .to_vec();
+    s.extend(frame(FrameTag::Hello, &hello.encode()));
+    s
+}
+
+/// A frame: header and payload.
+pub fn frame(tag: FrameTag, payload: &[u8]) -> Vec<u8> {
+    raw_frame(tag as u8, payload.len() as u32, payload)
+}
+
+/// A frame header with any tag and any length claim, then `payload` (which need not be
+/// as long as the claim).
+pub fn raw_frame(tag: u8, len: u32, payload: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(FrameHeader::LEN + payload.len());
+    f.push(tag);
+    f.extend_from_slice(&[0, 0, 0]);
+    f.extend_from_slice(&len.to_le_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// Where one frame sits in a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span {
+    /// Offset of the frame header.
+    pub start: usize,
+    pub tag: FrameTag,
+    pub len: usize,
+}
+
+impl Span {
+    pub fn payload(&self) -> std::ops::Range<usize> {
+        self.start + FrameHeader::LEN..self.end()
+    }
+
+    pub fn end(&self) -> usize {
+        self.start + FrameHeader::LEN + self.len
+    }
+}
+
+/// Splits a well-formed stream (header first) into its frames.
+pub fn frames(stream: &[u8]) -> Vec<Span> {
+    let mut out = Vec::new();
+    let mut at = StreamHeader::LEN;
+    while at < stream.len() {
+        let h: &[u8; FrameHeader::LEN] = stream[at..at + FrameHeader::LEN]
+            .try_into()
+            .expect("a whole frame header");
+        let fh = FrameHeader::decode(h).expect("a recorded frame header decodes");
+        let span = Span {
+            start: at,
+            tag: fh.tag,
+            len: fh.len as usize,
+        };
+        assert!(
+            span.end() <= stream.len(),
+            "frame at {at} runs past the end"
+        );
+        out.push(span);
+        at = span.end();
+    }
+    out
+}
