@@ -648,6 +648,7 @@ pub fn source_identity() -> SourceIdentity {
         release: RELEASE.into(),
         machine: MACHINE.into(),
         wire_props: wire_props(),
+        compat_pinned: Vec::new(),
     }
 }
 
@@ -657,6 +658,7 @@ pub fn destination_identity() -> DestinationIdentity {
         machine: MACHINE.into(),
         known_machines: vec!["ferry-test-0".into(), MACHINE.into()],
         wire_props: wire_props(),
+        compat_pinned: Vec::new(),
     }
 }
 
@@ -678,6 +680,7 @@ pub fn hello(layout: RamLayout, full_verify: bool) -> Hello {
             0
         },
         wire_props: wire_props(),
+        compat_pinned: Vec::new(),
         ram_blocks: layout
             .iter()
             .map(|&(name, gpa, pages)| HelloRamBlock {
