@@ -688,6 +688,12 @@ fn hello_parts(h: &[u8], base: usize, parts: &mut Vec<(usize, &'static str)>) {
         let v = u16_at(at + 2 + k);
         field(&mut at, 4 + k + v, "hello wire properties");
     }
+    let pinned = u16_at(at);
+    field(&mut at, 2, "hello compat-pinned properties");
+    for _ in 0..pinned {
+        let k = u16_at(at);
+        field(&mut at, 2 + k, "hello compat-pinned properties");
+    }
     let blocks = u16_at(at);
     field(&mut at, 2, "hello RAM blocks");
     for _ in 0..blocks {
