@@ -34,7 +34,7 @@ impl GuestVm for crate::kvm::KvmVm {
         GuestReport {
             passes: self.passes(),
             running: self.running(),
-            console_tail: String::new(),
+            console_tail: self.serial().tail_text(),
         }
     }
 

@@ -31,19 +31,27 @@
 //!
 //! # The guest program
 //!
-//! 29 bytes of 64-bit code, hand-encoded in `guest.rs` (with the assembly beside each
-//! instruction and a test that checks the offsets the VMM relies on). KVM here is the
-//! PVM backend, which emulates CPL-0 code one instruction at a time, so the vCPU enters
-//! long mode at CPL 3 straight from `KVM_SET_SREGS` (DPL-3 flat segments, paging on,
-//! identity map with user-accessible 2 MiB pages): no BIOS, no real mode, no ring 0.
-//! Each vCPU loops: increment byte 0 of every 4 KiB page of its range, increment its
-//! pass counter, `out` the counter's low byte to port `0x10 + i`. The VMM checks on each
-//! exit that the values follow each other and match the counter in memory.
+//! 137 bytes of 64-bit code, hand-encoded in `guest.rs` (with the assembly beside each
+//! instruction and tests that check the offsets, jumps and constants the VMM relies on).
+//! KVM here is the PVM backend, which emulates CPL-0 code one instruction at a time, so
+//! the vCPU enters long mode at CPL 3 straight from `KVM_SET_SREGS` (DPL-3 flat
+//! segments, paging on, identity map with user-accessible 2 MiB pages): no BIOS, no real
+//! mode, no ring 0. Each vCPU loops: increment byte 0 of every 4 KiB page of its range,
+//! increment its pass counter, `out` the counter's low byte to port `0x10 + i`. The VMM
+//! checks on each exit that the values follow each other and match the counter in
+//! memory. Every 1024 passes the vCPU prints `vcpu<i> pass <n>` on the serial console
+//! (COM1), one `out` per byte: at most a few dozen exits per thousand passes.
 //!
 //! Two things the probe did not say: (1) PVM does not keep IOPL=3 for guest user mode,
-//! so `out` is checked against the TSS I/O bitmap, which grants the workload's ports
-//! (IOPL stays 3 for hosts that honour it); (2) with the in-kernel LAPIC, vCPUs other
-//! than 0 start waiting for INIT/SIPI and are made runnable explicitly.
+//! so `out` is checked against the TSS I/O bitmap, which grants the workload's ports and
+//! COM1's (IOPL stays 3 for hosts that honour it); (2) with the in-kernel LAPIC, vCPUs
+//! other than 0 start waiting for INIT/SIPI and are made runnable explicitly.
+//!
+//! # Devices
+//!
+//! [`MigratableVm::devices`] lists, in this order: `kvm-vm` (the in-kernel irqchip and
+//! clock, below) and `serial` ([`crate::devices::serial`], always present; vCPU threads
+//! route its port I/O exits to it through an [`IoBus`]).
 //!
 //! [`KvmVm::check_pattern`] uses the guest's registers: at any instruction boundary a
 //! prefix of the range (as long as the guest's position in the pass) holds `pass + 1`
@@ -122,7 +130,11 @@ use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use thiserror::Error;
 
+use crate::devices::serial::{Serial, SerialError, SERIAL_SCHEMA};
+use crate::devices::IoBus;
+
 pub use dirty::{HarvestCost, KvmDirtyLog};
+pub use guest::PRINT_EVERY;
 pub use memory::{KvmRam, LOW_BLOCK, RAM_BLOCK};
 pub use state::{VCPU_SCHEMA, VM_SCHEMA};
 pub use vcpu::kick_signal;
@@ -222,6 +234,8 @@ pub enum KvmError {
     OutsideRam { gpa: u64, len: usize },
     #[error(transparent)]
     State(#[from] StateError),
+    #[error(transparent)]
+    Serial(#[from] SerialError),
 }
 
 fn hex_list(v: &[u32]) -> String {
@@ -307,6 +321,13 @@ pub struct KvmVm {
     msr_indices: Vec<u32>,
     /// Per vCPU: has state (from `create` or `load_vcpu`), so it may run.
     has_state: Vec<AtomicBool>,
+    serial: Arc<Serial>,
+}
+
+/// The devices of [`MigratableVm::devices`], by index.
+enum Device<'a> {
+    KvmVm,
+    Serial(&'a Serial),
 }
 
 impl KvmVm {
@@ -357,8 +378,10 @@ impl KvmVm {
             })?
             .as_slice()
             .to_vec();
+        let serial = Arc::new(Serial::new());
+        let io = Arc::new(IoBus::new().with(serial.clone()));
         Ok(KvmVm {
-            vcpus: vcpu::Vcpus::new(fds, ram.clone())?,
+            vcpus: vcpu::Vcpus::new(fds, ram.clone(), io)?,
             dirty,
             ram,
             vm,
@@ -368,6 +391,7 @@ impl KvmVm {
             has_state: (0..cfg.vcpus)
                 .map(|_| AtomicBool::new(!cfg.incoming))
                 .collect(),
+            serial,
         })
     }
 
@@ -391,6 +415,19 @@ impl KvmVm {
     /// had stopped by itself (its guest failed); all are stopped either way.
     pub fn stop(&self) -> Result<(), KvmError> {
         self.vcpus.pause()
+    }
+
+    /// The serial console.
+    pub fn serial(&self) -> &Serial {
+        &self.serial
+    }
+
+    fn device(&self, index: usize) -> Result<Device<'_>, KvmError> {
+        match index {
+            0 => Ok(Device::KvmVm),
+            1 => Ok(Device::Serial(&self.serial)),
+            _ => Err(KvmError::NoDevice(index)),
+        }
     }
 
     pub fn running(&self) -> bool {
@@ -475,10 +512,10 @@ impl KvmVm {
             .map_err(|e| e.to_string())?
             .get_regs()
             .map_err(|e| e.to_string())?;
-        if regs.rbx != layout::pass_gpa(i) || regs.rdx & 0xffff != guest::port(i) as u64 {
+        if regs.rbx != layout::pass_gpa(i) || regs.r9 & 0xffff != guest::port(i) as u64 {
             return Err(format!(
-                "registers do not hold the workload (rbx {:#x}, rdx {:#x})",
-                regs.rbx, regs.rdx
+                "registers do not hold the workload (rbx {:#x}, r9 {:#x})",
+                regs.rbx, regs.r9
             ));
         }
         let (start, pages) = (regs.rsi, regs.r8);
@@ -621,15 +658,18 @@ impl MigratableVm for KvmVm {
     }
 
     fn devices(&self) -> Vec<DeviceInfo> {
-        vec![DeviceInfo {
-            name: VM_SCHEMA.name.into(),
-            instance: 0,
-            schema: &VM_SCHEMA,
-        }]
+        [&VM_SCHEMA, &SERIAL_SCHEMA]
+            .iter()
+            .map(|schema| DeviceInfo {
+                name: schema.name.into(),
+                instance: 0,
+                schema,
+            })
+            .collect()
     }
 
     fn pause(&self) -> Result<(), VmError> {
-        self.vcpus.pause().map_err(|e| e.into_vm("pause vCPUs"))
+        self.stop().map_err(|e| e.into_vm("pause vCPUs"))
     }
 
     fn resume(&self) -> Result<(), VmError> {
@@ -655,24 +695,38 @@ impl MigratableVm for KvmVm {
     }
 
     fn save_device(&self, index: usize) -> Result<DeviceState, VmError> {
-        let op = "save KVM VM state";
-        if index != 0 {
-            return Err(KvmError::NoDevice(index).into_vm(op));
-        }
+        let device = self
+            .device(index)
+            .map_err(|e| e.into_vm("save device state"))?;
+        let op = match device {
+            Device::KvmVm => "save KVM VM state",
+            Device::Serial(_) => "save serial state",
+        };
         if self.running() {
             return Err(KvmError::Running.into_vm(op));
         }
-        state::save_vm(&self.vm).map_err(|e| e.into_vm(op))
+        match device {
+            Device::KvmVm => state::save_vm(&self.vm),
+            Device::Serial(serial) => Ok(serial.save()),
+        }
+        .map_err(|e| e.into_vm(op))
     }
 
     fn load_device(&self, index: usize, state: DeviceState) -> Result<(), VmError> {
-        let op = "load KVM VM state";
-        if index != 0 {
-            return Err(KvmError::NoDevice(index).into_vm(op));
-        }
+        let device = self
+            .device(index)
+            .map_err(|e| e.into_vm("load device state"))?;
+        let op = match device {
+            Device::KvmVm => "load KVM VM state",
+            Device::Serial(_) => "load serial state",
+        };
         if self.running() {
             return Err(KvmError::Running.into_vm(op));
         }
-        state::load_vm(&self.vm, &state).map_err(|e| e.into_vm(op))
+        match device {
+            Device::KvmVm => state::load_vm(&self.vm, &state),
+            Device::Serial(serial) => serial.load(&state).map_err(KvmError::from),
+        }
+        .map_err(|e| e.into_vm(op))
     }
 }

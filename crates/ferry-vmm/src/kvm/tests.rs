@@ -315,7 +315,9 @@ fn kvm_rejects_bad_configs_and_state() {
     let vm = vm(16, 1, 1, true);
     let err = vm.load_vcpu(0, DeviceState::new()).unwrap_err();
     assert!(matches!(err, VmError::State(_)), "{err}");
-    assert!(vm.save_device(1).is_err());
+    // kvm-vm and serial; no accelerator was configured.
+    assert_eq!(vm.devices().len(), 2);
+    assert!(vm.save_device(2).is_err());
 }
 
 /// Not a test: prints what `KVM_GET_DIRTY_LOG` and `KVM_CLEAR_DIRTY_LOG` cost. Run with
@@ -413,4 +415,49 @@ fn kvm_unusable_error_names_dev_kvm_and_errno() {
         msg.contains("/dev/kvm") && msg.contains("os error 2") && !msg.contains('\n'),
         "{msg}"
     );
+}
+
+#[test]
+fn kvm_guest_prints_its_passes_on_the_serial_console() {
+    if !kvm_here("kvm_guest_prints_its_passes_on_the_serial_console") {
+        return;
+    }
+    let vm = vm(16, 1, 1, false);
+    vm.start().unwrap();
+    let t = Instant::now();
+    // Pauses land anywhere, in the middle of a line too: the pattern holds there and the
+    // line carries on when the vCPU does.
+    let mut round = 0;
+    while vm.passes()[0] <= 3 * PRINT_EVERY {
+        std::thread::sleep(Duration::from_micros(500 + 1500 * (round % 7)));
+        vm.stop().unwrap();
+        vm.check_pattern()
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        vm.start().unwrap();
+        round += 1;
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "{:?} passes",
+            vm.passes()
+        );
+    }
+    vm.stop().unwrap();
+    let took = t.elapsed();
+    assert_eq!(vm.out_errors(), [0]);
+    let tail = vm.serial().tail_text();
+    let passes = vm.passes()[0];
+    // Every line is whole, in order; the last one may still be on its way.
+    let lines: Vec<&str> = tail.split_inclusive('\n').collect();
+    assert!(lines.len() >= 3, "{tail:?}");
+    for (k, line) in lines.iter().enumerate() {
+        let want = format!("vcpu0 pass {}\n", (k as u64 + 1) * PRINT_EVERY);
+        if line.ends_with('\n') {
+            assert_eq!(*line, want, "{tail:?}");
+        } else {
+            assert!(k + 1 == lines.len() && want.starts_with(line), "{tail:?}");
+        }
+    }
+    assert!(lines.len() as u64 <= passes / PRINT_EVERY);
+    assert_eq!(vm.serial().bytes_written(), tail.len() as u64);
+    println!("{passes} passes and {round} pauses in {took:?}; console: {tail:?}");
 }
