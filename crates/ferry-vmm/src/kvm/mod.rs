@@ -4,7 +4,13 @@
 //! ```no_run
 //! use ferry_vmm::kvm::{KvmConfig, KvmVm};
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let cfg = KvmConfig { mem_size: 256 << 20, vcpus: 2, dirty_size: 16 << 20, incoming: false };
+//! let cfg = KvmConfig {
+//!     mem_size: 256 << 20,
+//!     vcpus: 2,
+//!     dirty_size: 16 << 20,
+//!     incoming: false,
+//!     accel_size: 0,
+//! };
 //! let vm = KvmVm::create(&cfg)?;
 //! vm.start()?;
 //! // ... migrate it through `MigratableVm`, or:
@@ -50,8 +56,12 @@
 //! # Devices
 //!
 //! [`MigratableVm::devices`] lists, in this order: `kvm-vm` (the in-kernel irqchip and
-//! clock, below) and `serial` ([`crate::devices::serial`], always present; vCPU threads
-//! route its port I/O exits to it through an [`IoBus`]).
+//! clock, below), `serial` ([`crate::devices::serial`], always present; vCPU threads
+//! route its port I/O exits to it through an [`IoBus`]) and, with a non-zero
+//! [`KvmConfig::accel_size`], `accel` ([`crate::devices::accel`]). The VM's pause stops
+//! the vCPUs, then moves the accelerator to STOP; resume moves it to RUNNING, then runs
+//! the vCPUs. Its save and load take the VFIO stop-copy and resuming arcs, so its whole
+//! memory moves in the downtime.
 //!
 //! [`KvmVm::check_pattern`] uses the guest's registers: at any instruction boundary a
 //! prefix of the range (as long as the guest's position in the pass) holds `pass + 1`
@@ -130,6 +140,7 @@ use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use thiserror::Error;
 
+use crate::devices::accel::{Accel, AccelError, MigState, ACCEL_SCHEMA};
 use crate::devices::serial::{Serial, SerialError, SERIAL_SCHEMA};
 use crate::devices::IoBus;
 
@@ -150,6 +161,8 @@ pub struct KvmConfig {
     pub dirty_size: u64,
     /// A migration destination: RAM left empty, vCPUs without state until it is loaded.
     pub incoming: bool,
+    /// Bytes of accelerator device memory ([`crate::devices::accel`]); 0 for none.
+    pub accel_size: u64,
 }
 
 #[derive(Debug, Error)]
@@ -236,6 +249,8 @@ pub enum KvmError {
     State(#[from] StateError),
     #[error(transparent)]
     Serial(#[from] SerialError),
+    #[error(transparent)]
+    Accel(#[from] AccelError),
 }
 
 fn hex_list(v: &[u32]) -> String {
@@ -322,12 +337,14 @@ pub struct KvmVm {
     /// Per vCPU: has state (from `create` or `load_vcpu`), so it may run.
     has_state: Vec<AtomicBool>,
     serial: Arc<Serial>,
+    accel: Option<Accel>,
 }
 
 /// The devices of [`MigratableVm::devices`], by index.
 enum Device<'a> {
     KvmVm,
     Serial(&'a Serial),
+    Accel(&'a Accel),
 }
 
 impl KvmVm {
@@ -335,6 +352,10 @@ impl KvmVm {
     /// [`KvmVm::start`] (or `resume`).
     pub fn create(cfg: &KvmConfig) -> Result<KvmVm, KvmError> {
         validate(cfg)?;
+        let accel = match cfg.accel_size {
+            0 => None,
+            size => Some(Accel::new(size, cfg.incoming)?),
+        };
         let kvm = open_kvm()?;
         let vm = create_vm(&kvm)?;
         check_caps(&kvm, &vm)?;
@@ -392,6 +413,7 @@ impl KvmVm {
                 .map(|_| AtomicBool::new(!cfg.incoming))
                 .collect(),
             serial,
+            accel,
         })
     }
 
@@ -399,7 +421,8 @@ impl KvmVm {
         &self.cfg
     }
 
-    /// Runs the vCPUs. The same as `resume`; an incoming VM must have every vCPU loaded.
+    /// Runs the accelerator, then the vCPUs. The same as `resume`; an incoming VM must
+    /// have every vCPU and the accelerator loaded.
     pub fn start(&self) -> Result<(), KvmError> {
         if let Some(i) = self
             .has_state
@@ -408,13 +431,25 @@ impl KvmVm {
         {
             return Err(KvmError::NotLoaded(i));
         }
-        self.vcpus.resume()
+        if let Some(accel) = &self.accel {
+            accel.set_state(MigState::Running)?;
+        }
+        let started = self.vcpus.resume();
+        if let (Err(_), Some(accel)) = (&started, &self.accel) {
+            accel.set_state(MigState::Stop)?;
+        }
+        started
     }
 
-    /// Stops the vCPUs; returns once none is in `KVM_RUN`. An error says that a vCPU
-    /// had stopped by itself (its guest failed); all are stopped either way.
+    /// Stops the vCPUs, then the accelerator; returns once no vCPU is in `KVM_RUN` and
+    /// the device no longer changes. An error from the vCPUs says that one had stopped
+    /// by itself (its guest failed); all are stopped either way.
     pub fn stop(&self) -> Result<(), KvmError> {
-        self.vcpus.pause()
+        let stopped = self.vcpus.pause();
+        if let Some(accel) = &self.accel {
+            accel.set_state(MigState::Stop)?;
+        }
+        stopped
     }
 
     /// The serial console.
@@ -422,10 +457,16 @@ impl KvmVm {
         &self.serial
     }
 
+    /// The accelerator, if this VM has one.
+    pub fn accel(&self) -> Option<&Accel> {
+        self.accel.as_ref()
+    }
+
     fn device(&self, index: usize) -> Result<Device<'_>, KvmError> {
-        match index {
-            0 => Ok(Device::KvmVm),
-            1 => Ok(Device::Serial(&self.serial)),
+        match (index, &self.accel) {
+            (0, _) => Ok(Device::KvmVm),
+            (1, _) => Ok(Device::Serial(&self.serial)),
+            (2, Some(accel)) => Ok(Device::Accel(accel)),
             _ => Err(KvmError::NoDevice(index)),
         }
     }
@@ -658,7 +699,9 @@ impl MigratableVm for KvmVm {
     }
 
     fn devices(&self) -> Vec<DeviceInfo> {
-        [&VM_SCHEMA, &SERIAL_SCHEMA]
+        let schemas = [&VM_SCHEMA, &SERIAL_SCHEMA, &ACCEL_SCHEMA];
+        let count = if self.accel.is_some() { 3 } else { 2 };
+        schemas[..count]
             .iter()
             .map(|schema| DeviceInfo {
                 name: schema.name.into(),
@@ -669,11 +712,11 @@ impl MigratableVm for KvmVm {
     }
 
     fn pause(&self) -> Result<(), VmError> {
-        self.stop().map_err(|e| e.into_vm("pause vCPUs"))
+        self.stop().map_err(|e| e.into_vm("pause the VM"))
     }
 
     fn resume(&self) -> Result<(), VmError> {
-        self.start().map_err(|e| e.into_vm("resume vCPUs"))
+        self.start().map_err(|e| e.into_vm("resume the VM"))
     }
 
     fn is_running(&self) -> bool {
@@ -701,6 +744,7 @@ impl MigratableVm for KvmVm {
         let op = match device {
             Device::KvmVm => "save KVM VM state",
             Device::Serial(_) => "save serial state",
+            Device::Accel(_) => "save accel state",
         };
         if self.running() {
             return Err(KvmError::Running.into_vm(op));
@@ -708,6 +752,7 @@ impl MigratableVm for KvmVm {
         match device {
             Device::KvmVm => state::save_vm(&self.vm),
             Device::Serial(serial) => Ok(serial.save()),
+            Device::Accel(accel) => accel.save().map_err(KvmError::from),
         }
         .map_err(|e| e.into_vm(op))
     }
@@ -719,6 +764,7 @@ impl MigratableVm for KvmVm {
         let op = match device {
             Device::KvmVm => "load KVM VM state",
             Device::Serial(_) => "load serial state",
+            Device::Accel(_) => "load accel state",
         };
         if self.running() {
             return Err(KvmError::Running.into_vm(op));
@@ -726,6 +772,7 @@ impl MigratableVm for KvmVm {
         match device {
             Device::KvmVm => state::load_vm(&self.vm, &state),
             Device::Serial(serial) => serial.load(&state).map_err(KvmError::from),
+            Device::Accel(accel) => accel.load(state).map_err(KvmError::from),
         }
         .map_err(|e| e.into_vm(op))
     }

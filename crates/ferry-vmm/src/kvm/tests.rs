@@ -4,6 +4,7 @@
 use std::time::{Duration, Instant};
 
 use ferry_migration::engine::bitmap::DirtyBitmap;
+use ferry_migration::engine::error_chain;
 use ferry_migration::engine::vm::{DirtyLog, GuestRam, MigratableVm};
 use ferry_migration::state::Value;
 use ferry_migration::PAGE_SIZE;
@@ -28,6 +29,7 @@ fn vm(mem_mib: u64, vcpus: usize, dirty_mib: u64, incoming: bool) -> KvmVm {
         vcpus,
         dirty_size: dirty_mib * MIB,
         incoming,
+        accel_size: 0,
     };
     KvmVm::create(&cfg).unwrap_or_else(|e| panic!("{}", chain(&e)))
 }
@@ -305,6 +307,7 @@ fn kvm_rejects_bad_configs_and_state() {
             vcpus,
             dirty_size,
             incoming: false,
+            accel_size: 0,
         };
         matches!(KvmVm::create(&cfg), Err(KvmError::Config(_)))
     };
@@ -312,6 +315,20 @@ fn kvm_rejects_bad_configs_and_state() {
     assert!(bad(64 * MIB, 0, MIB));
     assert!(bad(64 * MIB, 1, 100));
     assert!(bad(0, 1, MIB));
+    let accel = |size| KvmConfig {
+        mem_size: 64 * MIB,
+        vcpus: 1,
+        dirty_size: MIB,
+        incoming: false,
+        accel_size: size,
+    };
+    for size in [100, 1 << 40] {
+        let err = KvmVm::create(&accel(size)).err().unwrap();
+        assert!(
+            matches!(err, KvmError::Accel(AccelError::Size { .. })),
+            "{err}"
+        );
+    }
     let vm = vm(16, 1, 1, true);
     let err = vm.load_vcpu(0, DeviceState::new()).unwrap_err();
     assert!(matches!(err, VmError::State(_)), "{err}");
@@ -460,4 +477,75 @@ fn kvm_guest_prints_its_passes_on_the_serial_console() {
     assert!(lines.len() as u64 <= passes / PRINT_EVERY);
     assert_eq!(vm.serial().bytes_written(), tail.len() as u64);
     println!("{passes} passes and {round} pauses in {took:?}; console: {tail:?}");
+}
+
+#[test]
+fn kvm_accel_stops_and_runs_with_the_vm() {
+    if !kvm_here("kvm_accel_stops_and_runs_with_the_vm") {
+        return;
+    }
+    let cfg = |incoming| KvmConfig {
+        mem_size: 16 * MIB,
+        vcpus: 1,
+        dirty_size: MIB,
+        incoming,
+        accel_size: MIB,
+    };
+    let src = KvmVm::create(&cfg(false)).unwrap();
+    let accel = src.accel().unwrap();
+    assert_eq!(accel.state(), MigState::Stop);
+    assert_eq!(src.devices()[2].name, "accel");
+    MigratableVm::resume(&src).unwrap();
+    assert_eq!(accel.state(), MigState::Running);
+    // Resuming a running VM changes nothing.
+    MigratableVm::resume(&src).unwrap();
+    wait_passes(&src, &[0], 3);
+    MigratableVm::pause(&src).unwrap();
+    assert_eq!(accel.state(), MigState::Stop);
+    assert!(!accel.thread_running());
+    let vcpu = src.save_vcpu(0).unwrap();
+    let saved = src.save_device(2).unwrap();
+    assert_eq!(accel.state(), MigState::Stop);
+    // A migration that failed after the stop-copy resumes the source, device included.
+    MigratableVm::resume(&src).unwrap();
+    assert_eq!(accel.state(), MigState::Running);
+    assert!(accel.thread_running());
+    MigratableVm::pause(&src).unwrap();
+
+    let dst = KvmVm::create(&cfg(true)).unwrap();
+    dst.load_vcpu(0, vcpu).unwrap();
+    let err = MigratableVm::resume(&dst).unwrap_err();
+    assert!(
+        error_chain(&err).contains("no state loaded"),
+        "{}",
+        error_chain(&err)
+    );
+    let mut bad = saved.clone();
+    for (name, value) in &mut bad.fields {
+        if name == "checksum" {
+            *value = Value::U64(0);
+        }
+    }
+    let err = dst.load_device(2, bad).unwrap_err();
+    assert!(
+        error_chain(&err).contains("checksum"),
+        "{}",
+        error_chain(&err)
+    );
+    assert_eq!(dst.accel().unwrap().state(), MigState::Error);
+    let err = MigratableVm::resume(&dst).unwrap_err();
+    assert!(
+        error_chain(&err).contains("ERROR -> RUNNING"),
+        "{}",
+        error_chain(&err)
+    );
+    assert!(!dst.running());
+
+    let dst = KvmVm::create(&cfg(true)).unwrap();
+    dst.load_vcpu(0, src.save_vcpu(0).unwrap()).unwrap();
+    dst.load_device(2, saved).unwrap();
+    MigratableVm::resume(&dst).unwrap();
+    assert_eq!(dst.accel().unwrap().state(), MigState::Running);
+    MigratableVm::pause(&dst).unwrap();
+    dst.accel().unwrap().check_pattern().unwrap();
 }
