@@ -197,14 +197,24 @@ pub enum AccelError {
 
 /// What `x-ferry-accel` reports.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct AccelInfo {
     /// The migration state, as in `linux/vfio.h`.
     pub state: &'static str,
     pub size: u64,
-    /// xxh3-64 of the device memory, as 16 hex digits (the state's checksum).
+    /// xxh3-64 of the device memory now, as 16 hex digits.
     pub digest: String,
     pub generation: u64,
     pub cursor: u64,
+    /// The checksum of the last state read out at stop-copy (a source's), if any.
+    pub saved_digest: Option<String>,
+    /// The checksum of the last state loaded (a destination's), verified against its
+    /// memory before the device could run again, if any.
+    pub loaded_digest: Option<String>,
+}
+
+fn hex(digest: u64) -> String {
+    format!("{digest:016x}")
 }
 
 /// The device memory and the device thread's registers.
@@ -267,6 +277,8 @@ struct Ctl {
     thread: Option<JoinHandle<()>>,
     /// An incoming device before its first successful load.
     needs_state: bool,
+    last_saved: Option<u64>,
+    last_loaded: Option<u64>,
 }
 
 /// The accelerator (see the module docs).
@@ -290,6 +302,8 @@ impl Accel {
                 state: MigState::Stop,
                 thread: None,
                 needs_state: incoming,
+                last_saved: None,
+                last_loaded: None,
             }),
             shared: Arc::new(Shared {
                 mem: Mutex::new(Memory {
@@ -379,18 +393,21 @@ impl Accel {
     pub fn save(&self) -> Result<DeviceState, AccelError> {
         let mut ctl = self.ctl();
         self.step(&mut ctl, MigState::StopCopy)?;
-        let state = {
+        let (state, checksum) = {
             let mem = self.shared.mem();
-            DeviceState {
+            let checksum = xxh3_64(&mem.bytes);
+            let state = DeviceState {
                 version: ACCEL_SCHEMA.version,
                 ..DeviceState::new()
             }
             .with("size", Value::U64(self.size))
             .with("generation", Value::U64(mem.generation))
             .with("cursor", Value::U64(mem.cursor))
-            .with("checksum", Value::U64(xxh3_64(&mem.bytes)))
             .with("memory", Value::Bytes(mem.bytes.clone()))
+            .with("checksum", Value::U64(checksum));
+            (state, checksum)
         };
+        ctl.last_saved = Some(checksum);
         self.step(&mut ctl, MigState::Stop)?;
         Ok(state)
     }
@@ -402,9 +419,10 @@ impl Accel {
         let mut ctl = self.ctl();
         self.step(&mut ctl, MigState::Resuming)?;
         match self.check_state(&mut state) {
-            Ok(mem) => {
+            Ok((mem, checksum)) => {
                 *self.shared.mem() = mem;
                 ctl.needs_state = false;
+                ctl.last_loaded = Some(checksum);
                 self.step(&mut ctl, MigState::Stop)
             }
             Err(e) => {
@@ -414,7 +432,7 @@ impl Accel {
         }
     }
 
-    fn check_state(&self, state: &mut DeviceState) -> Result<Memory, AccelError> {
+    fn check_state(&self, state: &mut DeviceState) -> Result<(Memory, u64), AccelError> {
         let get = |name| state.get_u64(name).map_err(AccelError::State);
         let (size, generation, cursor, sent) = (
             get("size")?,
@@ -452,24 +470,32 @@ impl Accel {
         if computed != sent {
             return Err(AccelError::Checksum { sent, computed });
         }
-        Ok(Memory {
-            bytes,
-            generation,
-            cursor,
-        })
+        Ok((
+            Memory {
+                bytes,
+                generation,
+                cursor,
+            },
+            computed,
+        ))
     }
 
     /// The state name, size and memory digest; hashing holds the device thread off for
     /// the time it takes (tens of ms for 256 MiB).
     pub fn info(&self) -> AccelInfo {
-        let state = self.state().as_str();
+        let (state, saved, loaded) = {
+            let ctl = self.ctl();
+            (ctl.state, ctl.last_saved, ctl.last_loaded)
+        };
         let mem = self.shared.mem();
         AccelInfo {
-            state,
+            state: state.as_str(),
             size: self.size,
-            digest: format!("{:016x}", xxh3_64(&mem.bytes)),
+            digest: hex(xxh3_64(&mem.bytes)),
             generation: mem.generation,
             cursor: mem.cursor,
+            saved_digest: saved.map(hex),
+            loaded_digest: loaded.map(hex),
         }
     }
 
@@ -683,7 +709,12 @@ mod tests {
         dst.load(loaded).unwrap();
         assert_eq!(dst.state(), Stop);
         let (s, d) = (src.info(), dst.info());
-        assert_eq!(d, s);
+        assert_eq!(s.saved_digest.as_ref(), Some(&s.digest));
+        assert_eq!(d.loaded_digest.as_ref(), Some(&s.digest));
+        assert_eq!(
+            (d.digest.as_str(), d.generation, d.cursor),
+            (s.digest.as_str(), s.generation, s.cursor)
+        );
         assert_eq!(
             saved.get_u64("checksum").unwrap(),
             u64::from_str_radix(&s.digest, 16).unwrap()
