@@ -793,4 +793,104 @@ mod tests {
         assert!(ACCEL_SCHEMA.max_encoded_len() + header <= u64::from(MAX_DEVICE_STATE_LEN));
         assert!(ACCEL_MAX_SIZE <= u64::from(u32::MAX));
     }
+
+    /// A fresh `len`-byte buffer advised to use transparent huge pages, so that first
+    /// touches fault 2 MiB at a time.
+    fn huge_buffer(len: usize) -> Vec<u8> {
+        let mut v: Vec<u8> = Vec::with_capacity(len);
+        let p = v.as_mut_ptr() as usize;
+        let start = p.next_multiple_of(4096);
+        let advised = (p + len).saturating_sub(start) & !4095;
+        // SAFETY: advice on whole pages inside the allocation `v` owns; it changes no
+        // contents and no mapping.
+        unsafe { libc::madvise(start as *mut libc::c_void, advised, libc::MADV_HUGEPAGE) };
+        v
+    }
+
+    /// Not a test: prints what each step of the accelerator's stop-copy costs, next to
+    /// copies measured in the same run. Run with
+    /// `cargo test -p ferry-vmm --release accel_measure -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn accel_measure_stop_copy_cost() {
+        use std::hint::black_box;
+        use std::io::{Read, Write};
+        let size = ACCEL_DEFAULT_SIZE;
+        let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
+        let a = Accel::new(size, false).unwrap();
+        {
+            let mut m = a.shared.mem();
+            let n = m.chunks() as usize;
+            m.advance(n + 7);
+        }
+        let mut touched = vec![1u8; size as usize];
+        for round in 0..3 {
+            let mem = a.shared.mem();
+            let t = Instant::now();
+            touched.copy_from_slice(&mem.bytes);
+            black_box(&touched);
+            let touched_ms = ms(t);
+            let t = Instant::now();
+            black_box(mem.bytes.clone());
+            let fresh_ms = ms(t);
+            let t = Instant::now();
+            let mut huge = huge_buffer(mem.bytes.len());
+            huge.extend_from_slice(&mem.bytes);
+            black_box(huge);
+            let huge_ms = ms(t);
+            let t = Instant::now();
+            black_box(xxh3_64(&mem.bytes));
+            let hash_ms = ms(t);
+            drop(mem);
+
+            let t = Instant::now();
+            let st = a.save().unwrap();
+            let save_ms = ms(t);
+            let t = Instant::now();
+            let bytes = encode(&ACCEL_SCHEMA, &st).unwrap();
+            let encode_ms = ms(t);
+            drop(st);
+            // The engine puts the frame's header in front of the state in a new buffer.
+            let t = Instant::now();
+            let frame = ferry_migration::wire::DeviceStateHeader {
+                name: ACCEL_SCHEMA.name.into(),
+                instance: 0,
+                version: 1,
+            }
+            .encode(&bytes);
+            let frame_ms = ms(t);
+            drop(frame);
+            // Loopback TCP into a fresh buffer, as the destination reads a frame.
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = l.local_addr().unwrap();
+            let len = bytes.len();
+            let rx = std::thread::spawn(move || {
+                let (mut s, _) = l.accept().unwrap();
+                let mut v = vec![0u8; len];
+                s.read_exact(&mut v).unwrap();
+                v
+            });
+            let t = Instant::now();
+            std::net::TcpStream::connect(addr)
+                .unwrap()
+                .write_all(&bytes)
+                .unwrap();
+            let received = rx.join().unwrap();
+            let tcp_ms = ms(t);
+            let t = Instant::now();
+            let st = decode(&ACCEL_SCHEMA, 1, &received).unwrap();
+            let decode_ms = ms(t);
+            let d = Accel::new(size, true).unwrap();
+            let t = Instant::now();
+            d.load(st).unwrap();
+            let load_ms = ms(t);
+            println!(
+                "round {round}, {} MiB | copy into touched memory {touched_ms:.0} ms, into fresh \
+                 memory {fresh_ms:.0} ms, into fresh THP-advised memory {huge_ms:.0} ms, xxh3 \
+                 {hash_ms:.0} ms | save {save_ms:.0} ms, encode {encode_ms:.0} ms, frame {frame_ms:.0} ms, loopback TCP \
+                 into a fresh buffer {tcp_ms:.0} ms, decode {decode_ms:.0} ms, load {load_ms:.0} ms",
+                size >> 20
+            );
+        }
+    }
 }
