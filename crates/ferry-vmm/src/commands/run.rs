@@ -179,3 +179,31 @@ pub fn main(args: RunArgs) -> CliResult {
         ExitCode::SUCCESS
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+    use ferry_vmm::devices::accel::ACCEL_DEFAULT_SIZE;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    fn accel(args: &[&str]) -> u64 {
+        Cli::try_parse_from(["ferry"].iter().chain(args))
+            .unwrap()
+            .run
+            .accel
+    }
+
+    #[test]
+    fn accel_option_is_off_by_default_and_256m_without_a_size() {
+        assert_eq!(accel(&[]), 0);
+        assert_eq!(accel(&["--accel"]), ACCEL_DEFAULT_SIZE);
+        assert_eq!(accel(&["--accel", "64M"]), 64 << 20);
+        assert_eq!(accel(&["--accel", "-S"]), ACCEL_DEFAULT_SIZE);
+    }
+}

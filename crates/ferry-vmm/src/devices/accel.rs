@@ -68,7 +68,7 @@ use xxhash_rust::xxh3::xxh3_64;
 /// is a `u32`, and the source holds a few copies of the state while it encodes it, so the
 /// largest power of two that leaves room for the rest of the frame is the limit.
 pub const ACCEL_MAX_SIZE: u64 = 512 << 20;
-/// The device memory when `--accel` is given without a size worth choosing.
+/// The device memory of `ferry run --accel` given without a size.
 pub const ACCEL_DEFAULT_SIZE: u64 = 256 << 20;
 /// The unit the device thread rewrites.
 pub const CHUNK: usize = 4096;
