@@ -160,7 +160,8 @@ impl QmpHandler for Control {
                 "migrate-set-parameters",
                 "quit",
                 "x-ferry-guest",
-                "x-ferry-verify"
+                "x-ferry-verify",
+                "x-ferry-accel"
             ]
             .iter()
             .map(|n| json!({ "name": n }))
@@ -225,6 +226,15 @@ impl QmpHandler for Control {
                     .verify()
                     .map_err(|e| QmpError::generic(error_chain(&e)))?;
                 json!({ "pages-checked": checked, "pages-wrong": wrong })
+            }
+            "x-ferry-accel" => {
+                no_args(command, &args)?;
+                let info = vmm.vm().accel().ok_or_else(|| {
+                    QmpError::generic(
+                        "this VM has no accelerator; start it with --accel SIZE on the KVM backend",
+                    )
+                })?;
+                serde_json::to_value(info).unwrap_or(Value::Null)
             }
             "quit" => {
                 self.request_quit();

@@ -3,6 +3,8 @@
 
 use ferry_migration::engine::vm::{MigratableVm, VmError};
 
+use crate::devices::accel::AccelInfo;
+
 /// A snapshot of the guest workload's progress.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct GuestReport {
@@ -23,6 +25,11 @@ pub trait GuestVm: MigratableVm {
     /// Checks every page the workload dirties against its registers, briefly stopping
     /// the guest if it runs. Returns `(pages checked, pages wrong)`.
     fn verify(&self) -> Result<(u64, u64), VmError>;
+
+    /// The accelerator's migration state, size and memory digest, if the VM has one.
+    fn accel(&self) -> Option<AccelInfo> {
+        None
+    }
 }
 
 impl GuestVm for crate::kvm::KvmVm {
@@ -34,8 +41,12 @@ impl GuestVm for crate::kvm::KvmVm {
         GuestReport {
             passes: self.passes(),
             running: self.running(),
-            console_tail: String::new(),
+            console_tail: self.serial().tail_text(),
         }
+    }
+
+    fn accel(&self) -> Option<AccelInfo> {
+        crate::kvm::KvmVm::accel(self).map(|a| a.info())
     }
 
     fn verify(&self) -> Result<(u64, u64), VmError> {

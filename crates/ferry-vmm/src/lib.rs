@@ -3,6 +3,7 @@
 //! blocks.
 
 pub mod control;
+pub mod devices;
 pub mod guest;
 pub mod kvm;
 pub mod machine;

@@ -51,8 +51,10 @@ pub fn state_schemas() -> Vec<&'static StateSchema> {
         &kvm::VCPU_SCHEMA,
         // VM-wide state of a backend (in-kernel irqchip, clock).
         &kvm::VM_SCHEMA,
-        // Devices. A device under `src/devices/` adds its schema here (serial, accel, ...).
+        // Devices. A device under `src/devices/` adds its schema here.
         &soft::SOFT_CONSOLE_SCHEMA,
+        &crate::devices::serial::SERIAL_SCHEMA,
+        &crate::devices::accel::ACCEL_SCHEMA,
     ]
 }
 

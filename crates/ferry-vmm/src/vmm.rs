@@ -46,6 +46,8 @@ pub struct VmmConfig {
     pub incoming: bool,
     /// Start the guest stopped (QEMU's `-S`).
     pub paused: bool,
+    /// Bytes of accelerator device memory (KVM backend only); 0 for no accelerator.
+    pub accel_size: u64,
 }
 
 impl Default for VmmConfig {
@@ -61,6 +63,7 @@ impl Default for VmmConfig {
             fill: 0,
             incoming: false,
             paused: false,
+            accel_size: 0,
         }
     }
 }
@@ -163,6 +166,12 @@ impl Vmm {
                     cfg.vcpus
                 )))
             }
+            Backend::Soft if cfg.accel_size != 0 => {
+                return Err(VmmError::State(
+                    "the accelerator needs the KVM backend; drop --accel or use --backend kvm"
+                        .into(),
+                ))
+            }
             Backend::Soft => Arc::new(
                 SoftVm::create(&SoftConfig {
                     mem_size: cfg.mem_size,
@@ -181,6 +190,7 @@ impl Vmm {
                     vcpus: cfg.vcpus,
                     dirty_size: cfg.dirty_size,
                     incoming: cfg.incoming,
+                    accel_size: cfg.accel_size,
                 })
                 .map_err(VmmError::Kvm)?;
                 if !cfg.incoming && !cfg.paused {

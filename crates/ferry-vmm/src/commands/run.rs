@@ -59,6 +59,12 @@ pub struct RunArgs {
     /// Create the guest stopped (resume with `cont`)
     #[arg(short = 'S', long)]
     pub paused: bool,
+    /// Attach an accelerator with this much device memory (KVM backend; up to 512M; 256M
+    /// when no SIZE is given): a VFIO-style device whose whole state moves in the
+    /// downtime. 0 for none
+    #[arg(long, value_name = "SIZE", default_value = "0", num_args = 0..=1,
+          default_missing_value = "256M", value_parser = parse_size)]
+    pub accel: u64,
 }
 
 impl RunArgs {
@@ -97,6 +103,7 @@ impl RunArgs {
             fill: self.fill,
             incoming: self.incoming.is_some(),
             paused: self.paused,
+            accel_size: self.accel,
         })
     }
 }
@@ -113,7 +120,7 @@ pub fn main(args: RunArgs) -> CliResult {
         None => None,
     };
     eprintln!(
-        "ferry: {} VM on the {} backend, machine {}: {} RAM, {} vCPU(s), workload dirtying {}{}",
+        "ferry: {} VM on the {} backend, machine {}: {} RAM, {} vCPU(s), workload dirtying {}{}{}",
         if args.incoming.is_some() {
             "incoming"
         } else {
@@ -124,6 +131,14 @@ pub fn main(args: RunArgs) -> CliResult {
         human_bytes(args.mem),
         vmm.vm().vcpu_count(),
         human_bytes(args.dirty),
+        if args.accel > 0 {
+            format!(
+                ", accelerator with {} of device memory",
+                human_bytes(args.accel)
+            )
+        } else {
+            String::new()
+        },
         args.qmp
             .as_ref()
             .map(|p| format!("; QMP on {}", p.display()))
@@ -166,4 +181,32 @@ pub fn main(args: RunArgs) -> CliResult {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+    use ferry_vmm::devices::accel::ACCEL_DEFAULT_SIZE;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    fn accel(args: &[&str]) -> u64 {
+        Cli::try_parse_from(["ferry"].iter().chain(args))
+            .unwrap()
+            .run
+            .accel
+    }
+
+    #[test]
+    fn accel_option_is_off_by_default_and_256m_without_a_size() {
+        assert_eq!(accel(&[]), 0);
+        assert_eq!(accel(&["--accel"]), ACCEL_DEFAULT_SIZE);
+        assert_eq!(accel(&["--accel", "64M"]), 64 << 20);
+        assert_eq!(accel(&["--accel", "-S"]), ACCEL_DEFAULT_SIZE);
+    }
 }

@@ -9,28 +9,63 @@
 //! | `rsi` | guest-physical (= virtual, identity map) address of the vCPU's range |
 //! | `r8`  | number of 4 KiB pages in the range (at least 1) |
 //! | `rbx` | address of the vCPU's control page; the pass counter is the `u64` at `[rbx]` |
-//! | `dx`  | I/O port of the vCPU, [`port`]`(index)` |
+//! | `r9`  | I/O port of the vCPU, [`port`]`(index)` |
+//! | `rsp` | the top of the control page, for the `call`s |
 //!
 //! ```text
-//!  0  top:   mov  rdi, rsi          ; start of the range
-//!  3         mov  rcx, r8           ; pages left
-//!  6  page:  inc  byte [rdi]        ; byte 0 of the page
-//!  8         add  rdi, 4096
-//! 15         dec  rcx
-//! 18         jnz  page
-//! 20         inc  qword [rbx]       ; pass counter, after the whole range is written
-//! 23         mov  rax, [rbx]
-//! 26         out  dx, al            ; one exit to the VMM per pass
-//! 27         jmp  top
-//! 29
+//!   0  top:    mov  rdi, rsi            ; start of the range
+//!   3          mov  rcx, r8             ; pages left
+//!   6  page:   inc  byte [rdi]          ; byte 0 of the page
+//!   8          add  rdi, 4096
+//!  15          dec  rcx
+//!  18          jnz  page
+//!  20          inc  qword [rbx]         ; pass counter, after the whole range is written
+//!  23          mov  rax, [rbx]
+//!  26          mov  edx, r9d
+//!  29          out  dx, al              ; one exit to the VMM per pass
+//!  30          test eax, 1023           ; a console line every 1024 passes
+//!  35          jnz  top
+//!  37          lea  rdi, [rbx + 0x800]  ; the line is built backwards, ending here
+//!  44          mov  r10, rdi
+//!  47          dec  rdi
+//!  50          mov  byte [rdi], 10      ; "\n"
+//!  53          call digits              ; the pass, in decimal
+//!  58          sub  rdi, 6
+//!  62          mov  dword [rdi], " pas"
+//!  68          mov  word [rdi + 4], "s "
+//!  74          mov  eax, r9d
+//!  77          sub  eax, 0x10           ; PORT_BASE: the vCPU index
+//!  80          call digits
+//!  85          sub  rdi, 4
+//!  89          mov  dword [rdi], "vcpu"
+//!  95          mov  edx, 0x3f8          ; COM1
+//! 100  emit:   mov  al, [rdi]           ; "vcpu0 pass 1024\n", one byte per exit
+//! 102          out  dx, al
+//! 103          inc  rdi
+//! 106          cmp  rdi, r10
+//! 109          jne  emit
+//! 111          jmp  top
+//! 113  digits: mov  ecx, 10             ; rax in decimal, written backwards below rdi
+//! 118  dloop:  xor  edx, edx
+//! 120          div  rcx
+//! 123          add  dl, '0'
+//! 126          dec  rdi
+//! 129          mov  [rdi], dl
+//! 131          test rax, rax
+//! 134          jnz  dloop
+//! 136          ret
+//! 137
 //! ```
 //!
 //! So between passes every page of the range holds the low byte of the pass counter;
 //! during a pass a prefix of the range is one ahead of it. [`pages_ahead`] says how long
-//! that prefix is from the registers, and the VMM checks it against memory.
+//! that prefix is from the registers, and the VMM checks it against memory. Printing
+//! happens after the counter caught up, so it is "between passes" for that check; the
+//! line is built in the control page (which migrates with the guest), so a line cut by a
+//! migration is finished on the destination.
 
 /// The program, see the module docs for the assembly.
-pub const CODE: [u8; 29] = [
+pub const CODE: [u8; 137] = [
     0x48, 0x89, 0xf7, // mov rdi, rsi
     0x4c, 0x89, 0xc1, // mov rcx, r8
     0xfe, 0x07, // inc byte [rdi]
@@ -39,8 +74,39 @@ pub const CODE: [u8; 29] = [
     0x75, 0xf2, // jnz page (rel8 -14)
     0x48, 0xff, 0x03, // inc qword [rbx]
     0x48, 0x8b, 0x03, // mov rax, [rbx]
+    0x44, 0x89, 0xca, // mov edx, r9d
     0xee, // out dx, al
-    0xeb, 0xe3, // jmp top (rel8 -29)
+    0xa9, 0xff, 0x03, 0x00, 0x00, // test eax, 0x3ff
+    0x75, 0xdb, // jnz top (rel8 -37)
+    0x48, 0x8d, 0xbb, 0x00, 0x08, 0x00, 0x00, // lea rdi, [rbx + 0x800]
+    0x49, 0x89, 0xfa, // mov r10, rdi
+    0x48, 0xff, 0xcf, // dec rdi
+    0xc6, 0x07, 0x0a, // mov byte [rdi], 10
+    0xe8, 0x37, 0x00, 0x00, 0x00, // call digits (rel32 +55)
+    0x48, 0x83, 0xef, 0x06, // sub rdi, 6
+    0xc7, 0x07, 0x20, 0x70, 0x61, 0x73, // mov dword [rdi], " pas"
+    0x66, 0xc7, 0x47, 0x04, 0x73, 0x20, // mov word [rdi + 4], "s "
+    0x44, 0x89, 0xc8, // mov eax, r9d
+    0x83, 0xe8, 0x10, // sub eax, 0x10
+    0xe8, 0x1c, 0x00, 0x00, 0x00, // call digits (rel32 +28)
+    0x48, 0x83, 0xef, 0x04, // sub rdi, 4
+    0xc7, 0x07, 0x76, 0x63, 0x70, 0x75, // mov dword [rdi], "vcpu"
+    0xba, 0xf8, 0x03, 0x00, 0x00, // mov edx, 0x3f8
+    0x8a, 0x07, // mov al, [rdi]
+    0xee, // out dx, al
+    0x48, 0xff, 0xc7, // inc rdi
+    0x4c, 0x39, 0xd7, // cmp rdi, r10
+    0x75, 0xf5, // jne emit (rel8 -11)
+    0xeb, 0x8f, // jmp top (rel8 -113)
+    0xb9, 0x0a, 0x00, 0x00, 0x00, // mov ecx, 10
+    0x31, 0xd2, // xor edx, edx
+    0x48, 0xf7, 0xf1, // div rcx
+    0x80, 0xc2, 0x30, // add dl, '0'
+    0x48, 0xff, 0xcf, // dec rdi
+    0x88, 0x17, // mov [rdi], dl
+    0x48, 0x85, 0xc0, // test rax, rax
+    0x75, 0xee, // jnz dloop (rel8 -18)
+    0xc3, // ret
 ];
 
 /// Offsets of the instructions in [`CODE`] that the position logic relies on.
@@ -52,8 +118,20 @@ pub const DEC_RCX: u64 = 15;
 pub const JNZ: u64 = 18;
 pub const INC_PASS: u64 = 20;
 pub const LOAD_PASS: u64 = 23;
-pub const OUT: u64 = 26;
-pub const JMP: u64 = 27;
+pub const MOV_PORT: u64 = 26;
+pub const OUT: u64 = 29;
+/// The first instruction after the pass's `out`; from here to the end of [`CODE`] the
+/// vCPU decides whether to print and prints.
+pub const TEST_PRINT: u64 = 30;
+
+/// Where every instruction of [`CODE`] starts, in order.
+pub const INSTRUCTIONS: [u64; 41] = [
+    0, 3, 6, 8, 15, 18, 20, 23, 26, 29, 30, 35, 37, 44, 47, 50, 53, 58, 62, 68, 74, 77, 80, 85, 89,
+    95, 100, 102, 103, 106, 109, 111, 113, 118, 120, 123, 126, 129, 131, 134, 136,
+];
+
+/// A console line every this many passes (a power of two: the code tests the low bits).
+pub const PRINT_EVERY: u64 = 1024;
 
 /// The first I/O port; vCPU `i` writes to `PORT_BASE + i`.
 pub const PORT_BASE: u16 = 0x10;
@@ -67,7 +145,7 @@ pub fn port(index: usize) -> u16 {
 ///
 /// Inside the page loop the pages below `rdi` are done (and page `rdi` too once its `inc`
 /// has run); after the loop all of them are, until the counter catches up at `inc qword
-/// [rbx]`, after which none is.
+/// [rbx]`, after which none is, through the `out` and the printing that follow.
 pub fn pages_ahead(rip_off: u64, rdi: u64, rsi: u64, pages: u64) -> Result<u64, String> {
     let walked = || -> Result<u64, String> {
         let off = rdi.checked_sub(rsi).ok_or("rdi below the range start")?;
@@ -81,7 +159,8 @@ pub fn pages_ahead(rip_off: u64, rdi: u64, rsi: u64, pages: u64) -> Result<u64, 
         PAGE | DEC_RCX | JNZ => walked()?,
         ADD_RDI => walked()? + 1,
         INC_PASS => pages,
-        LOAD_PASS | OUT | JMP => 0,
+        LOAD_PASS | MOV_PORT | OUT => 0,
+        o if o >= TEST_PRINT && INSTRUCTIONS.contains(&o) => 0,
         other => {
             return Err(format!(
                 "rip at code offset {other}, not an instruction of the loop"
@@ -97,7 +176,7 @@ pub fn pages_ahead(rip_off: u64, rdi: u64, rsi: u64, pages: u64) -> Result<u64, 
 /// The value of the next `out` of a vCPU stopped at `rip_off` whose counter reads `pass`.
 pub fn next_out(rip_off: u64, pass: u64) -> u8 {
     match rip_off {
-        LOAD_PASS | OUT => pass as u8,
+        LOAD_PASS | MOV_PORT | OUT => pass as u8,
         _ => pass.wrapping_add(1) as u8,
     }
 }
@@ -105,10 +184,15 @@ pub fn next_out(rip_off: u64, pass: u64) -> u8 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::serial::COM1;
+
+    /// The console `out`, and the decimal conversion's entry.
+    const EMIT_OUT: u64 = 102;
+    const DIGITS: u64 = 113;
 
     /// The instructions in order with their encoded length, as a disassembler reports
-    /// them (`objdump -D -b binary -mi386:x86-64`).
-    const LENGTHS: [(u64, &str); 10] = [
+    /// them (`objdump -D -b binary -mi386:x86-64 -M intel`).
+    const LENGTHS: [(u64, &str); 41] = [
         (3, "mov rdi, rsi"),
         (3, "mov rcx, r8"),
         (2, "inc byte [rdi]"),
@@ -117,37 +201,121 @@ mod tests {
         (2, "jnz page"),
         (3, "inc qword [rbx]"),
         (3, "mov rax, [rbx]"),
+        (3, "mov edx, r9d"),
         (1, "out dx, al"),
+        (5, "test eax, 0x3ff"),
+        (2, "jnz top"),
+        (7, "lea rdi, [rbx + 0x800]"),
+        (3, "mov r10, rdi"),
+        (3, "dec rdi"),
+        (3, "mov byte [rdi], 10"),
+        (5, "call digits"),
+        (4, "sub rdi, 6"),
+        (6, "mov dword [rdi], 0x73617020"),
+        (6, "mov word [rdi + 4], 0x2073"),
+        (3, "mov eax, r9d"),
+        (3, "sub eax, 0x10"),
+        (5, "call digits"),
+        (4, "sub rdi, 4"),
+        (6, "mov dword [rdi], 0x75706376"),
+        (5, "mov edx, 0x3f8"),
+        (2, "mov al, [rdi]"),
+        (1, "out dx, al"),
+        (3, "inc rdi"),
+        (3, "cmp rdi, r10"),
+        (2, "jne emit"),
         (2, "jmp top"),
+        (5, "mov ecx, 10"),
+        (2, "xor edx, edx"),
+        (3, "div rcx"),
+        (3, "add dl, 0x30"),
+        (3, "dec rdi"),
+        (2, "mov [rdi], dl"),
+        (3, "test rax, rax"),
+        (2, "jnz dloop"),
+        (1, "ret"),
     ];
+
+    fn at(off: u64) -> usize {
+        off as usize
+    }
+
+    /// Where a jump or call at `off` lands: rel8 after a one-byte opcode, or rel32
+    /// after `call`.
+    fn target(off: u64) -> u64 {
+        let i = at(off);
+        match CODE[i] {
+            0x75 | 0xeb => (off as i64 + 2 + CODE[i + 1] as i8 as i64) as u64,
+            0xe8 => {
+                let rel = i32::from_le_bytes(CODE[i + 1..i + 5].try_into().unwrap());
+                (off as i64 + 5 + rel as i64) as u64
+            }
+            other => panic!("no jump at {off}: opcode {other:#x}"),
+        }
+    }
 
     #[test]
     fn kvm_guest_code_offsets_match_the_instruction_lengths() {
         let mut offsets = Vec::new();
-        let mut at = 0;
+        let mut end = 0;
         for (len, _) in LENGTHS {
-            offsets.push(at);
-            at += len;
+            offsets.push(end);
+            end += len;
         }
-        assert_eq!(at, CODE.len() as u64);
+        assert_eq!(end, CODE.len() as u64);
+        assert_eq!(offsets, INSTRUCTIONS);
+        for named in [
+            TOP, MOV_RCX, PAGE, ADD_RDI, DEC_RCX, JNZ, INC_PASS, LOAD_PASS, MOV_PORT, OUT,
+            TEST_PRINT, EMIT_OUT, DIGITS,
+        ] {
+            assert!(INSTRUCTIONS.contains(&named), "{named}");
+        }
         assert_eq!(
-            offsets,
-            [TOP, MOV_RCX, PAGE, ADD_RDI, DEC_RCX, JNZ, INC_PASS, LOAD_PASS, OUT, JMP]
+            LENGTHS[INSTRUCTIONS.iter().position(|&o| o == OUT).unwrap()].1,
+            "out dx, al"
+        );
+        assert_eq!(
+            LENGTHS[INSTRUCTIONS.iter().position(|&o| o == EMIT_OUT).unwrap()].1,
+            "out dx, al"
         );
     }
 
     #[test]
     fn kvm_guest_code_jumps_land_on_their_labels() {
-        let rel = |at: u64| CODE[at as usize + 1] as i8 as i64;
-        assert_eq!(CODE[JNZ as usize], 0x75);
-        assert_eq!(JNZ as i64 + 2 + rel(JNZ), PAGE as i64);
-        assert_eq!(CODE[JMP as usize], 0xeb);
-        assert_eq!(JMP as i64 + 2 + rel(JMP), TOP as i64);
+        assert_eq!(target(JNZ), PAGE);
+        assert_eq!(target(35), TOP);
+        assert_eq!(target(53), DIGITS);
+        assert_eq!(target(80), DIGITS);
+        assert_eq!(target(109), 100);
+        assert_eq!(target(111), TOP);
+        assert_eq!(target(134), 118);
+        assert_eq!(&CODE[at(ADD_RDI) + 3..at(DEC_RCX)], &4096u32.to_le_bytes());
+        assert_eq!(CODE[at(OUT)], 0xee);
+        assert_eq!(CODE[at(EMIT_OUT)], 0xee);
+        assert_eq!(*CODE.last().unwrap(), 0xc3);
+    }
+
+    #[test]
+    fn kvm_guest_code_holds_the_constants_the_vmm_relies_on() {
+        // The print mask, the vCPU index's port base, the console port.
         assert_eq!(
-            &CODE[ADD_RDI as usize + 3..DEC_RCX as usize],
-            &4096u32.to_le_bytes()
+            u32::from_le_bytes(
+                CODE[at(TEST_PRINT) + 1..at(TEST_PRINT) + 5]
+                    .try_into()
+                    .unwrap()
+            ),
+            (PRINT_EVERY - 1) as u32
         );
-        assert_eq!(CODE[OUT as usize], 0xee);
+        assert!(PRINT_EVERY.is_power_of_two());
+        assert_eq!(CODE[79], PORT_BASE as u8);
+        assert_eq!(&CODE[96..98], &COM1.to_le_bytes());
+        // The line: "vcpu", index, " pass ", pass, "\n", in a buffer that ends half-way
+        // into the control page, clear of the counter below and the stack above.
+        assert_eq!(&CODE[91..95], b"vcpu");
+        assert_eq!(&CODE[64..68], b" pas");
+        assert_eq!(&CODE[72..74], b"s ");
+        assert_eq!(CODE[52], b'\n');
+        assert_eq!(&CODE[40..44], &0x800u32.to_le_bytes());
     }
 
     #[test]
@@ -159,10 +327,17 @@ mod tests {
         assert_eq!(pages_ahead(JNZ, rsi + 4 * 4096, rsi, 4), Ok(4));
         assert_eq!(pages_ahead(INC_PASS, rsi + 4 * 4096, rsi, 4), Ok(4));
         assert_eq!(pages_ahead(OUT, rsi + 4 * 4096, rsi, 4), Ok(0));
+        // Printing: rdi points into the line buffer, not the range.
+        assert_eq!(pages_ahead(EMIT_OUT, 0x1_07f0, rsi, 4), Ok(0));
+        assert_eq!(pages_ahead(DIGITS, 0x1_07f0, rsi, 4), Ok(0));
         assert!(pages_ahead(7, rsi, rsi, 4).is_err());
+        assert!(pages_ahead(101, rsi, rsi, 4).is_err());
+        assert!(pages_ahead(CODE.len() as u64, rsi, rsi, 4).is_err());
         assert!(pages_ahead(ADD_RDI, rsi + 4 * 4096, rsi, 4).is_err());
         assert!(pages_ahead(PAGE, rsi - 4096, rsi, 4).is_err());
         assert_eq!(next_out(OUT, 7), 7);
-        assert_eq!(next_out(JMP, 255), 0);
+        assert_eq!(next_out(MOV_PORT, 7), 7);
+        assert_eq!(next_out(TEST_PRINT, 255), 0);
+        assert_eq!(next_out(EMIT_OUT, 1023), 0);
     }
 }

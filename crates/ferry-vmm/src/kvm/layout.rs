@@ -3,11 +3,12 @@
 //! ```text
 //! slot 0 "ram-low", [0, 2 MiB)
 //!   0x0000_1000  GDT (null, kernel code/data, user code/data, 64-bit TSS descriptor)
-//!   0x0000_1100  TSS with an I/O bitmap granting the workload's ports
+//!   0x0000_1100  TSS with an I/O bitmap granting the workload's ports and COM1
 //!   0x0000_2000  PML4
 //!   0x0000_3000  PDPT
 //!   0x0000_4000  guest program (see `guest.rs`)
-//!   0x0001_0000  control page of vCPU i at + i * 4 KiB (pass counter at +0)
+//!   0x0001_0000  control page of vCPU i at + i * 4 KiB (pass counter at +0, console
+//!                line buffer below +0x800, stack below +0x1000)
 //!   0x0010_0000  page directories: one for GiB 0, one per GiB of the RAM slot
 //! hole [2 MiB, 4 GiB): LAPIC/IOAPIC pages of the in-kernel irqchip live up there
 //! slot 1 "ram", [4 GiB, 4 GiB + mem_size): RAM under test; vCPU i dirties
@@ -19,6 +20,7 @@
 use kvm_bindings::{kvm_dtable, kvm_regs, kvm_segment, kvm_sregs};
 
 use super::guest;
+use crate::devices::serial;
 
 pub const LOW_SIZE: u64 = 2 << 20;
 pub const RAM_GPA: u64 = 4 << 30;
@@ -40,10 +42,10 @@ const SEL_USER_CODE: u16 = 0x18 | 3;
 const SEL_USER_DATA: u16 = 0x20 | 3;
 const SEL_TSS: u16 = 0x28;
 const GDT_ENTRIES: usize = 7;
-/// The I/O bitmap follows the 0x68 bytes of the 64-bit TSS; it covers ports 0-127 and
-/// ends with the all-ones byte the CPU requires.
+/// The I/O bitmap follows the 0x68 bytes of the 64-bit TSS; it covers ports 0-1023 (up to
+/// COM1's) and ends with the all-ones byte the CPU requires.
 const IO_BITMAP_OFFSET: usize = 0x68;
-const IO_BITMAP_PORTS: usize = 128;
+const IO_BITMAP_PORTS: usize = 1024;
 const TSS_LIMIT: u32 = (IO_BITMAP_OFFSET + IO_BITMAP_PORTS / 8) as u32;
 
 const PTE_PRESENT: u64 = 1;
@@ -133,13 +135,15 @@ pub fn low_slot_image(mem_size: u64) -> Vec<(u64, Vec<u8>)> {
 /// With IOPL=3 in RFLAGS a CPU lets CPL-3 code use any port without looking at the
 /// bitmap. KVM's PVM backend does not keep IOPL for user mode (the guest runs with
 /// IOPL=0 whatever RFLAGS was set to) and its emulator then checks the bitmap, so the
-/// bitmap grants the workload's ports, and only those.
+/// bitmap grants the workload's ports and the serial console's, and only those.
 fn tss() -> Vec<u8> {
     let mut tss = vec![0u8; TSS_LIMIT as usize + 1];
     tss[0x66..0x68].copy_from_slice(&(IO_BITMAP_OFFSET as u16).to_le_bytes());
     let bitmap = &mut tss[IO_BITMAP_OFFSET..];
     bitmap.fill(0xff); // denied, and the terminating byte the CPU wants
-    for port in guest::PORT_BASE as usize..guest::PORT_BASE as usize + MAX_VCPUS {
+    let workload = guest::PORT_BASE as usize..guest::PORT_BASE as usize + MAX_VCPUS;
+    let console = serial::COM1 as usize..(serial::COM1 + serial::PORTS) as usize;
+    for port in workload.chain(console) {
         bitmap[port / 8] &= !(1 << (port % 8));
     }
     tss
@@ -220,7 +224,7 @@ pub fn initial_regs(index: usize, dirty_size: u64) -> kvm_regs {
         rsi: range_gpa(index, dirty_size),
         r8: dirty_size / 4096,
         rbx: pass_gpa(index),
-        rdx: guest::port(index) as u64,
+        r9: guest::port(index) as u64,
         ..Default::default()
     }
 }
@@ -243,6 +247,21 @@ mod tests {
         assert!(control_gpa(MAX_VCPUS - 1) + 4096 <= PD_GPA);
         assert!(CODE_GPA + guest::CODE.len() as u64 <= CONTROL_GPA);
         assert!(guest::port(MAX_VCPUS - 1) < IO_BITMAP_PORTS as u16);
+        assert!(serial::COM1 + serial::PORTS <= IO_BITMAP_PORTS as u16);
+        assert!(TSS_GPA + (TSS_LIMIT as u64) < PML4_GPA);
+    }
+
+    #[test]
+    fn kvm_layout_io_bitmap_grants_the_workload_and_com1_only() {
+        let tss = tss();
+        let bitmap = &tss[IO_BITMAP_OFFSET..];
+        let granted = |port: usize| bitmap[port / 8] & (1 << (port % 8)) == 0;
+        let ports: Vec<usize> = (0..IO_BITMAP_PORTS).filter(|&p| granted(p)).collect();
+        let mut want: Vec<usize> = (0x10..0x10 + MAX_VCPUS).collect();
+        want.extend(0x3f8..0x400);
+        assert_eq!(ports, want);
+        assert_eq!(*bitmap.last().unwrap(), 0xff);
+        assert_eq!(bitmap.len(), IO_BITMAP_PORTS / 8 + 1);
     }
 
     #[test]

@@ -4,7 +4,13 @@
 //! ```no_run
 //! use ferry_vmm::kvm::{KvmConfig, KvmVm};
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let cfg = KvmConfig { mem_size: 256 << 20, vcpus: 2, dirty_size: 16 << 20, incoming: false };
+//! let cfg = KvmConfig {
+//!     mem_size: 256 << 20,
+//!     vcpus: 2,
+//!     dirty_size: 16 << 20,
+//!     incoming: false,
+//!     accel_size: 0,
+//! };
 //! let vm = KvmVm::create(&cfg)?;
 //! vm.start()?;
 //! // ... migrate it through `MigratableVm`, or:
@@ -31,19 +37,31 @@
 //!
 //! # The guest program
 //!
-//! 29 bytes of 64-bit code, hand-encoded in `guest.rs` (with the assembly beside each
-//! instruction and a test that checks the offsets the VMM relies on). KVM here is the
-//! PVM backend, which emulates CPL-0 code one instruction at a time, so the vCPU enters
-//! long mode at CPL 3 straight from `KVM_SET_SREGS` (DPL-3 flat segments, paging on,
-//! identity map with user-accessible 2 MiB pages): no BIOS, no real mode, no ring 0.
-//! Each vCPU loops: increment byte 0 of every 4 KiB page of its range, increment its
-//! pass counter, `out` the counter's low byte to port `0x10 + i`. The VMM checks on each
-//! exit that the values follow each other and match the counter in memory.
+//! 137 bytes of 64-bit code, hand-encoded in `guest.rs` (with the assembly beside each
+//! instruction and tests that check the offsets, jumps and constants the VMM relies on).
+//! KVM here is the PVM backend, which emulates CPL-0 code one instruction at a time, so
+//! the vCPU enters long mode at CPL 3 straight from `KVM_SET_SREGS` (DPL-3 flat
+//! segments, paging on, identity map with user-accessible 2 MiB pages): no BIOS, no real
+//! mode, no ring 0. Each vCPU loops: increment byte 0 of every 4 KiB page of its range,
+//! increment its pass counter, `out` the counter's low byte to port `0x10 + i`. The VMM
+//! checks on each exit that the values follow each other and match the counter in
+//! memory. Every 1024 passes the vCPU prints `vcpu<i> pass <n>` on the serial console
+//! (COM1), one `out` per byte: at most a few dozen exits per thousand passes.
 //!
 //! Two things the probe did not say: (1) PVM does not keep IOPL=3 for guest user mode,
-//! so `out` is checked against the TSS I/O bitmap, which grants the workload's ports
-//! (IOPL stays 3 for hosts that honour it); (2) with the in-kernel LAPIC, vCPUs other
-//! than 0 start waiting for INIT/SIPI and are made runnable explicitly.
+//! so `out` is checked against the TSS I/O bitmap, which grants the workload's ports and
+//! COM1's (IOPL stays 3 for hosts that honour it); (2) with the in-kernel LAPIC, vCPUs
+//! other than 0 start waiting for INIT/SIPI and are made runnable explicitly.
+//!
+//! # Devices
+//!
+//! [`MigratableVm::devices`] lists, in this order: `kvm-vm` (the in-kernel irqchip and
+//! clock, below), `serial` ([`crate::devices::serial`], always present; vCPU threads
+//! route its port I/O exits to it through an [`IoBus`]) and, with a non-zero
+//! [`KvmConfig::accel_size`], `accel` ([`crate::devices::accel`]). The VM's pause stops
+//! the vCPUs, then moves the accelerator to STOP; resume moves it to RUNNING, then runs
+//! the vCPUs. Its save and load take the VFIO stop-copy and resuming arcs, so its whole
+//! memory moves in the downtime.
 //!
 //! [`KvmVm::check_pattern`] uses the guest's registers: at any instruction boundary a
 //! prefix of the range (as long as the guest's position in the pass) holds `pass + 1`
@@ -122,7 +140,12 @@ use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use thiserror::Error;
 
+use crate::devices::accel::{Accel, AccelError, MigState, ACCEL_SCHEMA};
+use crate::devices::serial::{Serial, SerialError, SERIAL_SCHEMA};
+use crate::devices::IoBus;
+
 pub use dirty::{HarvestCost, KvmDirtyLog};
+pub use guest::PRINT_EVERY;
 pub use memory::{KvmRam, LOW_BLOCK, RAM_BLOCK};
 pub use state::{VCPU_SCHEMA, VM_SCHEMA};
 pub use vcpu::kick_signal;
@@ -138,6 +161,8 @@ pub struct KvmConfig {
     pub dirty_size: u64,
     /// A migration destination: RAM left empty, vCPUs without state until it is loaded.
     pub incoming: bool,
+    /// Bytes of accelerator device memory ([`crate::devices::accel`]); 0 for none.
+    pub accel_size: u64,
 }
 
 #[derive(Debug, Error)]
@@ -222,6 +247,10 @@ pub enum KvmError {
     OutsideRam { gpa: u64, len: usize },
     #[error(transparent)]
     State(#[from] StateError),
+    #[error(transparent)]
+    Serial(#[from] SerialError),
+    #[error(transparent)]
+    Accel(#[from] AccelError),
 }
 
 fn hex_list(v: &[u32]) -> String {
@@ -307,6 +336,15 @@ pub struct KvmVm {
     msr_indices: Vec<u32>,
     /// Per vCPU: has state (from `create` or `load_vcpu`), so it may run.
     has_state: Vec<AtomicBool>,
+    serial: Arc<Serial>,
+    accel: Option<Accel>,
+}
+
+/// The devices of [`MigratableVm::devices`], by index.
+enum Device<'a> {
+    KvmVm,
+    Serial(&'a Serial),
+    Accel(&'a Accel),
 }
 
 impl KvmVm {
@@ -314,6 +352,10 @@ impl KvmVm {
     /// [`KvmVm::start`] (or `resume`).
     pub fn create(cfg: &KvmConfig) -> Result<KvmVm, KvmError> {
         validate(cfg)?;
+        let accel = match cfg.accel_size {
+            0 => None,
+            size => Some(Accel::new(size, cfg.incoming)?),
+        };
         let kvm = open_kvm()?;
         let vm = create_vm(&kvm)?;
         check_caps(&kvm, &vm)?;
@@ -357,8 +399,10 @@ impl KvmVm {
             })?
             .as_slice()
             .to_vec();
+        let serial = Arc::new(Serial::new());
+        let io = Arc::new(IoBus::new().with(serial.clone()));
         Ok(KvmVm {
-            vcpus: vcpu::Vcpus::new(fds, ram.clone())?,
+            vcpus: vcpu::Vcpus::new(fds, ram.clone(), io)?,
             dirty,
             ram,
             vm,
@@ -368,6 +412,8 @@ impl KvmVm {
             has_state: (0..cfg.vcpus)
                 .map(|_| AtomicBool::new(!cfg.incoming))
                 .collect(),
+            serial,
+            accel,
         })
     }
 
@@ -375,7 +421,8 @@ impl KvmVm {
         &self.cfg
     }
 
-    /// Runs the vCPUs. The same as `resume`; an incoming VM must have every vCPU loaded.
+    /// Runs the accelerator, then the vCPUs. The same as `resume`; an incoming VM must
+    /// have every vCPU and the accelerator loaded.
     pub fn start(&self) -> Result<(), KvmError> {
         if let Some(i) = self
             .has_state
@@ -384,13 +431,44 @@ impl KvmVm {
         {
             return Err(KvmError::NotLoaded(i));
         }
-        self.vcpus.resume()
+        if let Some(accel) = &self.accel {
+            accel.set_state(MigState::Running)?;
+        }
+        let started = self.vcpus.resume();
+        if let (Err(_), Some(accel)) = (&started, &self.accel) {
+            accel.set_state(MigState::Stop)?;
+        }
+        started
     }
 
-    /// Stops the vCPUs; returns once none is in `KVM_RUN`. An error says that a vCPU
-    /// had stopped by itself (its guest failed); all are stopped either way.
+    /// Stops the vCPUs, then the accelerator; returns once no vCPU is in `KVM_RUN` and
+    /// the device no longer changes. An error from the vCPUs says that one had stopped
+    /// by itself (its guest failed); all are stopped either way.
     pub fn stop(&self) -> Result<(), KvmError> {
-        self.vcpus.pause()
+        let stopped = self.vcpus.pause();
+        if let Some(accel) = &self.accel {
+            accel.set_state(MigState::Stop)?;
+        }
+        stopped
+    }
+
+    /// The serial console.
+    pub fn serial(&self) -> &Serial {
+        &self.serial
+    }
+
+    /// The accelerator, if this VM has one.
+    pub fn accel(&self) -> Option<&Accel> {
+        self.accel.as_ref()
+    }
+
+    fn device(&self, index: usize) -> Result<Device<'_>, KvmError> {
+        match (index, &self.accel) {
+            (0, _) => Ok(Device::KvmVm),
+            (1, _) => Ok(Device::Serial(&self.serial)),
+            (2, Some(accel)) => Ok(Device::Accel(accel)),
+            _ => Err(KvmError::NoDevice(index)),
+        }
     }
 
     pub fn running(&self) -> bool {
@@ -475,10 +553,10 @@ impl KvmVm {
             .map_err(|e| e.to_string())?
             .get_regs()
             .map_err(|e| e.to_string())?;
-        if regs.rbx != layout::pass_gpa(i) || regs.rdx & 0xffff != guest::port(i) as u64 {
+        if regs.rbx != layout::pass_gpa(i) || regs.r9 & 0xffff != guest::port(i) as u64 {
             return Err(format!(
-                "registers do not hold the workload (rbx {:#x}, rdx {:#x})",
-                regs.rbx, regs.rdx
+                "registers do not hold the workload (rbx {:#x}, r9 {:#x})",
+                regs.rbx, regs.r9
             ));
         }
         let (start, pages) = (regs.rsi, regs.r8);
@@ -621,19 +699,24 @@ impl MigratableVm for KvmVm {
     }
 
     fn devices(&self) -> Vec<DeviceInfo> {
-        vec![DeviceInfo {
-            name: VM_SCHEMA.name.into(),
-            instance: 0,
-            schema: &VM_SCHEMA,
-        }]
+        let schemas = [&VM_SCHEMA, &SERIAL_SCHEMA, &ACCEL_SCHEMA];
+        let count = if self.accel.is_some() { 3 } else { 2 };
+        schemas[..count]
+            .iter()
+            .map(|schema| DeviceInfo {
+                name: schema.name.into(),
+                instance: 0,
+                schema,
+            })
+            .collect()
     }
 
     fn pause(&self) -> Result<(), VmError> {
-        self.vcpus.pause().map_err(|e| e.into_vm("pause vCPUs"))
+        self.stop().map_err(|e| e.into_vm("pause the VM"))
     }
 
     fn resume(&self) -> Result<(), VmError> {
-        self.start().map_err(|e| e.into_vm("resume vCPUs"))
+        self.start().map_err(|e| e.into_vm("resume the VM"))
     }
 
     fn is_running(&self) -> bool {
@@ -655,24 +738,42 @@ impl MigratableVm for KvmVm {
     }
 
     fn save_device(&self, index: usize) -> Result<DeviceState, VmError> {
-        let op = "save KVM VM state";
-        if index != 0 {
-            return Err(KvmError::NoDevice(index).into_vm(op));
-        }
+        let device = self
+            .device(index)
+            .map_err(|e| e.into_vm("save device state"))?;
+        let op = match device {
+            Device::KvmVm => "save KVM VM state",
+            Device::Serial(_) => "save serial state",
+            Device::Accel(_) => "save accel state",
+        };
         if self.running() {
             return Err(KvmError::Running.into_vm(op));
         }
-        state::save_vm(&self.vm).map_err(|e| e.into_vm(op))
+        match device {
+            Device::KvmVm => state::save_vm(&self.vm),
+            Device::Serial(serial) => Ok(serial.save()),
+            Device::Accel(accel) => accel.save().map_err(KvmError::from),
+        }
+        .map_err(|e| e.into_vm(op))
     }
 
     fn load_device(&self, index: usize, state: DeviceState) -> Result<(), VmError> {
-        let op = "load KVM VM state";
-        if index != 0 {
-            return Err(KvmError::NoDevice(index).into_vm(op));
-        }
+        let device = self
+            .device(index)
+            .map_err(|e| e.into_vm("load device state"))?;
+        let op = match device {
+            Device::KvmVm => "load KVM VM state",
+            Device::Serial(_) => "load serial state",
+            Device::Accel(_) => "load accel state",
+        };
         if self.running() {
             return Err(KvmError::Running.into_vm(op));
         }
-        state::load_vm(&self.vm, &state).map_err(|e| e.into_vm(op))
+        match device {
+            Device::KvmVm => state::load_vm(&self.vm, &state),
+            Device::Serial(serial) => serial.load(&state).map_err(KvmError::from),
+            Device::Accel(accel) => accel.load(state).map_err(KvmError::from),
+        }
+        .map_err(|e| e.into_vm(op))
     }
 }

@@ -4,6 +4,7 @@
 use std::time::{Duration, Instant};
 
 use ferry_migration::engine::bitmap::DirtyBitmap;
+use ferry_migration::engine::error_chain;
 use ferry_migration::engine::vm::{DirtyLog, GuestRam, MigratableVm};
 use ferry_migration::state::Value;
 use ferry_migration::PAGE_SIZE;
@@ -28,6 +29,7 @@ fn vm(mem_mib: u64, vcpus: usize, dirty_mib: u64, incoming: bool) -> KvmVm {
         vcpus,
         dirty_size: dirty_mib * MIB,
         incoming,
+        accel_size: 0,
     };
     KvmVm::create(&cfg).unwrap_or_else(|e| panic!("{}", chain(&e)))
 }
@@ -305,6 +307,7 @@ fn kvm_rejects_bad_configs_and_state() {
             vcpus,
             dirty_size,
             incoming: false,
+            accel_size: 0,
         };
         matches!(KvmVm::create(&cfg), Err(KvmError::Config(_)))
     };
@@ -312,10 +315,26 @@ fn kvm_rejects_bad_configs_and_state() {
     assert!(bad(64 * MIB, 0, MIB));
     assert!(bad(64 * MIB, 1, 100));
     assert!(bad(0, 1, MIB));
+    let accel = |size| KvmConfig {
+        mem_size: 64 * MIB,
+        vcpus: 1,
+        dirty_size: MIB,
+        incoming: false,
+        accel_size: size,
+    };
+    for size in [100, 1 << 40] {
+        let err = KvmVm::create(&accel(size)).err().unwrap();
+        assert!(
+            matches!(err, KvmError::Accel(AccelError::Size { .. })),
+            "{err}"
+        );
+    }
     let vm = vm(16, 1, 1, true);
     let err = vm.load_vcpu(0, DeviceState::new()).unwrap_err();
     assert!(matches!(err, VmError::State(_)), "{err}");
-    assert!(vm.save_device(1).is_err());
+    // kvm-vm and serial; no accelerator was configured.
+    assert_eq!(vm.devices().len(), 2);
+    assert!(vm.save_device(2).is_err());
 }
 
 /// Not a test: prints what `KVM_GET_DIRTY_LOG` and `KVM_CLEAR_DIRTY_LOG` cost. Run with
@@ -413,4 +432,120 @@ fn kvm_unusable_error_names_dev_kvm_and_errno() {
         msg.contains("/dev/kvm") && msg.contains("os error 2") && !msg.contains('\n'),
         "{msg}"
     );
+}
+
+#[test]
+fn kvm_guest_prints_its_passes_on_the_serial_console() {
+    if !kvm_here("kvm_guest_prints_its_passes_on_the_serial_console") {
+        return;
+    }
+    let vm = vm(16, 1, 1, false);
+    vm.start().unwrap();
+    let t = Instant::now();
+    // Pauses land anywhere, in the middle of a line too: the pattern holds there and the
+    // line carries on when the vCPU does.
+    let mut round = 0;
+    while vm.passes()[0] <= 3 * PRINT_EVERY {
+        std::thread::sleep(Duration::from_micros(500 + 1500 * (round % 7)));
+        vm.stop().unwrap();
+        vm.check_pattern()
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        vm.start().unwrap();
+        round += 1;
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "{:?} passes",
+            vm.passes()
+        );
+    }
+    vm.stop().unwrap();
+    let took = t.elapsed();
+    assert_eq!(vm.out_errors(), [0]);
+    let tail = vm.serial().tail_text();
+    let passes = vm.passes()[0];
+    // Every line is whole, in order; the last one may still be on its way.
+    let lines: Vec<&str> = tail.split_inclusive('\n').collect();
+    assert!(lines.len() >= 3, "{tail:?}");
+    for (k, line) in lines.iter().enumerate() {
+        let want = format!("vcpu0 pass {}\n", (k as u64 + 1) * PRINT_EVERY);
+        if line.ends_with('\n') {
+            assert_eq!(*line, want, "{tail:?}");
+        } else {
+            assert!(k + 1 == lines.len() && want.starts_with(line), "{tail:?}");
+        }
+    }
+    assert!(lines.len() as u64 <= passes / PRINT_EVERY);
+    assert_eq!(vm.serial().bytes_written(), tail.len() as u64);
+    println!("{passes} passes and {round} pauses in {took:?}; console: {tail:?}");
+}
+
+#[test]
+fn kvm_accel_stops_and_runs_with_the_vm() {
+    if !kvm_here("kvm_accel_stops_and_runs_with_the_vm") {
+        return;
+    }
+    let cfg = |incoming| KvmConfig {
+        mem_size: 16 * MIB,
+        vcpus: 1,
+        dirty_size: MIB,
+        incoming,
+        accel_size: MIB,
+    };
+    let src = KvmVm::create(&cfg(false)).unwrap();
+    let accel = src.accel().unwrap();
+    assert_eq!(accel.state(), MigState::Stop);
+    assert_eq!(src.devices()[2].name, "accel");
+    MigratableVm::resume(&src).unwrap();
+    assert_eq!(accel.state(), MigState::Running);
+    // Resuming a running VM changes nothing.
+    MigratableVm::resume(&src).unwrap();
+    wait_passes(&src, &[0], 3);
+    MigratableVm::pause(&src).unwrap();
+    assert_eq!(accel.state(), MigState::Stop);
+    assert!(!accel.thread_running());
+    let vcpu = src.save_vcpu(0).unwrap();
+    let saved = src.save_device(2).unwrap();
+    assert_eq!(accel.state(), MigState::Stop);
+    // A migration that failed after the stop-copy resumes the source, device included.
+    MigratableVm::resume(&src).unwrap();
+    assert_eq!(accel.state(), MigState::Running);
+    assert!(accel.thread_running());
+    MigratableVm::pause(&src).unwrap();
+
+    let dst = KvmVm::create(&cfg(true)).unwrap();
+    dst.load_vcpu(0, vcpu).unwrap();
+    let err = MigratableVm::resume(&dst).unwrap_err();
+    assert!(
+        error_chain(&err).contains("no state loaded"),
+        "{}",
+        error_chain(&err)
+    );
+    let mut bad = saved.clone();
+    for (name, value) in &mut bad.fields {
+        if name == "checksum" {
+            *value = Value::U64(0);
+        }
+    }
+    let err = dst.load_device(2, bad).unwrap_err();
+    assert!(
+        error_chain(&err).contains("checksum"),
+        "{}",
+        error_chain(&err)
+    );
+    assert_eq!(dst.accel().unwrap().state(), MigState::Error);
+    let err = MigratableVm::resume(&dst).unwrap_err();
+    assert!(
+        error_chain(&err).contains("ERROR -> RUNNING"),
+        "{}",
+        error_chain(&err)
+    );
+    assert!(!dst.running());
+
+    let dst = KvmVm::create(&cfg(true)).unwrap();
+    dst.load_vcpu(0, src.save_vcpu(0).unwrap()).unwrap();
+    dst.load_device(2, saved).unwrap();
+    MigratableVm::resume(&dst).unwrap();
+    assert_eq!(dst.accel().unwrap().state(), MigState::Running);
+    MigratableVm::pause(&dst).unwrap();
+    dst.accel().unwrap().check_pattern().unwrap();
 }

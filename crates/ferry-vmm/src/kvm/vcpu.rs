@@ -31,6 +31,7 @@ use vmm_sys_util::signal::{register_signal_handler, unblock_signal, Killable, SI
 use super::layout::{pass_gpa, CODE_GPA};
 use super::memory::KvmRam;
 use super::{guest, KvmError};
+use crate::devices::IoBus;
 
 thread_local! {
     /// `&kvm_run.immediate_exit` of the vCPU this thread runs, or null.
@@ -66,7 +67,7 @@ fn install_kick_handler() -> Result<(), KvmError> {
 /// What the VMM counts per vCPU.
 #[derive(Debug, Default)]
 pub struct VcpuStats {
-    /// `out` exits seen (one per pass of the guest).
+    /// `out` exits to the vCPU's own port seen (one per pass of the guest).
     pub exits: AtomicU64,
     /// `out` values that did not follow the previous one, or disagreed with the counter
     /// in guest memory.
@@ -86,10 +87,12 @@ pub struct Vcpus {
     running: AtomicBool,
     pub stats: Arc<[VcpuStats]>,
     ram: Arc<KvmRam>,
+    /// The devices behind port I/O exits other than the pass reports.
+    io: Arc<IoBus>,
 }
 
 impl Vcpus {
-    pub fn new(fds: Vec<VcpuFd>, ram: Arc<KvmRam>) -> Result<Self, KvmError> {
+    pub fn new(fds: Vec<VcpuFd>, ram: Arc<KvmRam>, io: Arc<IoBus>) -> Result<Self, KvmError> {
         install_kick_handler()?;
         let n = fds.len();
         Ok(Self {
@@ -99,6 +102,7 @@ impl Vcpus {
             running: AtomicBool::new(false),
             stats: (0..n).map(|_| VcpuStats::default()).collect(),
             ram,
+            io,
         })
     }
 
@@ -128,15 +132,16 @@ impl Vcpus {
         }
         self.stop.store(false, Ordering::SeqCst);
         for index in 0..self.fds.len() {
-            let (slot, stop, stats, ram) = (
+            let (slot, stop, stats, ram, io) = (
                 self.fds[index].clone(),
                 self.stop.clone(),
                 self.stats.clone(),
                 self.ram.clone(),
+                self.io.clone(),
             );
             let spawned = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
-                .spawn(move || run_vcpu(index, &slot, &stop, &stats[index], &ram));
+                .spawn(move || run_vcpu(index, &slot, &stop, &stats[index], &ram, &io));
             match spawned {
                 Ok(handle) => threads[index] = Some(handle),
                 Err(source) => {
@@ -207,6 +212,7 @@ fn run_vcpu(
     stop: &AtomicBool,
     stats: &VcpuStats,
     ram: &KvmRam,
+    io: &IoBus,
 ) -> Result<(), KvmError> {
     let mut guard = slot.lock().unwrap_or_else(PoisonError::into_inner);
     let fd = &mut *guard;
@@ -224,7 +230,7 @@ fn run_vcpu(
 
     fd.set_kvm_immediate_exit(0);
     IMMEDIATE_EXIT.with(|c| c.set(ptr::addr_of_mut!(fd.get_kvm_run().immediate_exit)));
-    let result = run_loop(index, fd, stop, stats, ram, &mut expected);
+    let result = run_loop(index, fd, stop, stats, ram, io, &mut expected);
     // Complete a pending I/O exit so the saved state is past it (see module docs).
     fd.set_kvm_immediate_exit(1);
     let completed = match fd.run() {
@@ -250,6 +256,7 @@ fn run_loop(
     stop: &AtomicBool,
     stats: &VcpuStats,
     ram: &KvmRam,
+    io: &IoBus,
     expected: &mut u8,
 ) -> Result<(), KvmError> {
     let port = guest::port(index);
@@ -270,6 +277,14 @@ fn run_loop(
                     );
                 }
                 *expected = value.wrapping_add(1);
+            }
+            // The serial console, as the guest prints. The data of an `in` goes back to
+            // the guest on the next KVM_RUN, as an `out` is retired then.
+            Ok(VcpuExit::IoOut(p, data)) if p != port && io.claims(p) => {
+                io.write(p, data);
+            }
+            Ok(VcpuExit::IoIn(p, data)) if io.claims(p) => {
+                io.read(p, data);
             }
             Ok(exit) => {
                 let reason = format!("{exit:?}");

@@ -1,0 +1,896 @@
+//! An accelerator-like device standing in for a VFIO device: device-side memory that the
+//! VMM cannot track page by page, changed by the device while it runs, migrated through
+//! the VFIO migration v2 state machine.
+//!
+//! # The device
+//!
+//! `size` bytes of device memory (a non-zero multiple of 4 KiB, at most
+//! [`ACCEL_MAX_SIZE`]) and a device thread that, while the device is RUNNING, rewrites
+//! [`CHUNKS_PER_TICK`] 4 KiB chunks every millisecond (about 64 MiB/s), in order, with a
+//! counter pattern: every `u64` of chunk `c` in generation `g` holds `g << 32 | c`
+//! (generation 0 is the all-zero memory the device starts with). At any moment the
+//! chunks below `cursor` hold generation `generation + 1` and the others `generation`,
+//! which [`Accel::check_pattern`] verifies. Like a real device's, these writes are not in
+//! any dirty log: the only way to move the memory is to read all of it.
+//!
+//! # Migration states (VFIO migration uAPI v2)
+//!
+//! The device offers STOP_COPY only (neither `VFIO_MIGRATION_P2P` nor
+//! `VFIO_MIGRATION_PRE_COPY`), so its states and single arcs are:
+//!
+//! ```text
+//!             RUNNING
+//!               ^  |
+//!               |  v
+//!  RESUMING <-> STOP <-> STOP_COPY        any failed arc -> ERROR
+//! ```
+//!
+//! | arc | what the device does |
+//! |---|---|
+//! | RUNNING -> STOP | stops and joins the device thread: the memory is frozen |
+//! | STOP -> RUNNING | starts the device thread where it stopped |
+//! | STOP -> STOP_COPY | opens the saving session (source) |
+//! | STOP_COPY -> STOP | ends it, after the state was read out |
+//! | STOP -> RESUMING | opens the resuming session (destination) |
+//! | RESUMING -> STOP | checks and installs the written state; a failed check ends in ERROR |
+//!
+//! [`Accel::set_state`] takes exactly these arcs. Asking for the current state is a no-op,
+//! as in VFIO; any other request, including the multi-step ones VFIO resolves through
+//! intermediate states, is [`AccelError::InvalidTransition`], naming both states. ERROR
+//! is left by nothing: VFIO's way out is a device reset, and a device that failed to load
+//! belongs to a destination that never runs its guest. The device thread runs in RUNNING
+//! and in no other state.
+//!
+//! The VMM drives it as QEMU drives a VFIO device without precopy support: the VM's pause
+//! moves it RUNNING -> STOP; the source's save goes STOP -> STOP_COPY, reads the whole
+//! state, and goes back to STOP (so a failed migration can resume the device); the
+//! destination's load goes STOP -> RESUMING -> STOP; the VM's resume goes STOP -> RUNNING.
+//! An incoming device refuses RUNNING until a state has been loaded.
+//!
+//! # State
+//!
+//! Schema [`ACCEL_SCHEMA`]: the whole device memory moves at stop-copy, in the downtime,
+//! with the device's registers and an xxh3-64 checksum of the memory that the destination
+//! recomputes before it accepts the state. The schema is static, so the memory field's
+//! `max_len` is [`ACCEL_MAX_SIZE`], and a device larger than that cannot be configured.
+
+use std::io;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use ferry_migration::state::{DeviceState, FieldKind, FieldSchema, StateError, StateSchema, Value};
+use thiserror::Error;
+use xxhash_rust::xxh3::xxh3_64;
+
+/// The largest device memory. A device's whole state travels in one device-state frame
+/// of at most `wire::MAX_DEVICE_STATE_LEN` (1 GiB) bytes, the memory field's length
+/// is a `u32`, and the source holds a few copies of the state while it encodes it, so the
+/// largest power of two that leaves room for the rest of the frame is the limit.
+pub const ACCEL_MAX_SIZE: u64 = 512 << 20;
+/// The device memory of `ferry run --accel` given without a size.
+pub const ACCEL_DEFAULT_SIZE: u64 = 256 << 20;
+/// The unit the device thread rewrites.
+pub const CHUNK: usize = 4096;
+/// Chunks rewritten per [`TICK`].
+pub const CHUNKS_PER_TICK: usize = 16;
+/// The device thread's period.
+pub const TICK: Duration = Duration::from_millis(1);
+
+/// The accelerator's migratable state.
+pub static ACCEL_SCHEMA: StateSchema = StateSchema {
+    name: "accel",
+    version: 1,
+    min_version: 1,
+    fields: &[
+        // Bytes of device memory; the destination must have the same.
+        FieldSchema {
+            name: "size",
+            kind: FieldKind::U64,
+            since: 1,
+        },
+        // The device thread's registers: the generation it completed and the next chunk.
+        FieldSchema {
+            name: "generation",
+            kind: FieldKind::U64,
+            since: 1,
+        },
+        FieldSchema {
+            name: "cursor",
+            kind: FieldKind::U64,
+            since: 1,
+        },
+        // All of the device memory, `size` bytes.
+        FieldSchema {
+            name: "memory",
+            kind: FieldKind::Bytes {
+                max_len: ACCEL_MAX_SIZE as u32,
+            },
+            since: 1,
+        },
+        // xxh3-64 of `memory`.
+        FieldSchema {
+            name: "checksum",
+            kind: FieldKind::U64,
+            since: 1,
+        },
+    ],
+    subsections: &[],
+};
+
+/// A state of the VFIO migration v2 state machine (values as in `linux/vfio.h`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MigState {
+    Error = 0,
+    Stop = 1,
+    Running = 2,
+    StopCopy = 3,
+    Resuming = 4,
+}
+
+impl MigState {
+    /// Every state this device has.
+    pub const ALL: [MigState; 5] = [
+        MigState::Error,
+        MigState::Stop,
+        MigState::Running,
+        MigState::StopCopy,
+        MigState::Resuming,
+    ];
+
+    /// The state's name in `linux/vfio.h` (without `VFIO_DEVICE_STATE_`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MigState::Error => "ERROR",
+            MigState::Stop => "STOP",
+            MigState::Running => "RUNNING",
+            MigState::StopCopy => "STOP_COPY",
+            MigState::Resuming => "RESUMING",
+        }
+    }
+
+    /// Whether `self -> to` is one of the device's single arcs (see the module docs).
+    pub fn has_arc_to(self, to: MigState) -> bool {
+        use MigState::*;
+        matches!(
+            (self, to),
+            (Running, Stop)
+                | (Stop, Running)
+                | (Stop, StopCopy)
+                | (StopCopy, Stop)
+                | (Stop, Resuming)
+                | (Resuming, Stop)
+        )
+    }
+}
+
+impl std::fmt::Display for MigState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum AccelError {
+    #[error(
+        "accel: device memory of {size} bytes; it must be a non-zero multiple of 4 KiB of at most {} MiB",
+        ACCEL_MAX_SIZE >> 20
+    )]
+    Size { size: u64 },
+    #[error("accel: invalid transition {from} -> {to}")]
+    InvalidTransition { from: MigState, to: MigState },
+    #[error("accel: this incoming device has no state loaded, so it cannot run")]
+    NotLoaded,
+    #[error("accel: starting its device thread")]
+    Thread(#[source] io::Error),
+    #[error("accel: reading its state")]
+    State(#[source] StateError),
+    #[error("accel: the source's device has {sent} bytes of memory, this one {here}; give the destination the same --accel size")]
+    SizeMismatch { sent: u64, here: u64 },
+    #[error("accel: the state holds {len} bytes of memory, its size says {size}")]
+    MemoryLength { len: usize, size: u64 },
+    #[error("accel: cursor at chunk {cursor}, the memory has {chunks} chunks")]
+    Cursor { cursor: u64, chunks: u64 },
+    #[error("accel: memory checksum {computed:#018x} does not match the source's {sent:#018x}")]
+    Checksum { sent: u64, computed: u64 },
+}
+
+/// What `x-ferry-accel` reports.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct AccelInfo {
+    /// The migration state, as in `linux/vfio.h`.
+    pub state: &'static str,
+    pub size: u64,
+    /// xxh3-64 of the device memory now, as 16 hex digits.
+    pub digest: String,
+    pub generation: u64,
+    pub cursor: u64,
+    /// The checksum of the last state read out at stop-copy (a source's), if any.
+    pub saved_digest: Option<String>,
+    /// The checksum of the last state loaded (a destination's), verified against its
+    /// memory before the device could run again, if any.
+    pub loaded_digest: Option<String>,
+}
+
+fn hex(digest: u64) -> String {
+    format!("{digest:016x}")
+}
+
+/// The device memory and the device thread's registers.
+#[derive(Debug)]
+struct Memory {
+    bytes: Vec<u8>,
+    generation: u64,
+    cursor: u64,
+}
+
+/// The value of every `u64` of chunk `chunk` in generation `generation`.
+fn word(generation: u64, chunk: u64) -> u64 {
+    if generation == 0 {
+        0
+    } else {
+        generation << 32 | chunk
+    }
+}
+
+impl Memory {
+    fn chunks(&self) -> u64 {
+        (self.bytes.len() / CHUNK) as u64
+    }
+
+    /// The device thread's work: the next `n` chunks in the next generation.
+    fn advance(&mut self, n: usize) {
+        for _ in 0..n {
+            let w = word(self.generation + 1, self.cursor).to_le_bytes();
+            let start = self.cursor as usize * CHUNK;
+            for dst in self.bytes[start..start + CHUNK].chunks_exact_mut(8) {
+                dst.copy_from_slice(&w);
+            }
+            self.cursor += 1;
+            if self.cursor == self.chunks() {
+                self.cursor = 0;
+                self.generation += 1;
+            }
+        }
+    }
+}
+
+/// What the device thread shares with the device.
+#[derive(Debug)]
+struct Shared {
+    mem: Mutex<Memory>,
+    stop: Mutex<bool>,
+    wake: Condvar,
+}
+
+impl Shared {
+    fn mem(&self) -> MutexGuard<'_, Memory> {
+        // Every update of `Memory` leaves it consistent chunk by chunk.
+        self.mem.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+#[derive(Debug)]
+struct Ctl {
+    state: MigState,
+    thread: Option<JoinHandle<()>>,
+    /// An incoming device before its first successful load.
+    needs_state: bool,
+    last_saved: Option<u64>,
+    last_loaded: Option<u64>,
+}
+
+/// The accelerator (see the module docs).
+#[derive(Debug)]
+pub struct Accel {
+    size: u64,
+    ctl: Mutex<Ctl>,
+    shared: Arc<Shared>,
+}
+
+impl Accel {
+    /// A device of `size` bytes in STOP. An `incoming` one waits for a migrated state
+    /// before it may run.
+    pub fn new(size: u64, incoming: bool) -> Result<Self, AccelError> {
+        if size == 0 || size % CHUNK as u64 != 0 || size > ACCEL_MAX_SIZE {
+            return Err(AccelError::Size { size });
+        }
+        Ok(Self {
+            size,
+            ctl: Mutex::new(Ctl {
+                state: MigState::Stop,
+                thread: None,
+                needs_state: incoming,
+                last_saved: None,
+                last_loaded: None,
+            }),
+            shared: Arc::new(Shared {
+                mem: Mutex::new(Memory {
+                    bytes: vec![0; size as usize],
+                    generation: 0,
+                    cursor: 0,
+                }),
+                stop: Mutex::new(true),
+                wake: Condvar::new(),
+            }),
+        })
+    }
+
+    fn ctl(&self) -> MutexGuard<'_, Ctl> {
+        self.ctl.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn state(&self) -> MigState {
+        self.ctl().state
+    }
+
+    /// Whether the device thread exists (it should exactly in RUNNING).
+    pub fn thread_running(&self) -> bool {
+        self.ctl().thread.is_some()
+    }
+
+    /// Moves the device to `to` along one arc; see the module docs.
+    pub fn set_state(&self, to: MigState) -> Result<(), AccelError> {
+        let mut ctl = self.ctl();
+        self.step(&mut ctl, to)
+    }
+
+    fn step(&self, ctl: &mut Ctl, to: MigState) -> Result<(), AccelError> {
+        let from = ctl.state;
+        if from == to {
+            return Ok(());
+        }
+        if !from.has_arc_to(to) {
+            return Err(AccelError::InvalidTransition { from, to });
+        }
+        match to {
+            MigState::Running => {
+                if ctl.needs_state {
+                    return Err(AccelError::NotLoaded);
+                }
+                ctl.thread = Some(self.spawn()?);
+            }
+            MigState::Stop if from == MigState::Running => self.join(ctl),
+            _ => {}
+        }
+        ctl.state = to;
+        Ok(())
+    }
+
+    fn spawn(&self) -> Result<JoinHandle<()>, AccelError> {
+        *self
+            .shared
+            .stop
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = false;
+        let shared = self.shared.clone();
+        std::thread::Builder::new()
+            .name("accel".into())
+            .spawn(move || device_thread(&shared))
+            .map_err(AccelError::Thread)
+    }
+
+    fn join(&self, ctl: &mut Ctl) {
+        *self
+            .shared
+            .stop
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = true;
+        self.shared.wake.notify_all();
+        if let Some(t) = ctl.thread.take() {
+            if t.join().is_err() {
+                tracing::warn!("accel: the device thread panicked");
+            }
+        }
+    }
+
+    /// The source's stop-copy: STOP -> STOP_COPY, reads the whole state, -> STOP.
+    pub fn save(&self) -> Result<DeviceState, AccelError> {
+        let mut ctl = self.ctl();
+        self.step(&mut ctl, MigState::StopCopy)?;
+        let (state, checksum) = {
+            let mem = self.shared.mem();
+            let checksum = xxh3_64(&mem.bytes);
+            let state = DeviceState {
+                version: ACCEL_SCHEMA.version,
+                ..DeviceState::new()
+            }
+            .with("size", Value::U64(self.size))
+            .with("generation", Value::U64(mem.generation))
+            .with("cursor", Value::U64(mem.cursor))
+            .with("memory", Value::Bytes(mem.bytes.clone()))
+            .with("checksum", Value::U64(checksum));
+            (state, checksum)
+        };
+        ctl.last_saved = Some(checksum);
+        self.step(&mut ctl, MigState::Stop)?;
+        Ok(state)
+    }
+
+    /// The destination's resume: STOP -> RESUMING, checks the state and installs it,
+    /// -> STOP. A state that fails a check leaves the memory as it was and the device in
+    /// ERROR.
+    pub fn load(&self, mut state: DeviceState) -> Result<(), AccelError> {
+        let mut ctl = self.ctl();
+        self.step(&mut ctl, MigState::Resuming)?;
+        match self.check_state(&mut state) {
+            Ok((mem, checksum)) => {
+                *self.shared.mem() = mem;
+                ctl.needs_state = false;
+                ctl.last_loaded = Some(checksum);
+                self.step(&mut ctl, MigState::Stop)
+            }
+            Err(e) => {
+                ctl.state = MigState::Error;
+                Err(e)
+            }
+        }
+    }
+
+    fn check_state(&self, state: &mut DeviceState) -> Result<(Memory, u64), AccelError> {
+        let get = |name| state.get_u64(name).map_err(AccelError::State);
+        let (size, generation, cursor, sent) = (
+            get("size")?,
+            get("generation")?,
+            get("cursor")?,
+            get("checksum")?,
+        );
+        if size != self.size {
+            return Err(AccelError::SizeMismatch {
+                sent: size,
+                here: self.size,
+            });
+        }
+        let chunks = size / CHUNK as u64;
+        if cursor >= chunks {
+            return Err(AccelError::Cursor { cursor, chunks });
+        }
+        state.get_bytes("memory").map_err(AccelError::State)?;
+        // Take the memory out of the state instead of copying it: it can be most of a GiB.
+        let bytes = state
+            .fields
+            .iter_mut()
+            .find_map(|(n, v)| match v {
+                Value::Bytes(b) if n == "memory" => Some(std::mem::take(b)),
+                _ => None,
+            })
+            .unwrap_or_default();
+        if bytes.len() as u64 != size {
+            return Err(AccelError::MemoryLength {
+                len: bytes.len(),
+                size,
+            });
+        }
+        let computed = xxh3_64(&bytes);
+        if computed != sent {
+            return Err(AccelError::Checksum { sent, computed });
+        }
+        Ok((
+            Memory {
+                bytes,
+                generation,
+                cursor,
+            },
+            computed,
+        ))
+    }
+
+    /// The state name, size and memory digest; hashing holds the device thread off for
+    /// the time it takes (tens of ms for 256 MiB).
+    pub fn info(&self) -> AccelInfo {
+        let (state, saved, loaded) = {
+            let ctl = self.ctl();
+            (ctl.state, ctl.last_saved, ctl.last_loaded)
+        };
+        let mem = self.shared.mem();
+        AccelInfo {
+            state: state.as_str(),
+            size: self.size,
+            digest: hex(xxh3_64(&mem.bytes)),
+            generation: mem.generation,
+            cursor: mem.cursor,
+            saved_digest: saved.map(hex),
+            loaded_digest: loaded.map(hex),
+        }
+    }
+
+    /// Checks that the memory holds what the device thread wrote: chunks below the
+    /// cursor at `generation + 1`, the rest at `generation`.
+    pub fn check_pattern(&self) -> Result<(), String> {
+        let mem = self.shared.mem();
+        let mut wrong = 0u64;
+        let mut first = None;
+        for (c, chunk) in mem.bytes.chunks_exact(CHUNK).enumerate() {
+            let c = c as u64;
+            let g = if c < mem.cursor {
+                mem.generation + 1
+            } else {
+                mem.generation
+            };
+            let want = word(g, c).to_le_bytes();
+            if chunk.chunks_exact(8).any(|w| w != want) {
+                wrong += 1;
+                first.get_or_insert(c);
+            }
+        }
+        match first {
+            None => Ok(()),
+            Some(c) => Err(format!(
+                "accel: {wrong} chunks do not hold their pattern (first: chunk {c}; generation {}, cursor {})",
+                mem.generation, mem.cursor
+            )),
+        }
+    }
+}
+
+impl Drop for Accel {
+    fn drop(&mut self) {
+        let mut ctl = self.ctl();
+        self.join(&mut ctl);
+    }
+}
+
+fn device_thread(shared: &Shared) {
+    let mut next = Instant::now();
+    loop {
+        let stop = shared.stop.lock().unwrap_or_else(PoisonError::into_inner);
+        let timeout = next.saturating_duration_since(Instant::now());
+        let (stop, _) = shared
+            .wake
+            .wait_timeout_while(stop, timeout, |stop| !*stop)
+            .unwrap_or_else(PoisonError::into_inner);
+        if *stop {
+            return;
+        }
+        drop(stop);
+        shared.mem().advance(CHUNKS_PER_TICK);
+        // A steady rate: after a stall, carry on from now rather than catch up in a burst.
+        next = (next + TICK).max(Instant::now());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_migration::state::{decode, encode};
+    use ferry_migration::wire::MAX_DEVICE_STATE_LEN;
+    use MigState::*;
+
+    const SMALL: u64 = 64 * CHUNK as u64;
+
+    /// Waits until the device thread has written at least `n` more chunks.
+    fn wait_chunks(a: &Accel, n: u64) {
+        let pos = |a: &Accel| {
+            let m = a.shared.mem();
+            m.generation * m.chunks() + m.cursor
+        };
+        let start = pos(a);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while pos(a) < start + n {
+            assert!(
+                Instant::now() < deadline,
+                "the device thread made no progress"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn set_field(st: &mut DeviceState, name: &str, value: Value) {
+        let field = st.fields.iter_mut().find(|(n, _)| n == name).unwrap();
+        field.1 = value;
+    }
+
+    /// A device in `state`, reached by valid arcs (ERROR by a failed load).
+    fn device_in(state: MigState) -> Accel {
+        let a = Accel::new(SMALL, false).unwrap();
+        match state {
+            Stop => {}
+            Running => a.set_state(Running).unwrap(),
+            StopCopy => a.set_state(StopCopy).unwrap(),
+            Resuming => a.set_state(Resuming).unwrap(),
+            Error => {
+                let mut st = a.save().unwrap();
+                let sum = st.get_u64("checksum").unwrap();
+                set_field(&mut st, "checksum", Value::U64(!sum));
+                assert!(a.load(st).is_err());
+            }
+        }
+        assert_eq!(a.state(), state);
+        a
+    }
+
+    #[test]
+    fn accel_takes_every_single_arc_and_refuses_every_other_transition() {
+        let mut valid = Vec::new();
+        for from in MigState::ALL {
+            for to in MigState::ALL {
+                let a = device_in(from);
+                match a.set_state(to) {
+                    Ok(()) => {
+                        assert!(from == to || from.has_arc_to(to), "{from} -> {to} taken");
+                        if from != to {
+                            valid.push((from, to));
+                        }
+                        assert_eq!(a.state(), to);
+                    }
+                    Err(e) => {
+                        assert!(!from.has_arc_to(to) && from != to, "{from} -> {to}: {e}");
+                        assert!(
+                            matches!(e, AccelError::InvalidTransition { from: f, to: t } if f == from && t == to),
+                            "{e}"
+                        );
+                        assert_eq!(
+                            e.to_string(),
+                            format!("accel: invalid transition {from} -> {to}")
+                        );
+                        assert_eq!(a.state(), from, "a refused transition moved the device");
+                    }
+                }
+                assert_eq!(
+                    a.thread_running(),
+                    a.state() == Running,
+                    "{from} -> {to}: device thread in {}",
+                    a.state()
+                );
+            }
+        }
+        valid.sort_by_key(|&(f, t)| (f as u8, t as u8));
+        assert_eq!(
+            valid,
+            [
+                (Stop, Running),
+                (Stop, StopCopy),
+                (Stop, Resuming),
+                (Running, Stop),
+                (StopCopy, Stop),
+                (Resuming, Stop),
+            ]
+        );
+        assert_eq!(
+            AccelError::InvalidTransition {
+                from: Running,
+                to: StopCopy
+            }
+            .to_string(),
+            "accel: invalid transition RUNNING -> STOP_COPY"
+        );
+    }
+
+    #[test]
+    fn accel_memory_changes_only_while_running() {
+        let a = Accel::new(SMALL, false).unwrap();
+        let frozen = a.info().digest;
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(a.info().digest, frozen, "memory changed in STOP");
+        a.set_state(Running).unwrap();
+        wait_chunks(&a, 3 * SMALL / CHUNK as u64);
+        a.set_state(Stop).unwrap();
+        let stopped = a.info();
+        assert_ne!(stopped.digest, frozen);
+        assert!(stopped.generation >= 3, "{stopped:?}");
+        a.check_pattern().unwrap();
+        a.set_state(StopCopy).unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(
+            a.info(),
+            AccelInfo {
+                state: "STOP_COPY",
+                ..stopped
+            }
+        );
+    }
+
+    #[test]
+    fn accel_state_round_trips_and_the_destination_carries_on() {
+        let src = Accel::new(SMALL, false).unwrap();
+        src.set_state(Running).unwrap();
+        wait_chunks(&src, 100);
+        // Saving needs STOP first.
+        assert!(matches!(
+            src.save(),
+            Err(AccelError::InvalidTransition {
+                from: Running,
+                to: StopCopy
+            })
+        ));
+        src.set_state(Stop).unwrap();
+        let saved = src.save().unwrap();
+        assert_eq!(src.state(), Stop);
+        let bytes = encode(&ACCEL_SCHEMA, &saved).unwrap();
+        let loaded = decode(&ACCEL_SCHEMA, 1, &bytes).unwrap();
+
+        let dst = Accel::new(SMALL, true).unwrap();
+        assert!(matches!(dst.set_state(Running), Err(AccelError::NotLoaded)));
+        dst.load(loaded).unwrap();
+        assert_eq!(dst.state(), Stop);
+        let (s, d) = (src.info(), dst.info());
+        assert_eq!(s.saved_digest.as_ref(), Some(&s.digest));
+        assert_eq!(d.loaded_digest.as_ref(), Some(&s.digest));
+        assert_eq!(
+            (d.digest.as_str(), d.generation, d.cursor),
+            (s.digest.as_str(), s.generation, s.cursor)
+        );
+        assert_eq!(
+            saved.get_u64("checksum").unwrap(),
+            u64::from_str_radix(&s.digest, 16).unwrap()
+        );
+        dst.check_pattern().unwrap();
+
+        dst.set_state(Running).unwrap();
+        wait_chunks(&dst, 10);
+        dst.set_state(Stop).unwrap();
+        dst.check_pattern().unwrap();
+        assert_ne!(dst.info().digest, s.digest);
+        // The source stays frozen after it was read.
+        assert_eq!(src.info(), s);
+        // A failed migration resumes the source.
+        src.set_state(Running).unwrap();
+        src.set_state(Stop).unwrap();
+    }
+
+    #[test]
+    fn accel_refuses_a_state_whose_checksum_or_size_is_wrong() {
+        let src = Accel::new(SMALL, false).unwrap();
+        src.set_state(Running).unwrap();
+        wait_chunks(&src, 10);
+        src.set_state(Stop).unwrap();
+        let saved = src.save().unwrap();
+        let fresh = || Accel::new(SMALL, true).unwrap();
+
+        let mut flipped = saved.clone();
+        let mut memory = saved.get_bytes("memory").unwrap().to_vec();
+        memory[SMALL as usize / 2] ^= 1;
+        set_field(&mut flipped, "memory", Value::Bytes(memory));
+        let dst = fresh();
+        let before = dst.info().digest;
+        let err = dst.load(flipped).unwrap_err();
+        assert!(matches!(err, AccelError::Checksum { .. }), "{err}");
+        assert!(err.to_string().contains("checksum"), "{err}");
+        assert_eq!(dst.state(), Error);
+        assert_eq!(dst.info().digest, before, "a refused state was installed");
+        assert!(matches!(
+            dst.set_state(Running),
+            Err(AccelError::InvalidTransition { from: Error, .. })
+        ));
+
+        let err = Accel::new(2 * SMALL, true)
+            .unwrap()
+            .load(saved.clone())
+            .unwrap_err();
+        assert!(
+            matches!(err, AccelError::SizeMismatch { sent, here } if sent == SMALL && here == 2 * SMALL),
+            "{err}"
+        );
+
+        let mut past = saved.clone();
+        set_field(&mut past, "cursor", Value::U64(SMALL / CHUNK as u64));
+        assert!(matches!(fresh().load(past), Err(AccelError::Cursor { .. })));
+
+        let mut short = saved;
+        short.fields.retain(|(n, _)| n != "memory");
+        assert!(matches!(fresh().load(short), Err(AccelError::State(_))));
+    }
+
+    #[test]
+    fn accel_size_is_checked_against_the_schema_maximum() {
+        for size in [0, 100, ACCEL_MAX_SIZE + CHUNK as u64] {
+            assert!(
+                matches!(Accel::new(size, false), Err(AccelError::Size { size: s }) if s == size)
+            );
+        }
+        assert_eq!(
+            Accel::new(ACCEL_DEFAULT_SIZE, false).unwrap().size(),
+            ACCEL_DEFAULT_SIZE
+        );
+        ACCEL_SCHEMA.validate().unwrap();
+        // The largest state, with the frame's name, instance and version, fits a frame.
+        let header = 2 + ACCEL_SCHEMA.name.len() as u64 + 8;
+        assert!(ACCEL_SCHEMA.max_encoded_len() + header <= u64::from(MAX_DEVICE_STATE_LEN));
+        assert!(ACCEL_MAX_SIZE <= u64::from(u32::MAX));
+    }
+
+    /// A fresh `len`-byte buffer advised to use transparent huge pages, so that first
+    /// touches fault 2 MiB at a time.
+    fn huge_buffer(len: usize) -> Vec<u8> {
+        let mut v: Vec<u8> = Vec::with_capacity(len);
+        let p = v.as_mut_ptr() as usize;
+        let start = p.next_multiple_of(4096);
+        let advised = (p + len).saturating_sub(start) & !4095;
+        // SAFETY: advice on whole pages inside the allocation `v` owns; it changes no
+        // contents and no mapping.
+        unsafe { libc::madvise(start as *mut libc::c_void, advised, libc::MADV_HUGEPAGE) };
+        v
+    }
+
+    /// Not a test: prints what each step of the accelerator's stop-copy costs, next to
+    /// copies measured in the same run. Run with
+    /// `cargo test -p ferry-vmm --release accel_measure -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn accel_measure_stop_copy_cost() {
+        use std::hint::black_box;
+        use std::io::{Read, Write};
+        let size = ACCEL_DEFAULT_SIZE;
+        let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
+        let a = Accel::new(size, false).unwrap();
+        {
+            let mut m = a.shared.mem();
+            let n = m.chunks() as usize;
+            m.advance(n + 7);
+        }
+        let mut touched = vec![1u8; size as usize];
+        for round in 0..3 {
+            let mem = a.shared.mem();
+            let t = Instant::now();
+            touched.copy_from_slice(&mem.bytes);
+            black_box(&touched);
+            let touched_ms = ms(t);
+            let t = Instant::now();
+            black_box(mem.bytes.clone());
+            let fresh_ms = ms(t);
+            let t = Instant::now();
+            let mut huge = huge_buffer(mem.bytes.len());
+            huge.extend_from_slice(&mem.bytes);
+            black_box(huge);
+            let huge_ms = ms(t);
+            let t = Instant::now();
+            black_box(xxh3_64(&mem.bytes));
+            let hash_ms = ms(t);
+            drop(mem);
+
+            let t = Instant::now();
+            let st = a.save().unwrap();
+            let save_ms = ms(t);
+            let t = Instant::now();
+            let bytes = encode(&ACCEL_SCHEMA, &st).unwrap();
+            let encode_ms = ms(t);
+            drop(st);
+            // The engine puts the frame's header in front of the state in a new buffer.
+            let t = Instant::now();
+            let frame = ferry_migration::wire::DeviceStateHeader {
+                name: ACCEL_SCHEMA.name.into(),
+                instance: 0,
+                version: 1,
+            }
+            .encode(&bytes);
+            let frame_ms = ms(t);
+            drop(frame);
+            // Loopback TCP into a fresh buffer, as the destination reads a frame.
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = l.local_addr().unwrap();
+            let len = bytes.len();
+            let rx = std::thread::spawn(move || {
+                let (mut s, _) = l.accept().unwrap();
+                let mut v = vec![0u8; len];
+                s.read_exact(&mut v).unwrap();
+                v
+            });
+            let t = Instant::now();
+            std::net::TcpStream::connect(addr)
+                .unwrap()
+                .write_all(&bytes)
+                .unwrap();
+            let received = rx.join().unwrap();
+            let tcp_ms = ms(t);
+            let t = Instant::now();
+            let st = decode(&ACCEL_SCHEMA, 1, &received).unwrap();
+            let decode_ms = ms(t);
+            let d = Accel::new(size, true).unwrap();
+            let t = Instant::now();
+            d.load(st).unwrap();
+            let load_ms = ms(t);
+            println!(
+                "round {round}, {} MiB | copy into touched memory {touched_ms:.0} ms, into fresh \
+                 memory {fresh_ms:.0} ms, into fresh THP-advised memory {huge_ms:.0} ms, xxh3 \
+                 {hash_ms:.0} ms | save {save_ms:.0} ms, encode {encode_ms:.0} ms, frame {frame_ms:.0} ms, loopback TCP \
+                 into a fresh buffer {tcp_ms:.0} ms, decode {decode_ms:.0} ms, load {load_ms:.0} ms",
+                size >> 20
+            );
+        }
+    }
+}
