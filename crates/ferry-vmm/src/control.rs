@@ -4,6 +4,7 @@
 //! clients written for QEMU (libvirt, `qemu.qmp`, `qmp-shell`) work unchanged for what
 //! ferry implements. ferry's own additions start with `x-ferry-`.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -38,14 +39,47 @@ impl Control {
     pub fn serve(self: &Arc<Self>, path: &std::path::Path) -> std::io::Result<QmpServer> {
         let server = QmpServer::bind(path, self.clone())?;
         let events = server.events();
+        let vmm = Arc::downgrade(&self.vmm);
+        let stopped_for_switchover = AtomicBool::new(false);
         self.vmm.set_event_sink(move |e| {
-            let (name, data) = match e {
-                VmmEvent::Migration(s) => ("MIGRATION", json!({ "status": s.as_str() })),
-                VmmEvent::MigrationPass(p) => ("MIGRATION_PASS", json!({ "pass": p })),
-                VmmEvent::Stop => ("STOP", Value::Null),
-                VmmEvent::Resume => ("RESUME", Value::Null),
-            };
-            events.emit(name, data);
+            let Some(vmm) = vmm.upgrade() else { return };
+            match e {
+                VmmEvent::Migration(s) => {
+                    events.emit("MIGRATION", json!({ "status": s.as_str() }));
+                    // The engine enters `device` just before it pauses a running source
+                    // guest for the switchover: that is when QEMU sends STOP. A failed
+                    // or cancelled switchover resumes the guest before the status says
+                    // so, and QEMU sends RESUME for that.
+                    match s {
+                        MigrationStatus::Device if vmm.run_state() == RunState::Running => {
+                            stopped_for_switchover.store(true, Ordering::SeqCst);
+                            events.emit("STOP", Value::Null);
+                        }
+                        MigrationStatus::Failed | MigrationStatus::Cancelled => {
+                            let was_stopped = stopped_for_switchover.swap(false, Ordering::SeqCst);
+                            if was_stopped && vmm.vm().is_running() {
+                                events.emit("RESUME", Value::Null);
+                            }
+                        }
+                        MigrationStatus::Setup | MigrationStatus::Completed => {
+                            stopped_for_switchover.store(false, Ordering::SeqCst);
+                        }
+                        _ => {}
+                    }
+                }
+                VmmEvent::MigrationPass(p) => {
+                    events.emit("MIGRATION_PASS", json!({ "pass": p }));
+                }
+                // After a completed migration the VMM reports the guest stopped; STOP
+                // went out at the switchover already (or at `stop`, if it was paused).
+                VmmEvent::Stop if vmm.run_state() == RunState::PostMigrate => {}
+                VmmEvent::Stop => {
+                    events.emit("STOP", Value::Null);
+                }
+                VmmEvent::Resume => {
+                    events.emit("RESUME", Value::Null);
+                }
+            }
         });
         Ok(server)
     }
@@ -350,7 +384,15 @@ impl QmpHandler for Control {
             "query-status" => {
                 no_args(command, &args)?;
                 let s = vmm.run_state();
-                json!({ "status": s.as_str(), "running": s == RunState::Running, "singlestep": false })
+                if s == RunState::Running
+                    && vmm.monitor().status() == MigrationStatus::Device
+                    && !vmm.vm().is_running()
+                {
+                    // Stopped for the switchover, as QEMU says.
+                    json!({ "status": "finish-migrate", "running": false, "singlestep": false })
+                } else {
+                    json!({ "status": s.as_str(), "running": s == RunState::Running, "singlestep": false })
+                }
             }
             "query-version" => version_info(),
             "query-commands" => json!([
