@@ -9,5 +9,6 @@ pub mod machine;
 pub mod memory;
 pub mod pagemap;
 pub mod qmp;
+pub mod report;
 pub mod soft;
 pub mod vmm;
