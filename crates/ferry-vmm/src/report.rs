@@ -268,6 +268,14 @@ fn fmt_tick(ms: f64, step: f64) -> String {
     }
 }
 
+/// The downtime as `query-migrate` reports it (whole ms), for text; the timeline and
+/// the bar use the breakdown's finer sum.
+fn shown_downtime(info: &MigrationInfo, layout: &Layout) -> Option<f64> {
+    info.downtime
+        .map(|d| d as f64)
+        .or(layout.downtime.map(|(_, d)| d))
+}
+
 /// The sentences at the top: where the time went and why.
 fn findings(info: &MigrationInfo, ctx: &ReportContext, layout: &Layout) -> Vec<String> {
     let mut out = Vec::new();
@@ -294,8 +302,8 @@ fn findings(info: &MigrationInfo, ctx: &ReportContext, layout: &Layout) -> Vec<S
             fmt_ms(layout.gaps)
         );
     }
-    match layout.downtime {
-        Some((_, d)) => {
+    match shown_downtime(info, layout) {
+        Some(d) => {
             let _ = write!(split, ", and {} of downtime with it stopped.", fmt_ms(d));
         }
         None => split.push('.'),
@@ -377,19 +385,20 @@ fn findings(info: &MigrationInfo, ctx: &ReportContext, layout: &Layout) -> Vec<S
         }
     }
 
-    if let (Some(b), Some((_, d))) = (&info.downtime_breakdown, layout.downtime) {
+    if let (Some(b), Some(d)) = (&info.downtime_breakdown, shown_downtime(info, layout)) {
         let parts = breakdown_parts(b);
+        let sum: f64 = parts.iter().sum();
         let (i, v) = parts
             .iter()
             .copied()
             .enumerate()
             .fold((0, f64::MIN), |m, (i, v)| if v > m.1 { (i, v) } else { m });
         let mut s = format!(
-            "Of the {} downtime, the {} took the most: {} ({:.0}%), {}",
+            "Of the {} downtime, the {} took the most: {} ({:.1}%), {}",
             fmt_ms(d),
             PARTS[i].0,
             fmt_ms(v),
-            pct(v, d),
+            pct(v, sum),
             PARTS[i].2
         );
         if i == 1 {
@@ -630,13 +639,14 @@ fn timeline(info: &MigrationInfo, ctx: &ReportContext, l: &Layout) -> String {
         );
     }
     if let Some((start, d)) = l.downtime {
+        let shown = fmt_ms(shown_downtime(info, l).unwrap_or(d));
         phase(
             &mut svg,
             start,
             d,
             C_DOWN,
-            &[&format!("downtime {}", fmt_ms(d)), "downtime", "down"],
-            &format!("downtime: {} (guest stopped)", fmt_ms(d)),
+            &[&format!("downtime {shown}"), "downtime", "down"],
+            &format!("downtime: {shown} (guest stopped)"),
         );
     }
 
@@ -939,12 +949,17 @@ fn downtime_section(info: &MigrationInfo, ctx: &ReportContext) -> String {
             lim = escape(&fmt_ms(lim))
         );
     }
+    let shown = info.downtime.map_or(sum, |d| d as f64);
+    let end = match limit {
+        Some(lim) if lim > scale => format!("{} of a {} limit", fmt_ms(shown), fmt_ms(lim)),
+        _ => fmt_ms(shown),
+    };
     let _ = write!(
         svg,
         r#"<text x="{}" y="70" class="tick">0</text><text x="{}" y="70" class="tick" text-anchor="end">{}</text></svg>"#,
         RIGHT,
         n(RIGHT + sum / scale * bar_w),
-        escape(&fmt_ms(sum))
+        escape(&end)
     );
     let mut table = String::from(
         r#"<table class="legend"><tr><th></th><th>part</th><th class="num">time</th><th class="num">share</th><th>what it is</th></tr>"#,
@@ -1043,7 +1058,7 @@ tr.final td { color: #b91c1c; }
 .swatch { display: inline-block; width: 12px; height: 12px; border-radius: 2px; vertical-align: -1px; }
 .swatch.dot { border-radius: 6px; }
 .key { color: #475569; font-size: 12px; margin: 6px 0 0; }
-.key span { margin-right: 14px; }
+.key > span { margin-right: 14px; white-space: nowrap; display: inline-block; }
 details summary { cursor: pointer; color: #2563eb; margin: 4px 0; }
 .muted { color: #64748b; }
 footer { color: #94a3b8; font-size: 12px; margin-top: 28px; }
