@@ -10,5 +10,6 @@ pub mod machine;
 pub mod memory;
 pub mod pagemap;
 pub mod qmp;
+pub mod report;
 pub mod soft;
 pub mod vmm;

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use ferry_migration::engine::{human_bytes, MigrationInfo, MigrationStatus};
 use ferry_vmm::qmp::QmpClient;
+use ferry_vmm::report::{self, ReportContext};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 
@@ -30,8 +31,11 @@ pub struct MigrateArgs {
     #[arg(long)]
     pub json: bool,
     /// Start the migration and return at once
-    #[arg(long)]
+    #[arg(long, conflicts_with = "report")]
     pub detach: bool,
+    /// When the migration ends, write an HTML report of it (timeline, downtime breakdown) to FILE
+    #[arg(long, value_name = "FILE")]
+    pub report: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -74,12 +78,82 @@ pub fn main(args: MigrateArgs) -> CliResult {
     if !params.is_empty() {
         c.execute("migrate-set-parameters", Value::Object(params))?;
     }
-    c.execute("migrate", json!({ "uri": args.uri }))?;
+    // Open the report file now, so a bad path fails before the guest moves rather
+    // than after; and read the limits the source works against, for the page.
+    let report = match &args.report {
+        Some(path) => Some(Report::create(
+            path,
+            c.execute("query-migrate-parameters", Value::Null)?,
+        )?),
+        None => None,
+    };
+    let started = c
+        .execute("migrate", json!({ "uri": args.uri }))
+        .map_err(CliError::from);
     if args.detach {
-        return Ok(ExitCode::SUCCESS);
+        return started.map(|_| ExitCode::SUCCESS);
     }
-    let info = follow(&mut c, args.json, None)?;
-    finish(&info, args.json)
+    let info = match started.and_then(|_| follow(&mut c, args.json, None)) {
+        Ok(info) => info,
+        Err(e) => {
+            // No migration to report on, or no way to learn how it ended.
+            if let Some(r) = report {
+                r.discard();
+            }
+            return Err(e);
+        }
+    };
+    let code = finish(&info, args.json)?;
+    if let Some(r) = report {
+        r.write(&info, &args.uri)?;
+    }
+    Ok(code)
+}
+
+/// The file `ferry migrate --report` writes when the migration ends.
+struct Report {
+    path: PathBuf,
+    file: std::fs::File,
+    limits: Value,
+}
+
+impl Report {
+    fn create(path: &std::path::Path, limits: Value) -> Result<Self, CliError> {
+        let file = std::fs::File::create(path).map_err(|e| CliError::Io {
+            what: format!("cannot create the report file {}", path.display()),
+            source: e,
+        })?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+            limits,
+        })
+    }
+
+    /// Removes the (still empty) file when there is nothing to report.
+    fn discard(self) {
+        drop(self.file);
+        let _ = std::fs::remove_file(&self.path);
+    }
+
+    fn write(mut self, info: &MigrationInfo, uri: &str) -> Result<(), CliError> {
+        use std::io::Write;
+        let ctx = ReportContext {
+            uri: Some(uri.to_string()),
+            downtime_limit_ms: self.limits["downtime-limit"].as_u64(),
+            max_bandwidth: self.limits["max-bandwidth"].as_u64(),
+            finished_at: Some(report::utc_timestamp(std::time::SystemTime::now())),
+        };
+        self.file
+            .write_all(report::render(info, &ctx).as_bytes())
+            .and_then(|()| self.file.flush())
+            .map_err(|e| CliError::Io {
+                what: format!("cannot write the report to {}", self.path.display()),
+                source: e,
+            })?;
+        eprintln!("ferry: report written to {}", self.path.display());
+        Ok(())
+    }
 }
 
 /// Polls `query-migrate` until the migration ends, showing progress. With
