@@ -121,7 +121,7 @@ pub fn receive(
             } else {
                 MigrationStatus::Failed
             });
-            tracing::warn!(error = %error_chain(&e), "incoming migration failed; the guest was not started");
+            tracing::info!(error = %error_chain(&e), "incoming migration failed; the guest was not started");
             Err(e)
         }
     }

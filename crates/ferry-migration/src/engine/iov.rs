@@ -17,25 +17,8 @@ const IOV_MAX: usize = 1024;
 ///
 /// Every `iov` entry must describe memory readable for its length for the whole call.
 pub unsafe fn writev_all(fd: RawFd, iov: &mut [libc::iovec]) -> io::Result<()> {
-    let mut start = 0;
-    while start < iov.len() {
-        let n = iov.len().min(start + IOV_MAX) - start;
-        // SAFETY: the caller guarantees the iovecs describe readable memory; `n` entries
-        // starting at `start` are within the slice.
-        let r = unsafe { libc::writev(fd, iov.as_ptr().add(start), n as libc::c_int) };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if r == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        start = advance(iov, start, r as usize);
-    }
-    Ok(())
+    // SAFETY: `writev` only reads the iovecs' memory, which the caller vouches for.
+    unsafe { transfer_all(fd, iov, libc::writev, io::ErrorKind::WriteZero) }
 }
 
 /// Fills every byte described by `iov`, advancing through partial reads. A peer that
@@ -46,11 +29,31 @@ pub unsafe fn writev_all(fd: RawFd, iov: &mut [libc::iovec]) -> io::Result<()> {
 /// Every `iov` entry must describe memory writable for its length for the whole call,
 /// that no Rust reference points into.
 pub unsafe fn readv_all(fd: RawFd, iov: &mut [libc::iovec]) -> io::Result<()> {
+    // SAFETY: `readv` writes the iovecs' memory, which the caller vouches for.
+    unsafe { transfer_all(fd, iov, libc::readv, io::ErrorKind::UnexpectedEof) }
+}
+
+type VectoredCall =
+    unsafe extern "C" fn(libc::c_int, *const libc::iovec, libc::c_int) -> libc::ssize_t;
+
+/// Repeats `call` (`readv` or `writev`) until every iovec is done; a call that moves
+/// nothing means the peer is gone, reported as `at_zero`.
+///
+/// # Safety
+///
+/// As for the public wrappers: the iovecs describe memory valid for `call`.
+unsafe fn transfer_all(
+    fd: RawFd,
+    iov: &mut [libc::iovec],
+    call: VectoredCall,
+    at_zero: io::ErrorKind,
+) -> io::Result<()> {
     let mut start = 0;
     while start < iov.len() {
         let n = iov.len().min(start + IOV_MAX) - start;
-        // SAFETY: the caller guarantees the iovecs describe writable memory.
-        let r = unsafe { libc::readv(fd, iov.as_ptr().add(start), n as libc::c_int) };
+        // SAFETY: the caller guarantees the iovecs describe valid memory; `n` entries
+        // starting at `start` are within the slice.
+        let r = unsafe { call(fd, iov.as_ptr().add(start), n as libc::c_int) };
         if r < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {
@@ -59,7 +62,7 @@ pub unsafe fn readv_all(fd: RawFd, iov: &mut [libc::iovec]) -> io::Result<()> {
             return Err(e);
         }
         if r == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
+            return Err(at_zero.into());
         }
         start = advance(iov, start, r as usize);
     }

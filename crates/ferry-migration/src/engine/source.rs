@@ -214,6 +214,11 @@ impl Source<'_> {
             .map_err(|e| MigrationError::io(PEER, "setup", e))?;
         self.rp = Some(rx);
 
+        let total: u64 = self.blocks.iter().map(|b| b.size).sum();
+        self.monitor.update(|i| {
+            i.ram.total = total;
+            i.ram.page_size = PAGE_SIZE as u64;
+        });
         self.handshake(id)?;
         if self.monitor.is_cancelled() {
             return Err(MigrationError::Cancelled);
@@ -226,11 +231,8 @@ impl Source<'_> {
         for (b, bm) in self.pending.iter().enumerate() {
             self.ram.populated(b, bm);
         }
-        let total: u64 = self.blocks.iter().map(|b| b.size).sum();
         self.monitor.update(|i| {
             i.setup_time = self.start.elapsed().as_millis() as u64;
-            i.ram.total = total;
-            i.ram.page_size = PAGE_SIZE as u64;
         });
         self.monitor.set_status(MigrationStatus::Active);
 
