@@ -149,33 +149,8 @@ fn idle_guest_memory_never_touched_is_not_sent() {
 fn a_killed_destination_leaves_the_source_running_and_a_retry_succeeds() {
     let src = soft(false, 64 << 20, 8 << 20);
     wait_passes(&src, 10);
-    // A destination that reads the hello, accepts, takes some RAM, then dies.
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let uri: MigrationUri = format!("tcp:{}", l.local_addr().unwrap()).parse().unwrap();
-    let killer = thread::spawn(move || {
-        let (mut s, _) = l.accept().unwrap();
-        let mut b = [0u8; StreamHeader::LEN + FrameHeader::LEN];
-        s.read_exact(&mut b).unwrap();
-        let fh = FrameHeader::decode(b[StreamHeader::LEN..].try_into().unwrap()).unwrap();
-        let mut hello = vec![0u8; fh.len as usize];
-        s.read_exact(&mut hello).unwrap();
-        let acc = ferry_migration::wire::Accept {
-            release: "x".into(),
-        }
-        .encode();
-        s.write_all(
-            &FrameHeader {
-                tag: FrameTag::Accept,
-                len: acc.len() as u32,
-            }
-            .encode(),
-        )
-        .unwrap();
-        s.write_all(&acc).unwrap();
-        let mut sink = vec![0u8; 1 << 20];
-        let _ = s.read_exact(&mut sink);
-        // Dropping the socket kills the "destination" mid-transfer.
-    });
+    // A destination that accepts, takes the first RAM batch, then dies mid-transfer.
+    let (uri, killer) = fake_destination(FrameTag::RamBatch, false);
     let m = MigrationMonitor::new();
     let err = engine::migrate(src.as_ref(), &source_id(), &params(), &uri, &m).unwrap_err();
     killer.join().unwrap();
