@@ -531,12 +531,11 @@ fn migrate(from: Side, to: Side) -> Outcome {
     let uri = listener.local_uri().unwrap();
     let dst_vm = dst.clone();
     let receiver = thread::spawn(move || {
-        let ch = listener.accept().unwrap();
         engine::receive(
             dst_vm.as_ref(),
             &destination_id,
             &dst_params,
-            ch,
+            listener,
             &MigrationMonitor::new(),
         )
     });

@@ -151,6 +151,8 @@ fn script() -> Script {
 fn source_params() -> MigrationParams {
     MigrationParams {
         downtime_limit: Duration::from_nanos(1),
+        // This file replays the main channel alone: pages travel on it.
+        multifd_channels: 0,
         ..MigrationParams::default()
     }
 }
@@ -712,6 +714,8 @@ fn hello_parts(h: &[u8], base: usize, parts: &mut Vec<(usize, &'static str)>) {
         field(&mut at, 4, "hello device instance");
         field(&mut at, 4, "hello device version");
     }
+    field(&mut at, 2, "hello channel count");
+    field(&mut at, 1, "hello compression");
     assert_eq!(at, h.len(), "hello walk");
 }
 

@@ -5,7 +5,7 @@ use std::thread::JoinHandle;
 
 use ferry_migration::compat::{Config, Global, Registry};
 use ferry_migration::engine::{
-    self, error_chain, Channel, DestinationIdentity, Listener, MigrationError, MigrationEvent,
+    self, error_chain, DestinationIdentity, Listener, MigrationError, MigrationEvent,
     MigrationInfo, MigrationMonitor, MigrationParams, MigrationStatus, MigrationUri,
     SourceIdentity, MIGRATION,
 };
@@ -439,16 +439,7 @@ impl Vmm {
             std::thread::Builder::new()
                 .name("ferry-incoming".into())
                 .spawn(move || {
-                    let r = listener
-                        .accept()
-                        .map_err(|e| MigrationError::Io {
-                            phase: "accepting the migration connection",
-                            source: e,
-                        })
-                        .and_then(|ch: Channel| {
-                            drop(listener);
-                            engine::receive(me.vm.as_ref(), &id, &params, ch, &me.monitor)
-                        });
+                    let r = engine::receive(me.vm.as_ref(), &id, &params, listener, &me.monitor);
                     match &r {
                         Ok(_) if me.vm.is_running() => {
                             me.set_state(RunState::Running);

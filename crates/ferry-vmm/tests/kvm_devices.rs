@@ -91,8 +91,7 @@ fn kvm_migration_moves_the_accelerator_and_the_console_with_the_guest() {
             wire_props: wire_props(),
             compat_pinned: Vec::new(),
         };
-        let ch = listener.accept().unwrap();
-        engine::receive(dst2.as_ref(), &id, &p2, ch, &MigrationMonitor::new())
+        engine::receive(dst2.as_ref(), &id, &p2, listener, &MigrationMonitor::new())
     });
     let id = SourceIdentity {
         release: "test".into(),

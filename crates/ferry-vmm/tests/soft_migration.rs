@@ -53,6 +53,15 @@ fn params() -> MigrationParams {
     }
 }
 
+/// Pages on the main channel: for the fake destinations and proxies below, which speak
+/// the main channel only.
+fn main_only(p: MigrationParams) -> MigrationParams {
+    MigrationParams {
+        multifd_channels: 0,
+        ..p
+    }
+}
+
 fn soft(incoming: bool, mem: u64, dirty: u64) -> Arc<SoftVm> {
     Arc::new(
         SoftVm::create(&SoftConfig {
@@ -76,9 +85,8 @@ fn spawn_dest(vm: Arc<dyn MigratableVm>, id: DestinationIdentity, params: Migrat
     let l = Listener::bind(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
     let uri = l.local_uri().unwrap();
     let handle = thread::spawn(move || {
-        let ch = l.accept().unwrap();
         let m = MigrationMonitor::new();
-        engine::receive(vm.as_ref(), &id, &params, ch, &m)
+        engine::receive(vm.as_ref(), &id, &params, l, &m)
     });
     Dest { uri, handle }
 }
@@ -152,7 +160,8 @@ fn a_killed_destination_leaves_the_source_running_and_a_retry_succeeds() {
     // A destination that accepts, takes the first RAM batch, then dies mid-transfer.
     let (uri, killer) = fake_destination(FrameTag::RamBatch, false);
     let m = MigrationMonitor::new();
-    let err = engine::migrate(src.as_ref(), &source_id(), &params(), &uri, &m).unwrap_err();
+    let err =
+        engine::migrate(src.as_ref(), &source_id(), &main_only(params()), &uri, &m).unwrap_err();
     killer.join().unwrap();
     assert!(
         matches!(
@@ -250,7 +259,8 @@ fn harvested_dirty_bits_are_put_back_after_a_failure() {
     assert_eq!(before, 2048);
     let (uri, t) = failing_destination(FrameTag::EndOfStream);
     let m = MigrationMonitor::new();
-    let err = engine::migrate(src.as_ref(), &source_id(), &params(), &uri, &m).unwrap_err();
+    let err =
+        engine::migrate(src.as_ref(), &source_id(), &main_only(params()), &uri, &m).unwrap_err();
     t.join().unwrap();
     assert!(
         matches!(&err, MigrationError::LoadFailed(r) if r.contains("gives up")),
@@ -277,7 +287,8 @@ fn a_destination_lost_after_the_end_of_stream_leaves_the_guest_stopped_not_twice
     wait_passes(&src, 3);
     let (uri, t) = fake_destination(FrameTag::EndOfStream, false);
     let m = MigrationMonitor::new();
-    let err = engine::migrate(src.as_ref(), &source_id(), &params(), &uri, &m).unwrap_err();
+    let err =
+        engine::migrate(src.as_ref(), &source_id(), &main_only(params()), &uri, &m).unwrap_err();
     t.join().unwrap();
     assert!(matches!(err, MigrationError::PeerClosed { .. }), "{err}");
     assert!(
@@ -289,7 +300,8 @@ fn a_destination_lost_after_the_end_of_stream_leaves_the_guest_stopped_not_twice
     let big = soft(false, 64 << 20, 48 << 20);
     wait_passes(&big, 2);
     let (uri, t) = fake_destination(FrameTag::Hello, false);
-    let err = engine::migrate(big.as_ref(), &source_id(), &params(), &uri, &m).unwrap_err();
+    let err =
+        engine::migrate(big.as_ref(), &source_id(), &main_only(params()), &uri, &m).unwrap_err();
     t.join().unwrap();
     assert!(matches!(err, MigrationError::PeerClosed { .. }), "{err}");
     assert!(big.is_running());
@@ -531,7 +543,7 @@ fn a_page_damaged_in_flight_fails_the_digest_and_the_destination_does_not_resume
     let dst = soft(true, 32 << 20, 4 << 20);
     let p = MigrationParams {
         verify_full: false,
-        ..params()
+        ..main_only(params())
     };
     let d = spawn_dest(dst.clone(), dest_id(), p.clone());
     let (via, proxy) = corrupting_proxy(d.uri.clone());
@@ -557,8 +569,6 @@ fn a_page_damaged_in_flight_fails_the_digest_and_the_destination_does_not_resume
 #[test]
 fn malformed_streams_are_refused_with_a_reason() {
     let cases: Vec<(&str, Vec<u8>)> = vec![
-        ("magic", b"QEVM\0\0\0\x03garbage!".to_vec()),
-        ("truncated", b"FERRYMIG\x01\0".to_vec()),
         ("version", {
             let mut b = StreamHeader { version: 99 }.encode().to_vec();
             b.extend_from_slice(&[0; 8]);
@@ -590,5 +600,51 @@ fn malformed_streams_are_refused_with_a_reason() {
         assert!(!text.is_empty(), "{what}");
         assert!(!dst.is_running(), "{what}: resumed a guest from garbage");
         eprintln!("{what}: {text}");
+    }
+}
+
+/// A connection that is not a ferry stream at all (another magic, a header cut short)
+/// is turned away at the door: the destination goes on waiting, and the real source
+/// that connects next migrates as if nothing had happened.
+#[test]
+fn connections_that_are_not_migrations_do_not_disturb_the_destination() {
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "magic",
+            b"QEVM\0\0\0\x03garbage!".to_vec(),
+            "not a ferry migration connection",
+        ),
+        (
+            "truncated",
+            b"FERRYMIG\x01\0".to_vec(),
+            "short stream header",
+        ),
+        ("silence", Vec::new(), "no header"),
+    ];
+    for (what, bytes, reason) in cases {
+        let src = soft(false, 16 << 20, 1 << 20);
+        let dst = soft(true, 16 << 20, 1 << 20);
+        let d = spawn_dest(dst.clone(), dest_id(), params());
+        let MigrationUri::Tcp(addr) = &d.uri else {
+            unreachable!()
+        };
+        let mut s = TcpStream::connect(addr).unwrap();
+        let _ = s.write_all(&bytes);
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let info = engine::migrate(
+            src.as_ref(),
+            &source_id(),
+            &params(),
+            &d.uri,
+            &MigrationMonitor::new(),
+        )
+        .unwrap_or_else(|e| panic!("{what}: {}", ferry_migration::engine::error_chain(&e)));
+        assert_eq!(info.status, MigrationStatus::Completed, "{what}");
+        let dinfo = d.handle.join().unwrap().unwrap();
+        let strays = dinfo.multifd.map(|m| m.strays).unwrap_or_default();
+        assert_eq!(strays.len(), 1, "{what}: {strays:?}");
+        assert!(strays[0].contains(reason), "{what}: {strays:?}");
+        wait_passes(&dst, 3);
+        assert_guest_intact(&dst);
     }
 }

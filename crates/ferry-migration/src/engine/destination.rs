@@ -11,30 +11,37 @@
 //! reports it populated), so fresh memory the guest never touched stays untouched.
 
 use std::os::fd::AsRawFd;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::bitmap::DirtyBitmap;
 use super::digest::{content_hash, zero_page_hash, PageDigest};
 use super::error::{error_chain, MigrationError};
+use super::incoming::{Doorman, Incoming};
 use super::iov::readv_all;
+use super::multifd::{ChannelCounters, RecvConfig, RecvSet};
 use super::params::MigrationParams;
 use super::ram::{full_memory_digest, page_slice};
-use super::stats::{MigrationEvent, MigrationInfo, MigrationMonitor, MigrationStatus};
+use super::stats::{
+    ChannelStats, MigrationEvent, MigrationInfo, MigrationMonitor, MigrationStatus, MultifdStats,
+};
 use super::stream::{read_exact, read_frame_header, read_payload, write_frame};
 use super::transport::Channel;
 use super::vm::{DeviceInfo, MigratableVm, RamBlock};
 use crate::compat::wire_mismatches;
 use crate::state;
 use crate::wire::{
-    decode_reason, encode_reason, Accept, Completed, EndOfStream, FrameHeader, FrameTag, Hello,
-    PassEnd, RamBatchHeader, Refuse, RefuseCause, StreamHeader, WireError, MAX_BATCH_PAGES,
-    MAX_NAME_LEN, SUPPORTED_PROTOCOL_VERSIONS,
+    decode_reason, encode_reason, Accept, ChannelsReady, Completed, Compression, EndOfStream,
+    FrameHeader, FrameTag, Hello, MultifdSync, PassEnd, RamBatchHeader, Refuse, RefuseCause,
+    StreamHeader, WireError, MAX_BATCH_PAGES, MAX_NAME_LEN, SUPPORTED_PROTOCOL_VERSIONS,
 };
 use crate::PAGE_SIZE;
 
 const PEER: &str = "source";
 /// Silence from the source this long ends the migration.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long the data channels the hello announced may take to connect.
+const CHANNEL_WAIT: Duration = Duration::from_secs(10);
 
 /// Who the destination is, to check a source's hello against.
 #[derive(Debug, Clone)]
@@ -50,16 +57,26 @@ pub struct DestinationIdentity {
     pub compat_pinned: Vec<String>,
 }
 
-/// Receives a migration on `ch` into `vm`, which must not be running. On success the
-/// guest runs here (or stays stopped, if it was stopped at the source); on failure it
-/// does not run, and the source has been told why.
+/// Receives a migration into `vm`, which must not be running: on one connection, or on
+/// a listener where the main channel and any data channels connect (see
+/// [`Incoming`]). On success the guest runs here (or stays stopped, if it was stopped
+/// at the source); on failure it does not run, and the source has been told why.
 pub fn receive(
     vm: &dyn MigratableVm,
     id: &DestinationIdentity,
     params: &MigrationParams,
-    ch: Channel,
+    incoming: impl Into<Incoming>,
     monitor: &MigrationMonitor,
 ) -> Result<MigrationInfo, MigrationError> {
+    let mut door = Doorman::new(incoming.into());
+    let (ch, header) = match door.main(&|| monitor.is_cancelled()) {
+        Ok(m) => m,
+        Err(e) => {
+            monitor.update(|i| i.error_desc = Some(error_chain(&e)));
+            monitor.set_status(MigrationStatus::Failed);
+            return Err(e);
+        }
+    };
     let start = Instant::now();
     monitor.set_status(MigrationStatus::Setup);
     if let Ok(c) = ch.try_clone() {
@@ -73,7 +90,7 @@ pub fn receive(
         params,
         monitor,
         ch,
-        written: blocks.iter().map(|b| DirtyBitmap::new(b.pages())).collect(),
+        written: Arc::new(blocks.iter().map(|b| DirtyBitmap::new(b.pages())).collect()),
         digest: None,
         devices: vm.devices(),
         device_loaded: Vec::new(),
@@ -88,9 +105,39 @@ pub fn receive(
         state_load: Duration::ZERO,
         blocks,
         start,
+        recv: None,
+        recv_reported: ChannelCounters::default(),
+        syncs: 0,
+        channels_done: false,
     };
     dst.device_loaded = vec![false; dst.devices.len()];
-    let r = dst.run(id);
+    let mut r = dst.run(id, &header, &mut door);
+    if let Err(e) = &r {
+        // A data channel's failure is what woke the main channel: report that, unless
+        // the main channel had its own say (an abort, a refusal, a bad frame).
+        if matches!(
+            e,
+            MigrationError::PeerClosed { .. } | MigrationError::Io { .. }
+        ) {
+            if let Some(ce) = dst.recv.as_ref().and_then(RecvSet::error) {
+                r = Err(ce);
+            }
+        }
+    }
+    if let Some(mut recv) = dst.recv.take() {
+        recv.shutdown();
+    }
+    let strays = door.strays();
+    door.close();
+    if !strays.is_empty() {
+        monitor.update(|i| {
+            let m = i.multifd.get_or_insert_with(MultifdStats::default);
+            m.strays = strays
+                .iter()
+                .map(|s| format!("{}: {}", s.peer, s.reason))
+                .collect();
+        });
+    }
     monitor.detach_channel();
     monitor.update(|i| i.total_time = start.elapsed().as_millis() as u64);
     match r {
@@ -134,8 +181,8 @@ struct Dest<'a> {
     ch: Channel,
     blocks: Vec<RamBlock>,
     /// Pages that may hold non-zero bytes: populated before we started, or written by us.
-    written: Vec<DirtyBitmap>,
-    digest: Option<PageDigest>,
+    written: Arc<Vec<DirtyBitmap>>,
+    digest: Option<Arc<PageDigest>>,
     devices: Vec<DeviceInfo>,
     device_loaded: Vec<bool>,
     vcpu_loaded: Vec<bool>,
@@ -149,13 +196,22 @@ struct Dest<'a> {
     pages_written: u64,
     state_load: Duration,
     start: Instant,
+    /// The data channels' receivers, when pages travel on them.
+    recv: Option<RecvSet>,
+    recv_reported: ChannelCounters,
+    syncs: u64,
+    /// The data channels' last sync has completed: every page is in.
+    channels_done: bool,
 }
 
 impl Dest<'_> {
-    fn run(&mut self, id: &DestinationIdentity) -> Result<(), MigrationError> {
-        let mut hb = [0u8; StreamHeader::LEN];
-        read_exact(&mut self.ch, &mut hb, PEER, "stream header")?;
-        let header = StreamHeader::decode(&hb)?;
+    fn run(
+        &mut self,
+        id: &DestinationIdentity,
+        hb: &[u8; StreamHeader::LEN],
+        door: &mut Doorman,
+    ) -> Result<(), MigrationError> {
+        let header = StreamHeader::decode(hb)?;
         if !SUPPORTED_PROTOCOL_VERSIONS.contains(&header.version) {
             let reason = format!(
                 "the source speaks migration protocol version {}, this release ({}) speaks {:?}; migrate between releases that share a protocol version",
@@ -175,6 +231,14 @@ impl Dest<'_> {
         if let Err((cause, reason)) = check_hello(&hello, self.vm, &self.devices, id) {
             return Err(self.refuse(cause, reason));
         }
+        if let Err(reason) = check_channels(&hello, door.takes_channels(), id) {
+            return Err(self.refuse(RefuseCause::Channels, reason));
+        }
+        self.monitor
+            .update(|i| i.session = Some(format!("{:016x}", hello.session_id)));
+        if hello.channels > 0 {
+            door.expect(hello.session_id, hello.channels);
+        }
         write_frame(
             &self.ch,
             FrameTag::Accept,
@@ -190,9 +254,12 @@ impl Dest<'_> {
             self.vm.ram().populated(b, bm);
         }
         if self.params.digest {
-            self.digest = Some(PageDigest::new(
+            self.digest = Some(Arc::new(PageDigest::new(
                 &self.blocks.iter().map(RamBlock::pages).collect::<Vec<_>>(),
-            ));
+            )));
+        }
+        if hello.channels > 0 {
+            self.bind_channels(&hello, door)?;
         }
         let total: u64 = self.blocks.iter().map(|b| b.size).sum();
         self.monitor.update(|i| {
@@ -209,7 +276,22 @@ impl Dest<'_> {
             }
             let fh = read_frame_header(&mut self.ch, PEER, "the migration stream")?;
             match fh.tag {
+                FrameTag::RamBatch if self.recv.is_some() => {
+                    return Err(MigrationError::Protocol(
+                        "a RAM batch on the main channel while data channels carry the pages"
+                            .into(),
+                    ))
+                }
                 FrameTag::RamBatch => self.ram_batch(fh)?,
+                FrameTag::MultifdSync => {
+                    let s = MultifdSync::decode(&read_payload(
+                        &mut self.ch,
+                        fh.len,
+                        PEER,
+                        "multifd sync",
+                    )?)?;
+                    self.sync(s)?;
+                }
                 FrameTag::PassEnd => {
                     let p =
                         PassEnd::decode(&read_payload(&mut self.ch, fh.len, PEER, "pass end")?)?;
@@ -225,6 +307,15 @@ impl Dest<'_> {
                         PEER,
                         "end of stream",
                     )?)?;
+                    // Wind the channels down before the guest may resume, so that once
+                    // the source hears `Completed` nothing of this migration is left.
+                    if let Some(mut r) = self.recv.take() {
+                        if let Some(e) = r.error() {
+                            return Err(e);
+                        }
+                        r.shutdown();
+                    }
+                    door.close();
                     return self.finish(eos);
                 }
                 FrameTag::Abort => {
@@ -243,6 +334,97 @@ impl Dest<'_> {
                 }
             }
         }
+    }
+
+    /// Takes the data channels the hello announced from the doorman, starts their
+    /// receivers and tells the source they are bound.
+    fn bind_channels(&mut self, hello: &Hello, door: &mut Doorman) -> Result<(), MigrationError> {
+        let n = hello.channels;
+        let wait = self.params.faults.channel_wait.unwrap_or(CHANNEL_WAIT);
+        let monitor = self.monitor;
+        let chans = door.channels(wait, &|| monitor.is_cancelled())?;
+        for c in &chans {
+            if let Ok(c) = c.try_clone() {
+                self.monitor.attach_channel(c);
+            }
+        }
+        self.recv = Some(RecvSet::start(
+            chans,
+            &self.ch,
+            &RecvConfig {
+                ram: self.vm.ram(),
+                written: Arc::clone(&self.written),
+                digest: self.digest.clone(),
+                zstd: hello.compression == Compression::Zstd,
+                delay: self.params.faults.delay_channel,
+            },
+            IDLE_TIMEOUT,
+        )?);
+        write_frame(
+            &self.ch,
+            FrameTag::ChannelsReady,
+            &ChannelsReady { count: n }.encode(),
+            PEER,
+            "channels ready",
+        )?;
+        self.monitor.update(|i| {
+            i.multifd = Some(MultifdStats {
+                channels: n,
+                compression: hello.compression.name(),
+                ..MultifdStats::default()
+            })
+        });
+        tracing::info!(channels = n, compression = %hello.compression.name(), "data channels bound");
+        Ok(())
+    }
+
+    /// A sync frame on the main channel: waits for every data channel to reach it.
+    fn sync(&mut self, s: MultifdSync) -> Result<(), MigrationError> {
+        let Some(recv) = self.recv.as_ref() else {
+            return Err(MigrationError::Protocol(
+                "a multifd sync, but the hello announced no data channels".into(),
+            ));
+        };
+        if self.channels_done {
+            return Err(MigrationError::Protocol(
+                "a multifd sync after the last one".into(),
+            ));
+        }
+        let monitor = self.monitor;
+        recv.sync(s.seq, s.last, &|| monitor.is_cancelled(), IDLE_TIMEOUT)?;
+        self.syncs += 1;
+        self.channels_done = s.last;
+        let (t, written) = recv.totals();
+        let r = self.recv_reported;
+        let (pages, zero, bytes) = (t.pages - r.pages, t.zero - r.zero, t.bytes - r.bytes);
+        self.recv_reported = t;
+        self.pages_received += pages;
+        let per = recv.counters();
+        let syncs = self.syncs;
+        self.monitor.update(|i| {
+            i.ram.transferred += bytes;
+            i.ram.duplicate += zero;
+            i.ram.normal += pages - zero;
+            i.ram.normal_bytes += (pages - zero) * PAGE_SIZE as u64;
+            if let Some(m) = i.multifd.as_mut() {
+                m.syncs = syncs;
+                m.raw_bytes = t.raw_bytes;
+                m.wire_bytes = t.bytes;
+                m.per_channel = per
+                    .iter()
+                    .map(|c| ChannelStats {
+                        packets: c.packets,
+                        pages: c.pages,
+                        zero_pages: c.zero,
+                        bytes: c.bytes,
+                    })
+                    .collect();
+            }
+        });
+        if s.last {
+            self.pages_written += written;
+        }
+        Ok(())
     }
 
     fn refuse(&mut self, cause: RefuseCause, reason: String) -> MigrationError {
@@ -456,6 +638,12 @@ impl Dest<'_> {
 
     fn finish(&mut self, eos: EndOfStream) -> Result<(), MigrationError> {
         let t = Instant::now();
+        let channels = self.hello.as_ref().map_or(0, |h| h.channels);
+        if channels > 0 && !self.channels_done {
+            return Err(MigrationError::Protocol(
+                "the stream ended before the data channels' last sync".into(),
+            ));
+        }
         if let Some(i) = self.device_loaded.iter().position(|l| !l) {
             let d = &self.devices[i];
             return Err(MigrationError::Protocol(format!(
@@ -549,6 +737,33 @@ impl Dest<'_> {
         });
         Ok(())
     }
+}
+
+/// The data channels and compression the hello asks for, against what this side can do.
+fn check_channels(
+    hello: &Hello,
+    takes_channels: bool,
+    id: &DestinationIdentity,
+) -> Result<(), String> {
+    if hello.channels > 0 && !takes_channels {
+        return Err(format!(
+            "the source opens {} data channels, but this destination was handed a single connection; migrate with multifd-channels=0",
+            hello.channels
+        ));
+    }
+    if let Compression::Other(_) = hello.compression {
+        return Err(format!(
+            "the source compresses pages with {}, which release {} does not know (it knows none and zstd); set migration.multifd-compression to one of those on the source",
+            hello.compression.name(),
+            id.release
+        ));
+    }
+    if hello.compression != Compression::None && hello.channels == 0 {
+        return Err(
+            "the source asks for compression without data channels; compression applies to data channels only".into(),
+        );
+    }
+    Ok(())
 }
 
 /// Everything the destination must refuse before any RAM moves. Returns the cause and a

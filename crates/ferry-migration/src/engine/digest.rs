@@ -12,6 +12,8 @@
 //! never sent; the opt-in full verification ([`full_digest`]) hashes all of memory on both
 //! sides at switchover for that, at a cost in downtime.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::PAGE_SIZE;
@@ -40,13 +42,18 @@ pub fn page_term(global_page: u64, content: u64) -> u64 {
 }
 
 /// The running digest and the term each page contributes, for one side.
+///
+/// Shared by the channel threads of a multifd migration: a page is in at most one packet
+/// at a time (the sync barrier orders its copies), so the swap of its slot never races
+/// with another update of the same page, and the sum is a wrapping atomic add, which
+/// commutes.
 #[derive(Debug)]
 pub struct PageDigest {
     /// Per block: the term of each page, 0 for a page never sent.
-    terms: Vec<Vec<u64>>,
+    terms: Vec<Box<[AtomicU64]>>,
     /// Global page number of each block's first page.
     base: Vec<u64>,
-    sum: u64,
+    sum: AtomicU64,
 }
 
 impl PageDigest {
@@ -58,27 +65,40 @@ impl PageDigest {
             base.push(next);
             next += p as u64;
         }
-        // vec![0; n] comes from calloc: memory for untouched terms is never faulted in.
-        let terms = block_pages.iter().map(|&p| vec![0u64; p]).collect();
+        let terms = block_pages.iter().map(|&p| zeroed_atomics(p)).collect();
         Self {
             terms,
             base,
-            sum: 0,
+            sum: AtomicU64::new(0),
         }
     }
 
     /// Records that `page` of `block` now holds bytes hashing to `content`.
     #[inline]
-    pub fn update(&mut self, block: usize, page: usize, content: u64) {
+    pub fn update(&self, block: usize, page: usize, content: u64) {
         let term = page_term(self.base[block] + page as u64, content);
-        let slot = &mut self.terms[block][page];
-        self.sum = self.sum.wrapping_sub(*slot).wrapping_add(term);
-        *slot = term;
+        let old = self.terms[block][page].swap(term, Ordering::Relaxed);
+        self.sum
+            .fetch_add(term.wrapping_sub(old), Ordering::Relaxed);
     }
 
+    /// The digest. Exact once every thread that updated it has been joined or has
+    /// synchronised with the caller (a channel's flush does).
     pub fn value(&self) -> u64 {
-        self.sum
+        self.sum.load(Ordering::Acquire)
     }
+}
+
+/// `n` zeroed atomics from calloc, so the terms of pages never sent are never faulted in
+/// (8 bytes per page of guest RAM would otherwise be touched at setup).
+fn zeroed_atomics(n: usize) -> Box<[AtomicU64]> {
+    let v: Vec<u64> = vec![0; n];
+    let b = v.into_boxed_slice();
+    let len = b.len();
+    let ptr = Box::into_raw(b).cast::<AtomicU64>();
+    // SAFETY: AtomicU64 has the same size and alignment as u64 (documented), and all-zero
+    // bytes are a valid AtomicU64; the allocation moves from one box to the other.
+    unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(ptr, len)) }
 }
 
 /// Digest of the whole of guest memory: every page's term, zero pages included, where
@@ -106,8 +126,8 @@ mod tests {
 
     #[test]
     fn resending_a_page_replaces_its_term() {
-        let mut a = PageDigest::new(&[4]);
-        let mut b = PageDigest::new(&[4]);
+        let a = PageDigest::new(&[4]);
+        let b = PageDigest::new(&[4]);
         a.update(0, 1, 10);
         a.update(0, 1, 20);
         b.update(0, 1, 20);
@@ -116,8 +136,8 @@ mod tests {
 
     #[test]
     fn a_stale_copy_applied_last_changes_the_digest() {
-        let mut src = PageDigest::new(&[4]);
-        let mut dst = PageDigest::new(&[4]);
+        let src = PageDigest::new(&[4]);
+        let dst = PageDigest::new(&[4]);
         src.update(0, 2, 1);
         src.update(0, 2, 2);
         dst.update(0, 2, 2);
@@ -127,8 +147,8 @@ mod tests {
 
     #[test]
     fn pages_are_bound_to_their_position() {
-        let mut a = PageDigest::new(&[2, 2]);
-        let mut b = PageDigest::new(&[2, 2]);
+        let a = PageDigest::new(&[2, 2]);
+        let b = PageDigest::new(&[2, 2]);
         a.update(0, 0, 5);
         a.update(1, 1, 6);
         b.update(0, 0, 6);

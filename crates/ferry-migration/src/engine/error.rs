@@ -54,6 +54,19 @@ pub enum MigrationError {
     Vm(#[from] VmError),
     #[error("migration cancelled")]
     Cancelled,
+    /// Something went wrong on one data channel.
+    #[error("data channel {index}")]
+    Channel {
+        index: u16,
+        #[source]
+        source: Box<MigrationError>,
+    },
+    #[error("data channel {missing} of {count} did not connect within {secs} s")]
+    ChannelsMissing {
+        missing: String,
+        count: u16,
+        secs: f64,
+    },
     #[error("a migration is already running")]
     Busy,
 }
@@ -73,6 +86,71 @@ impl MigrationError {
                 secs: 0,
             },
             _ => Self::Io { phase, source: e },
+        }
+    }
+}
+
+impl MigrationError {
+    /// A copy, for an error that more than one thread reports (io errors keep their kind
+    /// and text).
+    pub(crate) fn duplicate(&self) -> Self {
+        let io = |e: &io::Error| io::Error::new(e.kind(), e.to_string());
+        match self {
+            Self::Connect { uri, source } => Self::Connect {
+                uri: uri.clone(),
+                source: io(source),
+            },
+            Self::PeerClosed { peer, phase } => Self::PeerClosed { peer, phase },
+            Self::Io { phase, source } => Self::Io {
+                phase,
+                source: io(source),
+            },
+            Self::Timeout {
+                peer,
+                waiting_for,
+                secs,
+            } => Self::Timeout {
+                peer,
+                waiting_for,
+                secs: *secs,
+            },
+            Self::Refused { cause, reason } => Self::Refused {
+                cause: *cause,
+                reason: reason.clone(),
+            },
+            Self::Incompatible { cause, reason } => Self::Incompatible {
+                cause: *cause,
+                reason: reason.clone(),
+            },
+            Self::LoadFailed(s) => Self::LoadFailed(s.clone()),
+            Self::SourceAborted(s) => Self::SourceAborted(s.clone()),
+            Self::Wire(e) => Self::Wire(e.clone()),
+            Self::Protocol(s) => Self::Protocol(s.clone()),
+            Self::Verify(s) => Self::Verify(s.clone()),
+            Self::Cancelled => Self::Cancelled,
+            Self::Busy => Self::Busy,
+            Self::Channel { index, source } => Self::Channel {
+                index: *index,
+                source: Box::new(source.duplicate()),
+            },
+            Self::ChannelsMissing {
+                missing,
+                count,
+                secs,
+            } => Self::ChannelsMissing {
+                missing: missing.clone(),
+                count: *count,
+                secs: *secs,
+            },
+            e @ (Self::State(_) | Self::Vm(_)) => Self::Protocol(error_chain(e)),
+        }
+    }
+
+    /// The error underneath any data-channel wrapping.
+    pub fn root(&self) -> &Self {
+        match self {
+            Self::Channel { source, .. } => source.root(),
+            e => e,
         }
     }
 }

@@ -9,6 +9,7 @@
 use std::time::Duration;
 
 use crate::compat::{CompatError, Config, DriverDef, PropDef, PropKind};
+use crate::wire::{Compression, MAX_CHANNELS};
 
 /// Driver name of the migration pseudo-device.
 pub const MIGRATION: &str = "migration";
@@ -52,6 +53,30 @@ pub static MIGRATION_DRIVER: DriverDef = DriverDef {
             wire: false,
             doc: "also hash all of guest memory on both sides at switchover (costs downtime in proportion to RAM)",
         },
+        PropDef {
+            name: "multifd-channels",
+            kind: PropKind::U64 {
+                min: 0,
+                max: MAX_CHANNELS as u64,
+            },
+            default: "2",
+            wire: false,
+            doc: "data channels that carry guest pages besides the main channel; 0 sends pages on the main channel (the hello tells the destination, which follows)",
+        },
+        PropDef {
+            name: "multifd-compression",
+            kind: PropKind::Enum(&["none", "zstd"]),
+            default: "none",
+            wire: false,
+            doc: "compression of page data on the data channels (the hello tells the destination, which refuses a method it lacks)",
+        },
+        PropDef {
+            name: "multifd-zstd-level",
+            kind: PropKind::U64 { min: 1, max: 19 },
+            default: "1",
+            wire: false,
+            doc: "zstd level when multifd-compression=zstd; higher packs tighter and costs the source more CPU",
+        },
     ],
 };
 
@@ -63,6 +88,32 @@ pub struct MigrationParams {
     pub max_bandwidth: u64,
     pub digest: bool,
     pub verify_full: bool,
+    /// Data channels; 0 puts pages on the main channel.
+    pub multifd_channels: u16,
+    pub multifd_compression: Compression,
+    pub multifd_zstd_level: i32,
+    /// Deliberate faults, for tests that prove what the engine's safety rules prevent.
+    /// Never set outside tests; see [`Faults`].
+    pub faults: Faults,
+}
+
+/// Test-only fault injection. Each switch breaks one thing on purpose, so that a test
+/// can show the check guarding it fails when it is broken.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Faults {
+    /// Source: send no section syncs (the final flush still happens, or the destination
+    /// could not know the pages are complete). Lets an old copy of a page that travels
+    /// on a slow channel land after a newer copy: the hazard the sync rule exists for.
+    pub no_sync: bool,
+    /// Destination: hold each packet of this data channel for this long before applying
+    /// it, as a congested link would.
+    pub delay_channel: Option<(u16, Duration)>,
+    /// Source: do not open this data channel at all.
+    pub skip_channel: Option<u16>,
+    /// Source: close this data channel after sending this many packets on it.
+    pub close_channel_after: Option<(u16, u64)>,
+    /// Destination: how long to wait for the data channels to connect (default 10 s).
+    pub channel_wait: Option<Duration>,
 }
 
 impl Default for MigrationParams {
@@ -72,6 +123,10 @@ impl Default for MigrationParams {
             max_bandwidth: 0,
             digest: true,
             verify_full: false,
+            multifd_channels: 2,
+            multifd_compression: Compression::None,
+            multifd_zstd_level: 1,
+            faults: Faults::default(),
         }
     }
 }
@@ -83,6 +138,13 @@ impl MigrationParams {
             max_bandwidth: cfg.u64(MIGRATION, "max-bandwidth")?,
             digest: cfg.bool(MIGRATION, "digest")?,
             verify_full: cfg.bool(MIGRATION, "verify-full")?,
+            multifd_channels: cfg.u64(MIGRATION, "multifd-channels")? as u16,
+            multifd_compression: match cfg.enum_str(MIGRATION, "multifd-compression")? {
+                "zstd" => Compression::Zstd,
+                _ => Compression::None,
+            },
+            multifd_zstd_level: cfg.u64(MIGRATION, "multifd-zstd-level")? as i32,
+            faults: Faults::default(),
         })
     }
 }

@@ -21,19 +21,22 @@ use super::bitmap::DirtyBitmap;
 use super::digest::{content_hash, zero_page_hash, PageDigest};
 use super::error::{error_chain, MigrationError};
 use super::iov::writev_all;
+use super::multifd::{SendConfig, SendSet, SECTION};
 use super::params::MigrationParams;
 use super::ram::{full_memory_digest, page_is_zero, page_slice};
 use super::stats::{
-    DowntimeBreakdown, MigrationEvent, MigrationInfo, MigrationMonitor, MigrationStatus, PassStats,
+    ChannelStats, DowntimeBreakdown, MigrationEvent, MigrationInfo, MigrationMonitor,
+    MigrationStatus, MultifdStats, PassStats,
 };
 use super::stream::{read_frame_header, read_payload, write_frame};
 use super::transport::{Channel, MigrationUri};
 use super::vm::{GuestRam, MigratableVm, RamBlock};
 use crate::state;
 use crate::wire::{
-    decode_reason, encode_reason, Accept, Completed, DeviceStateHeader, EndOfStream, FrameHeader,
-    FrameTag, Hello, HelloDevice, HelloRamBlock, PassEnd, RamBatchHeader, Refuse, StreamHeader,
-    VcpuStateHeader, MAX_BATCH_PAGES, PROTOCOL_VERSION,
+    decode_reason, encode_reason, Accept, ChannelHeader, ChannelsReady, Completed,
+    DeviceStateHeader, EndOfStream, FrameHeader, FrameTag, Hello, HelloDevice, HelloRamBlock,
+    MultifdSync, PassEnd, RamBatchHeader, Refuse, StreamHeader, VcpuStateHeader, CHANNEL_VERSION,
+    MAX_BATCH_PAGES, MAX_PACKET_PAGES, PROTOCOL_VERSION,
 };
 use crate::PAGE_SIZE;
 
@@ -44,6 +47,9 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 const COMPLETION_TIMEOUT: Duration = Duration::from_secs(120);
 /// A write that makes no progress for this long means the destination is gone.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the destination may take to bind the data channels (it waits 10 s for them
+/// itself and then says which one is missing).
+const CHANNELS_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Who the source is, as its hello states it.
 #[derive(Debug, Clone)]
@@ -78,9 +84,11 @@ pub fn migrate(
         monitor,
         pending: blocks.iter().map(|b| DirtyBitmap::new(b.pages())).collect(),
         harvested: blocks.iter().map(|b| DirtyBitmap::new(b.pages())).collect(),
-        digest: params
-            .digest
-            .then(|| PageDigest::new(&blocks.iter().map(RamBlock::pages).collect::<Vec<_>>())),
+        digest: params.digest.then(|| {
+            Arc::new(PageDigest::new(
+                &blocks.iter().map(RamBlock::pages).collect::<Vec<_>>(),
+            ))
+        }),
         blocks,
         ch: None,
         rp: None,
@@ -90,10 +98,17 @@ pub fn migrate(
         logging: false,
         pages_sent: 0,
         batch: Batch::default(),
+        mfd: None,
+        syncs: 0,
+        session: session_id(),
     };
+    monitor.update(|i| i.session = Some(format!("{:016x}", src.session)));
     let result = src.run(id, uri);
     match result {
         Ok(()) => {
+            if let Some(mut m) = src.mfd.take() {
+                m.shutdown(false);
+            }
             src.vm.dirty_log().stop();
             monitor.detach_channel();
             monitor.update(|i| i.total_time = start.elapsed().as_millis() as u64);
@@ -150,7 +165,7 @@ struct Source<'a> {
     pending: Vec<DirtyBitmap>,
     /// Every page this attempt took from the dirty log, to put back on failure.
     harvested: Vec<DirtyBitmap>,
-    digest: Option<PageDigest>,
+    digest: Option<Arc<PageDigest>>,
     ch: Option<Channel>,
     rp: Option<Receiver<RpEvent>>,
     start: Instant,
@@ -160,6 +175,11 @@ struct Source<'a> {
     logging: bool,
     pages_sent: u64,
     batch: Batch,
+    /// The data channels, when pages travel on them.
+    mfd: Option<SendSet>,
+    /// Sync points sent.
+    syncs: u64,
+    session: u64,
 }
 
 /// Figures of one pass.
@@ -223,6 +243,9 @@ impl Source<'_> {
         if self.monitor.is_cancelled() {
             return Err(MigrationError::Cancelled);
         }
+        if self.params.multifd_channels > 0 {
+            self.open_channels(uri)?;
+        }
 
         // Tracking starts before the populated scan, so a page first written after the
         // scan is caught by the log rather than missed by both.
@@ -239,7 +262,7 @@ impl Source<'_> {
         let mut pass = 0u32;
         loop {
             let t = Instant::now();
-            let c = self.send_pass(pass)?;
+            let c = self.send_pass(pass, false)?;
             let dur = t.elapsed();
             self.harvest()?;
             let dirty = self.pending.iter().map(|b| b.count() as u64).sum::<u64>();
@@ -290,7 +313,7 @@ impl Source<'_> {
     fn handshake(&mut self, id: &SourceIdentity) -> Result<(), MigrationError> {
         let vm = self.vm;
         let hello = Hello {
-            session_id: session_id(),
+            session_id: self.session,
             release: id.release.clone(),
             machine: id.machine.clone(),
             page_size: PAGE_SIZE as u32,
@@ -322,6 +345,12 @@ impl Source<'_> {
                     version: d.schema.version,
                 })
                 .collect(),
+            channels: self.params.multifd_channels,
+            compression: if self.params.multifd_channels > 0 {
+                self.params.multifd_compression
+            } else {
+                crate::wire::Compression::None
+            },
         };
         let hdr = StreamHeader {
             version: PROTOCOL_VERSION,
@@ -424,7 +453,7 @@ impl Source<'_> {
     /// A write failed: the destination's own account of why beats a broken pipe.
     fn explain(&self, e: MigrationError) -> MigrationError {
         if !matches!(
-            e,
+            e.root(),
             MigrationError::PeerClosed { .. } | MigrationError::Io { .. }
         ) {
             return e;
@@ -463,6 +492,9 @@ impl Source<'_> {
             }
             ch.shutdown();
         }
+        if let Some(mut m) = self.mfd.take() {
+            m.shutdown(true);
+        }
         if self.logging {
             for (b, bm) in self.harvested.iter().enumerate() {
                 self.vm.dirty_log().restore(b, bm);
@@ -498,8 +530,12 @@ impl Source<'_> {
         Ok(())
     }
 
-    /// Sends every pending page, then a pass end.
-    fn send_pass(&mut self, pass: u32) -> Result<PassCount, MigrationError> {
+    /// Sends every pending page, then a pass end. The final pass (guest stopped) ends
+    /// with the data channels' last sync.
+    fn send_pass(&mut self, pass: u32, final_pass: bool) -> Result<PassCount, MigrationError> {
+        if self.mfd.is_some() {
+            return self.send_pass_multifd(pass, final_pass);
+        }
         let mut c = PassCount::default();
         let mut window = Throttle::new(self.params.max_bandwidth);
         for b in 0..self.blocks.len() {
@@ -641,6 +677,205 @@ impl Source<'_> {
         Ok(bytes)
     }
 
+    /// Connects the data channels, each opening with its header, and waits for the
+    /// destination to bind them all.
+    fn open_channels(&mut self, uri: &MigrationUri) -> Result<(), MigrationError> {
+        let n = self.params.multifd_channels;
+        let mut chans = Vec::with_capacity(n as usize);
+        for index in 0..n {
+            if self.params.faults.skip_channel == Some(index) {
+                tracing::warn!(channel = index, "test fault: not opening the data channel");
+                continue;
+            }
+            let wrap = |e| MigrationError::Channel {
+                index,
+                source: Box::new(e),
+            };
+            let ch = Channel::connect(uri, Duration::from_secs(10)).map_err(|e| {
+                wrap(MigrationError::Connect {
+                    uri: uri.to_string(),
+                    source: e,
+                })
+            })?;
+            ch.set_write_timeout(Some(WRITE_TIMEOUT))
+                .map_err(|e| wrap(MigrationError::io(PEER, "setup", e)))?;
+            let hdr = ChannelHeader {
+                version: CHANNEL_VERSION,
+                session_id: self.session,
+                index,
+                count: n,
+            }
+            .encode();
+            let mut iov = [libc::iovec {
+                iov_base: hdr.as_ptr() as *mut _,
+                iov_len: hdr.len(),
+            }];
+            // SAFETY: the iovec describes `hdr`, alive for the call.
+            unsafe { writev_all(std::os::fd::AsRawFd::as_raw_fd(&ch), &mut iov) }
+                .map_err(|e| wrap(MigrationError::io(PEER, "channel header", e)))?;
+            self.monitor.attach_channel(
+                ch.try_clone()
+                    .map_err(|e| wrap(MigrationError::io(PEER, "setup", e)))?,
+            );
+            chans.push(ch);
+        }
+        self.mfd = Some(SendSet::start(
+            chans,
+            &SendConfig {
+                ram: Arc::clone(&self.ram),
+                digest: self.digest.clone(),
+                compression: self.params.multifd_compression,
+                zstd_level: self.params.multifd_zstd_level,
+                close_after: self.params.faults.close_channel_after,
+            },
+        )?);
+        let (tag, payload) = self.wait_rp(
+            "the destination to bind the data channels",
+            CHANNELS_TIMEOUT,
+        )?;
+        if tag != FrameTag::ChannelsReady {
+            return Err(self.unexpected(tag, "channels ready", &payload));
+        }
+        let r = ChannelsReady::decode(&payload)?;
+        if r.count != n {
+            return Err(MigrationError::Protocol(format!(
+                "destination bound {} data channels, {n} were opened",
+                r.count
+            )));
+        }
+        tracing::info!(channels = n, compression = %self.params.multifd_compression.name(), "data channels open");
+        self.report_multifd();
+        Ok(())
+    }
+
+    /// One pass over the data channels: packets of up to 128 pages go to the first
+    /// channel with room; a sync closes every section and the pass.
+    fn send_pass_multifd(
+        &mut self,
+        pass: u32,
+        final_pass: bool,
+    ) -> Result<PassCount, MigrationError> {
+        let mut c = PassCount::default();
+        let mut window = Throttle::new(self.params.max_bandwidth);
+        let monitor = self.monitor;
+        let cancelled = move || monitor.is_cancelled();
+        let mut section = Instant::now();
+        for b in 0..self.blocks.len() {
+            let mut pages = Vec::with_capacity(MAX_PACKET_PAGES);
+            for w in 0..self.pending[b].words() {
+                let mut bits = self.pending[b].take_word(w);
+                while bits != 0 {
+                    pages.push((w * 64 + bits.trailing_zeros() as usize) as u64);
+                    bits &= bits - 1;
+                    if pages.len() == MAX_PACKET_PAGES {
+                        let full =
+                            std::mem::replace(&mut pages, Vec::with_capacity(MAX_PACKET_PAGES));
+                        self.mfd
+                            .as_mut()
+                            .expect("channels")
+                            .send_pages(b, full, &cancelled)?;
+                        self.fold(&mut c, &mut window)?;
+                        self.poll_rp()?;
+                        if section.elapsed() >= SECTION {
+                            self.sync_channels(false)?;
+                            section = Instant::now();
+                        }
+                    }
+                }
+            }
+            if !pages.is_empty() {
+                self.mfd
+                    .as_mut()
+                    .expect("channels")
+                    .send_pages(b, pages, &cancelled)?;
+                self.fold(&mut c, &mut window)?;
+            }
+        }
+        self.sync_channels(final_pass)?;
+        self.mfd.as_ref().expect("channels").flush(&cancelled)?;
+        self.fold(&mut c, &mut window)?;
+        self.report_multifd();
+        write_frame(
+            self.ch(),
+            FrameTag::PassEnd,
+            &PassEnd {
+                pass,
+                pages: c.pages,
+            }
+            .encode(),
+            PEER,
+            "RAM transfer",
+        )?;
+        Ok(c)
+    }
+
+    /// A sync point: a sync packet behind everything queued on every data channel, then
+    /// the sync frame on the main channel (see the barrier in `engine::multifd`).
+    fn sync_channels(&mut self, last: bool) -> Result<(), MigrationError> {
+        if self.params.faults.no_sync && !last {
+            return Ok(());
+        }
+        let monitor = self.monitor;
+        let seq = self
+            .mfd
+            .as_mut()
+            .expect("channels")
+            .sync(last, &move || monitor.is_cancelled())?;
+        self.syncs += 1;
+        write_frame(
+            self.ch(),
+            FrameTag::MultifdSync,
+            &MultifdSync { seq, last }.encode(),
+            PEER,
+            "multifd sync",
+        )
+    }
+
+    /// Takes what the senders moved since last time into the pass and the statistics.
+    fn fold(&mut self, c: &mut PassCount, window: &mut Throttle) -> Result<(), MigrationError> {
+        let m = self.mfd.as_mut().expect("channels");
+        m.check()?;
+        let d = m.take_progress();
+        c.pages += d.pages;
+        c.zero += d.zero;
+        c.bytes += d.bytes;
+        self.pages_sent += d.pages;
+        let normal = d.pages - d.zero;
+        self.monitor.update(|i| {
+            i.ram.transferred += d.bytes;
+            i.ram.duplicate += d.zero;
+            i.ram.normal += normal;
+            i.ram.normal_bytes += normal * PAGE_SIZE as u64;
+            i.ram.remaining = i.ram.remaining.saturating_sub(normal * PAGE_SIZE as u64);
+        });
+        window.after(d.bytes, self.monitor)
+    }
+
+    fn report_multifd(&self) {
+        let Some(m) = self.mfd.as_ref() else { return };
+        let per: Vec<ChannelStats> = m
+            .counters()
+            .iter()
+            .map(|c| ChannelStats {
+                packets: c.packets,
+                pages: c.pages,
+                zero_pages: c.zero,
+                bytes: c.bytes,
+            })
+            .collect();
+        let counters = m.counters();
+        let stats = MultifdStats {
+            channels: self.params.multifd_channels,
+            compression: self.params.multifd_compression.name(),
+            syncs: self.syncs,
+            raw_bytes: counters.iter().map(|c| c.raw_bytes).sum(),
+            wire_bytes: counters.iter().map(|c| c.bytes).sum(),
+            per_channel: per,
+            strays: Vec::new(),
+        };
+        self.monitor.update(|i| i.multifd = Some(stats));
+    }
+
     /// Stops the guest, sends the rest, waits for the destination to run it.
     fn switchover(&mut self, pass: u32) -> Result<(), MigrationError> {
         self.monitor.set_status(MigrationStatus::Device);
@@ -655,7 +890,7 @@ impl Source<'_> {
 
         let t = Instant::now();
         self.harvest()?;
-        let c = self.send_pass(pass)?;
+        let c = self.send_pass(pass, true)?;
         br.final_pass_ms = ms(t.elapsed());
         self.monitor.update(|i| {
             i.passes.push(PassStats {
@@ -713,7 +948,7 @@ impl Source<'_> {
             .then(|| full_memory_digest(self.ram.as_ref()));
         br.verify_ms = ms(t.elapsed());
         let eos = EndOfStream {
-            digest: self.digest.as_ref().map(PageDigest::value),
+            digest: self.digest.as_ref().map(|d| d.value()),
             full_digest: full,
             pages_sent: self.pages_sent,
             resume,
@@ -756,8 +991,15 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-/// A number that identifies this migration to the destination's channels.
+/// A number that identifies this migration to the destination's channels: random, so
+/// a channel of another migration (or a guess) does not match it.
 fn session_id() -> u64 {
+    let mut b = [0u8; 8];
+    // SAFETY: the buffer is 8 writable bytes for the call.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n == 8 {
+        return u64::from_le_bytes(b);
+    }
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)

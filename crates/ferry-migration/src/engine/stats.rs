@@ -127,6 +127,42 @@ pub struct MigrationInfo {
     /// How the destination checked memory: `digest`, `digest+full` or `none`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub verified: Option<String>,
+    /// The migration's session id (hex), the same on both sides, for matching logs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
+    /// Data channels, when pages travel on them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub multifd: Option<MultifdStats>,
+}
+
+/// What the data channels did.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+#[serde(rename_all = "kebab-case")]
+pub struct MultifdStats {
+    pub channels: u16,
+    /// `none` or `zstd`.
+    pub compression: String,
+    /// Sync points passed (section syncs and the final one).
+    pub syncs: u64,
+    /// Per channel, in index order.
+    pub per_channel: Vec<ChannelStats>,
+    /// Page bytes before compression, and on the wire, over all channels.
+    pub raw_bytes: u64,
+    pub wire_bytes: u64,
+    /// Connections to the migration address that were turned away (destination).
+    pub strays: Vec<String>,
+}
+
+/// One data channel's figures.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+#[serde(rename_all = "kebab-case")]
+pub struct ChannelStats {
+    pub packets: u64,
+    pub pages: u64,
+    pub zero_pages: u64,
+    pub bytes: u64,
 }
 
 /// Something worth telling a control client about.
@@ -150,7 +186,7 @@ pub struct MigrationMonitor {
     generation: AtomicU64,
     /// A downtime limit set while the migration runs (ms; 0 = the migration's own).
     downtime_limit_ms: AtomicU64,
-    channel: Mutex<Option<Channel>>,
+    channels: Mutex<Vec<Channel>>,
     listener: Mutex<Option<Listener>>,
 }
 
@@ -208,7 +244,7 @@ impl MigrationMonitor {
         self.cancel.store(false, Ordering::SeqCst);
         self.generation.fetch_add(1, Ordering::SeqCst);
         self.downtime_limit_ms.store(0, Ordering::SeqCst);
-        *self.channel.lock().unwrap() = None;
+        self.channels.lock().unwrap().clear();
     }
 
     /// Asks the migration to stop. The migration thread notices within one batch and
@@ -223,9 +259,9 @@ impl MigrationMonitor {
             .spawn(move || {
                 std::thread::sleep(CANCEL_GRACE);
                 if let Some(m) = me.upgrade() {
-                    let ch = m.channel.lock().unwrap();
+                    let chs = m.channels.lock().unwrap();
                     if m.generation.load(Ordering::SeqCst) == generation {
-                        if let Some(ch) = ch.as_ref() {
+                        for ch in chs.iter() {
                             ch.shutdown();
                         }
                     }
@@ -252,11 +288,12 @@ impl MigrationMonitor {
         self.cancel.load(Ordering::SeqCst)
     }
 
+    /// Registers a socket of the migration, to be shut if a cancel gets stuck.
     pub(crate) fn attach_channel(&self, ch: Channel) {
-        *self.channel.lock().unwrap() = Some(ch);
+        self.channels.lock().unwrap().push(ch);
     }
 
     pub(crate) fn detach_channel(&self) {
-        *self.channel.lock().unwrap() = None;
+        self.channels.lock().unwrap().clear();
     }
 }

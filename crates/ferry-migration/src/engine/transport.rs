@@ -101,6 +101,15 @@ impl Channel {
         };
     }
 
+    /// Closes the reading side only: a thread blocked reading wakes with end of file,
+    /// while writes (a reason for the peer) still go out.
+    pub fn shutdown_read(&self) {
+        let _ = match self {
+            Self::Tcp(s) => s.shutdown(Shutdown::Read),
+            Self::Unix(s) => s.shutdown(Shutdown::Read),
+        };
+    }
+
     pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         match self {
             Self::Tcp(s) => s.set_read_timeout(t),
@@ -174,13 +183,30 @@ impl Listener {
     }
 
     pub fn accept(&self) -> io::Result<Channel> {
+        self.accept_from().map(|(c, _)| c)
+    }
+
+    /// Accepts a connection and says where it came from, for logs.
+    pub fn accept_from(&self) -> io::Result<(Channel, String)> {
         match self {
             Self::Tcp(l) => {
-                let (s, _) = l.accept()?;
+                let (s, a) = l.accept()?;
                 s.set_nodelay(true)?;
-                Ok(Channel::Tcp(s))
+                Ok((Channel::Tcp(s), a.to_string()))
             }
-            Self::Unix(l, _) => Ok(Channel::Unix(l.accept()?.0)),
+            Self::Unix(l, p) => Ok((
+                Channel::Unix(l.accept()?.0),
+                format!("unix:{}", p.display()),
+            )),
+        }
+    }
+}
+
+impl AsRawFd for Listener {
+    fn as_raw_fd(&self) -> RawFd {
+        match self {
+            Self::Tcp(l) => l.as_raw_fd(),
+            Self::Unix(l, _) => l.as_raw_fd(),
         }
     }
 }

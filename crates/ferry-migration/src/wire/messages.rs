@@ -1,6 +1,7 @@
 //! Message layouts. See the module docs of [`crate::wire`] for the sequence.
 
 use super::codec::{Reader, WireError, Writer};
+use super::multifd::{Compression, MAX_CHANNELS};
 use crate::PAGE_SIZE;
 
 /// First bytes of every migration stream.
@@ -75,10 +76,12 @@ pub enum FrameTag {
     VcpuState = 0x05,
     EndOfStream = 0x06,
     Abort = 0x07,
+    MultifdSync = 0x08,
     Accept = 0x81,
     Refuse = 0x82,
     LoadFailed = 0x83,
     Completed = 0x84,
+    ChannelsReady = 0x85,
 }
 
 impl FrameTag {
@@ -91,10 +94,12 @@ impl FrameTag {
             0x05 => Self::VcpuState,
             0x06 => Self::EndOfStream,
             0x07 => Self::Abort,
+            0x08 => Self::MultifdSync,
             0x81 => Self::Accept,
             0x82 => Self::Refuse,
             0x83 => Self::LoadFailed,
             0x84 => Self::Completed,
+            0x85 => Self::ChannelsReady,
             _ => return Err(WireError::UnknownFrame(v)),
         })
     }
@@ -111,6 +116,8 @@ impl FrameTag {
             Self::Abort | Self::Refuse | Self::LoadFailed => (MAX_REASON_LEN + 16) as u32,
             Self::Accept => 1024,
             Self::Completed => Completed::LEN as u32,
+            Self::MultifdSync => MultifdSync::LEN as u32,
+            Self::ChannelsReady => ChannelsReady::LEN as u32,
         }
     }
 
@@ -127,6 +134,8 @@ impl FrameTag {
             Self::Refuse => "refuse",
             Self::LoadFailed => "load failed",
             Self::Completed => "completed",
+            Self::MultifdSync => "multifd sync",
+            Self::ChannelsReady => "channels ready",
         }
     }
 }
@@ -209,6 +218,11 @@ pub struct Hello {
     pub vcpu_state: String,
     pub vcpu_version: u32,
     pub devices: Vec<HelloDevice>,
+    /// Data channels the source will open after the accept; 0 sends pages on the main
+    /// channel.
+    pub channels: u16,
+    /// How page data is compressed on the data channels.
+    pub compression: Compression,
 }
 
 impl Hello {
@@ -244,6 +258,7 @@ impl Hello {
                 .u32(d.instance)
                 .u32(d.version);
         }
+        w.u16(self.channels).u8(self.compression.code());
         w.buf
     }
 
@@ -302,6 +317,15 @@ impl Hello {
                 version: r.u32()?,
             });
         }
+        let channels = r.u16()?;
+        if channels > MAX_CHANNELS {
+            return Err(WireError::TooLong {
+                what: "hello channel count",
+                len: channels.into(),
+                max: MAX_CHANNELS.into(),
+            });
+        }
+        let compression = Compression::from_code(r.u8()?);
         r.finish()?;
         Ok(Self {
             session_id,
@@ -316,6 +340,8 @@ impl Hello {
             vcpu_state,
             vcpu_version,
             devices,
+            channels,
+            compression,
         })
     }
 }
@@ -354,6 +380,8 @@ pub enum RefuseCause {
     RamLayout,
     VcpuMismatch,
     Busy,
+    /// The destination cannot take the data channels or compression the source asks for.
+    Channels,
     /// A cause this release does not know (sent by a newer peer).
     Other(u16),
 }
@@ -371,6 +399,7 @@ impl RefuseCause {
             Self::RamLayout => 8,
             Self::VcpuMismatch => 9,
             Self::Busy => 10,
+            Self::Channels => 11,
             Self::Other(c) => c,
         }
     }
@@ -387,6 +416,7 @@ impl RefuseCause {
             8 => Self::RamLayout,
             9 => Self::VcpuMismatch,
             10 => Self::Busy,
+            11 => Self::Channels,
             c => Self::Other(c),
         }
     }
@@ -405,6 +435,7 @@ impl std::fmt::Display for RefuseCause {
             Self::RamLayout => "RAM layout",
             Self::VcpuMismatch => "vCPU mismatch",
             Self::Busy => "busy",
+            Self::Channels => "data channels",
             Self::Other(c) => return write!(f, "cause {c}"),
         };
         f.write_str(s)
@@ -697,6 +728,63 @@ impl EndOfStream {
     }
 }
 
+/// A multifd sync point on the main channel: every data channel has sent a sync
+/// packet with this sequence number, and the destination applies no page that follows
+/// it on any channel until every channel has reached it (see [`crate::wire`]). `last`
+/// closes the data channels: the final pass is complete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MultifdSync {
+    pub seq: u64,
+    pub last: bool,
+}
+
+impl MultifdSync {
+    pub const LEN: usize = 9;
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::new();
+        w.u64(self.seq).bool(self.last);
+        w.buf
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Self, WireError> {
+        let mut r = Reader::new(b, "multifd sync");
+        let v = Self {
+            seq: r.u64()?,
+            last: r.bool()?,
+        };
+        r.finish()?;
+        if v.seq == 0 {
+            return Err(WireError::BadValue {
+                what: "multifd sync number",
+                value: 0,
+            });
+        }
+        Ok(v)
+    }
+}
+
+/// Return path: every data channel the hello announced is bound to this migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChannelsReady {
+    pub count: u16,
+}
+
+impl ChannelsReady {
+    pub const LEN: usize = 2;
+
+    pub fn encode(&self) -> Vec<u8> {
+        self.count.to_le_bytes().to_vec()
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Self, WireError> {
+        let mut r = Reader::new(b, "channels ready");
+        let count = r.u16()?;
+        r.finish()?;
+        Ok(Self { count })
+    }
+}
+
 /// The destination runs the guest now; what its side cost.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Completed {
@@ -757,6 +845,8 @@ mod tests {
                 instance: 0,
                 version: 1,
             }],
+            channels: 4,
+            compression: Compression::Zstd,
         }
     }
 

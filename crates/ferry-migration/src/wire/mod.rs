@@ -61,8 +61,10 @@
 
 mod codec;
 mod messages;
+mod multifd;
 #[cfg(test)]
 mod proptests;
 
 pub use codec::{Reader, WireError, Writer};
 pub use messages::*;
+pub use multifd::*;

@@ -23,7 +23,7 @@ use proptest::test_runner::TestCaseError;
 use super::*;
 use crate::PAGE_SIZE;
 
-const ALL_TAGS: [FrameTag; 11] = [
+const ALL_TAGS: [FrameTag; 13] = [
     FrameTag::Hello,
     FrameTag::RamBatch,
     FrameTag::PassEnd,
@@ -31,10 +31,12 @@ const ALL_TAGS: [FrameTag; 11] = [
     FrameTag::VcpuState,
     FrameTag::EndOfStream,
     FrameTag::Abort,
+    FrameTag::MultifdSync,
     FrameTag::Accept,
     FrameTag::Refuse,
     FrameTag::LoadFailed,
     FrameTag::Completed,
+    FrameTag::ChannelsReady,
 ];
 
 // ---------------------------------------------------------------------------------------
@@ -105,6 +107,7 @@ fn hello_with(
         props.prop_flat_map(|n| vec((text(MAX_NAME_LEN), text(MAX_VALUE_LEN)), n)),
         blocks.prop_flat_map(|n| vec(ram_block(), n)),
         devices.prop_flat_map(|n| vec(device(), n)),
+        (0..=MAX_CHANNELS, any::<u8>()),
     );
     let scalars = (
         any::<u64>(),
@@ -119,8 +122,10 @@ fn hello_with(
     (scalars, lists).prop_map(
         |(
             (session_id, release, machine, page_size, flags, vcpu_count, vcpu_state, vcpu_version),
-            (wire_props, ram_blocks, devices),
+            (wire_props, ram_blocks, devices, (channels, compression)),
         )| Hello {
+            channels,
+            compression: Compression::from_code(compression),
             session_id,
             release,
             machine,
@@ -276,6 +281,11 @@ fn fixed_size_messages_have_their_size_as_frame_limit() {
     assert_eq!(FrameTag::PassEnd.max_len() as usize, PassEnd::LEN);
     assert_eq!(FrameTag::EndOfStream.max_len() as usize, EndOfStream::LEN);
     assert_eq!(FrameTag::Completed.max_len() as usize, Completed::LEN);
+    assert_eq!(FrameTag::MultifdSync.max_len() as usize, MultifdSync::LEN);
+    assert_eq!(
+        FrameTag::ChannelsReady.max_len() as usize,
+        ChannelsReady::LEN
+    );
     assert_eq!(
         FrameTag::RamBatch.max_len() as usize,
         RamBatchHeader::LEN + MAX_BATCH_PAGES * (8 + PAGE_SIZE)
@@ -289,6 +299,8 @@ fn largest_legal_messages_fit_their_frame_limits() {
     let reason = "\u{10000}".repeat(MAX_REASON_LEN / 4);
     assert_eq!(name.len(), MAX_NAME_LEN);
     let hello = Hello {
+        channels: MAX_CHANNELS,
+        compression: Compression::Zstd,
         session_id: u64::MAX,
         release: name.clone(),
         machine: name.clone(),
@@ -492,6 +504,8 @@ proptest! {
 #[test]
 fn hello_refuses_lists_one_over_their_bounds() {
     let base = Hello {
+        channels: 0,
+        compression: Compression::None,
         session_id: 0,
         release: String::new(),
         machine: String::new(),

@@ -692,6 +692,8 @@ pub fn hello(layout: RamLayout, full_verify: bool) -> Hello {
         vcpu_count: 1,
         vcpu_state: VCPU_SCHEMA.name.into(),
         vcpu_version: VCPU_SCHEMA.version,
+        channels: 0,
+        compression: ferry_migration::wire::Compression::None,
         devices: device_infos()
             .iter()
             .map(|d| HelloDevice {

@@ -207,7 +207,10 @@ pub fn main(args: DemoArgs) -> CliResult {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             after = passes(&mut dst)?;
-            let ahead = after.iter().zip(&src_final).all(|(a, b)| a > b);
+            // The destination reports `running` once its side of the migration has
+            // wound down, a moment after the guest resumed.
+            let running = dst.execute("query-status", Value::Null)?["status"] == "running";
+            let ahead = running && after.iter().zip(&src_final).all(|(a, b)| a > b);
             if ahead || Instant::now() > deadline {
                 checks.push(json!({
                     "check": "guest carries on at the destination",
