@@ -11,8 +11,10 @@
 //! * dump this build with `ferry dump-vmstate`, as a person would, and run
 //!   `ferry compat-check GOLDEN CURRENT` for every recorded release. Each finding is a
 //!   change that breaks migration on a shipped machine type, and fails the test with the
-//!   checker's own lines. With no release recorded yet this build is checked against
-//!   itself, which must give no finding;
+//!   checker's own lines, unless `compat/accepted-breaks.toml` lists it as a one-way step
+//!   taken on purpose (a state version step, or a raised `min_version`); an accepted break
+//!   that matches no finding fails too. With no release recorded yet this build is checked
+//!   against itself, which must give no finding;
 //! * check this build's version: never below a recorded release, and when equal to one,
 //!   the build must dump exactly that release's golden dump (a change after the cut opens
 //!   the next version first), and the newest machine type is `ferry-X.Y` of the version;
@@ -20,7 +22,8 @@
 //!   repository from this build's own dump, and then a field of a device state is removed
 //!   without a version step, or a property default changed without a compat entry, in
 //!   memory; `ferry compat-check` must name each, and the record's check must fail on it.
-//!   The same default change with its machine type and compat entry must pass.
+//!   The same default change with its machine type and compat entry must pass, and a
+//!   version step passes only while it is accepted.
 //!
 //! `cargo test --workspace` is what CI runs, so this file is the release check in CI; it
 //! needs no network and no git.
@@ -28,7 +31,7 @@
 //! # Why the `toml` crate
 //!
 //! The record is TOML so that it can carry comments on its format, be appended to by a
-//! shell script and be read by people in review, as `Cargo.toml` is. Reading it here needs
+//! script and be read by people in review, as `Cargo.toml` is. Reading it here needs
 //! a TOML parser, and the `toml` crate is the well-kept one (the toml-rs project, whose
 //! `toml_edit` Cargo itself is built on). It is a dev-dependency only, so the `ferry`
 //! binary does not carry it; its parser crates (`toml_parser`, `toml_datetime`, `winnow`)
@@ -48,6 +51,7 @@ use ferry_migration::compat::schema::{
 };
 use ferry_vmm::machine;
 use serde::Deserialize;
+use serde_json::Value;
 
 /// Long enough for a debug `ferry` to dump or compare on a loaded machine.
 const QUICK: Duration = Duration::from_secs(60);
@@ -74,6 +78,49 @@ struct Release {
     dump: String,
 }
 
+/// `compat/accepted-breaks.toml`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AcceptedFile {
+    #[serde(default, rename = "break")]
+    breaks: Vec<Accepted>,
+}
+
+/// One `[[break]]`: a finding against one release that is let through.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Accepted {
+    release: String,
+    kind: String,
+    device: String,
+    #[serde(default)]
+    subsection: Option<String>,
+    version: u32,
+    why: String,
+}
+
+/// The finding kinds that can be accepted, each a one-way step the device state rules
+/// allow, with the finding's field that `version` must equal. Every other kind has a
+/// compatible fix.
+const ACCEPTABLE: &[(&str, &str)] = &[
+    ("old-cannot-load-new", "new_version"),
+    ("subsection-version-raised", "new_version"),
+    ("new-cannot-load-old", "new_min_version"),
+];
+
+impl Accepted {
+    /// Whether `finding` (an object of `ferry compat-check --json`) is this break.
+    fn matches(&self, finding: &Value) -> bool {
+        let Some((_, field)) = ACCEPTABLE.iter().find(|(kind, _)| *kind == self.kind) else {
+            return false;
+        };
+        finding["kind"] == self.kind.as_str()
+            && finding["device"] == self.device.as_str()
+            && finding.get("subsection").and_then(Value::as_str) == self.subsection.as_deref()
+            && finding[*field] == self.version
+    }
+}
+
 /// The repository's top directory.
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -90,6 +137,43 @@ fn read_record(root: &Path) -> Vec<Release> {
     let record: Record =
         toml::from_str(&text).unwrap_or_else(|e| panic!("{} does not parse:\n{e}", path.display()));
     record.release
+}
+
+/// Reads `compat/accepted-breaks.toml` under `root`.
+fn read_accepted(root: &Path) -> Vec<Accepted> {
+    let path = root.join("compat/accepted-breaks.toml");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    let file: AcceptedFile =
+        toml::from_str(&text).unwrap_or_else(|e| panic!("{} does not parse:\n{e}", path.display()));
+    file.breaks
+}
+
+/// Everything wrong with the accepted breaks, one line each.
+fn accepted_problems(accepted: &[Accepted], releases: &[Release]) -> Vec<String> {
+    let mut problems = Vec::new();
+    for a in accepted {
+        let at = format!("accepted {} of {} against {}", a.kind, a.device, a.release);
+        if !ACCEPTABLE.iter().any(|(kind, _)| *kind == a.kind) {
+            let kinds: Vec<&str> = ACCEPTABLE.iter().map(|(kind, _)| *kind).collect();
+            problems.push(format!(
+                "{at}: only {} can be accepted; fix the change instead (RELEASING.md)",
+                kinds.join(", ")
+            ));
+        }
+        if (a.kind == "subsection-version-raised") != a.subsection.is_some() {
+            problems.push(format!(
+                "{at}: subsection is named for kind subsection-version-raised, and only then"
+            ));
+        }
+        if !releases.iter().any(|r| r.version == a.release) {
+            problems.push(format!("{at}: release {} is not recorded", a.release));
+        }
+        if a.why.trim().is_empty() {
+            problems.push(format!("{at}: why is empty"));
+        }
+    }
+    problems
 }
 
 /// `X.Y.Z` as numbers; `None` for anything else (a release has no pre-release suffix).
@@ -205,14 +289,19 @@ fn record_problems(root: &Path, releases: &[Release]) -> Vec<String> {
     problems
 }
 
-/// `ferry compat-check OLD NEW`.
-fn compat_check(old: &Path, new: &Path) -> Output {
+/// `ferry compat-check [--json] OLD NEW`.
+fn compat_check(old: &Path, new: &Path, json: bool) -> Output {
+    let json = if json { &["--json"][..] } else { &[] };
     ferry(
         &[
-            "compat-check",
-            old.to_str().expect("a UTF-8 path"),
-            new.to_str().expect("a UTF-8 path"),
-        ],
+            &["compat-check"][..],
+            json,
+            &[
+                old.to_str().expect("a UTF-8 path"),
+                new.to_str().expect("a UTF-8 path"),
+            ],
+        ]
+        .concat(),
         QUICK,
     )
 }
@@ -243,25 +332,60 @@ fn dump_current(dir: &TestDir) -> (PathBuf, VmStateDump) {
 }
 
 /// Runs `ferry compat-check` of every recorded release's golden dump under `root` against
-/// `current`; one failure each, with the checker's lines.
-fn check_releases(root: &Path, releases: &[Release], current: &Path) -> Vec<String> {
+/// `current`. One failure per release with findings that are not accepted, listing the
+/// checker's lines, and one per accepted break that matches no finding.
+fn check_releases(
+    root: &Path,
+    releases: &[Release],
+    accepted: &[Accepted],
+    current: &Path,
+) -> Vec<String> {
     let mut failures = Vec::new();
+    let mut used = vec![false; accepted.len()];
     for r in releases {
-        let run = compat_check(&root.join(&r.dump), current);
-        if run.status.success() {
-            continue;
-        }
-        let what = if run.status.code() == Some(BREAKS_FOUND) {
-            format!(
-                "this build breaks migration with release {} (cut from {} on {}); \
-                 add a version step, a subsection, a compat entry or a negotiated \
-                 capability (RELEASING.md says which for each finding):",
-                r.version, r.commit, r.date
-            )
-        } else {
-            format!("release {}: ferry compat-check could not run:", r.version)
+        let run = compat_check(&root.join(&r.dump), current, true);
+        let report: Option<Value> = match run.status.code() {
+            Some(0) | Some(BREAKS_FOUND) => serde_json::from_str(&run.stdout).ok(),
+            _ => None,
         };
-        failures.push(format!("{what}\n{}{}", run.stdout, run.stderr));
+        let Some(report) = report else {
+            failures.push(format!(
+                "release {}: ferry compat-check could not compare:\n{run}",
+                r.version
+            ));
+            continue;
+        };
+        let mut broken = Vec::new();
+        for finding in report["findings"].as_array().into_iter().flatten() {
+            let by = accepted
+                .iter()
+                .position(|a| a.release == r.version && a.matches(finding));
+            match by {
+                Some(i) => used[i] = true,
+                None => broken.push(finding["message"].as_str().unwrap_or("?").to_string()),
+            }
+        }
+        if !broken.is_empty() {
+            failures.push(format!(
+                "this build breaks migration with release {} (cut from {} on {}); every change \
+                 to the wire, a device state or what the guest sees needs a version step, a \
+                 subsection, a compat entry or a negotiated capability (RELEASING.md says which \
+                 for each finding):\n{}",
+                r.version,
+                r.commit,
+                r.date,
+                broken.join("\n")
+            ));
+        }
+    }
+    for (a, used) in accepted.iter().zip(used) {
+        if !used {
+            failures.push(format!(
+                "accepted break {} of {} (version {}) against release {} matches no finding: \
+                 remove it from compat/accepted-breaks.toml",
+                a.kind, a.device, a.version, a.release
+            ));
+        }
     }
     failures
 }
@@ -276,6 +400,12 @@ fn the_record_of_releases_is_valid() {
         "compat/releases.toml:\n{}",
         problems.join("\n")
     );
+    let problems = accepted_problems(&read_accepted(&root), &releases);
+    assert!(
+        problems.is_empty(),
+        "compat/accepted-breaks.toml:\n{}",
+        problems.join("\n")
+    );
 }
 
 #[test]
@@ -286,7 +416,7 @@ fn this_build_migrates_with_every_recorded_release() {
     let (current, _) = dump_current(&dir);
 
     // Always: the build against itself, through the same command.
-    let own = compat_check(&current, &current);
+    let own = compat_check(&current, &current, false);
     assert!(
         own.status.success(),
         "this build is not compatible with itself:\n{}",
@@ -296,7 +426,7 @@ fn this_build_migrates_with_every_recorded_release() {
         println!("no release recorded yet: checked this build against itself only");
     }
 
-    let failures = check_releases(&root, &releases, &current);
+    let failures = check_releases(&root, &releases, &read_accepted(&root), &current);
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
@@ -387,11 +517,17 @@ impl ScratchRepo {
         Self { dir, releases }
     }
 
-    /// Writes `changed` as the next build's dump and runs the release check on it.
-    fn check(&self, changed: &VmStateDump) -> (String, Vec<String>) {
+    /// Writes `changed` as the next build's dump and `accepted` as its accepted breaks,
+    /// and runs the release check on them.
+    fn check(&self, changed: &VmStateDump, accepted: &str) -> (String, Vec<String>) {
         let path = self.dir.join("changed.json");
         std::fs::write(&path, changed.to_json()).expect("write the changed dump");
-        let failures = check_releases(self.dir.path(), &self.releases, &path);
+        std::fs::write(self.dir.join("compat/accepted-breaks.toml"), accepted)
+            .expect("write the accepted breaks");
+        let accepted = read_accepted(self.dir.path());
+        let problems = accepted_problems(&accepted, &self.releases);
+        assert!(problems.is_empty(), "{}", problems.join("\n"));
+        let failures = check_releases(self.dir.path(), &self.releases, &accepted, &path);
         (path.display().to_string(), failures)
     }
 }
@@ -431,7 +567,7 @@ fn a_field_removed_without_a_version_step_is_caught() {
         "removing {device}.{field} is not a FieldRemoved finding: {findings:?}"
     );
 
-    let (path, failures) = repo.check(&changed);
+    let (path, failures) = repo.check(&changed, "");
     let text = failures.join("\n");
     assert_eq!(failures.len(), 1, "{path}: {text}");
     assert!(
@@ -498,7 +634,7 @@ fn a_default_changed_without_a_compat_entry_is_caught() {
         "changing the default of {driver}.{property} is not a ValueChanged finding: {findings:?}"
     );
 
-    let (path, failures) = repo.check(&changed);
+    let (path, failures) = repo.check(&changed, "");
     let text = failures.join("\n");
     assert_eq!(failures.len(), 1, "{path}: {text}");
     assert!(
@@ -539,6 +675,68 @@ fn a_default_changed_with_its_machine_type_and_compat_entry_passes() {
     VmStateDump::from_json(&changed.to_json()).expect("the edited dump is still a valid dump");
 
     assert_eq!(check(&release, &changed), vec![]);
-    let (path, failures) = repo.check(&changed);
+    let (path, failures) = repo.check(&changed, "");
     assert!(failures.is_empty(), "{path}: {}", failures.join("\n"));
+}
+
+#[test]
+fn a_version_step_passes_only_while_it_is_accepted() {
+    let release = released();
+    let repo = ScratchRepo::new("version-step", &release);
+
+    // State rule 2: a new field at a new version. The release loads the old version only.
+    let mut changed = release.clone();
+    let device = &mut changed.devices[0];
+    device.version += 1;
+    device.max_encoded_size += 4;
+    device.fields.push(
+        serde_json::from_value(serde_json::json!({
+            "name": "extra", "kind": {"type": "u32"}, "since": device.version,
+            "encoded_size": 4, "max_encoded_size": 4
+        }))
+        .expect("a field"),
+    );
+    let (name, stepped) = (device.name.clone(), device.version);
+    VmStateDump::from_json(&changed.to_json()).expect("the edited dump is still a valid dump");
+    let findings = check(&release, &changed);
+    assert!(
+        matches!(&findings[..], [Finding::OldCannotLoadNew { device, new_version, .. }]
+            if *device == name && *new_version == stepped),
+        "{findings:?}"
+    );
+
+    let (path, failures) = repo.check(&changed, "");
+    let text = failures.join("\n");
+    assert_eq!(failures.len(), 1, "{path}: {text}");
+    assert!(
+        text.contains(&format!(
+            "device state {name}: NEW writes version {stepped}"
+        )),
+        "{text}"
+    );
+
+    let accepted = format!(
+        "[[break]]\nrelease = \"{}\"\nkind = \"old-cannot-load-new\"\ndevice = \"{name}\"\n\
+         version = {stepped}\nwhy = \"a test\"\n",
+        release.release
+    );
+    let (path, failures) = repo.check(&changed, &accepted);
+    assert!(failures.is_empty(), "{path}: {}", failures.join("\n"));
+
+    // Accepting a break that is not there fails: it would let a later one through.
+    let (path, failures) = repo.check(&release, &accepted);
+    let text = failures.join("\n");
+    assert_eq!(failures.len(), 1, "{path}: {text}");
+    assert!(text.contains("matches no finding"), "{text}");
+
+    // A finding with a compatible fix cannot be accepted.
+    let field_removed: AcceptedFile =
+        toml::from_str(&accepted.replace("old-cannot-load-new", "field-removed")).expect("parses");
+    let problems = accepted_problems(&field_removed.breaks, &repo.releases);
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("only old-cannot-load-new")),
+        "{problems:?}"
+    );
 }
