@@ -12,9 +12,9 @@
 //!   `ferry compat-check GOLDEN CURRENT` for every recorded release. Each finding is a
 //!   change that breaks migration on a shipped machine type, and fails the test with the
 //!   checker's own lines, unless `compat/accepted-breaks.toml` lists it as a one-way step
-//!   taken on purpose (a state version step, or a raised `min_version`); an accepted break
-//!   that matches no finding fails too. With no release recorded yet this build is checked
-//!   against itself, which must give no finding;
+//!   taken on purpose (a version step of a state or subsection, or a raised
+//!   `min_version`); an accepted break that matches no finding fails too. With no release
+//!   recorded yet this build is checked against itself, which must give no finding;
 //! * check this build's version: never below a recorded release, and when equal to one,
 //!   the build must dump exactly that release's golden dump (a change after the cut opens
 //!   the next version first), and the newest machine type is `ferry-X.Y` of the version;
@@ -31,13 +31,14 @@
 //! # Why the `toml` crate
 //!
 //! The record is TOML so that it can carry comments on its format, be appended to by a
-//! script and be read by people in review, as `Cargo.toml` is. Reading it here needs
-//! a TOML parser, and the `toml` crate is the well-kept one (the toml-rs project, whose
-//! `toml_edit` Cargo itself is built on). It is a dev-dependency only, so the `ferry`
-//! binary does not carry it; its parser crates (`toml_parser`, `toml_datetime`, `winnow`)
-//! were already in `Cargo.lock`, so it added three small crates, all with the workspace's
-//! `rust-version` 1.85. A hand-written reader of a TOML subset would be less code to
-//! download but one more parser to get wrong, on a file whose mistakes should fail loudly.
+//! script and be read by people in review, as `Cargo.toml` is. Reading it here needs a TOML
+//! parser, and the `toml` crate is the well-kept one: it comes from the toml-rs project,
+//! whose crates Cargo itself reads `Cargo.toml` with. It is a dev-dependency only, so the
+//! `ferry` binary does not carry it; its parser crates (`toml_parser`, `toml_datetime`,
+//! `winnow`) were already in `Cargo.lock`, so it added three small crates, all with the
+//! workspace's `rust-version` 1.85. A hand-written reader of a TOML subset would be less
+//! code to download but one more parser to get wrong, on a file whose mistakes should
+//! fail loudly.
 
 mod common;
 
