@@ -1,10 +1,12 @@
 //! The machine types this release ships and the drivers they configure.
 //!
 //! `ferry-0.1` is the first release's machine type and, for now, the newest, so its
-//! compat table is empty: every property has its default. When release 0.2 changes a
-//! default that matters to migration or to the guest, it adds `ferry-0.2` at the front
-//! of [`MACHINES`] and puts the entry that restores the old value into `ferry-0.1`'s
-//! table (see `ferry_migration::compat` for the rules).
+//! compat table is empty: every property has its default. Once 0.1.0 is cut, the next
+//! version is opened at once (RELEASING.md): `ferry-0.2` goes at the front of
+//! [`MACHINES`], and every change of 0.2 to a default that matters to migration or to the
+//! guest puts the entry that restores the old value into `ferry-0.1`'s table (see
+//! `ferry_migration::compat` for the rules). The newest machine type is always `ferry-X.Y`
+//! of the workspace version, which `tests/compat_releases.rs` checks.
 
 use ferry_migration::compat::{DriverDef, MachineDef, Registry};
 use ferry_migration::engine::MIGRATION_DRIVER;
