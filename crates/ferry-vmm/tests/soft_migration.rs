@@ -14,7 +14,10 @@ use ferry_migration::engine::{
     MigrationParams, MigrationStatus, MigrationUri, SourceIdentity,
 };
 use ferry_migration::state::{DeviceState, StateSchema};
-use ferry_migration::wire::{FrameHeader, FrameTag, RamBatchHeader, RefuseCause, StreamHeader};
+use ferry_migration::wire::{
+    ChannelHeader, Compression, FrameHeader, FrameTag, RamBatchHeader, RefuseCause, StreamHeader,
+    CHANNEL_VERSION,
+};
 use ferry_vmm::guest::GuestVm;
 use ferry_vmm::soft::{SoftConfig, SoftVm, SOFT_CONSOLE_SCHEMA};
 
@@ -647,4 +650,396 @@ fn connections_that_are_not_migrations_do_not_disturb_the_destination() {
         wait_passes(&dst, 3);
         assert_guest_intact(&dst);
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Data channels (multifd)
+
+fn with_channels(channels: u16, compression: Compression) -> MigrationParams {
+    MigrationParams {
+        multifd_channels: channels,
+        multifd_compression: compression,
+        ..params()
+    }
+}
+
+#[test]
+fn live_migrations_over_0_1_2_and_4_channels_with_and_without_zstd_keep_memory_intact() {
+    for (channels, compression) in [
+        (0, Compression::None),
+        (1, Compression::None),
+        (2, Compression::None),
+        (4, Compression::None),
+        (1, Compression::Zstd),
+        (4, Compression::Zstd),
+    ] {
+        let what = format!("{channels} channels, {}", compression.name());
+        let cfg = SoftConfig {
+            mem_size: 64 << 20,
+            dirty_size: 8 << 20,
+            // Incompressible data too, so zstd sees both kinds of page.
+            fill: 4 << 20,
+            console_every: 50,
+            ..SoftConfig::default()
+        };
+        let src = Arc::new(SoftVm::create(&cfg).unwrap());
+        wait_passes(&src, 20);
+        let dst = Arc::new(
+            SoftVm::create(&SoftConfig {
+                incoming: true,
+                ..cfg.clone()
+            })
+            .unwrap(),
+        );
+        // The destination follows the hello: its own channel setting does not matter.
+        let d = spawn_dest(dst.clone(), dest_id(), params());
+        let p = with_channels(channels, compression);
+        let info = engine::migrate(
+            src.as_ref(),
+            &source_id(),
+            &p,
+            &d.uri,
+            &MigrationMonitor::new(),
+        )
+        .unwrap_or_else(|e| panic!("{what}: {}", engine::error_chain(&e)));
+        let dinfo = d.handle.join().unwrap().unwrap();
+        assert_eq!(info.verified.as_deref(), Some("digest+full"), "{what}");
+        assert_eq!(
+            dinfo.session, info.session,
+            "{what}: both sides name the session"
+        );
+        let at_stop = src.report().passes[0];
+        wait_passes(&dst, at_stop + 5);
+        assert_guest_intact(&dst);
+        if channels == 0 {
+            assert!(info.multifd.is_none(), "{what}");
+            continue;
+        }
+        let m = info.multifd.expect("multifd statistics");
+        let dm = dinfo.multifd.expect("destination multifd statistics");
+        assert_eq!(m.channels, channels, "{what}");
+        assert_eq!(dm.channels, channels, "{what}");
+        assert_eq!(m.per_channel.len(), channels as usize, "{what}");
+        assert!(
+            m.per_channel.iter().all(|c| c.pages > 0),
+            "{what}: a channel carried no pages: {:?}",
+            m.per_channel
+        );
+        assert_eq!(
+            m.wire_bytes, dm.wire_bytes,
+            "{what}: bytes sent and received"
+        );
+        assert!(
+            m.syncs >= 2,
+            "{what}: a pass sync and the last one at least"
+        );
+        if compression == Compression::Zstd {
+            assert!(
+                m.wire_bytes < m.raw_bytes,
+                "{what}: zstd did not shrink anything ({} of {})",
+                m.wire_bytes,
+                m.raw_bytes
+            );
+        } else {
+            assert!(m.wire_bytes > m.raw_bytes, "{what}: headers and raw pages");
+        }
+    }
+}
+
+#[test]
+fn a_data_channel_closed_mid_migration_fails_naming_it_and_a_retry_succeeds() {
+    let src = soft(false, 64 << 20, 16 << 20);
+    wait_passes(&src, 10);
+    let dst = soft(true, 64 << 20, 16 << 20);
+    let d = spawn_dest(dst.clone(), dest_id(), params());
+    let mut p = with_channels(2, Compression::None);
+    p.faults.close_channel_after = Some((1, 3));
+    let m = MigrationMonitor::new();
+    let err = engine::migrate(src.as_ref(), &source_id(), &p, &d.uri, &m).unwrap_err();
+    let text = engine::error_chain(&err);
+    assert!(text.contains("data channel 1"), "{text}");
+    assert_eq!(m.status(), MigrationStatus::Failed);
+    let derr = engine::error_chain(&d.handle.join().unwrap().unwrap_err());
+    assert!(derr.contains("data channel 1"), "destination: {derr}");
+    assert!(!dst.is_running(), "the destination must not resume");
+    assert!(src.is_running(), "the source must keep running");
+    let before = src.report().passes[0];
+    wait_passes(&src, before + 5);
+
+    let dst = soft(true, 64 << 20, 16 << 20);
+    let d = spawn_dest(dst.clone(), dest_id(), params());
+    engine::migrate(
+        src.as_ref(),
+        &source_id(),
+        &with_channels(2, Compression::None),
+        &d.uri,
+        &MigrationMonitor::new(),
+    )
+    .unwrap();
+    d.handle.join().unwrap().unwrap();
+    assert_guest_intact(&dst);
+}
+
+#[test]
+fn a_data_channel_that_never_connects_fails_naming_it_and_a_retry_succeeds() {
+    let src = soft(false, 32 << 20, 4 << 20);
+    wait_passes(&src, 10);
+    let dst = soft(true, 32 << 20, 4 << 20);
+    let mut dp = params();
+    dp.faults.channel_wait = Some(Duration::from_millis(500));
+    let d = spawn_dest(dst.clone(), dest_id(), dp);
+    let mut p = with_channels(3, Compression::None);
+    p.faults.skip_channel = Some(1);
+    let m = MigrationMonitor::new();
+    let err = engine::migrate(src.as_ref(), &source_id(), &p, &d.uri, &m).unwrap_err();
+    let text = engine::error_chain(&err);
+    assert!(
+        text.contains("data channel 1 of 3 did not connect"),
+        "{text}"
+    );
+    assert_eq!(
+        m.info().ram.transferred,
+        0,
+        "RAM moved without all channels"
+    );
+    d.handle.join().unwrap().unwrap_err();
+    assert!(!dst.is_running());
+    assert!(src.is_running(), "the source must keep running");
+
+    let dst = soft(true, 32 << 20, 4 << 20);
+    let d = spawn_dest(dst.clone(), dest_id(), params());
+    engine::migrate(
+        src.as_ref(),
+        &source_id(),
+        &with_channels(3, Compression::None),
+        &d.uri,
+        &MigrationMonitor::new(),
+    )
+    .unwrap();
+    d.handle.join().unwrap().unwrap();
+    assert_guest_intact(&dst);
+}
+
+/// Connects to `addr`, sends `bytes`, and returns whatever comes back before the
+/// destination closes (a refusal, or nothing).
+fn knock(addr: &str, bytes: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let _ = s.write_all(bytes);
+    let mut back = Vec::new();
+    let _ = s.read_to_end(&mut back);
+    back
+}
+
+#[test]
+fn stray_connections_are_turned_away_without_disturbing_the_migration() {
+    let src = soft(false, 32 << 20, 4 << 20);
+    wait_passes(&src, 5);
+    let dst = soft(true, 32 << 20, 4 << 20);
+    let d = spawn_dest(dst.clone(), dest_id(), params());
+    let MigrationUri::Tcp(addr) = d.uri.clone() else {
+        unreachable!()
+    };
+    // Slow enough that the strays arrive while pages move.
+    let p = MigrationParams {
+        max_bandwidth: 16 << 20,
+        ..with_channels(2, Compression::None)
+    };
+    let m = Arc::new(MigrationMonitor::new());
+    let (m2, uri) = (Arc::clone(&m), d.uri.clone());
+    let src2 = src.clone();
+    let migration =
+        thread::spawn(move || engine::migrate(src2.as_ref(), &source_id(), &p, &uri, &m2));
+    let t = Instant::now();
+    while m.status() != MigrationStatus::Active {
+        assert!(t.elapsed() < Duration::from_secs(20), "never went active");
+        thread::sleep(Duration::from_millis(2));
+    }
+    let session = u64::from_str_radix(m.info().session.as_deref().unwrap(), 16).unwrap();
+    let header = |session, index, count| {
+        let mut b = ChannelHeader {
+            version: CHANNEL_VERSION,
+            session_id: session,
+            index,
+            count,
+        }
+        .encode();
+        if index >= count {
+            // Encoders never write this; a hostile peer may.
+            b[24..26].copy_from_slice(&index.to_le_bytes());
+        }
+        b.to_vec()
+    };
+    let strays: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "garbage",
+            b"GET / HTTP/1.1\r\n\r\n".to_vec(),
+            "not a ferry migration connection",
+        ),
+        (
+            "wrong session",
+            header(session ^ 1, 0, 2),
+            "not this migration's",
+        ),
+        (
+            "duplicate index",
+            header(session, 0, 2),
+            "after all channels were bound",
+        ),
+        (
+            "index out of range",
+            header(session, 2, 2),
+            "bad channel header",
+        ),
+        (
+            "wrong count",
+            header(session, 0, 3),
+            "after all channels were bound",
+        ),
+        (
+            "second main stream",
+            StreamHeader { version: 1 }.encode().to_vec(),
+            "a second migration stream",
+        ),
+    ];
+    for (what, bytes, _) in &strays {
+        let back = knock(&addr, bytes);
+        if *what == "second main stream" {
+            let fh = FrameHeader::decode(&back[..FrameHeader::LEN].try_into().unwrap()).unwrap();
+            assert_eq!(fh.tag, FrameTag::Refuse, "{what}");
+            let r = ferry_migration::wire::Refuse::decode(&back[FrameHeader::LEN..]).unwrap();
+            assert_eq!(r.cause, RefuseCause::Busy);
+            assert!(r.reason.contains("already receiving"), "{}", r.reason);
+        } else {
+            assert!(
+                back.is_empty(),
+                "{what}: nothing goes back on a data channel"
+            );
+        }
+    }
+    assert_eq!(
+        m.status(),
+        MigrationStatus::Active,
+        "the strays disturbed the migration"
+    );
+    let info = migration.join().unwrap().unwrap();
+    assert_eq!(info.status, MigrationStatus::Completed);
+    let dinfo = d.handle.join().unwrap().unwrap();
+    let seen = dinfo.multifd.unwrap().strays;
+    assert_eq!(seen.len(), strays.len(), "{seen:#?}");
+    for (what, _, reason) in &strays {
+        assert!(
+            seen.iter().any(|s| s.contains(reason)),
+            "{what}: no stray says {reason:?}: {seen:#?}"
+        );
+    }
+    wait_passes(&dst, src.report().passes[0] + 3);
+    assert_guest_intact(&dst);
+}
+
+/// The hazard the sync barrier exists for, shown both ways. The guest rewrites the same
+/// 768 pages continually and the source makes six passes before it may converge; the
+/// destination holds every packet of channel 1 for 20 ms. Without syncs, channel 1
+/// falls behind and the older copies it carries land after newer copies of the same
+/// pages sent on channels 0 and 2. With them (the rule of this release) they never do.
+#[test]
+fn the_sync_barrier_keeps_stale_pages_out_and_a_no_sync_mode_lets_them_in() {
+    const RUNS: usize = 10;
+    const MAX_NO_SYNC_RUNS: usize = 20;
+    let cfg = SoftConfig {
+        mem_size: 16 << 20,
+        dirty_size: 768 * 4096,
+        console_every: 1_000_000,
+        ..SoftConfig::default()
+    };
+    // One migration; returns (source result, destination result, pages wrong at the
+    // destination if it resumed).
+    let run = |no_sync: bool, digest: bool| {
+        let src = Arc::new(SoftVm::create(&cfg).unwrap());
+        wait_passes(&src, 50);
+        let dst = Arc::new(
+            SoftVm::create(&SoftConfig {
+                incoming: true,
+                ..cfg.clone()
+            })
+            .unwrap(),
+        );
+        let sid = SourceIdentity {
+            wire_props: wire_props(digest),
+            ..source_id()
+        };
+        let did = DestinationIdentity {
+            wire_props: wire_props(digest),
+            ..dest_id()
+        };
+        let base = MigrationParams {
+            digest,
+            verify_full: false,
+            ..with_channels(3, Compression::None)
+        };
+        let mut dp = base.clone();
+        dp.faults.delay_channel = Some((1, Duration::from_millis(20)));
+        let mut sp = base;
+        sp.faults.no_sync = no_sync;
+        // Pass after pass until the sixth, so old copies pile up behind the slow
+        // channel; then a generous limit lets the migration converge.
+        sp.downtime_limit = Duration::from_nanos(1);
+        let d = spawn_dest(dst.clone(), did, dp);
+        let m = Arc::new(MigrationMonitor::new());
+        let m2 = Arc::clone(&m);
+        let release = thread::spawn(move || {
+            let t = Instant::now();
+            while m2.info().passes.len() < 6
+                && !m2.status().is_finished()
+                && t.elapsed() < Duration::from_secs(20)
+            {
+                thread::sleep(Duration::from_millis(1));
+            }
+            m2.set_downtime_limit(Duration::from_secs(60));
+        });
+        let s = engine::migrate(src.as_ref(), &sid, &sp, &d.uri, &m);
+        release.join().unwrap();
+        let r = d.handle.join().unwrap();
+        let wrong = dst.is_running().then(|| {
+            // Stop the guest so the check sees memory and registers of one moment.
+            dst.pause().unwrap();
+            dst.verify().unwrap().1
+        });
+        (s, r, wrong)
+    };
+    let mut with_sync_bad = 0;
+    for _ in 0..RUNS {
+        let (s, r, wrong) = run(false, true);
+        let ok = s.is_ok() && r.is_ok() && wrong == Some(0);
+        with_sync_bad += usize::from(!ok);
+    }
+    // The corruption needs an unlucky order of packets, so the no-sync mode runs until
+    // it has been caught both ways (each run is over half likely to corrupt).
+    let (mut digest_caught, mut pattern_caught, mut tries) = (0, 0, 0);
+    while (digest_caught == 0 || pattern_caught == 0) && tries < MAX_NO_SYNC_RUNS {
+        tries += 1;
+        // With the digest: the destination refuses to resume.
+        let (_, r, wrong) = run(true, true);
+        if matches!(&r, Err(MigrationError::Verify(m)) if m.contains("digest")) {
+            digest_caught += 1;
+            assert_eq!(wrong, None, "resumed although the digest failed");
+        }
+        // Without it, the guest resumes with stale pages, which its pattern shows.
+        let (_, _, wrong) = run(true, false);
+        if wrong.is_some_and(|w| w > 0) {
+            pattern_caught += 1;
+        }
+    }
+    eprintln!(
+        "with syncs: {with_sync_bad}/{RUNS} runs wrong; no sync: digest caught {digest_caught}/{tries}, pattern caught {pattern_caught}/{tries}"
+    );
+    assert_eq!(with_sync_bad, 0, "the sync rule let a stale page win");
+    assert!(
+        digest_caught > 0,
+        "the no-sync mode never corrupted: the test cannot show the rule matters"
+    );
+    assert!(
+        pattern_caught > 0,
+        "the page pattern never showed a stale page without the digest"
+    );
 }

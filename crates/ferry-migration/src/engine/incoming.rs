@@ -343,10 +343,6 @@ fn sort(door: &Door, mut ch: Channel, peer: String) {
     }
     let mut st = door.st.lock().unwrap();
     let reason = match st.expect {
-        _ if st.closed => Some(format!(
-            "data channel {} arrived after all channels were bound",
-            h.index
-        )),
         None => Some(format!(
             "data channel {} of session {:#x} before any migration announced channels",
             h.index, h.session_id
@@ -358,6 +354,10 @@ fn sort(door: &Door, mut ch: Channel, peer: String) {
         Some((_, count)) if count != h.count => Some(format!(
             "data channel {} says {} channels, the migration has {count}",
             h.index, h.count
+        )),
+        _ if st.closed => Some(format!(
+            "data channel {} arrived after all channels were bound",
+            h.index
         )),
         Some(_) if st.data[h.index as usize].is_some() => {
             Some(format!("data channel {} is already bound", h.index))
