@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import ctypes
 import datetime as _dt
 import json
 import math
+import mmap
 import os
 import re
 import shutil
@@ -62,6 +64,60 @@ GUEST_WINDOW_S = 1.0  # the guest's pass rate is measured over this long before 
 POLL_S = 0.01
 
 VCPU_THREAD = re.compile(r"^(CPU \d+/KVM|vcpu\d+|soft-vcpu\d+)$")
+
+
+# --------------------------------------------------------------------------------------------
+# Memory temperature
+# --------------------------------------------------------------------------------------------
+#
+# A destination's time goes mostly into first touches of fresh memory, and what a first touch
+# costs depends on how recently the memory was freed: on a host that is itself a VM which
+# hands free memory back to its hypervisor (free page reporting), a page freed less than a
+# second ago is zeroed and reused in place (~6 GB/s here), one freed ten seconds ago has to
+# come back from the hypervisor (~0.4 GB/s). The system measured right after the other would
+# get the other's freed memory cheaply, so every migration waits until the driver has freed
+# nothing for --cool seconds.
+
+_last_free = [time.monotonic()]
+
+
+def freed_memory() -> None:
+    """Notes that the driver (a process it ran, a buffer it unmapped) gave memory back."""
+    _last_free[0] = time.monotonic()
+
+
+def cool_down(seconds: float) -> float:
+    """Waits until `seconds` have passed since memory was last freed; returns the wait."""
+    wait = _last_free[0] + seconds - time.monotonic()
+    if wait > 0:
+        time.sleep(wait)
+    return round(max(wait, 0.0), 2)
+
+
+def ref_cold_copy(size: int, cool: float) -> dict:
+    """memcpy of `size` bytes into memory never touched, advised to use huge pages like both
+    systems' guest RAM, after `cool` seconds without frees: the first-touch bound a
+    destination meets."""
+    src = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    sv = (ctypes.c_char * size).from_buffer(src)
+    try:
+        ctypes.memset(ctypes.addressof(sv), 0x5A, size)
+        waited = cool_down(cool)
+        dst = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        dst.madvise(mmap.MADV_HUGEPAGE)
+        dv = (ctypes.c_char * size).from_buffer(dst)
+        try:
+            t = time.perf_counter()
+            ctypes.memmove(ctypes.addressof(dv), ctypes.addressof(sv), size)
+            gbs = size / (time.perf_counter() - t) / 1e9
+        finally:
+            del dv
+            dst.close()
+    finally:
+        del sv
+        src.close()
+        freed_memory()
+    return {"size": size, "cold_thp_gbs": gbs, "cool_wait_s": waited}
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,6 +317,18 @@ def gb_per_s(nbytes: int | None, ms: float | None) -> float | None:
     return nbytes / (ms / 1e3) / 1e9 if nbytes and ms else None
 
 
+def anon_huge_bytes(pid: int) -> int | None:
+    """AnonHugePages of a process: how much of its memory transparent huge pages back."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("AnonHugePages:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def event_time(ev: dict) -> float | None:
     ts = ev.get("timestamp") or {}
     if "seconds" not in ts:
@@ -373,6 +441,7 @@ class Ctx:
     ferry_channels: bool
     tmp: Path
     migrate_timeout: float
+    cool: float
 
 
 @dataclass
@@ -448,6 +517,7 @@ def run_ferry(ctx: Ctx, case: Case, channels: int, rnd: int) -> Run:
                 return min(p) if p and rep.get("running") else None
             r.guest = guest_window(count)
 
+        r.detail["cool_wait_s"] = cool_down(ctx.cool)
         cs, cd = CpuWindow(src.pid), CpuWindow(dst.pid)
         mig_cmd = [str(ctx.ferry), "migrate", "--qmp", str(d / "src.sock"), uri, "--json",
                    "--downtime-limit", str(case.downtime_limit_ms)]
@@ -519,6 +589,7 @@ def run_ferry(ctx: Ctx, case: Case, channels: int, rnd: int) -> Run:
             "cpu_dst_vcpu_s": cpu_d["vcpu_s"],
             "rss_src_peak": mb.peak_rss(src.pid),
             "rss_dst_peak": mb.peak_rss(dst.pid),
+            "thp_dst_bytes": anon_huge_bytes(dst.pid),
         }
         r.ok = True
     except BenchError as e:
@@ -537,6 +608,7 @@ def run_ferry(ctx: Ctx, case: Case, channels: int, rnd: int) -> Run:
         finally:
             reap(src)
             reap(dst)
+            freed_memory()
         if not r.ok:
             r.detail["src_stderr"] = mb.tail(d / "src.err")
             r.detail["dst_stderr"] = mb.tail(d / "dst.err")
@@ -636,6 +708,7 @@ def run_qemu(ctx: Ctx, case: Case, channels: int, rnd: int) -> Run:
                 raise BenchError(f"QEMU destination did not listen on port {port}")
             time.sleep(0.01)
 
+        r.detail["cool_wait_s"] = cool_down(ctx.cool)
         cs, cd = CpuWindow(src.pid), CpuWindow(dst.pid)
         qs.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
         end = time.monotonic() + ctx.migrate_timeout
@@ -709,6 +782,7 @@ def run_qemu(ctx: Ctx, case: Case, channels: int, rnd: int) -> Run:
             "cpu_dst_vcpu_s": cpu_d["vcpu_s"],
             "rss_src_peak": mb.peak_rss(src.pid),
             "rss_dst_peak": mb.peak_rss(dst.pid),
+            "thp_dst_bytes": anon_huge_bytes(dst.pid),
             "mbps_last": ram.get("mbps"),
         }
         r.ok = True
@@ -727,6 +801,7 @@ def run_qemu(ctx: Ctx, case: Case, channels: int, rnd: int) -> Run:
         finally:
             reap(src)
             reap(dst)
+            freed_memory()
         if not r.ok:
             r.detail["src_stderr"] = mb.tail(d / "src.err")
             r.detail["dst_stderr"] = mb.tail(d / "dst.err")
@@ -774,8 +849,9 @@ def summarise(results: dict) -> dict:
     rounds = results["rounds"]
     for key in ("tcp1", "tcpn"):
         refs[f"{key}_gbs"] = mb.stats([r[key].get("gbs") for r in rounds if r.get(key)])
-    for k in ("touched_gbs", "fresh_gbs", "fresh_thp_gbs"):
+    for k in ("touched_gbs", "fresh_gbs", "fresh_thp_gbs", "cold_thp_gbs"):
         refs[f"memcpy_{k}"] = mb.stats([r["memcpy"].get(k) for r in rounds if r.get("memcpy")])
+    out["other_cores"] = mb.stats([r.get("other_cores") for r in runs])
     out["targets"] = check_targets(results, out)
     return out
 
@@ -830,6 +906,12 @@ def render_markdown(results: dict) -> str:
                f"{' (uncommitted changes)' if mi.get('git_dirty') else ''}, "
                f"{mi.get('qemu_version')}, {results['started']}, {results['args']['runs']} "
                f"run(s), medians with (min–max); whole run {results.get('elapsed_s', 0):.0f} s.")
+    load = summary.get("other_cores")
+    if load:
+        out.append("")
+        out.append(f"Other work on the machine during the migrations (busy CPU not this "
+                   f"driver's): median {load['median']:.2f} cores, max {load['max']:.2f}, of "
+                   f"{mi.get('nproc')}.")
     if not mi.get("ferry_channels"):
         out.append("")
         out.append("This ferry has no `migration.multifd-channels`: every ferry migration used "
@@ -901,6 +983,9 @@ def render_markdown(results: dict) -> str:
                f"{mb.cell(refs.get('memcpy_fresh_gbs'), 'gbs')} |")
     out.append(f"| memcpy {a['memcpy_mib']} MiB into never-touched memory, MADV_HUGEPAGE | "
                f"{mb.cell(refs.get('memcpy_fresh_thp_gbs'), 'gbs')} |")
+    out.append(f"| memcpy {a.get('cold_mib', '?')} MiB into never-touched memory, MADV_HUGEPAGE, "
+               f"nothing freed for {a.get('cool', '?')} s before (cold) | "
+               f"{mb.cell(refs.get('memcpy_cold_thp_gbs'), 'gbs')} |")
     notes = []
     if results.get("interrupted"):
         notes.append("the run was interrupted; figures cover what finished")
@@ -937,7 +1022,7 @@ def render_svg(results: dict) -> str:
     for case, metric, limit, _ in TARGETS:
         limits[(case, metric)] = limit
     lo, hi = -3.0, 1.0  # log10 range: 0.001x .. 10x
-    label_w, panel_w, gap, row_h, top = 150, 330, 30, 18, 58
+    label_w, panel_w, gap, row_h, top = 150, 330, 60, 18, 58
     width = label_w + 2 * panel_w + gap + 20
     height = top + row_h * len(rows) + 40
     mi = results["machine"]
@@ -952,8 +1037,10 @@ def render_svg(results: dict) -> str:
          f'<text x="10" y="16" font-size="13" font-weight="bold">ferry / QEMU, medians of '
          f'{results["args"]["runs"]} run(s), same machine, same run (lower is better for '
          f'ferry)</text>',
-         f'<text x="10" y="31" fill="#555">{_esc(str(mi.get("git_describe")))} · '
-         f'{_esc(str(mi.get("qemu_version")))} · {_esc(results["started"])}</text>']
+         f'<text x="10" y="31" fill="#555">ferry {_esc(str(mi.get("git_commit"))[:12])}'
+         f'{" (uncommitted changes)" if mi.get("git_dirty") else ""} · '
+         f'{_esc(str(mi.get("qemu_version")).split("(")[0].strip())} · '
+         f'{_esc(results["started"])} · {mi.get("nproc")} CPUs</text>']
     for p, (metric, title) in enumerate(panels):
         x0 = label_w + p * (panel_w + gap)
         s.append(f'<text x="{x0}" y="{top - 12}" font-weight="bold">{title}</text>')
@@ -968,8 +1055,10 @@ def render_svg(results: dict) -> str:
             ratio = e["ratio"].get(metric)
             case = v.split("/")[0]
             if ratio is None or ratio <= 0:
-                s.append(f'<text x="{x_of(p, 1.0) + 4:.1f}" y="{y + 12}" fill="#a00">'
-                         f'no ratio</text>')
+                why = ("guest paused" if metric == "downtime_ms" and CASES[case].paused
+                       else "no ratio")
+                s.append(f'<text x="{x_of(p, 1.0) - 4:.1f}" y="{y + 12}" fill="#a00" '
+                         f'text-anchor="end">{why}</text>')
             else:
                 x1 = x_of(p, 1.0)
                 x2 = x_of(p, ratio)
@@ -988,7 +1077,12 @@ def render_svg(results: dict) -> str:
             if p == 0:
                 s.append(f'<text x="{label_w - 8}" y="{y + 12}" text-anchor="end">'
                          f'{_esc(v)}</text>')
+    load = summary.get("other_cores")
     s.append(f'<text x="10" y="{height - 8}" fill="#555">blue tick: the target for that case; '
+             f'green: ferry lower, red: ferry higher; other work on the machine during the '
+             f'migrations: median {load["median"]:.2f} cores (max {load["max"]:.2f})</text>'
+             if load else
+             f'<text x="10" y="{height - 8}" fill="#555">blue tick: the target for that case; '
              f'green: ferry lower, red: ferry higher</text>')
     s.append("</svg>")
     return "\n".join(s) + "\n"
@@ -1027,6 +1121,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                          "channel count)")
     ap.add_argument("--memcpy-mib", type=int, default=512, help="memcpy size, MiB")
     ap.add_argument("--memcpy-reps", type=int, default=3, help="memcpy repetitions per round")
+    ap.add_argument("--cool", type=float, default=10.0, metavar="S",
+                    help="start each migration only after the driver has freed no memory for "
+                         "S seconds, so neither system inherits the other's recently freed "
+                         "memory (default 10; see BENCHMARKS.md)")
+    ap.add_argument("--cold-mib", type=int, default=1024,
+                    help="size of the cold first-touch memcpy reference, MiB (default 1024)")
     ap.add_argument("--settle", type=float, default=10.0, metavar="S",
                     help="wait up to S seconds for other work to quieten before each "
                          "measurement (default 10; 0 disables)")
@@ -1079,6 +1179,8 @@ def main(argv: list[str]) -> int:
     atexit.register(mb.reap_all)
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, mb._on_signal)
+    # Ctrl-C, even when started from a shell that ignores SIGINT for background jobs.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     started = _dt.datetime.now().astimezone()
     out = a.out or REPO / "bench" / "out" / f"compare-{started:%Y%m%d-%H%M%S}.json"
@@ -1098,7 +1200,7 @@ def main(argv: list[str]) -> int:
     image = build_guest(tmp)
     ctx = Ctx(ferry=ferry, qemu=qemu, image=image, qemu_cpu=a.qemu_cpu,
               ferry_channels=ferry_knows_channels(ferry), tmp=tmp,
-              migrate_timeout=a.migrate_timeout)
+              migrate_timeout=a.migrate_timeout, cool=a.cool)
     if ctx.ferry_channels:
         log("ferry knows migration.multifd-channels: 1 channel = 0 (pages on the main "
             "connection), N = N multifd channels")
@@ -1122,7 +1224,8 @@ def main(argv: list[str]) -> int:
                  "iperf_seconds": a.iperf_seconds, "tcp_streams": a.tcp_streams,
                  "memcpy_mib": a.memcpy_mib, "memcpy_reps": a.memcpy_reps,
                  "settle": a.settle, "settle_below": a.settle_below,
-                 "migrate_timeout": a.migrate_timeout, "qemu_cpu": a.qemu_cpu},
+                 "migrate_timeout": a.migrate_timeout, "qemu_cpu": a.qemu_cpu,
+                 "cool": a.cool, "cold_mib": a.cold_mib},
         "cases": {c: vars(CASES[c]) for c in a.case_list},
         "machine": machine,
         "variants": variants,
@@ -1158,10 +1261,13 @@ def main(argv: list[str]) -> int:
                 if item == "memcpy":
                     try:
                         r = mb.ref_memcpy(a.memcpy_mib << 20, a.memcpy_reps)
+                        freed_memory()
+                        r.update(ref_cold_copy(a.cold_mib << 20, a.cool))
                         log(f"{tag} memcpy: touched {r['touched_gbs']:.2f}, never-touched "
-                            f"{r['fresh_gbs']:.2f}, never-touched+THP {r['fresh_thp_gbs']:.2f} "
-                            f"GB/s")
+                            f"{r['fresh_gbs']:.2f}, never-touched+THP {r['fresh_thp_gbs']:.2f}, "
+                            f"never-touched+THP cold {r['cold_thp_gbs']:.2f} GB/s")
                     except (OSError, ValueError) as e:
+                        freed_memory()
                         r = {"error": f"{type(e).__name__}: {e}"}
                         failed += 1
                         log(f"{tag} memcpy FAILED: {r['error']}")
