@@ -74,29 +74,45 @@ VCPU_THREAD = re.compile(r"^(CPU \d+/KVM|vcpu\d+|soft-vcpu\d+)$")
 # costs depends on how recently the memory was freed: on a host that is itself a VM which
 # hands free memory back to its hypervisor (free page reporting), a page freed less than a
 # second ago is zeroed and reused in place (~6 GB/s here), one freed ten seconds ago has to
-# come back from the hypervisor (~0.4 GB/s). The system measured right after the other would
-# get the other's freed memory cheaply, so every migration waits until the driver has freed
-# nothing for --cool seconds.
+# come back from the hypervisor (~0.4 GB/s). The kernel reports free memory a slice at a
+# time, so the more was freed the longer it stays warm: measured here, 1 GiB freed is mostly
+# cold after 1-8 s, 4 GiB freed is still warm after 5 s, half-warm after 10 s and cold after
+# 20 s. The system measured right after the other would get the other's freed memory
+# cheaply, so every migration first waits COOL_BASE_S + --cool seconds per GiB the driver
+# freed (at most COOL_MAX_S) since each free.
 
-_last_free = [time.monotonic()]
+COOL_BASE_S = 2.0
+COOL_MAX_S = 30.0
+# (when, bytes): what the driver gave back, and when. The run starts as if 2 GiB had just
+# been freed (a build, an earlier run).
+_frees: list[tuple[float, int]] = [(time.monotonic(), 2 * (1 << 30))]
 
 
-def freed_memory() -> None:
+def freed_memory(nbytes: int) -> None:
     """Notes that the driver (a process it ran, a buffer it unmapped) gave memory back."""
-    _last_free[0] = time.monotonic()
+    _frees.append((time.monotonic(), nbytes))
 
 
-def cool_down(seconds: float) -> float:
-    """Waits until `seconds` have passed since memory was last freed; returns the wait."""
-    wait = _last_free[0] + seconds - time.monotonic()
-    if wait > 0:
-        time.sleep(wait)
-    return round(max(wait, 0.0), 2)
+def held_bytes(*procs) -> int:
+    """Peak RSS of the live processes among `procs`: what they will free when they end."""
+    return sum(mb.peak_rss(p.pid) or 0 for p in procs if p is not None and p.poll() is None)
+
+
+def cool_down(per_gib: float) -> float:
+    """Waits until the memory freed lately is back with the hypervisor; returns the wait."""
+    if per_gib <= 0:
+        return 0.0
+    until = max(t + min(COOL_MAX_S, COOL_BASE_S + per_gib * n / (1 << 30)) for t, n in _frees)
+    now = time.monotonic()
+    del _frees[:-1]  # the latest alone can still matter after this wait
+    if until > now:
+        time.sleep(until - now)
+    return round(max(until - now, 0.0), 2)
 
 
 def ref_cold_copy(size: int, cool: float) -> dict:
     """memcpy of `size` bytes into memory never touched, advised to use huge pages like both
-    systems' guest RAM, after `cool` seconds without frees: the first-touch bound a
+    systems' guest RAM, once the memory freed lately is cold: the first-touch bound a
     destination meets."""
     src = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     sv = (ctypes.c_char * size).from_buffer(src)
@@ -116,7 +132,7 @@ def ref_cold_copy(size: int, cool: float) -> dict:
     finally:
         del sv
         src.close()
-        freed_memory()
+        freed_memory(2 * size)
     return {"size": size, "cold_thp_gbs": gbs, "cool_wait_s": waited}
 
 
@@ -600,6 +616,7 @@ def run_ferry(ctx: Ctx, case: Case, channels: int, rnd: int) -> Run:
         interrupted = True
         raise
     finally:
+        held = held_bytes(src, dst)
         try:
             reap(mig)
             if not interrupted:
@@ -608,7 +625,7 @@ def run_ferry(ctx: Ctx, case: Case, channels: int, rnd: int) -> Run:
         finally:
             reap(src)
             reap(dst)
-            freed_memory()
+            freed_memory(held)
         if not r.ok:
             r.detail["src_stderr"] = mb.tail(d / "src.err")
             r.detail["dst_stderr"] = mb.tail(d / "dst.err")
@@ -794,6 +811,7 @@ def run_qemu(ctx: Ctx, case: Case, channels: int, rnd: int) -> Run:
         interrupted = True
         raise
     finally:
+        held = held_bytes(src, dst)
         try:
             if not interrupted:
                 _finish(src, qs, "QEMU source", r.warnings)
@@ -801,7 +819,7 @@ def run_qemu(ctx: Ctx, case: Case, channels: int, rnd: int) -> Run:
         finally:
             reap(src)
             reap(dst)
-            freed_memory()
+            freed_memory(held)
         if not r.ok:
             r.detail["src_stderr"] = mb.tail(d / "src.err")
             r.detail["dst_stderr"] = mb.tail(d / "dst.err")
@@ -984,7 +1002,7 @@ def render_markdown(results: dict) -> str:
     out.append(f"| memcpy {a['memcpy_mib']} MiB into never-touched memory, MADV_HUGEPAGE | "
                f"{mb.cell(refs.get('memcpy_fresh_thp_gbs'), 'gbs')} |")
     out.append(f"| memcpy {a.get('cold_mib', '?')} MiB into never-touched memory, MADV_HUGEPAGE, "
-               f"nothing freed for {a.get('cool', '?')} s before (cold) | "
+               f"after the cooling wait (cold) | "
                f"{mb.cell(refs.get('memcpy_cold_thp_gbs'), 'gbs')} |")
     notes = []
     if results.get("interrupted"):
@@ -1121,10 +1139,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                          "channel count)")
     ap.add_argument("--memcpy-mib", type=int, default=512, help="memcpy size, MiB")
     ap.add_argument("--memcpy-reps", type=int, default=3, help="memcpy repetitions per round")
-    ap.add_argument("--cool", type=float, default=10.0, metavar="S",
-                    help="start each migration only after the driver has freed no memory for "
-                         "S seconds, so neither system inherits the other's recently freed "
-                         "memory (default 10; see BENCHMARKS.md)")
+    ap.add_argument("--cool", type=float, default=5.0, metavar="S",
+                    help="before each migration wait 2 s + S s per GiB the driver freed "
+                         "(at most 30 s) since each free, so that neither system inherits the "
+                         "other's recently freed memory (default 5; 0 disables; see "
+                         "BENCHMARKS.md)")
     ap.add_argument("--cold-mib", type=int, default=1024,
                     help="size of the cold first-touch memcpy reference, MiB (default 1024)")
     ap.add_argument("--settle", type=float, default=10.0, metavar="S",
@@ -1238,10 +1257,10 @@ def main(argv: list[str]) -> int:
             rr: dict = {"round": rnd, "runs": []}
             results["rounds"].append(rr)
             tag = f"[run {rnd}/{a.runs}]"
-            # The machine's limits: TCP first, memcpy half-way through the cases.
+            # The machine's limits around the cases: TCP first, memcpy last (it frees much
+            # memory, and the cooling after it overlaps the next round's TCP).
             items: list = [(c, ch) for c in a.case_list for ch in a.channel_list]
-            half = len(items) // 2
-            plan: list = ["tcp1", "tcpn", *items[:half], "memcpy", *items[half:]]
+            plan: list = ["tcp1", "tcpn", *items, "memcpy"]
             for k, item in enumerate(plan):
                 quiet = mb.settle(a.settle, a.settle_below) if a.settle > 0 else {}
                 window = mb.OtherLoad()
@@ -1261,13 +1280,13 @@ def main(argv: list[str]) -> int:
                 if item == "memcpy":
                     try:
                         r = mb.ref_memcpy(a.memcpy_mib << 20, a.memcpy_reps)
-                        freed_memory()
+                        freed_memory(3 * (a.memcpy_mib << 20))
                         r.update(ref_cold_copy(a.cold_mib << 20, a.cool))
                         log(f"{tag} memcpy: touched {r['touched_gbs']:.2f}, never-touched "
                             f"{r['fresh_gbs']:.2f}, never-touched+THP {r['fresh_thp_gbs']:.2f}, "
                             f"never-touched+THP cold {r['cold_thp_gbs']:.2f} GB/s")
                     except (OSError, ValueError) as e:
-                        freed_memory()
+                        freed_memory(3 * (a.memcpy_mib << 20))
                         r = {"error": f"{type(e).__name__}: {e}"}
                         failed += 1
                         log(f"{tag} memcpy FAILED: {r['error']}")
