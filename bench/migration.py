@@ -435,8 +435,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def ref_tcp(iperf3: str, seconds: int, tmp: Path) -> dict:
-    """Single-stream loopback TCP with iperf3, receiver's figure."""
+def ref_tcp(iperf3: str, seconds: int, tmp: Path, streams: int = 1) -> dict:
+    """Loopback TCP with iperf3 over `streams` parallel connections (-P), receiver's figure
+    summed over them."""
     last_err = ""
     for _attempt in range(3):
         port = free_port()
@@ -453,7 +454,8 @@ def ref_tcp(iperf3: str, seconds: int, tmp: Path) -> dict:
             if not tcp_listening(port):
                 last_err = f"iperf3 server did not listen on port {port}: {tail(err_path)}"
                 continue
-            r = run_tracked([iperf3, "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds), "-J"],
+            r = run_tracked([iperf3, "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds),
+                             "-P", str(streams), "-J"],
                             timeout=seconds + 30, stdin=subprocess.DEVNULL)
             try:
                 j = json.loads(r.stdout)
@@ -466,6 +468,7 @@ def ref_tcp(iperf3: str, seconds: int, tmp: Path) -> dict:
             sent = j["end"]["sum_sent"]
             cpu = j["end"].get("cpu_utilization_percent", {})
             return {
+                "streams": streams,
                 "gbs": recv["bits_per_second"] / 8 / 1e9,
                 "sent_gbs": sent["bits_per_second"] / 8 / 1e9,
                 "bytes": recv["bytes"],
