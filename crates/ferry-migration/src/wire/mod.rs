@@ -3,27 +3,55 @@
 //! # Shape of a migration
 //!
 //! One main channel, a byte stream (TCP or a unix socket). The source writes the forward
-//! stream; the destination answers on the same connection (the *return path*).
+//! stream; the destination answers on the same connection (the *return path*). Pages
+//! travel on N data channels of their own (multifd, N = the hello's `channels`), or on
+//! the main channel when N is 0.
 //!
 //! ```text
 //!  source                                              destination
 //!    | StreamHeader (16 bytes, fixed forever)                |
 //!    | Hello: release, machine type, wire properties,        |
-//!    |        RAM layout, vCPU and device state versions ---> | checks all of it
+//!    |        RAM layout, vCPU and device state versions,    |
+//!    |        data channels and compression  --------------> | checks all of it
 //!    | <----------------------------- Accept | Refuse(cause) | before any RAM moves
-//!    | RamBatch* PassEnd   (pass 0: every populated page)     |
-//!    | RamBatch* PassEnd   (pass k: pages dirtied since k-1)  |
+//!    | data channel i: ChannelHeader(session, i, N)  ------> | binds it by its header
+//!    | <------------------------------------ ChannelsReady   | all N bound
+//!    | pass 0: every populated page, as packets on the data channels,
+//!    |         MultifdSync(s) after every section, PassEnd
+//!    | pass k: the pages dirtied since pass k-1, likewise
 //!    |   ... until pending bytes fit the downtime limit ...  |
 //!    | (vCPUs stopped)                                       |
-//!    | RamBatch* PassEnd   (final pass)                       |
+//!    | final pass, MultifdSync(s, last), PassEnd             |
 //!    | DeviceState* VcpuState*                               |
 //!    | EndOfStream: digest of guest memory  ---------------> | loads, verifies, resumes
 //!    | <------------------------- Completed | LoadFailed(why) |
 //! ```
 //!
-//! The source may send `Abort(reason)` at any point instead of going on; the destination
-//! may send `LoadFailed(reason)` at any point and close. Neither side ever waits for a
-//! message the other will not send: every wait has a peer-closed or timeout exit.
+//! With N = 0 the pages go as `RamBatch` frames on the main channel instead and there
+//! are no channel headers, `ChannelsReady` or syncs.
+//!
+//! # Data channels and the sync rule
+//!
+//! A data channel carries only packets (see [`multifd`]):
+//! up to 128 pages of one RAM block each, zero pages as offsets without data. Packets of
+//! different channels arrive in any order relative to each other, so a page sent twice,
+//! once on each of two channels, could land old-after-new. The *sync* forbids that: sync
+//! `s` is a sync packet with number `s` on every data channel, after every page packet
+//! the source put before it, plus `MultifdSync(s)` on the main channel. The destination
+//! applies nothing that follows sync `s` on any channel until every channel has reached
+//! `s` and the main channel has announced it. The source never puts two copies of a page
+//! between the same two syncs.
+//!
+//! **The rule of this protocol version: a sync after every section and at the end of
+//! every pass.** A section is the engine's unit of sending, about 100 ms; the pass end
+//! closes the last section of the pass. Syncs are numbered from 1 without gaps; the one
+//! that ends the final pass has `last` set, is each channel's last packet, and must come
+//! before the device state. The destination obeys syncs wherever they are and checks
+//! only their numbering and that the last one came, so where the source puts them is the
+//! source's choice within the rule. A later release that syncs once per pass (fewer
+//! waits on fast links, as QEMU did in 8.0) announces it with a wire property of the
+//! `migration` device whose compat value on older machine types is this rule, so that
+//! it still migrates to and from this release (see [`crate::compat`]).
 //!
 //! # Who runs the guest when something breaks
 //!
@@ -61,7 +89,7 @@
 
 mod codec;
 mod messages;
-mod multifd;
+pub mod multifd;
 #[cfg(test)]
 mod proptests;
 

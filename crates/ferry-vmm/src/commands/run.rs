@@ -65,6 +65,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "SIZE", default_value = "0", num_args = 0..=1,
           default_missing_value = "256M", value_parser = parse_size)]
     pub accel: u64,
+    /// Fault in all of guest RAM at start (as QEMU's -mem-prealloc): an incoming VM then
+    /// receives pages into memory the host has already handed out, instead of paying for
+    /// the first touch of each page during the migration
+    #[arg(long)]
+    pub prealloc: bool,
 }
 
 impl RunArgs {
@@ -111,6 +116,16 @@ impl RunArgs {
 pub fn main(args: RunArgs) -> CliResult {
     let cfg = args.vmm_config()?;
     let vmm = Vmm::new(&cfg)?;
+    if args.prealloc {
+        let t = std::time::Instant::now();
+        let bytes = ferry_vmm::memory::prefault(vmm.vm().ram().as_ref())
+            .map_err(|e| CliError::msg(format!("--prealloc: cannot fault in guest RAM: {e}")))?;
+        eprintln!(
+            "ferry: pre-faulted {} of guest RAM in {:.1} s",
+            human_bytes(bytes),
+            t.elapsed().as_secs_f64()
+        );
+    }
     let control = Control::new(vmm.clone());
     let _server = match &args.qmp {
         Some(p) => Some(control.serve(p).map_err(|e| CliError::Io {
