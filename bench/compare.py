@@ -457,6 +457,9 @@ class Ctx:
     tmp: Path
     migrate_timeout: float
     cool: float
+    # Both destinations fault in their RAM before the migration (ferry --prealloc, QEMU
+    # -mem-prealloc), so the host's slow first touch is outside what is measured.
+    prealloc: bool = False
 
 
 @dataclass
@@ -512,6 +515,8 @@ def run_ferry(ctx: Ctx, case: Case, channels: int, rnd: int) -> Run:
         src_cmd += ["-S"]
     dst_cmd = [str(ctx.ferry), *common, "--incoming", "tcp:127.0.0.1:0",
                "--qmp", str(d / "dst.sock")]
+    if ctx.prealloc:
+        dst_cmd += ["--prealloc"]
     r.detail["commands"] = [" ".join(src_cmd), " ".join(dst_cmd)]
     src = dst = mig = None
     qs = qd = None
@@ -642,6 +647,8 @@ def qemu_cmd(ctx: Ctx, case: Case, serial: Path, qmp: Path, incoming: bool) -> l
            "-kernel", str(ctx.image), "-append", f"dirty={case.dirty} fill={case.fill}"]
     if incoming:
         cmd += ["-incoming", "defer"]
+        if ctx.prealloc:
+            cmd += ["-mem-prealloc"]
     return cmd
 
 
@@ -1128,6 +1135,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--qemu", help="qemu-system-x86_64 binary (default: PATH, installed if "
                                    "missing)")
     ap.add_argument("--qemu-cpu", default="host", help="QEMU -cpu (default host)")
+    ap.add_argument("--prealloc", action="store_true",
+                    help="both destinations fault in their RAM before the migration "
+                         "(ferry --prealloc, QEMU -mem-prealloc): measures the transfer, "
+                         "not the host's first touch of fresh memory")
     ap.add_argument("--migrate-timeout", type=float, default=120.0, metavar="S",
                     help="cancel a migration still running after S seconds and count it as "
                          "not converging (default 120)")
@@ -1217,7 +1228,7 @@ def main(argv: list[str]) -> int:
     image = build_guest(tmp)
     ctx = Ctx(ferry=ferry, qemu=qemu, image=image, qemu_cpu=a.qemu_cpu,
               ferry_channels=ferry_knows_channels(ferry), tmp=tmp,
-              migrate_timeout=a.migrate_timeout, cool=a.cool)
+              migrate_timeout=a.migrate_timeout, cool=a.cool, prealloc=a.prealloc)
     if ctx.ferry_channels:
         log("ferry knows migration.multifd-channels: 1 channel = 0 (pages on the main "
             "connection), N = N multifd channels")
@@ -1242,6 +1253,7 @@ def main(argv: list[str]) -> int:
                  "memcpy_mib": a.memcpy_mib, "memcpy_reps": a.memcpy_reps,
                  "settle": a.settle, "settle_below": a.settle_below,
                  "migrate_timeout": a.migrate_timeout, "qemu_cpu": a.qemu_cpu,
+                 "prealloc": a.prealloc,
                  "cool": a.cool, "cold_mib": a.cold_mib},
         "cases": {c: vars(CASES[c]) for c in a.case_list},
         "machine": machine,

@@ -1043,3 +1043,53 @@ fn the_sync_barrier_keeps_stale_pages_out_and_a_no_sync_mode_lets_them_in() {
         "the page pattern never showed a stale page without the digest"
     );
 }
+
+/// Converged after pass 0, the source still makes passes while each leaves well under
+/// what it sent: the final pass (the downtime) then carries less than pass 0 left.
+#[test]
+fn passes_go_on_after_convergence_while_they_shrink_the_final_pass() {
+    let cfg = SoftConfig {
+        mem_size: 128 << 20,
+        dirty_size: 32 << 20,
+        // Pass 0 sends the data too; the dirty range is what it leaves. The next pass
+        // is short, and at 8192 pages a second the guest dirties only a few hundred
+        // pages during it.
+        fill: 64 << 20,
+        dirty_rate: 8192,
+        ..SoftConfig::default()
+    };
+    let src = Arc::new(SoftVm::create(&cfg).unwrap());
+    wait_passes(&src, 1);
+    let dst = Arc::new(
+        SoftVm::create(&SoftConfig {
+            incoming: true,
+            ..cfg.clone()
+        })
+        .unwrap(),
+    );
+    let d = spawn_dest(dst.clone(), dest_id(), params());
+    let p = MigrationParams {
+        downtime_limit: Duration::from_secs(5),
+        ..params()
+    };
+    let info = engine::migrate(
+        src.as_ref(),
+        &source_id(),
+        &p,
+        &d.uri,
+        &MigrationMonitor::new(),
+    )
+    .unwrap();
+    d.handle.join().unwrap().unwrap();
+    let passes = &info.passes;
+    assert!(passes.len() >= 3, "no pass after convergence: {passes:#?}");
+    let after_pass0 = passes[0].dirty_after;
+    let last = passes.last().unwrap();
+    assert!(last.final_pass);
+    assert!(
+        last.pages * 2 < after_pass0,
+        "the final pass carried {} pages, pass 0 left {after_pass0}",
+        last.pages
+    );
+    assert_guest_intact(&dst);
+}
