@@ -15,7 +15,7 @@
 //!   migration under way.
 
 use std::io::Read;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -77,6 +77,8 @@ struct Door {
     st: Mutex<DoorState>,
     cv: Condvar,
     stop: AtomicBool,
+    /// An eventfd the acceptor polls beside the listener, so closing wakes it at once.
+    wake: Option<OwnedFd>,
     pending: AtomicUsize,
 }
 
@@ -100,6 +102,7 @@ impl Doorman {
                     st: Mutex::new(DoorState::default()),
                     cv: Condvar::new(),
                     stop: AtomicBool::new(false),
+                    wake: eventfd(),
                     pending: AtomicUsize::new(0),
                 });
                 let d = Arc::clone(&door);
@@ -215,6 +218,11 @@ impl Doorman {
     pub fn close(&mut self) {
         if let Some(d) = &self.door {
             d.stop.store(true, Ordering::SeqCst);
+            if let Some(w) = &d.wake {
+                let one = 1u64.to_ne_bytes();
+                // SAFETY: writes 8 bytes from a live buffer to our own eventfd.
+                let _ = unsafe { libc::write(w.as_raw_fd(), one.as_ptr().cast(), 8) };
+            }
         }
         if let Some(t) = self.acceptor.take() {
             let _ = t.join();
@@ -230,15 +238,25 @@ impl Drop for Doorman {
 
 fn accept_loop(l: Listener, door: Arc<Door>) {
     let fd = l.as_raw_fd();
+    let wake = door.wake.as_ref().map_or(-1, |w| w.as_raw_fd());
     while !door.stop.load(Ordering::SeqCst) {
-        let mut pfd = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd for the call's duration.
-        let r = unsafe { libc::poll(&mut pfd, 1, 50) };
-        if r <= 0 {
+        let mut pfd = [
+            libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: wake,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // Without an eventfd, look at the stop flag every 50 ms instead.
+        let timeout = if wake < 0 { 50 } else { 1000 };
+        // SAFETY: two valid pollfds for the call's duration (poll ignores fd -1).
+        let r = unsafe { libc::poll(pfd.as_mut_ptr(), 2, timeout) };
+        if r <= 0 || pfd[0].revents & libc::POLLIN == 0 {
             continue;
         }
         let (ch, peer) = match l.accept_from() {
@@ -269,6 +287,13 @@ fn accept_loop(l: Listener, door: Arc<Door>) {
             door.pending.fetch_sub(1, Ordering::SeqCst);
         }
     }
+}
+
+fn eventfd() -> Option<OwnedFd> {
+    // SAFETY: plain syscall; a valid descriptor is owned by the OwnedFd from here on.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+    // SAFETY: `fd` is a fresh descriptor nothing else owns.
+    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 fn turn_away(door: &Door, ch: Channel, peer: String, reason: String) {
