@@ -272,6 +272,9 @@ impl PacketHeader {
     /// Decodes the offsets into `normal` and `zero` page indices, checking each against
     /// `block_pages` and refusing a page named twice in the packet (whose last word
     /// would otherwise depend on the order pages are applied in).
+    ///
+    /// Safe on any header, including one [`Self::decode`] did not check: the page count
+    /// is summed without overflow and bounded by the bytes at hand.
     pub fn decode_offsets(
         &self,
         b: &[u8],
@@ -283,7 +286,7 @@ impl PacketHeader {
         normal.clear();
         zero.clear();
         let mut r = Reader::new(b, "packet offsets");
-        for i in 0..self.normal + self.zero {
+        for i in 0..u64::from(self.normal) + u64::from(self.zero) {
             let page = r.u64()?;
             if page >= block_pages {
                 return Err(WireError::BadValue {
@@ -291,7 +294,7 @@ impl PacketHeader {
                     value: page,
                 });
             }
-            if i < self.normal {
+            if i < u64::from(self.normal) {
                 normal.push(page);
             } else {
                 zero.push(page);
@@ -512,5 +515,23 @@ mod tests {
             .decode_offsets(&enc(&[5, 9]), 10, &mut n, &mut z, &mut s)
             .is_err());
         assert_eq!(h.offsets_len(), 24);
+    }
+
+    #[test]
+    fn offsets_of_an_unchecked_header_with_counts_summing_past_u32_are_refused() {
+        // Found by the property tests: the page count used to be summed in u32.
+        let (mut n, mut z, mut s) = (Vec::new(), Vec::new(), Vec::new());
+        for (normal, zero) in [(u32::MAX, 1), (1, u32::MAX), (u32::MAX, u32::MAX)] {
+            let h = PacketHeader {
+                normal,
+                zero,
+                ..pages(1, 0)
+            };
+            let r = h.decode_offsets(&[0u8; 64], 1 << 20, &mut n, &mut z, &mut s);
+            assert!(
+                matches!(r, Err(WireError::Truncated { .. })),
+                "{normal}+{zero}: {r:?}"
+            );
+        }
     }
 }

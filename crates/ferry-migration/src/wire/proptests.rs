@@ -8,9 +8,9 @@
 //! one exception is [`EndOfStream`], whose decoder ignores the value field of an absent
 //! digest; its property pins that down instead.
 //!
-//! [`StreamHeader`], [`FrameHeader`] and [`RamBatchHeader`] decode from fixed-size arrays,
-//! so a short read cannot reach them; their properties instead characterise exactly which
-//! of all possible arrays they accept.
+//! [`StreamHeader`], [`FrameHeader`], [`RamBatchHeader`], [`ChannelHeader`] and
+//! [`PacketHeader`] decode from fixed-size arrays, so a short read cannot reach them; their
+//! properties instead characterise exactly which of all possible arrays they accept.
 
 use std::fmt::Debug;
 
@@ -165,7 +165,7 @@ fn full_hello() -> impl Strategy<Value = Hello> {
 /// Every cause, named or not, as a decoder would produce it.
 fn refuse_cause() -> impl Strategy<Value = RefuseCause> {
     prop_oneof![
-        (1..=10u16).prop_map(RefuseCause::from_code),
+        (1..=11u16).prop_map(RefuseCause::from_code),
         any::<u16>().prop_map(RefuseCause::from_code),
     ]
 }
@@ -586,10 +586,10 @@ proptest! {
     }
 
     #[test]
-    fn refuse_cause_codes_round_trip(code in any::<u16>()) {
+    fn refuse_cause_codes_round_trip(code in prop_oneof![0..=16u16, any::<u16>()]) {
         let c = RefuseCause::from_code(code);
         prop_assert_eq!(c.code(), code);
-        prop_assert_eq!(matches!(c, RefuseCause::Other(_)), !(1..=10).contains(&code));
+        prop_assert_eq!(matches!(c, RefuseCause::Other(_)), !(1..=11).contains(&code));
         prop_assert!(!c.to_string().is_empty());
     }
 
@@ -1081,5 +1081,682 @@ proptest! {
         let _ = VcpuStateHeader::decode(&b);
         let _ = EndOfStream::decode(&b);
         let _ = Completed::decode(&b);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Data channels: channel header, packet header and offsets, multifd sync, channels ready,
+// and the hello's channel count and compression
+//
+// [`ChannelHeader`] and [`PacketHeader`] decode from fixed-size arrays (the doorman and the
+// receivers read exactly that many bytes first), so, as for the stream header, their
+// properties characterise which of all possible arrays they accept. The offsets that
+// follow a packet header, [`MultifdSync`] and [`ChannelsReady`] are slices: every cut of
+// them is refused.
+
+fn u16_at(b: &[u8], i: usize) -> u16 {
+    u16::from_le_bytes([b[i], b[i + 1]])
+}
+
+fn u32_at(b: &[u8], i: usize) -> u32 {
+    u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"))
+}
+
+fn u64_at(b: &[u8], i: usize) -> u64 {
+    u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"))
+}
+
+/// Any channel header the decoder must accept: every version and session, every count
+/// from 1 to the bound, every index below the count.
+fn channel_header() -> impl Strategy<Value = ChannelHeader> {
+    (any::<u32>(), any::<u64>(), 1..=MAX_CHANNELS).prop_flat_map(|(version, session_id, count)| {
+        (0..count).prop_map(move |index| ChannelHeader {
+            version,
+            session_id,
+            index,
+            count,
+        })
+    })
+}
+
+/// What [`ChannelHeader::decode`] accepts, judged from the bytes alone: its magic, its own
+/// length, zero reserved bytes, a count from 1 to [`MAX_CHANNELS`] and an index below it.
+/// The version and session are the caller's to judge.
+fn channel_header_ok(b: &[u8; ChannelHeader::LEN]) -> bool {
+    let (index, count) = (u16_at(b, 24), u16_at(b, 26));
+    b[..8] == CHANNEL_MAGIC
+        && u32_at(b, 12) as usize == ChannelHeader::LEN
+        && b[28..] == [0; 4]
+        && (1..=MAX_CHANNELS).contains(&count)
+        && index < count
+}
+
+/// Byte offset and width of each field of a channel header after the magic.
+const CHANNEL_FIELDS: [(usize, usize); 5] = [(8, 4), (12, 4), (16, 8), (24, 2), (26, 2)];
+
+/// Values around every bound a header field has, and some anywhere.
+fn edge_value() -> BoxedStrategy<u64> {
+    prop_oneof![
+        4 => 0..=9u64,
+        2 => 14..=18u64,
+        2 => 30..=34u64,
+        2 => 126..=130u64,
+        2 => (0..=MAX_PACKET_PAGES as u64 + 1)
+            .prop_flat_map(|n| (n * PAGE_SIZE as u64).saturating_sub(1)..=n * PAGE_SIZE as u64 + 1),
+        1 => Just(u64::from(u16::MAX)),
+        1 => Just(u64::from(u32::MAX)),
+        1 => Just(u64::MAX),
+        2 => any::<u64>(),
+    ]
+    .boxed()
+}
+
+/// Writes the low `width` bytes of `v` at `at`.
+fn put(b: &mut [u8], at: usize, width: usize, v: u64) {
+    b[at..at + width].copy_from_slice(&v.to_le_bytes()[..width]);
+}
+
+/// Arrays near valid channel headers: random, one byte changed, one field set to a value
+/// near a bound.
+fn channel_header_bytes() -> impl Strategy<Value = [u8; ChannelHeader::LEN]> {
+    prop_oneof![
+        1 => any::<[u8; ChannelHeader::LEN]>(),
+        2 => (channel_header(), any::<Index>(), any::<u8>()).prop_map(|(h, at, byte)| {
+            let mut b = h.encode();
+            b[at.index(ChannelHeader::LEN)] = byte;
+            b
+        }),
+        3 => (channel_header(), proptest::sample::select(&CHANNEL_FIELDS[..]), edge_value())
+            .prop_map(|(h, (at, width), v)| {
+                let mut b = h.encode();
+                put(&mut b, at, width, v);
+                b
+            }),
+        1 => (channel_header(), 28..32usize, 1..=u8::MAX).prop_map(|(h, at, byte)| {
+            let mut b = h.encode();
+            b[at] = byte;
+            b
+        }),
+    ]
+}
+
+/// A valid page or sync packet header. Compressed page packets only when `zstd`.
+fn packet_header(zstd: bool) -> BoxedStrategy<PacketHeader> {
+    let sync =
+        (1..=u64::MAX, 1..=u64::MAX, any::<bool>()).prop_map(|(packet, sync, last)| PacketHeader {
+            flags: PacketHeader::SYNC | if last { PacketHeader::LAST } else { 0 },
+            packet,
+            sync,
+            block: 0,
+            normal: 0,
+            zero: 0,
+            data_len: 0,
+        });
+    let pages = (
+        1..=u64::MAX,
+        any::<u32>(),
+        1..=MAX_PACKET_PAGES as u32,
+        any::<Index>(),
+        any::<Index>(),
+        any::<bool>(),
+    )
+        .prop_map(move |(packet, block, total, split, len, compress)| {
+            let normal = split.index(total as usize + 1) as u32;
+            let raw = normal * PAGE_SIZE as u32;
+            let compressed = zstd && compress && normal > 0;
+            PacketHeader {
+                flags: if compressed { PacketHeader::ZSTD } else { 0 },
+                packet,
+                sync: 0,
+                block,
+                normal,
+                zero: total - normal,
+                // Compressed: 1 to raw - 1 bytes.
+                data_len: if compressed {
+                    1 + len.index(raw as usize - 1) as u32
+                } else {
+                    raw
+                },
+            }
+        });
+    prop_oneof![1 => sync, 4 => pages].boxed()
+}
+
+/// A packet header's fields as the bytes hold them, unchecked.
+fn packet_fields(b: &[u8; PacketHeader::LEN]) -> (u32, PacketHeader) {
+    (
+        u32_at(b, 0),
+        PacketHeader {
+            flags: u32_at(b, 4),
+            packet: u64_at(b, 8),
+            sync: u64_at(b, 16),
+            block: u32_at(b, 24),
+            normal: u32_at(b, 28),
+            zero: u32_at(b, 32),
+            data_len: u32_at(b, 36),
+        },
+    )
+}
+
+/// What [`PacketHeader::decode`] accepts, from the fields alone.
+///
+/// Every packet: the magic, only known flags, `ZSTD` only when negotiated, a packet
+/// number from 1. A sync packet: a sync number from 1 and nothing else (no block, no
+/// pages, no data, no compression). A page packet: not `LAST`, no sync number, 1 to
+/// [`MAX_PACKET_PAGES`] pages, and exactly their data raw, or compressed into fewer bytes
+/// than raw (and more than none, so at least one page has data).
+fn packet_ok(magic: u32, h: &PacketHeader, zstd_allowed: bool) -> bool {
+    let f = h.flags;
+    let zstd = f & PacketHeader::ZSTD != 0;
+    if magic != PACKET_MAGIC
+        || f & !(PacketHeader::SYNC | PacketHeader::LAST | PacketHeader::ZSTD) != 0
+        || (zstd && !zstd_allowed)
+        || h.packet == 0
+    {
+        return false;
+    }
+    if f & PacketHeader::SYNC != 0 {
+        return !zstd
+            && h.sync != 0
+            && h.block == 0
+            && h.normal == 0
+            && h.zero == 0
+            && h.data_len == 0;
+    }
+    let pages = u64::from(h.normal) + u64::from(h.zero);
+    let raw = u64::from(h.normal) * PAGE_SIZE as u64;
+    let len = u64::from(h.data_len);
+    f & PacketHeader::LAST == 0
+        && h.sync == 0
+        && (1..=MAX_PACKET_PAGES as u64).contains(&pages)
+        && if zstd {
+            len > 0 && len < raw
+        } else {
+            len == raw
+        }
+}
+
+/// Byte offset and width of each field of a packet header after the magic.
+const PACKET_FIELDS: [(usize, usize); 7] =
+    [(4, 4), (8, 8), (16, 8), (24, 4), (28, 4), (32, 4), (36, 4)];
+
+/// Arrays near valid packet headers: random, one byte changed, one or two fields set to
+/// values near a bound, or any combination of flags on a valid header.
+fn packet_bytes() -> impl Strategy<Value = [u8; PacketHeader::LEN]> {
+    let field = || (proptest::sample::select(&PACKET_FIELDS[..]), edge_value());
+    prop_oneof![
+        1 => vec(any::<u8>(), PacketHeader::LEN)
+            .prop_map(|v| <[u8; PacketHeader::LEN]>::try_from(v).expect("40 bytes")),
+        2 => (packet_header(true), any::<Index>(), any::<u8>()).prop_map(|(h, at, byte)| {
+            let mut b = h.encode();
+            b[at.index(PacketHeader::LEN)] = byte;
+            b
+        }),
+        3 => (packet_header(true), field()).prop_map(|(h, ((at, width), v))| {
+            let mut b = h.encode();
+            put(&mut b, at, width, v);
+            b
+        }),
+        2 => (packet_header(true), vec(field(), 2)).prop_map(|(h, fields)| {
+            let mut b = h.encode();
+            for ((at, width), v) in fields {
+                put(&mut b, at, width, v);
+            }
+            b
+        }),
+        1 => (packet_header(true), 0..16u32).prop_map(|(h, flags)| {
+            PacketHeader { flags, ..h }.encode()
+        }),
+    ]
+}
+
+/// `n` distinct page indices below `block_pages`, in random order; they reach both ends
+/// of the block whatever its size.
+fn distinct_pages(block_pages: u64, n: usize) -> BoxedStrategy<Vec<u64>> {
+    const POOL: u64 = 4096;
+    let pool = block_pages.min(POOL);
+    assert!(n as u64 <= pool);
+    let stride = block_pages / pool;
+    let all: Vec<u64> = (0..pool)
+        .map(|i| {
+            if i == pool - 1 {
+                block_pages - 1
+            } else {
+                i * stride
+            }
+        })
+        .collect();
+    proptest::sample::subsequence(all, n).prop_shuffle().boxed()
+}
+
+/// A valid page packet header for a block of some size, and offsets that fit it.
+fn page_packet_with_offsets() -> impl Strategy<Value = (PacketHeader, u64, Vec<u64>)> {
+    packet_header(true)
+        .prop_filter("page packets", |h| !h.is_sync())
+        .prop_flat_map(|h| {
+            let total = u64::from(h.normal + h.zero);
+            let block_pages = prop_oneof![
+                3 => total..=total + 8,
+                2 => total..=1 << 20,
+                1 => total..=u64::MAX,
+                1 => Just(u64::MAX),
+            ];
+            (Just(h), block_pages)
+        })
+        .prop_flat_map(|(h, bp)| {
+            let n = (h.normal + h.zero) as usize;
+            (Just(h), Just(bp), distinct_pages(bp, n))
+        })
+}
+
+fn decode_offsets_of(
+    h: &PacketHeader,
+    b: &[u8],
+    block_pages: u64,
+) -> Result<(Vec<u64>, Vec<u64>), WireError> {
+    let (mut normal, mut zero, mut scratch) = (vec![7], vec![7], Vec::new());
+    h.decode_offsets(b, block_pages, &mut normal, &mut zero, &mut scratch)?;
+    Ok((normal, zero))
+}
+
+#[test]
+fn channel_header_accepts_every_index_below_every_count_and_nothing_else() {
+    let counts = (0..=MAX_CHANNELS + 2).chain([u16::MAX - 1, u16::MAX]);
+    for count in counts {
+        let indices = (0..=MAX_CHANNELS + 2).chain([u16::MAX - 1, u16::MAX]);
+        for index in indices {
+            let h = ChannelHeader {
+                version: CHANNEL_VERSION,
+                session_id: 0x0123_4567_89ab_cdef,
+                index,
+                count,
+            };
+            let r = ChannelHeader::decode(&h.encode());
+            let ok = (1..=MAX_CHANNELS).contains(&count) && index < count;
+            assert_eq!(r.is_ok(), ok, "index {index} of {count}: {r:?}");
+            match r {
+                Ok(d) => assert_eq!(d, h),
+                Err(WireError::BadValue { what, .. }) => assert!(
+                    what == if (1..=MAX_CHANNELS).contains(&count) {
+                        "channel index"
+                    } else {
+                        "channel count"
+                    },
+                    "index {index} of {count}: {what}"
+                ),
+                Err(e) => panic!("index {index} of {count}: {e:?}"),
+            }
+        }
+    }
+}
+
+#[test]
+fn compression_codes_round_trip_and_only_two_are_known() {
+    for c in 0..=u8::MAX {
+        let m = Compression::from_code(c);
+        assert_eq!(m.code(), c);
+        assert_eq!(matches!(m, Compression::Other(_)), c > 1, "{c}");
+        assert!(!m.name().is_empty());
+    }
+    assert_eq!(Compression::None.name(), "none");
+    assert_eq!(Compression::Zstd.name(), "zstd");
+}
+
+#[test]
+fn channels_ready_round_trips_every_count() {
+    for count in 0..=u16::MAX {
+        let c = ChannelsReady { count };
+        let b = c.encode();
+        assert_eq!(b.len(), ChannelsReady::LEN);
+        assert_eq!(ChannelsReady::decode(&b), Ok(c));
+    }
+}
+
+proptest! {
+    #[test]
+    fn channel_header_round_trips(h in channel_header()) {
+        let b = h.encode();
+        prop_assert_eq!(&b[..8], &CHANNEL_MAGIC);
+        prop_assert_eq!(ChannelHeader::decode(&b)?, h);
+    }
+
+    #[test]
+    fn channel_header_accepts_exactly_valid_arrays(b in channel_header_bytes()) {
+        let r = ChannelHeader::decode(&b);
+        prop_assert_eq!(r.is_ok(), channel_header_ok(&b), "{:?}", r);
+        if let Ok(h) = r {
+            prop_assert_eq!(h.version, u32_at(&b, 8));
+            prop_assert_eq!(h.session_id, u64_at(&b, 16));
+            prop_assert_eq!((h.index, h.count), (u16_at(&b, 24), u16_at(&b, 26)));
+            prop_assert_eq!(h.encode(), b, "accepted a second spelling");
+        }
+    }
+
+    #[test]
+    fn channel_header_refuses_each_field_out_of_range(
+        h in channel_header(),
+        count in prop_oneof![Just(0u16), MAX_CHANNELS + 1..=u16::MAX],
+        index in any::<u16>(),
+        reserved in 1..=u32::MAX,
+        len in any::<u32>(),
+        magic in any::<[u8; 8]>(),
+    ) {
+        let what = |r: Result<ChannelHeader, WireError>| match r {
+            Err(WireError::BadValue { what, .. }) => what,
+            r => panic!("{r:?}"),
+        };
+        // A count of none or over the bound, whatever the index.
+        let b = ChannelHeader { count, index: index.min(count.saturating_sub(1)), ..h }.encode();
+        prop_assert_eq!(what(ChannelHeader::decode(&b)), "channel count");
+        // An index at or past the count.
+        let at_least = h.count + (index % (u16::MAX - h.count + 1));
+        let b = ChannelHeader { index: at_least, ..h }.encode();
+        prop_assert_eq!(what(ChannelHeader::decode(&b)), "channel index");
+        // Reserved bytes.
+        let mut b = h.encode();
+        b[28..].copy_from_slice(&reserved.to_le_bytes());
+        prop_assert_eq!(what(ChannelHeader::decode(&b)), "channel header reserved bytes");
+        // Another header length.
+        prop_assume!(len as usize != ChannelHeader::LEN);
+        let mut b = h.encode();
+        b[12..16].copy_from_slice(&len.to_le_bytes());
+        prop_assert_eq!(what(ChannelHeader::decode(&b)), "channel header length");
+        // Another magic, the main stream's included.
+        for magic in [magic, MAGIC] {
+            prop_assume!(magic != CHANNEL_MAGIC);
+            let mut b = h.encode();
+            b[..8].copy_from_slice(&magic);
+            prop_assert_eq!(ChannelHeader::decode(&b), Err(WireError::BadMagic(magic)));
+        }
+    }
+
+    #[test]
+    fn packet_header_round_trips(h in packet_header(true)) {
+        prop_assert_eq!(PacketHeader::decode(&h.encode(), true)?, h);
+        let compressed = h.flags & PacketHeader::ZSTD != 0;
+        let r = PacketHeader::decode(&h.encode(), false);
+        prop_assert_eq!(r.is_ok(), !compressed, "{:?}", r);
+        if compressed {
+            let what = "packet flags (zstd was not negotiated)";
+            let refused = matches!(r, Err(WireError::BadValue { what: w, .. }) if w == what);
+            prop_assert!(refused, "{:?}", r);
+        }
+        prop_assert_eq!(h.offsets_len(), 8 * (h.normal + h.zero) as usize);
+        prop_assert_eq!(h.is_sync(), h.flags & PacketHeader::SYNC != 0);
+    }
+
+    #[test]
+    fn packet_header_accepts_exactly_valid_arrays(b in packet_bytes(), zstd in any::<bool>()) {
+        let (magic, fields) = packet_fields(&b);
+        let r = PacketHeader::decode(&b, zstd);
+        prop_assert_eq!(r.is_ok(), packet_ok(magic, &fields, zstd), "{:?} {:?}", fields, r);
+        if let Ok(h) = r {
+            prop_assert_eq!(h, fields);
+            prop_assert_eq!(h.encode(), b, "accepted a second spelling");
+            prop_assert!(h.offsets_len() <= 8 * MAX_PACKET_PAGES);
+            prop_assert!(h.data_len as usize <= MAX_PACKET_PAGES * PAGE_SIZE);
+        }
+    }
+
+    #[test]
+    fn packet_header_refuses_each_field_out_of_range(
+        page in packet_header(true).prop_filter("page packet", |h| !h.is_sync()),
+        sync in packet_header(false).prop_filter("sync packet", |h| h.is_sync()),
+        unknown in (8..=u32::MAX).prop_filter("an unknown bit", |f| f & !7 != 0),
+        (normal, zero) in prop_oneof![
+            (0..=MAX_PACKET_PAGES as u32 + 1).prop_flat_map(|n| {
+                (Just(n), MAX_PACKET_PAGES as u32 + 1 - n..=u32::MAX)
+            }),
+            (MAX_PACKET_PAGES as u32 + 1..=u32::MAX, any::<u32>()),
+            Just((u32::MAX, u32::MAX)),
+        ],
+        stray in 1..=u32::MAX,
+        stray64 in 1..=u64::MAX,
+        field in 0..5usize,
+        long in any::<Index>(),
+    ) {
+        let what = |h: PacketHeader, zstd: bool| match PacketHeader::decode(&h.encode(), zstd) {
+            Err(WireError::BadValue { what, .. }) => what,
+            Err(WireError::TooLong { what, .. }) => what,
+            r => panic!("{h:?} decoded: {r:?}"),
+        };
+        // Flags this release does not know, on any packet.
+        for h in [page, sync] {
+            let h = PacketHeader { flags: h.flags | unknown, ..h };
+            prop_assert_eq!(what(h, true), "packet flags");
+        }
+        // Compression that was not negotiated, whatever else the packet says.
+        let z = PacketHeader { flags: PacketHeader::ZSTD, ..page };
+        prop_assert_eq!(what(z, false), "packet flags (zstd was not negotiated)");
+        // Packet number 0.
+        for h in [page, sync] {
+            prop_assert_eq!(what(PacketHeader { packet: 0, ..h }, true), "packet number");
+        }
+        // Over the page bound, counting normal and zero pages together (without overflow).
+        let over = PacketHeader {
+            flags: 0,
+            normal,
+            zero,
+            data_len: normal.wrapping_mul(PAGE_SIZE as u32),
+            ..page
+        };
+        prop_assert_eq!(what(over, true), "packet page count");
+        let none = PacketHeader { flags: 0, normal: 0, zero: 0, data_len: 0, ..page };
+        prop_assert_eq!(what(none, true), "packet page count");
+        // Raw data that is not exactly the pages.
+        let raw = page.normal * PAGE_SIZE as u32;
+        let off = PacketHeader { flags: 0, data_len: raw ^ stray, ..page };
+        prop_assert_eq!(what(off, true), "packet data length");
+        // Compressed data not smaller than raw, or empty.
+        if page.normal > 0 {
+            let not_smaller = raw + long.index((u32::MAX - raw) as usize + 1) as u32;
+            for data_len in [not_smaller, raw, 0] {
+                let h = PacketHeader { flags: PacketHeader::ZSTD, data_len, ..page };
+                prop_assert_eq!(what(h, true), "compressed packet data length");
+            }
+        }
+        // Compressed zero pages: nothing to compress.
+        let zeros = PacketHeader {
+            flags: PacketHeader::ZSTD,
+            normal: 0,
+            zero: page.normal + page.zero,
+            data_len: 1 + stray % (PAGE_SIZE as u32),
+            ..page
+        };
+        prop_assert_eq!(what(zeros, true), "compressed packet data length");
+        // A sync number on a page packet; last without sync.
+        prop_assert_eq!(what(PacketHeader { sync: stray64, ..page }, true), "packet sync number");
+        let last = PacketHeader { flags: page.flags | PacketHeader::LAST, ..page };
+        prop_assert_eq!(what(last, true), "packet flags (last without sync)");
+        // A sync packet with number 0, or with anything of a page packet.
+        prop_assert_eq!(what(PacketHeader { sync: 0, ..sync }, true), "packet sync number");
+        let with = match field {
+            0 => PacketHeader { flags: sync.flags | PacketHeader::ZSTD, ..sync },
+            1 => PacketHeader { block: stray, ..sync },
+            2 => PacketHeader { normal: stray, ..sync },
+            3 => PacketHeader { zero: stray, ..sync },
+            _ => PacketHeader { data_len: stray, ..sync },
+        };
+        let expect = if field == 4 { "sync packet data length" } else { "sync packet with pages" };
+        prop_assert_eq!(what(with, true), expect);
+        // Another magic.
+        let mut b = page.encode();
+        b[..4].copy_from_slice(&(PACKET_MAGIC ^ stray).to_le_bytes());
+        let r = PacketHeader::decode(&b, true);
+        prop_assert!(
+            matches!(r, Err(WireError::BadValue { what: "packet magic", .. })),
+            "{:?}", r
+        );
+    }
+
+    /// Offsets that fit the block and name each page once decode into the normal pages
+    /// (first) and the zero pages; every cut and one more byte are refused.
+    #[test]
+    fn packet_offsets_round_trip_and_are_length_exact(
+        (h, block_pages, pages) in page_packet_with_offsets(),
+        extra in any::<u8>(),
+    ) {
+        let b = entries_bytes(&pages);
+        prop_assert_eq!(b.len(), h.offsets_len());
+        let (normal, zero) = decode_offsets_of(&h, &b, block_pages)?;
+        prop_assert_eq!(&normal[..], &pages[..h.normal as usize]);
+        prop_assert_eq!(&zero[..], &pages[h.normal as usize..]);
+        prefixes_refused(&b, |b| decode_offsets_of(&h, b, block_pages))?;
+        trailing_refused(&b, extra, |b| decode_offsets_of(&h, b, block_pages))?;
+    }
+
+    /// One page outside the block, or one page named twice (among the normal pages, the
+    /// zero pages, or one of each), and the packet is refused.
+    #[test]
+    fn packet_offsets_refuse_pages_out_of_the_block_or_repeated(
+        (h, block_pages, pages) in page_packet_with_offsets(),
+        at in any::<Index>(),
+        from in any::<Index>(),
+        outside in any::<Index>(),
+    ) {
+        let what = |pages: &[u64]| match decode_offsets_of(&h, &entries_bytes(pages), block_pages) {
+            Err(WireError::BadValue { what, .. }) => what,
+            r => panic!("{pages:?} in a block of {block_pages}: {r:?}"),
+        };
+        let i = at.index(pages.len());
+        if block_pages < u64::MAX {
+            let mut out = pages.clone();
+            out[i] = block_pages + outside.index((u64::MAX - block_pages) as usize) as u64;
+            prop_assert_eq!(what(&out), "packet page index");
+            out[i] = u64::MAX;
+            prop_assert_eq!(what(&out), "packet page index");
+        }
+        if pages.len() > 1 {
+            let j = (i + 1 + from.index(pages.len() - 1)) % pages.len();
+            let mut twice = pages.clone();
+            twice[i] = pages[j];
+            prop_assert_eq!(what(&twice), "packet page named twice");
+        }
+    }
+
+    #[test]
+    fn multifd_sync_round_trips_and_is_length_exact(
+        seq in 1..=u64::MAX,
+        last in any::<bool>(),
+        extra in any::<u8>(),
+    ) {
+        let s = MultifdSync { seq, last };
+        let b = s.encode();
+        prop_assert_eq!(b.len(), MultifdSync::LEN);
+        length_exact(&s, &b, extra, MultifdSync::decode)?;
+    }
+
+    /// Nine bytes, a sync number from 1 and a last flag of 0 or 1: nothing else.
+    #[test]
+    fn multifd_sync_accepts_exactly_valid_payloads(
+        b in prop_oneof![
+            4 => any::<[u8; MultifdSync::LEN]>().prop_map(|a| a.to_vec()),
+            2 => (any::<u64>(), 0..=2u8).prop_map(|(seq, last)| {
+                let mut b = seq.to_le_bytes().to_vec();
+                b.push(last);
+                b
+            }),
+            1 => Just(vec![0; MultifdSync::LEN]),
+            1 => vec(any::<u8>(), 0..24),
+        ],
+    ) {
+        let ok = b.len() == MultifdSync::LEN && u64_at(&b, 0) != 0 && b[8] <= 1;
+        let r = MultifdSync::decode(&b);
+        prop_assert_eq!(r.is_ok(), ok, "{:?}", r);
+        if let Ok(s) = r {
+            prop_assert_eq!(s.encode(), b);
+        }
+    }
+
+    #[test]
+    fn channels_ready_is_length_exact(count in any::<u16>(), extra in any::<u8>()) {
+        let c = ChannelsReady { count };
+        length_exact(&c, &c.encode(), extra, ChannelsReady::decode)?;
+    }
+
+    #[test]
+    fn data_channel_mutations_never_yield_a_second_spelling(
+        s in (1..=u64::MAX, any::<bool>()).prop_map(|(seq, last)| MultifdSync { seq, last }),
+        c in any::<u16>().prop_map(|count| ChannelsReady { count }),
+        at in any::<Index>(),
+        byte in any::<u8>(),
+    ) {
+        mutation_canonical(s.encode(), at, byte, MultifdSync::decode, MultifdSync::encode)?;
+        mutation_canonical(c.encode(), at, byte, ChannelsReady::decode, ChannelsReady::encode)?;
+    }
+
+    /// Every channel count up to the bound and every compression code travel; the methods
+    /// this release does not know arrive by their code, for the destination to name.
+    #[test]
+    fn hello_carries_every_channel_count_and_compression_code(
+        h in small_hello(),
+        channels in 0..=MAX_CHANNELS,
+        code in any::<u8>(),
+    ) {
+        let h = Hello { channels, compression: Compression::from_code(code), ..h };
+        let d = Hello::decode(&h.encode())?;
+        prop_assert_eq!(d.channels, channels);
+        prop_assert_eq!(d.compression.code(), code);
+        prop_assert_eq!(d, h);
+    }
+
+    #[test]
+    fn hello_refuses_more_channels_than_the_bound(
+        h in small_hello(),
+        channels in MAX_CHANNELS + 1..=u16::MAX,
+    ) {
+        let r = Hello::decode(&Hello { channels, ..h }.encode());
+        prop_assert!(
+            matches!(r, Err(WireError::TooLong { what: "hello channel count", .. })),
+            "{:?}", r
+        );
+    }
+
+    /// A hello cut anywhere in its last three bytes (the channel count and compression,
+    /// which a hello without them lacks) is refused as truncated, never read as "no
+    /// channels".
+    #[test]
+    fn hello_without_its_channel_fields_is_refused(h in small_hello(), cut in 1..=3usize) {
+        let b = h.encode();
+        let r = Hello::decode(&b[..b.len() - cut]);
+        prop_assert!(matches!(r, Err(WireError::Truncated { .. })), "{:?}", r);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2048))]
+
+    /// No data-channel decoder panics on arbitrary input, whatever the block size, and
+    /// whether or not compression was negotiated; the offset decoder also sees headers no
+    /// header check has bounded. What the offset decoder accepts is always exactly the
+    /// header's page count, inside the block, each page once.
+    #[test]
+    fn no_data_channel_decoder_panics_on_random_bytes(
+        b in prop_oneof![vec(any::<u8>(), 0..64), vec(any::<u8>(), 0..1200)],
+        block_pages in prop_oneof![0..=256u64, any::<u64>()],
+        zstd in any::<bool>(),
+    ) {
+        if let Some(a) = array::<{ ChannelHeader::LEN }>(&b) {
+            let _ = ChannelHeader::decode(&a);
+        }
+        let _ = MultifdSync::decode(&b);
+        let _ = ChannelsReady::decode(&b);
+        if let Some(a) = array::<{ PacketHeader::LEN }>(&b) {
+            let rest = &b[PacketHeader::LEN..];
+            let (_, raw) = packet_fields(&a);
+            let decoded = PacketHeader::decode(&a, zstd);
+            for h in [Some(raw), decoded.ok()].into_iter().flatten() {
+                if let Ok((normal, zero)) = decode_offsets_of(&h, rest, block_pages) {
+                    prop_assert_eq!(normal.len(), h.normal as usize);
+                    prop_assert_eq!(zero.len(), h.zero as usize);
+                    prop_assert_eq!(rest.len(), h.offsets_len());
+                    let mut all: Vec<u64> = normal.iter().chain(&zero).copied().collect();
+                    prop_assert!(all.iter().all(|&p| p < block_pages));
+                    all.sort_unstable();
+                    all.dedup();
+                    prop_assert_eq!(all.len(), (h.normal + h.zero) as usize);
+                }
+            }
+        }
     }
 }
