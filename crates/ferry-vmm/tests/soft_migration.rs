@@ -713,6 +713,7 @@ fn live_migrations_over_0_1_2_and_4_channels_with_and_without_zstd_keep_memory_i
         assert_guest_intact(&dst);
         if channels == 0 {
             assert!(info.multifd.is_none(), "{what}");
+            assert_eq!(info.ram.multifd_bytes, 0, "{what}");
             continue;
         }
         let m = info.multifd.expect("multifd statistics");
@@ -728,6 +729,11 @@ fn live_migrations_over_0_1_2_and_4_channels_with_and_without_zstd_keep_memory_i
         assert_eq!(
             m.wire_bytes, dm.wire_bytes,
             "{what}: bytes sent and received"
+        );
+        assert_eq!(
+            (info.ram.multifd_bytes, dinfo.ram.multifd_bytes),
+            (m.wire_bytes, dm.wire_bytes),
+            "{what}: QEMU's multifd-bytes is what the data channels carried"
         );
         assert!(
             m.syncs >= 2,

@@ -403,6 +403,7 @@ impl Dest<'_> {
         let syncs = self.syncs;
         self.monitor.update(|i| {
             i.ram.transferred += bytes;
+            i.ram.multifd_bytes += bytes;
             i.ram.duplicate += zero;
             i.ram.normal += pages - zero;
             i.ram.normal_bytes += (pages - zero) * PAGE_SIZE as u64;

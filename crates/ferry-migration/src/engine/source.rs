@@ -856,6 +856,7 @@ impl Source<'_> {
         let normal = d.pages - d.zero;
         self.monitor.update(|i| {
             i.ram.transferred += d.bytes;
+            i.ram.multifd_bytes += d.bytes;
             i.ram.duplicate += d.zero;
             i.ram.normal += normal;
             i.ram.normal_bytes += normal * PAGE_SIZE as u64;

@@ -69,6 +69,9 @@ pub struct RamStats {
     /// Throughput of the last pass, megabits per second.
     pub mbps: f64,
     pub page_size: u64,
+    /// Bytes on the data channels (headers and possibly compressed data), part of
+    /// `transferred`; 0 when pages travel on the main channel.
+    pub multifd_bytes: u64,
 }
 
 /// One pass over guest memory.
