@@ -6,9 +6,10 @@ Drives `ferry run` with `qemu.qmp` (QEMU's own Python QMP library, from PyPI) an
 
 * a migration between two `ferry run` processes, the destination started with
   `--incoming defer` and given `migrate-incoming`, with capabilities and parameters set
-  first, the events checked in order and `query-migrate` polled until it completes;
-* capabilities and parameters ferry does not have, and wrong argument types, refused
-  with QEMU-style `GenericError` replies;
+  first (multifd over 4 channels), the events checked in order and
+  `query-migrate` polled until it completes;
+* capabilities and parameters ferry does not have, values out of range, and wrong
+  argument types, refused with QEMU-style `GenericError` replies;
 * malformed input on a raw socket, each answered with a QMP error while the connection
   and the VM stay healthy;
 * `qmp-shell` running `query-status` and `query-migrate` non-interactively.
@@ -121,31 +122,34 @@ class Migration(unittest.IsolatedAsyncioTestCase):
         src.register_listener(src_events)
         dst.register_listener(dst_events)
 
-        # Capabilities, as QEMU reports them; ferry's are fixed.
+        # Capabilities, as QEMU reports them. multifd is on by default (2 channels);
+        # set on both sides, as QEMU needs (ferry's destination follows the source).
         caps = {c["capability"]: c["state"] for c in await src.execute("query-migrate-capabilities")}
         self.assertEqual(caps["events"], True)
         self.assertEqual(caps["return-path"], True)
-        self.assertEqual(caps["multifd"], False)
-        await src.execute(
-            "migrate-set-capabilities",
-            {"capabilities": [
-                {"capability": "events", "state": True},
-                {"capability": "return-path", "state": True},
-                {"capability": "multifd", "state": False},
-            ]},
-        )
+        self.assertEqual(caps["multifd"], True)
+        for vm in (src, dst):
+            await vm.execute(
+                "migrate-set-capabilities",
+                {"capabilities": [
+                    {"capability": "events", "state": True},
+                    {"capability": "return-path", "state": True},
+                    {"capability": "multifd", "state": True},
+                ]},
+            )
 
         # Parameters with QEMU's names and units.
         await src.execute(
             "migrate-set-parameters",
             {"downtime-limit": 500, "max-bandwidth": 0,
-             "multifd-channels": 1, "multifd-compression": "none"},
+             "multifd-channels": 4, "multifd-compression": "none", "multifd-zstd-level": 3},
         )
         params = await src.execute("query-migrate-parameters")
         self.assertEqual(params["downtime-limit"], 500)
         self.assertEqual(params["max-bandwidth"], 0)
-        self.assertEqual(params["multifd-channels"], 1)
+        self.assertEqual(params["multifd-channels"], 4)
         self.assertEqual(params["multifd-compression"], "none")
+        self.assertEqual(params["multifd-zstd-level"], 3)
 
         # The destination waits for migrate-incoming.
         self.assertEqual((await dst.execute("query-status"))["status"], "inmigrate")
@@ -187,6 +191,16 @@ class Migration(unittest.IsolatedAsyncioTestCase):
 
         self.assertEqual(info["status"], "completed", info)
         self.assertGreater(info["ram"]["transferred"], 0)
+        # The pages went over the data channels: QEMU's figure and ferry's own.
+        multifd = info["multifd"]
+        self.assertEqual(multifd["channels"], 4, info)
+        self.assertEqual(multifd["compression"], "none", info)
+        self.assertEqual(len(multifd["per-channel"]), 4, info)
+        self.assertGreater(info["ram"]["multifd-bytes"], 0, info)
+        self.assertEqual(info["ram"]["multifd-bytes"], multifd["wire-bytes"], info)
+        self.assertLessEqual(info["ram"]["multifd-bytes"], info["ram"]["transferred"], info)
+        self.assertEqual(sum(c["bytes"] for c in multifd["per-channel"]),
+                         multifd["wire-bytes"], info)
         self.assertIsInstance(info["downtime"], int)
         self.assertTrue(info["passes"], "per-pass figures")
         self.assertIn("downtime-breakdown", info)
@@ -286,12 +300,19 @@ class Refusals(unittest.IsolatedAsyncioTestCase):
         self.qmp = await connect(self.vm)
 
     async def asyncTearDown(self):
-        # Whatever was refused, the VM runs on and nothing changed.
+        # Whatever was refused, the VM runs on and nothing changed (the tests put back
+        # what they change).
         self.assertEqual((await self.qmp.execute("query-status"))["status"], "running")
         params = await self.qmp.execute("query-migrate-parameters")
-        self.assertEqual(params["multifd-channels"], 1)
+        self.assertEqual(params["multifd-channels"], 2)
         self.assertEqual(params["multifd-compression"], "none")
+        self.assertEqual(params["multifd-zstd-level"], 1)
+        self.assertEqual(await self.multifd(), True)
         await disconnect(self.qmp)
+
+    async def multifd(self):
+        caps = await self.qmp.execute("query-migrate-capabilities")
+        return {c["capability"]: c["state"] for c in caps}["multifd"]
 
     async def refused(self, command, arguments, *needles):
         with self.assertRaises(ExecuteError) as cm:
@@ -307,8 +328,16 @@ class Refusals(unittest.IsolatedAsyncioTestCase):
         return {"capabilities": [{"capability": c, "state": s} for c, s in pairs]}
 
     async def test_capabilities(self):
-        await self.refused("migrate-set-capabilities", self.caps(("multifd", True)),
-                           "multifd", "no multifd")
+        # multifd switches the data channels off and on, keeping their count.
+        await self.qmp.execute("migrate-set-capabilities", self.caps(("multifd", False)))
+        self.assertEqual(await self.multifd(), False)
+        params = await self.qmp.execute("query-migrate-parameters")
+        self.assertEqual(params["multifd-channels"], 2)
+        await self.qmp.execute("migrate-set-capabilities", self.caps(("multifd", True)))
+        self.assertEqual(await self.multifd(), True)
+
+        await self.refused("migrate-set-capabilities", self.caps(("postcopy-ram", True)),
+                           "'postcopy-ram'", "precopy")
         await self.refused("migrate-set-capabilities", self.caps(("events", False)),
                            "'events'", "always")
         await self.refused("migrate-set-capabilities", self.caps(("return-path", False)),
@@ -320,10 +349,8 @@ class Refusals(unittest.IsolatedAsyncioTestCase):
             self.assertIn(known, desc)
         # Nothing is applied when one entry is refused.
         await self.refused("migrate-set-capabilities",
-                           self.caps(("events", True), ("multifd", True)), "multifd")
-        caps = {c["capability"]: c["state"]
-                for c in await self.qmp.execute("query-migrate-capabilities")}
-        self.assertEqual(caps["multifd"], False)
+                           self.caps(("multifd", False), ("xbzrle", True)), "'xbzrle'")
+        self.assertEqual(await self.multifd(), True)
 
     async def test_capability_argument_types(self):
         await self.refused("migrate-set-capabilities", {"capabilities": "events"},
@@ -338,10 +365,14 @@ class Refusals(unittest.IsolatedAsyncioTestCase):
                            "Parameter 'capabilities[0].capability' is missing")
 
     async def test_parameters(self):
-        await self.refused("migrate-set-parameters", {"multifd-channels": 4},
-                           "multifd-channels", "no multifd")
-        await self.refused("migrate-set-parameters", {"multifd-compression": "zstd"},
-                           "multifd-compression", "'zstd'", "no multifd")
+        for n in (0, 17):
+            await self.refused("migrate-set-parameters", {"multifd-channels": n},
+                               "Parameter 'multifd-channels' expects a value between 1 and 16")
+        await self.refused("migrate-set-parameters", {"multifd-zstd-level": 20},
+                           "Parameter 'multifd-zstd-level' expects a value between 1 and 19")
+        await self.refused("migrate-set-parameters", {"multifd-compression": "zlib"},
+                           "Parameter 'multifd-compression' does not accept value 'zlib'",
+                           "none, zstd")
         await self.refused("migrate-set-parameters", {"downtime-limit": 0},
                            "Parameter 'downtime-limit' expects an integer in the range of")
         desc = await self.refused("migrate-set-parameters", {"xbzrle-cache-size": 1 << 20},
@@ -350,8 +381,18 @@ class Refusals(unittest.IsolatedAsyncioTestCase):
         # All or nothing: a good value next to a bad one is not applied either.
         before = await self.qmp.execute("query-migrate-parameters")
         await self.refused("migrate-set-parameters",
-                           {"downtime-limit": 1234, "multifd-channels": 2}, "multifd")
+                           {"downtime-limit": 1234, "multifd-channels": 17}, "multifd")
         self.assertEqual(await self.qmp.execute("query-migrate-parameters"), before)
+        # The data channels' settings, for the next migration; then back to the defaults.
+        await self.qmp.execute("migrate-set-parameters",
+                               {"multifd-channels": 8, "multifd-compression": "zstd",
+                                "multifd-zstd-level": 5})
+        params = await self.qmp.execute("query-migrate-parameters")
+        self.assertEqual((params["multifd-channels"], params["multifd-compression"],
+                          params["multifd-zstd-level"]), (8, "zstd", 5))
+        await self.qmp.execute("migrate-set-parameters",
+                               {"multifd-channels": 2, "multifd-compression": "none",
+                                "multifd-zstd-level": 1})
         await self.qmp.execute("migrate-set-parameters", {"max-bandwidth": 500 << 20})
         self.assertEqual((await self.qmp.execute("query-migrate-parameters"))["max-bandwidth"],
                          500 << 20)

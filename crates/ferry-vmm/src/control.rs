@@ -12,8 +12,9 @@ use serde_json::{json, Map, Value};
 
 use crate::qmp::{version_info, QmpError, QmpHandler, QmpServer, Reply};
 use crate::vmm::{RunState, Vmm, VmmError, VmmEvent};
-use ferry_migration::compat::PropKind;
+use ferry_migration::compat::{PropDef, PropKind};
 use ferry_migration::engine::{error_chain, MigrationStatus, MIGRATION_DRIVER};
+use ferry_migration::wire::MAX_CHANNELS;
 
 /// Answers QMP commands for one VM.
 pub struct Control {
@@ -120,11 +121,13 @@ impl Control {
 
     fn query_params(&self) -> Value {
         let p = self.vmm.params();
+        let (_, channels) = self.vmm.multifd();
         json!({
             "downtime-limit": p.downtime_limit.as_millis() as u64,
             "max-bandwidth": p.max_bandwidth,
-            "multifd-channels": 1,
-            "multifd-compression": "none",
+            "multifd-channels": channels,
+            "multifd-compression": p.multifd_compression.name(),
+            "multifd-zstd-level": p.multifd_zstd_level,
             "verify-full": p.verify_full,
             "digest": p.digest,
         })
@@ -134,6 +137,10 @@ impl Control {
     fn set_params(&self, args: &Map<String, Value>) -> Result<(), QmpError> {
         let current = self.vmm.params();
         let mut changes = Vec::new();
+        // The data channels' settings, which a migration fixes when it starts: their
+        // count (kept while the multifd capability is off) and the other properties.
+        let mut channels = None;
+        let mut multifd = Vec::new();
         for (k, v) in args {
             match k.as_str() {
                 "downtime-limit" | "max-bandwidth" => {
@@ -155,20 +162,27 @@ impl Control {
                     }
                 }
                 "multifd-channels" => {
-                    if uint_value(k, v)? != 1 {
-                        return Err(QmpError::generic(format!(
-                            "Parameter 'multifd-channels' expects 1: {NO_MULTIFD}"
-                        )));
-                    }
+                    let n = uint_value(k, v)?;
+                    check_between(k, n, 1, MAX_CHANNELS.into())?;
+                    channels = Some(n as u16);
+                }
+                "multifd-zstd-level" => {
+                    let n = uint_value(k, v)?;
+                    let (min, max) = prop_range(k);
+                    check_between(k, n, min, max)?;
+                    multifd.push((k.as_str(), n.to_string()));
                 }
                 "multifd-compression" => {
                     let c = str_value(k, v)?;
-                    if c != "none" {
+                    let valid = prop_values(k);
+                    if !valid.contains(&c) {
                         return Err(QmpError::generic(format!(
-                            "Parameter 'multifd-compression' does not accept value '{c}': \
-                             {NO_MULTIFD}, so 'none' is the only value"
+                            "Parameter 'multifd-compression' does not accept value '{c}'; \
+                             the valid values are {}",
+                            valid.join(", ")
                         )));
                     }
+                    multifd.push((k.as_str(), c.to_string()));
                 }
                 _ => {
                     return Err(QmpError::generic(format!(
@@ -178,24 +192,29 @@ impl Control {
                 }
             }
         }
-        for (k, v) in changes {
+        let first = channels
+            .map(|_| "multifd-channels")
+            .or(multifd.first().map(|(k, _)| *k));
+        if let Some(k) = first {
+            if self.vmm.migrating() {
+                return Err(QmpError::generic(format!(
+                    "There's a migration process in progress; '{k}' applies to the next \
+                     migration and cannot change until this one ends"
+                )));
+            }
+        }
+        if let Some(n) = channels {
+            self.vmm.set_multifd_channels(n).map_err(vmm_err)?;
+        }
+        for (k, v) in multifd.into_iter().chain(changes) {
             self.vmm.set_migration_property(k, &v).map_err(vmm_err)?;
         }
         Ok(())
     }
 
-    fn migrating(&self) -> bool {
-        matches!(
-            self.vmm.monitor().status(),
-            MigrationStatus::Setup
-                | MigrationStatus::Active
-                | MigrationStatus::Device
-                | MigrationStatus::Cancelling
-        )
-    }
-
-    /// `migrate-set-capabilities`: every capability ferry has is fixed, so this checks
-    /// that the request asks for what is, and says why when it does not.
+    /// `migrate-set-capabilities`: `multifd` turns the data channels on or off for the
+    /// next migration; every other capability ferry has is fixed, so for those this
+    /// checks that the request asks for what is, and says why when it does not.
     fn set_capabilities(&self, args: &Map<String, Value>) -> Result<(), QmpError> {
         if let Some(k) = args.keys().find(|k| *k != "capabilities") {
             return Err(QmpError::generic(format!("Parameter '{k}' is unexpected")));
@@ -235,78 +254,112 @@ impl Control {
             };
             wanted.push((cap, state));
         }
-        if self.migrating() {
+        if self.vmm.migrating() {
             return Err(QmpError::generic(
                 "There's a migration process in progress; capabilities cannot change until it ends",
             ));
         }
+        let mut multifd = None;
         for (cap, state) in wanted {
-            if state != cap.state {
-                return Err(QmpError::generic(format!(
-                    "Capability '{}' cannot be {}: {}",
-                    cap.name,
-                    if state { "enabled" } else { "disabled" },
-                    cap.why
-                )));
+            match cap.state {
+                CapState::Multifd => multifd = Some(state),
+                CapState::Fixed { state: fixed, .. } if fixed == state => {}
+                CapState::Fixed { why, .. } => {
+                    return Err(QmpError::generic(format!(
+                        "Capability '{}' cannot be {}: {why}",
+                        cap.name,
+                        if state { "enabled" } else { "disabled" },
+                    )));
+                }
             }
+        }
+        if let Some(on) = multifd {
+            self.vmm.set_multifd(on).map_err(vmm_err)?;
         }
         Ok(())
     }
+
+    fn query_capabilities(&self) -> Value {
+        CAPABILITIES
+            .iter()
+            .map(|c| {
+                let state = match c.state {
+                    CapState::Fixed { state, .. } => state,
+                    CapState::Multifd => self.vmm.multifd().0,
+                };
+                json!({ "capability": c.name, "state": state })
+            })
+            .collect()
+    }
 }
 
-/// A migration capability QEMU names, as ferry has it: its state cannot change.
+/// A migration capability QEMU names, as ferry has it.
 struct Capability {
     name: &'static str,
-    state: bool,
-    /// Why the state is fixed, for the error when asked to change it.
-    why: &'static str,
+    state: CapState,
 }
 
-const NO_MULTIFD: &str = "this release of ferry has no multifd; a migration uses one channel";
+enum CapState {
+    /// The state cannot change; `why`, for the error when asked to change it.
+    Fixed { state: bool, why: &'static str },
+    /// On: pages travel on `multifd-channels` data channels. Off: on the main channel
+    /// (the `migration.multifd-channels=0` property).
+    Multifd,
+}
 
 /// What `query-migrate-capabilities` reports, in this order.
 const CAPABILITIES: [Capability; 6] = [
     Capability {
         name: "events",
-        state: true,
-        why: "ferry always sends MIGRATION and MIGRATION_PASS events",
+        state: CapState::Fixed {
+            state: true,
+            why: "ferry always sends MIGRATION and MIGRATION_PASS events",
+        },
     },
     Capability {
         name: "return-path",
-        state: true,
-        why: "ferry's source relies on the destination's return path to learn that the \
-              guest runs there, or why it refused or failed",
+        state: CapState::Fixed {
+            state: true,
+            why: "ferry's source relies on the destination's return path to learn that the \
+                  guest runs there, or why it refused or failed",
+        },
     },
     Capability {
         name: "multifd",
-        state: false,
-        why: NO_MULTIFD,
+        state: CapState::Multifd,
     },
     Capability {
         name: "postcopy-ram",
-        state: false,
-        why: "this release of ferry has no postcopy; migration is precopy only",
+        state: CapState::Fixed {
+            state: false,
+            why: "this release of ferry has no postcopy; migration is precopy only",
+        },
     },
     Capability {
         name: "auto-converge",
-        state: false,
-        why: "this release of ferry does not throttle vCPUs; raise downtime-limit or \
-              max-bandwidth for a guest that dirties memory faster than it can be sent",
+        state: CapState::Fixed {
+            state: false,
+            why: "this release of ferry does not throttle vCPUs; raise downtime-limit or \
+                  max-bandwidth for a guest that dirties memory faster than it can be sent",
+        },
     },
     Capability {
         name: "xbzrle",
-        state: false,
-        why: "this release of ferry has no XBZRLE; it sends zero pages as a flag and \
-              every other page whole",
+        state: CapState::Fixed {
+            state: false,
+            why: "this release of ferry has no XBZRLE; it sends zero pages as a flag and \
+                  every other page whole",
+        },
     },
 ];
 
 /// What `migrate-set-parameters` knows, for the error about one it does not.
-const PARAMETERS: [&str; 6] = [
+const PARAMETERS: [&str; 7] = [
     "downtime-limit",
     "max-bandwidth",
     "multifd-channels",
     "multifd-compression",
+    "multifd-zstd-level",
     "verify-full",
     "digest",
 ];
@@ -331,6 +384,38 @@ fn bool_value(name: &str, v: &Value) -> Result<bool, QmpError> {
 
 fn str_value<'a>(name: &str, v: &'a Value) -> Result<&'a str, QmpError> {
     v.as_str().ok_or_else(|| type_error(name, "string"))
+}
+
+/// QEMU's wording for a multifd parameter out of its range.
+fn check_between(name: &str, n: u64, min: u64, max: u64) -> Result<(), QmpError> {
+    if (min..=max).contains(&n) {
+        return Ok(());
+    }
+    Err(QmpError::generic(format!(
+        "Parameter '{name}' expects a value between {min} and {max}"
+    )))
+}
+
+/// A numeric migration property's range.
+fn prop_range(name: &str) -> (u64, u64) {
+    match MIGRATION_DRIVER.props.iter().find(|p| p.name == name) {
+        Some(PropDef {
+            kind: PropKind::U64 { min, max } | PropKind::Size { min, max },
+            ..
+        }) => (*min, *max),
+        _ => (0, u64::MAX),
+    }
+}
+
+/// An enumerated migration property's values.
+fn prop_values(name: &str) -> &'static [&'static str] {
+    match MIGRATION_DRIVER.props.iter().find(|p| p.name == name) {
+        Some(PropDef {
+            kind: PropKind::Enum(values),
+            ..
+        }) => values,
+        _ => &[],
+    }
 }
 
 /// QEMU's wording for a number out of a migration property's range.
@@ -478,10 +563,7 @@ impl QmpHandler for Control {
             }
             "query-migrate-capabilities" => {
                 no_args(command, &args)?;
-                CAPABILITIES
-                    .iter()
-                    .map(|c| json!({ "capability": c.name, "state": c.state }))
-                    .collect()
+                self.query_capabilities()
             }
             "migrate-set-capabilities" => {
                 self.set_capabilities(&args)?;
@@ -520,5 +602,339 @@ impl QmpHandler for Control {
             _ => return Err(QmpError::command_not_found(command)),
         };
         Ok(v.into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::qmp::ErrorClass;
+    use crate::vmm::VmmConfig;
+    use ferry_migration::compat::Global;
+    use ferry_migration::engine::stats::{ChannelStats, MultifdStats};
+    use ferry_migration::wire::Compression;
+
+    /// A paused soft VM (no guest thread to keep a core busy) and its QMP commands.
+    fn control(globals: &[(&str, &str)]) -> Arc<Control> {
+        let vmm = Vmm::new(&VmmConfig {
+            mem_size: 16 << 20,
+            dirty_size: 1 << 20,
+            paused: true,
+            globals: globals
+                .iter()
+                .map(|(p, v)| Global {
+                    driver: "migration".into(),
+                    property: (*p).into(),
+                    value: (*v).into(),
+                })
+                .collect(),
+            ..VmmConfig::default()
+        })
+        .unwrap();
+        Control::new(vmm)
+    }
+
+    fn run(c: &Control, command: &str, args: Value) -> Result<Value, QmpError> {
+        let args = match args {
+            Value::Object(m) => m,
+            _ => Map::new(),
+        };
+        c.execute(command, args).map(|r| r.value)
+    }
+
+    fn ok(c: &Control, command: &str, args: Value) -> Value {
+        run(c, command, args).unwrap_or_else(|e| panic!("{command}: {}", e.desc))
+    }
+
+    /// The command fails with a `GenericError` containing each of `needles`.
+    fn refused(c: &Control, command: &str, args: Value, needles: &[&str]) -> String {
+        let e = run(c, command, args.clone()).expect_err(&format!("{command} {args} succeeded"));
+        assert_eq!(e.class, ErrorClass::GenericError, "{}", e.desc);
+        for n in needles {
+            assert!(e.desc.contains(n), "{:?} lacks {n:?}", e.desc);
+        }
+        e.desc
+    }
+
+    fn multifd_cap(c: &Control) -> bool {
+        let caps = ok(c, "query-migrate-capabilities", Value::Null);
+        let cap = caps
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["capability"] == "multifd")
+            .unwrap_or_else(|| panic!("no multifd in {caps}"));
+        cap["state"].as_bool().unwrap()
+    }
+
+    fn set_multifd(c: &Control, on: bool) -> Result<Value, QmpError> {
+        run(
+            c,
+            "migrate-set-capabilities",
+            json!({ "capabilities": [{ "capability": "multifd", "state": on }] }),
+        )
+    }
+
+    fn params(c: &Control) -> Value {
+        ok(c, "query-migrate-parameters", Value::Null)
+    }
+
+    #[test]
+    fn multifd_is_on_with_two_channels_by_default() {
+        let c = control(&[]);
+        assert!(multifd_cap(&c));
+        let p = params(&c);
+        assert_eq!(p["multifd-channels"], 2, "{p}");
+        assert_eq!(p["multifd-compression"], "none", "{p}");
+        assert_eq!(p["multifd-zstd-level"], 1, "{p}");
+        assert_eq!(c.vmm.params().multifd_channels, 2);
+    }
+
+    #[test]
+    fn the_capability_switches_channels_off_and_back_on_keeping_the_count() {
+        let c = control(&[]);
+        set_multifd(&c, false).unwrap();
+        assert!(!multifd_cap(&c));
+        assert_eq!(
+            c.vmm.params().multifd_channels,
+            0,
+            "pages on the main channel"
+        );
+        assert_eq!(params(&c)["multifd-channels"], 2, "the count is kept");
+
+        // A count set while multifd is off waits for it.
+        ok(
+            &c,
+            "migrate-set-parameters",
+            json!({ "multifd-channels": 4 }),
+        );
+        assert_eq!(params(&c)["multifd-channels"], 4);
+        assert_eq!(c.vmm.params().multifd_channels, 0);
+        assert!(!multifd_cap(&c));
+
+        set_multifd(&c, true).unwrap();
+        assert!(multifd_cap(&c));
+        assert_eq!(c.vmm.params().multifd_channels, 4);
+        ok(
+            &c,
+            "migrate-set-parameters",
+            json!({ "multifd-channels": 16 }),
+        );
+        assert_eq!(c.vmm.params().multifd_channels, 16);
+        // Asking for the state it has is fine too, as are the fixed capabilities.
+        ok(
+            &c,
+            "migrate-set-capabilities",
+            json!({ "capabilities": [
+                { "capability": "events", "state": true },
+                { "capability": "multifd", "state": true },
+            ] }),
+        );
+        assert_eq!(c.vmm.params().multifd_channels, 16);
+    }
+
+    #[test]
+    fn a_global_of_zero_channels_is_the_capability_off() {
+        let c = control(&[("multifd-channels", "0")]);
+        assert!(!multifd_cap(&c));
+        // QEMU's default count, for when the capability comes on.
+        assert_eq!(params(&c)["multifd-channels"], 2);
+        set_multifd(&c, true).unwrap();
+        assert_eq!(c.vmm.params().multifd_channels, 2);
+
+        let c = control(&[("multifd-channels", "8"), ("multifd-compression", "zstd")]);
+        assert!(multifd_cap(&c));
+        let p = params(&c);
+        assert_eq!(
+            (&p["multifd-channels"], &p["multifd-compression"]),
+            (&json!(8), &json!("zstd"))
+        );
+    }
+
+    #[test]
+    fn compression_and_its_level() {
+        let c = control(&[]);
+        ok(
+            &c,
+            "migrate-set-parameters",
+            json!({ "multifd-compression": "zstd", "multifd-zstd-level": 19 }),
+        );
+        let p = params(&c);
+        assert_eq!(p["multifd-compression"], "zstd", "{p}");
+        assert_eq!(p["multifd-zstd-level"], 19, "{p}");
+        let mp = c.vmm.params();
+        assert_eq!(
+            (mp.multifd_compression, mp.multifd_zstd_level),
+            (Compression::Zstd, 19)
+        );
+        ok(
+            &c,
+            "migrate-set-parameters",
+            json!({ "multifd-compression": "none" }),
+        );
+        assert_eq!(c.vmm.params().multifd_compression, Compression::None);
+    }
+
+    #[test]
+    fn multifd_values_out_of_range_are_refused_with_qemus_wording() {
+        let c = control(&[]);
+        let before = params(&c);
+        for n in [0, 17] {
+            refused(
+                &c,
+                "migrate-set-parameters",
+                json!({ "multifd-channels": n }),
+                &["Parameter 'multifd-channels' expects a value between 1 and 16"],
+            );
+        }
+        for n in [0, 20] {
+            refused(
+                &c,
+                "migrate-set-parameters",
+                json!({ "multifd-zstd-level": n }),
+                &["Parameter 'multifd-zstd-level' expects a value between 1 and 19"],
+            );
+        }
+        for method in ["zlib", "qpl", "ZSTD", ""] {
+            refused(
+                &c,
+                "migrate-set-parameters",
+                json!({ "multifd-compression": method }),
+                &[
+                    &format!("Parameter 'multifd-compression' does not accept value '{method}'"),
+                    "none, zstd",
+                ],
+            );
+        }
+        refused(
+            &c,
+            "migrate-set-parameters",
+            json!({ "multifd-channels": "4" }),
+            &["Invalid parameter type for 'multifd-channels', expected: integer"],
+        );
+        refused(
+            &c,
+            "migrate-set-parameters",
+            json!({ "multifd-channels": -1 }),
+            &["expected: integer"],
+        );
+        refused(
+            &c,
+            "migrate-set-capabilities",
+            json!({ "capabilities": [{ "capability": "multifd", "state": 1 }] }),
+            &["Invalid parameter type for 'capabilities[0].state', expected: boolean"],
+        );
+        // All or nothing: the good values beside a bad one are not applied.
+        refused(
+            &c,
+            "migrate-set-parameters",
+            json!({ "downtime-limit": 1234, "multifd-channels": 4, "multifd-compression": "lz4" }),
+            &["'lz4'"],
+        );
+        refused(
+            &c,
+            "migrate-set-capabilities",
+            json!({ "capabilities": [
+                { "capability": "multifd", "state": false },
+                { "capability": "xbzrle", "state": true },
+            ] }),
+            &["'xbzrle'"],
+        );
+        assert_eq!(params(&c), before);
+        assert!(multifd_cap(&c));
+    }
+
+    #[test]
+    fn multifd_settings_wait_for_the_running_migration_to_end() {
+        let c = control(&[]);
+        // What `migrating` sees while a migration runs, either way.
+        c.vmm.monitor().set_status(MigrationStatus::Active);
+        refused(
+            &c,
+            "migrate-set-capabilities",
+            json!({ "capabilities": [{ "capability": "multifd", "state": false }] }),
+            &["migration process in progress"],
+        );
+        for (k, v) in [
+            ("multifd-channels", json!(4)),
+            ("multifd-compression", json!("zstd")),
+            ("multifd-zstd-level", json!(3)),
+        ] {
+            let mut args = Map::new();
+            args.insert(k.into(), v);
+            args.insert("downtime-limit".into(), json!(1000));
+            refused(
+                &c,
+                "migrate-set-parameters",
+                Value::Object(args),
+                &["migration process in progress", k, "next migration"],
+            );
+        }
+        assert_eq!(params(&c)["downtime-limit"], 300, "nothing applied");
+        assert!(c.vmm.set_multifd(false).is_err());
+        assert!(c
+            .vmm
+            .set_migration_property("multifd-compression", "zstd")
+            .is_err());
+        // The downtime limit still reaches a migration in flight, as in QEMU.
+        ok(
+            &c,
+            "migrate-set-parameters",
+            json!({ "downtime-limit": 1000 }),
+        );
+        assert_eq!(
+            c.vmm.monitor().downtime_limit(),
+            Some(Duration::from_secs(1))
+        );
+
+        c.vmm.monitor().set_status(MigrationStatus::Completed);
+        set_multifd(&c, false).unwrap();
+        ok(
+            &c,
+            "migrate-set-parameters",
+            json!({ "multifd-channels": 4, "multifd-compression": "zstd" }),
+        );
+        assert_eq!(params(&c)["multifd-channels"], 4);
+    }
+
+    #[test]
+    fn query_migrate_names_the_data_channels_figures_as_qemu_and_ferry_do() {
+        let c = control(&[]);
+        c.vmm.monitor().update(|i| {
+            i.status = MigrationStatus::Completed;
+            i.ram.transferred = 10_300;
+            i.ram.multifd_bytes = 10_000;
+            i.multifd = Some(MultifdStats {
+                channels: 2,
+                compression: "zstd".into(),
+                syncs: 3,
+                per_channel: vec![
+                    ChannelStats {
+                        packets: 2,
+                        pages: 5,
+                        zero_pages: 1,
+                        bytes: 6_000,
+                    },
+                    ChannelStats {
+                        packets: 1,
+                        pages: 4,
+                        zero_pages: 0,
+                        bytes: 4_000,
+                    },
+                ],
+                raw_bytes: 32_768,
+                wire_bytes: 10_000,
+                strays: Vec::new(),
+            });
+        });
+        let q = ok(&c, "query-migrate", Value::Null);
+        assert_eq!(q["ram"]["multifd-bytes"], 10_000, "{q}");
+        let m = &q["multifd"];
+        assert_eq!(m["channels"], 2, "{q}");
+        assert_eq!(m["compression"], "zstd", "{q}");
+        assert_eq!(m["raw-bytes"], 32_768, "{q}");
+        assert_eq!(m["wire-bytes"], 10_000, "{q}");
+        assert_eq!(m["per-channel"][1]["zero-pages"], 0, "{q}");
+        assert_eq!(m["per-channel"][0]["bytes"], 6_000, "{q}");
     }
 }

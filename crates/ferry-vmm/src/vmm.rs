@@ -139,6 +139,11 @@ pub struct Vmm {
     config: Config,
     registry: Registry,
     params: Mutex<MigrationParams>,
+    /// The data channel count QMP's `multifd-channels` shows: the migration's while
+    /// pages travel on data channels, and the one they come back with while the
+    /// `multifd` capability is off (`params` then says 0), as QEMU keeps the parameter
+    /// apart from the capability. Locked after `params`, when both are.
+    multifd_channels: Mutex<u16>,
     monitor: Arc<MigrationMonitor>,
     worker: Mutex<Option<JoinHandle<()>>>,
     state: Mutex<RunState>,
@@ -159,6 +164,10 @@ impl Vmm {
         let registry = machine::registry();
         let config = registry.configure(&cfg.machine, &cfg.globals)?;
         let params = MigrationParams::from_config(&config)?;
+        let multifd_channels = match params.multifd_channels {
+            0 => MigrationParams::default().multifd_channels,
+            n => n,
+        };
         let vm: Arc<dyn GuestVm> = match cfg.backend {
             Backend::Soft if cfg.vcpus != 1 => {
                 return Err(VmmError::State(format!(
@@ -211,6 +220,7 @@ impl Vmm {
             config,
             registry,
             params: Mutex::new(params),
+            multifd_channels: Mutex::new(multifd_channels),
             monitor: Arc::new(MigrationMonitor::new()),
             worker: Mutex::new(None),
             state: Mutex::new(state),
@@ -265,7 +275,54 @@ impl Vmm {
     }
 
     pub fn set_params(&self, p: MigrationParams) {
-        *self.params.lock().unwrap() = p;
+        let mut cur = self.params.lock().unwrap();
+        if p.multifd_channels > 0 {
+            *self.multifd_channels.lock().unwrap() = p.multifd_channels;
+        }
+        *cur = p;
+    }
+
+    /// Whether the next migration sends pages on data channels (QMP's `multifd`
+    /// capability), and over how many it does or would (`multifd-channels`).
+    pub fn multifd(&self) -> (bool, u16) {
+        let p = self.params.lock().unwrap();
+        let n = *self.multifd_channels.lock().unwrap();
+        (p.multifd_channels > 0, n)
+    }
+
+    /// Sends the next migration's pages on data channels, or on the main channel
+    /// (QMP `migrate-set-capabilities` `multifd`).
+    pub fn set_multifd(&self, on: bool) -> Result<(), VmmError> {
+        self.check_idle("multifd")?;
+        let mut p = self.params.lock().unwrap();
+        p.multifd_channels = if on {
+            *self.multifd_channels.lock().unwrap()
+        } else {
+            0
+        };
+        Ok(())
+    }
+
+    /// Whether a migration, either way, is under way.
+    pub fn migrating(&self) -> bool {
+        matches!(
+            self.monitor.status(),
+            MigrationStatus::Setup
+                | MigrationStatus::Active
+                | MigrationStatus::Device
+                | MigrationStatus::Cancelling
+        )
+    }
+
+    /// Refuses to change `what`, which a migration fixes at its start, while one runs.
+    fn check_idle(&self, what: &str) -> Result<(), VmmError> {
+        if self.migrating() {
+            return Err(VmmError::State(format!(
+                "a migration is in progress; {what} applies to the next migration and cannot \
+                 change until this one ends"
+            )));
+        }
+        Ok(())
     }
 
     pub fn monitor(&self) -> &Arc<MigrationMonitor> {
@@ -463,9 +520,64 @@ impl Vmm {
         }
     }
 
-    /// Sets a migration parameter by its property name (QMP `migrate-set-parameters`).
+    /// Sets a migration parameter by its property name (QMP `migrate-set-parameters`),
+    /// with the property's meaning: `multifd-channels` 0 puts pages on the main channel.
+    /// `downtime-limit` also applies to a migration under way; the data channels'
+    /// settings cannot change while one runs; the rest apply to the next migration.
     pub fn set_migration_property(&self, prop: &str, value: &str) -> Result<(), VmmError> {
-        // Parse through the registry so the value gets the property's own checks.
+        let p = self.parse_property(prop, value)?;
+        if prop.starts_with("multifd-") {
+            self.check_idle(prop)?;
+        }
+        let mut cur = self.params.lock().unwrap();
+        match prop {
+            "downtime-limit" => {
+                cur.downtime_limit = p.downtime_limit;
+                self.monitor.set_downtime_limit(p.downtime_limit);
+            }
+            "max-bandwidth" => cur.max_bandwidth = p.max_bandwidth,
+            "verify-full" => cur.verify_full = p.verify_full,
+            "multifd-channels" => {
+                cur.multifd_channels = p.multifd_channels;
+                if p.multifd_channels > 0 {
+                    *self.multifd_channels.lock().unwrap() = p.multifd_channels;
+                }
+            }
+            "multifd-compression" => cur.multifd_compression = p.multifd_compression,
+            "multifd-zstd-level" => cur.multifd_zstd_level = p.multifd_zstd_level,
+            other => {
+                return Err(VmmError::State(format!(
+                    "migration parameter {other} cannot change at run time (it is fixed by the machine type and -global)"
+                )))
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets the data channel count (QMP's `multifd-channels`, 1 or more) and keeps
+    /// whether pages travel on data channels: while the `multifd` capability is off
+    /// the count waits for it to come on.
+    pub fn set_multifd_channels(&self, n: u16) -> Result<(), VmmError> {
+        if n == 0 {
+            return Err(VmmError::State(
+                "multifd-channels counts data channels, 1 or more; turn the multifd \
+                 capability off to send pages on the main channel"
+                    .into(),
+            ));
+        }
+        let p = self.parse_property("multifd-channels", &n.to_string())?;
+        self.check_idle("multifd-channels")?;
+        let mut cur = self.params.lock().unwrap();
+        *self.multifd_channels.lock().unwrap() = p.multifd_channels;
+        if cur.multifd_channels > 0 {
+            cur.multifd_channels = p.multifd_channels;
+        }
+        Ok(())
+    }
+
+    /// The parameters with one migration property set to `value`, parsed through the
+    /// registry so that the value gets the property's own checks.
+    fn parse_property(&self, prop: &str, value: &str) -> Result<MigrationParams, VmmError> {
         let cfg = self.registry.configure(
             self.config.machine(),
             &[Global {
@@ -474,22 +586,6 @@ impl Vmm {
                 value: value.into(),
             }],
         )?;
-        let p = MigrationParams::from_config(&cfg)?;
-        let mut cur = self.params();
-        match prop {
-            "downtime-limit" => {
-                cur.downtime_limit = p.downtime_limit;
-                self.monitor.set_downtime_limit(p.downtime_limit);
-            }
-            "max-bandwidth" => cur.max_bandwidth = p.max_bandwidth,
-            "verify-full" => cur.verify_full = p.verify_full,
-            other => {
-                return Err(VmmError::State(format!(
-                    "migration parameter {other} cannot change at run time (it is fixed by the machine type and -global)"
-                )))
-            }
-        }
-        self.set_params(cur);
-        Ok(())
+        Ok(MigrationParams::from_config(&cfg)?)
     }
 }
