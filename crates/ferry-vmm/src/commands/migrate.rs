@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use clap::Args;
+use clap::{Args, ValueEnum};
 use ferry_migration::engine::{human_bytes, MigrationInfo, MigrationStatus};
 use ferry_vmm::qmp::QmpClient;
 use ferry_vmm::report::{self, ReportContext};
@@ -27,6 +27,14 @@ pub struct MigrateArgs {
     /// Cap on the migration's bandwidth, bytes per second (e.g. 500M)
     #[arg(long, value_parser = parse_size)]
     pub max_bandwidth: Option<u64>,
+    /// Data channels to carry the guest's pages, 1 to 16, or 0 to send them on the main
+    /// channel; the destination follows [default: the VM's setting, 2 unless changed]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(0..=16))]
+    pub channels: Option<u16>,
+    /// Compression of the pages on the data channels; zstd at the VM's
+    /// migration.multifd-zstd-level [default: the VM's setting, none unless changed]
+    #[arg(long, value_enum, value_name = "METHOD")]
+    pub compression: Option<CompressionArg>,
     /// Print one JSON object per update instead of a progress bar
     #[arg(long)]
     pub json: bool,
@@ -36,6 +44,21 @@ pub struct MigrateArgs {
     /// When the migration ends, write an HTML report of it (timeline, downtime breakdown) to FILE
     #[arg(long, value_name = "FILE")]
     pub report: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CompressionArg {
+    None,
+    Zstd,
+}
+
+impl CompressionArg {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Zstd => "zstd",
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -59,6 +82,15 @@ fn connect(path: &std::path::Path) -> Result<QmpClient, CliError> {
     })
 }
 
+/// Whether the VM's next migration sends pages on data channels.
+fn multifd_on(c: &mut QmpClient) -> Result<bool, CliError> {
+    let caps = c.execute("query-migrate-capabilities", Value::Null)?;
+    Ok(caps.as_array().is_some_and(|caps| {
+        caps.iter()
+            .any(|cap| cap["capability"] == "multifd" && cap["state"] == true)
+    }))
+}
+
 /// Reads `query-migrate` into the engine's type.
 pub fn query_migrate(c: &mut QmpClient) -> Result<MigrationInfo, CliError> {
     let v = c.execute("query-migrate", Value::Null)?;
@@ -68,6 +100,18 @@ pub fn query_migrate(c: &mut QmpClient) -> Result<MigrationInfo, CliError> {
 
 pub fn main(args: MigrateArgs) -> CliResult {
     let mut c = connect(&args.qmp)?;
+    if args.compression == Some(CompressionArg::Zstd) {
+        let channels = match args.channels {
+            Some(n) => n > 0,
+            None => multifd_on(&mut c)?,
+        };
+        if !channels {
+            return Err(CliError::msg(
+                "--compression zstd compresses pages on the data channels, and this migration \
+                 sends them on the main channel; add --channels N (1 to 16)",
+            ));
+        }
+    }
     let mut params = serde_json::Map::new();
     if let Some(d) = args.downtime_limit {
         params.insert("downtime-limit".into(), json!(d));
@@ -75,8 +119,21 @@ pub fn main(args: MigrateArgs) -> CliResult {
     if let Some(b) = args.max_bandwidth {
         params.insert("max-bandwidth".into(), json!(b));
     }
+    if let Some(n) = args.channels.filter(|&n| n > 0) {
+        params.insert("multifd-channels".into(), json!(n));
+    }
+    if let Some(m) = args.compression {
+        params.insert("multifd-compression".into(), json!(m.as_str()));
+    }
     if !params.is_empty() {
         c.execute("migrate-set-parameters", Value::Object(params))?;
+    }
+    // QEMU's switch between data channels and the main channel.
+    if let Some(n) = args.channels {
+        c.execute(
+            "migrate-set-capabilities",
+            json!({ "capabilities": [{ "capability": "multifd", "state": n > 0 }] }),
+        )?;
     }
     // Open the report file now, so a bad path fails before the guest moves rather
     // than after; and read the limits the source works against, for the page.
@@ -220,8 +277,12 @@ pub fn follow(
 fn progress_line(i: &MigrationInfo) -> String {
     let pass = i.passes.len();
     let bw = i.passes.last().map_or(0.0, |p| p.throughput_bytes_per_sec);
+    let over = match &i.multifd {
+        Some(m) => format!(" over {}", plural(m.channels.into(), "channel")),
+        None => String::new(),
+    };
     format!(
-        "{}: pass {pass}, {} sent, {} remaining, {}/s, expected downtime {} ms",
+        "{}: pass {pass}{over}, {} sent, {} remaining, {}/s, expected downtime {} ms",
         i.status.as_str(),
         human_bytes(i.ram.transferred),
         human_bytes(i.ram.remaining),
@@ -273,6 +334,21 @@ pub fn summary(i: &MigrationInfo) -> String {
         "  pages:        {} with data, {} zero (sent as a flag)",
         i.ram.normal, i.ram.duplicate
     );
+    if let Some(line) = channels_line(i) {
+        let _ = writeln!(s, "  channels:     {line}");
+    }
+    if let Some(m) = i.multifd.as_ref().filter(|m| m.per_channel.len() > 1) {
+        let each: Vec<String> = m.per_channel.iter().map(|c| human_bytes(c.bytes)).collect();
+        let _ = writeln!(s, "  per channel:  {}", each.join(", "));
+    }
+    if let Some(m) = i.multifd.as_ref().filter(|m| !m.strays.is_empty()) {
+        let _ = writeln!(
+            s,
+            "  turned away:  {}: {}",
+            plural(m.strays.len() as u64, "connection"),
+            m.strays.join("; ")
+        );
+    }
     if let Some(v) = &i.verified {
         let _ = writeln!(s, "  verified:     {v}");
     }
@@ -301,6 +377,33 @@ pub fn summary(i: &MigrationInfo) -> String {
         );
     }
     s
+}
+
+/// How the pages travelled: over how many data channels, compressed how, or on the
+/// main channel. None before any page moved.
+fn channels_line(i: &MigrationInfo) -> Option<String> {
+    let Some(m) = &i.multifd else {
+        let moved = i.ram.normal + i.ram.duplicate > 0;
+        return moved.then(|| "pages on the main channel (no data channels)".to_string());
+    };
+    let over = plural(m.channels.into(), "data channel");
+    Some(match m.compression.as_str() {
+        "none" => format!("{over}, uncompressed: {} sent", human_bytes(m.wire_bytes)),
+        method => format!(
+            "{over}, {method}: {} of page data sent as {}",
+            human_bytes(m.raw_bytes),
+            human_bytes(m.wire_bytes)
+        ),
+    })
+}
+
+/// `1 channel`, `4 channels`.
+fn plural(n: u64, what: &str) -> String {
+    if n == 1 {
+        format!("1 {what}")
+    } else {
+        format!("{n} {what}s")
+    }
 }
 
 pub fn status(args: StatusArgs) -> CliResult {
@@ -339,4 +442,135 @@ pub fn status(args: StatusArgs) -> CliResult {
         println!("migration: none yet");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+    use ferry_migration::engine::stats::{ChannelStats, MultifdStats};
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        migrate: MigrateArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<MigrateArgs, clap::Error> {
+        Cli::try_parse_from(
+            ["ferry", "--qmp", "/tmp/s.sock", "unix:/tmp/m"]
+                .iter()
+                .chain(args),
+        )
+        .map(|c| c.migrate)
+    }
+
+    #[test]
+    fn channels_and_compression_options() {
+        let a = parse(&[]).unwrap();
+        assert_eq!((a.channels, a.compression), (None, None));
+        let a = parse(&["--channels", "4", "--compression", "zstd"]).unwrap();
+        assert_eq!(a.channels, Some(4));
+        assert_eq!(a.compression, Some(CompressionArg::Zstd));
+        assert_eq!(parse(&["--channels", "0"]).unwrap().channels, Some(0));
+        assert_eq!(parse(&["--channels", "16"]).unwrap().channels, Some(16));
+        let e = parse(&["--channels", "17"]).unwrap_err().to_string();
+        assert!(e.contains("17") && e.contains("0..=16"), "{e}");
+        let e = parse(&["--compression", "zlib"]).unwrap_err().to_string();
+        assert!(e.contains("zlib") && e.contains("none, zstd"), "{e}");
+    }
+
+    fn moved(multifd: Option<MultifdStats>) -> MigrationInfo {
+        let mut i = MigrationInfo {
+            status: MigrationStatus::Completed,
+            multifd,
+            ..MigrationInfo::default()
+        };
+        i.ram.normal = 300_000;
+        i
+    }
+
+    fn four_channels_zstd() -> MultifdStats {
+        MultifdStats {
+            channels: 4,
+            compression: "zstd".into(),
+            per_channel: [80, 81, 79, 70]
+                .iter()
+                .map(|mib| ChannelStats {
+                    bytes: mib << 20,
+                    ..ChannelStats::default()
+                })
+                .collect(),
+            raw_bytes: 1288 << 20,
+            wire_bytes: 310 << 20,
+            ..MultifdStats::default()
+        }
+    }
+
+    #[test]
+    fn the_summary_says_how_the_pages_travelled() {
+        let s = summary(&moved(Some(four_channels_zstd())));
+        assert!(
+            s.contains(
+                "  channels:     4 data channels, zstd: 1.3 GiB of page data sent as 310.0 MiB\n"
+            ),
+            "{s}"
+        );
+        assert!(
+            s.contains("  per channel:  80.0 MiB, 81.0 MiB, 79.0 MiB, 70.0 MiB\n"),
+            "{s}"
+        );
+
+        let one = MultifdStats {
+            channels: 1,
+            compression: "none".into(),
+            per_channel: vec![ChannelStats::default()],
+            wire_bytes: 3 << 30,
+            ..MultifdStats::default()
+        };
+        let s = summary(&moved(Some(one)));
+        assert!(
+            s.contains("  channels:     1 data channel, uncompressed: 3.0 GiB sent\n"),
+            "{s}"
+        );
+        assert!(!s.contains("per channel"), "{s}");
+
+        let s = summary(&moved(None));
+        assert!(
+            s.contains("  channels:     pages on the main channel (no data channels)\n"),
+            "{s}"
+        );
+        // A migration refused before any page moved says nothing of channels.
+        let refused = MigrationInfo {
+            status: MigrationStatus::Failed,
+            ..MigrationInfo::default()
+        };
+        assert!(!summary(&refused).contains("channels"));
+    }
+
+    #[test]
+    fn the_summary_names_connections_the_destination_turned_away() {
+        let m = MultifdStats {
+            strays: vec!["127.0.0.1:5555: not a ferry channel".into()],
+            ..four_channels_zstd()
+        };
+        let s = summary(&moved(Some(m)));
+        assert!(
+            s.contains("  turned away:  1 connection: 127.0.0.1:5555: not a ferry channel\n"),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn the_progress_line_shows_the_channel_count() {
+        let mut i = moved(Some(four_channels_zstd()));
+        i.status = MigrationStatus::Active;
+        assert!(
+            progress_line(&i).starts_with("active: pass 0 over 4 channels, "),
+            "{}",
+            progress_line(&i)
+        );
+        i.multifd = None;
+        assert!(progress_line(&i).starts_with("active: pass 0, "));
+    }
 }
