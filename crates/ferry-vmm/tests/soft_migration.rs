@@ -752,6 +752,78 @@ fn live_migrations_over_0_1_2_and_4_channels_with_and_without_zstd_keep_memory_i
     }
 }
 
+/// Pages that zstd packs tightly must not make the migration look slower than it is:
+/// what a switchover would cost is the time the dirty pages take to send, not their
+/// uncompressed size over the compressed bytes' rate. A guest that never stops dirtying
+/// memory (so no pass ends with nothing left) converges at once rather than after dozens
+/// of passes, or never.
+#[test]
+fn zstd_on_compressible_pages_converges_while_the_guest_keeps_dirtying() {
+    let cfg = SoftConfig {
+        mem_size: 64 << 20,
+        dirty_size: 16 << 20,
+        // As fast as it can: it rewrites all 16 MiB while a pass sends them, and each
+        // page holds its pass number, which zstd shrinks ~100-fold.
+        dirty_rate: 0,
+        console_every: 50,
+        ..SoftConfig::default()
+    };
+    let src = Arc::new(SoftVm::create(&cfg).unwrap());
+    wait_passes(&src, 2);
+    let dst = Arc::new(
+        SoftVm::create(&SoftConfig {
+            incoming: true,
+            ..cfg.clone()
+        })
+        .unwrap(),
+    );
+    let d = spawn_dest(dst.clone(), dest_id(), params());
+    let p = MigrationParams {
+        verify_full: false,
+        ..with_channels(2, Compression::Zstd)
+    };
+    let m = Arc::new(MigrationMonitor::new());
+    let migration = {
+        let (src, m, uri) = (src.clone(), m.clone(), d.uri.clone());
+        thread::spawn(move || engine::migrate(src.as_ref(), &source_id(), &p, &uri, &m))
+    };
+    let started = Instant::now();
+    while !migration.is_finished() {
+        let info = m.info();
+        if info.passes.len() > 10 || started.elapsed() > Duration::from_secs(20) {
+            m.cancel();
+            let _ = migration.join();
+            let _ = d.handle.join();
+            panic!(
+                "no switchover after {} passes in {:.1} s: {:#?}",
+                info.passes.len(),
+                started.elapsed().as_secs_f64(),
+                info.passes.iter().rev().take(3).collect::<Vec<_>>()
+            );
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    let info = migration
+        .join()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{}", engine::error_chain(&e)));
+    d.handle.join().unwrap().unwrap();
+    let mfd = info.multifd.as_ref().expect("multifd statistics");
+    assert!(
+        mfd.wire_bytes * 10 < mfd.raw_bytes,
+        "the pages were meant to compress well: {mfd:?}"
+    );
+    let last_live = info.passes.iter().rev().find(|p| !p.final_pass).unwrap();
+    assert!(
+        last_live.expected_downtime_ms <= 300.0,
+        "switched over expecting {} ms",
+        last_live.expected_downtime_ms
+    );
+    let at_stop = src.report().passes[0];
+    wait_passes(&dst, at_stop + 2);
+    assert_guest_intact(&dst);
+}
+
 #[test]
 fn a_data_channel_closed_mid_migration_fails_naming_it_and_a_retry_succeeds() {
     let src = soft(false, 64 << 20, 16 << 20);

@@ -7,10 +7,11 @@
 //!                           (guest resumed if we stopped it, harvested dirty bits put back)
 //! ```
 //!
-//! Convergence: after each pass the dirty log is harvested and the bytes still to send
-//! are divided by the bandwidth measured over that pass. When that expected downtime
-//! fits the `downtime-limit`, the guest is stopped and the final pass, device and vCPU
-//! state follow. Nothing is retried: a failure ends the attempt cleanly, and a new
+//! Convergence: after each pass the dirty log is harvested and the pages still to send
+//! are divided by the rate at which that pass sent pages (pages, not wire bytes, so that
+//! zero pages and compression do not skew it). When that expected downtime fits the
+//! `downtime-limit`, the guest is stopped and the final pass, device and vCPU state
+//! follow. Nothing is retried: a failure ends the attempt cleanly, and a new
 //! migration can start at once.
 
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
@@ -272,10 +273,14 @@ impl Source<'_> {
             let secs = dur.as_secs_f64().max(1e-6);
             let bw = c.bytes as f64 / secs;
             let remaining = dirty * PAGE_SIZE as u64;
+            // The final pass takes as long per page as this one did. Pages, not bytes:
+            // zero pages and compressed data put far fewer bytes on the wire than the
+            // dirty pages hold, and dividing the one by the rate of the other would
+            // overstate the downtime by that ratio (never converging, with zstd).
             let expected = if dirty == 0 {
                 0.0
-            } else if bw > 0.0 {
-                remaining as f64 / bw
+            } else if c.pages > 0 {
+                dirty as f64 * secs / c.pages as f64
             } else {
                 f64::INFINITY
             };
