@@ -56,7 +56,7 @@ fn words(s: &str) -> Vec<&str> {
 /// what a user expects of a successful live migration: exit 0, `completed` with the
 /// digest verified, the source `postmigrate` with its guest stopped, the destination
 /// `running` with its guest carrying on past where the source stopped and every dirtied
-/// page intact.
+/// page intact. Returns the command's final JSON object.
 fn migrate_and_check(
     src: &mut Vm,
     s: &mut QmpClient,
@@ -64,7 +64,7 @@ fn migrate_and_check(
     uri: &str,
     extra: &[&str],
     verified: &str,
-) {
+) -> Value {
     let mut d = dst.qmp();
     assert_eq!(run_state(&mut d), "inmigrate", "{}", dst.ctx());
     let mut args = vec!["migrate", "--qmp", src.qmp_path(), uri, "--json"];
@@ -99,6 +99,7 @@ fn migrate_and_check(
     // The source's own record of it agrees with the command's.
     let q = query_migrate(s);
     assert_eq!(q["status"], "completed", "{q}");
+    last
 }
 
 /// A source and a waiting destination with the same arguments, the source's guest
@@ -156,6 +157,108 @@ fn live_migration_kvm_two_vcpus() {
         return;
     }
     live_migration("live-kvm-2", KVM_2, &[], "digest");
+}
+
+/// How a hop of [`channel_chain`] moves its pages: `ferry migrate` options, then the
+/// data channels (0: the main channel) and compression the JSON must report.
+const ROUTES: [(&[&str], u16, &str); 4] = [
+    // The first source runs with -global migration.multifd-channels=0.
+    (&[], 0, "none"),
+    (&["--channels", "1"], 1, "none"),
+    (&["--channels", "4", "--compression", "none"], 4, "none"),
+    (&["--channels", "2", "--compression", "zstd"], 2, "zstd"),
+];
+
+/// One guest migrated from VM to VM along [`ROUTES`], each hop to a fresh destination
+/// and with its own way of moving pages: each time `ferry migrate` succeeds with the
+/// digest verified, the destination's guest carries on with every dirtied page intact,
+/// and `ferry migrate --json`, `query-migrate` and `ferry status` say how the pages
+/// travelled.
+fn channel_chain(name: &str, vm: &[&str]) {
+    let _one_at_a_time = serial();
+    let dir = TestDir::new(name);
+    let (mut src, mut s, mut dst, mut uri) =
+        pair(&dir, vm, &["-global", "migration.multifd-channels=0"]);
+    let caps = exec(&mut s, "query-migrate-capabilities", Value::Null);
+    assert!(
+        caps.as_array()
+            .unwrap()
+            .contains(&json!({ "capability": "multifd", "state": false })),
+        "the global's 0 channels is QMP's multifd off: {caps}"
+    );
+    for (hop, (args, channels, compression)) in ROUTES.iter().enumerate() {
+        let last = migrate_and_check(&mut src, &mut s, &mut dst, &uri, args, "digest");
+        let ctx = format!("hop {hop} ({args:?}): {last}{}{}", src.ctx(), dst.ctx());
+        check_channels(&last, *channels, compression, &ctx);
+        check_channels(&query_migrate(&mut s), *channels, compression, &ctx);
+        let status = ferry(&["status", "--qmp", src.qmp_path()], QUICK);
+        let want = match channels {
+            0 => "  channels:     pages on the main channel".to_string(),
+            1 => format!("  channels:     1 data channel, {compression}"),
+            n => format!("  channels:     {n} data channels, {compression}"),
+        };
+        let want = want.replace(", none", ", uncompressed");
+        assert!(status.stdout.contains(&want), "{status}\n{ctx}");
+
+        if hop + 1 == ROUTES.len() {
+            break;
+        }
+        // The destination takes the guest on to the next hop.
+        let next = Vm::incoming(&dir, &format!("destination{}", hop + 2), vm);
+        uri = next.uri();
+        src = std::mem::replace(&mut dst, next);
+        s = src.qmp();
+    }
+}
+
+/// A completed migration's `query-migrate` (or `ferry migrate --json`) reports
+/// `channels` data channels and what each carried, or none for the main channel.
+fn check_channels(info: &Value, channels: u16, compression: &str, ctx: &str) {
+    let ram = &info["ram"];
+    let m = &info["multifd"];
+    if channels == 0 {
+        assert!(m.is_null(), "data channels reported: {ctx}");
+        assert_eq!(ram["multifd-bytes"], 0, "{ctx}");
+        return;
+    }
+    assert_eq!(m["channels"], channels, "{ctx}");
+    assert_eq!(m["compression"], compression, "{ctx}");
+    let per = m["per-channel"].as_array().expect("per-channel figures");
+    assert_eq!(per.len(), usize::from(channels), "{ctx}");
+    let sum = |k: &str| per.iter().map(|c| c[k].as_u64().unwrap()).sum::<u64>();
+    assert!(
+        per.iter().all(|c| c["pages"].as_u64() > Some(0)),
+        "a channel carried no pages: {ctx}"
+    );
+    let n = |v: &Value| {
+        v.as_u64()
+            .unwrap_or_else(|| panic!("not a count: {v} in {ctx}"))
+    };
+    assert_eq!(
+        sum("pages"),
+        n(&ram["normal"]) + n(&ram["duplicate"]),
+        "every page went over the data channels: {ctx}"
+    );
+    assert_eq!(sum("bytes"), n(&m["wire-bytes"]), "{ctx}");
+    assert_eq!(n(&ram["multifd-bytes"]), n(&m["wire-bytes"]), "{ctx}");
+    let (raw, wire) = (n(&m["raw-bytes"]), n(&m["wire-bytes"]));
+    match compression {
+        "zstd" => assert!(wire < raw, "zstd did not shrink the pages: {ctx}"),
+        _ => assert!(wire > raw, "page data plus headers: {ctx}"),
+    }
+}
+
+#[test]
+fn migrations_over_data_channels_kvm() {
+    if !kvm_or_skip() {
+        return;
+    }
+    channel_chain("channels-kvm", KVM);
+}
+
+#[test]
+fn migrations_over_data_channels_soft() {
+    channel_chain("channels-soft", SOFT);
 }
 
 /// Waits until the source's migration is active and has moved some RAM.
