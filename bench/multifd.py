@@ -402,13 +402,13 @@ def run_variant(ferry: Path, v: Variant, mem: int, tmp: Path, tag: str,
 # Summary and markdown
 # --------------------------------------------------------------------------------------------
 
-METRICS = ["pass0_gbs", "pass0_wire_gbs", "to_tcp", "total_ms", "downtime_ms", "pass0_ms",
+METRICS = ["pass0_gbs", "pass0_wire_gbs", "to_tcp", "to_tcp_len", "total_ms", "downtime_ms", "pass0_ms",
            "transferred_bytes", "cpu_src_s", "cpu_dst_s", "cpu_src_s_per_gib",
            "cpu_dst_s_per_gib"]
 
 
 def summarise(results: dict) -> dict:
-    out: dict = {"variants": {}, "tcp": {}}
+    out: dict = {"variants": {}, "tcp": {}, "tcp_len": {}}
     runs = [r for rnd in results["rounds"] for r in rnd["runs"]]
     for name in results["variants"]:
         mine = [r for r in runs if r["variant"] == name]
@@ -429,17 +429,21 @@ def summarise(results: dict) -> dict:
             s[f"threads_{side}_s_per_gib"] = dict(
                 sorted(per.items(), key=lambda kv: -kv[1]["median"]))
         out["variants"][name] = s
-    for ch in results["args"]["channels"]:
-        refs = [rnd["tcp"].get(str(ch)) for rnd in results["rounds"] if rnd.get("tcp")]
-        out["tcp"][str(ch)] = {
-            "streams": max(ch, 1),
-            "gbs": mb.stats([r.get("gbs") for r in refs if r]),
-            "cpu_snd_s_per_gib": mb.stats([tcp_cpu_per_gib(r, "cpu_sender_pct")
-                                           for r in refs if r]),
-            "cpu_rcv_s_per_gib": mb.stats([tcp_cpu_per_gib(r, "cpu_receiver_pct")
-                                           for r in refs if r]),
-            "other_cores": mb.stats([r.get("other_cores") for r in refs if r]),
-        }
+    for key in ("tcp", "tcp_len"):
+        for ch in results["args"]["channels"]:
+            refs = [r for rnd in results["rounds"] if (r := rnd.get(key, {}).get(str(ch)))]
+            if not refs:
+                continue
+            out[key][str(ch)] = {
+                "streams": max(ch, 1),
+                "length": next((r.get("length") for r in refs if r.get("length")), None),
+                "gbs": mb.stats([r.get("gbs") for r in refs]),
+                "cpu_snd_s_per_gib": mb.stats([tcp_cpu_per_gib(r, "cpu_sender_pct")
+                                               for r in refs]),
+                "cpu_rcv_s_per_gib": mb.stats([tcp_cpu_per_gib(r, "cpu_receiver_pct")
+                                               for r in refs]),
+                "other_cores": mb.stats([r.get("other_cores") for r in refs]),
+            }
     out["other_cores"] = mb.stats([r.get("other_cores") for r in runs])
     return out
 
@@ -454,6 +458,12 @@ def tcp_cpu_per_gib(r: dict, key: str) -> float | None:
 
 def ch_label(ch: int) -> str:
     return "0 (main connection)" if ch == 0 else str(ch)
+
+
+def row_order(name: str) -> tuple:
+    """Incompressible rows first, then zero-heavy; by channels; digest on, off; zstd last."""
+    data, ch, *rest = name.split("/")
+    return (data != "random", len(rest) > 1, int(ch[:-2]), rest[0] != "digest-on")
 
 
 def threads_cell(per: dict, limit: int = 3) -> str:
@@ -479,29 +489,31 @@ def render_markdown(results: dict) -> str:
                   f"children's): median {load['median']:.2f} cores, max {load['max']:.2f}."
                   if load else ""))
     out.append("")
-    out.append("| memory | data channels | digest | compression | pass 0 GB/s | wire GB/s "
-               "| TCP, same streams, GB/s | pass 0 / TCP | total ms | CPU src s/GiB "
-               "| CPU dst s/GiB |")
-    out.append("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    length = a.get("iperf_len") or None
+    out.append("| memory | data channels | iperf3 streams | digest | compression | pass 0 GB/s "
+               "| wire GB/s | pass 0 / TCP | "
+               + (f"pass 0 / TCP, {length} writes | " if length else "")
+               + "total ms | CPU src s/GiB | CPU dst s/GiB |")
+    out.append("|---|---|---:|---|---|---:|---:|---:|" + ("---:|" if length else "")
+               + "---:|---:|---:|")
     tcp = summary["tcp"]
-    for name, s in summary["variants"].items():
+    for name in sorted(summary["variants"], key=row_order):
+        s = summary["variants"][name]
         data, ch, *rest = name.split("/")
         chn = int(ch[:-2])
         digest = rest[0].split("-")[1]
         comp = rest[1] if len(rest) > 1 else "none"
-        t = tcp.get(str(chn), {})
-        tcp_cell = f"{mb.cell(t.get('gbs'), 'gbs')} (-P {max(chn, 1)})"
-        head = [DATA_LABEL.get(data, data), ch_label(chn), digest, comp]
+        head = [DATA_LABEL.get(data, data), ch_label(chn), str(max(chn, 1)), digest, comp]
         if not s["ok"]:
             what = "failed" if s["runs"] else "not run"
-            out.append("| " + " | ".join(head + [what, "–", tcp_cell] + ["–"] * 4) + " |")
+            out.append("| " + " | ".join(head + [what] + ["–"] * (6 if length else 5)) + " |")
             continue
         label_ok = "" if s["ok"] == s["runs"] else f" ({s['ok']}/{s['runs']} ok)"
         out.append("| " + " | ".join(head + [
             mb.cell(s["pass0_gbs"], "gbs") + label_ok,
             mb.cell(s["pass0_wire_gbs"], "gbs"),
-            tcp_cell,
             mb.cell(s["to_tcp"], "pct"),
+            *([mb.cell(s["to_tcp_len"], "pct")] if length else []),
             mb.cell(s["total_ms"], "ms"),
             mb.cell(s["cpu_src_s_per_gib"], "s"),
             mb.cell(s["cpu_dst_s_per_gib"], "s"),
@@ -511,7 +523,8 @@ def render_markdown(results: dict) -> str:
     out.append("")
     out.append("| case | source | destination | other load, cores |")
     out.append("|---|---|---|---:|")
-    for name, s in summary["variants"].items():
+    for name in sorted(summary["variants"], key=row_order):
+        s = summary["variants"][name]
         if not s["ok"]:
             continue
         out.append(f"| {name} | {threads_cell(s['threads_src_s_per_gib'])} | "
@@ -521,12 +534,14 @@ def render_markdown(results: dict) -> str:
     out.append("| loopback TCP, same run | GB/s | CPU sender s/GiB | CPU receiver s/GiB "
                "| other load, cores |")
     out.append("|---|---:|---:|---:|---:|")
-    for ch, t in tcp.items():
-        out.append(f"| iperf3 -P {t['streams']} -t {a['iperf_seconds']}, for "
-                   f"{ch_label(int(ch))} data channels | {mb.cell(t['gbs'], 'gbs')} | "
-                   f"{mb.cell(t.get('cpu_snd_s_per_gib'), 's')} | "
-                   f"{mb.cell(t.get('cpu_rcv_s_per_gib'), 's')} | "
-                   f"{mb.cell(t['other_cores'], 's')} |")
+    for key in ("tcp", "tcp_len"):
+        for ch, t in summary[key].items():
+            flags = f"-P {t['streams']}" + (f" -l {t['length']}" if t.get("length") else "")
+            out.append(f"| iperf3 {flags} -t {a['iperf_seconds']}, for "
+                       f"{ch_label(int(ch))} data channels | {mb.cell(t['gbs'], 'gbs')} | "
+                       f"{mb.cell(t.get('cpu_snd_s_per_gib'), 's')} | "
+                       f"{mb.cell(t.get('cpu_rcv_s_per_gib'), 's')} | "
+                       f"{mb.cell(t['other_cores'], 's')} |")
     prof = results.get("profile")
     if prof is not None:
         out.append("")
@@ -600,6 +615,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--no-build", action="store_true", help="use the existing release ferry")
     ap.add_argument("--ferry", type=Path, help="ferry binary (implies --no-build)")
     ap.add_argument("--iperf-seconds", type=int, default=5, help="iperf3 -t (default 5)")
+    ap.add_argument("--iperf-len", default="512K", metavar="SIZE",
+                    help="also measure loopback TCP with iperf3 -l SIZE, the size of ferry's "
+                         "writes (a packet of 128 pages); '' to skip (default %(default)s)")
     ap.add_argument("--no-perf", action="store_true",
                     help="skip the profile of the largest channel count after the rounds")
     ap.add_argument("--settle", type=float, default=10.0, metavar="S",
@@ -690,6 +708,7 @@ def main(argv: list[str]) -> int:
         "command": " ".join(["python3", "bench/multifd.py", *argv]),
         "args": {"runs": a.runs, "channels": a.channel_list, "mem": a.mem,
                  "zstd_channels": a.zstd_channels, "iperf_seconds": a.iperf_seconds,
+                 "iperf_len": a.iperf_len,
                  "settle": a.settle, "settle_below": a.settle_below, "perf": perf is not None},
         "machine": machine,
         "variants": [v.name for ch in a.channel_list for v in groups[ch]],
@@ -705,24 +724,33 @@ def main(argv: list[str]) -> int:
 
     try:
         for rnd in range(1, a.runs + 1):
-            rr: dict = {"round": rnd, "tcp": {}, "runs": []}
+            rr: dict = {"round": rnd, "tcp": {}, "tcp_len": {}, "runs": []}
             results["rounds"].append(rr)
             tag = f"[run {rnd}/{a.runs}]"
             for ch in a.channel_list:
                 streams = max(ch, 1)
-                q = quiet()
-                window = mb.OtherLoad()
-                try:
-                    t = mb.ref_tcp(iperf3, a.iperf_seconds, tmp, streams=streams)
-                    log(f"{tag} loopback TCP, {streams} stream(s): {t['gbs']:.2f} GB/s")
-                except BenchError as e:
-                    t = {"error": str(e)}
-                    failed += 1
-                    log(f"{tag} loopback TCP, {streams} stream(s) FAILED: {e}")
-                t.update(q)
-                t["other_cores"] = window.cores()
-                rr["tcp"][str(ch)] = t
-                tcp_gbs = t.get("gbs")
+                # iperf3's defaults first (the reference the issue names), then, if asked,
+                # the same with ferry's write size.
+                for key, length in (("tcp", None), ("tcp_len", a.iperf_len)):
+                    if key == "tcp_len" and not length:
+                        continue
+                    what = f"loopback TCP, {streams} stream(s)" + (
+                        f", {length} writes" if length else "")
+                    q = quiet()
+                    window = mb.OtherLoad()
+                    try:
+                        t = mb.ref_tcp(iperf3, a.iperf_seconds, tmp, streams=streams,
+                                       length=length)
+                        log(f"{tag} {what}: {t['gbs']:.2f} GB/s")
+                    except BenchError as e:
+                        t = {"error": str(e)}
+                        failed += 1
+                        log(f"{tag} {what} FAILED: {e}")
+                    t.update(q)
+                    t["other_cores"] = window.cores()
+                    rr[key][str(ch)] = t
+                tcp_gbs = rr["tcp"][str(ch)].get("gbs")
+                tcp_len_gbs = rr["tcp_len"].get(str(ch), {}).get("gbs")
                 # Alternate the order between rounds: nothing always runs first.
                 vs = groups[ch] if rnd % 2 else list(reversed(groups[ch]))
                 for v in vs:
@@ -735,6 +763,9 @@ def main(argv: list[str]) -> int:
                         m["tcp_gbs"] = tcp_gbs
                         m["to_tcp"] = (m["pass0_gbs"] / tcp_gbs
                                        if tcp_gbs and m["pass0_gbs"] else None)
+                        m["tcp_len_gbs"] = tcp_len_gbs
+                        m["to_tcp_len"] = (m["pass0_gbs"] / tcp_len_gbs
+                                           if tcp_len_gbs and m["pass0_gbs"] else None)
                     else:
                         failed += 1
                     rr["runs"].append(r)
