@@ -4,8 +4,9 @@
     python3 bench/multifd.py [--runs 3] [--channels 0,1,2,4] [--mem 1G] [--markdown]
 
 Each round goes through the channel counts N (0 = every page on the main connection, no data
-channel). For each N it first measures loopback TCP with `iperf3 -P max(N, 1)`, then migrates
-a paused soft guest of --mem bytes from one `ferry run` to another on this machine:
+channel). For each N it first measures loopback TCP with `iperf3 -P max(N, 1)` (iperf3's
+default 128 KiB writes) and with `-l 512K` (--iperf-len: the size of ferry's writes), then
+migrates a paused soft guest of --mem bytes from one `ferry run` to another on this machine:
 
 - incompressible: the source filled with --fill (pseudo-random, non-zero pages);
 - zero-heavy: the source started with --prealloc and nothing written, so that every page is
@@ -18,17 +19,17 @@ what is measured is moving pages, not the host's first touch of fresh memory (BE
 Which variant of a channel count goes first alternates between rounds.
 
 Per migration: pass 0 throughput, as page data (pages x 4 KiB / duration) and on the wire,
-and its ratio to the TCP figure of the same stream count from the same round; total time;
+and its ratio to each TCP figure of the same stream count from the same round; total time;
 CPU seconds of each `ferry run` process over the migration (from /proc/PID/stat, just before
 `ferry migrate` starts to just after it returns) per GiB of guest RAM moved, and the same
 split by thread (sampled every 50 ms); the other work on the machine in that window. Figures
 are medians over the rounds with (min-max). Nothing here asserts a timing.
 
-After the rounds (unless --no-perf), one more migration of the largest channel count with
-incompressible pages, digest on and off, runs with `perf record -g` attached to both
+After the rounds (unless --no-perf), two more migrations of the largest channel count with
+incompressible pages, digest on and off, run with `perf record -g` attached to both
 processes; the report's top symbols per thread kind go into the results. perf comes from
 Debian's linux-perf (installed with apt-get if missing); where it cannot record, the results
-say why. That migration is not in the figures: perf costs CPU.
+say why. Those migrations are not in the figures: perf costs CPU.
 
 Results: JSON and markdown under bench/results/ (--out); --markdown prints the markdown too,
 --from-json FILE prints it again from a results file. Processes are handled by the machinery
