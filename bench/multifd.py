@@ -403,8 +403,8 @@ def run_variant(ferry: Path, v: Variant, mem: int, tmp: Path, tag: str,
 # Summary and markdown
 # --------------------------------------------------------------------------------------------
 
-METRICS = ["pass0_gbs", "pass0_wire_gbs", "to_tcp", "to_tcp_len", "total_ms", "downtime_ms", "pass0_ms",
-           "transferred_bytes", "cpu_src_s", "cpu_dst_s", "cpu_src_s_per_gib",
+METRICS = ["pass0_gbs", "pass0_wire_gbs", "to_tcp", "to_tcp_len", "total_ms", "downtime_ms",
+           "pass0_ms", "transferred_bytes", "cpu_src_s", "cpu_dst_s", "cpu_src_s_per_gib",
            "cpu_dst_s_per_gib"]
 
 
@@ -553,7 +553,8 @@ def render_markdown(results: dict) -> str:
                        f"process during the migration, self time; not one of the measured "
                        f"runs):"
                        + (f" pass 0 {r['metrics']['pass0_gbs']:.2f} GB/s under perf, CPU src "
-                          f"{r['metrics']['cpu_src_s']:.2f} s, dst {r['metrics']['cpu_dst_s']:.2f} s."
+                          f"{r['metrics']['cpu_src_s']:.2f} s, dst "
+                          f"{r['metrics']['cpu_dst_s']:.2f} s."
                           if r.get("ok") else f" failed: {r.get('error')}"))
             for side in ("src", "dst"):
                 p = (r.get("profile") or {}).get(side)
@@ -792,14 +793,18 @@ def main(argv: list[str]) -> int:
     finally:
         mb.reap_all()
         results["elapsed_s"] = round(time.monotonic() - t_start, 1)
-        results["summary"] = summarise(results)
-        mb.write_json(out, results)
-        md = render_markdown(results)
-        md_path.write_text(md)
-        if a.keep_tmp:
-            log(f"process logs kept in {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            # What was measured is written first, so that a fault in the summary loses none.
+            mb.write_json(out, results)
+            results["summary"] = summarise(results)
+            mb.write_json(out, results)
+            md = render_markdown(results)
+            md_path.write_text(md)
+        finally:
+            if a.keep_tmp:
+                log(f"process logs kept in {tmp}")
+            else:
+                shutil.rmtree(tmp, ignore_errors=True)
     log(f"wrote {out} and {md_path} ({results['elapsed_s']:.0f} s of measuring)")
     if a.markdown:
         print(md, end="")
