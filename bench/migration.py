@@ -435,9 +435,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def ref_tcp(iperf3: str, seconds: int, tmp: Path, streams: int = 1) -> dict:
+def ref_tcp(iperf3: str, seconds: int, tmp: Path, streams: int = 1,
+            length: str | None = None) -> dict:
     """Loopback TCP with iperf3 over `streams` parallel connections (-P), receiver's figure
-    summed over them."""
+    summed over them. `length` is iperf3's -l, the size of each write and read (iperf3's
+    default for TCP is 128 KiB)."""
     last_err = ""
     for _attempt in range(3):
         port = free_port()
@@ -455,7 +457,8 @@ def ref_tcp(iperf3: str, seconds: int, tmp: Path, streams: int = 1) -> dict:
                 last_err = f"iperf3 server did not listen on port {port}: {tail(err_path)}"
                 continue
             r = run_tracked([iperf3, "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds),
-                             "-P", str(streams), "-J"],
+                             "-P", str(streams), *(["-l", length] if length else []),
+                             "-J"],
                             timeout=seconds + 30, stdin=subprocess.DEVNULL)
             try:
                 j = json.loads(r.stdout)
@@ -469,6 +472,7 @@ def ref_tcp(iperf3: str, seconds: int, tmp: Path, streams: int = 1) -> dict:
             cpu = j["end"].get("cpu_utilization_percent", {})
             return {
                 "streams": streams,
+                "length": length,
                 "gbs": recv["bits_per_second"] / 8 / 1e9,
                 "sent_gbs": sent["bits_per_second"] / 8 / 1e9,
                 "bytes": recv["bytes"],

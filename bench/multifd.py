@@ -1,0 +1,821 @@
+#!/usr/bin/env python3
+"""Multifd: ferry's data channels against loopback TCP with as many streams, in one run.
+
+    python3 bench/multifd.py [--runs 3] [--channels 0,1,2,4] [--mem 1G] [--markdown]
+
+Each round goes through the channel counts N (0 = every page on the main connection, no data
+channel). For each N it first measures loopback TCP with `iperf3 -P max(N, 1)` (iperf3's
+default 128 KiB writes) and with `-l 512K` (--iperf-len: the size of ferry's writes), then
+migrates a paused soft guest of --mem bytes from one `ferry run` to another on this machine:
+
+- incompressible: the source filled with --fill (pseudo-random, non-zero pages);
+- zero-heavy: the source started with --prealloc and nothing written, so that every page is
+  populated but zero (read, found zero, sent as a flag);
+
+each with the digest on and off (`migration.digest`, set on both sides: an xxh3 hash of every
+page on both ends), and at --zstd-channels (2) both kinds again with
+`migration.multifd-compression=zstd`. The destination always starts with --prealloc, so that
+what is measured is moving pages, not the host's first touch of fresh memory (BENCHMARKS.md).
+Which variant of a channel count goes first alternates between rounds.
+
+Per migration: pass 0 throughput, as page data (pages x 4 KiB / duration) and on the wire,
+and its ratio to each TCP figure of the same stream count from the same round; total time;
+CPU seconds of each `ferry run` process over the migration (from /proc/PID/stat, just before
+`ferry migrate` starts to just after it returns) per GiB of guest RAM moved, and the same
+split by thread (sampled every 50 ms); the other work on the machine in that window. Figures
+are medians over the rounds with (min-max). Nothing here asserts a timing.
+
+After the rounds (unless --no-perf), two more migrations of the largest channel count with
+incompressible pages, digest on and off, run with `perf record -g` attached to both
+processes; the report's top symbols per thread kind go into the results. perf comes from
+Debian's linux-perf (installed with apt-get if missing); where it cannot record, the results
+say why. Those migrations are not in the figures: perf costs CPU.
+
+Results: JSON and markdown under bench/results/ (--out); --markdown prints the markdown too,
+--from-json FILE prints it again from a results file. Processes are handled by the machinery
+of bench/migration.py: each child in its own session with a parent-death signal, killed by
+process group on normal exit, exception, Ctrl-C, SIGTERM or SIGHUP. Only the Python 3.11
+standard library is used. Units: GB = 1e9 bytes, GiB = 2^30 bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import datetime as _dt
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import compare as cmp  # noqa: E402  (bench/compare.py: per-thread CPU, apt-get, sizes)
+import migration as mb  # noqa: E402  (bench/migration.py: processes, QMP, references)
+from migration import BenchError, Qmp, log, reap, spawn  # noqa: E402
+
+REPO = mb.REPO
+SCHEMA = "ferry-bench-multifd/1"
+GiB = 1 << 30
+PAGE = 4096
+
+DEFAULT_CHANNELS = (0, 1, 2, 4)
+SAMPLE_S = 0.05      # per-thread CPU sampling period during a migration
+T_MIGRATE = 300.0
+T_PERF_ATTACH = 1.0  # perf record has no "attached" signal: give it this long
+PERF_FREQ = 999
+
+
+# --------------------------------------------------------------------------------------------
+# Variants
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Variant:
+    data: str          # "random" (incompressible) or "zero" (populated, all zero)
+    channels: int      # 0 = pages on the main connection
+    digest: bool
+    compression: str = "none"
+
+    @property
+    def name(self) -> str:
+        tail = f"digest-{'on' if self.digest else 'off'}"
+        if self.compression != "none":
+            tail += f"/{self.compression}"
+        return f"{self.data}/{self.channels}ch/{tail}"
+
+    @property
+    def streams(self) -> int:
+        """iperf3 -P of the reference: one stream for the main connection alone."""
+        return max(self.channels, 1)
+
+
+DATA_LABEL = {"random": "incompressible", "zero": "zero-heavy"}
+
+
+def variants_for(channels: int, zstd_channels: int) -> list[Variant]:
+    out = [Variant(data, channels, digest)
+           for data in ("random", "zero") for digest in (True, False)]
+    if channels == zstd_channels:
+        out += [Variant(data, channels, True, "zstd") for data in ("random", "zero")]
+    return out
+
+
+def ferry_cmds(ferry: Path, v: Variant, mem: int, d: Path) -> tuple[list[str], list[str]]:
+    """(source, destination) `ferry run` command lines."""
+    size = cmp.size_arg(mem)
+    digest = ["--global", f"migration.digest={'on' if v.digest else 'off'}"]
+    common = [str(ferry), "run", "--backend", "soft", "--mem", size, "--dirty", "0"]
+    src = [*common, "--paused", *digest,
+           "--global", f"migration.multifd-channels={v.channels}",
+           "--global", f"migration.multifd-compression={v.compression}",
+           *(["--fill", size] if v.data == "random" else ["--prealloc"]),
+           "--qmp", str(d / "src.sock")]
+    dst = [*common, "--prealloc", *digest, "--incoming", "tcp:127.0.0.1:0",
+           "--qmp", str(d / "dst.sock")]
+    return src, dst
+
+
+# --------------------------------------------------------------------------------------------
+# CPU by thread
+# --------------------------------------------------------------------------------------------
+
+_NUMBERED = re.compile(r"-?\d+$")
+
+
+def thread_kind(name: str) -> str:
+    """ferry-send-3 -> ferry-send: the threads of one kind are summed."""
+    return _NUMBERED.sub("", name) or name
+
+
+class Threads:
+    """CPU of each thread of a process over a window; threads that end inside it count with
+    their last sample (so up to SAMPLE_S of their time may be missing from the split, never
+    from the process total, which comes from /proc/PID/stat)."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        now = cmp.thread_cpu(pid)
+        self.first = {t: c for t, (_n, c) in now.items()}
+        self.last = dict(self.first)
+        self.names = {t: n for t, (n, _c) in now.items()}
+
+    def sample(self) -> None:
+        for t, (n, c) in cmp.thread_cpu(self.pid).items():
+            self.first.setdefault(t, 0.0)
+            self.names[t] = n
+            self.last[t] = c
+
+    def by_kind(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for t, c in self.last.items():
+            k = thread_kind(self.names.get(t, "?"))
+            out[k] = out.get(k, 0.0) + c - self.first[t]
+        return {k: round(v, 3) for k, v in sorted(out.items(), key=lambda kv: -kv[1]) if v > 0}
+
+
+# --------------------------------------------------------------------------------------------
+# perf
+# --------------------------------------------------------------------------------------------
+
+
+def ensure_perf() -> tuple[str | None, str | None]:
+    """(perf binary, None), or (None, why not)."""
+    exe = shutil.which("perf")
+    if not exe:
+        try:
+            cmp.apt_install(["linux-perf"], "perf not found")
+        except SystemExit as e:
+            return None, str(e)
+        exe = shutil.which("perf")
+        if not exe:
+            return None, "perf is not on PATH after installing linux-perf"
+    # perf exists; can it sample here? (A VM without a PMU still has cpu-clock.)
+    probe = Path(tempfile.mkdtemp(prefix="ferry-perf-probe-"))
+    try:
+        r = subprocess.run([exe, "record", "-q", "-o", str(probe / "p.data"), "--", "true"],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           timeout=30)
+        if r.returncode != 0:
+            return None, f"`perf record` does not work here: {r.stdout.strip()[-300:]}"
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return None, f"`perf record` does not work here: {e}"
+    finally:
+        shutil.rmtree(probe, ignore_errors=True)
+    return exe, None
+
+
+_REPORT_LINE = re.compile(r"^\s*([\d.]+)%\s+(\S+)\s+\[(.)\]\s+(.+?)\s*$")
+
+
+def perf_summary(perf: str, data: Path, top: int) -> dict:
+    """Self time by (thread kind, symbol) and by thread kind, from `perf report`."""
+    r = subprocess.run([perf, "report", "-i", str(data), "--stdio", "--no-children",
+                        "--sort", "comm,sym", "-g", "none", "--percent-limit", "0.2"],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=300)
+    if r.returncode != 0:
+        raise BenchError(f"perf report: {r.stderr.strip()[-300:]}")
+    samples = None
+    m = re.search(r"^# Samples: (\d+)", r.stdout, re.M)
+    if m:
+        samples = int(m.group(1))
+    syms: dict[tuple[str, str, str], float] = {}
+    kinds: dict[str, float] = {}
+    for line in r.stdout.splitlines():
+        m = _REPORT_LINE.match(line)
+        if not m:
+            continue
+        pct, comm, space, sym = float(m.group(1)), thread_kind(m.group(2)), m.group(3), m.group(4)
+        key = (comm, "kernel" if space == "k" else "user", sym)
+        syms[key] = syms.get(key, 0.0) + pct
+        kinds[comm] = kinds.get(comm, 0.0) + pct
+    rows = sorted(syms.items(), key=lambda kv: -kv[1])[:top]
+    return {
+        "samples": samples,
+        "top": [{"thread": c, "space": s, "symbol": y, "pct": round(p, 2)}
+                for (c, s, y), p in rows],
+        "by_thread": {k: round(v, 2) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# One migration
+# --------------------------------------------------------------------------------------------
+
+
+def last_json(path: Path) -> dict | None:
+    for line in reversed(path.read_text(errors="replace").splitlines()):
+        if line.strip().startswith("{"):
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                continue
+    return None
+
+
+def metrics_of(info: dict, cpu_src: float, cpu_dst: float) -> dict:
+    passes = info.get("passes") or []
+    p0 = passes[0] if passes else {}
+    dur_s = (p0.get("duration-ms") or 0) / 1e3
+    moved = sum(p.get("pages", 0) for p in passes) * PAGE
+    mfd = info.get("multifd") or {}
+    gib = moved / GiB if moved else None
+    return {
+        "pass0_pages": p0.get("pages"),
+        "pass0_zero_pages": p0.get("zero-pages"),
+        "pass0_bytes": p0.get("bytes"),
+        "pass0_ms": p0.get("duration-ms"),
+        # Page data: what the guest's memory amounts to, zero pages at 4 KiB each.
+        "pass0_gbs": p0.get("pages", 0) * PAGE / dur_s / 1e9 if dur_s and p0.get("pages") else None,
+        # On the wire: headers, flags and (compressed) data, all connections.
+        "pass0_wire_gbs": p0.get("bytes", 0) / dur_s / 1e9 if dur_s and p0.get("bytes") else None,
+        "total_ms": info.get("total-time"),
+        "downtime_ms": info.get("downtime"),
+        "setup_ms": info.get("setup-time"),
+        "passes": len(passes),
+        "moved_bytes": moved,
+        "transferred_bytes": (info.get("ram") or {}).get("transferred"),
+        "raw_bytes": mfd.get("raw-bytes"),
+        "wire_bytes": mfd.get("wire-bytes"),
+        "per_channel_pages": [c.get("pages") for c in mfd.get("per-channel") or []],
+        "syncs": mfd.get("syncs"),
+        "cpu_src_s": round(cpu_src, 3),
+        "cpu_dst_s": round(cpu_dst, 3),
+        "cpu_src_s_per_gib": round(cpu_src / gib, 3) if gib else None,
+        "cpu_dst_s_per_gib": round(cpu_dst / gib, 3) if gib else None,
+        "verified": info.get("verified"),
+    }
+
+
+def run_variant(ferry: Path, v: Variant, mem: int, tmp: Path, tag: str,
+                perf: str | None = None) -> dict:
+    slug = v.name.replace("/", "-")
+    d = tmp / f"{slug}-{tag}"
+    d.mkdir()
+    res: dict = {"variant": v.name, "ok": False, "warnings": [],
+                 "loadavg_before": mb.loadavg()}
+    warnings: list[str] = res["warnings"]
+    src_cmd, dst_cmd = ferry_cmds(ferry, v, mem, d)
+    res["commands"] = [" ".join(src_cmd), " ".join(dst_cmd)]
+    src = dst = mig = None
+    qs = qd = None
+    perfs: list = []
+    interrupted = False
+    t0 = time.monotonic()
+    try:
+        # Both start at once: filling or pre-faulting takes seconds and is not measured.
+        with open(d / "dst.out", "wb") as o, open(d / "dst.err", "wb") as e:
+            dst = spawn(dst_cmd, stdin=subprocess.DEVNULL, stdout=o, stderr=e)
+        with open(d / "src.out", "wb") as o, open(d / "src.err", "wb") as e:
+            src = spawn(src_cmd, stdin=subprocess.DEVNULL, stdout=o, stderr=e)
+        # The destination prints its address once its RAM is faulted in; the source serves
+        # QMP once its RAM is filled or faulted in.
+        uri = mb.wait_uri(d / "dst.out", dst, d / "dst.err")
+        qs = Qmp.connect(d / "src.sock", src, "source", d / "src.err", deadline=mb.T_QMP)
+        qd = Qmp.connect(d / "dst.sock", dst, "destination", d / "dst.err", deadline=mb.T_QMP)
+        res["startup_s"] = round(time.monotonic() - t0, 3)
+        st = qs.execute("query-status").get("status")
+        if st != "paused":
+            warnings.append(f"source is {st!r} before migrating, expected 'paused'")
+
+        if perf:
+            for who, p in (("src", src), ("dst", dst)):
+                with open(d / f"perf-{who}.err", "wb") as e:
+                    perfs.append((who, spawn(
+                        [perf, "record", "-q", "-g", "-F", str(PERF_FREQ), "-p", str(p.pid),
+                         "-o", str(d / f"perf-{who}.data")],
+                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=e)))
+            time.sleep(T_PERF_ATTACH)
+
+        busy0, own0 = mb.host_busy_s(), mb.own_cpu_s()
+        c0 = (mb.cpu_seconds(src.pid), mb.cpu_seconds(dst.pid))
+        ts, td = Threads(src.pid), Threads(dst.pid)
+        t_mig = time.monotonic()
+        mig_cmd = [str(ferry), "migrate", "--qmp", str(d / "src.sock"), uri, "--json"]
+        res["commands"].append(" ".join(mig_cmd))
+        with open(d / "migrate.out", "wb") as o, open(d / "migrate.err", "wb") as e:
+            mig = spawn(mig_cmd, stdin=subprocess.DEVNULL, stdout=o, stderr=e)
+        end = t_mig + T_MIGRATE
+        while mig.poll() is None:
+            if time.monotonic() > end:
+                raise BenchError(f"ferry migrate still running after {T_MIGRATE:.0f} s")
+            ts.sample()
+            td.sample()
+            time.sleep(SAMPLE_S)
+        ts.sample()
+        td.sample()
+        c1 = (mb.cpu_seconds(src.pid), mb.cpu_seconds(dst.pid))
+        wall = time.monotonic() - t_mig
+        reap(mig)  # waited for: its CPU is in own_cpu_s from here on
+        other = ((mb.host_busy_s() - busy0) - (mb.own_cpu_s() - own0)
+                 - (c1[0] - c0[0]) - (c1[1] - c0[1]))
+        res["migrate_wall_s"] = round(wall, 3)
+        res["other_cores"] = round(max(other, 0.0) / max(wall, 1e-3), 3)
+        res["threads_src_s"] = ts.by_kind()
+        res["threads_dst_s"] = td.by_kind()
+
+        info = last_json(d / "migrate.out")
+        if info is None:
+            raise BenchError(f"ferry migrate (exit {mig.returncode}) printed no JSON: "
+                             f"{mb.tail(d / 'migrate.err')}")
+        res["info"] = info
+        if info.get("status") != "completed" or mig.returncode != 0:
+            raise BenchError(f"migration {info.get('status')} (exit {mig.returncode}): "
+                             f"{info.get('error-desc') or mb.tail(d / 'migrate.err')}")
+        st = qd.execute("query-status").get("status")
+        if st != "paused":
+            warnings.append(f"destination is {st!r} after migrating, expected 'paused'")
+        m = metrics_of(info, c1[0] - c0[0], c1[1] - c0[1])
+        if m["moved_bytes"] != mem:
+            warnings.append(f"moved {m['moved_bytes']} bytes of {mem}")
+        want = "digest" if v.digest else "none"
+        if (m["verified"] or "none") != want:
+            warnings.append(f"verified {m['verified']!r}, expected {want!r}")
+        res["metrics"] = m
+        if perfs:
+            res["profile"] = {}
+            for who, p in perfs:
+                try:
+                    os.kill(p.pid, signal.SIGINT)
+                    p.wait(timeout=60)
+                except (ProcessLookupError, subprocess.TimeoutExpired):
+                    pass
+                reap(p)
+                try:
+                    res["profile"][who] = perf_summary(perf, d / f"perf-{who}.data", top=15)
+                except (BenchError, OSError, subprocess.TimeoutExpired) as e:
+                    res["profile"][who] = {"error": f"{e} {mb.tail(d / f'perf-{who}.err', 5)}"}
+        res["ok"] = True
+    except BenchError as e:
+        res["error"] = str(e)
+    except (OSError, ValueError, KeyError, TypeError, socket.timeout) as e:
+        res["error"] = f"{type(e).__name__}: {e}"
+    except BaseException:
+        interrupted = True
+        raise
+    finally:
+        try:
+            for _who, p in perfs:
+                reap(p, grace=5.0)
+            reap(mig)
+            if not interrupted:
+                mb.quit_and_wait(qs, src, "source", warnings)
+                mb.quit_and_wait(qd, dst, "destination", warnings)
+        finally:
+            reap(src)
+            reap(dst)
+        if not res["ok"]:
+            res["src_stderr"] = mb.tail(d / "src.err")
+            res["dst_stderr"] = mb.tail(d / "dst.err")
+        res["wall_s"] = round(time.monotonic() - t0, 3)
+    return res
+
+
+# --------------------------------------------------------------------------------------------
+# Summary and markdown
+# --------------------------------------------------------------------------------------------
+
+METRICS = ["pass0_gbs", "pass0_wire_gbs", "to_tcp", "to_tcp_len", "total_ms", "downtime_ms",
+           "pass0_ms", "transferred_bytes", "cpu_src_s", "cpu_dst_s", "cpu_src_s_per_gib",
+           "cpu_dst_s_per_gib"]
+
+
+def summarise(results: dict) -> dict:
+    out: dict = {"variants": {}, "tcp": {}, "tcp_len": {}}
+    runs = [r for rnd in results["rounds"] for r in rnd["runs"]]
+    for name in results["variants"]:
+        mine = [r for r in runs if r["variant"] == name]
+        ok = [r for r in mine if r.get("ok")]
+        s: dict = {"runs": len(mine), "ok": len(ok)}
+        for k in METRICS:
+            s[k] = mb.stats([r["metrics"].get(k) for r in ok])
+        s["other_cores"] = mb.stats([r.get("other_cores") for r in mine])
+        for side in ("src", "dst"):
+            kinds = sorted({k for r in ok for k in r.get(f"threads_{side}_s", {})})
+            per = {}
+            for k in kinds:
+                vals = [r[f"threads_{side}_s"].get(k, 0.0) / (r["metrics"]["moved_bytes"] / GiB)
+                        for r in ok if r["metrics"].get("moved_bytes")]
+                st = mb.stats(vals)
+                if st and st["median"] >= 0.005:
+                    per[k] = st
+            s[f"threads_{side}_s_per_gib"] = dict(
+                sorted(per.items(), key=lambda kv: -kv[1]["median"]))
+        out["variants"][name] = s
+    for key in ("tcp", "tcp_len"):
+        for ch in results["args"]["channels"]:
+            refs = [r for rnd in results["rounds"] if (r := rnd.get(key, {}).get(str(ch)))]
+            if not refs:
+                continue
+            out[key][str(ch)] = {
+                "streams": max(ch, 1),
+                "length": next((r.get("length") for r in refs if r.get("length")), None),
+                "gbs": mb.stats([r.get("gbs") for r in refs]),
+                "cpu_snd_s_per_gib": mb.stats([tcp_cpu_per_gib(r, "cpu_sender_pct")
+                                               for r in refs]),
+                "cpu_rcv_s_per_gib": mb.stats([tcp_cpu_per_gib(r, "cpu_receiver_pct")
+                                               for r in refs]),
+                "other_cores": mb.stats([r.get("other_cores") for r in refs]),
+            }
+    out["other_cores"] = mb.stats([r.get("other_cores") for r in runs])
+    return out
+
+
+def tcp_cpu_per_gib(r: dict, key: str) -> float | None:
+    """CPU seconds per GiB received of one iperf3 end, from its own utilisation figure (per
+    cent of one CPU over the test)."""
+    if r.get(key) is None or not r.get("bytes") or not r.get("seconds"):
+        return None
+    return r[key] / 100 * r["seconds"] / (r["bytes"] / GiB)
+
+
+def ch_label(ch: int) -> str:
+    return "0 (main connection)" if ch == 0 else str(ch)
+
+
+def row_order(name: str) -> tuple:
+    """Incompressible rows first, then zero-heavy; by channels; digest on, off; zstd last."""
+    data, ch, *rest = name.split("/")
+    return (data != "random", len(rest) > 1, int(ch[:-2]), rest[0] != "digest-on")
+
+
+def threads_cell(per: dict, limit: int = 3) -> str:
+    parts = [f"{k} {v['median']:.2f}" for k, v in list(per.items())[:limit]]
+    return ", ".join(parts) or "–"
+
+
+def render_markdown(results: dict) -> str:
+    summary = summarise(results)
+    mi = results["machine"]
+    a = results["args"]
+    out = []
+    out.append(f"ferry `{mi.get('git_describe')}`"
+               f"{' (uncommitted changes)' if mi.get('git_dirty') else ''}, "
+               f"{results['started']}, {a['runs']} run(s), medians with (min–max); whole run "
+               f"{results.get('elapsed_s', 0):.0f} s; guest {cmp.size_arg(a['mem'])}, soft "
+               f"backend, paused; destination `--prealloc`.")
+    out.append("")
+    la = mi.get("loadavg") or ["?"]
+    load = summary.get("other_cores")
+    out.append(f"Load average before starting: {' '.join(la)} on {mi.get('nproc')} CPUs. "
+               + (f"Other work during the migrations (busy CPU not this driver's nor its "
+                  f"children's): median {load['median']:.2f} cores, max {load['max']:.2f}."
+                  if load else ""))
+    out.append("")
+    length = a.get("iperf_len") or None
+    out.append("| memory | data channels | iperf3 streams | digest | compression | pass 0 GB/s "
+               "| wire GB/s | pass 0 / TCP | "
+               + (f"pass 0 / TCP, {length} writes | " if length else "")
+               + "total ms | CPU src s/GiB | CPU dst s/GiB |")
+    out.append("|---|---|---:|---|---|---:|---:|---:|" + ("---:|" if length else "")
+               + "---:|---:|---:|")
+    tcp = summary["tcp"]
+    for name in sorted(summary["variants"], key=row_order):
+        s = summary["variants"][name]
+        data, ch, *rest = name.split("/")
+        chn = int(ch[:-2])
+        digest = rest[0].split("-")[1]
+        comp = rest[1] if len(rest) > 1 else "none"
+        head = [DATA_LABEL.get(data, data), ch_label(chn), str(max(chn, 1)), digest, comp]
+        if not s["ok"]:
+            what = "failed" if s["runs"] else "not run"
+            out.append("| " + " | ".join(head + [what] + ["–"] * (6 if length else 5)) + " |")
+            continue
+        label_ok = "" if s["ok"] == s["runs"] else f" ({s['ok']}/{s['runs']} ok)"
+        out.append("| " + " | ".join(head + [
+            mb.cell(s["pass0_gbs"], "gbs") + label_ok,
+            mb.cell(s["pass0_wire_gbs"], "gbs"),
+            mb.cell(s["to_tcp"], "pct"),
+            *([mb.cell(s["to_tcp_len"], "pct")] if length else []),
+            mb.cell(s["total_ms"], "ms"),
+            mb.cell(s["cpu_src_s_per_gib"], "s"),
+            mb.cell(s["cpu_dst_s_per_gib"], "s"),
+        ]) + " |")
+    out.append("")
+    out.append("CPU by thread kind, seconds per GiB moved (medians; the three largest per side):")
+    out.append("")
+    out.append("| case | source | destination | other load, cores |")
+    out.append("|---|---|---|---:|")
+    for name in sorted(summary["variants"], key=row_order):
+        s = summary["variants"][name]
+        if not s["ok"]:
+            continue
+        out.append(f"| {name} | {threads_cell(s['threads_src_s_per_gib'])} | "
+                   f"{threads_cell(s['threads_dst_s_per_gib'])} | "
+                   f"{mb.cell(s['other_cores'], 's')} |")
+    out.append("")
+    out.append("| loopback TCP, same run | GB/s | CPU sender s/GiB | CPU receiver s/GiB "
+               "| other load, cores |")
+    out.append("|---|---:|---:|---:|---:|")
+    for key in ("tcp", "tcp_len"):
+        for ch, t in summary[key].items():
+            flags = f"-P {t['streams']}" + (f" -l {t['length']}" if t.get("length") else "")
+            out.append(f"| iperf3 {flags} -t {a['iperf_seconds']}, for "
+                       f"{ch_label(int(ch))} data channels | {mb.cell(t['gbs'], 'gbs')} | "
+                       f"{mb.cell(t.get('cpu_snd_s_per_gib'), 's')} | "
+                       f"{mb.cell(t.get('cpu_rcv_s_per_gib'), 's')} | "
+                       f"{mb.cell(t['other_cores'], 's')} |")
+    prof = results.get("profile")
+    if prof is not None:
+        out.append("")
+        if prof.get("error"):
+            out.append(f"Profile: not taken: {prof['error']}")
+        for r in prof.get("runs", []):
+            out.append(f"Profile of `{r['variant']}` (`perf record -g -F {PERF_FREQ}` on each "
+                       f"process during the migration, self time; not one of the measured "
+                       f"runs):"
+                       + (f" pass 0 {r['metrics']['pass0_gbs']:.2f} GB/s under perf, CPU src "
+                          f"{r['metrics']['cpu_src_s']:.2f} s, dst "
+                          f"{r['metrics']['cpu_dst_s']:.2f} s."
+                          if r.get("ok") else f" failed: {r.get('error')}"))
+            for side in ("src", "dst"):
+                p = (r.get("profile") or {}).get(side)
+                if not p:
+                    continue
+                out.append("")
+                if p.get("error"):
+                    out.append(f"- {side}: {p['error']}")
+                    continue
+                who = "source" if side == "src" else "destination"
+                threads = ", ".join(f"{k} {v:.0f}%" for k, v in p["by_thread"].items()
+                                    if v >= 1)
+                out.append(f"{who}, {p.get('samples')} samples; by thread: {threads}")
+                out.append("")
+                out.append("| % | thread | | symbol |")
+                out.append("|---:|---|---|---|")
+                for row in p["top"][:12]:
+                    sym = row["symbol"].replace("|", "\\|")
+                    if len(sym) > 90:
+                        sym = sym[:87] + "..."
+                    out.append(f"| {row['pct']:.1f} | {row['thread']} | {row['space']} "
+                               f"| `{sym}` |")
+            out.append("")
+    failures = [(rnd["round"], r) for rnd in results["rounds"] for r in rnd["runs"]
+                if not r.get("ok")]
+    notes = [(rnd["round"], r["variant"], w) for rnd in results["rounds"] for r in rnd["runs"]
+             for w in r.get("warnings", [])]
+    if failures or notes or results.get("interrupted"):
+        out.append("")
+    if results.get("interrupted"):
+        out.append("- the run was interrupted; figures cover what finished")
+    for rnd, r in failures:
+        why = " ".join((r.get("error") or "unknown").split())
+        out.append(f"- run {rnd}, {r['variant']} failed: {why[:300]}")
+    for rnd, name, w in notes:
+        out.append(f"- run {rnd}, {name}: {w}")
+    return "\n".join(out).rstrip("\n") + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        description="ferry's multifd channels against loopback TCP with as many streams.")
+    ap.add_argument("--runs", type=int, default=3, help="rounds (default 3)")
+    ap.add_argument("--channels", default=",".join(map(str, DEFAULT_CHANNELS)),
+                    help="data channel counts, comma-separated; 0 = pages on the main "
+                         "connection (default %(default)s)")
+    ap.add_argument("--mem", default="1G", type=parse_size,
+                    help="guest RAM, moved whole in every migration (default 1G)")
+    ap.add_argument("--zstd-channels", type=int, default=2, metavar="N",
+                    help="channel count with the zstd variants too (default 2; -1 for none)")
+    ap.add_argument("--out", type=Path,
+                    help="JSON results (default bench/results/multifd-<time>.json); the "
+                         "markdown goes beside it with .md")
+    ap.add_argument("--markdown", action="store_true", help="print the markdown to stdout")
+    ap.add_argument("--no-build", action="store_true", help="use the existing release ferry")
+    ap.add_argument("--ferry", type=Path, help="ferry binary (implies --no-build)")
+    ap.add_argument("--iperf-seconds", type=int, default=5, help="iperf3 -t (default 5)")
+    ap.add_argument("--iperf-len", default="512K", metavar="SIZE",
+                    help="also measure loopback TCP with iperf3 -l SIZE, the size of ferry's "
+                         "writes (a packet of 128 pages); '' to skip (default %(default)s)")
+    ap.add_argument("--no-perf", action="store_true",
+                    help="skip the profile of the largest channel count after the rounds")
+    ap.add_argument("--settle", type=float, default=10.0, metavar="S",
+                    help="wait up to S seconds for other work to quieten before each "
+                         "measurement (default 10; 0 disables)")
+    ap.add_argument("--settle-below", type=float, default=0.25, metavar="CORES")
+    ap.add_argument("--keep-tmp", action="store_true", help="keep every process's output")
+    ap.add_argument("--from-json", type=Path, metavar="FILE",
+                    help="measure nothing: print the markdown of an earlier results file")
+    a = ap.parse_args(argv)
+    if a.from_json is None:
+        try:
+            a.channel_list = [int(c) for c in a.channels.split(",") if c.strip()]
+        except ValueError:
+            ap.error("--channels takes numbers, like 0,1,2,4")
+        if not a.channel_list or any(not 0 <= c <= 16 for c in a.channel_list):
+            ap.error("--channels: each count must be 0..16")
+        if a.runs < 1:
+            ap.error("--runs must be at least 1")
+    return a
+
+
+def parse_size(s: str) -> int:
+    m = re.fullmatch(r"(\d+)([KMG]?)", s.strip().upper())
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {s!r} (like 512M or 1G)")
+    return int(m.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[m.group(2)]
+
+
+def log_run(tag: str, r: dict) -> None:
+    if not r.get("ok"):
+        log(f"{tag} {r['variant']} FAILED: {r.get('error')}")
+        return
+    m = r["metrics"]
+    ratio = f" ({100 * m['to_tcp']:.0f}% of TCP)" if m.get("to_tcp") is not None else ""
+    p0 = f"{m['pass0_gbs']:.2f}" if m["pass0_gbs"] is not None else "-"
+    wire = f"{m['pass0_wire_gbs']:.2f}" if m["pass0_wire_gbs"] is not None else "-"
+    log(f"{tag} {r['variant']}: pass 0 {p0} GB/s{ratio}, wire {wire} GB/s, total "
+        f"{m['total_ms']} ms, CPU/GiB src {m['cpu_src_s_per_gib']:.2f} s dst "
+        f"{m['cpu_dst_s_per_gib']:.2f} s"
+        + (f"; other load {r['other_cores']:.2f} cores" if r.get("other_cores", 0) >= 0.25
+           else "")
+        + "".join(f"; warning: {w}" for w in r["warnings"]))
+
+
+def main(argv: list[str]) -> int:
+    a = parse_args(argv)
+    if a.from_json:
+        print(render_markdown(json.loads(a.from_json.read_text())), end="")
+        return 0
+
+    atexit.register(mb.reap_all)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, mb._on_signal)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    started = _dt.datetime.now().astimezone()
+    out = a.out or REPO / "bench" / "results" / f"multifd-{started:%Y%m%d-%H%M%S}.json"
+    md_path = out.with_suffix(".md")
+    if a.ferry:
+        ferry = a.ferry.resolve()
+    elif a.no_build:
+        ferry = mb.default_ferry()
+    else:
+        ferry = mb.build_ferry()
+    if not os.access(ferry, os.X_OK):
+        raise SystemExit(f"no ferry binary at {ferry}; build it or pass --ferry")
+    if not cmp.ferry_knows_channels(ferry):
+        raise SystemExit(f"{ferry} has no migration.multifd-channels property (see `ferry "
+                         f"machines ferry`): nothing to measure here")
+    iperf3 = mb.ensure_iperf3()
+    perf, perf_why = (None, "--no-perf") if a.no_perf else ensure_perf()
+    # Filling or faulting in --mem at the host's slowest first touch (~0.2 GB/s when busy).
+    gib = max(a.mem / GiB, 1.0)
+    mb.T_URI = max(mb.T_URI, 30.0 + 20.0 * gib)
+    mb.T_QMP = max(mb.T_QMP, 30.0 + 20.0 * gib)
+
+    machine = mb.machine_info(ferry, iperf3)
+    machine["perf"] = mb.first_line([perf, "--version"]) if perf else None
+    if machine["loadavg"] and float(machine["loadavg"][0]) > 0.5:
+        log(f"warning: load average {machine['loadavg'][0]} on {machine['nproc']} CPUs before "
+            f"starting: other work will show in the figures")
+
+    groups = {ch: variants_for(ch, a.zstd_channels) for ch in a.channel_list}
+    results: dict = {
+        "schema": SCHEMA,
+        "started": started.isoformat(timespec="seconds"),
+        "command": " ".join(["python3", "bench/multifd.py", *argv]),
+        "args": {"runs": a.runs, "channels": a.channel_list, "mem": a.mem,
+                 "zstd_channels": a.zstd_channels, "iperf_seconds": a.iperf_seconds,
+                 "iperf_len": a.iperf_len,
+                 "settle": a.settle, "settle_below": a.settle_below, "perf": perf is not None},
+        "machine": machine,
+        "variants": [v.name for ch in a.channel_list for v in groups[ch]],
+        "variant_defs": {v.name: asdict(v) for ch in a.channel_list for v in groups[ch]},
+        "rounds": [],
+    }
+    tmp = Path(tempfile.mkdtemp(prefix="ferry-multifd-"))
+    t_start = time.monotonic()
+    failed = 0
+
+    def quiet() -> dict:
+        return mb.settle(a.settle, a.settle_below) if a.settle > 0 else {}
+
+    try:
+        for rnd in range(1, a.runs + 1):
+            rr: dict = {"round": rnd, "tcp": {}, "tcp_len": {}, "runs": []}
+            results["rounds"].append(rr)
+            tag = f"[run {rnd}/{a.runs}]"
+            for ch in a.channel_list:
+                streams = max(ch, 1)
+                # iperf3's defaults first (the reference the issue names), then, if asked,
+                # the same with ferry's write size.
+                for key, length in (("tcp", None), ("tcp_len", a.iperf_len)):
+                    if key == "tcp_len" and not length:
+                        continue
+                    what = f"loopback TCP, {streams} stream(s)" + (
+                        f", {length} writes" if length else "")
+                    q = quiet()
+                    window = mb.OtherLoad()
+                    try:
+                        t = mb.ref_tcp(iperf3, a.iperf_seconds, tmp, streams=streams,
+                                       length=length)
+                        log(f"{tag} {what}: {t['gbs']:.2f} GB/s")
+                    except BenchError as e:
+                        t = {"error": str(e)}
+                        failed += 1
+                        log(f"{tag} {what} FAILED: {e}")
+                    t.update(q)
+                    t["other_cores"] = window.cores()
+                    rr[key][str(ch)] = t
+                tcp_gbs = rr["tcp"][str(ch)].get("gbs")
+                tcp_len_gbs = rr["tcp_len"].get(str(ch), {}).get("gbs")
+                # Alternate the order between rounds: nothing always runs first.
+                vs = groups[ch] if rnd % 2 else list(reversed(groups[ch]))
+                for v in vs:
+                    q = quiet()
+                    r = run_variant(ferry, v, a.mem, tmp, f"r{rnd}")
+                    r.update(q)
+                    r["round"] = rnd
+                    if r.get("ok"):
+                        m = r["metrics"]
+                        m["tcp_gbs"] = tcp_gbs
+                        m["to_tcp"] = (m["pass0_gbs"] / tcp_gbs
+                                       if tcp_gbs and m["pass0_gbs"] else None)
+                        m["tcp_len_gbs"] = tcp_len_gbs
+                        m["to_tcp_len"] = (m["pass0_gbs"] / tcp_len_gbs
+                                           if tcp_len_gbs and m["pass0_gbs"] else None)
+                    else:
+                        failed += 1
+                    rr["runs"].append(r)
+                    log_run(tag, r)
+                mb.write_json(out, results)
+        if perf:
+            top = max(a.channel_list)
+            prof: dict = {"runs": []}
+            results["profile"] = prof
+            for digest in (True, False):
+                v = Variant("random", top, digest)
+                q = quiet()
+                r = run_variant(ferry, v, a.mem, tmp, "perf", perf=perf)
+                r.update(q)
+                prof["runs"].append(r)
+                log_run("[profile]", r)
+        elif not a.no_perf:
+            results["profile"] = {"error": perf_why}
+    except KeyboardInterrupt as e:
+        results["interrupted"] = str(e) or "Ctrl-C"
+        log(f"interrupted ({results['interrupted']}); stopping children, writing what was "
+            f"measured")
+    finally:
+        mb.reap_all()
+        results["elapsed_s"] = round(time.monotonic() - t_start, 1)
+        try:
+            # What was measured is written first, so that a fault in the summary loses none.
+            mb.write_json(out, results)
+            results["summary"] = summarise(results)
+            mb.write_json(out, results)
+            md = render_markdown(results)
+            md_path.write_text(md)
+        finally:
+            if a.keep_tmp:
+                log(f"process logs kept in {tmp}")
+            else:
+                shutil.rmtree(tmp, ignore_errors=True)
+    log(f"wrote {out} and {md_path} ({results['elapsed_s']:.0f} s of measuring)")
+    if a.markdown:
+        print(md, end="")
+    if results.get("interrupted"):
+        return 130
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except KeyboardInterrupt:
+        mb.reap_all()
+        sys.exit(130)
