@@ -21,7 +21,8 @@ use crate::PAGE_SIZE;
 /// xxh3 of a page of zeros, the content hash every zero page has.
 pub fn zero_page_hash() -> u64 {
     static ZERO: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
-    xxh3_64(&ZERO)
+    static HASH: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *HASH.get_or_init(|| xxh3_64(&ZERO))
 }
 
 /// Hash of a page's bytes.
