@@ -511,8 +511,13 @@ class RawSocket(unittest.TestCase):
         self.assertEqual(r["error"]["class"], "GenericError")
         self.assertIn("exceeds the limit", r["error"]["desc"])
         # The server does not buffer without bound: it closes this connection (as its
-        # docs say), and the VM and its other clients are untouched.
-        self.assertEqual(f.readline(), b"")
+        # docs say), and the VM and its other clients are untouched. Closed with unread
+        # bytes of the oversize line still queued, the socket may end in a reset rather
+        # than an end of file: both mean closed.
+        try:
+            self.assertEqual(f.readline(), b"")
+        except ConnectionResetError:
+            pass
         s2, f2 = self.open()
         s2.sendall(b'{"execute": "qmp_capabilities"}\n')
         self.assertEqual(self.reply(f2), {"return": {}})
