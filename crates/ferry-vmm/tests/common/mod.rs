@@ -470,9 +470,18 @@ pub fn assert_guest_progresses(c: &mut QmpClient, who: &str) -> Vec<u64> {
 
 /// `x-ferry-verify` found every page the workload dirties intact.
 pub fn assert_guest_intact(c: &mut QmpClient, who: &str) {
-    let v = c
-        .execute("x-ferry-verify", Value::Null)
-        .unwrap_or_else(|e| panic!("x-ferry-verify on {who} failed: {}", error_chain(&e)));
+    // A destination reports `running` a moment after the source has heard `Completed`
+    // (its side winds down first); until then its guest is not there to verify.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let v = loop {
+        match c.execute("x-ferry-verify", Value::Null) {
+            Ok(v) => break v,
+            Err(e) if error_chain(&e).contains("inmigrate") && Instant::now() < deadline => {
+                thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("x-ferry-verify on {who} failed: {}", error_chain(&e)),
+        }
+    };
     let checked = v["pages-checked"].as_u64().unwrap_or(0);
     assert!(checked > 0, "x-ferry-verify on {who} checked no pages: {v}");
     assert_eq!(
