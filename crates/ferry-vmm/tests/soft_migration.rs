@@ -78,6 +78,21 @@ fn soft(incoming: bool, mem: u64, dirty: u64) -> Arc<SoftVm> {
     )
 }
 
+/// A source built from `cfg` whose guest has made `passes` passes, and an incoming VM of
+/// the same shape to receive it.
+fn soft_pair(cfg: &SoftConfig, passes: u64) -> (Arc<SoftVm>, Arc<SoftVm>) {
+    let src = Arc::new(SoftVm::create(cfg).unwrap());
+    wait_passes(&src, passes);
+    let dst = Arc::new(
+        SoftVm::create(&SoftConfig {
+            incoming: true,
+            ..cfg.clone()
+        })
+        .unwrap(),
+    );
+    (src, dst)
+}
+
 /// A destination receiving one migration in a thread.
 struct Dest {
     uri: MigrationUri,
@@ -682,15 +697,7 @@ fn live_migrations_over_0_1_2_and_4_channels_with_and_without_zstd_keep_memory_i
             console_every: 50,
             ..SoftConfig::default()
         };
-        let src = Arc::new(SoftVm::create(&cfg).unwrap());
-        wait_passes(&src, 20);
-        let dst = Arc::new(
-            SoftVm::create(&SoftConfig {
-                incoming: true,
-                ..cfg.clone()
-            })
-            .unwrap(),
-        );
+        let (src, dst) = soft_pair(&cfg, 20);
         // The destination follows the hello: its own channel setting does not matter.
         let d = spawn_dest(dst.clone(), dest_id(), params());
         let p = with_channels(channels, compression);
@@ -768,15 +775,7 @@ fn zstd_on_compressible_pages_converges_while_the_guest_keeps_dirtying() {
         console_every: 50,
         ..SoftConfig::default()
     };
-    let src = Arc::new(SoftVm::create(&cfg).unwrap());
-    wait_passes(&src, 2);
-    let dst = Arc::new(
-        SoftVm::create(&SoftConfig {
-            incoming: true,
-            ..cfg.clone()
-        })
-        .unwrap(),
-    );
+    let (src, dst) = soft_pair(&cfg, 2);
     let d = spawn_dest(dst.clone(), dest_id(), params());
     let p = MigrationParams {
         verify_full: false,
@@ -1033,15 +1032,7 @@ fn the_sync_barrier_keeps_stale_pages_out_and_a_no_sync_mode_lets_them_in() {
     // One migration; returns (source result, destination result, pages wrong at the
     // destination if it resumed).
     let run = |no_sync: bool, digest: bool| {
-        let src = Arc::new(SoftVm::create(&cfg).unwrap());
-        wait_passes(&src, 50);
-        let dst = Arc::new(
-            SoftVm::create(&SoftConfig {
-                incoming: true,
-                ..cfg.clone()
-            })
-            .unwrap(),
-        );
+        let (src, dst) = soft_pair(&cfg, 50);
         let sid = SourceIdentity {
             wire_props: wire_props(digest),
             ..source_id()
@@ -1136,15 +1127,7 @@ fn passes_go_on_after_convergence_while_they_shrink_the_final_pass() {
         dirty_rate: 8192,
         ..SoftConfig::default()
     };
-    let src = Arc::new(SoftVm::create(&cfg).unwrap());
-    wait_passes(&src, 1);
-    let dst = Arc::new(
-        SoftVm::create(&SoftConfig {
-            incoming: true,
-            ..cfg.clone()
-        })
-        .unwrap(),
-    );
+    let (src, dst) = soft_pair(&cfg, 1);
     let d = spawn_dest(dst.clone(), dest_id(), params());
     let p = MigrationParams {
         downtime_limit: Duration::from_secs(5),
