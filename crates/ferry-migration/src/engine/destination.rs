@@ -411,15 +411,7 @@ impl Dest<'_> {
                 m.syncs = syncs;
                 m.raw_bytes = t.raw_bytes;
                 m.wire_bytes = t.bytes;
-                m.per_channel = per
-                    .iter()
-                    .map(|c| ChannelStats {
-                        packets: c.packets,
-                        pages: c.pages,
-                        zero_pages: c.zero,
-                        bytes: c.bytes,
-                    })
-                    .collect();
+                m.per_channel = per.iter().map(ChannelStats::from).collect();
             }
         });
         if s.last {

@@ -45,6 +45,7 @@ use super::digest::{content_hash, zero_page_hash, PageDigest};
 use super::error::MigrationError;
 use super::iov::{readv_all, writev_all};
 use super::ram::{page_is_zero, page_slice};
+use super::stats::ChannelStats;
 use super::transport::Channel;
 use super::vm::GuestRam;
 use crate::wire::{Compression, PacketHeader, WireError, MAX_PACKET_PAGES};
@@ -76,6 +77,17 @@ impl ChannelCounters {
         self.zero += o.zero;
         self.bytes += o.bytes;
         self.raw_bytes += o.raw_bytes;
+    }
+}
+
+impl From<&ChannelCounters> for ChannelStats {
+    fn from(c: &ChannelCounters) -> Self {
+        Self {
+            packets: c.packets,
+            pages: c.pages,
+            zero_pages: c.zero,
+            bytes: c.bytes,
+        }
     }
 }
 
@@ -753,15 +765,6 @@ impl RecvSet {
                 )));
             }
             st = self.shared.cv.wait_timeout(st, POLL).unwrap().0;
-        }
-        if last {
-            // Each channel has read its last packet; a sync number that was not the last
-            // one for some channel was caught above.
-            if st.reached.iter().any(|&r| r != seq) {
-                return Err(MigrationError::Protocol(
-                    "a data channel ended at another sync than the main channel".into(),
-                ));
-            }
         }
         st.released = seq;
         drop(st);

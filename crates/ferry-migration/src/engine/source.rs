@@ -872,16 +872,6 @@ impl Source<'_> {
 
     fn report_multifd(&self) {
         let Some(m) = self.mfd.as_ref() else { return };
-        let per: Vec<ChannelStats> = m
-            .counters()
-            .iter()
-            .map(|c| ChannelStats {
-                packets: c.packets,
-                pages: c.pages,
-                zero_pages: c.zero,
-                bytes: c.bytes,
-            })
-            .collect();
         let counters = m.counters();
         let stats = MultifdStats {
             channels: self.params.multifd_channels,
@@ -889,7 +879,7 @@ impl Source<'_> {
             syncs: self.syncs,
             raw_bytes: counters.iter().map(|c| c.raw_bytes).sum(),
             wire_bytes: counters.iter().map(|c| c.bytes).sum(),
-            per_channel: per,
+            per_channel: counters.iter().map(ChannelStats::from).collect(),
             strays: Vec::new(),
         };
         self.monitor.update(|i| i.multifd = Some(stats));
