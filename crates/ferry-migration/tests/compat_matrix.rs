@@ -410,6 +410,7 @@ impl MigratableVm for TestVm {
             name: self.dev_state.name.into(),
             instance: 0,
             schema: self.dev_state,
+            config: Vec::new(),
         }]
     }
 

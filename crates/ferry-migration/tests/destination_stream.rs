@@ -29,7 +29,7 @@ use ferry_migration::state::{encode, DeviceState, Value};
 use ferry_migration::wire::{
     decode_reason, encode_reason, Accept, Completed, DeviceStateHeader, EndOfStream, FrameHeader,
     FrameTag, PassEnd, RamBatchHeader, Refuse, RefuseCause, StreamHeader, VcpuStateHeader,
-    MAX_DEVICE_STATE_LEN,
+    ANNOTATION_PREFIX, MAX_DEVICE_STATE_LEN,
 };
 use ferry_migration::PAGE_SIZE;
 
@@ -685,16 +685,27 @@ fn hello_parts(h: &[u8], base: usize, parts: &mut Vec<(usize, &'static str)>) {
     field(&mut at, 4, "hello flags");
     let props = u16_at(at);
     field(&mut at, 2, "hello wire properties");
+    let annotation = |at: usize| h[at + 2..].starts_with(ANNOTATION_PREFIX.as_bytes());
     for _ in 0..props {
         let k = u16_at(at);
         let v = u16_at(at + 2 + k);
-        field(&mut at, 4 + k + v, "hello wire properties");
+        let part = if annotation(at) {
+            "hello annotations"
+        } else {
+            "hello wire properties"
+        };
+        field(&mut at, 4 + k + v, part);
     }
     let pinned = u16_at(at);
     field(&mut at, 2, "hello compat-pinned properties");
     for _ in 0..pinned {
         let k = u16_at(at);
-        field(&mut at, 2 + k, "hello compat-pinned properties");
+        let part = if annotation(at) {
+            "hello annotations"
+        } else {
+            "hello compat-pinned properties"
+        };
+        field(&mut at, 2 + k, part);
     }
     let blocks = u16_at(at);
     field(&mut at, 2, "hello RAM blocks");
@@ -737,6 +748,12 @@ const UNCHECKED: &[(&str, &str)] = &[
     (
         "hello device version",
         "checked against the loadable range only; each state frame carries its own version",
+    ),
+    (
+        "hello annotations",
+        "advisory: a corrupted switchover-commit annotation that still decodes reads as a \
+         source without the commitment, and the destination then waits for the source to let \
+         go of the guest before it resumes it (0.1.0's handover), which is as safe",
     ),
     ("pass end", "pass number and page count are for statistics"),
     (

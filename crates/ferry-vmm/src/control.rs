@@ -13,7 +13,7 @@ use serde_json::{json, Map, Value};
 use crate::qmp::{version_info, QmpError, QmpHandler, QmpServer, Reply};
 use crate::vmm::{RunState, Vmm, VmmError, VmmEvent};
 use ferry_migration::compat::{PropDef, PropKind};
-use ferry_migration::engine::{error_chain, MigrationStatus, MIGRATION_DRIVER};
+use ferry_migration::engine::{error_chain, Handover, MigrationStatus, MIGRATION_DRIVER};
 use ferry_migration::wire::MAX_CHANNELS;
 
 /// Answers QMP commands for one VM.
@@ -70,6 +70,13 @@ impl Control {
                 }
                 VmmEvent::MigrationPass(p) => {
                     events.emit("MIGRATION_PASS", json!({ "pass": p }));
+                }
+                VmmEvent::Handover(h) => {
+                    let mut data = json!({ "state": h.as_str() });
+                    if h == Handover::InDoubt {
+                        data["advice"] = json!(crate::vmm::IN_DOUBT_ADVICE);
+                    }
+                    events.emit("X_FERRY_HANDOVER", data);
                 }
                 // After a completed migration the VMM reports the guest stopped; STOP
                 // went out at the switchover already (or at `stop`, if it was paused).
@@ -499,7 +506,8 @@ impl QmpHandler for Control {
                 "quit",
                 "x-ferry-guest",
                 "x-ferry-verify",
-                "x-ferry-accel"
+                "x-ferry-accel",
+                "x-ferry-reclaim"
             ]
             .iter()
             .map(|n| json!({ "name": n }))
@@ -550,7 +558,12 @@ impl QmpHandler for Control {
                 self.query_migrate()
             }
             "migrate_cancel" | "migrate-cancel" => {
-                vmm.cancel_migration();
+                vmm.cancel_migration().map_err(vmm_err)?;
+                json!({})
+            }
+            "x-ferry-reclaim" => {
+                no_args(command, &args)?;
+                vmm.reclaim().map_err(vmm_err)?;
                 json!({})
             }
             "query-migrate-parameters" => {

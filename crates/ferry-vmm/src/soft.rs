@@ -391,6 +391,7 @@ impl MigratableVm for SoftVm {
             name: SOFT_CONSOLE_SCHEMA.name.to_string(),
             instance: 0,
             schema: &SOFT_CONSOLE_SCHEMA,
+            config: Vec::new(),
         }]
     }
 

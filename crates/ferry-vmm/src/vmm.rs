@@ -5,7 +5,7 @@ use std::thread::JoinHandle;
 
 use ferry_migration::compat::{Config, Global, Registry};
 use ferry_migration::engine::{
-    self, error_chain, DestinationIdentity, Listener, MigrationError, MigrationEvent,
+    self, error_chain, DestinationIdentity, Handover, Listener, MigrationError, MigrationEvent,
     MigrationInfo, MigrationMonitor, MigrationParams, MigrationStatus, MigrationUri,
     SourceIdentity, MIGRATION,
 };
@@ -92,6 +92,12 @@ pub enum VmmError {
     Kvm(crate::kvm::KvmError),
 }
 
+/// What a user reads when a guest's handover is in doubt, and what to do.
+pub const IN_DOUBT_ADVICE: &str = "the guest was handed to the destination and no answer came \
+    back, so it may be running there; it stays stopped here. Check the destination: if it \
+    runs the guest, quit this VM; if it does not, take the guest back here with QMP \
+    x-ferry-reclaim (ferry reclaim --qmp PATH)";
+
 /// Whether the KVM backend can run here; the error says why not.
 pub fn kvm_usable() -> Result<(), VmmError> {
     crate::kvm::kvm_usable().map_err(VmmError::Kvm)
@@ -108,6 +114,12 @@ pub enum RunState {
     PostMigrate,
     /// An incoming migration failed; the guest cannot run here.
     FailedIncoming,
+    /// The guest was handed to a destination that never answered: it may run there, so
+    /// it stays stopped here until someone who checked takes it back
+    /// ([`Vmm::reclaim`]). `was_running`: what `reclaim` returns it to.
+    HandoverInDoubt {
+        was_running: bool,
+    },
 }
 
 impl RunState {
@@ -118,6 +130,7 @@ impl RunState {
             Self::InMigrate => "inmigrate",
             Self::PostMigrate => "postmigrate",
             Self::FailedIncoming => "inmigrate-failed",
+            Self::HandoverInDoubt { .. } => "handover-in-doubt",
         }
     }
 }
@@ -127,6 +140,8 @@ impl RunState {
 pub enum VmmEvent {
     Migration(MigrationStatus),
     MigrationPass(u32),
+    /// Who may run the guest changed (see [`Handover`]).
+    Handover(Handover),
     Stop,
     Resume,
 }
@@ -232,6 +247,8 @@ impl Vmm {
                 v.emit(match e {
                     MigrationEvent::Status(s) => VmmEvent::Migration(*s),
                     MigrationEvent::Pass(p) => VmmEvent::MigrationPass(*p),
+                    MigrationEvent::Handover(h) => VmmEvent::Handover(*h),
+                    _ => return,
                 });
             }
         });
@@ -333,8 +350,29 @@ impl Vmm {
         self.monitor.info()
     }
 
+    /// What stops `stop` or `cont` while a migration is in its switchover: the guest is
+    /// the engine's to stop and to resume then.
+    fn in_switchover(&self, command: &str) -> Result<(), VmmError> {
+        if self.monitor.status() != MigrationStatus::Device {
+            return Ok(());
+        }
+        let what = match self.monitor.handover() {
+            Handover::Source => {
+                "the guest is stopped for the switchover of the migration in progress; \
+                 migrate_cancel stops the migration and resumes the guest here"
+            }
+            _ => {
+                "the switchover is committed: the destination has the end of stream and \
+                 decides now; the guest resumes here by itself only if the destination \
+                 fails to load it"
+            }
+        };
+        Err(VmmError::State(format!("{command} is refused: {what}")))
+    }
+
     /// Stops the guest (QMP `stop`).
     pub fn stop(&self) -> Result<(), VmmError> {
+        self.in_switchover("stop")?;
         match self.run_state() {
             RunState::Running => {
                 self.vm.pause().map_err(VmmError::Vm)?;
@@ -352,6 +390,7 @@ impl Vmm {
 
     /// Resumes the guest (QMP `cont`).
     pub fn cont(&self) -> Result<(), VmmError> {
+        self.in_switchover("cont")?;
         match self.run_state() {
             RunState::Paused => {
                 self.vm.resume().map_err(VmmError::Vm)?;
@@ -360,11 +399,33 @@ impl Vmm {
                 Ok(())
             }
             RunState::Running => Ok(()),
+            RunState::HandoverInDoubt { .. } => Err(VmmError::State(IN_DOUBT_ADVICE.into())),
             s => Err(VmmError::State(format!(
                 "the VM is {}; its guest cannot run here (cont applies to a paused VM)",
                 s.as_str()
             ))),
         }
+    }
+
+    /// Takes back a guest whose handover is in doubt, after the user has checked that
+    /// the destination does not run it (QMP `x-ferry-reclaim`): the guest runs here
+    /// again if it ran before the migration.
+    pub fn reclaim(&self) -> Result<(), VmmError> {
+        let RunState::HandoverInDoubt { was_running } = self.run_state() else {
+            return Err(VmmError::State(format!(
+                "the VM is {}; x-ferry-reclaim takes back a guest whose handover is in doubt, and this one's is not",
+                self.run_state().as_str()
+            )));
+        };
+        if was_running {
+            self.vm.resume().map_err(VmmError::Vm)?;
+            self.set_state(RunState::Running);
+            self.emit(VmmEvent::Resume);
+        } else {
+            self.set_state(RunState::Paused);
+        }
+        tracing::warn!("guest taken back after a handover in doubt");
+        Ok(())
     }
 
     fn wire_props(&self) -> Vec<(String, String)> {
@@ -431,12 +492,14 @@ impl Vmm {
                             );
                         }
                         Err(e) => {
-                            if was_running && !me.vm.is_running() {
+                            if matches!(e, MigrationError::HandoverInDoubt { .. }) {
                                 // The engine left the guest stopped: the destination may
                                 // be running it (see the wire docs).
-                                me.set_state(RunState::Paused);
-                                me.emit(VmmEvent::Stop);
-                                tracing::error!(error = %error_chain(&e), "migration to {uri} failed after the guest was handed over; it stays stopped here");
+                                me.set_state(RunState::HandoverInDoubt { was_running });
+                                if was_running {
+                                    me.emit(VmmEvent::Stop);
+                                }
+                                tracing::error!(error = %error_chain(&e), "migration to {uri}: {IN_DOUBT_ADVICE}");
                             } else {
                                 tracing::warn!(error = %error_chain(&e), "migration to {uri} failed; the guest keeps running here");
                             }
@@ -448,15 +511,19 @@ impl Vmm {
         Ok(())
     }
 
-    /// Cancels the running migration, if any (QMP `migrate_cancel`).
-    pub fn cancel_migration(&self) {
+    /// Cancels the running migration, if any (QMP `migrate_cancel`). A cancel that is
+    /// taken is honoured: the guest stays here. Once the source has committed to the
+    /// switchover, it is refused with the reason.
+    pub fn cancel_migration(&self) -> Result<(), VmmError> {
         if matches!(
             self.monitor.status(),
             MigrationStatus::Setup | MigrationStatus::Active | MigrationStatus::Device
         ) {
-            self.monitor.set_status(MigrationStatus::Cancelling);
-            self.monitor.cancel();
+            self.monitor
+                .cancel()
+                .map_err(|r| VmmError::State(format!("migrate_cancel is refused: {r}")))?;
         }
+        Ok(())
     }
 
     /// Listens on `uri` and receives one incoming migration in the background. Returns

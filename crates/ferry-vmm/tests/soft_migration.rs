@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use ferry_migration::engine::vm::{DeviceInfo, DirtyLog, GuestRam, MigratableVm, VmError};
 use ferry_migration::engine::{
-    self, DestinationIdentity, Listener, MigrationError, MigrationInfo, MigrationMonitor,
+    self, DestinationIdentity, Handover, Listener, MigrationError, MigrationInfo, MigrationMonitor,
     MigrationParams, MigrationStatus, MigrationUri, SourceIdentity,
 };
 use ferry_migration::state::{DeviceState, StateSchema};
@@ -308,7 +308,11 @@ fn a_destination_lost_after_the_end_of_stream_leaves_the_guest_stopped_not_twice
     let err =
         engine::migrate(src.as_ref(), &source_id(), &main_only(params()), &uri, &m).unwrap_err();
     t.join().unwrap();
-    assert!(matches!(err, MigrationError::PeerClosed { .. }), "{err}");
+    assert!(
+        matches!(&err, MigrationError::HandoverInDoubt { source } if matches!(**source, MigrationError::PeerClosed { .. })),
+        "{err}"
+    );
+    assert_eq!(m.handover(), Handover::InDoubt);
     assert!(
         !src.is_running(),
         "the destination may run the guest: the source must not resume it on its own"
@@ -342,7 +346,7 @@ fn a_cancel_leaves_the_source_running_and_a_retry_succeeds() {
             thread::sleep(Duration::from_millis(2));
         }
         thread::sleep(Duration::from_millis(300));
-        m2.cancel();
+        m2.cancel().expect("a cancel during the passes is taken");
     });
     let err = engine::migrate(src.as_ref(), &source_id(), &slow, &d.uri, &m).unwrap_err();
     canceller.join().unwrap();
@@ -458,6 +462,7 @@ impl MigratableVm for NewerConsole {
             name: "soft-console".into(),
             instance: 0,
             schema: self.schema,
+            config: Vec::new(),
         }]
     }
     fn pause(&self) -> Result<(), VmError> {
@@ -790,7 +795,7 @@ fn zstd_on_compressible_pages_converges_while_the_guest_keeps_dirtying() {
     while !migration.is_finished() {
         let info = m.info();
         if info.passes.len() > 10 || started.elapsed() > Duration::from_secs(20) {
-            m.cancel();
+            let _ = m.cancel();
             let _ = migration.join();
             let _ = d.handle.join();
             panic!(

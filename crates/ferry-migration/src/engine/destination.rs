@@ -23,7 +23,8 @@ use super::multifd::{ChannelCounters, RecvConfig, RecvSet};
 use super::params::MigrationParams;
 use super::ram::{full_memory_digest, page_slice};
 use super::stats::{
-    ChannelStats, MigrationEvent, MigrationInfo, MigrationMonitor, MigrationStatus, MultifdStats,
+    ChannelStats, Handover, HandoverPoint, MigrationEvent, MigrationInfo, MigrationMonitor,
+    MigrationStatus, MultifdStats,
 };
 use super::stream::{read_exact, read_frame_header, read_payload, write_frame};
 use super::transport::Channel;
@@ -31,9 +32,10 @@ use super::vm::{DeviceInfo, MigratableVm, RamBlock};
 use crate::compat::wire_mismatches;
 use crate::state;
 use crate::wire::{
-    decode_reason, encode_reason, Accept, ChannelsReady, Completed, Compression, EndOfStream,
-    FrameHeader, FrameTag, Hello, MultifdSync, PassEnd, RamBatchHeader, Refuse, RefuseCause,
-    StreamHeader, WireError, MAX_BATCH_PAGES, MAX_NAME_LEN, SUPPORTED_PROTOCOL_VERSIONS,
+    decode_reason, encode_reason, Accept, Annotations, ChannelsReady, Completed, Compression,
+    EndOfStream, FrameHeader, FrameTag, Hello, MultifdSync, PassEnd, RamBatchHeader, Refuse,
+    RefuseCause, StreamHeader, WireError, MAX_BATCH_PAGES, MAX_NAME_LEN,
+    SUPPORTED_PROTOCOL_VERSIONS,
 };
 use crate::PAGE_SIZE;
 
@@ -42,6 +44,9 @@ const PEER: &str = "source";
 const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long the data channels the hello announced may take to connect.
 const CHANNEL_WAIT: Duration = Duration::from_secs(10);
+/// How long a source that does not keep the switchover commitment (0.1.0) may take,
+/// after `Completed`, to close the connection or abort (see `Dest::hand_over`).
+const RELEASE_WAIT: Duration = Duration::from_secs(10);
 
 /// Who the destination is, to check a source's hello against.
 #[derive(Debug, Clone)]
@@ -109,6 +114,7 @@ pub fn receive(
         recv_reported: ChannelCounters::default(),
         syncs: 0,
         channels_done: false,
+        annotations: Annotations::default(),
     };
     dst.device_loaded = vec![false; dst.devices.len()];
     let mut r = dst.run(id, &header, &mut door);
@@ -202,6 +208,8 @@ struct Dest<'a> {
     syncs: u64,
     /// The data channels' last sync has completed: every page is in.
     channels_done: bool,
+    /// What the source's hello said beyond its properties.
+    annotations: Annotations,
 }
 
 impl Dest<'_> {
@@ -227,9 +235,18 @@ impl Dest<'_> {
             }
             .into());
         }
-        let hello = Hello::decode(&read_payload(&mut self.ch, fh.len, PEER, "hello")?)?;
+        let mut hello = Hello::decode(&read_payload(&mut self.ch, fh.len, PEER, "hello")?)?;
+        let (props, annotations) = Annotations::split(&hello.wire_props);
+        hello.wire_props = props;
+        if !annotations.unknown.is_empty() {
+            tracing::info!(unknown = ?annotations.unknown, "ignoring hello annotations this release does not know");
+        }
+        self.annotations = annotations;
         if let Err((cause, reason)) = check_hello(&hello, self.vm, &self.devices, id) {
             return Err(self.refuse(cause, reason));
+        }
+        if let Err(reason) = check_device_config(&self.annotations, &self.devices) {
+            return Err(self.refuse(RefuseCause::DeviceConfig, reason));
         }
         if let Err(reason) = check_channels(&hello, door.takes_channels(), id) {
             return Err(self.refuse(RefuseCause::Channels, reason));
@@ -307,6 +324,7 @@ impl Dest<'_> {
                         PEER,
                         "end of stream",
                     )?)?;
+                    self.monitor.probe(HandoverPoint::EndOfStreamReceived);
                     // Wind the channels down before the guest may resume, so that once
                     // the source hears `Completed` nothing of this migration is left.
                     if let Some(mut r) = self.recv.take() {
@@ -700,25 +718,8 @@ impl Dest<'_> {
                 ))
             }
         }
-        if eos.resume {
-            self.vm.resume()?;
-        }
-        let done = Completed {
-            resume_us: t.elapsed().as_micros() as u64,
-            state_load_us: self.state_load.as_micros() as u64,
-            pages_written: self.pages_written,
-        };
-        // The guest runs here now; if this last message is lost the source cannot know,
-        // and reports a failure while the guest runs on here (see the wire docs).
-        if let Err(e) = write_frame(
-            &self.ch,
-            FrameTag::Completed,
-            &done.encode(),
-            PEER,
-            "completion",
-        ) {
-            tracing::warn!(error = %error_chain(&e), "the guest runs here but the source did not hear so");
-        }
+        self.monitor.probe(HandoverPoint::Verified);
+        self.hand_over(&eos, t)?;
         let verified = if verified.is_empty() {
             "none".to_string()
         } else {
@@ -729,6 +730,135 @@ impl Dest<'_> {
             i.downtime = None;
         });
         Ok(())
+    }
+}
+
+impl Dest<'_> {
+    /// Takes the guest over once everything loaded and verified. A cancel at this side
+    /// taken before this point wins: the load fails and the source, told so, resumes.
+    ///
+    /// A source that keeps the switchover commitment (its hello says so) never runs the
+    /// guest again after its end of stream unless told the load failed, so the guest
+    /// resumes here at once and `Completed` follows. A source that does not (release
+    /// 0.1.0, which resumed its guest when cancelled after the end of stream) hears
+    /// `Completed` first, and the guest resumes here only once that source has shown it
+    /// let go: it closes the connection (0.1.0 does on `Completed`). If it aborts
+    /// instead, it has taken the guest back, and the guest does not start here. A
+    /// broken link or silence for [`RELEASE_WAIT`] also counts as letting go: 0.1.0
+    /// keeps its guest stopped on those, and a guest must run somewhere.
+    fn hand_over(&mut self, eos: &EndOfStream, t: Instant) -> Result<(), MigrationError> {
+        self.monitor.commit()?;
+        let done = |t: Instant, s: &Self| Completed {
+            resume_us: t.elapsed().as_micros() as u64,
+            state_load_us: s.state_load.as_micros() as u64,
+            pages_written: s.pages_written,
+        };
+        if self.annotations.switchover_commit {
+            if eos.resume {
+                self.vm.resume()?;
+            }
+            self.monitor.set_handover(Handover::Destination);
+            self.monitor.probe(HandoverPoint::Resumed);
+            // The guest runs here now; if this last message is lost the source cannot
+            // know, and keeps its copy stopped, in doubt (see the wire docs).
+            if let Err(e) = write_frame(
+                &self.ch,
+                FrameTag::Completed,
+                &done(t, self).encode(),
+                PEER,
+                "completion",
+            ) {
+                tracing::warn!(error = %error_chain(&e), "the guest runs here but the source did not hear so");
+            }
+            self.monitor.probe(HandoverPoint::CompletedSent);
+            return Ok(());
+        }
+        let sent = write_frame(
+            &self.ch,
+            FrameTag::Completed,
+            &done(t, self).encode(),
+            PEER,
+            "completion",
+        );
+        self.monitor.probe(HandoverPoint::CompletedSent);
+        if sent.is_ok() {
+            self.await_release()?;
+        }
+        if eos.resume {
+            self.vm.resume()?;
+        }
+        self.monitor.set_handover(Handover::Destination);
+        self.monitor.probe(HandoverPoint::Resumed);
+        Ok(())
+    }
+
+    /// Waits for a source without the commitment to close the connection after
+    /// `Completed`; an abort means it took the guest back.
+    fn await_release(&mut self) -> Result<(), MigrationError> {
+        let _ = self.ch.set_read_timeout(Some(RELEASE_WAIT));
+        let fh = match read_frame_header(&mut self.ch, PEER, "the source to let go of the guest") {
+            Ok(fh) => fh,
+            Err(e) => {
+                tracing::debug!(error = %error_chain(&e), "the source let go of the guest");
+                return Ok(());
+            }
+        };
+        if fh.tag == FrameTag::Abort {
+            let why = read_payload(&mut self.ch, fh.len, PEER, "abort")
+                .ok()
+                .and_then(|p| decode_reason(&p, "abort").ok())
+                .unwrap_or_default();
+            self.monitor.set_handover(Handover::Source);
+            return Err(MigrationError::SourceAborted(format!(
+                "the source took the guest back after the switchover, so it was not started here ({why})"
+            )));
+        }
+        tracing::warn!(
+            frame = fh.tag.name(),
+            "the source sent more after completion; taking that as letting go"
+        );
+        Ok(())
+    }
+}
+
+/// The source's device configuration against this side's: every difference, named.
+/// A source that states none (0.1.0) is not checked here; its device load says.
+fn check_device_config(ann: &Annotations, devices: &[DeviceInfo]) -> Result<(), String> {
+    if !ann.switchover_commit && ann.device_config.is_empty() {
+        return Ok(());
+    }
+    let mut diffs = Vec::new();
+    for d in devices {
+        let theirs = ann.device(&d.name, d.instance);
+        for (k, mine) in &d.config {
+            match theirs.iter().find(|(tk, _)| tk == k) {
+                Some((_, tv)) if tv == mine => {}
+                Some((_, tv)) => diffs.push(format!(
+                    "device {} instance {}: {k} is {tv} on the source and {mine} here",
+                    d.name, d.instance
+                )),
+                None => diffs.push(format!(
+                    "device {} instance {}: {k} is {mine} here and not set on the source",
+                    d.name, d.instance
+                )),
+            }
+        }
+        for (tk, tv) in &theirs {
+            if !d.config.iter().any(|(k, _)| k == tk) {
+                diffs.push(format!(
+                    "device {} instance {}: {tk} is {tv} on the source and not set here",
+                    d.name, d.instance
+                ));
+            }
+        }
+    }
+    if diffs.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}; start the destination with the source's device configuration",
+            diffs.join("; ")
+        ))
     }
 }
 

@@ -69,6 +69,17 @@ pub enum MigrationError {
     },
     #[error("a migration is already running")]
     Busy,
+    /// Source: the end of stream went out and the destination's answer did not come
+    /// back. The destination may be running the guest, so the source keeps it stopped.
+    #[error(
+        "the guest was handed to the destination (the end of stream went out) and no answer \
+         came back, so the destination may be running it; the guest stays stopped here: check \
+         the destination, and take the guest back here only if it does not run it"
+    )]
+    HandoverInDoubt {
+        #[source]
+        source: Box<MigrationError>,
+    },
 }
 
 impl MigrationError {
@@ -131,6 +142,9 @@ impl MigrationError {
             Self::Busy => Self::Busy,
             Self::Channel { index, source } => Self::Channel {
                 index: *index,
+                source: Box::new(source.duplicate()),
+            },
+            Self::HandoverInDoubt { source } => Self::HandoverInDoubt {
                 source: Box::new(source.duplicate()),
             },
             Self::ChannelsMissing {

@@ -23,5 +23,8 @@ pub use error::{error_chain, MigrationError};
 pub use incoming::{Incoming, Stray};
 pub use params::{human_bytes, Faults, MigrationParams, MIGRATION, MIGRATION_DRIVER};
 pub use source::{migrate, SourceIdentity};
-pub use stats::{MigrationEvent, MigrationInfo, MigrationMonitor, MigrationStatus};
+pub use stats::{
+    CancelRefused, Handover, HandoverPoint, MigrationEvent, MigrationInfo, MigrationMonitor,
+    MigrationStatus,
+};
 pub use transport::{Channel, Listener, MigrationUri};

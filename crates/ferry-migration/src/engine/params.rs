@@ -114,6 +114,10 @@ pub struct Faults {
     pub close_channel_after: Option<(u16, u64)>,
     /// Destination: how long to wait for the data channels to connect (default 10 s).
     pub channel_wait: Option<Duration>,
+    /// Source: hand over as release 0.1.0 did: state no switchover commitment in the
+    /// hello and never commit, so a cancel after the end of stream is taken and the
+    /// guest resumed here. For tests of a new destination against such a source.
+    pub legacy_handover: bool,
 }
 
 impl Default for MigrationParams {

@@ -26,15 +26,15 @@ use super::multifd::{SendConfig, SendSet, SECTION};
 use super::params::MigrationParams;
 use super::ram::{full_memory_digest, page_is_zero, page_slice};
 use super::stats::{
-    ChannelStats, DowntimeBreakdown, MigrationEvent, MigrationInfo, MigrationMonitor,
-    MigrationStatus, MultifdStats, PassStats,
+    ChannelStats, DowntimeBreakdown, Handover, HandoverPoint, MigrationEvent, MigrationInfo,
+    MigrationMonitor, MigrationStatus, MultifdStats, PassStats,
 };
 use super::stream::{read_frame_header, read_payload, write_frame};
 use super::transport::{Channel, MigrationUri};
 use super::vm::{GuestRam, MigratableVm, RamBlock};
 use crate::state;
 use crate::wire::{
-    decode_reason, encode_reason, Accept, ChannelHeader, ChannelsReady, Completed,
+    decode_reason, encode_reason, Accept, Annotations, ChannelHeader, ChannelsReady, Completed,
     DeviceStateHeader, EndOfStream, FrameHeader, FrameTag, Hello, HelloDevice, HelloRamBlock,
     MultifdSync, PassEnd, RamBatchHeader, Refuse, StreamHeader, VcpuStateHeader, CHANNEL_VERSION,
     MAX_BATCH_PAGES, MAX_PACKET_PAGES, PROTOCOL_VERSION,
@@ -67,7 +67,11 @@ pub struct SourceIdentity {
 }
 
 /// Migrates `vm` to `uri`. On success the VM is left stopped (its guest now runs at the
-/// destination); on any failure it runs as before and the error says why.
+/// destination); on any failure before the switchover commits, it runs as before and
+/// the error says why. After the commit (the end of stream has gone out) it runs again
+/// only if the destination answers that it failed to load; if no answer comes, it stays
+/// stopped, the error is [`MigrationError::HandoverInDoubt`] and the monitor's
+/// [`Handover`] says [`Handover::InDoubt`].
 pub fn migrate(
     vm: &dyn MigratableVm,
     id: &SourceIdentity,
@@ -97,7 +101,6 @@ pub fn migrate(
         rp: None,
         start,
         paused_by_us: false,
-        eos_sent: false,
         logging: false,
         pages_sent: 0,
         batch: Batch::default(),
@@ -109,6 +112,12 @@ pub fn migrate(
     let result = src.run(id, uri);
     match result {
         Ok(()) => {
+            monitor.set_handover(Handover::Destination);
+            // Closing at once tells a destination that waits for it (one that does not
+            // know the source keeps the commitment) that the guest is its own.
+            if let Some(ch) = src.ch.take() {
+                ch.shutdown();
+            }
             if let Some(mut m) = src.mfd.take() {
                 m.shutdown(false);
             }
@@ -119,12 +128,15 @@ pub fn migrate(
             Ok(monitor.info())
         }
         Err(e) => {
-            let e = if monitor.is_cancelled() && !matches!(e, MigrationError::Refused { .. }) {
+            let committed = monitor.handover() == Handover::Committed;
+            let e = if committed {
+                src.explain(e)
+            } else if monitor.is_cancelled() && !matches!(e, MigrationError::Refused { .. }) {
                 MigrationError::Cancelled
             } else {
                 src.explain(e)
             };
-            src.abandon(&e, was_running);
+            let e = src.abandon(e, was_running);
             monitor.detach_channel();
             monitor.update(|i| {
                 i.total_time = start.elapsed().as_millis() as u64;
@@ -173,8 +185,6 @@ struct Source<'a> {
     rp: Option<Receiver<RpEvent>>,
     start: Instant,
     paused_by_us: bool,
-    /// The end of stream went out: from here the destination may resume the guest.
-    eos_sent: bool,
     logging: bool,
     pages_sent: u64,
     batch: Batch,
@@ -330,7 +340,7 @@ impl Source<'_> {
 
     fn handshake(&mut self, id: &SourceIdentity) -> Result<(), MigrationError> {
         let vm = self.vm;
-        let hello = Hello {
+        let mut hello = Hello {
             session_id: self.session,
             release: id.release.clone(),
             machine: id.machine.clone(),
@@ -370,6 +380,22 @@ impl Source<'_> {
                 crate::wire::Compression::None
             },
         };
+        // This source keeps the switchover commitment, and states its devices'
+        // configuration (see `wire::ANNOTATION_PREFIX`).
+        Annotations {
+            switchover_commit: !self.params.faults.legacy_handover,
+            device_config: vm
+                .devices()
+                .iter()
+                .flat_map(|d| {
+                    d.config
+                        .iter()
+                        .map(|(k, v)| (d.name.clone(), d.instance, k.clone(), v.clone()))
+                })
+                .collect(),
+            unknown: Vec::new(),
+        }
+        .apply(&mut hello);
         let hdr = StreamHeader {
             version: PROTOCOL_VERSION,
         }
@@ -422,7 +448,8 @@ impl Source<'_> {
         ))
     }
 
-    /// Waits for the next return-path frame, watching for cancel.
+    /// Waits for the next return-path frame, watching for a cancel while the guest is
+    /// still the source's (after the commit a cancel cannot be taken, so none is seen).
     fn wait_rp(
         &mut self,
         what: &'static str,
@@ -431,7 +458,7 @@ impl Source<'_> {
         let deadline = Instant::now() + timeout;
         let rx = self.rp.as_ref().expect("return path");
         loop {
-            if self.monitor.is_cancelled() {
+            if self.monitor.is_cancelled() && self.monitor.handover() == Handover::Source {
                 return Err(MigrationError::Cancelled);
             }
             match rx.recv_timeout(Duration::from_millis(50)) {
@@ -493,17 +520,26 @@ impl Source<'_> {
     }
 
     /// Ends a failed attempt: tells the destination, puts back the dirty bits taken,
-    /// and lets the guest run again if we stopped it.
-    fn abandon(&mut self, e: &MigrationError, was_running: bool) {
+    /// and lets the guest run again if we stopped it and still own it. Returns the
+    /// error to report.
+    ///
+    /// After the commit the guest is the destination's to start, so the source sends no
+    /// abort (the destination decides, not us) and resumes only on a load failure,
+    /// which says the destination did not start it. Any other end leaves the guest in
+    /// doubt: stopped here, with an error that says what to check.
+    fn abandon(&mut self, e: MigrationError, was_running: bool) -> MigrationError {
+        let committed = self.monitor.handover() == Handover::Committed;
         if let Some(ch) = self.ch.take() {
-            if !matches!(
-                e,
-                MigrationError::PeerClosed { .. } | MigrationError::Refused { .. }
-            ) {
+            if !committed
+                && !matches!(
+                    e,
+                    MigrationError::PeerClosed { .. } | MigrationError::Refused { .. }
+                )
+            {
                 let _ = write_frame(
                     &ch,
                     FrameTag::Abort,
-                    &encode_reason(&error_chain(e)),
+                    &encode_reason(&error_chain(&e)),
                     PEER,
                     "abort",
                 );
@@ -522,18 +558,23 @@ impl Source<'_> {
         // After the end of stream, silence from the destination does not mean it failed:
         // it may be running the guest already. Resuming here too could run the guest
         // twice, so the guest stays stopped and the error says what to check.
-        let in_doubt = self.eos_sent
-            && !matches!(e, MigrationError::LoadFailed(_) | MigrationError::Cancelled);
+        let in_doubt = committed && !matches!(e, MigrationError::LoadFailed(_));
         if in_doubt {
-            tracing::error!(
-                "the destination may already be running the guest; check it, and `cont` here only if it is not"
-            );
-        } else if self.paused_by_us && was_running {
+            self.monitor.set_handover(Handover::InDoubt);
+            let e = MigrationError::HandoverInDoubt {
+                source: Box::new(e),
+            };
+            tracing::error!(error = %error_chain(&e), "the guest stays stopped here");
+            return e;
+        }
+        self.monitor.set_handover(Handover::Source);
+        if self.paused_by_us && was_running {
             if let Err(re) = self.vm.resume() {
                 tracing::error!(error = %error_chain(&re), "could not resume the guest after a failed migration");
             }
         }
-        tracing::warn!(error = %error_chain(e), "migration failed; the guest stays here");
+        tracing::warn!(error = %error_chain(&e), "migration failed; the guest stays here");
+        e
     }
 
     fn harvest(&mut self) -> Result<(), MigrationError> {
@@ -896,11 +937,13 @@ impl Source<'_> {
             self.paused_by_us = true;
         }
         br.stop_ms = ms(t_down.elapsed());
+        self.monitor.probe(HandoverPoint::GuestStopped);
 
         let t = Instant::now();
         self.harvest()?;
         let c = self.send_pass(pass, true)?;
         br.final_pass_ms = ms(t.elapsed());
+        self.monitor.probe(HandoverPoint::FinalPassSent);
         self.monitor.update(|i| {
             i.passes.push(PassStats {
                 pass,
@@ -933,6 +976,7 @@ impl Source<'_> {
                 PEER,
                 "device state",
             )?;
+            self.monitor.probe(HandoverPoint::DeviceStateSent(i));
         }
         br.devices_ms = ms(t.elapsed());
 
@@ -947,6 +991,7 @@ impl Source<'_> {
             }
             .encode(&bytes);
             write_frame(self.ch(), FrameTag::VcpuState, &payload, PEER, "vCPU state")?;
+            self.monitor.probe(HandoverPoint::VcpuStateSent(i));
         }
         br.vcpus_ms = ms(t.elapsed());
 
@@ -963,16 +1008,37 @@ impl Source<'_> {
             resume,
         };
         let t = Instant::now();
-        self.eos_sent = true;
-        write_frame(
+        self.monitor.probe(HandoverPoint::BeforeEndOfStream);
+        self.poll_rp()?;
+        // A destination that has hung up can no longer take the guest: find out before
+        // committing, while the guest is still ours to resume.
+        if peer_hung_up(self.ch()) {
+            return Err(MigrationError::PeerClosed {
+                peer: PEER,
+                phase: "the switchover, before the end of stream",
+            });
+        }
+        // The commitment: a cancel taken before this point wins and the guest stays
+        // here; from this point on the destination's answer decides.
+        if !self.params.faults.legacy_handover {
+            self.monitor.commit()?;
+        }
+        if let Err(e) = write_frame(
             self.ch(),
             FrameTag::EndOfStream,
             &eos.encode(),
             PEER,
             "end of stream",
-        )?;
+        ) {
+            // The kernel did not take the whole frame, so the rest never left this
+            // host and no destination can have decoded it: the guest is still ours.
+            self.monitor.set_handover(Handover::Source);
+            return Err(e);
+        }
+        self.monitor.probe(HandoverPoint::EndOfStreamSent);
         let (tag, payload) =
             self.wait_rp("the destination to load and resume", COMPLETION_TIMEOUT)?;
+        self.monitor.probe(HandoverPoint::AnswerReceived);
         if tag != FrameTag::Completed {
             return Err(self.unexpected(tag, "completed", &payload));
         }
@@ -994,6 +1060,18 @@ impl Source<'_> {
         tracing::info!(downtime_ms = ms(downtime), "migration completed");
         Ok(())
     }
+}
+
+/// Whether the peer has closed or reset the connection, without reading from it.
+fn peer_hung_up(ch: &Channel) -> bool {
+    let mut p = libc::pollfd {
+        fd: std::os::fd::AsRawFd::as_raw_fd(ch),
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the call; a zero timeout never blocks.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
 }
 
 fn ms(d: Duration) -> f64 {

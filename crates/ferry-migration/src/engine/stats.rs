@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use thiserror::Error;
 
 use super::transport::Channel;
 
@@ -44,6 +45,65 @@ impl MigrationStatus {
     pub fn is_finished(self) -> bool {
         matches!(self, Self::Completed | Self::Failed | Self::Cancelled)
     }
+}
+
+/// Who may run the guest, as this side of the migration knows it. The handover is the
+/// small state machine of the wire docs ("Who runs the guest"): the source owns the
+/// guest until it commits by sending the end of stream; then only the destination's
+/// answer moves it on.
+///
+/// ```text
+///  source: Source ──(end of stream sent)──> Committed ──Completed──> Destination
+///                                              │  └──LoadFailed──> Source (resumed)
+///                                              └──silence, broken link──> InDoubt
+///  destination: Source ──(state loaded, verified, resumed)──> Destination
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum Handover {
+    /// The source owns the guest: a cancel is honoured and the source resumes it.
+    #[default]
+    Source,
+    /// The end of stream went out: the destination decides. Nothing the user does at
+    /// the source resumes the guest until the destination's answer says it did not.
+    Committed,
+    /// The end of stream went out and no answer came: the destination may be running
+    /// the guest. The source keeps it stopped until someone who checked the
+    /// destination takes it back.
+    InDoubt,
+    /// The destination runs (or holds) the guest; the source never will again.
+    Destination,
+}
+
+impl Handover {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Source => "source",
+            Self::Committed => "committed",
+            Self::InDoubt => "in-doubt",
+            Self::Destination => "destination",
+        }
+    }
+}
+
+/// Why a cancel was not taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum CancelRefused {
+    #[error(
+        "the switchover is committed: the end of stream has gone to the destination, which \
+         may already be running the guest, so this side cannot take it back; the migration \
+         completes, or fails and resumes the guest here, on the destination's answer"
+    )]
+    Committed,
+    #[error(
+        "the guest was handed to the destination and no answer came back, so it may be \
+         running there; nothing is left to cancel"
+    )]
+    InDoubt,
+    #[error("the guest already runs at the destination; nothing is left to cancel")]
+    Completed,
 }
 
 /// RAM counters, named as in QEMU's `query-migrate`.
@@ -136,6 +196,8 @@ pub struct MigrationInfo {
     /// Data channels, when pages travel on them.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub multifd: Option<MultifdStats>,
+    /// Who may run the guest (see [`Handover`]).
+    pub handover: Handover,
 }
 
 /// What the data channels did.
@@ -170,15 +232,49 @@ pub struct ChannelStats {
 
 /// Something worth telling a control client about.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub enum MigrationEvent {
     Status(MigrationStatus),
     Pass(u32),
+    /// Who may run the guest changed.
+    Handover(Handover),
+}
+
+/// The moments of the handover, from the final pass on, at which a
+/// [`MigrationMonitor::set_probe`] hook is called: where fault tests cut in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum HandoverPoint {
+    /// Source: the guest is stopped, the final pass is about to start.
+    GuestStopped,
+    /// Source: the final pass, with the data channels' last sync, has gone out.
+    FinalPassSent,
+    /// Source: the state of device `i` has gone out.
+    DeviceStateSent(usize),
+    /// Source: the state of vCPU `i` has gone out.
+    VcpuStateSent(usize),
+    /// Source: everything but the end of stream has gone out.
+    BeforeEndOfStream,
+    /// Source: the end of stream has gone out (committed).
+    EndOfStreamSent,
+    /// Source: the destination's answer arrived and was read.
+    AnswerReceived,
+    /// Destination: the end of stream arrived.
+    EndOfStreamReceived,
+    /// Destination: every state loaded and the digests matched; the guest is about to
+    /// be resumed.
+    Verified,
+    /// Destination: the guest runs here; `Completed` is about to go out.
+    Resumed,
+    /// Destination: `Completed` has gone out.
+    CompletedSent,
 }
 
 /// How long a cancelled migration may take to wind down on its own.
 pub const CANCEL_GRACE: Duration = Duration::from_secs(2);
 
 type Listener = Box<dyn Fn(&MigrationEvent) + Send + Sync>;
+type Probe = Arc<dyn Fn(HandoverPoint) + Send + Sync>;
 
 /// Shared between the migration thread and whoever watches or cancels it.
 #[derive(Default)]
@@ -191,6 +287,9 @@ pub struct MigrationMonitor {
     downtime_limit_ms: AtomicU64,
     channels: Mutex<Vec<Channel>>,
     listener: Mutex<Option<Listener>>,
+    /// Taken by a cancel and by the commit, so that exactly one of them wins.
+    handover: Mutex<Handover>,
+    probe: Mutex<Option<Probe>>,
 }
 
 impl std::fmt::Debug for MigrationMonitor {
@@ -241,9 +340,10 @@ impl MigrationMonitor {
         }
     }
 
-    /// Resets for a new migration, keeping the listener.
+    /// Resets for a new migration, keeping the listener and the probe.
     pub fn reset(&self) {
         *self.info.lock().unwrap() = MigrationInfo::default();
+        *self.handover.lock().unwrap() = Handover::Source;
         self.cancel.store(false, Ordering::SeqCst);
         self.generation.fetch_add(1, Ordering::SeqCst);
         self.downtime_limit_ms.store(0, Ordering::SeqCst);
@@ -253,8 +353,52 @@ impl MigrationMonitor {
     /// Asks the migration to stop. The migration thread notices within one batch and
     /// tells the peer why; if it is stuck on a socket that does not move, the socket is
     /// shut after [`CANCEL_GRACE`] to wake it.
-    pub fn cancel(self: &Arc<Self>) {
+    ///
+    /// A cancel taken here is always honoured: the source will not commit to the
+    /// switchover after it, and the guest stays (or runs again) at the source. Once the
+    /// source has committed, the cancel is refused and says why; the destination's
+    /// answer ends the migration.
+    pub fn cancel(self: &Arc<Self>) -> Result<(), CancelRefused> {
+        {
+            let h = self.handover.lock().unwrap();
+            match *h {
+                Handover::Source => {}
+                Handover::Committed => return Err(CancelRefused::Committed),
+                Handover::InDoubt => return Err(CancelRefused::InDoubt),
+                Handover::Destination => return Err(CancelRefused::Completed),
+            }
+            self.cancel.store(true, Ordering::SeqCst);
+        }
+        let changed = {
+            let mut i = self.info.lock().unwrap();
+            let running = matches!(
+                i.status,
+                MigrationStatus::Setup | MigrationStatus::Active | MigrationStatus::Device
+            );
+            if running {
+                i.status = MigrationStatus::Cancelling;
+            }
+            running
+        };
+        if changed {
+            self.emit(&MigrationEvent::Status(MigrationStatus::Cancelling));
+        }
+        self.arm_cancel_watchdog();
+        Ok(())
+    }
+
+    /// A deliberately broken cancel, as release 0.1.0 had it: taken at any moment,
+    /// even after the source committed, so that the source then resumes a guest the
+    /// destination may already run. Only for tests that show the handover tests catch
+    /// that defect; nothing else may call it.
+    #[doc(hidden)]
+    pub fn cancel_ignoring_handover(self: &Arc<Self>) {
         self.cancel.store(true, Ordering::SeqCst);
+        *self.handover.lock().unwrap() = Handover::Source;
+        self.arm_cancel_watchdog();
+    }
+
+    fn arm_cancel_watchdog(self: &Arc<Self>) {
         let me = Arc::downgrade(self);
         let generation = self.generation.load(Ordering::SeqCst);
         let _ = std::thread::Builder::new()
@@ -289,6 +433,63 @@ impl MigrationMonitor {
 
     pub fn is_cancelled(&self) -> bool {
         self.cancel.load(Ordering::SeqCst)
+    }
+
+    /// Who may run the guest.
+    pub fn handover(&self) -> Handover {
+        *self.handover.lock().unwrap()
+    }
+
+    /// Takes the guest from `Source` to `Committed` unless a cancel came first: the
+    /// one place where a cancel and the switchover are decided against each other.
+    pub(crate) fn commit(&self) -> Result<(), super::MigrationError> {
+        {
+            let mut h = self.handover.lock().unwrap();
+            if self.is_cancelled() {
+                return Err(super::MigrationError::Cancelled);
+            }
+            *h = Handover::Committed;
+        }
+        self.publish_handover(Handover::Committed);
+        Ok(())
+    }
+
+    pub(crate) fn set_handover(&self, to: Handover) {
+        {
+            let mut h = self.handover.lock().unwrap();
+            if *h == to {
+                return;
+            }
+            *h = to;
+        }
+        self.publish_handover(to);
+    }
+
+    fn publish_handover(&self, to: Handover) {
+        self.update(|i| i.handover = to);
+        self.emit(&MigrationEvent::Handover(to));
+    }
+
+    /// Calls `f` at every [`HandoverPoint`] the migration passes, on the migration's
+    /// thread, before it goes on: a seam for fault tests (cancel, kill, cut a link at
+    /// an exact point). Costs one lock per point when unset.
+    pub fn set_probe(&self, f: impl Fn(HandoverPoint) + Send + Sync + 'static) {
+        *self.probe.lock().unwrap() = Some(Arc::new(f));
+    }
+
+    pub(crate) fn probe(&self, at: HandoverPoint) {
+        let p = self.probe.lock().unwrap().clone();
+        if let Some(p) = p {
+            p(at);
+        }
+    }
+
+    /// Shuts every socket of the migration at once, as a dead link or a killed peer
+    /// would leave them: the migration thread then fails on its next read or write.
+    pub fn sever(&self) {
+        for ch in self.channels.lock().unwrap().iter() {
+            ch.shutdown();
+        }
     }
 
     /// Registers a socket of the migration, to be shut if a cancel gets stuck.

@@ -75,6 +75,11 @@ pub struct DeviceInfo {
     pub name: String,
     pub instance: u32,
     pub schema: &'static StateSchema,
+    /// How the device is configured, as `(key, value)` with exact values in the
+    /// units a user gives them (`size` = `256M`). Both sides of a migration must agree;
+    /// the hello carries it so that the destination refuses a difference before any RAM
+    /// moves. Empty for a device with nothing to configure.
+    pub config: Vec<(String, String)>,
 }
 
 /// A VM the engine can migrate out of or into.

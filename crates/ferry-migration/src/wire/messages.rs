@@ -346,6 +346,104 @@ impl Hello {
     }
 }
 
+/// Hello annotations: what a source tells the destination in its hello beyond 0.1's
+/// fields, without changing the hello's layout.
+///
+/// The hello's layout is frozen by release 0.1.0, whose decoder refuses trailing bytes
+/// and unknown flags. What 0.1.0 does tolerate is a wire property it does not know that
+/// the source lists among its compat-pinned properties: it takes such a property for
+/// the value an older release has without knowing it, and ignores it. Annotations use
+/// exactly that: entries of `wire_props` whose names start with [`ANNOTATION_PREFIX`],
+/// each also listed in `compat_pinned`. A release that knows annotations takes them out
+/// of the property list before comparing properties and acts on them; one that does not
+/// (0.1.0) ignores them, which each annotation below is designed to allow. They are
+/// bounded as every wire property is (name 128 bytes, value 256, 512 entries in all).
+///
+/// * [`SWITCHOVER_COMMIT`] `=on`: the source keeps the switchover commitment. Once its
+///   end of stream is out it never runs the guest again unless the destination's answer
+///   is a load failure, so the destination may resume the guest as soon as it has
+///   loaded. Without it (release 0.1.0 resumed its guest when cancelled after the end
+///   of stream) the destination answers `Completed` first and resumes only when the
+///   source closes the connection rather than aborting.
+/// * `x-hello.device/NAME/INSTANCE/KEY=VALUE` ([`device_config_entry`]): one item of a
+///   device's configuration (an accelerator's memory size). A destination that knows
+///   annotations refuses a source whose devices are configured differently, naming the
+///   device and both values, before any RAM moves. A release without them finds out at
+///   device load, as 0.1.0 does.
+pub const ANNOTATION_PREFIX: &str = "x-hello.";
+/// See [`ANNOTATION_PREFIX`].
+pub const SWITCHOVER_COMMIT: &str = "x-hello.switchover-commit";
+const DEVICE_CONFIG_PREFIX: &str = "x-hello.device/";
+
+/// The annotation name of one item of a device's configuration.
+pub fn device_config_entry(device: &str, instance: u32, key: &str) -> String {
+    format!("{DEVICE_CONFIG_PREFIX}{device}/{instance}/{key}")
+}
+
+/// The annotations of a hello, taken apart from its wire properties.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Annotations {
+    pub switchover_commit: bool,
+    /// `(device, instance, key, value)`, in the order sent.
+    pub device_config: Vec<(String, u32, String, String)>,
+    /// Annotations this release does not know: ignored, as 0.1.0 ignores all of them.
+    pub unknown: Vec<String>,
+}
+
+impl Annotations {
+    /// Splits `wire_props` into real wire properties and annotations.
+    pub fn split(wire_props: &[(String, String)]) -> (Vec<(String, String)>, Self) {
+        let mut props = Vec::with_capacity(wire_props.len());
+        let mut a = Self::default();
+        for (k, v) in wire_props {
+            if !k.starts_with(ANNOTATION_PREFIX) {
+                props.push((k.clone(), v.clone()));
+            } else if k == SWITCHOVER_COMMIT {
+                a.switchover_commit = v == "on";
+            } else if let Some(rest) = k.strip_prefix(DEVICE_CONFIG_PREFIX) {
+                let mut parts = rest.splitn(3, '/');
+                match (
+                    parts.next(),
+                    parts.next().and_then(|i| i.parse::<u32>().ok()),
+                    parts.next(),
+                ) {
+                    (Some(dev), Some(inst), Some(key)) if !dev.is_empty() && !key.is_empty() => a
+                        .device_config
+                        .push((dev.into(), inst, key.into(), v.clone())),
+                    _ => a.unknown.push(k.clone()),
+                }
+            } else {
+                a.unknown.push(k.clone());
+            }
+        }
+        (props, a)
+    }
+
+    /// Writes these annotations into a hello: each entry into `wire_props` and its name
+    /// into `compat_pinned`, so that a release without annotations ignores them.
+    pub fn apply(&self, hello: &mut Hello) {
+        let mut add = |k: String, v: String| {
+            hello.compat_pinned.push(k.clone());
+            hello.wire_props.push((k, v));
+        };
+        if self.switchover_commit {
+            add(SWITCHOVER_COMMIT.into(), "on".into());
+        }
+        for (dev, inst, key, value) in &self.device_config {
+            add(device_config_entry(dev, *inst, key), value.clone());
+        }
+    }
+
+    /// The configuration the source stated for one device, if it stated any.
+    pub fn device(&self, name: &str, instance: u32) -> Vec<(&str, &str)> {
+        self.device_config
+            .iter()
+            .filter(|(d, i, _, _)| d == name && *i == instance)
+            .map(|(_, _, k, v)| (k.as_str(), v.as_str()))
+            .collect()
+    }
+}
+
 /// The destination's yes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Accept {
@@ -382,6 +480,8 @@ pub enum RefuseCause {
     Busy,
     /// The destination cannot take the data channels or compression the source asks for.
     Channels,
+    /// A device is configured differently on the two sides (its hello annotations).
+    DeviceConfig,
     /// A cause this release does not know (sent by a newer peer).
     Other(u16),
 }
@@ -400,6 +500,7 @@ impl RefuseCause {
             Self::VcpuMismatch => 9,
             Self::Busy => 10,
             Self::Channels => 11,
+            Self::DeviceConfig => 12,
             Self::Other(c) => c,
         }
     }
@@ -417,6 +518,7 @@ impl RefuseCause {
             9 => Self::VcpuMismatch,
             10 => Self::Busy,
             11 => Self::Channels,
+            12 => Self::DeviceConfig,
             c => Self::Other(c),
         }
     }
@@ -436,6 +538,7 @@ impl std::fmt::Display for RefuseCause {
             Self::VcpuMismatch => "vCPU mismatch",
             Self::Busy => "busy",
             Self::Channels => "data channels",
+            Self::DeviceConfig => "device configuration",
             Self::Other(c) => return write!(f, "cause {c}"),
         };
         f.write_str(s)

@@ -53,17 +53,50 @@
 //! `migration` device whose compat value on older machine types is this rule, so that
 //! it still migrates to and from this release (see [`crate::compat`]).
 //!
-//! # Who runs the guest when something breaks
+//! # Who runs the guest: the handover
 //!
-//! Until the source reads `Completed`, the guest belongs to the source: on any error,
-//! refusal, abort or cancel the source resumes it (if it was running) and the
-//! destination never starts it. The destination starts the guest only after the end of
-//! stream has arrived, every device and vCPU state has loaded exactly once and the
-//! digest matched; then it sends `Completed`. One window remains, as in every
-//! two-party protocol: once the end of stream has gone out, a silent destination may
-//! already be running the guest. So if the connection then breaks or times out without
-//! a `LoadFailed`, the source reports the failure but leaves the guest stopped, saying
-//! so: management checks the destination before it resumes the source (`cont`).
+//! At every instant exactly one side may run the guest. The handover is a small state
+//! machine on each side ([`crate::engine::Handover`] names its states and the monitor
+//! reports them); only the messages below move it on.
+//!
+//! ```text
+//!  source                                       destination
+//!  ──────                                       ───────────
+//!  Source: may run the guest.                   Source: never runs the guest.
+//!    any error, refusal, cancel, abort:           any error, cancel, abort: the guest
+//!    resume (if it ran), harvested dirty bits     stays stopped; LoadFailed(why) to the
+//!    put back, Abort(why) to the destination      source (before the end of stream)
+//!    │ guest stopped, final pass, state sent,       │
+//!    │ no cancel taken, peer has not hung up        │ EndOfStream arrives: every state
+//!    ▼ (the commit: a cancel and the commit are     │ loaded once, digests match, no
+//!  Committed     decided under one lock)            │ cancel taken (the commit here)
+//!    │ EndOfStream went out whole                   ▼
+//!    ├─ Completed ──────────> Destination         Destination: resumes the guest, then
+//!    ├─ LoadFailed(why) ────> Source (resume:     sends Completed (a source that keeps
+//!    │                        the destination     the commitment); or sends Completed
+//!    │                        says it did not     and resumes once the source closes
+//!    │                        start the guest)    the connection (a source that does
+//!    └─ silence, a broken ──> InDoubt: stopped    not: release 0.1.0); an Abort there
+//!       link, anything else   here; says so; a    means the source took the guest back,
+//!                             user who checked    and it is not started
+//!                             the destination
+//!                             takes it back
+//! ```
+//!
+//! Rules that follow:
+//! * A cancel is taken only while the source is in `Source`; taken, it always wins
+//!   (the source does not commit after it). In `Committed` it is refused with the
+//!   reason. `cont` and `stop` during the switchover are refused at the VMM.
+//! * If the end of stream cannot be written whole, the rest never left the host, so no
+//!   destination can have decoded it: the source goes back to `Source` and resumes.
+//! * After the commit the source sends no abort: the destination decides.
+//! * A source states in its hello that it keeps this commitment (an annotation, see
+//!   [`Annotations`]); release 0.1.0 did not keep it (it resumed its guest when
+//!   cancelled after the end of stream), so a destination that reads no such statement
+//!   answers `Completed` first and resumes only once the source has let go.
+//! * One window remains, as in every two-party protocol: after the end of stream a
+//!   silent destination may already run the guest, so the source then stays stopped
+//!   (`InDoubt`) and management checks the destination before taking it back.
 //!
 //! # Encoding rules
 //!

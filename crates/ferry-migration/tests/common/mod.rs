@@ -142,11 +142,13 @@ pub fn device_infos() -> Vec<DeviceInfo> {
             name: UART_SCHEMA.name.into(),
             instance: 0,
             schema: &UART_SCHEMA,
+            config: Vec::new(),
         },
         DeviceInfo {
             name: TIMER_SCHEMA.name.into(),
             instance: 3,
             schema: &TIMER_SCHEMA,
+            config: Vec::new(),
         },
     ]
 }
@@ -669,7 +671,7 @@ pub fn destination_params() -> MigrationParams {
 
 /// The hello a source of `layout` sends.
 pub fn hello(layout: RamLayout, full_verify: bool) -> Hello {
-    Hello {
+    let mut h = Hello {
         session_id: 0x5eed_0000_0000_0001,
         release: RELEASE.into(),
         machine: MACHINE.into(),
@@ -702,7 +704,14 @@ pub fn hello(layout: RamLayout, full_verify: bool) -> Hello {
                 version: d.schema.version,
             })
             .collect(),
+    };
+    // As the engine's source: it keeps the switchover commitment.
+    ferry_migration::wire::Annotations {
+        switchover_commit: true,
+        ..Default::default()
     }
+    .apply(&mut h);
+    h
 }
 
 /// The stream header and a hello frame: what precedes RAM on every stream.

@@ -187,7 +187,13 @@ pub fn main(args: RunArgs) -> CliResult {
         eprintln!("ferry: no --qmp socket: this VM can only be stopped with Ctrl-C");
     }
     control.wait_quit(None);
-    vmm.cancel_migration();
+    if let Err(e) = vmm.cancel_migration() {
+        // Committed: the destination decides. Leaving now could lose the guest if the
+        // destination then fails to load it, so wait for its answer (bounded by the
+        // engine's completion timeout).
+        eprintln!("ferry: {e}; waiting for the destination's answer before exiting");
+        vmm.join_worker();
+    }
     // `quit` is answered by the connection's writer thread; give it a moment to reach
     // the client before the process ends.
     std::thread::sleep(std::time::Duration::from_millis(50));

@@ -325,6 +325,12 @@ impl Accel {
         self.size
     }
 
+    /// What must match between the two sides of a migration: the memory size, exact,
+    /// in the form `--accel` takes it.
+    pub fn config(&self) -> Vec<(String, String)> {
+        vec![("size".into(), exact_size(self.size))]
+    }
+
     pub fn state(&self) -> MigState {
         self.ctl().state
     }
@@ -554,8 +560,28 @@ fn device_thread(shared: &Shared) {
     }
 }
 
+/// `268435456` → `256M`: the largest unit that divides the size exactly, as `--accel`
+/// takes it, so two different sizes never read the same.
+pub fn exact_size(n: u64) -> String {
+    for (shift, unit) in [(40, "T"), (30, "G"), (20, "M"), (10, "K")] {
+        if n != 0 && n % (1u64 << shift) == 0 {
+            return format!("{}{unit}", n >> shift);
+        }
+    }
+    n.to_string()
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn exact_sizes_read_back_exactly() {
+        assert_eq!(super::exact_size(256 << 20), "256M");
+        assert_eq!(super::exact_size(1 << 30), "1G");
+        assert_eq!(super::exact_size((1 << 30) + 4096), "1048580K");
+        assert_eq!(super::exact_size(1000), "1000");
+        assert_eq!(super::exact_size(0), "0");
+    }
+
     use super::*;
     use ferry_migration::state::{decode, encode};
     use ferry_migration::wire::MAX_DEVICE_STATE_LEN;

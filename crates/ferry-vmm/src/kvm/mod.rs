@@ -707,6 +707,10 @@ impl MigratableVm for KvmVm {
                 name: schema.name.into(),
                 instance: 0,
                 schema,
+                config: match (&self.accel, schema.name == ACCEL_SCHEMA.name) {
+                    (Some(a), true) => a.config(),
+                    _ => Vec::new(),
+                },
             })
             .collect()
     }
