@@ -36,6 +36,9 @@ enum Command {
     Migrate(commands::migrate::MigrateArgs),
     /// Show a VM's state and its last migration
     Status(commands::migrate::StatusArgs),
+    /// Take back a guest whose handover is in doubt, after checking that the destination
+    /// does not run it
+    Reclaim(commands::migrate::StatusArgs),
     /// List machine types, or show one machine type's effective properties
     Machines(commands::machines::MachinesArgs),
     /// Write this release's machine types, properties and device state schemas as JSON
@@ -60,6 +63,7 @@ fn main() -> ExitCode {
         Command::Run(a) => commands::run::main(a),
         Command::Migrate(a) => commands::migrate::main(a),
         Command::Status(a) => commands::migrate::status(a),
+        Command::Reclaim(a) => commands::migrate::reclaim(a),
         Command::Machines(a) => commands::machines::main(a),
         Command::DumpVmstate(a) => commands::compat::dump_vmstate(a),
         Command::CompatCheck(a) => commands::compat::compat_check(a),

@@ -525,6 +525,34 @@ fn refused_ram_size_mismatch() {
 }
 
 #[test]
+fn refused_accelerator_of_another_size_before_ram_moves() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let _one_at_a_time = serial();
+    let dir = TestDir::new("refuse-accel");
+    let vm = ["--backend", "kvm", "--mem", "128M", "--dirty", "8M"];
+    let mut src = Vm::start(&dir, "source", &cat(&vm, &["--accel", "32M"]));
+    let mut dst = Vm::incoming(&dir, "destination", &cat(&vm, &["--accel", "16M"]));
+    let uri = dst.uri();
+    let mut s = src.qmp();
+    assert_guest_progresses(&mut s, "source");
+    assert_refused(
+        &src,
+        &mut s,
+        &uri,
+        &[
+            "device configuration",
+            "device accel instance 0",
+            "size is 32M on the source and 16M here",
+        ],
+        &|| dst.ctx(),
+    );
+    let st = dst.wait_exit(Duration::from_secs(10));
+    assert!(st.is_some_and(|s| !s.success()), "{st:?}{}", dst.ctx());
+}
+
+#[test]
 fn refused_wire_property_mismatch() {
     let e = refused_by_destination(
         "refuse-digest",

@@ -378,7 +378,7 @@ fn a_cancel_leaves_the_source_running_and_a_retry_succeeds() {
 }
 
 fn refused(
-    src: &SoftVm,
+    src: &dyn MigratableVm,
     dst: Arc<dyn MigratableVm>,
     id: DestinationIdentity,
 ) -> (RefuseCause, String, MigrationInfo) {
@@ -405,7 +405,7 @@ fn an_unknown_machine_type_is_refused_before_any_ram_moves() {
         machine: "ferry-0.0".into(),
         ..dest_id()
     };
-    let (cause, reason, info) = refused(&src, soft(true, 32 << 20, 1 << 20), id);
+    let (cause, reason, info) = refused(src.as_ref(), soft(true, 32 << 20, 1 << 20), id);
     assert_eq!(cause, RefuseCause::UnknownMachine);
     assert!(reason.contains("ferry-0.1"), "{reason}");
     assert_eq!(info.ram.transferred, 0);
@@ -418,7 +418,7 @@ fn a_wire_property_mismatch_is_refused_naming_both_values() {
         wire_props: wire_props(false),
         ..dest_id()
     };
-    let (cause, reason, info) = refused(&src, soft(true, 32 << 20, 1 << 20), id);
+    let (cause, reason, info) = refused(src.as_ref(), soft(true, 32 << 20, 1 << 20), id);
     assert_eq!(cause, RefuseCause::PropertyMismatch);
     assert!(
         reason.contains("migration.digest") && reason.contains("on") && reason.contains("off"),
@@ -430,7 +430,7 @@ fn a_wire_property_mismatch_is_refused_naming_both_values() {
 #[test]
 fn a_different_ram_size_is_refused_in_human_units() {
     let src = soft(false, 32 << 20, 1 << 20);
-    let (cause, reason, _) = refused(&src, soft(true, 64 << 20, 1 << 20), dest_id());
+    let (cause, reason, _) = refused(src.as_ref(), soft(true, 64 << 20, 1 << 20), dest_id());
     assert_eq!(cause, RefuseCause::RamLayout);
     assert!(
         reason.contains("32.0 MiB") && reason.contains("64.0 MiB"),
@@ -438,10 +438,12 @@ fn a_different_ram_size_is_refused_in_human_units() {
     );
 }
 
-/// A soft VM whose console claims a state version range this release cannot load.
+/// A soft VM whose console claims a state version range this release cannot load, or
+/// a configuration of its own.
 struct NewerConsole {
     inner: Arc<SoftVm>,
     schema: &'static StateSchema,
+    config: Vec<(String, String)>,
 }
 
 impl MigratableVm for NewerConsole {
@@ -462,7 +464,7 @@ impl MigratableVm for NewerConsole {
             name: "soft-console".into(),
             instance: 0,
             schema: self.schema,
-            config: Vec::new(),
+            config: self.config.clone(),
         }]
     }
     fn pause(&self) -> Result<(), VmError> {
@@ -499,14 +501,55 @@ fn a_device_state_version_the_destination_cannot_load_is_refused_naming_the_devi
     let dst = Arc::new(NewerConsole {
         inner: soft(true, 32 << 20, 1 << 20),
         schema: &V3_ONLY,
+        config: Vec::new(),
     });
-    let (cause, reason, info) = refused(&src, dst, dest_id());
+    let (cause, reason, info) = refused(src.as_ref(), dst, dest_id());
     assert_eq!(cause, RefuseCause::DeviceVersion);
     assert!(
         reason.contains("soft-console") && reason.contains("version 1"),
         "{reason}"
     );
     assert_eq!(info.ram.transferred, 0);
+}
+
+#[test]
+fn a_device_configured_differently_is_refused_before_ram_moves_naming_both_values() {
+    let configured = |incoming: bool, size: Option<&str>| NewerConsole {
+        inner: soft(incoming, 32 << 20, 1 << 20),
+        schema: &SOFT_CONSOLE_SCHEMA,
+        config: size
+            .map(|s| vec![("size".to_string(), s.to_string())])
+            .unwrap_or_default(),
+    };
+    let src = configured(false, Some("64M"));
+    let (cause, reason, info) = refused(&src, Arc::new(configured(true, Some("128M"))), dest_id());
+    assert_eq!(cause, RefuseCause::DeviceConfig);
+    assert!(
+        reason.contains("device soft-console instance 0")
+            && reason.contains("size is 64M on the source and 128M here"),
+        "{reason}"
+    );
+    assert_eq!(info.ram.transferred, 0, "refused before RAM moved");
+    // Configured on one side only, either way round.
+    let (cause, reason, _) = refused(&src, Arc::new(configured(true, None)), dest_id());
+    assert_eq!(cause, RefuseCause::DeviceConfig);
+    assert!(
+        reason.contains("size is 64M on the source and not set here"),
+        "{reason}"
+    );
+    let bare = configured(false, None);
+    let (cause, reason, _) = refused(&bare, Arc::new(configured(true, Some("128M"))), dest_id());
+    assert_eq!(cause, RefuseCause::DeviceConfig);
+    assert!(
+        reason.contains("size is 128M here and not set on the source"),
+        "{reason}"
+    );
+    // The same configuration migrates.
+    let d = spawn_dest(Arc::new(configured(true, Some("64M"))), dest_id(), params());
+    let m = MigrationMonitor::new();
+    engine::migrate(&src, &source_id(), &params(), &d.uri, &m)
+        .unwrap_or_else(|e| panic!("{}", engine::error_chain(&e)));
+    d.handle.join().unwrap().unwrap();
 }
 
 /// Relays a migration, flipping one byte of page data in every RAM batch, to show that

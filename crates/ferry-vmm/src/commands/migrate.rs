@@ -3,10 +3,11 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
-use ferry_migration::engine::{human_bytes, MigrationInfo, MigrationStatus};
+use ferry_migration::engine::{human_bytes, Handover, MigrationInfo, MigrationStatus};
 use ferry_vmm::qmp::QmpClient;
 use ferry_vmm::report::{self, ReportContext};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -98,6 +99,83 @@ pub fn query_migrate(c: &mut QmpClient) -> Result<MigrationInfo, CliError> {
         .map_err(|e| CliError::msg(format!("unexpected query-migrate reply: {e}")))
 }
 
+/// Set by SIGINT while `ferry migrate` follows a migration.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_sigint(_: libc::c_int) {
+    // Only an atomic store: async-signal-safe.
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// From here on Ctrl-C asks what to do with the migration instead of leaving it
+/// without a word (see [`on_interrupt`]).
+fn catch_interrupt() {
+    let handler: extern "C" fn(libc::c_int) = on_sigint;
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGINT, handler as libc::sighandler_t);
+    }
+}
+
+/// What Ctrl-C during `ferry migrate` does. On a terminal it asks: cancel (the guest
+/// stays at the source, if the switchover has not committed), keep following, or leave
+/// with the migration going on. Elsewhere it cancels, as `virsh migrate` does, and a
+/// second Ctrl-C leaves at once. Either way it says what happened.
+enum Interrupt {
+    Follow,
+    Leave,
+}
+
+fn on_interrupt(c: &mut QmpClient, qmp: &std::path::Path, bar: Option<&ProgressBar>) -> Interrupt {
+    let say = |s: &str| match bar {
+        Some(b) => b.println(s),
+        None => eprintln!("{s}"),
+    };
+    let goes_on = format!(
+        "ferry: the migration goes on in the VM; `ferry status --qmp {q}` shows it, \
+         and QMP migrate_cancel on {q} stops it",
+        q = qmp.display()
+    );
+    let interactive = std::io::stdin().is_terminal() && std::io::stderr().is_terminal();
+    if interactive {
+        let answer = match bar {
+            Some(b) => b.suspend(ask_cancel),
+            None => ask_cancel(),
+        };
+        match answer.as_str() {
+            "y" | "yes" => {}
+            "d" | "detach" => {
+                say(&goes_on);
+                return Interrupt::Leave;
+            }
+            _ => {
+                say("ferry: following the migration; Ctrl-C asks again");
+                return Interrupt::Follow;
+            }
+        }
+    } else {
+        say("ferry: interrupted: cancelling the migration (Ctrl-C again leaves it running)");
+    }
+    match c.execute("migrate_cancel", Value::Null) {
+        Ok(_) => say("ferry: cancel taken: the guest stays at the source; waiting for the migration to wind down"),
+        Err(e) => say(&format!(
+            "ferry: {}; following it to the end",
+            super::chain(&e)
+        )),
+    }
+    Interrupt::Follow
+}
+
+fn ask_cancel() -> String {
+    use std::io::Write;
+    eprint!("\nCancel the migration? The guest stays at the source unless the switchover has committed. [y]es / [N]o, keep following / [d]etach, leave it running: ");
+    let _ = std::io::stderr().flush();
+    let mut line = String::new();
+    let _ = std::io::stdin().read_line(&mut line);
+    INTERRUPTED.store(false, Ordering::SeqCst);
+    line.trim().to_ascii_lowercase()
+}
+
 pub fn main(args: MigrateArgs) -> CliResult {
     let mut c = connect(&args.qmp)?;
     if args.compression == Some(CompressionArg::Zstd) {
@@ -150,7 +228,8 @@ pub fn main(args: MigrateArgs) -> CliResult {
     if args.detach {
         return started.map(|_| ExitCode::SUCCESS);
     }
-    let info = match started.and_then(|_| follow(&mut c, args.json, None)) {
+    catch_interrupt();
+    let info = match started.and_then(|_| follow_interruptible(&mut c, &args.qmp, args.json)) {
         Ok(info) => info,
         Err(e) => {
             // No migration to report on, or no way to learn how it ended.
@@ -213,6 +292,15 @@ impl Report {
     }
 }
 
+/// [`follow`], with Ctrl-C handled as [`on_interrupt`] says.
+fn follow_interruptible(
+    c: &mut QmpClient,
+    qmp: &std::path::Path,
+    json_lines: bool,
+) -> Result<MigrationInfo, CliError> {
+    follow_with(c, json_lines, None, Some(qmp))
+}
+
 /// Polls `query-migrate` until the migration ends, showing progress. With
 /// `escalate_from` (the downtime limit in ms), a migration that has not converged after
 /// 10 s gets its downtime limit doubled every 5 s, as management software does for
@@ -222,6 +310,16 @@ pub fn follow(
     json_lines: bool,
     escalate_from: Option<u64>,
 ) -> Result<MigrationInfo, CliError> {
+    follow_with(c, json_lines, escalate_from, None)
+}
+
+fn follow_with(
+    c: &mut QmpClient,
+    json_lines: bool,
+    escalate_from: Option<u64>,
+    interruptible: Option<&std::path::Path>,
+) -> Result<MigrationInfo, CliError> {
+    let mut interrupts = 0;
     let mut limit = escalate_from.unwrap_or(0);
     let mut next_escalation = Duration::from_secs(10);
     let bar = (!json_lines && std::io::stderr().is_terminal()).then(|| {
@@ -254,6 +352,27 @@ pub fn follow(
                 b.finish_and_clear();
             }
             return Ok(info);
+        }
+        if let Some(qmp) = interruptible.filter(|_| INTERRUPTED.swap(false, Ordering::SeqCst)) {
+            interrupts += 1;
+            let interactive = std::io::stdin().is_terminal() && std::io::stderr().is_terminal();
+            let leave = if interrupts > 1 && !interactive {
+                eprintln!(
+                    "ferry: the migration goes on in the VM; `ferry status --qmp {}` shows it",
+                    qmp.display()
+                );
+                true
+            } else {
+                matches!(on_interrupt(c, qmp, bar.as_ref()), Interrupt::Leave)
+            };
+            if leave {
+                if let Some(b) = bar {
+                    b.finish_and_clear();
+                }
+                return Err(CliError::msg(
+                    "left while the migration goes on (Ctrl-C); it was not cancelled",
+                ));
+            }
         }
         if escalate_from.is_some()
             && info.status == MigrationStatus::Active
@@ -433,6 +552,9 @@ pub fn status(args: StatusArgs) -> CliResult {
     if mig.as_object().is_some_and(|m| !m.is_empty()) {
         let info: MigrationInfo = serde_json::from_value(mig)
             .map_err(|e| CliError::msg(format!("unexpected query-migrate reply: {e}")))?;
+        if info.handover == Handover::InDoubt {
+            println!("handover: IN DOUBT: {}", ferry_vmm::vmm::IN_DOUBT_ADVICE);
+        }
         if info.status.is_finished() {
             print!("last {}", summary(&info));
         } else {
@@ -440,6 +562,20 @@ pub fn status(args: StatusArgs) -> CliResult {
         }
     } else {
         println!("migration: none yet");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `ferry reclaim`: QMP `x-ferry-reclaim`, with what it did.
+pub fn reclaim(args: StatusArgs) -> CliResult {
+    let mut c = connect(&args.qmp)?;
+    c.execute("x-ferry-reclaim", Value::Null)?;
+    let st = c.execute("query-status", Value::Null)?;
+    let state = st["status"].as_str().unwrap_or("unknown").to_string();
+    if args.json {
+        println!("{}", json!({ "reclaimed": true, "status": state }));
+    } else {
+        println!("guest taken back; the VM is {state}");
     }
     Ok(ExitCode::SUCCESS)
 }
