@@ -44,9 +44,12 @@ const PEER: &str = "source";
 const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long the data channels the hello announced may take to connect.
 const CHANNEL_WAIT: Duration = Duration::from_secs(10);
-/// How long a source that does not keep the switchover commitment (0.1.0) may take,
-/// after `Completed`, to close the connection or abort (see `Dest::hand_over`).
-const RELEASE_WAIT: Duration = Duration::from_secs(10);
+/// How long a destination waits, after `Completed`, for a source that does not keep the
+/// switchover commitment (0.1.0) to abort before it takes the guest as its own (see
+/// `Dest::hand_over`). Such a source sends its abort at once when a cancel beats
+/// `Completed` into its queue, and never after, so the abort, if any, is already on
+/// its way when `Completed` leaves: a round trip and some scheduling slack cover it.
+const RELEASE_GRACE: Duration = Duration::from_millis(200);
 
 /// Who the destination is, to check a source's hello against.
 #[derive(Debug, Clone)]
@@ -741,11 +744,13 @@ impl Dest<'_> {
     /// guest again after its end of stream unless told the load failed, so the guest
     /// resumes here at once and `Completed` follows. A source that does not (release
     /// 0.1.0, which resumed its guest when cancelled after the end of stream) hears
-    /// `Completed` first, and the guest resumes here only once that source has shown it
-    /// let go: it closes the connection (0.1.0 does on `Completed`). If it aborts
-    /// instead, it has taken the guest back, and the guest does not start here. A
-    /// broken link or silence for [`RELEASE_WAIT`] also counts as letting go: 0.1.0
-    /// keeps its guest stopped on those, and a guest must run somewhere.
+    /// `Completed` first, and the guest resumes here only once that source has let go:
+    /// it closes the connection, or [`RELEASE_GRACE`] passes without an abort (0.1.0
+    /// keeps its connection open after `Completed`, and aborts only if a cancel beat
+    /// `Completed`). If it aborts, it has taken the guest back, and the guest does not
+    /// start here. A broken link also counts as letting go: 0.1.0 keeps its guest
+    /// stopped then, and a guest must run somewhere. The cost: up to `RELEASE_GRACE`
+    /// more downtime when the source is 0.1.0, none otherwise.
     fn hand_over(&mut self, eos: &EndOfStream, t: Instant) -> Result<(), MigrationError> {
         self.monitor.commit()?;
         let done = |t: Instant, s: &Self| Completed {
@@ -795,7 +800,7 @@ impl Dest<'_> {
     /// Waits for a source without the commitment to close the connection after
     /// `Completed`; an abort means it took the guest back.
     fn await_release(&mut self) -> Result<(), MigrationError> {
-        let _ = self.ch.set_read_timeout(Some(RELEASE_WAIT));
+        let _ = self.ch.set_read_timeout(Some(RELEASE_GRACE));
         let fh = match read_frame_header(&mut self.ch, PEER, "the source to let go of the guest") {
             Ok(fh) => fh,
             Err(e) => {

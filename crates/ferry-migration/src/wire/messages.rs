@@ -363,8 +363,8 @@ impl Hello {
 ///   end of stream is out it never runs the guest again unless the destination's answer
 ///   is a load failure, so the destination may resume the guest as soon as it has
 ///   loaded. Without it (release 0.1.0 resumed its guest when cancelled after the end
-///   of stream) the destination answers `Completed` first and resumes only when the
-///   source closes the connection rather than aborting.
+///   of stream) the destination answers `Completed` first and resumes only once the
+///   source has let go without aborting (it closed, or a short grace passed).
 /// * `x-hello.device/NAME/INSTANCE/KEY=VALUE` ([`device_config_entry`]): one item of a
 ///   device's configuration (an accelerator's memory size). A destination that knows
 ///   annotations refuses a source whose devices are configured differently, naming the

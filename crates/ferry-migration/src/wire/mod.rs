@@ -74,11 +74,11 @@
 //!    ├─ Completed ──────────> Destination         Destination: resumes the guest, then
 //!    ├─ LoadFailed(why) ────> Source (resume:     sends Completed (a source that keeps
 //!    │                        the destination     the commitment); or sends Completed
-//!    │                        says it did not     and resumes once the source closes
-//!    │                        start the guest)    the connection (a source that does
-//!    └─ silence, a broken ──> InDoubt: stopped    not: release 0.1.0); an Abort there
-//!       link, anything else   here; says so; a    means the source took the guest back,
-//!                             user who checked    and it is not started
+//!    │                        says it did not     and resumes once the source lets go
+//!    │                        start the guest)    (a source that does not: 0.1.0): it
+//!    └─ silence, a broken ──> InDoubt: stopped    closes, or a short grace passes; an
+//!       link, anything else   here; says so; a    Abort there means it took the guest
+//!                             user who checked    back, and it is not started here
 //!                             the destination
 //!                             takes it back
 //! ```
@@ -93,7 +93,8 @@
 //! * A source states in its hello that it keeps this commitment (an annotation, see
 //!   [`Annotations`]); release 0.1.0 did not keep it (it resumed its guest when
 //!   cancelled after the end of stream), so a destination that reads no such statement
-//!   answers `Completed` first and resumes only once the source has let go.
+//!   answers `Completed` first and resumes only once the source has let go (closed, or
+//!   sent no abort within a short grace).
 //! * One window remains, as in every two-party protocol: after the end of stream a
 //!   silent destination may already run the guest, so the source then stays stopped
 //!   (`InDoubt`) and management checks the destination before taking it back.
