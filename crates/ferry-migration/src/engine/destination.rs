@@ -10,18 +10,17 @@
 //! is written only when the page was written earlier in this migration (or the backend
 //! reports it populated), so fresh memory the guest never touched stays untouched.
 
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::bitmap::DirtyBitmap;
-use super::digest::{content_hash, zero_page_hash, PageDigest};
+use super::digest::PageDigest;
 use super::error::{error_chain, MigrationError};
 use super::incoming::{Doorman, Incoming};
-use super::iov::readv_all;
+use super::memory::GuestMemory;
 use super::multifd::{ChannelCounters, RecvConfig, RecvSet};
+use super::pages::{record, Lander, Side};
 use super::params::MigrationParams;
-use super::ram::{full_memory_digest, page_slice};
 use super::stats::{
     ChannelStats, Handover, HandoverPoint, MigrationEvent, MigrationInfo, MigrationMonitor,
     MigrationStatus, MultifdStats,
@@ -106,8 +105,11 @@ pub fn receive(
         hello: None,
         entries: Vec::with_capacity(MAX_BATCH_PAGES),
         entry_buf: Vec::with_capacity(MAX_BATCH_PAGES * 8),
-        iov: Vec::with_capacity(MAX_BATCH_PAGES),
+        normal: Vec::with_capacity(MAX_BATCH_PAGES),
+        zero: Vec::with_capacity(MAX_BATCH_PAGES),
         batch_pages: Vec::with_capacity(MAX_BATCH_PAGES),
+        mem: Arc::new(GuestMemory::new(Arc::clone(&ram))),
+        lander: None,
         pages_received: 0,
         pages_written: 0,
         state_load: Duration::ZERO,
@@ -198,7 +200,12 @@ struct Dest<'a> {
     hello: Option<Hello>,
     entries: Vec<(u64, bool)>,
     entry_buf: Vec<u8>,
-    iov: Vec<libc::iovec>,
+    /// The data and the zero pages of the batch being read.
+    normal: Vec<u64>,
+    zero: Vec<u64>,
+    mem: Arc<GuestMemory>,
+    /// Puts main-channel batches into guest memory (set up once the digest exists).
+    lander: Option<Lander>,
     /// The page indices of the batch being read, sorted, to find one named twice.
     batch_pages: Vec<u64>,
     pages_received: u64,
@@ -278,6 +285,11 @@ impl Dest<'_> {
                 &self.blocks.iter().map(RamBlock::pages).collect::<Vec<_>>(),
             )));
         }
+        self.lander = Some(Lander::new(
+            Arc::clone(&self.mem),
+            Arc::clone(&self.written),
+            self.digest.clone(),
+        ));
         if hello.channels > 0 {
             self.bind_channels(&hello, door)?;
         }
@@ -373,7 +385,7 @@ impl Dest<'_> {
             chans,
             &self.ch,
             &RecvConfig {
-                ram: self.vm.ram(),
+                mem: Arc::clone(&self.mem),
                 written: Arc::clone(&self.written),
                 digest: self.digest.clone(),
                 zstd: hello.compression == Compression::Zstd,
@@ -417,17 +429,19 @@ impl Dest<'_> {
         self.channels_done = s.last;
         let (t, written) = recv.totals();
         let r = self.recv_reported;
-        let (pages, zero, bytes) = (t.pages - r.pages, t.zero - r.zero, t.bytes - r.bytes);
+        let d = ChannelCounters {
+            packets: t.packets - r.packets,
+            pages: t.pages - r.pages,
+            zero: t.zero - r.zero,
+            bytes: t.bytes - r.bytes,
+            raw_bytes: t.raw_bytes - r.raw_bytes,
+        };
         self.recv_reported = t;
-        self.pages_received += pages;
+        self.pages_received += d.pages;
+        record(self.monitor, &d, true, Side::Destination);
         let per = recv.counters();
         let syncs = self.syncs;
         self.monitor.update(|i| {
-            i.ram.transferred += bytes;
-            i.ram.multifd_bytes += bytes;
-            i.ram.duplicate += zero;
-            i.ram.normal += pages - zero;
-            i.ram.normal_bytes += (pages - zero) * PAGE_SIZE as u64;
             if let Some(m) = i.multifd.as_mut() {
                 m.syncs = syncs;
                 m.raw_bytes = t.raw_bytes;
@@ -485,63 +499,27 @@ impl Dest<'_> {
                 w[0]
             )));
         }
-        let base = self.vm.ram().host_ptr(block);
-        self.iov.clear();
+        self.normal.clear();
+        self.zero.clear();
         for &(page, zero) in &self.entries {
             if zero {
-                continue;
-            }
-            // SAFETY: page < block_pages (checked by decode_entries), inside the mapping.
-            let p = unsafe { base.add(page as usize * PAGE_SIZE) };
-            match self.iov.last_mut() {
-                Some(last) if last.iov_base.cast::<u8>().wrapping_add(last.iov_len) == p => {
-                    last.iov_len += PAGE_SIZE;
-                }
-                _ => self.iov.push(libc::iovec {
-                    iov_base: p.cast(),
-                    iov_len: PAGE_SIZE,
-                }),
-            }
-        }
-        // SAFETY: every iovec covers whole pages inside the block's mapping; the guest
-        // is not running and no Rust reference points into guest memory now.
-        unsafe { readv_all(self.ch.as_raw_fd(), &mut self.iov) }
-            .map_err(|e| MigrationError::io(PEER, "RAM transfer", e))?;
-        let mut zero_pages = 0u64;
-        for &(page, zero) in &self.entries {
-            let page = page as usize;
-            // SAFETY: as above; the guest is stopped, so nothing else touches the page.
-            let ptr = unsafe { base.add(page * PAGE_SIZE) };
-            let h = if zero {
-                zero_pages += 1;
-                if self.written[block].is_set(page) {
-                    // SAFETY: whole page inside the mapping; no reference aliases it.
-                    unsafe { std::ptr::write_bytes(ptr, 0, PAGE_SIZE) };
-                    self.pages_written += 1;
-                }
-                zero_page_hash()
+                self.zero.push(page);
             } else {
-                self.written[block].set(page);
-                self.pages_written += 1;
-                if self.digest.is_some() {
-                    // SAFETY: the page was just filled and nothing writes it concurrently.
-                    content_hash(unsafe { page_slice(ptr) })
-                } else {
-                    0
-                }
-            };
-            if let Some(d) = self.digest.as_mut() {
-                d.update(block, page, h);
+                self.normal.push(page);
             }
         }
-        let n = self.entries.len() as u64;
-        self.pages_received += n;
-        self.monitor.update(|i| {
-            i.ram.transferred += u64::from(fh.len) + FrameHeader::LEN as u64;
-            i.ram.duplicate += zero_pages;
-            i.ram.normal += n - zero_pages;
-            i.ram.normal_bytes += (n - zero_pages) * PAGE_SIZE as u64;
-        });
+        let lander = self.lander.as_mut().expect("set up after the accept");
+        lander.read_data(&self.ch, block, &self.normal)?;
+        self.pages_written += lander.settle(block, &self.normal, &self.zero);
+        let d = ChannelCounters {
+            packets: 1,
+            pages: self.entries.len() as u64,
+            zero: self.zero.len() as u64,
+            bytes: u64::from(fh.len) + FrameHeader::LEN as u64,
+            raw_bytes: (self.normal.len() * PAGE_SIZE) as u64,
+        };
+        self.pages_received += d.pages;
+        record(self.monitor, &d, false, Side::Destination);
         Ok(())
     }
 
@@ -705,7 +683,7 @@ impl Dest<'_> {
             .is_some_and(|h| h.flags & Hello::FLAG_FULL_VERIFY != 0);
         match (wants_full, eos.full_digest) {
             (true, Some(theirs)) => {
-                let mine = full_memory_digest(self.vm.ram().as_ref());
+                let mine = self.mem.full_digest();
                 if mine != theirs {
                     return Err(MigrationError::Verify(format!(
                         "full memory digest differs: source {theirs:#018x}, destination {mine:#018x}"

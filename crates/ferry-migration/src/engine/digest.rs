@@ -103,17 +103,18 @@ fn zeroed_atomics(n: usize) -> Box<[AtomicU64]> {
 }
 
 /// Digest of the whole of guest memory: every page's term, zero pages included, where
-/// `page(block, index)` yields `None` for a page known to be zero without reading it.
-pub fn full_digest<'a>(
+/// `page_hash(block, index)` yields the page's content hash, or `None` for a page known
+/// to be zero without reading it.
+pub fn full_digest(
     block_pages: &[usize],
-    mut page: impl FnMut(usize, usize) -> Option<&'a [u8]>,
+    mut page_hash: impl FnMut(usize, usize) -> Option<u64>,
 ) -> u64 {
     let zero = zero_page_hash();
     let mut sum = 0u64;
     let mut global = 0u64;
     for (b, &pages) in block_pages.iter().enumerate() {
         for p in 0..pages {
-            let h = page(b, p).map_or(zero, content_hash);
+            let h = page_hash(b, p).unwrap_or(zero);
             sum = sum.wrapping_add(page_term(global, h));
             global += 1;
         }

@@ -41,13 +41,13 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::bitmap::DirtyBitmap;
-use super::digest::{content_hash, zero_page_hash, PageDigest};
+use super::digest::PageDigest;
 use super::error::MigrationError;
-use super::iov::{readv_all, writev_all};
-use super::ram::{page_is_zero, page_slice};
+use super::iov::writev_all;
+use super::memory::GuestMemory;
+use super::pages::{Batch, Classifier, Lander};
 use super::stats::ChannelStats;
 use super::transport::Channel;
-use super::vm::GuestRam;
 use crate::wire::{Compression, PacketHeader, WireError, MAX_PACKET_PAGES};
 use crate::PAGE_SIZE;
 
@@ -144,7 +144,7 @@ struct SendShared {
 /// What every sender needs.
 #[derive(Clone)]
 pub(crate) struct SendConfig {
-    pub ram: Arc<dyn GuestRam>,
+    pub mem: Arc<GuestMemory>,
     pub digest: Option<Arc<PageDigest>>,
     pub compression: Compression,
     pub zstd_level: i32,
@@ -367,11 +367,10 @@ struct Sender {
     index: u16,
     ch: Channel,
     cfg: SendConfig,
+    classifier: Classifier,
+    batch: Batch,
     /// Packet header and offsets, contiguous.
     head: Vec<u8>,
-    normal: Vec<*const u8>,
-    normal_idx: Vec<u64>,
-    zero_idx: Vec<u64>,
     iov: Vec<libc::iovec>,
     zstd: Option<zstd::bulk::Compressor<'static>>,
     /// Pages gathered for the compressor, and its output.
@@ -380,9 +379,8 @@ struct Sender {
     sent_packets: u64,
 }
 
-// SAFETY: the raw pointers in `normal` and `iov` point into guest memory owned by
-// `cfg.ram` (an Arc the sender holds); they are rebuilt for every packet and never
-// outlive it.
+// SAFETY: the raw pointers in `iov` point into guest memory kept alive by the
+// classifier's `GuestMemory`; they are rebuilt for every packet and never outlive it.
 unsafe impl Send for Sender {}
 
 impl Sender {
@@ -397,11 +395,10 @@ impl Sender {
         Ok(Self {
             index,
             ch,
+            classifier: Classifier::new(Arc::clone(&cfg.mem), cfg.digest.clone()),
+            batch: Batch::default(),
             cfg,
             head: Vec::with_capacity(PacketHeader::LEN + MAX_PACKET_PAGES * 8),
-            normal: Vec::with_capacity(MAX_PACKET_PAGES),
-            normal_idx: Vec::with_capacity(MAX_PACKET_PAGES),
-            zero_idx: Vec::with_capacity(MAX_PACKET_PAGES),
             iov: Vec::with_capacity(MAX_PACKET_PAGES + 1),
             zstd,
             gather: Vec::new(),
@@ -498,45 +495,19 @@ impl Sender {
         block: usize,
         pages: &[u64],
     ) -> Result<ChannelCounters, MigrationError> {
-        let base = self.cfg.ram.host_ptr(block).cast_const();
-        self.normal.clear();
-        self.normal_idx.clear();
-        self.zero_idx.clear();
-        for &p in pages {
-            // SAFETY: the migration thread took `p` from the block's bitmap, so it is
-            // below the block's page count, and the mapping covers the whole block.
-            let ptr = unsafe { base.add(p as usize * PAGE_SIZE) };
-            // SAFETY: a whole guest page inside the mapping. The guest may write it
-            // meanwhile; a page written after its harvest is dirty again and is sent
-            // again, so a torn read here is always superseded.
-            let bytes = unsafe { page_slice(ptr) };
-            let zero = page_is_zero(bytes);
-            if let Some(d) = &self.cfg.digest {
-                d.update(
-                    block,
-                    p as usize,
-                    if zero {
-                        zero_page_hash()
-                    } else {
-                        content_hash(bytes)
-                    },
-                );
-            }
-            if zero {
-                self.zero_idx.push(p);
-            } else {
-                self.normal_idx.push(p);
-                self.normal.push(ptr);
-            }
-        }
-        let raw = self.normal.len() * PAGE_SIZE;
+        self.classifier.classify(block, pages, &mut self.batch);
+        let b = &self.batch;
+        let raw = b.normal.len() * PAGE_SIZE;
         let mut flags = 0;
         let mut data_len = raw;
         if let (Some(z), true) = (self.zstd.as_mut(), raw > 0) {
-            self.gather.clear();
-            for &p in &self.normal {
-                // SAFETY: as above.
-                self.gather.extend_from_slice(unsafe { page_slice(p) });
+            self.gather.resize(raw, 0);
+            for (k, &p) in b.normal.iter().enumerate() {
+                self.cfg.mem.copy_page(
+                    block,
+                    p,
+                    &mut self.gather[k * PAGE_SIZE..(k + 1) * PAGE_SIZE],
+                );
             }
             self.packed.clear();
             self.packed.reserve(zstd::zstd_safe::compress_bound(raw));
@@ -553,13 +524,13 @@ impl Sender {
             packet,
             sync: 0,
             block: block as u32,
-            normal: self.normal.len() as u32,
-            zero: self.zero_idx.len() as u32,
+            normal: b.normal.len() as u32,
+            zero: b.zero.len() as u32,
             data_len: data_len as u32,
         };
         self.head.clear();
         self.head.extend_from_slice(&h.encode());
-        for p in self.normal_idx.iter().chain(&self.zero_idx) {
+        for p in b.normal.iter().chain(&b.zero) {
             self.head.extend_from_slice(&p.to_le_bytes());
         }
         self.iov.clear();
@@ -573,31 +544,19 @@ impl Sender {
                 iov_len: data_len,
             });
         } else {
-            for &p in &self.normal {
-                let n = self.iov.len();
-                match self.iov.last_mut() {
-                    Some(last)
-                        if n > 1
-                            && last.iov_base.cast::<u8>().wrapping_add(last.iov_len)
-                                == p.cast_mut() =>
-                    {
-                        last.iov_len += PAGE_SIZE;
-                    }
-                    _ => self.iov.push(libc::iovec {
-                        iov_base: p as *mut _,
-                        iov_len: PAGE_SIZE,
-                    }),
-                }
+            for &p in &b.normal {
+                self.cfg.mem.push_iov(&mut self.iov, 1, block, p);
             }
         }
         // SAFETY: the iovecs describe our own buffers or whole guest pages inside the
-        // mapping, which stays mapped while `cfg.ram` lives; the kernel only reads them.
+        // mapping (indices checked by `GuestMemory`), which stays mapped while `cfg.mem`
+        // lives; the kernel only reads them.
         unsafe { writev_all(self.ch.as_raw_fd(), &mut self.iov) }
             .map_err(|e| MigrationError::io(PEER, "RAM transfer", e))?;
         Ok(ChannelCounters {
             packets: 1,
             pages: pages.len() as u64,
-            zero: self.zero_idx.len() as u64,
+            zero: b.zero.len() as u64,
             bytes: (self.head.len() + data_len) as u64,
             raw_bytes: raw as u64,
         })
@@ -633,7 +592,7 @@ struct RecvShared {
 /// What every receiver needs.
 #[derive(Clone)]
 pub(crate) struct RecvConfig {
-    pub ram: Arc<dyn GuestRam>,
+    pub mem: Arc<GuestMemory>,
     pub written: Arc<Vec<DirtyBitmap>>,
     pub digest: Option<Arc<PageDigest>>,
     pub zstd: bool,
@@ -814,7 +773,7 @@ struct Receiver {
     normal: Vec<u64>,
     zero: Vec<u64>,
     scratch: Vec<u64>,
-    iov: Vec<libc::iovec>,
+    lander: Lander,
     packed: Vec<u8>,
     unpacked: Vec<u8>,
     zstd: Option<zstd::bulk::Decompressor<'static>>,
@@ -822,13 +781,11 @@ struct Receiver {
     block_pages: Vec<u64>,
 }
 
-// SAFETY: the raw pointers in `iov` point into guest memory owned by `cfg.ram` (an Arc
-// the receiver holds); they are rebuilt for every packet and never outlive it.
-unsafe impl Send for Receiver {}
-
 impl Receiver {
     fn new(index: u16, ch: Channel, cfg: RecvConfig) -> Self {
-        let block_pages = cfg.ram.blocks().iter().map(|b| b.pages() as u64).collect();
+        let block_pages = (0..cfg.mem.block_count())
+            .map(|b| cfg.mem.block_pages(b).unwrap_or(0) as u64)
+            .collect();
         Self {
             index,
             ch,
@@ -836,12 +793,16 @@ impl Receiver {
                 .zstd
                 .then(|| zstd::bulk::Decompressor::new().ok())
                 .flatten(),
+            lander: Lander::new(
+                Arc::clone(&cfg.mem),
+                Arc::clone(&cfg.written),
+                cfg.digest.clone(),
+            ),
             cfg,
             offsets: Vec::with_capacity(MAX_PACKET_PAGES * 8),
             normal: Vec::with_capacity(MAX_PACKET_PAGES),
             zero: Vec::with_capacity(MAX_PACKET_PAGES),
             scratch: Vec::with_capacity(MAX_PACKET_PAGES),
-            iov: Vec::with_capacity(MAX_PACKET_PAGES),
             packed: Vec::new(),
             unpacked: Vec::new(),
             last_packet: 0,
@@ -934,7 +895,6 @@ impl Receiver {
         );
         self.offsets = offsets;
         r?;
-        let base = self.cfg.ram.host_ptr(block);
         if h.flags & PacketHeader::ZSTD != 0 {
             let raw = self.normal.len() * PAGE_SIZE;
             let mut packed = std::mem::take(&mut self.packed);
@@ -957,60 +917,11 @@ impl Receiver {
                     self.normal.len()
                 )));
             }
-            for (k, &p) in self.normal.iter().enumerate() {
-                // SAFETY: p < block_pages (decode_offsets), so the page is inside the
-                // mapping; the guest is not running and no reference aliases it.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        self.unpacked.as_ptr().add(k * PAGE_SIZE),
-                        base.add(p as usize * PAGE_SIZE),
-                        PAGE_SIZE,
-                    );
-                }
-            }
+            self.lander.store_data(block, &self.normal, &self.unpacked);
         } else {
-            self.iov.clear();
-            for &p in &self.normal {
-                // SAFETY: p < block_pages (decode_offsets): inside the mapping.
-                let ptr = unsafe { base.add(p as usize * PAGE_SIZE) };
-                match self.iov.last_mut() {
-                    Some(last) if last.iov_base.cast::<u8>().wrapping_add(last.iov_len) == ptr => {
-                        last.iov_len += PAGE_SIZE;
-                    }
-                    _ => self.iov.push(libc::iovec {
-                        iov_base: ptr.cast(),
-                        iov_len: PAGE_SIZE,
-                    }),
-                }
-            }
-            // SAFETY: every iovec covers whole pages inside the block's mapping; the
-            // guest is not running, no reference points into it, and no other receiver
-            // writes these pages in this round (the source sends a page once per round).
-            unsafe { readv_all(self.ch.as_raw_fd(), &mut self.iov) }
-                .map_err(|e| MigrationError::io("source", "RAM transfer", e))?;
+            self.lander.read_data(&self.ch, block, &self.normal)?;
         }
-        let written = &self.cfg.written[block];
-        let mut pages_written = self.normal.len() as u64;
-        for &p in &self.normal {
-            let p = p as usize;
-            written.set(p);
-            if let Some(d) = &self.cfg.digest {
-                // SAFETY: the page was just filled and nothing writes it concurrently.
-                let h = content_hash(unsafe { page_slice(base.add(p * PAGE_SIZE)) });
-                d.update(block, p, h);
-            }
-        }
-        for &p in &self.zero {
-            let p = p as usize;
-            if written.is_set(p) {
-                // SAFETY: whole page inside the mapping; nothing else touches it now.
-                unsafe { std::ptr::write_bytes(base.add(p * PAGE_SIZE), 0, PAGE_SIZE) };
-                pages_written += 1;
-            }
-            if let Some(d) = &self.cfg.digest {
-                d.update(block, p, zero_page_hash());
-            }
-        }
+        let pages_written = self.lander.settle(block, &self.normal, &self.zero);
         Ok((
             ChannelCounters {
                 packets: 1,

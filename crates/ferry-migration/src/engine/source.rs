@@ -19,12 +19,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::bitmap::DirtyBitmap;
-use super::digest::{content_hash, zero_page_hash, PageDigest};
+use super::digest::PageDigest;
 use super::error::{error_chain, MigrationError};
 use super::iov::writev_all;
-use super::multifd::{SendConfig, SendSet, SECTION};
+use super::memory::GuestMemory;
+use super::multifd::{ChannelCounters, SendConfig, SendSet, SECTION};
+use super::pages::{record, Classifier, MainLane, Picker, Side, BATCH_PAGES};
 use super::params::MigrationParams;
-use super::ram::{full_memory_digest, page_is_zero, page_slice};
 use super::stats::{
     ChannelStats, DowntimeBreakdown, Handover, HandoverPoint, MigrationEvent, MigrationInfo,
     MigrationMonitor, MigrationStatus, MultifdStats, PassStats,
@@ -36,8 +37,7 @@ use crate::state;
 use crate::wire::{
     decode_reason, encode_reason, Accept, Annotations, ChannelHeader, ChannelsReady, Completed,
     DeviceStateHeader, EndOfStream, FrameHeader, FrameTag, Hello, HelloDevice, HelloRamBlock,
-    MultifdSync, PassEnd, RamBatchHeader, Refuse, StreamHeader, VcpuStateHeader, CHANNEL_VERSION,
-    MAX_BATCH_PAGES, MAX_PACKET_PAGES, PROTOCOL_VERSION,
+    MultifdSync, PassEnd, Refuse, StreamHeader, VcpuStateHeader, CHANNEL_VERSION, PROTOCOL_VERSION,
 };
 use crate::PAGE_SIZE;
 
@@ -103,7 +103,8 @@ pub fn migrate(
         paused_by_us: false,
         logging: false,
         pages_sent: 0,
-        batch: Batch::default(),
+        main_lane: None,
+        mem: Arc::new(GuestMemory::new(Arc::clone(&ram))),
         mfd: None,
         syncs: 0,
         session: session_id(),
@@ -158,18 +159,6 @@ enum RpEvent {
     Closed(MigrationError),
 }
 
-/// One RAM batch being assembled: entries plus the guest pages they describe.
-#[derive(Default)]
-struct Batch {
-    block: usize,
-    /// Frame header, batch header and entries, contiguous.
-    head: Vec<u8>,
-    count: u32,
-    /// Start pointers of the non-zero pages, in entry order.
-    pages: Vec<*const u8>,
-    zero: u64,
-}
-
 struct Source<'a> {
     vm: &'a dyn MigratableVm,
     ram: Arc<dyn GuestRam>,
@@ -187,7 +176,9 @@ struct Source<'a> {
     paused_by_us: bool,
     logging: bool,
     pages_sent: u64,
-    batch: Batch,
+    /// The main connection as a lane, when pages travel on it.
+    main_lane: Option<MainLane>,
+    mem: Arc<GuestMemory>,
     /// The data channels, when pages travel on them.
     mfd: Option<SendSet>,
     /// Sync points sent.
@@ -589,35 +580,34 @@ impl Source<'_> {
         Ok(())
     }
 
-    /// Sends every pending page, then a pass end. The final pass (guest stopped) ends
-    /// with the data channels' last sync.
+    /// Sends every pending page, then a pass end: the one page loop, whichever lane the
+    /// pages take. On data channels a sync closes every section and the pass; the final
+    /// pass (guest stopped) ends with the channels' last sync.
     fn send_pass(&mut self, pass: u32, final_pass: bool) -> Result<PassCount, MigrationError> {
-        if self.mfd.is_some() {
-            return self.send_pass_multifd(pass, final_pass);
-        }
         let mut c = PassCount::default();
         let mut window = Throttle::new(self.params.max_bandwidth);
+        let mut section = Instant::now();
+        let mut pages = Vec::with_capacity(BATCH_PAGES);
         for b in 0..self.blocks.len() {
-            let base = self.ram.host_ptr(b);
-            self.batch.block = b;
-            for w in 0..self.pending[b].words() {
-                let mut bits = self.pending[b].take_word(w);
-                while bits != 0 {
-                    let page = w * 64 + bits.trailing_zeros() as usize;
-                    bits &= bits - 1;
-                    // SAFETY: `page` < the block's page count (the bitmap is sized so),
-                    // and `base` maps the whole block per the GuestRam contract.
-                    let ptr = unsafe { base.add(page * PAGE_SIZE) }.cast_const();
-                    self.add_page(page, ptr);
-                    if self.batch.count as usize == MAX_BATCH_PAGES {
-                        let sent = self.flush_batch(&mut c)?;
-                        window.after(sent, self.monitor)?;
-                        self.poll_rp()?;
-                    }
+            let mut pick = Picker::default();
+            while pick.next(&self.pending[b], &mut pages, BATCH_PAGES) {
+                self.send_batch(b, &mut pages, &mut c, &mut window)?;
+                self.poll_rp()?;
+                if self.mfd.is_some() && section.elapsed() >= SECTION {
+                    self.sync_channels(false)?;
+                    section = Instant::now();
                 }
             }
-            let sent = self.flush_batch(&mut c)?;
-            window.after(sent, self.monitor)?;
+        }
+        if self.mfd.is_some() {
+            self.sync_channels(final_pass)?;
+            let monitor = self.monitor;
+            self.mfd
+                .as_ref()
+                .expect("channels")
+                .flush(&move || monitor.is_cancelled())?;
+            self.fold(&mut c, &mut window)?;
+            self.report_multifd();
         }
         write_frame(
             self.ch(),
@@ -633,107 +623,37 @@ impl Source<'_> {
         Ok(c)
     }
 
-    fn add_page(&mut self, page: usize, ptr: *const u8) {
-        // SAFETY: `ptr` starts a guest page inside a mapped block. The guest may write it
-        // concurrently; what we read is only used to decide zero/non-zero and to hash,
-        // and a page written after its harvest is dirty again and will be sent again.
-        let bytes = unsafe { page_slice(ptr) };
-        let zero = page_is_zero(bytes);
-        if let Some(d) = self.digest.as_mut() {
-            d.update(
-                self.batch.block,
-                page,
-                if zero {
-                    zero_page_hash()
-                } else {
-                    content_hash(bytes)
-                },
-            );
+    /// Hands one batch to its lane: a data channel's sender (which classifies and
+    /// encodes it on its own thread), or the main lane, here.
+    fn send_batch(
+        &mut self,
+        block: usize,
+        pages: &mut Vec<u64>,
+        c: &mut PassCount,
+        window: &mut Throttle,
+    ) -> Result<(), MigrationError> {
+        if let Some(m) = self.mfd.as_mut() {
+            let monitor = self.monitor;
+            let batch = std::mem::replace(pages, Vec::with_capacity(BATCH_PAGES));
+            m.send_pages(block, batch, &move || monitor.is_cancelled())?;
+            return self.fold(c, window);
         }
-        if self.batch.count == 0 {
-            self.batch.head.clear();
-            self.batch
-                .head
-                .resize(FrameHeader::LEN + RamBatchHeader::LEN, 0);
-        }
-        self.batch
-            .head
-            .extend_from_slice(&RamBatchHeader::entry(page as u64, zero).to_le_bytes());
-        self.batch.count += 1;
-        if zero {
-            self.batch.zero += 1;
-        } else {
-            self.batch.pages.push(ptr);
-        }
+        let ch = self.ch.as_ref().expect("connected");
+        let lane = self.main_lane.get_or_insert_with(|| {
+            MainLane::new(Classifier::new(Arc::clone(&self.mem), self.digest.clone()))
+        });
+        let d = lane.send(ch, block, pages)?;
+        self.count(c, &d, false);
+        window.after(d.bytes, self.monitor)
     }
 
-    /// Sends the batch being built, if any; returns the bytes put on the wire.
-    fn flush_batch(&mut self, c: &mut PassCount) -> Result<u64, MigrationError> {
-        if self.batch.count == 0 {
-            return Ok(0);
-        }
-        let data = self.batch.pages.len() * PAGE_SIZE;
-        let len = RamBatchHeader::LEN + self.batch.count as usize * 8 + data;
-        let fh = FrameHeader {
-            tag: FrameTag::RamBatch,
-            len: len as u32,
-        }
-        .encode();
-        let bh = RamBatchHeader {
-            block: self.batch.block as u32,
-            count: self.batch.count,
-        }
-        .encode();
-        self.batch.head[..FrameHeader::LEN].copy_from_slice(&fh);
-        self.batch.head[FrameHeader::LEN..FrameHeader::LEN + RamBatchHeader::LEN]
-            .copy_from_slice(&bh);
-        let mut iov = Vec::with_capacity(1 + self.batch.pages.len());
-        iov.push(libc::iovec {
-            iov_base: self.batch.head.as_ptr() as *mut _,
-            iov_len: self.batch.head.len(),
-        });
-        for &p in &self.batch.pages {
-            // Adjacent pages travel as one iovec.
-            let n = iov.len();
-            match iov.last_mut() {
-                Some(last)
-                    if n > 1
-                        && last.iov_base.cast::<u8>().wrapping_add(last.iov_len)
-                            == p.cast_mut() =>
-                {
-                    last.iov_len += PAGE_SIZE;
-                }
-                _ => iov.push(libc::iovec {
-                    iov_base: p as *mut _,
-                    iov_len: PAGE_SIZE,
-                }),
-            }
-        }
-        // SAFETY: the first iovec is our buffer; the others are whole guest pages inside
-        // mapped blocks, which stay mapped while the VM lives. The kernel only reads them.
-        unsafe { writev_all(std::os::fd::AsRawFd::as_raw_fd(self.ch()), &mut iov) }
-            .map_err(|e| MigrationError::io(PEER, "RAM transfer", e))?;
-        let bytes = (FrameHeader::LEN + len) as u64;
-        let pages = u64::from(self.batch.count);
-        let zero = self.batch.zero;
-        c.pages += pages;
-        c.zero += zero;
-        c.bytes += bytes;
-        self.pages_sent += pages;
-        self.batch.count = 0;
-        self.batch.zero = 0;
-        self.batch.pages.clear();
-        self.monitor.update(|i| {
-            i.ram.transferred += bytes;
-            i.ram.duplicate += zero;
-            i.ram.normal += pages - zero;
-            i.ram.normal_bytes += (pages - zero) * PAGE_SIZE as u64;
-            i.ram.remaining = i
-                .ram
-                .remaining
-                .saturating_sub((pages - zero) * PAGE_SIZE as u64);
-        });
-        Ok(bytes)
+    /// Takes pages a lane put on the wire into the pass and the statistics.
+    fn count(&mut self, c: &mut PassCount, d: &ChannelCounters, on_channels: bool) {
+        c.pages += d.pages;
+        c.zero += d.zero;
+        c.bytes += d.bytes;
+        self.pages_sent += d.pages;
+        record(self.monitor, d, on_channels, Side::Source);
     }
 
     /// Connects the data channels, each opening with its header, and waits for the
@@ -781,7 +701,7 @@ impl Source<'_> {
         self.mfd = Some(SendSet::start(
             chans,
             &SendConfig {
-                ram: Arc::clone(&self.ram),
+                mem: Arc::clone(&self.mem),
                 digest: self.digest.clone(),
                 compression: self.params.multifd_compression,
                 zstd_level: self.params.multifd_zstd_level,
@@ -805,67 +725,6 @@ impl Source<'_> {
         tracing::info!(channels = n, compression = %self.params.multifd_compression.name(), "data channels open");
         self.report_multifd();
         Ok(())
-    }
-
-    /// One pass over the data channels: packets of up to 128 pages go to the first
-    /// channel with room; a sync closes every section and the pass.
-    fn send_pass_multifd(
-        &mut self,
-        pass: u32,
-        final_pass: bool,
-    ) -> Result<PassCount, MigrationError> {
-        let mut c = PassCount::default();
-        let mut window = Throttle::new(self.params.max_bandwidth);
-        let monitor = self.monitor;
-        let cancelled = move || monitor.is_cancelled();
-        let mut section = Instant::now();
-        for b in 0..self.blocks.len() {
-            let mut pages = Vec::with_capacity(MAX_PACKET_PAGES);
-            for w in 0..self.pending[b].words() {
-                let mut bits = self.pending[b].take_word(w);
-                while bits != 0 {
-                    pages.push((w * 64 + bits.trailing_zeros() as usize) as u64);
-                    bits &= bits - 1;
-                    if pages.len() == MAX_PACKET_PAGES {
-                        let full =
-                            std::mem::replace(&mut pages, Vec::with_capacity(MAX_PACKET_PAGES));
-                        self.mfd
-                            .as_mut()
-                            .expect("channels")
-                            .send_pages(b, full, &cancelled)?;
-                        self.fold(&mut c, &mut window)?;
-                        self.poll_rp()?;
-                        if section.elapsed() >= SECTION {
-                            self.sync_channels(false)?;
-                            section = Instant::now();
-                        }
-                    }
-                }
-            }
-            if !pages.is_empty() {
-                self.mfd
-                    .as_mut()
-                    .expect("channels")
-                    .send_pages(b, pages, &cancelled)?;
-                self.fold(&mut c, &mut window)?;
-            }
-        }
-        self.sync_channels(final_pass)?;
-        self.mfd.as_ref().expect("channels").flush(&cancelled)?;
-        self.fold(&mut c, &mut window)?;
-        self.report_multifd();
-        write_frame(
-            self.ch(),
-            FrameTag::PassEnd,
-            &PassEnd {
-                pass,
-                pages: c.pages,
-            }
-            .encode(),
-            PEER,
-            "RAM transfer",
-        )?;
-        Ok(c)
     }
 
     /// A sync point: a sync packet behind everything queued on every data channel, then
@@ -895,19 +754,7 @@ impl Source<'_> {
         let m = self.mfd.as_mut().expect("channels");
         m.check()?;
         let d = m.take_progress();
-        c.pages += d.pages;
-        c.zero += d.zero;
-        c.bytes += d.bytes;
-        self.pages_sent += d.pages;
-        let normal = d.pages - d.zero;
-        self.monitor.update(|i| {
-            i.ram.transferred += d.bytes;
-            i.ram.multifd_bytes += d.bytes;
-            i.ram.duplicate += d.zero;
-            i.ram.normal += normal;
-            i.ram.normal_bytes += normal * PAGE_SIZE as u64;
-            i.ram.remaining = i.ram.remaining.saturating_sub(normal * PAGE_SIZE as u64);
-        });
+        self.count(c, &d, true);
         window.after(d.bytes, self.monitor)
     }
 
@@ -996,10 +843,7 @@ impl Source<'_> {
         br.vcpus_ms = ms(t.elapsed());
 
         let t = Instant::now();
-        let full = self
-            .params
-            .verify_full
-            .then(|| full_memory_digest(self.ram.as_ref()));
+        let full = self.params.verify_full.then(|| self.mem.full_digest());
         br.verify_ms = ms(t.elapsed());
         let eos = EndOfStream {
             digest: self.digest.as_ref().map(|d| d.value()),

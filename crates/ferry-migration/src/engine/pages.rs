@@ -1,0 +1,346 @@
+//! The page pipeline: one on each side, whichever lane the pages travel on.
+//!
+//! A *lane* is where pages go: the main connection (`RamBatch` frames, when the
+//! migration has no data channels) or one of the data channels (multifd packets, see
+//! [`super::multifd`]). Only a lane's encoding differs; everything else about a page
+//! exists once, here:
+//!
+//! * source: [`Picker`] takes pages from the dirty bitmap in batches of up to
+//!   [`BATCH_PAGES`]; [`Classifier`] tells zero pages from data pages and updates the
+//!   digest, once per page sent; [`MainLane`] encodes a batch as a `RamBatch` frame (the
+//!   data lane's encoder is the multifd sender, which calls the same classifier);
+//! * destination: [`Lander`] puts a decoded batch into guest memory (data by `readv`
+//!   straight from the socket, or from a decompression buffer), applies zero pages only
+//!   where the page may hold data, marks what it wrote and updates the digest;
+//! * both: [`record`] moves the RAM statistics a user reads.
+//!
+//! Guest memory itself is read and written only through [`super::memory`].
+
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+
+use super::bitmap::DirtyBitmap;
+use super::digest::PageDigest;
+use super::error::MigrationError;
+use super::iov::{readv_all, writev_all};
+use super::memory::{zero_hash, GuestMemory, PageBuf};
+use super::multifd::ChannelCounters;
+use super::stats::MigrationMonitor;
+use super::transport::Channel;
+use crate::wire::{FrameHeader, FrameTag, RamBatchHeader, MAX_BATCH_PAGES, MAX_PACKET_PAGES};
+use crate::PAGE_SIZE;
+
+/// Pages in one batch, on either lane: a `RamBatch` frame and a multifd packet hold the
+/// same number, so a batch never needs splitting when it changes lane.
+pub(crate) const BATCH_PAGES: usize = MAX_BATCH_PAGES;
+const _: () = assert!(MAX_BATCH_PAGES == MAX_PACKET_PAGES);
+
+/// Takes pages from a block's pending bitmap in batches, clearing the bits it takes.
+/// A word is taken whole and its bits handed out across batches.
+#[derive(Default)]
+pub(crate) struct Picker {
+    word: usize,
+    bits: u64,
+}
+
+impl Picker {
+    /// Fills `out` (cleared first) with up to `max` pending pages in ascending order;
+    /// false when nothing was left.
+    pub fn next(&mut self, bm: &DirtyBitmap, out: &mut Vec<u64>, max: usize) -> bool {
+        out.clear();
+        while out.len() < max {
+            if self.bits == 0 {
+                if self.word >= bm.words() {
+                    break;
+                }
+                self.bits = bm.take_word(self.word);
+                self.word += 1;
+                continue;
+            }
+            let bit = self.bits.trailing_zeros() as usize;
+            self.bits &= self.bits - 1;
+            out.push(((self.word - 1) * 64 + bit) as u64);
+        }
+        !out.is_empty()
+    }
+}
+
+/// A batch of pages of one block, classified.
+#[derive(Default)]
+pub(crate) struct Batch {
+    pub block: usize,
+    /// Every page in the order picked, with whether it is zero.
+    pub entries: Vec<(u64, bool)>,
+    /// The data pages, in the same order.
+    pub normal: Vec<u64>,
+    /// The zero pages, in the same order.
+    pub zero: Vec<u64>,
+}
+
+impl Batch {
+    fn clear(&mut self, block: usize) {
+        self.block = block;
+        self.entries.clear();
+        self.normal.clear();
+        self.zero.clear();
+    }
+}
+
+/// The one place a page is examined before it is sent: zero or data, and its digest
+/// term. The multifd senders and the main lane each own one.
+pub(crate) struct Classifier {
+    mem: Arc<GuestMemory>,
+    digest: Option<Arc<PageDigest>>,
+    buf: Box<PageBuf>,
+}
+
+impl Classifier {
+    pub fn new(mem: Arc<GuestMemory>, digest: Option<Arc<PageDigest>>) -> Self {
+        Self {
+            mem,
+            digest,
+            buf: PageBuf::new(),
+        }
+    }
+
+    pub fn memory(&self) -> &Arc<GuestMemory> {
+        &self.mem
+    }
+
+    pub fn classify(&mut self, block: usize, pages: &[u64], out: &mut Batch) {
+        out.clear(block);
+        for &p in pages {
+            let zero = self.mem.is_zero(block, p);
+            if let Some(d) = &self.digest {
+                let h = if zero {
+                    zero_hash()
+                } else {
+                    self.mem.hash_page(block, p, &mut self.buf)
+                };
+                d.update(block, p as usize, h);
+            }
+            out.entries.push((p, zero));
+            if zero {
+                out.zero.push(p);
+            } else {
+                out.normal.push(p);
+            }
+        }
+    }
+}
+
+/// The main connection as a lane: a batch becomes one `RamBatch` frame (frame header,
+/// batch header, an entry per page, then the data pages), written with one `writev`
+/// straight from guest memory.
+pub(crate) struct MainLane {
+    classifier: Classifier,
+    batch: Batch,
+    head: Vec<u8>,
+    iov: Vec<libc::iovec>,
+}
+
+// SAFETY: the iovecs point into guest memory kept alive by the classifier's
+// `GuestMemory`; they are rebuilt for every frame and never outlive it.
+unsafe impl Send for MainLane {}
+
+impl MainLane {
+    pub fn new(classifier: Classifier) -> Self {
+        Self {
+            classifier,
+            batch: Batch::default(),
+            head: Vec::with_capacity(FrameHeader::LEN + RamBatchHeader::LEN + BATCH_PAGES * 8),
+            iov: Vec::with_capacity(BATCH_PAGES + 1),
+        }
+    }
+
+    /// Sends `pages` of `block` as one frame; returns what went on the wire.
+    pub fn send(
+        &mut self,
+        ch: &Channel,
+        block: usize,
+        pages: &[u64],
+    ) -> Result<ChannelCounters, MigrationError> {
+        self.classifier.classify(block, pages, &mut self.batch);
+        let b = &self.batch;
+        let len = RamBatchHeader::LEN + b.entries.len() * 8 + b.normal.len() * PAGE_SIZE;
+        self.head.clear();
+        self.head.extend_from_slice(
+            &FrameHeader {
+                tag: FrameTag::RamBatch,
+                len: len as u32,
+            }
+            .encode(),
+        );
+        self.head.extend_from_slice(
+            &RamBatchHeader {
+                block: block as u32,
+                count: b.entries.len() as u32,
+            }
+            .encode(),
+        );
+        for &(p, zero) in &b.entries {
+            self.head
+                .extend_from_slice(&RamBatchHeader::entry(p, zero).to_le_bytes());
+        }
+        self.iov.clear();
+        self.iov.push(libc::iovec {
+            iov_base: self.head.as_ptr() as *mut _,
+            iov_len: self.head.len(),
+        });
+        let mem = self.classifier.memory();
+        for &p in &b.normal {
+            mem.push_iov(&mut self.iov, 1, block, p);
+        }
+        // SAFETY: the first iovec is our buffer; the others are whole guest pages inside
+        // mapped blocks (GuestMemory checked the indices), which stay mapped while the
+        // VM lives. The kernel only reads them.
+        unsafe { writev_all(ch.as_raw_fd(), &mut self.iov) }
+            .map_err(|e| MigrationError::io("destination", "RAM transfer", e))?;
+        Ok(ChannelCounters {
+            packets: 1,
+            pages: b.entries.len() as u64,
+            zero: b.zero.len() as u64,
+            bytes: (FrameHeader::LEN + len) as u64,
+            raw_bytes: (b.normal.len() * PAGE_SIZE) as u64,
+        })
+    }
+}
+
+/// The one place the destination puts pages into guest memory.
+pub(crate) struct Lander {
+    mem: Arc<GuestMemory>,
+    /// Pages that may hold non-zero bytes: populated before the migration, or written
+    /// by it. Shared by every lane's lander.
+    written: Arc<Vec<DirtyBitmap>>,
+    digest: Option<Arc<PageDigest>>,
+    buf: Box<PageBuf>,
+    iov: Vec<libc::iovec>,
+}
+
+// SAFETY: as for `MainLane`: the iovecs are rebuilt for every batch.
+unsafe impl Send for Lander {}
+
+impl Lander {
+    pub fn new(
+        mem: Arc<GuestMemory>,
+        written: Arc<Vec<DirtyBitmap>>,
+        digest: Option<Arc<PageDigest>>,
+    ) -> Self {
+        Self {
+            mem,
+            written,
+            digest,
+            buf: PageBuf::new(),
+            iov: Vec::with_capacity(BATCH_PAGES),
+        }
+    }
+
+    /// Reads the data of `normal` pages of `block`, back to back on `ch`, straight into
+    /// guest memory. The indices must have been checked against the block.
+    pub fn read_data(
+        &mut self,
+        ch: &Channel,
+        block: usize,
+        normal: &[u64],
+    ) -> Result<(), MigrationError> {
+        self.iov.clear();
+        for &p in normal {
+            self.mem.push_iov(&mut self.iov, 0, block, p);
+        }
+        // SAFETY: every iovec covers whole pages inside the block's mapping; the guest
+        // is not running, no Rust reference points into guest memory, and no other lane
+        // writes these pages in this round (a page is sent once per round).
+        unsafe { readv_all(ch.as_raw_fd(), &mut self.iov) }
+            .map_err(|e| MigrationError::io("source", "RAM transfer", e))
+    }
+
+    /// Copies the data of `normal` pages from `data` (decompressed, back to back).
+    pub fn store_data(&mut self, block: usize, normal: &[u64], data: &[u8]) {
+        for (k, &p) in normal.iter().enumerate() {
+            self.mem
+                .store_page(block, p, &data[k * PAGE_SIZE..(k + 1) * PAGE_SIZE]);
+        }
+    }
+
+    /// Once a batch's data is in: marks the data pages written, zeroes each zero page
+    /// that may hold data (fresh memory stays untouched), and updates the digest.
+    /// Returns the pages written to guest memory.
+    pub fn settle(&mut self, block: usize, normal: &[u64], zero: &[u64]) -> u64 {
+        let written = &self.written[block];
+        for &p in normal {
+            written.set(p as usize);
+            if let Some(d) = &self.digest {
+                d.update(
+                    block,
+                    p as usize,
+                    self.mem.hash_page(block, p, &mut self.buf),
+                );
+            }
+        }
+        let mut zeroed = 0;
+        for &p in zero {
+            if written.is_set(p as usize) {
+                self.mem.zero_page(block, p);
+                zeroed += 1;
+            }
+            if let Some(d) = &self.digest {
+                d.update(block, p as usize, zero_hash());
+            }
+        }
+        normal.len() as u64 + zeroed
+    }
+}
+
+/// Which side counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Side {
+    Source,
+    Destination,
+}
+
+/// Moves the RAM statistics for pages sent or received on a lane: the one place they
+/// move. `on_channels`: the pages travelled on data channels.
+pub(crate) fn record(
+    monitor: &MigrationMonitor,
+    d: &ChannelCounters,
+    on_channels: bool,
+    side: Side,
+) {
+    let normal = d.pages - d.zero;
+    monitor.update(|i| {
+        i.ram.transferred += d.bytes;
+        if on_channels {
+            i.ram.multifd_bytes += d.bytes;
+        }
+        i.ram.duplicate += d.zero;
+        i.ram.normal += normal;
+        i.ram.normal_bytes += normal * PAGE_SIZE as u64;
+        if side == Side::Source {
+            i.ram.remaining = i.ram.remaining.saturating_sub(normal * PAGE_SIZE as u64);
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_picker_hands_out_every_page_once_in_batches_and_clears_them() {
+        let bm = DirtyBitmap::new(1000);
+        let want: Vec<u64> = (0..1000).filter(|p| p % 3 != 1 || *p > 900).collect();
+        for &p in &want {
+            bm.set(p as usize);
+        }
+        let mut pick = Picker::default();
+        let mut got = Vec::new();
+        let mut batch = Vec::new();
+        while pick.next(&bm, &mut batch, 128) {
+            assert!(batch.len() <= 128);
+            got.extend_from_slice(&batch);
+        }
+        assert_eq!(got, want);
+        assert_eq!(bm.count(), 0);
+        assert!(!pick.next(&bm, &mut batch, 128));
+    }
+}
