@@ -32,7 +32,19 @@ Debian's linux-perf (installed with apt-get if missing); where it cannot record,
 say why. Those migrations are not in the figures: perf costs CPU.
 
 Results: JSON and markdown under bench/results/ (--out); --markdown prints the markdown too,
---from-json FILE prints it again from a results file. Processes are handled by the machinery
+--from-json FILE prints it again from a results file.
+
+With --baseline PATH, a second (older) ferry is measured in the same run: in every round, for
+every variant, the baseline and the candidate (--ferry, or the fresh release build) migrate
+back to back, each after the same settling wait, and which of the two goes first alternates
+between rounds. The iperf3 references are still taken once per round. The results then hold
+both sets of figures and, per variant, candidate / baseline for throughput and CPU per GiB:
+the ratio of the medians and the range of the per-round ratios of the back-to-back pairs.
+--label and --baseline-label name the two (default "candidate" and "baseline"); the results
+also record each binary's path, `--version`, SHA-256 and, if it lies inside a git checkout,
+that checkout's HEAD. Without --baseline nothing changes. Profiles are of the candidate only.
+
+Processes are handled by the machinery
 of bench/migration.py: each child in its own session with a parent-death signal, killed by
 process group on normal exit, exception, Ctrl-C, SIGTERM or SIGHUP. Only the Python 3.11
 standard library is used. Units: GB = 1e9 bytes, GiB = 2^30 bytes.
@@ -43,6 +55,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import datetime as _dt
+import hashlib
 import json
 import os
 import re
@@ -122,6 +135,66 @@ def ferry_cmds(ferry: Path, v: Variant, mem: int, d: Path) -> tuple[list[str], l
     dst = [*common, "--prealloc", *digest, "--incoming", "tcp:127.0.0.1:0",
            "--qmp", str(d / "dst.sock")]
     return src, dst
+
+
+# --------------------------------------------------------------------------------------------
+# The binaries (--baseline)
+# --------------------------------------------------------------------------------------------
+
+# Roles, as the results name them: the labels (--label, --baseline-label) are only for show.
+CANDIDATE, BASELINE = "candidate", "baseline"
+
+
+def _git(cwd: Path, *args: str) -> str | None:
+    # --no-optional-locks: a status here must not refresh (write) that checkout's index.
+    return mb.first_line(["git", "--no-optional-locks", "-C", str(cwd), *args])
+
+
+def describe_binary(given: Path, label: str) -> dict:
+    """What identifies one ferry binary in the results: the path as given, and its version,
+    size, time and SHA-256; if it lies inside a git checkout, that checkout's HEAD (what it
+    was most likely built from; the file itself may be older)."""
+    exe = given.resolve()
+    h = hashlib.sha256()
+    with open(exe, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    st = exe.stat()
+    out: dict = {
+        "label": label,
+        "path": str(given),
+        "resolved": str(exe),
+        "version": mb.first_line([str(exe), "--version"]),
+        "size": st.st_size,
+        "mtime": _dt.datetime.fromtimestamp(st.st_mtime).astimezone().isoformat(
+            timespec="seconds"),
+        "sha256": h.hexdigest(),
+        "git": None,
+    }
+    top = _git(exe.parent, "rev-parse", "--show-toplevel")
+    if top:
+        dirty = _git(Path(top), "status", "--porcelain", "--untracked-files=no")
+        out["git"] = {
+            "checkout": top,
+            "commit": _git(Path(top), "rev-parse", "HEAD"),
+            "describe": _git(Path(top), "log", "-1", "--format=%h %s"),
+            "dirty": bool(dirty),
+        }
+    return out
+
+
+def binary_line(b: dict) -> str:
+    """One markdown line about a binary of results["binaries"]."""
+    where = f"{b['label']}: `{b['path']}`"
+    if b.get("resolved") and b["resolved"] != b["path"]:
+        where += f" (`{b['resolved']}`)"
+    facts = [b.get("version") or "no --version"]
+    g = b.get("git")
+    if g:
+        facts.append(f"in the checkout `{g['checkout']}` at `{g['describe']}`"
+                     + (" (uncommitted changes)" if g.get("dirty") else ""))
+    facts.append(f"sha256 {b['sha256'][:12]}, modified {b['mtime']}")
+    return f"- {where}: " + "; ".join(facts)
 
 
 # --------------------------------------------------------------------------------------------
@@ -408,9 +481,17 @@ METRICS = ["pass0_gbs", "pass0_wire_gbs", "to_tcp", "to_tcp_len", "total_ms", "d
            "cpu_dst_s_per_gib"]
 
 
-def summarise(results: dict) -> dict:
-    out: dict = {"variants": {}, "tcp": {}, "tcp_len": {}}
-    runs = [r for rnd in results["rounds"] for r in rnd["runs"]]
+# Compared between the baseline and the candidate (--baseline), candidate / baseline.
+VERSUS = ["pass0_gbs", "pass0_wire_gbs", "total_ms", "cpu_src_s_per_gib", "cpu_dst_s_per_gib"]
+
+
+def binary_of(r: dict) -> str:
+    """The role of the binary a run used: without --baseline every run is the candidate's."""
+    return r.get("binary", CANDIDATE)
+
+
+def summarise_variants(results: dict, runs: list[dict]) -> dict:
+    out: dict = {}
     for name in results["variants"]:
         mine = [r for r in runs if r["variant"] == name]
         ok = [r for r in mine if r.get("ok")]
@@ -429,7 +510,38 @@ def summarise(results: dict) -> dict:
                     per[k] = st
             s[f"threads_{side}_s_per_gib"] = dict(
                 sorted(per.items(), key=lambda kv: -kv[1]["median"]))
-        out["variants"][name] = s
+        out[name] = s
+    return out
+
+
+def versus(results: dict, cand: dict, base: dict) -> dict:
+    """Per variant and VERSUS metric, candidate / baseline: the ratio of the medians, and the
+    stats of the ratios of the pairs that ran back to back in one round (both ok)."""
+    out: dict = {}
+    for name in results["variants"]:
+        c, b = cand.get(name) or {}, base.get(name) or {}
+        per: dict = {}
+        for k in VERSUS:
+            cm, bm = (c.get(k) or {}).get("median"), (b.get(k) or {}).get("median")
+            pairs = []
+            for rnd in results["rounds"]:
+                got = {binary_of(r): r for r in rnd["runs"]
+                       if r["variant"] == name and r.get("ok")}
+                if CANDIDATE in got and BASELINE in got:
+                    x = got[CANDIDATE]["metrics"].get(k)
+                    y = got[BASELINE]["metrics"].get(k)
+                    if x is not None and y:
+                        pairs.append(x / y)
+            per[k] = {"ratio_of_medians": cm / bm if cm is not None and bm else None,
+                      "paired": mb.stats(pairs)}
+        out[name] = per
+    return out
+
+
+def summarise(results: dict) -> dict:
+    runs = [r for rnd in results["rounds"] for r in rnd["runs"]]
+    out: dict = {"variants": summarise_variants(
+        results, [r for r in runs if binary_of(r) == CANDIDATE]), "tcp": {}, "tcp_len": {}}
     for key in ("tcp", "tcp_len"):
         for ch in results["args"]["channels"]:
             refs = [r for rnd in results["rounds"] if (r := rnd.get(key, {}).get(str(ch)))]
@@ -446,6 +558,11 @@ def summarise(results: dict) -> dict:
                 "other_cores": mb.stats([r.get("other_cores") for r in refs]),
             }
     out["other_cores"] = mb.stats([r.get("other_cores") for r in runs])
+    if results.get("binaries"):
+        # "variants" stays the candidate's (the binary measured without --baseline).
+        base = summarise_variants(results, [r for r in runs if binary_of(r) == BASELINE])
+        out["baseline"] = {"variants": base}
+        out["versus"] = versus(results, out["variants"], base)
     return out
 
 
@@ -472,17 +589,54 @@ def threads_cell(per: dict, limit: int = 3) -> str:
     return ", ".join(parts) or "–"
 
 
+def split_name(name: str) -> tuple[str, int, str, str]:
+    """random/2ch/digest-on/zstd -> ("random", 2, "on", "zstd")."""
+    data, ch, *rest = name.split("/")
+    return data, int(ch[:-2]), rest[0].split("-")[1], rest[1] if len(rest) > 1 else "none"
+
+
+def ok_cell(s: dict | None, key: str, kind: str) -> str:
+    """A median (min–max) cell of one binary's variant summary, saying if some runs failed."""
+    if not s or not s["ok"]:
+        return "failed" if s and s["runs"] else "not run"
+    label_ok = "" if s["ok"] == s["runs"] else f" ({s['ok']}/{s['runs']} ok)"
+    return mb.cell(s.get(key), kind) + label_ok
+
+
+def ratio_cell(v: dict | None) -> str:
+    """candidate / baseline: the ratio of the medians [range of the per-round pair ratios]."""
+    if not v or v.get("ratio_of_medians") is None:
+        return "–"
+    text = f"{v['ratio_of_medians']:.2f}"
+    p = v.get("paired")
+    if p and p["n"] > 1:
+        lo, hi = f"{p['min']:.2f}", f"{p['max']:.2f}"
+        if lo != hi:
+            text += f" [{lo}–{hi}]"
+    return text
+
+
 def render_markdown(results: dict) -> str:
     summary = summarise(results)
     mi = results["machine"]
     a = results["args"]
     out = []
-    out.append(f"ferry `{mi.get('git_describe')}`"
+    bins = results.get("binaries")  # only with --baseline
+    out.append(f"{'checkout' if bins else 'ferry'} `{mi.get('git_describe')}`"
                f"{' (uncommitted changes)' if mi.get('git_dirty') else ''}, "
                f"{results['started']}, {a['runs']} run(s), medians with (min–max); whole run "
                f"{results.get('elapsed_s', 0):.0f} s; guest {cmp.size_arg(a['mem'])}, soft "
                f"backend, paused; destination `--prealloc`.")
     out.append("")
+    if bins:
+        odd = (" (an odd number of rounds: the baseline went first once more often)"
+               if a["runs"] % 2 else "")
+        out.append("Two ferry binaries, back to back for every case in every round, each after "
+                   "the same settling wait; the baseline first in odd rounds, the candidate in "
+                   f"even ones{odd}:")
+        out.append("")
+        out.extend(binary_line(bins[role]) for role in (BASELINE, CANDIDATE))
+        out.append("")
     la = mi.get("loadavg") or ["?"]
     load = summary.get("other_cores")
     out.append(f"Load average before starting: {' '.join(la)} on {mi.get('nproc')} CPUs. "
@@ -490,47 +644,79 @@ def render_markdown(results: dict) -> str:
                   f"children's): median {load['median']:.2f} cores, max {load['max']:.2f}."
                   if load else ""))
     out.append("")
+    names = sorted(summary["variants"], key=row_order)
+    # (label, per-variant summary) of each binary, baseline first; one, unlabelled, without.
+    sides = ([(bins[BASELINE]["label"], summary["baseline"]["variants"]),
+              (bins[CANDIDATE]["label"], summary["variants"])] if bins
+             else [(None, summary["variants"])])
+    if bins:
+        bl, cl = bins[BASELINE]["label"], bins[CANDIDATE]["label"]
+        out.append(f"{cl} against {bl}: medians with (min–max) of each, and {cl} / {bl} as the "
+                   f"ratio of the medians with, in brackets, the range of the per-round ratios "
+                   f"of the back-to-back pairs (above 1: faster in GB/s, costlier in CPU).")
+        out.append("")
+        out.append("| memory | data channels | digest | compression "
+                   + "".join(f"| {what}, {bl} | {what}, {cl} | {cl} / {bl} "
+                             for what in ("pass 0 GB/s", "CPU src s/GiB", "CPU dst s/GiB"))
+                   + "|")
+        out.append("|---|---|---|---|" + "---:|" * 9)
+        vs = summary["versus"]
+        for name in names:
+            data, chn, digest, comp = split_name(name)
+            row = [DATA_LABEL.get(data, data), ch_label(chn), digest, comp]
+            for k, kind in (("pass0_gbs", "gbs"), ("cpu_src_s_per_gib", "s"),
+                            ("cpu_dst_s_per_gib", "s")):
+                for _label, var in sides:
+                    row.append(ok_cell(var.get(name), k, kind))
+                row.append(ratio_cell(vs.get(name, {}).get(k)))
+            out.append("| " + " | ".join(row) + " |")
+        out.append("")
+        out.append("Each binary in full:")
+        out.append("")
     length = a.get("iperf_len") or None
-    out.append("| memory | data channels | iperf3 streams | digest | compression | pass 0 GB/s "
+    out.append(("| ferry " if bins else "")
+               + "| memory | data channels | iperf3 streams | digest | compression | pass 0 GB/s "
                "| wire GB/s | pass 0 / TCP | "
                + (f"pass 0 / TCP, {length} writes | " if length else "")
                + "total ms | CPU src s/GiB | CPU dst s/GiB |")
-    out.append("|---|---|---:|---|---|---:|---:|---:|" + ("---:|" if length else "")
+    out.append(("|---" if bins else "")
+               + "|---|---|---:|---|---|---:|---:|---:|" + ("---:|" if length else "")
                + "---:|---:|---:|")
-    tcp = summary["tcp"]
-    for name in sorted(summary["variants"], key=row_order):
-        s = summary["variants"][name]
-        data, ch, *rest = name.split("/")
-        chn = int(ch[:-2])
-        digest = rest[0].split("-")[1]
-        comp = rest[1] if len(rest) > 1 else "none"
+    for name in names:
+        data, chn, digest, comp = split_name(name)
         head = [DATA_LABEL.get(data, data), ch_label(chn), str(max(chn, 1)), digest, comp]
-        if not s["ok"]:
-            what = "failed" if s["runs"] else "not run"
-            out.append("| " + " | ".join(head + [what] + ["–"] * (6 if length else 5)) + " |")
-            continue
-        label_ok = "" if s["ok"] == s["runs"] else f" ({s['ok']}/{s['runs']} ok)"
-        out.append("| " + " | ".join(head + [
-            mb.cell(s["pass0_gbs"], "gbs") + label_ok,
-            mb.cell(s["pass0_wire_gbs"], "gbs"),
-            mb.cell(s["to_tcp"], "pct"),
-            *([mb.cell(s["to_tcp_len"], "pct")] if length else []),
-            mb.cell(s["total_ms"], "ms"),
-            mb.cell(s["cpu_src_s_per_gib"], "s"),
-            mb.cell(s["cpu_dst_s_per_gib"], "s"),
-        ]) + " |")
+        for label, var in sides:
+            s = var[name]
+            first = [label] if label is not None else []
+            if not s["ok"]:
+                what = "failed" if s["runs"] else "not run"
+                out.append("| " + " | ".join(first + head + [what]
+                                             + ["–"] * (6 if length else 5)) + " |")
+                continue
+            label_ok = "" if s["ok"] == s["runs"] else f" ({s['ok']}/{s['runs']} ok)"
+            out.append("| " + " | ".join(first + head + [
+                mb.cell(s["pass0_gbs"], "gbs") + label_ok,
+                mb.cell(s["pass0_wire_gbs"], "gbs"),
+                mb.cell(s["to_tcp"], "pct"),
+                *([mb.cell(s["to_tcp_len"], "pct")] if length else []),
+                mb.cell(s["total_ms"], "ms"),
+                mb.cell(s["cpu_src_s_per_gib"], "s"),
+                mb.cell(s["cpu_dst_s_per_gib"], "s"),
+            ]) + " |")
     out.append("")
     out.append("CPU by thread kind, seconds per GiB moved (medians; the three largest per side):")
     out.append("")
-    out.append("| case | source | destination | other load, cores |")
-    out.append("|---|---|---|---:|")
-    for name in sorted(summary["variants"], key=row_order):
-        s = summary["variants"][name]
-        if not s["ok"]:
-            continue
-        out.append(f"| {name} | {threads_cell(s['threads_src_s_per_gib'])} | "
-                   f"{threads_cell(s['threads_dst_s_per_gib'])} | "
-                   f"{mb.cell(s['other_cores'], 's')} |")
+    out.append(("| ferry " if bins else "") + "| case | source | destination | other load, cores |")
+    out.append(("|---" if bins else "") + "|---|---|---|---:|")
+    for name in names:
+        for label, var in sides:
+            s = var[name]
+            if not s["ok"]:
+                continue
+            out.append(("" if label is None else f"| {label} ")
+                       + f"| {name} | {threads_cell(s['threads_src_s_per_gib'])} | "
+                       f"{threads_cell(s['threads_dst_s_per_gib'])} | "
+                       f"{mb.cell(s['other_cores'], 's')} |")
     out.append("")
     out.append("| loopback TCP, same run | GB/s | CPU sender s/GiB | CPU receiver s/GiB "
                "| other load, cores |")
@@ -549,8 +735,9 @@ def render_markdown(results: dict) -> str:
         if prof.get("error"):
             out.append(f"Profile: not taken: {prof['error']}")
         for r in prof.get("runs", []):
-            out.append(f"Profile of `{r['variant']}` (`perf record -g -F {PERF_FREQ}` on each "
-                       f"process during the migration, self time; not one of the measured "
+            by = f" with {bins[CANDIDATE]['label']}" if bins else ""
+            out.append(f"Profile of `{r['variant']}`{by} (`perf record -g -F {PERF_FREQ}` on "
+                       f"each process during the migration, self time; not one of the measured "
                        f"runs):"
                        + (f" pass 0 {r['metrics']['pass0_gbs']:.2f} GB/s under perf, CPU src "
                           f"{r['metrics']['cpu_src_s']:.2f} s, dst "
@@ -578,9 +765,12 @@ def render_markdown(results: dict) -> str:
                     out.append(f"| {row['pct']:.1f} | {row['thread']} | {row['space']} "
                                f"| `{sym}` |")
             out.append("")
+    def run_name(r: dict) -> str:
+        return f"{bins[binary_of(r)]['label']} {r['variant']}" if bins else r["variant"]
+
     failures = [(rnd["round"], r) for rnd in results["rounds"] for r in rnd["runs"]
                 if not r.get("ok")]
-    notes = [(rnd["round"], r["variant"], w) for rnd in results["rounds"] for r in rnd["runs"]
+    notes = [(rnd["round"], run_name(r), w) for rnd in results["rounds"] for r in rnd["runs"]
              for w in r.get("warnings", [])]
     if failures or notes or results.get("interrupted"):
         out.append("")
@@ -588,7 +778,7 @@ def render_markdown(results: dict) -> str:
         out.append("- the run was interrupted; figures cover what finished")
     for rnd, r in failures:
         why = " ".join((r.get("error") or "unknown").split())
-        out.append(f"- run {rnd}, {r['variant']} failed: {why[:300]}")
+        out.append(f"- run {rnd}, {run_name(r)} failed: {why[:300]}")
     for rnd, name, w in notes:
         out.append(f"- run {rnd}, {name}: {w}")
     return "\n".join(out).rstrip("\n") + "\n"
@@ -616,6 +806,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--markdown", action="store_true", help="print the markdown to stdout")
     ap.add_argument("--no-build", action="store_true", help="use the existing release ferry")
     ap.add_argument("--ferry", type=Path, help="ferry binary (implies --no-build)")
+    ap.add_argument("--baseline", type=Path, metavar="PATH",
+                    help="a second ferry binary (an older build) measured in the same run, "
+                         "back to back with --ferry (or the fresh build) for every case, "
+                         "which goes first alternating between rounds; reports both and "
+                         "candidate / baseline")
+    ap.add_argument("--label", metavar="NAME",
+                    help="with --baseline: the name of --ferry (or the build) in the results "
+                         "(default candidate)")
+    ap.add_argument("--baseline-label", metavar="NAME",
+                    help="with --baseline: the name of the baseline (default baseline)")
     ap.add_argument("--iperf-seconds", type=int, default=5, help="iperf3 -t (default 5)")
     ap.add_argument("--iperf-len", default="512K", metavar="SIZE",
                     help="also measure loopback TCP with iperf3 -l SIZE, the size of ferry's "
@@ -639,6 +839,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             ap.error("--channels: each count must be 0..16")
         if a.runs < 1:
             ap.error("--runs must be at least 1")
+        if a.baseline is None and (a.label is not None or a.baseline_label is not None):
+            ap.error("--label and --baseline-label name the binaries of --baseline")
+        if a.baseline is not None:
+            a.label = CANDIDATE if a.label is None else a.label.strip()
+            a.baseline_label = BASELINE if a.baseline_label is None else a.baseline_label.strip()
+            if not a.label or not a.baseline_label or a.label == a.baseline_label:
+                ap.error("--label and --baseline-label must be two different, non-empty names")
+            if "|" in a.label + a.baseline_label:
+                ap.error("--label and --baseline-label cannot contain '|' (markdown tables)")
     return a
 
 
@@ -690,6 +899,13 @@ def main(argv: list[str]) -> int:
     if not cmp.ferry_knows_channels(ferry):
         raise SystemExit(f"{ferry} has no migration.multifd-channels property (see `ferry "
                          f"machines ferry`): nothing to measure here")
+    baseline = a.baseline.resolve() if a.baseline else None
+    if baseline is not None:
+        if not os.access(baseline, os.X_OK):
+            raise SystemExit(f"--baseline: no ferry binary at {baseline}")
+        if not cmp.ferry_knows_channels(baseline):
+            raise SystemExit(f"--baseline {baseline} has no migration.multifd-channels "
+                             f"property (see `ferry machines ferry`): nothing to compare")
     iperf3 = mb.ensure_iperf3()
     perf, perf_why = (None, "--no-perf") if a.no_perf else ensure_perf()
     # Filling or faulting in --mem at the host's slowest first touch (~0.2 GB/s when busy).
@@ -704,6 +920,7 @@ def main(argv: list[str]) -> int:
             f"starting: other work will show in the figures")
 
     groups = {ch: variants_for(ch, a.zstd_channels) for ch in a.channel_list}
+    labels = {CANDIDATE: a.label, BASELINE: a.baseline_label}
     results: dict = {
         "schema": SCHEMA,
         "started": started.isoformat(timespec="seconds"),
@@ -711,12 +928,24 @@ def main(argv: list[str]) -> int:
         "args": {"runs": a.runs, "channels": a.channel_list, "mem": a.mem,
                  "zstd_channels": a.zstd_channels, "iperf_seconds": a.iperf_seconds,
                  "iperf_len": a.iperf_len,
-                 "settle": a.settle, "settle_below": a.settle_below, "perf": perf is not None},
+                 "settle": a.settle, "settle_below": a.settle_below, "perf": perf is not None,
+                 **({"baseline": str(a.baseline), "label": a.label,
+                     "baseline_label": a.baseline_label} if baseline is not None else {})},
         "machine": machine,
+        **({"binaries": {
+            BASELINE: describe_binary(a.baseline, a.baseline_label),
+            # The path as given, or the build's own.
+            CANDIDATE: describe_binary(a.ferry or ferry, a.label),
+        }} if baseline is not None else {}),
         "variants": [v.name for ch in a.channel_list for v in groups[ch]],
         "variant_defs": {v.name: asdict(v) for ch in a.channel_list for v in groups[ch]},
         "rounds": [],
     }
+    for role in (BASELINE, CANDIDATE) if baseline is not None else ():
+        b = results["binaries"][role]
+        log(f"{b['label']}: {b['path']} ({b['version']}, sha256 {b['sha256'][:12]}"
+            + (f", checkout {b['git']['checkout']} at {b['git']['describe']}" if b["git"] else "")
+            + ")")
     tmp = Path(tempfile.mkdtemp(prefix="ferry-multifd-"))
     t_start = time.monotonic()
     failed = 0
@@ -755,11 +984,26 @@ def main(argv: list[str]) -> int:
                 tcp_len_gbs = rr["tcp_len"].get(str(ch), {}).get("gbs")
                 # Alternate the order between rounds: nothing always runs first.
                 vs = groups[ch] if rnd % 2 else list(reversed(groups[ch]))
+                # With --baseline, both binaries back to back for each variant, the baseline
+                # first in odd rounds and the candidate first in even ones.
+                pair = ([(BASELINE, baseline), (CANDIDATE, ferry)] if rnd % 2
+                        else [(CANDIDATE, ferry), (BASELINE, baseline)])
+                plan = []
                 for v in vs:
+                    if baseline is None:
+                        plan.append((v, None, ferry, f"r{rnd}", tag, True))
+                        continue
+                    for i, (role, exe) in enumerate(pair):
+                        plan.append((v, role, exe, f"r{rnd}-{role}", f"{tag} {labels[role]}",
+                                     i == 0))
+                for v, role, exe, dtag, ltag, first in plan:
                     q = quiet()
-                    r = run_variant(ferry, v, a.mem, tmp, f"r{rnd}")
+                    r = run_variant(exe, v, a.mem, tmp, dtag)
                     r.update(q)
                     r["round"] = rnd
+                    if role is not None:
+                        r["binary"] = role
+                        r["pair_first"] = first
                     if r.get("ok"):
                         m = r["metrics"]
                         m["tcp_gbs"] = tcp_gbs
@@ -771,7 +1015,7 @@ def main(argv: list[str]) -> int:
                     else:
                         failed += 1
                     rr["runs"].append(r)
-                    log_run(tag, r)
+                    log_run(ltag, r)
                 mb.write_json(out, results)
         if perf:
             top = max(a.channel_list)
@@ -782,8 +1026,10 @@ def main(argv: list[str]) -> int:
                 q = quiet()
                 r = run_variant(ferry, v, a.mem, tmp, "perf", perf=perf)
                 r.update(q)
+                if baseline is not None:
+                    r["binary"] = CANDIDATE
                 prof["runs"].append(r)
-                log_run("[profile]", r)
+                log_run("[profile]" + (f" {a.label}" if baseline is not None else ""), r)
         elif not a.no_perf:
             results["profile"] = {"error": perf_why}
     except KeyboardInterrupt as e:
