@@ -132,7 +132,9 @@ impl Model {
     fn full_digest(&self) -> u64 {
         let pages: Vec<usize> = FUZZ_LAYOUT.iter().map(|l| l.2).collect();
         full_digest(&pages, |b, p| {
-            Some(&self.mem[b][p * PAGE_SIZE..(p + 1) * PAGE_SIZE])
+            Some(content_hash(
+                &self.mem[b][p * PAGE_SIZE..(p + 1) * PAGE_SIZE],
+            ))
         })
     }
 }
@@ -486,7 +488,7 @@ fn run(data: &[u8]) {
         &vm,
         &id,
         &params,
-        Channel::Unix(theirs),
+        Channel::new(theirs),
         &MigrationMonitor::new(),
     );
     drop(ours);

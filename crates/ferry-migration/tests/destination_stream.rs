@@ -260,7 +260,7 @@ fn record() -> Recording {
                 dst2.as_ref(),
                 &destination_identity(),
                 &destination_params(),
-                Channel::Unix(dest_end),
+                Channel::new(dest_end),
                 &MigrationMonitor::new(),
             )
         });
@@ -381,7 +381,7 @@ fn replay_with(stream: &[u8], digest: bool) -> Outcome {
     let monitor = MigrationMonitor::new();
     LARGEST.with(|l| l.set(0));
     let t = Instant::now();
-    let result = engine::receive(&vm, &id, &params, Channel::Unix(theirs), &monitor);
+    let result = engine::receive(&vm, &id, &params, Channel::new(theirs), &monitor);
     let elapsed = t.elapsed();
     let largest_alloc = LARGEST.with(Cell::get);
     feed.join().unwrap();

@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 
 use ferry_migration::engine::vm::{DeviceInfo, DirtyLog, GuestRam, MigratableVm, VmError};
 use ferry_migration::engine::{
-    self, DestinationIdentity, Handover, Listener, MigrationError, MigrationInfo, MigrationMonitor,
-    MigrationParams, MigrationStatus, MigrationUri, SourceIdentity,
+    self, Acceptor, Channel, Connector, DestinationIdentity, Handover, Incoming, Listener,
+    MigrationError, MigrationInfo, MigrationMonitor, MigrationParams, MigrationStatus,
+    MigrationStream, MigrationUri, SourceIdentity, StreamRole,
 };
 use ferry_migration::state::{DeviceState, StateSchema};
 use ferry_migration::wire::{
@@ -723,6 +724,106 @@ fn with_channels(channels: u16, compression: Compression) -> MigrationParams {
         multifd_channels: channels,
         multifd_compression: compression,
         ..params()
+    }
+}
+
+/// A stream that hides its socket, as a TLS stream would: the engine must copy pages
+/// through buffers of its own instead of `writev`/`readv` on guest memory.
+struct NoFd(Channel);
+
+impl MigrationStream for NoFd {
+    fn read(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.try_clone()?.read(buf)
+    }
+    fn write(&self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.try_clone()?.write(buf)
+    }
+    fn try_clone(&self) -> std::io::Result<Box<dyn MigrationStream>> {
+        Ok(Box::new(NoFd(self.0.try_clone()?)))
+    }
+    fn shutdown(&self, how: std::net::Shutdown) {
+        match how {
+            std::net::Shutdown::Read => self.0.shutdown_read(),
+            _ => self.0.shutdown(),
+        }
+    }
+    fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        self.0.set_read_timeout(t)
+    }
+    fn set_write_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        self.0.set_write_timeout(t)
+    }
+}
+
+/// The source's side of an embedder's transport: connections to `uri`, fd hidden.
+struct NoFdConnector(MigrationUri);
+
+impl Connector for NoFdConnector {
+    fn connect(&self, role: StreamRole) -> std::io::Result<Channel> {
+        Ok(Channel::new(NoFd(self.0.connect(role)?)))
+    }
+    fn describe(&self) -> String {
+        format!("{} (no fd)", self.0)
+    }
+}
+
+/// The destination's side: a listener whose connections hide their fd, and which
+/// offers nothing to poll.
+struct NoFdAcceptor(Listener);
+
+impl Acceptor for NoFdAcceptor {
+    fn accept(&self, within: Duration) -> std::io::Result<Option<(Channel, String)>> {
+        Ok(Acceptor::accept(&self.0, within)?.map(|(ch, peer)| (Channel::new(NoFd(ch)), peer)))
+    }
+}
+
+#[test]
+fn a_transport_of_the_embedders_without_a_socket_fd_migrates_intact() {
+    for (channels, compression) in [
+        (0, Compression::None),
+        (2, Compression::None),
+        (2, Compression::Zstd),
+    ] {
+        let what = format!("{channels} channels, {}, no fd", compression.name());
+        let cfg = SoftConfig {
+            mem_size: 64 << 20,
+            dirty_size: 8 << 20,
+            fill: 4 << 20,
+            console_every: 50,
+            ..SoftConfig::default()
+        };
+        let (src, dst) = soft_pair(&cfg, 20);
+        let l = Listener::bind(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
+        let uri = l.local_uri().unwrap();
+        let d = {
+            let dst = dst.clone();
+            thread::spawn(move || {
+                let m = MigrationMonitor::new();
+                engine::receive(
+                    dst.as_ref(),
+                    &dest_id(),
+                    &params(),
+                    Incoming::acceptor(NoFdAcceptor(l)),
+                    &m,
+                )
+            })
+        };
+        let info = engine::migrate(
+            src.as_ref(),
+            &source_id(),
+            &with_channels(channels, compression),
+            &NoFdConnector(uri),
+            &MigrationMonitor::new(),
+        )
+        .unwrap_or_else(|e| panic!("{what}: {}", engine::error_chain(&e)));
+        d.join()
+            .unwrap()
+            .unwrap_or_else(|e| panic!("{what}: {}", engine::error_chain(&e)));
+        assert_eq!(info.verified.as_deref(), Some("digest+full"), "{what}");
+        assert!(info.ram.normal > 0, "{what}: no page with data moved");
+        let at_stop = src.report().passes[0];
+        wait_passes(&dst, at_stop + 5);
+        assert_guest_intact(&dst);
     }
 }
 

@@ -1,5 +1,6 @@
-//! Where a destination's connections come from: one handed-in channel, or a listener
-//! whose connections are sorted by the header each one opens with.
+//! Where a destination's connections come from: one handed-in channel, or an
+//! [`Acceptor`] (a listener, or whatever the embedder accepts connections with) whose
+//! connections are sorted by the header each one opens with.
 //!
 //! Every connection declares what it is in its first bytes: the main stream's
 //! [`StreamHeader`] or a data channel's [`ChannelHeader`], each with its own magic. The
@@ -23,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use super::error::MigrationError;
 use super::stream::write_frame;
-use super::transport::{Channel, Listener};
+use super::transport::{Acceptor, Channel, Listener};
 use crate::wire::{
     ChannelHeader, FrameTag, Refuse, RefuseCause, StreamHeader, CHANNEL_MAGIC, CHANNEL_VERSION,
     MAGIC,
@@ -38,8 +39,15 @@ const MAX_PENDING: usize = 64;
 pub enum Incoming {
     /// One connection, already accepted: the main channel only (no data channels).
     Channel(Channel),
-    /// A listener: the main channel and the data channels all connect to it.
-    Listener(Listener),
+    /// An acceptor: the main channel and the data channels all connect to it.
+    Acceptor(Box<dyn Acceptor>),
+}
+
+impl Incoming {
+    /// Connections from an acceptor of the embedder's.
+    pub fn acceptor(a: impl Acceptor) -> Self {
+        Self::Acceptor(Box::new(a))
+    }
 }
 
 impl From<Channel> for Incoming {
@@ -50,7 +58,7 @@ impl From<Channel> for Incoming {
 
 impl From<Listener> for Incoming {
     fn from(l: Listener) -> Self {
-        Self::Listener(l)
+        Self::acceptor(l)
     }
 }
 
@@ -77,7 +85,8 @@ struct Door {
     st: Mutex<DoorState>,
     cv: Condvar,
     stop: AtomicBool,
-    /// An eventfd the acceptor polls beside the listener, so closing wakes it at once.
+    /// An eventfd the acceptor polls beside the acceptor's descriptor, so closing wakes
+    /// it at once.
     wake: Option<OwnedFd>,
     pending: AtomicUsize,
 }
@@ -97,7 +106,7 @@ impl Doorman {
                 single: Some(ch),
                 acceptor: None,
             },
-            Incoming::Listener(l) => {
+            Incoming::Acceptor(l) => {
                 let door = Arc::new(Door {
                     st: Mutex::new(DoorState::default()),
                     cv: Condvar::new(),
@@ -236,33 +245,46 @@ impl Drop for Doorman {
     }
 }
 
-fn accept_loop(l: Listener, door: Arc<Door>) {
-    let fd = l.as_raw_fd();
+fn accept_loop(l: Box<dyn Acceptor>, door: Arc<Door>) {
+    let fd = l.poll_fd();
     let wake = door.wake.as_ref().map_or(-1, |w| w.as_raw_fd());
     while !door.stop.load(Ordering::SeqCst) {
-        let mut pfd = [
-            libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: wake,
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // Without an eventfd, look at the stop flag every 50 ms instead.
-        let timeout = if wake < 0 { 50 } else { 1000 };
-        // SAFETY: two valid pollfds for the call's duration (poll ignores fd -1).
-        let r = unsafe { libc::poll(pfd.as_mut_ptr(), 2, timeout) };
-        if r <= 0 || pfd[0].revents & libc::POLLIN == 0 {
-            continue;
-        }
-        let (ch, peer) = match l.accept_from() {
-            Ok(c) => c,
+        let within = match fd {
+            // Wait for a connection or the wake-up together, then take the connection
+            // without waiting.
+            Some(fd) => {
+                let mut pfd = [
+                    libc::pollfd {
+                        fd,
+                        events: libc::POLLIN,
+                        revents: 0,
+                    },
+                    libc::pollfd {
+                        fd: wake,
+                        events: libc::POLLIN,
+                        revents: 0,
+                    },
+                ];
+                // Without an eventfd, look at the stop flag every 50 ms instead.
+                let timeout = if wake < 0 { 50 } else { 1000 };
+                // SAFETY: two valid pollfds for the call's duration (poll ignores -1).
+                let r = unsafe { libc::poll(pfd.as_mut_ptr(), 2, timeout) };
+                if r <= 0 || pfd[0].revents & libc::POLLIN == 0 {
+                    continue;
+                }
+                Duration::ZERO
+            }
+            // An acceptor with nothing to poll: short rounds, so a close is seen soon.
+            None => Duration::from_millis(50),
+        };
+        let (ch, peer) = match l.accept(within) {
+            Ok(Some(c)) => c,
+            Ok(None) => continue,
             Err(e) => {
                 tracing::warn!(error = %e, "accepting a migration connection failed");
+                if fd.is_none() {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
                 continue;
             }
         };

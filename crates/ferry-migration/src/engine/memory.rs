@@ -53,7 +53,7 @@ unsafe impl Sync for GuestMemory {}
 
 /// A page-sized buffer of the engine's own, 64-byte aligned.
 #[repr(C, align(64))]
-pub(crate) struct PageBuf([u8; PAGE_SIZE]);
+pub(crate) struct PageBuf(pub(crate) [u8; PAGE_SIZE]);
 
 impl PageBuf {
     pub fn new() -> Box<Self> {

@@ -28,4 +28,6 @@ pub use stats::{
     CancelRefused, Handover, HandoverPoint, MigrationEvent, MigrationInfo, MigrationMonitor,
     MigrationStatus,
 };
-pub use transport::{Channel, Listener, MigrationUri};
+pub use transport::{
+    Acceptor, Channel, Connector, Listener, MigrationStream, MigrationUri, StreamRole,
+};

@@ -35,7 +35,6 @@
 //! [`MultifdSync`]: crate::wire::MultifdSync
 
 use std::collections::VecDeque;
-use std::os::fd::AsRawFd;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -43,9 +42,8 @@ use std::time::{Duration, Instant};
 use super::bitmap::DirtyBitmap;
 use super::digest::PageDigest;
 use super::error::MigrationError;
-use super::iov::writev_all;
 use super::memory::GuestMemory;
-use super::pages::{Batch, Classifier, Lander};
+use super::pages::{Batch, Classifier, Lander, PageWriter};
 use super::stats::ChannelStats;
 use super::transport::Channel;
 use crate::wire::{Compression, PacketHeader, WireError, MAX_PACKET_PAGES};
@@ -371,17 +369,13 @@ struct Sender {
     batch: Batch,
     /// Packet header and offsets, contiguous.
     head: Vec<u8>,
-    iov: Vec<libc::iovec>,
+    out: PageWriter,
     zstd: Option<zstd::bulk::Compressor<'static>>,
     /// Pages gathered for the compressor, and its output.
     gather: Vec<u8>,
     packed: Vec<u8>,
     sent_packets: u64,
 }
-
-// SAFETY: the raw pointers in `iov` point into guest memory kept alive by the
-// classifier's `GuestMemory`; they are rebuilt for every packet and never outlive it.
-unsafe impl Send for Sender {}
 
 impl Sender {
     fn new(index: u16, ch: Channel, cfg: SendConfig) -> Result<Self, MigrationError> {
@@ -399,7 +393,7 @@ impl Sender {
             batch: Batch::default(),
             cfg,
             head: Vec::with_capacity(PacketHeader::LEN + MAX_PACKET_PAGES * 8),
-            iov: Vec::with_capacity(MAX_PACKET_PAGES + 1),
+            out: PageWriter::default(),
             zstd,
             gather: Vec::new(),
             packed: Vec::new(),
@@ -475,12 +469,8 @@ impl Sender {
             data_len: 0,
         }
         .encode();
-        let mut iov = [libc::iovec {
-            iov_base: h.as_ptr() as *mut _,
-            iov_len: h.len(),
-        }];
-        // SAFETY: the iovec describes `h`, alive for the call.
-        unsafe { writev_all(self.ch.as_raw_fd(), &mut iov) }
+        self.ch
+            .write_bufs(&[&h])
             .map_err(|e| MigrationError::io(PEER, "multifd sync", e))?;
         Ok(ChannelCounters {
             packets: 1,
@@ -533,26 +523,13 @@ impl Sender {
         for p in b.normal.iter().chain(&b.zero) {
             self.head.extend_from_slice(&p.to_le_bytes());
         }
-        self.iov.clear();
-        self.iov.push(libc::iovec {
-            iov_base: self.head.as_ptr() as *mut _,
-            iov_len: self.head.len(),
-        });
-        if flags & PacketHeader::ZSTD != 0 {
-            self.iov.push(libc::iovec {
-                iov_base: self.packed.as_ptr() as *mut _,
-                iov_len: data_len,
-            });
+        let sent = if flags & PacketHeader::ZSTD != 0 {
+            self.ch.write_bufs(&[&self.head, &self.packed[..data_len]])
         } else {
-            for &p in &b.normal {
-                self.cfg.mem.push_iov(&mut self.iov, 1, block, p);
-            }
-        }
-        // SAFETY: the iovecs describe our own buffers or whole guest pages inside the
-        // mapping (indices checked by `GuestMemory`), which stays mapped while `cfg.mem`
-        // lives; the kernel only reads them.
-        unsafe { writev_all(self.ch.as_raw_fd(), &mut self.iov) }
-            .map_err(|e| MigrationError::io(PEER, "RAM transfer", e))?;
+            self.out
+                .send(&self.ch, &self.cfg.mem, &self.head, block, &b.normal)
+        };
+        sent.map_err(|e| MigrationError::io(PEER, "RAM transfer", e))?;
         Ok(ChannelCounters {
             packets: 1,
             pages: pages.len() as u64,

@@ -16,7 +16,7 @@
 //!
 //! Guest memory itself is read and written only through [`super::memory`].
 
-use std::os::fd::AsRawFd;
+use std::io;
 use std::sync::Arc;
 
 use super::bitmap::DirtyBitmap;
@@ -136,7 +136,7 @@ pub(crate) struct MainLane {
     classifier: Classifier,
     batch: Batch,
     head: Vec<u8>,
-    iov: Vec<libc::iovec>,
+    out: PageWriter,
 }
 
 // SAFETY: the iovecs point into guest memory kept alive by the classifier's
@@ -149,7 +149,7 @@ impl MainLane {
             classifier,
             batch: Batch::default(),
             head: Vec::with_capacity(FrameHeader::LEN + RamBatchHeader::LEN + BATCH_PAGES * 8),
-            iov: Vec::with_capacity(BATCH_PAGES + 1),
+            out: PageWriter::default(),
         }
     }
 
@@ -182,19 +182,8 @@ impl MainLane {
             self.head
                 .extend_from_slice(&RamBatchHeader::entry(p, zero).to_le_bytes());
         }
-        self.iov.clear();
-        self.iov.push(libc::iovec {
-            iov_base: self.head.as_ptr() as *mut _,
-            iov_len: self.head.len(),
-        });
-        let mem = self.classifier.memory();
-        for &p in &b.normal {
-            mem.push_iov(&mut self.iov, 1, block, p);
-        }
-        // SAFETY: the first iovec is our buffer; the others are whole guest pages inside
-        // mapped blocks (GuestMemory checked the indices), which stay mapped while the
-        // VM lives. The kernel only reads them.
-        unsafe { writev_all(ch.as_raw_fd(), &mut self.iov) }
+        self.out
+            .send(ch, self.classifier.memory(), &self.head, block, &b.normal)
             .map_err(|e| MigrationError::io("destination", "RAM transfer", e))?;
         Ok(ChannelCounters {
             packets: 1,
@@ -203,6 +192,55 @@ impl MainLane {
             bytes: (FrameHeader::LEN + len) as u64,
             raw_bytes: (b.normal.len() * PAGE_SIZE) as u64,
         })
+    }
+}
+
+/// Writes a head (a buffer of ours) followed by whole guest pages: the one way pages
+/// leave guest memory, for both lanes. On a plain socket one `writev` gathers them
+/// straight from guest memory; on any other stream they are copied into a buffer
+/// first (see [`super::transport::MigrationStream::raw_fd`]).
+#[derive(Default)]
+pub(crate) struct PageWriter {
+    iov: Vec<libc::iovec>,
+    staged: Vec<u8>,
+}
+
+// SAFETY: the iovecs point into guest memory only during `send`, which rebuilds them
+// each time.
+unsafe impl Send for PageWriter {}
+
+impl PageWriter {
+    pub fn send(
+        &mut self,
+        ch: &Channel,
+        mem: &GuestMemory,
+        head: &[u8],
+        block: usize,
+        pages: &[u64],
+    ) -> io::Result<()> {
+        let Some(fd) = ch.raw_fd() else {
+            self.staged.resize(pages.len() * PAGE_SIZE, 0);
+            for (k, &p) in pages.iter().enumerate() {
+                mem.copy_page(
+                    block,
+                    p,
+                    &mut self.staged[k * PAGE_SIZE..(k + 1) * PAGE_SIZE],
+                );
+            }
+            return ch.write_bufs(&[head, &self.staged]);
+        };
+        self.iov.clear();
+        self.iov.push(libc::iovec {
+            iov_base: head.as_ptr() as *mut _,
+            iov_len: head.len(),
+        });
+        for &p in pages {
+            mem.push_iov(&mut self.iov, 1, block, p);
+        }
+        // SAFETY: the first iovec is `head`; the others are whole guest pages inside
+        // mapped blocks (GuestMemory checked the indices), which stay mapped while the
+        // VM lives. The kernel only reads them.
+        unsafe { writev_all(fd, &mut self.iov) }
     }
 }
 
@@ -243,6 +281,14 @@ impl Lander {
         block: usize,
         normal: &[u64],
     ) -> Result<(), MigrationError> {
+        let io = |e| MigrationError::io("source", "RAM transfer", e);
+        let Some(fd) = ch.raw_fd() else {
+            for &p in normal {
+                ch.read_full(&mut self.buf.0).map_err(io)?;
+                self.mem.store_page(block, p, &self.buf.0);
+            }
+            return Ok(());
+        };
         self.iov.clear();
         for &p in normal {
             self.mem.push_iov(&mut self.iov, 0, block, p);
@@ -250,8 +296,7 @@ impl Lander {
         // SAFETY: every iovec covers whole pages inside the block's mapping; the guest
         // is not running, no Rust reference points into guest memory, and no other lane
         // writes these pages in this round (a page is sent once per round).
-        unsafe { readv_all(ch.as_raw_fd(), &mut self.iov) }
-            .map_err(|e| MigrationError::io("source", "RAM transfer", e))
+        unsafe { readv_all(fd, &mut self.iov) }.map_err(io)
     }
 
     /// Copies the data of `normal` pages from `data` (decompressed, back to back).

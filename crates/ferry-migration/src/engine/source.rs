@@ -21,7 +21,6 @@ use std::time::{Duration, Instant};
 use super::bitmap::DirtyBitmap;
 use super::digest::PageDigest;
 use super::error::{error_chain, MigrationError};
-use super::iov::writev_all;
 use super::memory::GuestMemory;
 use super::multifd::{ChannelCounters, SendConfig, SendSet, SECTION};
 use super::pages::{record, Classifier, MainLane, Picker, Side, BATCH_PAGES};
@@ -30,14 +29,14 @@ use super::stats::{
     ChannelStats, DowntimeBreakdown, Handover, HandoverPoint, MigrationEvent, MigrationInfo,
     MigrationMonitor, MigrationStatus, MultifdStats, PassStats,
 };
-use super::stream::{read_frame_header, read_payload, write_frame};
-use super::transport::{Channel, MigrationUri};
+use super::stream::{read_frame_header, read_payload, write_frame, write_frame_after};
+use super::transport::{Channel, Connector, StreamRole};
 use super::vm::{GuestRam, MigratableVm, RamBlock};
 use crate::state;
 use crate::wire::{
     decode_reason, encode_reason, Accept, Annotations, ChannelHeader, ChannelsReady, Completed,
-    DeviceStateHeader, EndOfStream, FrameHeader, FrameTag, Hello, HelloDevice, HelloRamBlock,
-    MultifdSync, PassEnd, Refuse, StreamHeader, VcpuStateHeader, CHANNEL_VERSION, PROTOCOL_VERSION,
+    DeviceStateHeader, EndOfStream, FrameTag, Hello, HelloDevice, HelloRamBlock, MultifdSync,
+    PassEnd, Refuse, StreamHeader, VcpuStateHeader, CHANNEL_VERSION, PROTOCOL_VERSION,
 };
 use crate::PAGE_SIZE;
 
@@ -76,7 +75,7 @@ pub fn migrate(
     vm: &dyn MigratableVm,
     id: &SourceIdentity,
     params: &MigrationParams,
-    uri: &MigrationUri,
+    transport: &dyn Connector,
     monitor: &MigrationMonitor,
 ) -> Result<MigrationInfo, MigrationError> {
     let start = Instant::now();
@@ -110,7 +109,7 @@ pub fn migrate(
         session: session_id(),
     };
     monitor.update(|i| i.session = Some(format!("{:016x}", src.session)));
-    let result = src.run(id, uri);
+    let result = src.run(id, transport);
     match result {
         Ok(()) => {
             monitor.set_handover(Handover::Destination);
@@ -199,13 +198,17 @@ impl Source<'_> {
         self.ch.as_ref().expect("connected")
     }
 
-    fn run(&mut self, id: &SourceIdentity, uri: &MigrationUri) -> Result<(), MigrationError> {
-        let ch = Channel::connect(uri, Duration::from_secs(10)).map_err(|e| {
-            MigrationError::Connect {
-                uri: uri.to_string(),
+    fn run(
+        &mut self,
+        id: &SourceIdentity,
+        transport: &dyn Connector,
+    ) -> Result<(), MigrationError> {
+        let ch = transport
+            .connect(StreamRole::Main)
+            .map_err(|e| MigrationError::Connect {
+                uri: transport.describe(),
                 source: e,
-            }
-        })?;
+            })?;
         ch.set_write_timeout(Some(WRITE_TIMEOUT))
             .map_err(|e| MigrationError::io(PEER, "setup", e))?;
         self.monitor.attach_channel(
@@ -248,7 +251,7 @@ impl Source<'_> {
             return Err(MigrationError::Cancelled);
         }
         if self.params.multifd_channels > 0 {
-            self.open_channels(uri)?;
+            self.open_channels(transport)?;
         }
 
         // Tracking starts before the populated scan, so a page first written after the
@@ -391,24 +394,14 @@ impl Source<'_> {
             version: PROTOCOL_VERSION,
         }
         .encode();
-        let body = hello.encode();
-        let mut first = Vec::with_capacity(hdr.len() + FrameHeader::LEN + body.len());
-        first.extend_from_slice(&hdr);
-        first.extend_from_slice(
-            &FrameHeader {
-                tag: FrameTag::Hello,
-                len: body.len() as u32,
-            }
-            .encode(),
-        );
-        first.extend_from_slice(&body);
-        let mut iov = [libc::iovec {
-            iov_base: first.as_ptr() as *mut _,
-            iov_len: first.len(),
-        }];
-        // SAFETY: the iovec describes `first`, alive for the call.
-        unsafe { writev_all(std::os::fd::AsRawFd::as_raw_fd(self.ch()), &mut iov) }
-            .map_err(|e| MigrationError::io(PEER, "hello", e))?;
+        write_frame_after(
+            self.ch(),
+            &hdr,
+            FrameTag::Hello,
+            &hello.encode(),
+            PEER,
+            "hello",
+        )?;
         let (tag, payload) = self.wait_rp("the answer to the hello", HELLO_TIMEOUT)?;
         match tag {
             FrameTag::Accept => {
@@ -658,7 +651,7 @@ impl Source<'_> {
 
     /// Connects the data channels, each opening with its header, and waits for the
     /// destination to bind them all.
-    fn open_channels(&mut self, uri: &MigrationUri) -> Result<(), MigrationError> {
+    fn open_channels(&mut self, transport: &dyn Connector) -> Result<(), MigrationError> {
         let n = self.params.multifd_channels;
         let mut chans = Vec::with_capacity(n as usize);
         for index in 0..n {
@@ -670,9 +663,9 @@ impl Source<'_> {
                 index,
                 source: Box::new(e),
             };
-            let ch = Channel::connect(uri, Duration::from_secs(10)).map_err(|e| {
+            let ch = transport.connect(StreamRole::Data(index)).map_err(|e| {
                 wrap(MigrationError::Connect {
-                    uri: uri.to_string(),
+                    uri: transport.describe(),
                     source: e,
                 })
             })?;
@@ -685,12 +678,7 @@ impl Source<'_> {
                 count: n,
             }
             .encode();
-            let mut iov = [libc::iovec {
-                iov_base: hdr.as_ptr() as *mut _,
-                iov_len: hdr.len(),
-            }];
-            // SAFETY: the iovec describes `hdr`, alive for the call.
-            unsafe { writev_all(std::os::fd::AsRawFd::as_raw_fd(&ch), &mut iov) }
+            ch.write_bufs(&[&hdr])
                 .map_err(|e| wrap(MigrationError::io(PEER, "channel header", e)))?;
             self.monitor.attach_channel(
                 ch.try_clone()
@@ -908,8 +896,12 @@ impl Source<'_> {
 
 /// Whether the peer has closed or reset the connection, without reading from it.
 fn peer_hung_up(ch: &Channel) -> bool {
+    // A stream that is not a plain socket cannot be asked; its next read will say.
+    let Some(fd) = ch.raw_fd() else {
+        return false;
+    };
     let mut p = libc::pollfd {
-        fd: std::os::fd::AsRawFd::as_raw_fd(ch),
+        fd,
         events: libc::POLLRDHUP,
         revents: 0,
     };

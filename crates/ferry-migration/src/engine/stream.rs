@@ -1,10 +1,11 @@
-//! Frames on a channel: the only place the engine reads or writes frame headers.
+//! Frames on the main channel: every frame the engine reads goes through here, and so
+//! does every frame it writes from buffers of its own. The one other writer of frames is
+//! the main lane ([`super::pages::MainLane`]), whose `RamBatch` frames carry guest pages
+//! straight from guest memory.
 
 use std::io::Read;
-use std::os::fd::AsRawFd;
 
 use super::error::MigrationError;
-use super::iov::writev_all;
 use super::transport::Channel;
 use crate::wire::{FrameHeader, FrameTag};
 
@@ -16,23 +17,25 @@ pub(crate) fn write_frame(
     peer: &'static str,
     phase: &'static str,
 ) -> Result<(), MigrationError> {
+    write_frame_after(ch, &[], tag, payload, peer, phase)
+}
+
+/// Writes `prefix` (the stream header, before the hello) and then one frame, together.
+pub(crate) fn write_frame_after(
+    ch: &Channel,
+    prefix: &[u8],
+    tag: FrameTag,
+    payload: &[u8],
+    peer: &'static str,
+    phase: &'static str,
+) -> Result<(), MigrationError> {
     let hdr = FrameHeader {
         tag,
         len: payload.len() as u32,
     }
     .encode();
-    let mut iov = [
-        libc::iovec {
-            iov_base: hdr.as_ptr() as *mut _,
-            iov_len: hdr.len(),
-        },
-        libc::iovec {
-            iov_base: payload.as_ptr() as *mut _,
-            iov_len: payload.len(),
-        },
-    ];
-    // SAFETY: both iovecs describe live buffers owned by this frame for the whole call.
-    unsafe { writev_all(ch.as_raw_fd(), &mut iov) }.map_err(|e| MigrationError::io(peer, phase, e))
+    ch.write_bufs(&[prefix, &hdr, payload])
+        .map_err(|e| MigrationError::io(peer, phase, e))
 }
 
 /// Reads and bounds the next frame header.
