@@ -7,8 +7,9 @@
 //!
 //! * the zero check reads a page with volatile loads, a cache line at a time, stopping
 //!   at the first non-zero line;
-//! * a page to hash (or to compress) is copied into a buffer of the engine's own with
-//!   `ptr::copy_nonoverlapping`, and the buffer is what gets hashed;
+//! * a page to hash is copied a cache-resident chunk at a time into a buffer of the
+//!   engine's own with `ptr::copy_nonoverlapping`, and the chunks are what get hashed; a
+//!   page to compress is copied into the compressor's input buffer the same way;
 //! * the kernel moves page data between sockets and guest memory through iovecs built
 //!   here ([`GuestMemory::push_iov`]), for `writev` on the source and `readv` on the
 //!   destination;
@@ -25,8 +26,10 @@
 
 use std::sync::Arc;
 
+use xxhash_rust::xxh3::Xxh3;
+
 use super::bitmap::DirtyBitmap;
-use super::digest::{content_hash, full_digest, zero_page_hash};
+use super::digest::{full_digest, zero_page_hash};
 use super::vm::GuestRam;
 use crate::PAGE_SIZE;
 
@@ -118,10 +121,25 @@ impl GuestMemory {
         unsafe { std::ptr::copy_nonoverlapping(p, out.as_mut_ptr(), PAGE_SIZE) };
     }
 
-    /// The content hash of a page, from a copy in `buf`.
-    pub fn hash_page(&self, block: usize, page: u64, buf: &mut PageBuf) -> u64 {
-        self.copy_page(block, page, &mut buf.0);
-        content_hash(&buf.0)
+    /// The content hash of a page (xxh3 of its bytes, as `digest::content_hash` gives
+    /// it).
+    ///
+    /// The page is copied a small chunk at a time into a buffer that stays in the L1
+    /// cache and fed to the streaming hasher, so the copy overlaps the hashing: measured
+    /// here, as fast as hashing in place, where copying the whole page first and hashing
+    /// the copy took twice as long.
+    pub fn hash_page(&self, block: usize, page: u64) -> u64 {
+        const CHUNK: usize = 512;
+        let p = self.page_ptr(block, page).cast_const();
+        let mut chunk = [0u8; CHUNK];
+        let mut h = Xxh3::new();
+        for c in 0..PAGE_SIZE / CHUNK {
+            // SAFETY: CHUNK readable bytes inside the page into a stack buffer of ours;
+            // the two never overlap.
+            unsafe { std::ptr::copy_nonoverlapping(p.add(c * CHUNK), chunk.as_mut_ptr(), CHUNK) };
+            h.update(&chunk);
+        }
+        h.digest()
     }
 
     /// Writes `data` (one page) into a page. Destination only, guest stopped.
@@ -171,12 +189,8 @@ impl GuestMemory {
                 bm
             })
             .collect();
-        let mut buf = PageBuf::new();
         full_digest(&pages, |b, p| {
-            populated[b].is_set(p).then(|| {
-                self.copy_page(b, p as u64, &mut buf.0);
-                content_hash(&buf.0)
-            })
+            populated[b].is_set(p).then(|| self.hash_page(b, p as u64))
         })
     }
 }
@@ -189,6 +203,7 @@ pub(crate) fn zero_hash() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::digest::content_hash;
     use crate::engine::vm::RamBlock;
 
     /// One block over a buffer of u64s: 8-byte aligned, as the volatile loads need.
@@ -227,11 +242,27 @@ mod tests {
         let mut back = vec![0u8; PAGE_SIZE];
         m.copy_page(0, 1, &mut back);
         assert_eq!(back, page);
-        let mut buf = PageBuf::new();
-        assert_eq!(m.hash_page(0, 1, &mut buf), content_hash(&page));
+        assert_eq!(m.hash_page(0, 1), content_hash(&page));
         m.zero_page(0, 1);
         assert!(m.is_zero(0, 1));
-        assert_eq!(m.hash_page(0, 1, &mut buf), zero_hash());
+        assert_eq!(m.hash_page(0, 1), zero_hash());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_chunked_hash_is_the_hash_of_the_page(seed in proptest::prelude::any::<u64>(), zeros in 0usize..PAGE_SIZE) {
+            let m = GuestMemory::new(ram(1));
+            let mut page = vec![0u8; PAGE_SIZE];
+            let mut x = seed | 1;
+            for b in page.iter_mut().skip(zeros) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                *b = x as u8;
+            }
+            m.store_page(0, 0, &page);
+            proptest::prop_assert_eq!(m.hash_page(0, 0), content_hash(&page));
+        }
     }
 
     #[test]

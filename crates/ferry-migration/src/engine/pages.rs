@@ -91,16 +91,11 @@ impl Batch {
 pub(crate) struct Classifier {
     mem: Arc<GuestMemory>,
     digest: Option<Arc<PageDigest>>,
-    buf: Box<PageBuf>,
 }
 
 impl Classifier {
     pub fn new(mem: Arc<GuestMemory>, digest: Option<Arc<PageDigest>>) -> Self {
-        Self {
-            mem,
-            digest,
-            buf: PageBuf::new(),
-        }
+        Self { mem, digest }
     }
 
     pub fn memory(&self) -> &Arc<GuestMemory> {
@@ -115,7 +110,7 @@ impl Classifier {
                 let h = if zero {
                     zero_hash()
                 } else {
-                    self.mem.hash_page(block, p, &mut self.buf)
+                    self.mem.hash_page(block, p)
                 };
                 d.update(block, p as usize, h);
             }
@@ -315,11 +310,7 @@ impl Lander {
         for &p in normal {
             written.set(p as usize);
             if let Some(d) = &self.digest {
-                d.update(
-                    block,
-                    p as usize,
-                    self.mem.hash_page(block, p, &mut self.buf),
-                );
+                d.update(block, p as usize, self.mem.hash_page(block, p));
             }
         }
         let mut zeroed = 0;
