@@ -49,9 +49,7 @@ use std::time::Duration;
 use common::*;
 use ferry_migration::engine::digest::{content_hash, zero_page_hash, PageDigest};
 use ferry_migration::engine::vm::MigratableVm;
-use ferry_migration::engine::{
-    self, Faults, Listener, MigrationMonitor, MigrationParams, MigrationUri,
-};
+use ferry_migration::engine::{self, Faults, Listener, MigrationMonitor, MigrationUri};
 use ferry_migration::state::encode;
 use ferry_migration::wire::{
     ChannelHeader, Compression, DeviceStateHeader, EndOfStream, FrameHeader, FrameTag, MultifdSync,
@@ -453,20 +451,13 @@ fn run(data: &[u8]) {
     let src = source(path, stream_prefix(&h), header, stream, main_rest(&r));
 
     let vm = TestVm::destination(FUZZ_LAYOUT);
-    let params = MigrationParams {
-        faults: Faults {
-            channel_wait: (!binds).then_some(STRAY_WAIT),
-            ..Faults::default()
-        },
-        ..destination_params()
-    };
-    let result = engine::receive(
-        &vm,
-        &destination_identity(),
-        &params,
-        listener,
-        &MigrationMonitor::new(),
-    );
+    let params = destination_params();
+    let monitor = MigrationMonitor::new();
+    monitor.set_faults(Faults {
+        channel_wait: (!binds).then_some(STRAY_WAIT),
+        ..Faults::NONE
+    });
+    let result = engine::receive(&vm, &destination_identity(), &params, listener, &monitor);
     src.join().expect("the source");
     let _ = std::fs::remove_dir_all(dir);
 

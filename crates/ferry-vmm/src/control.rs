@@ -861,7 +861,7 @@ mod tests {
     fn multifd_settings_wait_for_the_running_migration_to_end() {
         let c = control(&[]);
         // What `migrating` sees while a migration runs, either way.
-        c.vmm.monitor().set_status(MigrationStatus::Active);
+        c.vmm.monitor().force_status(MigrationStatus::Active);
         refused(
             &c,
             "migrate-set-capabilities",
@@ -900,7 +900,7 @@ mod tests {
             Some(Duration::from_secs(1))
         );
 
-        c.vmm.monitor().set_status(MigrationStatus::Completed);
+        c.vmm.monitor().force_status(MigrationStatus::Completed);
         set_multifd(&c, false).unwrap();
         ok(
             &c,

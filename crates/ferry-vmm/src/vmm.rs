@@ -463,9 +463,7 @@ impl Vmm {
             }
         }
         let mut w = self.claim_worker()?;
-        self.monitor.reset();
-        // As in QEMU, `migrate` returns with the migration in setup, never "none".
-        self.monitor.set_status(MigrationStatus::Setup);
+        self.monitor.begin();
         let me = Arc::clone(self);
         let id = SourceIdentity {
             release: RELEASE.to_string(),

@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use ferry_migration::engine::{Handover, HandoverPoint, MigrationInfo, MigrationStatus};
+use ferry_migration::engine::{Faults, Handover, HandoverPoint, MigrationInfo, MigrationStatus};
 use ferry_vmm::vmm::{Backend, RunState, Vmm, VmmConfig};
 
 /// What is injected at the point.
@@ -128,9 +128,10 @@ impl Case {
     fn run(&self) -> Result<Outcome, String> {
         let src = vm(false, self.channels);
         if self.legacy_source {
-            let mut p = src.params();
-            p.faults.legacy_handover = true;
-            src.set_params(p);
+            src.monitor().set_faults(Faults {
+                legacy_handover: true,
+                ..Faults::NONE
+            });
         }
         let dst = vm(true, self.channels);
         wait_passes(&src, 2);

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use ferry_migration::engine::vm::{DeviceInfo, DirtyLog, GuestRam, MigratableVm, VmError};
 use ferry_migration::engine::{
-    self, Acceptor, Channel, Connector, DestinationIdentity, Handover, Incoming, Listener,
+    self, Acceptor, Channel, Connector, DestinationIdentity, Faults, Handover, Incoming, Listener,
     MigrationError, MigrationInfo, MigrationMonitor, MigrationParams, MigrationStatus,
     MigrationStream, MigrationUri, SourceIdentity, StreamRole,
 };
@@ -101,10 +101,21 @@ struct Dest {
 }
 
 fn spawn_dest(vm: Arc<dyn MigratableVm>, id: DestinationIdentity, params: MigrationParams) -> Dest {
+    spawn_faulty_dest(vm, id, params, Faults::NONE)
+}
+
+/// A destination with deliberate faults.
+fn spawn_faulty_dest(
+    vm: Arc<dyn MigratableVm>,
+    id: DestinationIdentity,
+    params: MigrationParams,
+    faults: Faults,
+) -> Dest {
     let l = Listener::bind(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
     let uri = l.local_uri().unwrap();
     let handle = thread::spawn(move || {
         let m = MigrationMonitor::new();
+        m.set_faults(faults);
         engine::receive(vm.as_ref(), &id, &params, l, &m)
     });
     Dest { uri, handle }
@@ -978,9 +989,12 @@ fn a_data_channel_closed_mid_migration_fails_naming_it_and_a_retry_succeeds() {
     wait_passes(&src, 10);
     let dst = soft(true, 64 << 20, 16 << 20);
     let d = spawn_dest(dst.clone(), dest_id(), params());
-    let mut p = with_channels(2, Compression::None);
-    p.faults.close_channel_after = Some((1, 3));
+    let p = with_channels(2, Compression::None);
     let m = MigrationMonitor::new();
+    m.set_faults(Faults {
+        close_channel_after: Some((1, 3)),
+        ..Faults::NONE
+    });
     let err = engine::migrate(src.as_ref(), &source_id(), &p, &d.uri, &m).unwrap_err();
     let text = engine::error_chain(&err);
     assert!(text.contains("data channel 1"), "{text}");
@@ -1011,12 +1025,21 @@ fn a_data_channel_that_never_connects_fails_naming_it_and_a_retry_succeeds() {
     let src = soft(false, 32 << 20, 4 << 20);
     wait_passes(&src, 10);
     let dst = soft(true, 32 << 20, 4 << 20);
-    let mut dp = params();
-    dp.faults.channel_wait = Some(Duration::from_millis(500));
-    let d = spawn_dest(dst.clone(), dest_id(), dp);
-    let mut p = with_channels(3, Compression::None);
-    p.faults.skip_channel = Some(1);
+    let d = spawn_faulty_dest(
+        dst.clone(),
+        dest_id(),
+        params(),
+        Faults {
+            channel_wait: Some(Duration::from_millis(500)),
+            ..Faults::NONE
+        },
+    );
+    let p = with_channels(3, Compression::None);
     let m = MigrationMonitor::new();
+    m.set_faults(Faults {
+        skip_channel: Some(1),
+        ..Faults::NONE
+    });
     let err = engine::migrate(src.as_ref(), &source_id(), &p, &d.uri, &m).unwrap_err();
     let text = engine::error_chain(&err);
     assert!(
@@ -1195,15 +1218,21 @@ fn the_sync_barrier_keeps_stale_pages_out_and_a_no_sync_mode_lets_them_in() {
             verify_full: false,
             ..with_channels(3, Compression::None)
         };
-        let mut dp = base.clone();
-        dp.faults.delay_channel = Some((1, Duration::from_millis(20)));
+        let dp = base.clone();
+        let delay = Faults {
+            delay_channel: Some((1, Duration::from_millis(20))),
+            ..Faults::NONE
+        };
         let mut sp = base;
-        sp.faults.no_sync = no_sync;
         // Pass after pass until the sixth, so old copies pile up behind the slow
         // channel; then a generous limit lets the migration converge.
         sp.downtime_limit = Duration::from_nanos(1);
-        let d = spawn_dest(dst.clone(), did, dp);
+        let d = spawn_faulty_dest(dst.clone(), did, dp, delay);
         let m = Arc::new(MigrationMonitor::new());
+        m.set_faults(Faults {
+            no_sync,
+            ..Faults::NONE
+        });
         let m2 = Arc::clone(&m);
         let release = thread::spawn(move || {
             let t = Instant::now();

@@ -373,7 +373,7 @@ impl Dest<'_> {
     /// receivers and tells the source they are bound.
     fn bind_channels(&mut self, hello: &Hello, door: &mut Doorman) -> Result<(), MigrationError> {
         let n = hello.channels;
-        let wait = self.params.faults.channel_wait.unwrap_or(CHANNEL_WAIT);
+        let wait = self.monitor.faults().channel_wait.unwrap_or(CHANNEL_WAIT);
         let monitor = self.monitor;
         let chans = door.channels(wait, &|| monitor.is_cancelled())?;
         for c in &chans {
@@ -389,7 +389,7 @@ impl Dest<'_> {
                 written: Arc::clone(&self.written),
                 digest: self.digest.clone(),
                 zstd: hello.compression == Compression::Zstd,
-                delay: self.params.faults.delay_channel,
+                delay: self.monitor.faults().delay_channel,
             },
             IDLE_TIMEOUT,
         )?);

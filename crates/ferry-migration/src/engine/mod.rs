@@ -7,6 +7,7 @@ pub mod bitmap;
 pub mod destination;
 pub mod digest;
 pub mod error;
+mod faults;
 mod incoming;
 mod iov;
 mod memory;
@@ -21,8 +22,9 @@ pub mod vm;
 
 pub use destination::{receive, DestinationIdentity};
 pub use error::{error_chain, MigrationError};
+pub use faults::Faults;
 pub use incoming::{Incoming, Stray};
-pub use params::{human_bytes, Faults, MigrationParams, MIGRATION, MIGRATION_DRIVER};
+pub use params::{human_bytes, MigrationParams, MIGRATION, MIGRATION_DRIVER};
 pub use source::{migrate, SourceIdentity};
 pub use stats::{
     CancelRefused, Handover, HandoverPoint, MigrationEvent, MigrationInfo, MigrationMonitor,

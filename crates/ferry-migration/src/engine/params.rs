@@ -92,32 +92,6 @@ pub struct MigrationParams {
     pub multifd_channels: u16,
     pub multifd_compression: Compression,
     pub multifd_zstd_level: i32,
-    /// Deliberate faults, for tests that prove what the engine's safety rules prevent.
-    /// Never set outside tests; see [`Faults`].
-    pub faults: Faults,
-}
-
-/// Test-only fault injection. Each switch breaks one thing on purpose, so that a test
-/// can show the check guarding it fails when it is broken.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Faults {
-    /// Source: send no section syncs (the final flush still happens, or the destination
-    /// could not know the pages are complete). Lets an old copy of a page that travels
-    /// on a slow channel land after a newer copy: the hazard the sync rule exists for.
-    pub no_sync: bool,
-    /// Destination: hold each packet of this data channel for this long before applying
-    /// it, as a congested link would.
-    pub delay_channel: Option<(u16, Duration)>,
-    /// Source: do not open this data channel at all.
-    pub skip_channel: Option<u16>,
-    /// Source: close this data channel after sending this many packets on it.
-    pub close_channel_after: Option<(u16, u64)>,
-    /// Destination: how long to wait for the data channels to connect (default 10 s).
-    pub channel_wait: Option<Duration>,
-    /// Source: hand over as release 0.1.0 did: state no switchover commitment in the
-    /// hello and never commit, so a cancel after the end of stream is taken and the
-    /// guest resumed here. For tests of a new destination against such a source.
-    pub legacy_handover: bool,
 }
 
 impl Default for MigrationParams {
@@ -130,7 +104,6 @@ impl Default for MigrationParams {
             multifd_channels: 2,
             multifd_compression: Compression::None,
             multifd_zstd_level: 1,
-            faults: Faults::default(),
         }
     }
 }
@@ -148,7 +121,6 @@ impl MigrationParams {
                 _ => Compression::None,
             },
             multifd_zstd_level: cfg.u64(MIGRATION, "multifd-zstd-level")? as i32,
-            faults: Faults::default(),
         })
     }
 }

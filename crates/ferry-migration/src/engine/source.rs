@@ -377,7 +377,7 @@ impl Source<'_> {
         // This source keeps the switchover commitment, and states its devices'
         // configuration (see `wire::ANNOTATION_PREFIX`).
         Annotations {
-            switchover_commit: !self.params.faults.legacy_handover,
+            switchover_commit: !self.monitor.faults().legacy_handover,
             device_config: vm
                 .devices()
                 .iter()
@@ -655,7 +655,7 @@ impl Source<'_> {
         let n = self.params.multifd_channels;
         let mut chans = Vec::with_capacity(n as usize);
         for index in 0..n {
-            if self.params.faults.skip_channel == Some(index) {
+            if self.monitor.faults().skip_channel == Some(index) {
                 tracing::warn!(channel = index, "test fault: not opening the data channel");
                 continue;
             }
@@ -693,7 +693,7 @@ impl Source<'_> {
                 digest: self.digest.clone(),
                 compression: self.params.multifd_compression,
                 zstd_level: self.params.multifd_zstd_level,
-                close_after: self.params.faults.close_channel_after,
+                close_after: self.monitor.faults().close_channel_after,
             },
         )?);
         let (tag, payload) = self.wait_rp(
@@ -718,7 +718,7 @@ impl Source<'_> {
     /// A sync point: a sync packet behind everything queued on every data channel, then
     /// the sync frame on the main channel (see the barrier in `engine::multifd`).
     fn sync_channels(&mut self, last: bool) -> Result<(), MigrationError> {
-        if self.params.faults.no_sync && !last {
+        if self.monitor.faults().no_sync && !last {
             return Ok(());
         }
         let monitor = self.monitor;
@@ -852,7 +852,7 @@ impl Source<'_> {
         }
         // The commitment: a cancel taken before this point wins and the guest stays
         // here; from this point on the destination's answer decides.
-        if !self.params.faults.legacy_handover {
+        if !self.monitor.faults().legacy_handover {
             self.monitor.commit()?;
         }
         if let Err(e) = write_frame(

@@ -290,6 +290,8 @@ pub struct MigrationMonitor {
     /// Taken by a cancel and by the commit, so that exactly one of them wins.
     handover: Mutex<Handover>,
     probe: Mutex<Option<Probe>>,
+    #[cfg(feature = "testing")]
+    faults: Mutex<super::Faults>,
 }
 
 impl std::fmt::Debug for MigrationMonitor {
@@ -323,7 +325,22 @@ impl MigrationMonitor {
         f(&mut self.info.lock().unwrap());
     }
 
-    pub fn set_status(&self, s: MigrationStatus) {
+    /// Resets for a new migration and reports it in `setup` at once, before the
+    /// migration's thread runs: QEMU's `migrate` returns with the migration in setup,
+    /// never `none`, and a status query right after it must agree.
+    pub fn begin(&self) {
+        self.reset();
+        self.set_status(MigrationStatus::Setup);
+    }
+
+    /// Sets the status as if a migration had reached it: for tests of what a control
+    /// layer shows in each state. Test builds only; the engine alone moves the status.
+    #[cfg(feature = "testing")]
+    pub fn force_status(&self, s: MigrationStatus) {
+        self.set_status(s);
+    }
+
+    pub(crate) fn set_status(&self, s: MigrationStatus) {
         {
             let mut i = self.info.lock().unwrap();
             if i.status == s {
@@ -475,6 +492,22 @@ impl MigrationMonitor {
     /// an exact point). Costs one lock per point when unset.
     pub fn set_probe(&self, f: impl Fn(HandoverPoint) + Send + Sync + 'static) {
         *self.probe.lock().unwrap() = Some(Arc::new(f));
+    }
+
+    /// Breaks the next migrations watched by this monitor on purpose (kept across
+    /// [`reset`](Self::reset)). Test builds only.
+    #[cfg(feature = "testing")]
+    pub fn set_faults(&self, f: super::Faults) {
+        *self.faults.lock().unwrap() = f;
+    }
+
+    /// The faults in force: [`Faults::NONE`](super::Faults::NONE) outside tests.
+    #[inline]
+    pub(crate) fn faults(&self) -> super::Faults {
+        #[cfg(feature = "testing")]
+        return *self.faults.lock().unwrap();
+        #[cfg(not(feature = "testing"))]
+        super::Faults::NONE
     }
 
     pub(crate) fn probe(&self, at: HandoverPoint) {

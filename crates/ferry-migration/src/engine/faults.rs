@@ -1,0 +1,43 @@
+//! Deliberate faults, for tests that prove what the engine's safety rules prevent.
+//!
+//! They are not migration parameters: nothing a user configures can reach them. Tests
+//! set them on the [`MigrationMonitor`](super::MigrationMonitor) of a migration with
+//! `set_faults`, which exists only with the crate's `testing` feature. Without it the
+//! engine reads [`Faults::NONE`], a constant, so every check of a fault folds away.
+
+use std::time::Duration;
+
+/// Test-only fault injection. Each switch breaks one thing on purpose, so that a test
+/// can show the check guarding it fails when it is broken.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Faults {
+    /// Source: send no section syncs (the final flush still happens, or the destination
+    /// could not know the pages are complete). Lets an old copy of a page that travels
+    /// on a slow channel land after a newer copy: the hazard the sync rule exists for.
+    pub no_sync: bool,
+    /// Destination: hold each packet of this data channel for this long before applying
+    /// it, as a congested link would.
+    pub delay_channel: Option<(u16, Duration)>,
+    /// Source: do not open this data channel at all.
+    pub skip_channel: Option<u16>,
+    /// Source: close this data channel after sending this many packets on it.
+    pub close_channel_after: Option<(u16, u64)>,
+    /// Destination: how long to wait for the data channels to connect (default 10 s).
+    pub channel_wait: Option<Duration>,
+    /// Source: hand over as release 0.1.0 did: state no switchover commitment in the
+    /// hello and never commit, so a cancel after the end of stream is taken and the
+    /// guest resumed here. For tests of a new destination against such a source.
+    pub legacy_handover: bool,
+}
+
+impl Faults {
+    /// No fault: what every migration outside tests runs with.
+    pub const NONE: Self = Self {
+        no_sync: false,
+        delay_channel: None,
+        skip_channel: None,
+        close_channel_after: None,
+        channel_wait: None,
+        legacy_handover: false,
+    };
+}
