@@ -32,8 +32,8 @@ use crate::compat::wire_mismatches;
 use crate::state;
 use crate::wire::{
     decode_reason, encode_reason, Accept, Annotations, ChannelsReady, Completed, Compression,
-    EndOfStream, FrameHeader, FrameTag, Hello, MultifdSync, PassEnd, RamBatchHeader, Refuse,
-    RefuseCause, StreamHeader, WireError, MAX_BATCH_PAGES, MAX_NAME_LEN,
+    DeviceStateHeader, EndOfStream, FrameHeader, FrameTag, Hello, MultifdSync, PassEnd,
+    RamBatchHeader, Refuse, RefuseCause, StreamHeader, VcpuStateHeader, WireError, MAX_BATCH_PAGES,
     SUPPORTED_PROTOCOL_VERSIONS,
 };
 use crate::PAGE_SIZE;
@@ -494,10 +494,10 @@ impl Dest<'_> {
             .extend(self.entries.iter().map(|&(page, _)| page));
         self.batch_pages.sort_unstable();
         if let Some(w) = self.batch_pages.windows(2).find(|w| w[0] == w[1]) {
-            return Err(MigrationError::Protocol(format!(
-                "a RAM batch of block {block} names page {} twice",
-                w[0]
-            )));
+            return Err(MigrationError::PageTwice {
+                block: block as u32,
+                page: w[0],
+            });
         }
         self.normal.clear();
         self.zero.clear();
@@ -525,43 +525,24 @@ impl Dest<'_> {
 
     /// Reads a state frame's name, instance and version without trusting its length.
     fn device_state(&mut self, fh: FrameHeader) -> Result<(), MigrationError> {
-        let mut lb = [0u8; 2];
-        read_exact(&mut self.ch, &mut lb, PEER, "device state")?;
-        let name_len = u16::from_le_bytes(lb) as usize;
-        if name_len > MAX_NAME_LEN {
-            return Err(WireError::TooLong {
-                what: "device state name",
-                len: name_len as u64,
-                max: MAX_NAME_LEN as u64,
-            }
-            .into());
-        }
-        let fixed = 2 + name_len + 8;
-        let Some(state_len) = (fh.len as usize).checked_sub(fixed) else {
-            return Err(WireError::Truncated {
-                what: "device state",
-                offset: fh.len as usize,
-                needed: fixed - fh.len as usize,
-            }
-            .into());
-        };
-        let mut nb = vec![0u8; name_len + 8];
-        read_exact(&mut self.ch, &mut nb, PEER, "device state")?;
-        let name = std::str::from_utf8(&nb[..name_len])
-            .map_err(|_| WireError::BadUtf8 {
-                what: "device state name",
-            })?
-            .to_string();
-        let instance = u32::from_le_bytes(nb[name_len..name_len + 4].try_into().expect("4 bytes"));
-        let version = u32::from_le_bytes(nb[name_len + 4..].try_into().expect("4 bytes"));
+        let mut prefix = [0u8; DeviceStateHeader::PREFIX_LEN];
+        read_exact(&mut self.ch, &mut prefix, PEER, "device state")?;
+        let mut rest = vec![0u8; DeviceStateHeader::rest_len(prefix, fh.len)?];
+        read_exact(&mut self.ch, &mut rest, PEER, "device state")?;
+        let (h, state_len) = DeviceStateHeader::decode_parts(prefix, &rest, fh.len)?;
+        let DeviceStateHeader {
+            name,
+            instance,
+            version,
+        } = h;
         let Some(idx) = self
             .devices
             .iter()
             .position(|d| d.name == name && d.instance == instance)
         else {
-            return Err(MigrationError::Protocol(format!(
-                "state for device {name} instance {instance}, which the hello did not announce"
-            )));
+            return Err(MigrationError::UnannouncedState {
+                what: format!("device {name} instance {instance}"),
+            });
         };
         let schema = self.devices[idx].schema;
         let max = schema.max_encoded_len();
@@ -574,11 +555,11 @@ impl Dest<'_> {
             .into());
         }
         if std::mem::replace(&mut self.device_loaded[idx], true) {
-            return Err(MigrationError::Protocol(format!(
-                "device {name} instance {instance} sent twice"
-            )));
+            return Err(MigrationError::StateTwice {
+                what: format!("device {name} instance {instance}"),
+            });
         }
-        let bytes = read_payload(&mut self.ch, state_len as u32, PEER, "device state")?;
+        let bytes = read_payload(&mut self.ch, state_len, PEER, "device state")?;
         let t = Instant::now();
         let st = state::decode(schema, version, &bytes)?;
         self.vm.load_device(idx, st)?;
@@ -587,19 +568,11 @@ impl Dest<'_> {
     }
 
     fn vcpu_state(&mut self, fh: FrameHeader) -> Result<(), MigrationError> {
-        let mut hb = [0u8; 8];
-        if (fh.len as usize) < hb.len() {
-            return Err(WireError::Truncated {
-                what: "vCPU state",
-                offset: fh.len as usize,
-                needed: hb.len() - fh.len as usize,
-            }
-            .into());
-        }
+        VcpuStateHeader::check_frame_len(fh.len)?;
+        let mut hb = [0u8; VcpuStateHeader::LEN];
         read_exact(&mut self.ch, &mut hb, PEER, "vCPU state")?;
-        let index = u32::from_le_bytes(hb[..4].try_into().expect("4 bytes")) as usize;
-        let version = u32::from_le_bytes(hb[4..].try_into().expect("4 bytes"));
-        let state_len = fh.len as usize - hb.len();
+        let (h, state_len) = VcpuStateHeader::decode_fixed(&hb, fh.len)?;
+        let (index, version, state_len) = (h.index as usize, h.version, state_len as usize);
         let schema = self.vm.vcpu_schema();
         if index >= self.vcpu_loaded.len() {
             return Err(WireError::BadValue {
@@ -618,7 +591,9 @@ impl Dest<'_> {
             .into());
         }
         if std::mem::replace(&mut self.vcpu_loaded[index], true) {
-            return Err(MigrationError::Protocol(format!("vCPU {index} sent twice")));
+            return Err(MigrationError::StateTwice {
+                what: format!("vCPU {index}"),
+            });
         }
         let bytes = read_payload(&mut self.ch, state_len as u32, PEER, "vCPU state")?;
         let t = Instant::now();
@@ -638,15 +613,14 @@ impl Dest<'_> {
         }
         if let Some(i) = self.device_loaded.iter().position(|l| !l) {
             let d = &self.devices[i];
-            return Err(MigrationError::Protocol(format!(
-                "the stream ended without state for device {} instance {}",
-                d.name, d.instance
-            )));
+            return Err(MigrationError::StateMissing {
+                what: format!("device {} instance {}", d.name, d.instance),
+            });
         }
         if let Some(i) = self.vcpu_loaded.iter().position(|l| !l) {
-            return Err(MigrationError::Protocol(format!(
-                "the stream ended without state for vCPU {i}"
-            )));
+            return Err(MigrationError::StateMissing {
+                what: format!("vCPU {i}"),
+            });
         }
         if eos.pages_sent != self.pages_received {
             return Err(MigrationError::Verify(format!(

@@ -9,6 +9,7 @@ use crate::state::StateError;
 use crate::wire::{RefuseCause, WireError};
 
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum MigrationError {
     #[error("cannot connect to {uri}")]
     Connect {
@@ -69,6 +70,18 @@ pub enum MigrationError {
     },
     #[error("a migration is already running")]
     Busy,
+    /// Destination: the stream carries state the hello did not announce.
+    #[error("state for {what}, which the hello did not announce")]
+    UnannouncedState { what: String },
+    /// Destination: one device's or vCPU's state came twice.
+    #[error("state for {what} sent twice")]
+    StateTwice { what: String },
+    /// Destination: the stream ended without one device's or vCPU's state.
+    #[error("the stream ended without state for {what}")]
+    StateMissing { what: String },
+    /// Destination: a RAM batch named a page twice.
+    #[error("a RAM batch of block {block} names page {page} twice")]
+    PageTwice { block: u32, page: u64 },
     /// Source: the end of stream went out and the destination's answer did not come
     /// back. The destination may be running the guest, so the source keeps it stopped.
     #[error(
@@ -140,6 +153,13 @@ impl MigrationError {
             Self::Verify(s) => Self::Verify(s.clone()),
             Self::Cancelled => Self::Cancelled,
             Self::Busy => Self::Busy,
+            Self::UnannouncedState { what } => Self::UnannouncedState { what: what.clone() },
+            Self::StateTwice { what } => Self::StateTwice { what: what.clone() },
+            Self::StateMissing { what } => Self::StateMissing { what: what.clone() },
+            Self::PageTwice { block, page } => Self::PageTwice {
+                block: *block,
+                page: *page,
+            },
             Self::Channel { index, source } => Self::Channel {
                 index: *index,
                 source: Box::new(source.duplicate()),

@@ -15,6 +15,7 @@ use super::transport::Channel;
 /// The life of one migration, as QEMU names its states.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
 pub enum MigrationStatus {
     #[default]
     None,

@@ -467,6 +467,7 @@ impl Accept {
 
 /// Why a destination refused a migration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum RefuseCause {
     ProtocolVersion,
     UnknownMachine,
@@ -742,6 +743,56 @@ impl DeviceStateHeader {
         let rest = r.bytes(r.remaining())?;
         Ok((h, rest))
     }
+
+    /// Bytes a reader takes first: the name's length.
+    pub const PREFIX_LEN: usize = 2;
+
+    /// For a reader that does not hold the whole frame (a device's state may be large):
+    /// from the first [`Self::PREFIX_LEN`] bytes of a frame of `frame_len` bytes, how many
+    /// header bytes follow (the name, the instance and the version). Refuses a name over
+    /// its bound or a header longer than the frame.
+    pub fn rest_len(prefix: [u8; Self::PREFIX_LEN], frame_len: u32) -> Result<usize, WireError> {
+        let name_len = u16::from_le_bytes(prefix) as usize;
+        if name_len > MAX_NAME_LEN {
+            return Err(WireError::TooLong {
+                what: "device state name",
+                len: name_len as u64,
+                max: MAX_NAME_LEN as u64,
+            });
+        }
+        let fixed = Self::PREFIX_LEN + name_len + 8;
+        if fixed > frame_len as usize {
+            return Err(WireError::Truncated {
+                what: "device state",
+                offset: frame_len as usize,
+                needed: fixed - frame_len as usize,
+            });
+        }
+        Ok(name_len + 8)
+    }
+
+    /// Decodes the header from its prefix and the [`Self::rest_len`] bytes after it;
+    /// returns it with the length of the state bytes that follow in the frame.
+    pub fn decode_parts(
+        prefix: [u8; Self::PREFIX_LEN],
+        rest: &[u8],
+        frame_len: u32,
+    ) -> Result<(Self, u32), WireError> {
+        let need = Self::rest_len(prefix, frame_len)?;
+        if rest.len() != need {
+            return Err(WireError::Truncated {
+                what: "device state header",
+                offset: rest.len(),
+                needed: need.saturating_sub(rest.len()),
+            });
+        }
+        let mut b = Vec::with_capacity(Self::PREFIX_LEN + rest.len());
+        b.extend_from_slice(&prefix);
+        b.extend_from_slice(rest);
+        let (h, state) = Self::decode(&b)?;
+        debug_assert!(state.is_empty());
+        Ok((h, frame_len - (Self::PREFIX_LEN + need) as u32))
+    }
 }
 
 /// Fixed part of a vCPU-state frame; the state bytes follow.
@@ -766,6 +817,31 @@ impl VcpuStateHeader {
         };
         let rest = r.bytes(r.remaining())?;
         Ok((h, rest))
+    }
+
+    /// The header's size: index and version.
+    pub const LEN: usize = 8;
+
+    /// For a reader that does not hold the whole frame: decodes the header from the
+    /// frame's first [`Self::LEN`] bytes and returns it with the length of the state
+    /// bytes that follow. `frame_len` must be at least the header (checked by
+    /// [`Self::check_frame_len`] before those bytes are read).
+    pub fn decode_fixed(b: &[u8; Self::LEN], frame_len: u32) -> Result<(Self, u32), WireError> {
+        Self::check_frame_len(frame_len)?;
+        let (h, _) = Self::decode(b)?;
+        Ok((h, frame_len - Self::LEN as u32))
+    }
+
+    /// Refuses a vCPU-state frame too short to hold its header.
+    pub fn check_frame_len(frame_len: u32) -> Result<(), WireError> {
+        if (frame_len as usize) < Self::LEN {
+            return Err(WireError::Truncated {
+                what: "vCPU state",
+                offset: frame_len as usize,
+                needed: Self::LEN - frame_len as usize,
+            });
+        }
+        Ok(())
     }
 }
 

@@ -968,6 +968,60 @@ proptest! {
         mutation_canonical(c.encode(), at, byte, Completed::decode, Completed::encode)?;
     }
 
+    /// The destination reads a device-state header in two steps, without the frame:
+    /// the prefix says how much follows, bounded by the frame's length, and the parts
+    /// give back the header and the state length, for every frame length.
+    #[test]
+    fn device_state_header_parts_agree_with_the_whole_and_bound_the_frame(
+        name in text(MAX_NAME_LEN),
+        instance in any::<u32>(),
+        version in any::<u32>(),
+        state_len in 0u32..4096,
+        short in 1usize..16,
+    ) {
+        let h = DeviceStateHeader { name, instance, version };
+        let b = h.encode(&[]);
+        let frame_len = b.len() as u32 + state_len;
+        let prefix: [u8; 2] = b[..2].try_into().unwrap();
+        let rest_len = DeviceStateHeader::rest_len(prefix, frame_len)?;
+        prop_assert_eq!(2 + rest_len, b.len());
+        let (d, n) = DeviceStateHeader::decode_parts(prefix, &b[2..], frame_len)?;
+        prop_assert_eq!(d, h);
+        prop_assert_eq!(n, state_len);
+        // A frame too short for its own header, and a rest of the wrong length.
+        let too_short = (b.len().saturating_sub(short)) as u32;
+        prop_assert!(DeviceStateHeader::rest_len(prefix, too_short).is_err());
+        prop_assert!(DeviceStateHeader::decode_parts(prefix, &b[2..b.len() - 1], frame_len).is_err());
+    }
+
+    #[test]
+    fn a_device_state_name_over_its_bound_is_refused_from_the_prefix(extra in 1u16..1000) {
+        let prefix = (MAX_NAME_LEN as u16 + extra).to_le_bytes();
+        let refused = matches!(
+            DeviceStateHeader::rest_len(prefix, u32::MAX),
+            Err(WireError::TooLong { .. })
+        );
+        prop_assert!(refused);
+    }
+
+    #[test]
+    fn vcpu_state_header_fixed_part_decodes_and_bounds_the_frame(
+        index in any::<u32>(),
+        version in any::<u32>(),
+        frame_len in 0u32..100_000,
+    ) {
+        let h = VcpuStateHeader { index, version };
+        let b: [u8; VcpuStateHeader::LEN] = h.encode(&[]).try_into().unwrap();
+        match VcpuStateHeader::decode_fixed(&b, frame_len) {
+            Ok((d, n)) => {
+                prop_assert!(frame_len as usize >= VcpuStateHeader::LEN);
+                prop_assert_eq!(d, h);
+                prop_assert_eq!(n as usize, frame_len as usize - VcpuStateHeader::LEN);
+            }
+            Err(_) => prop_assert!((frame_len as usize) < VcpuStateHeader::LEN),
+        }
+    }
+
     /// Device state is not length-exact: its state bytes run to the end of the frame. A
     /// prefix shorter than the fixed part is refused; a longer one cuts the state.
     #[test]
