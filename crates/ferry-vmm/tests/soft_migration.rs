@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use ferry_migration::engine::vm::{DeviceInfo, DirtyLog, GuestRam, MigratableVm, VmError};
+use ferry_migration::engine::vm::{
+    DeviceInfo, DevicePending, DirtyLog, GuestRam, MigratableVm, VmError,
+};
 use ferry_migration::engine::{
     self, Acceptor, Channel, Connector, DestinationIdentity, Faults, Handover, Incoming, Listener,
     MigrationError, MigrationInfo, MigrationMonitor, MigrationParams, MigrationStatus,
@@ -456,6 +458,8 @@ struct NewerConsole {
     inner: Arc<SoftVm>,
     schema: &'static StateSchema,
     config: Vec<(String, String)>,
+    /// What the console claims to have left for the switchover, in bytes.
+    stop_copy: u64,
 }
 
 impl MigratableVm for NewerConsole {
@@ -500,6 +504,9 @@ impl MigratableVm for NewerConsole {
     fn load_device(&self, i: usize, s: DeviceState) -> Result<(), VmError> {
         self.inner.load_device(i, s)
     }
+    fn device_pending(&self, _: usize) -> DevicePending {
+        DevicePending::stop_copy(self.stop_copy)
+    }
 }
 
 #[test]
@@ -514,6 +521,7 @@ fn a_device_state_version_the_destination_cannot_load_is_refused_naming_the_devi
         inner: soft(true, 32 << 20, 1 << 20),
         schema: &V3_ONLY,
         config: Vec::new(),
+        stop_copy: 0,
     });
     let (cause, reason, info) = refused(src.as_ref(), dst, dest_id());
     assert_eq!(cause, RefuseCause::DeviceVersion);
@@ -532,6 +540,7 @@ fn a_device_configured_differently_is_refused_before_ram_moves_naming_both_value
         config: size
             .map(|s| vec![("size".to_string(), s.to_string())])
             .unwrap_or_default(),
+        stop_copy: 0,
     };
     let src = configured(false, Some("64M"));
     let (cause, reason, info) = refused(&src, Arc::new(configured(true, Some("128M"))), dest_id());
@@ -561,6 +570,57 @@ fn a_device_configured_differently_is_refused_before_ram_moves_naming_both_value
     let m = MigrationMonitor::new();
     engine::migrate(&src, &source_id(), &params(), &d.uri, &m)
         .unwrap_or_else(|e| panic!("{}", engine::error_chain(&e)));
+    d.handle.join().unwrap().unwrap();
+}
+
+#[test]
+fn device_state_too_large_for_the_limit_holds_the_switchover_until_the_limit_allows_it() {
+    // A device that says 64 GiB must move with the guest stopped: at any link this
+    // machine has, that is seconds, far over the 300 ms limit, however small RAM is.
+    let src = NewerConsole {
+        inner: soft(false, 32 << 20, 1 << 20),
+        schema: &SOFT_CONSOLE_SCHEMA,
+        config: Vec::new(),
+        stop_copy: 64 << 30,
+    };
+    wait_passes(&src.inner, 3);
+    let dst = soft(true, 32 << 20, 1 << 20);
+    let d = spawn_dest(dst.clone(), dest_id(), params());
+    let m = Arc::new(MigrationMonitor::new());
+    let src = Arc::new(src);
+    let migration = {
+        let (src, m, uri) = (src.clone(), m.clone(), d.uri.clone());
+        thread::spawn(move || engine::migrate(src.as_ref(), &source_id(), &params(), &uri, &m))
+    };
+    // Passes go on, the guest keeps running, and the expected downtime counts the
+    // device's bytes.
+    let t = Instant::now();
+    while m.info().passes.len() < 5 {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "no passes: {:?}",
+            m.info()
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
+    let info = m.info();
+    assert_eq!(info.status, MigrationStatus::Active, "{info:?}");
+    assert!(
+        src.is_running(),
+        "the guest stopped before the state fits the limit"
+    );
+    assert!(
+        info.expected_downtime > 1000,
+        "expected downtime {} ms leaves out the device's 64 GiB",
+        info.expected_downtime
+    );
+    // A limit that allows it lets the switchover happen.
+    m.set_downtime_limit(Duration::from_secs(3600));
+    let done = migration
+        .join()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{}", engine::error_chain(&e)));
+    assert_eq!(done.status, MigrationStatus::Completed);
     d.handle.join().unwrap().unwrap();
 }
 

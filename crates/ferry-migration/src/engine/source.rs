@@ -101,6 +101,7 @@ pub fn migrate(
         start,
         paused_by_us: false,
         logging: false,
+        link_bw: 0.0,
         pages_sent: 0,
         main_lane: None,
         mem: Arc::new(GuestMemory::new(Arc::clone(&ram))),
@@ -174,6 +175,9 @@ struct Source<'a> {
     start: Instant,
     paused_by_us: bool,
     logging: bool,
+    /// The best throughput a sizeable pass reached, bytes per second: what device
+    /// state is expected to move at.
+    link_bw: f64,
     pages_sent: u64,
     /// The main connection as a lane, when pages travel on it.
     main_lane: Option<MainLane>,
@@ -281,13 +285,25 @@ impl Source<'_> {
             // zero pages and compressed data put far fewer bytes on the wire than the
             // dirty pages hold, and dividing the one by the rate of the other would
             // overstate the downtime by that ratio (never converging, with zstd).
-            let expected = if dirty == 0 {
+            let ram_expected = if dirty == 0 {
                 0.0
             } else if c.pages > 0 {
                 dirty as f64 * secs / c.pages as f64
             } else {
                 f64::INFINITY
             };
+            // Devices' stop-copy state goes at the link's rate: the best a pass of some
+            // size has reached (a short pass measures its start-up, not the link).
+            if c.bytes >= 4 << 20 || self.link_bw == 0.0 {
+                self.link_bw = self.link_bw.max(bw);
+            }
+            let device_bytes = self.device_stop_copy();
+            let device_expected = match device_bytes {
+                0 => 0.0,
+                b if self.link_bw > 0.0 => b as f64 / self.link_bw,
+                _ => f64::INFINITY,
+            };
+            let expected = ram_expected + device_expected;
             let st = PassStats {
                 pass,
                 pages: c.pages,
@@ -314,8 +330,21 @@ impl Source<'_> {
                 .monitor
                 .downtime_limit()
                 .unwrap_or(self.params.downtime_limit);
-            if dirty == 0 {
+            if dirty == 0 && expected <= limit.as_secs_f64() {
                 break;
+            }
+            if dirty == 0 {
+                // RAM is done, but a device's stop-copy state alone does not fit the
+                // limit; more passes cannot shrink it, so wait for a higher limit (or a
+                // cancel) without spinning.
+                tracing::info!(
+                    device_bytes,
+                    expected_ms = expected * 1e3,
+                    "device state does not fit the downtime limit"
+                );
+                self.wait_for_limit(limit)?;
+                pass += 1;
+                continue;
             }
             if expected <= limit.as_secs_f64() {
                 // Converged. Another pass is cheap when what is left is well below what
@@ -330,6 +359,27 @@ impl Source<'_> {
             pass += 1;
         }
         self.switchover(pass + 1)
+    }
+
+    /// Every device's stop-copy estimate.
+    fn device_stop_copy(&self) -> u64 {
+        (0..self.vm.devices().len())
+            .map(|i| self.vm.device_pending(i).stop_copy)
+            .sum()
+    }
+
+    /// Waits up to a section for the downtime limit to change, watching for cancel and
+    /// for a destination that gave up.
+    fn wait_for_limit(&self, limit: Duration) -> Result<(), MigrationError> {
+        let until = Instant::now() + SECTION;
+        while Instant::now() < until {
+            self.poll_rp()?;
+            if self.monitor.downtime_limit().is_some_and(|l| l != limit) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
     }
 
     fn handshake(&mut self, id: &SourceIdentity) -> Result<(), MigrationError> {

@@ -114,6 +114,35 @@ pub trait MigratableVm: Send + Sync {
 
     /// Loads device `index` of [`MigratableVm::devices`].
     fn load_device(&self, index: usize, state: DeviceState) -> Result<(), VmError>;
+
+    /// What device `index` still has to move, as far as it can tell now (VFIO's
+    /// `VFIO_DEVICE_FEATURE_MIG_DATA_SIZE`, QEMU's `state_pending_estimate`). The source
+    /// counts every device's stop-copy bytes into the downtime a switchover would
+    /// cost, so a device with large state keeps the guest running until it fits. The
+    /// default, nothing pending, suits devices whose state is a few bytes.
+    fn device_pending(&self, index: usize) -> DevicePending {
+        let _ = index;
+        DevicePending::default()
+    }
+}
+
+/// A device's estimate of the state it has left to send.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DevicePending {
+    /// Bytes it could send while the guest runs.
+    pub precopy: u64,
+    /// Bytes it must send with the guest stopped.
+    pub stop_copy: u64,
+}
+
+impl DevicePending {
+    pub fn stop_copy(bytes: u64) -> Self {
+        Self {
+            precopy: 0,
+            stop_copy: bytes,
+        }
+    }
 }
 
 #[derive(Debug, Error)]

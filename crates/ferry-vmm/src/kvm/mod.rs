@@ -133,7 +133,9 @@ use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use ferry_migration::engine::vm::{DeviceInfo, DirtyLog, GuestRam, MigratableVm, VmError};
+use ferry_migration::engine::vm::{
+    DeviceInfo, DevicePending, DirtyLog, GuestRam, MigratableVm, VmError,
+};
 use ferry_migration::state::{DeviceState, StateError, StateSchema};
 use ferry_migration::PAGE_SIZE;
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
@@ -739,6 +741,14 @@ impl MigratableVm for KvmVm {
         state::load_vcpu(index, &fd, &state).map_err(|e| e.into_vm(op))?;
         self.has_state[index].store(true, Ordering::Release);
         Ok(())
+    }
+
+    fn device_pending(&self, index: usize) -> DevicePending {
+        match self.device(index) {
+            // All of its memory moves at the switchover (it has no precopy yet).
+            Ok(Device::Accel(a)) => DevicePending::stop_copy(a.size()),
+            _ => DevicePending::default(),
+        }
     }
 
     fn save_device(&self, index: usize) -> Result<DeviceState, VmError> {
