@@ -1,7 +1,9 @@
 //! The migration engine: source and destination state machines.
 //!
 //! The engine drives a VM only through [`vm`]'s traits and moves bytes only through
-//! [`crate::wire`]'s formats over a [`transport::Channel`].
+//! [`crate::wire`]'s formats over streams the embedder hands it ([`transport`]): it
+//! never dials or listens on its own. Inside, one page pipeline (`engine::pages`) serves both
+//! lanes, and guest memory is touched only through `engine::memory`.
 
 pub mod bitmap;
 pub mod destination;

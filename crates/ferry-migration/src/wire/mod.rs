@@ -1,8 +1,9 @@
-//! The migration stream's byte formats: every byte either side puts on a socket.
+//! The migration stream's byte formats: every byte either side puts on a stream.
 //!
 //! # Shape of a migration
 //!
-//! One main channel, a byte stream (TCP or a unix socket). The source writes the forward
+//! One main channel, a byte stream the embedder hands the engine (TCP, a unix socket,
+//! TLS, ...: see [`crate::engine::transport`]). The source writes the forward
 //! stream; the destination answers on the same connection (the *return path*). Pages
 //! travel on N data channels of their own (multifd, N = the hello's `channels`), or on
 //! the main channel when N is 0.
