@@ -312,7 +312,12 @@ impl Source<'_> {
                 duration_ms: secs * 1e3,
                 throughput_bytes_per_sec: bw,
                 dirty_after: dirty,
-                expected_downtime_ms: expected * 1e3,
+                // JSON has no infinity: an unbounded estimate reads as the largest number.
+                expected_downtime_ms: if expected.is_finite() {
+                    expected * 1e3
+                } else {
+                    f64::MAX
+                },
                 final_pass: false,
             };
             self.monitor.update(|i| {
