@@ -13,6 +13,9 @@
 pub mod compat;
 pub mod engine;
 pub mod state;
+/// A conformance kit for `MigratableVm` implementations, and a reference VM that passes it.
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod wire;
 
 /// Size of a guest page as the migration stream counts it.

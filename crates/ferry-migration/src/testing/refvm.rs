@@ -1,0 +1,572 @@
+//! [`RefVm`]: an in-memory VM that keeps the whole contract, as a model for embedders and
+//! a VM for tests.
+//!
+//! Guest RAM is [`REF_LAYOUT`]: page-aligned zeroed heap blocks. The "guest" is one thread
+//! that, while the VM runs, takes a step every [`RefVm::STEP`]: it writes its step counter
+//! into the first 8 bytes of the page at its cursor (walking every page of every block in
+//! turn) and pokes the one device, a counter. Its registers (`steps`, `cursor`) are the
+//! vCPU state; the counter's ticks and the page it saw written last are the device state.
+//!
+//! How it keeps the contract:
+//!
+//! * Every write to guest RAM goes through [`RefVm::write`], which copies the bytes, then
+//!   marks the pages touched (for `populated`) and, while logging, dirty. Marking after the
+//!   copy means a harvest that takes the bit also sees the data.
+//! * The guest takes each step with the machine lock held, and `pause` clears `run` under
+//!   that lock: once `pause` has the lock no step is half done, and no step starts again
+//!   until `resume`. `pause` can therefore return without waiting for the thread.
+//! * `harvest` swaps the bitmap's words out ([`DirtyBitmap::drain_into`]), so a page the
+//!   guest marks during a harvest is either in it or left for the next; `restore` ORs the
+//!   pages back.
+//! * `populated` marks pages ever written through `write` and, for the pages the engine
+//!   writes through `host_ptr` on a destination, any page with a non-zero byte.
+//! * Saves and loads refuse a running VM, loads refuse states whose version their schema
+//!   cannot load, and an incoming VM refuses to resume before its vCPU and device loaded.
+
+use std::alloc::{alloc_zeroed, dealloc, handle_alloc_error, Layout};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use super::Role;
+use crate::engine::bitmap::DirtyBitmap;
+use crate::engine::vm::{DeviceInfo, DirtyLog, GuestRam, MigratableVm, RamBlock, VmError};
+use crate::state::{DeviceState, FieldKind, FieldSchema, StateSchema, Value};
+use crate::PAGE_SIZE;
+
+/// The RAM blocks of a [`RefVm`] as `(name, guest-physical address, pages)`: 64 KiB low,
+/// 192 KiB above 4 GiB.
+pub const REF_LAYOUT: &[(&str, u64, usize)] = &[("ram-low", 0, 16), ("ram-high", 1 << 32, 48)];
+
+/// The guest's registers.
+pub static REF_VCPU_SCHEMA: StateSchema = StateSchema {
+    name: "ref-vcpu",
+    version: 1,
+    min_version: 1,
+    fields: &[
+        FieldSchema {
+            name: "steps",
+            kind: FieldKind::U64,
+            since: 1,
+        },
+        FieldSchema {
+            name: "cursor",
+            kind: FieldKind::U64,
+            since: 1,
+        },
+    ],
+    subsections: &[],
+};
+
+/// The counter device. Version 2 added `last-write`; version 1 streams still load.
+pub static REF_COUNTER_SCHEMA: StateSchema = StateSchema {
+    name: "ref-counter",
+    version: 2,
+    min_version: 1,
+    fields: &[
+        FieldSchema {
+            name: "ticks",
+            kind: FieldKind::U64,
+            since: 1,
+        },
+        // 1 + the guest page number of the guest's last write; 0 = not known, which is
+        // what loading a version 1 stream gives.
+        FieldSchema {
+            name: "last-write",
+            kind: FieldKind::U64,
+            since: 2,
+        },
+    ],
+    subsections: &[],
+};
+
+/// One page-aligned, zeroed heap allocation standing in for a RAM block.
+struct Region {
+    ptr: NonNull<u8>,
+    layout: Layout,
+}
+
+impl Region {
+    fn new(pages: usize) -> Self {
+        assert!(pages > 0, "a RAM block has at least one page");
+        let layout = Layout::from_size_align(pages * PAGE_SIZE, PAGE_SIZE)
+            .expect("a page-aligned layout of a few pages");
+        // SAFETY: the layout has a non-zero size (at least one page).
+        let ptr = unsafe { alloc_zeroed(layout) };
+        let ptr = NonNull::new(ptr).unwrap_or_else(|| handle_alloc_error(layout));
+        Self { ptr, layout }
+    }
+}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `Region::new` with this layout, freed only here.
+        unsafe { dealloc(self.ptr.as_ptr(), self.layout) }
+    }
+}
+
+// SAFETY: a Region owns its allocation and Rust code never holds a reference into it:
+// every access is a raw-pointer copy (by `RefRam`, or by the engine through `host_ptr`),
+// so moving it to or sharing it with another thread is sound.
+unsafe impl Send for Region {}
+// SAFETY: as for `Send`.
+unsafe impl Sync for Region {}
+
+/// The guest RAM of a [`RefVm`].
+struct RefRam {
+    blocks: Vec<RamBlock>,
+    regions: Vec<Region>,
+    /// Pages ever written through [`RefVm::write`].
+    touched: Vec<DirtyBitmap>,
+}
+
+impl RefRam {
+    fn new(layout: &[(&str, u64, usize)]) -> Self {
+        Self {
+            blocks: layout
+                .iter()
+                .map(|&(name, gpa, pages)| RamBlock {
+                    name: name.into(),
+                    gpa,
+                    size: (pages * PAGE_SIZE) as u64,
+                })
+                .collect(),
+            regions: layout.iter().map(|&(_, _, p)| Region::new(p)).collect(),
+            touched: layout
+                .iter()
+                .map(|&(_, _, p)| DirtyBitmap::new(p))
+                .collect(),
+        }
+    }
+
+    /// The block holding all of `[gpa, gpa + len)` and the offset of `gpa` in it.
+    fn locate(&self, gpa: u64, len: usize) -> Result<(usize, usize), VmError> {
+        self.blocks
+            .iter()
+            .enumerate()
+            .find_map(|(i, b)| {
+                let off = gpa.checked_sub(b.gpa)?;
+                let end = off.checked_add(len as u64)?;
+                (end <= b.size).then_some((i, off as usize))
+            })
+            .ok_or_else(|| {
+                VmError::Failed(format!(
+                    "guest range {gpa:#x}+{len:#x} is not inside one RAM block"
+                ))
+            })
+    }
+
+    fn total_pages(&self) -> u64 {
+        self.blocks.iter().map(|b| b.pages() as u64).sum()
+    }
+
+    /// The block and page of the `n`th page of guest RAM, counting blocks in order.
+    fn nth_page(&self, mut n: u64) -> (usize, usize) {
+        for (i, b) in self.blocks.iter().enumerate() {
+            if n < b.pages() as u64 {
+                return (i, n as usize);
+            }
+            n -= b.pages() as u64;
+        }
+        unreachable!("page index beyond guest RAM")
+    }
+
+    fn page_is_zero(&self, block: usize, page: usize) -> bool {
+        // SAFETY: the page lies inside block `block`'s allocation (callers bound `page` by
+        // its page count), which lives as long as `self`.
+        let p = unsafe { self.regions[block].ptr.as_ptr().add(page * PAGE_SIZE) };
+        (0..PAGE_SIZE / 8).all(|w| {
+            // SAFETY: an aligned u64 inside that page (the allocation is page-aligned).
+            // Volatile, because the engine or the guest thread may write it concurrently,
+            // as `GuestRam` allows; a torn read only makes a page look populated.
+            unsafe { std::ptr::read_volatile(p.cast::<u64>().add(w)) == 0 }
+        })
+    }
+}
+
+// SAFETY: `host_ptr(i)` is the start of region i, a live heap allocation of exactly
+// `blocks()[i].size` bytes, page-aligned, readable and writable. Regions are created with
+// the RefRam and freed only when it drops, and the engine holds the RefRam through an
+// `Arc`, so every pointer stays valid for as long as anyone can reach it.
+unsafe impl GuestRam for RefRam {
+    fn blocks(&self) -> &[RamBlock] {
+        &self.blocks
+    }
+
+    fn host_ptr(&self, block: usize) -> *mut u8 {
+        self.regions[block].ptr.as_ptr()
+    }
+
+    fn populated(&self, block: usize, out: &DirtyBitmap) {
+        for p in 0..self.blocks[block].pages() {
+            if self.touched[block].is_set(p) || !self.page_is_zero(block, p) {
+                out.set(p);
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Cpu {
+    steps: u64,
+    cursor: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Counter {
+    ticks: u64,
+    /// The guest page number (`gpa / PAGE_SIZE`) of the last write, if known.
+    last_write: Option<u64>,
+}
+
+/// Everything the guest thread and the VMM share, behind one lock.
+#[derive(Debug, Default)]
+struct Machine {
+    run: bool,
+    exit: bool,
+    cpu: Cpu,
+    counter: Counter,
+    /// An incoming VM still waiting for its vCPU or device state.
+    vcpu_missing: bool,
+    device_missing: bool,
+}
+
+struct Inner {
+    ram: Arc<RefRam>,
+    dirty: Vec<DirtyBitmap>,
+    logging: AtomicBool,
+    machine: Mutex<Machine>,
+    wake: Condvar,
+}
+
+impl Inner {
+    fn machine(&self) -> MutexGuard<'_, Machine> {
+        self.machine.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write(&self, gpa: u64, bytes: &[u8]) -> Result<(), VmError> {
+        let (block, off) = self.ram.locate(gpa, bytes.len())?;
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: `locate` put `[off, off + len)` inside block `block`'s allocation, which
+        // lives as long as `self.ram`; `bytes` is a Rust slice, not guest memory, so the
+        // ranges cannot overlap.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                self.ram.regions[block].ptr.as_ptr().add(off),
+                bytes.len(),
+            )
+        };
+        for page in off / PAGE_SIZE..=(off + bytes.len() - 1) / PAGE_SIZE {
+            self.ram.touched[block].set(page);
+            if self.logging.load(Ordering::SeqCst) {
+                self.dirty[block].set(page);
+            }
+        }
+        Ok(())
+    }
+
+    /// One step of the guest, made with the machine lock held.
+    fn step(&self, m: &mut Machine) {
+        let total = self.ram.total_pages();
+        let (block, page) = self.ram.nth_page(m.cpu.cursor % total);
+        let gpa = self.ram.blocks[block].gpa + (page * PAGE_SIZE) as u64;
+        m.cpu.steps += 1;
+        self.write(gpa, &m.cpu.steps.to_le_bytes())
+            .expect("the cursor stays inside guest RAM");
+        m.cpu.cursor = (m.cpu.cursor + 1) % total;
+        m.counter.ticks += 1;
+        m.counter.last_write = Some(gpa / PAGE_SIZE as u64);
+    }
+}
+
+fn guest_loop(inner: &Inner) {
+    let mut m = inner.machine();
+    loop {
+        if m.exit {
+            return;
+        }
+        if !m.run {
+            m = inner.wake.wait(m).unwrap_or_else(PoisonError::into_inner);
+            continue;
+        }
+        inner.step(&mut m);
+        drop(m);
+        thread::sleep(RefVm::STEP);
+        m = inner.machine();
+    }
+}
+
+/// The reference VM (see the module docs of [`crate::testing`] and of this file).
+pub struct RefVm {
+    inner: Arc<Inner>,
+    guest: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for RefVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let m = self.inner.machine();
+        f.debug_struct("RefVm")
+            .field("running", &m.run)
+            .field("steps", &m.cpu.steps)
+            .finish_non_exhaustive()
+    }
+}
+
+fn check_version(schema: &StateSchema, st: &DeviceState) -> Result<(), VmError> {
+    if (schema.min_version..=schema.version).contains(&st.version) {
+        Ok(())
+    } else {
+        Err(VmError::Failed(format!(
+            "{}: cannot load a state at version {} (loads {}..={})",
+            schema.name, st.version, schema.min_version, schema.version
+        )))
+    }
+}
+
+impl RefVm {
+    /// Time between two guest steps.
+    pub const STEP: Duration = Duration::from_micros(200);
+
+    /// A source (running, its guest stepping) or an incoming VM (paused, RAM zero, waiting
+    /// for its vCPU and device state), with [`REF_LAYOUT`].
+    pub fn new(role: Role) -> Self {
+        let ram = RefRam::new(REF_LAYOUT);
+        let dirty = ram
+            .blocks
+            .iter()
+            .map(|b| DirtyBitmap::new(b.pages()))
+            .collect();
+        let incoming = role == Role::Incoming;
+        let inner = Arc::new(Inner {
+            ram: Arc::new(ram),
+            dirty,
+            logging: AtomicBool::new(false),
+            machine: Mutex::new(Machine {
+                run: !incoming,
+                vcpu_missing: incoming,
+                device_missing: incoming,
+                ..Machine::default()
+            }),
+            wake: Condvar::new(),
+        });
+        let for_guest = Arc::clone(&inner);
+        let guest = thread::Builder::new()
+            .name("ref-vm-guest".into())
+            .spawn(move || guest_loop(&for_guest))
+            .expect("spawning the RefVm guest thread");
+        Self {
+            inner,
+            guest: Some(guest),
+        }
+    }
+
+    /// Writes guest memory, as the guest or a device would: the pages are marked touched
+    /// and, while the dirty log is on, dirty.
+    pub fn write(&self, gpa: u64, bytes: &[u8]) -> Result<(), VmError> {
+        self.inner.write(gpa, bytes)
+    }
+
+    /// Reads guest memory.
+    pub fn read(&self, gpa: u64, out: &mut [u8]) -> Result<(), VmError> {
+        let (block, off) = self.inner.ram.locate(gpa, out.len())?;
+        // SAFETY: `locate` put the range inside the block's allocation, which lives as
+        // long as `self`; `out` is a Rust buffer, not guest memory.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.inner.ram.regions[block].ptr.as_ptr().add(off),
+                out.as_mut_ptr(),
+                out.len(),
+            )
+        };
+        Ok(())
+    }
+
+    /// Steps the guest has taken.
+    pub fn steps(&self) -> u64 {
+        self.inner.machine().cpu.steps
+    }
+
+    fn paused(&self, what: &str) -> Result<MutexGuard<'_, Machine>, VmError> {
+        let m = self.inner.machine();
+        if m.run {
+            return Err(VmError::Failed(format!(
+                "{what}: the VM is running; pause it first"
+            )));
+        }
+        Ok(m)
+    }
+}
+
+impl Drop for RefVm {
+    fn drop(&mut self) {
+        {
+            let mut m = self.inner.machine();
+            m.exit = true;
+            m.run = false;
+        }
+        self.inner.wake.notify_all();
+        if let Some(t) = self.guest.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl DirtyLog for RefVm {
+    fn start(&self) -> Result<(), VmError> {
+        self.inner.logging.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn stop(&self) {
+        self.inner.logging.store(false, Ordering::SeqCst);
+    }
+
+    fn harvest(&self, block: usize, into: &DirtyBitmap) -> Result<(), VmError> {
+        let dirty = self
+            .inner
+            .dirty
+            .get(block)
+            .ok_or_else(|| VmError::Failed(format!("no RAM block {block}")))?;
+        if into.pages() != dirty.pages() {
+            return Err(VmError::Failed(format!(
+                "a bitmap of {} pages for block {block} of {}",
+                into.pages(),
+                dirty.pages()
+            )));
+        }
+        dirty.drain_into(into);
+        Ok(())
+    }
+
+    fn restore(&self, block: usize, pages: &DirtyBitmap) {
+        if let Some(dirty) = self.inner.dirty.get(block) {
+            if dirty.pages() == pages.pages() {
+                dirty.or_from(pages);
+            }
+        }
+    }
+}
+
+impl MigratableVm for RefVm {
+    fn ram(&self) -> Arc<dyn GuestRam> {
+        self.inner.ram.clone()
+    }
+
+    fn dirty_log(&self) -> &dyn DirtyLog {
+        self
+    }
+
+    fn vcpu_count(&self) -> usize {
+        1
+    }
+
+    fn vcpu_schema(&self) -> &'static StateSchema {
+        &REF_VCPU_SCHEMA
+    }
+
+    fn devices(&self) -> Vec<DeviceInfo> {
+        vec![DeviceInfo {
+            name: REF_COUNTER_SCHEMA.name.into(),
+            instance: 0,
+            schema: &REF_COUNTER_SCHEMA,
+            config: vec![("step-us".into(), RefVm::STEP.as_micros().to_string())],
+        }]
+    }
+
+    fn pause(&self) -> Result<(), VmError> {
+        // Taking the lock waits out a step in progress; the guest takes no other until
+        // `run` is set again.
+        self.inner.machine().run = false;
+        Ok(())
+    }
+
+    fn resume(&self) -> Result<(), VmError> {
+        let mut m = self.inner.machine();
+        if m.vcpu_missing || m.device_missing {
+            return Err(VmError::Failed(
+                "an incoming VM resumes only after its vCPU and device state loaded".into(),
+            ));
+        }
+        m.run = true;
+        drop(m);
+        self.inner.wake.notify_all();
+        Ok(())
+    }
+
+    fn is_running(&self) -> bool {
+        self.inner.machine().run
+    }
+
+    fn save_vcpu(&self, index: usize) -> Result<DeviceState, VmError> {
+        let m = self.paused("save vCPU")?;
+        if index != 0 {
+            return Err(VmError::Failed(format!("no vCPU {index}")));
+        }
+        Ok(DeviceState {
+            version: REF_VCPU_SCHEMA.version,
+            ..DeviceState::new()
+        }
+        .with("steps", Value::U64(m.cpu.steps))
+        .with("cursor", Value::U64(m.cpu.cursor)))
+    }
+
+    fn load_vcpu(&self, index: usize, st: DeviceState) -> Result<(), VmError> {
+        let mut m = self.paused("load vCPU")?;
+        if index != 0 {
+            return Err(VmError::Failed(format!("no vCPU {index}")));
+        }
+        check_version(&REF_VCPU_SCHEMA, &st)?;
+        let cpu = Cpu {
+            steps: st.get_u64("steps")?,
+            cursor: st.get_u64("cursor")?,
+        };
+        let total = self.inner.ram.total_pages();
+        if cpu.cursor >= total {
+            return Err(VmError::Failed(format!(
+                "ref-vcpu: cursor {} beyond the {total} pages of guest RAM",
+                cpu.cursor
+            )));
+        }
+        m.cpu = cpu;
+        m.vcpu_missing = false;
+        Ok(())
+    }
+
+    fn save_device(&self, index: usize) -> Result<DeviceState, VmError> {
+        let m = self.paused("save device")?;
+        if index != 0 {
+            return Err(VmError::Failed(format!("no device {index}")));
+        }
+        Ok(DeviceState {
+            version: REF_COUNTER_SCHEMA.version,
+            ..DeviceState::new()
+        }
+        .with("ticks", Value::U64(m.counter.ticks))
+        .with(
+            "last-write",
+            Value::U64(m.counter.last_write.map_or(0, |p| p + 1)),
+        ))
+    }
+
+    fn load_device(&self, index: usize, st: DeviceState) -> Result<(), VmError> {
+        let mut m = self.paused("load device")?;
+        if index != 0 {
+            return Err(VmError::Failed(format!("no device {index}")));
+        }
+        check_version(&REF_COUNTER_SCHEMA, &st)?;
+        let ticks = st.get_u64("ticks")?;
+        // Version 1 did not send it: the zero decode fills in means "not known".
+        let last_write = match st.get_u64("last-write")? {
+            0 => None,
+            p => Some(p - 1),
+        };
+        m.counter = Counter { ticks, last_write };
+        m.device_missing = false;
+        Ok(())
+    }
+}
