@@ -348,7 +348,7 @@ impl Dest<'_> {
                         }
                         r.shutdown();
                     }
-                    door.close();
+                    door.shut();
                     return self.finish(eos);
                 }
                 FrameTag::Abort => {

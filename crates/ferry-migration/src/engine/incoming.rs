@@ -224,7 +224,18 @@ impl Doorman {
     }
 
     /// Stops accepting (the listener closes; a unix socket's file is removed).
+    /// Closes the door and waits for the acceptor thread to leave.
     pub fn close(&mut self) {
+        self.shut();
+        if let Some(t) = self.acceptor.take() {
+            let _ = t.join();
+        }
+    }
+
+    /// Tells the acceptor thread to stop, without waiting for it: an acceptor with
+    /// nothing to poll may be inside a short accept round, and the guest need not wait
+    /// for that before it resumes.
+    pub fn shut(&self) {
         if let Some(d) = &self.door {
             d.stop.store(true, Ordering::SeqCst);
             if let Some(w) = &d.wake {
@@ -232,9 +243,6 @@ impl Doorman {
                 // SAFETY: writes 8 bytes from a live buffer to our own eventfd.
                 let _ = unsafe { libc::write(w.as_raw_fd(), one.as_ptr().cast(), 8) };
             }
-        }
-        if let Some(t) = self.acceptor.take() {
-            let _ = t.join();
         }
     }
 }
