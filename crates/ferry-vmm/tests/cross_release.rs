@@ -46,22 +46,19 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::os::unix::io::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use common::{
     assert_guest_intact, assert_guest_progresses, error_chain, exec, passes, query_migrate,
-    run_state, serial, wait_passes_beyond, Output, TestDir, FERRY, LISTENING, MIGRATE_TIMEOUT,
-    START_TIMEOUT,
+    run_state, serial, wait_passes_beyond, Output, TestDir, Vm, FERRY, MIGRATE_TIMEOUT,
 };
-use ferry_vmm::qmp::QmpClient;
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -583,108 +580,15 @@ fn print_option_differences(old: &Build, new: &Build) {
 
 /// One `ferry run` process of either build, QMP at `<dir>/<name>.sock`, stderr in
 /// `<dir>/<name>.log`; killed and reaped when dropped.
-struct Vm {
-    name: String,
-    proc: Reaped,
-    qmp: PathBuf,
-    log: PathBuf,
-    stdout: Receiver<String>,
-}
-
-impl Vm {
-    fn start(build: &Build, dir: &TestDir, name: &str, args: &[&str]) -> Vm {
-        let qmp = dir.join(&format!("{name}.sock"));
-        let log = dir.join(&format!("{name}.log"));
-        let err = File::create(&log).expect("create a VM log");
-        let mut cmd = Command::new(&build.bin);
-        cmd.arg("run")
-            .args(args)
-            .arg("--qmp")
-            .arg(&qmp)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(err);
-        let mut proc = Reaped::spawn(&mut cmd, "ferry run").unwrap_or_else(|e| panic!("{e}"));
-        let out = proc.child.stdout.take().expect("piped stdout");
-        let (tx, stdout) = mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Vm {
-            name: format!("{name} ({})", build.label),
-            proc,
-            qmp,
-            log,
-            stdout,
-        }
-    }
-
-    fn qmp_path(&self) -> &str {
-        self.qmp.to_str().expect("utf-8 temp path")
-    }
-
-    fn ctx(&self) -> String {
-        let log = fs::read_to_string(&self.log).unwrap_or_default();
-        format!("\n--- {} log ---\n{log}--- end ---", self.name)
-    }
-
-    /// The URI a `--incoming` VM printed on stdout.
-    fn uri(&self) -> String {
-        let deadline = Instant::now() + START_TIMEOUT;
-        let mut seen = Vec::new();
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.stdout.recv_timeout(left) {
-                Ok(line) => match line.strip_prefix(LISTENING) {
-                    Some(uri) => return uri.trim().to_string(),
-                    None => seen.push(line),
-                },
-                Err(RecvTimeoutError::Timeout) => panic!(
-                    "{} printed no `{LISTENING}URI` line within {START_TIMEOUT:?}; stdout {seen:?}{}",
-                    self.name,
-                    self.ctx()
-                ),
-                Err(RecvTimeoutError::Disconnected) => panic!(
-                    "{} closed stdout without printing `{LISTENING}URI`; stdout {seen:?}{}",
-                    self.name,
-                    self.ctx()
-                ),
-            }
-        }
-    }
-
-    /// A QMP connection, retried until the socket answers.
-    fn qmp(&mut self) -> QmpClient {
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            match QmpClient::connect(&self.qmp) {
-                Ok(c) => return c,
-                Err(e) => {
-                    if let Ok(Some(s)) = self.proc.child.try_wait() {
-                        panic!(
-                            "{} exited ({s}) before its QMP socket answered: {}{}",
-                            self.name,
-                            error_chain(&e),
-                            self.ctx()
-                        );
-                    }
-                    assert!(
-                        Instant::now() < deadline,
-                        "{}'s QMP socket did not answer within {START_TIMEOUT:?}: {}{}",
-                        self.name,
-                        error_chain(&e),
-                        self.ctx()
-                    );
-                    thread::sleep(Duration::from_millis(20));
-                }
-            }
-        }
-    }
+/// `ferry run` of one build, as the common test VM with that build's binary.
+fn start_vm(build: &Build, dir: &TestDir, name: &str, args: &[&str]) -> Vm {
+    Vm::start_program(
+        &build.bin,
+        dir,
+        name,
+        &format!("{name} ({})", build.label),
+        args,
+    )
 }
 
 // ---------------------------------------------------------------------------------
@@ -733,10 +637,10 @@ fn run_cell(cell: &Cell<'_>, backend: &str, machine: &str, n: usize) -> Hop {
     if cell.accel {
         vm.extend(["--accel", ACCEL]);
     }
-    let mut src = Vm::start(cell.src, &dir, "source", &vm);
+    let mut src = start_vm(cell.src, &dir, "source", &vm);
     let mut incoming = vm.clone();
     incoming.extend(["--incoming", "tcp:127.0.0.1:0"]);
-    let mut dst = Vm::start(cell.dst, &dir, "destination", &incoming);
+    let mut dst = start_vm(cell.dst, &dir, "destination", &incoming);
     let uri = dst.uri();
     let mut s = src.qmp();
     let mut d = dst.qmp();
@@ -836,7 +740,7 @@ fn run_cell(cell: &Cell<'_>, backend: &str, machine: &str, n: usize) -> Hop {
     // Both leave cleanly.
     for (vm, c) in [(&mut src, &mut s), (&mut dst, &mut d)] {
         let _ = c.execute("quit", Value::Null);
-        let st = vm.proc.wait_timeout(QUIT_TIMEOUT);
+        let st = vm.wait_exit(QUIT_TIMEOUT);
         assert!(
             st.is_some_and(|s| s.success()),
             "{name}: {} exited with {st:?} after quit{}",

@@ -146,10 +146,22 @@ pub struct Vm {
 impl Vm {
     /// `ferry run ARGS --qmp <dir>/<name>.sock`.
     pub fn start(dir: &TestDir, name: &str, args: &[&str]) -> Vm {
+        Vm::start_program(Path::new(FERRY), dir, name, name, args)
+    }
+
+    /// `PROGRAM run ARGS --qmp <dir>/<name>.sock` with another `ferry` binary (an older
+    /// release); `label` names it in messages.
+    pub fn start_program(
+        program: &Path,
+        dir: &TestDir,
+        name: &str,
+        label: &str,
+        args: &[&str],
+    ) -> Vm {
         let qmp = dir.join(&format!("{name}.sock"));
         let log = dir.join(&format!("{name}.log"));
         let err = std::fs::File::create(&log).expect("create a VM log");
-        let mut child = Command::new(FERRY)
+        let mut child = Command::new(program)
             .arg("run")
             .args(args)
             .arg("--qmp")
@@ -170,7 +182,7 @@ impl Vm {
             }
         });
         Vm {
-            name: name.to_string(),
+            name: label.to_string(),
             child,
             qmp,
             log,
