@@ -618,6 +618,59 @@ fn run_refused(args: &[&str], names: &[&str]) -> String {
 }
 
 #[test]
+fn an_incoming_unix_path_in_use_is_refused_and_left_intact() {
+    let _one_at_a_time = serial();
+    let dir = TestDir::new("incoming-path");
+    // A regular file.
+    let file = dir.join("precious");
+    std::fs::write(&file, b"keep me").unwrap();
+    let uri = format!("unix:{}", file.display());
+    let e = run_refused(
+        &[
+            "--backend",
+            "soft",
+            "--mem",
+            "16M",
+            "--dirty",
+            "1M",
+            "--incoming",
+            &uri,
+        ],
+        &[file.to_str().unwrap(), "is not a socket"],
+    );
+    assert_eq!(std::fs::read(&file).unwrap(), b"keep me", "{e}");
+    // The live QMP socket of another VM.
+    let mut other = Vm::start(
+        &dir,
+        "other",
+        &["--backend", "soft", "--mem", "16M", "--dirty", "1M"],
+    );
+    let mut c = other.qmp();
+    let sock = other.qmp_path().to_string();
+    let uri = format!("unix:{sock}");
+    run_refused(
+        &[
+            "--backend",
+            "soft",
+            "--mem",
+            "16M",
+            "--dirty",
+            "1M",
+            "--incoming",
+            &uri,
+        ],
+        &[&sock, "in use by a listening socket"],
+    );
+    assert_eq!(
+        run_state(&mut c),
+        "running",
+        "the other VM lost its QMP socket"
+    );
+    drop(c);
+    assert!(other.qmp().execute("query-status", Value::Null).is_ok());
+}
+
+#[test]
 fn bad_mem_size_is_refused() {
     run_refused(&["--backend", "soft", "--mem", "12Q"], &["12Q", "--mem"]);
 }

@@ -5,8 +5,9 @@
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use thiserror::Error;
@@ -333,16 +334,61 @@ pub trait Acceptor: Send + 'static {
 #[derive(Debug)]
 pub enum Listener {
     Tcp(TcpListener),
-    Unix(UnixListener, PathBuf),
+    /// The listener, its path, and the socket file's identity when it was bound.
+    Unix(UnixListener, PathBuf, Option<(u64, u64)>),
+}
+
+/// Clears the way for a unix socket at `path`, destroying nothing that is in use:
+/// nothing there is fine, and a socket nobody answers on (left by a process that is
+/// gone) is removed. Anything else is refused with an error that names it: a regular
+/// file, a directory or anything that is not a socket (`AlreadyExists`), and a socket a
+/// process is listening on (`AddrInUse`).
+pub fn claim_unix_path(path: &Path) -> io::Result<()> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if !meta.file_type().is_socket() {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!(
+                "{} exists and is not a socket; remove it or choose another path",
+                path.display()
+            ),
+        ));
+    }
+    if UnixStream::connect(path).is_ok() {
+        return Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!(
+                "{} is in use by a listening socket; choose another path",
+                path.display()
+            ),
+        ));
+    }
+    std::fs::remove_file(path)
+}
+
+/// The device and inode of the socket file at `path`, to tell it from one that
+/// replaced it.
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
 }
 
 impl Listener {
+    /// Listens on `uri`. A `unix:` path is taken only if nothing is there or a stale
+    /// socket is ([`claim_unix_path`]).
     pub fn bind(uri: &MigrationUri) -> io::Result<Self> {
         match uri {
             MigrationUri::Tcp(addr) => Ok(Self::Tcp(TcpListener::bind(addr)?)),
             MigrationUri::Unix(p) => {
-                let _ = std::fs::remove_file(p);
-                Ok(Self::Unix(UnixListener::bind(p)?, p.clone()))
+                claim_unix_path(p)?;
+                let l = UnixListener::bind(p)?;
+                let id = file_id(p);
+                Ok(Self::Unix(l, p.clone(), id))
             }
         }
     }
@@ -351,7 +397,7 @@ impl Listener {
     pub fn local_uri(&self) -> io::Result<MigrationUri> {
         match self {
             Self::Tcp(l) => Ok(MigrationUri::Tcp(l.local_addr()?.to_string())),
-            Self::Unix(_, p) => Ok(MigrationUri::Unix(p.clone())),
+            Self::Unix(_, p, _) => Ok(MigrationUri::Unix(p.clone())),
         }
     }
 
@@ -363,14 +409,16 @@ impl Listener {
                 s.set_nodelay(true)?;
                 Ok((Channel::new(s), a.to_string()))
             }
-            Self::Unix(l, p) => Ok((Channel::new(l.accept()?.0), format!("unix:{}", p.display()))),
+            Self::Unix(l, p, _) => {
+                Ok((Channel::new(l.accept()?.0), format!("unix:{}", p.display())))
+            }
         }
     }
 
     fn fd(&self) -> RawFd {
         match self {
             Self::Tcp(l) => l.as_raw_fd(),
-            Self::Unix(l, _) => l.as_raw_fd(),
+            Self::Unix(l, _, _) => l.as_raw_fd(),
         }
     }
 }
@@ -408,15 +456,18 @@ impl AsRawFd for Listener {
     fn as_raw_fd(&self) -> RawFd {
         match self {
             Self::Tcp(l) => l.as_raw_fd(),
-            Self::Unix(l, _) => l.as_raw_fd(),
+            Self::Unix(l, _, _) => l.as_raw_fd(),
         }
     }
 }
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        if let Self::Unix(_, p) = self {
-            let _ = std::fs::remove_file(p);
+        // Only our own socket file: another process may have put its own there since.
+        if let Self::Unix(_, p, Some(id)) = self {
+            if file_id(p) == Some(*id) {
+                let _ = std::fs::remove_file(p);
+            }
         }
     }
 }
@@ -431,6 +482,57 @@ mod tests {
             let u: MigrationUri = s.parse().unwrap();
             assert_eq!(u.to_string(), s);
         }
+    }
+
+    fn scratch(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("ferry-claim-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn a_unix_listener_never_destroys_what_is_at_its_path() {
+        let d = scratch("paths");
+        // A regular file: refused, and left as it was.
+        let file = d.join("file");
+        std::fs::write(&file, b"precious").unwrap();
+        let e = Listener::bind(&MigrationUri::Unix(file.clone())).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists);
+        assert!(e.to_string().contains("is not a socket"), "{e}");
+        assert_eq!(std::fs::read(&file).unwrap(), b"precious");
+        // A directory: refused.
+        let dir = d.join("dir");
+        std::fs::create_dir(&dir).unwrap();
+        assert!(Listener::bind(&MigrationUri::Unix(dir.clone())).is_err());
+        assert!(dir.is_dir());
+        // A socket another listener answers on: refused, and it still answers.
+        let live = d.join("live.sock");
+        let other = UnixListener::bind(&live).unwrap();
+        let e = Listener::bind(&MigrationUri::Unix(live.clone())).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AddrInUse);
+        assert!(
+            e.to_string().contains("in use by a listening socket"),
+            "{e}"
+        );
+        assert!(UnixStream::connect(&live).is_ok());
+        drop(other);
+        // A stale socket (its listener gone): replaced.
+        let l = Listener::bind(&MigrationUri::Unix(live.clone())).unwrap();
+        assert!(UnixStream::connect(&live).is_ok());
+        drop(l);
+        assert!(!live.exists(), "the listener removes its own socket file");
+        // A socket file that replaced ours is not removed when ours goes.
+        let ours = Listener::bind(&MigrationUri::Unix(live.clone())).unwrap();
+        std::fs::remove_file(&live).unwrap();
+        let theirs = UnixListener::bind(&live).unwrap();
+        drop(ours);
+        assert!(
+            UnixStream::connect(&live).is_ok(),
+            "another's socket was removed"
+        );
+        drop(theirs);
+        let _ = std::fs::remove_dir_all(&d);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, BufWriter, Read, Write};
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
@@ -83,7 +83,7 @@ impl QmpServer {
     /// `AlreadyExists` if `path` is something other than a socket.
     pub fn bind(path: impl AsRef<Path>, handler: Arc<dyn QmpHandler>) -> io::Result<QmpServer> {
         let path = path.as_ref().to_path_buf();
-        remove_stale_socket(&path)?;
+        ferry_migration::engine::transport::claim_unix_path(&path)?;
         let listener = UnixListener::bind(&path)?;
         let socket_id = std::fs::symlink_metadata(&path)
             .ok()
@@ -172,27 +172,6 @@ impl std::fmt::Debug for QmpServer {
             .field("path", &self.path)
             .finish_non_exhaustive()
     }
-}
-
-fn remove_stale_socket(path: &Path) -> io::Result<()> {
-    let meta = match std::fs::symlink_metadata(path) {
-        Ok(meta) => meta,
-        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(err) => return Err(err),
-    };
-    if !meta.file_type().is_socket() {
-        return Err(io::Error::new(
-            io::ErrorKind::AlreadyExists,
-            format!("{} exists and is not a socket", path.display()),
-        ));
-    }
-    if UnixStream::connect(path).is_ok() {
-        return Err(io::Error::new(
-            io::ErrorKind::AddrInUse,
-            format!("a server is already listening on {}", path.display()),
-        ));
-    }
-    std::fs::remove_file(path)
 }
 
 /// Emits QMP events to every client of a server that has finished
