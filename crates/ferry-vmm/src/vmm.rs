@@ -163,6 +163,8 @@ pub struct Vmm {
     worker: Mutex<Option<JoinHandle<()>>>,
     state: Mutex<RunState>,
     events: Mutex<Option<EventSink>>,
+    /// The migration under way (or last) is outgoing: this VM is its source.
+    outgoing: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Vmm {
@@ -240,10 +242,19 @@ impl Vmm {
             worker: Mutex::new(None),
             state: Mutex::new(state),
             events: Mutex::new(None),
+            outgoing: std::sync::atomic::AtomicBool::new(false),
         });
         let weak = Arc::downgrade(&vmm);
         vmm.monitor.set_listener(move |e| {
             if let Some(v) = weak.upgrade() {
+                // The engine hands the guest over before it reports the migration
+                // completed: from that moment this source is post-migrate, so nobody who
+                // sees `completed` can still read `running` here.
+                if *e == MigrationEvent::Handover(Handover::Destination)
+                    && v.outgoing.load(std::sync::atomic::Ordering::SeqCst)
+                {
+                    v.set_state(RunState::PostMigrate);
+                }
                 v.emit(match e {
                     MigrationEvent::Status(s) => VmmEvent::Migration(*s),
                     MigrationEvent::Pass(p) => VmmEvent::MigrationPass(*p),
@@ -463,6 +474,8 @@ impl Vmm {
             }
         }
         let mut w = self.claim_worker()?;
+        self.outgoing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         self.monitor.begin();
         let me = Arc::clone(self);
         let id = SourceIdentity {
@@ -547,6 +560,8 @@ impl Vmm {
             source: e,
         })?;
         let mut w = self.claim_worker()?;
+        self.outgoing
+            .store(false, std::sync::atomic::Ordering::SeqCst);
         self.monitor.reset();
         let me = Arc::clone(self);
         let id = DestinationIdentity {
