@@ -798,6 +798,18 @@ fn with_channels(channels: u16, compression: Compression) -> MigrationParams {
     }
 }
 
+/// A 64 MiB guest dirtying 8 MiB, with 4 MiB of incompressible data so that zstd sees
+/// both kinds of page.
+fn mixed_pages_guest() -> SoftConfig {
+    SoftConfig {
+        mem_size: 64 << 20,
+        dirty_size: 8 << 20,
+        fill: 4 << 20,
+        console_every: 50,
+        ..SoftConfig::default()
+    }
+}
+
 /// A stream that hides its socket, as a TLS stream would: the engine must copy pages
 /// through buffers of its own instead of `writev`/`readv` on guest memory.
 struct NoFd(Channel);
@@ -856,14 +868,7 @@ fn a_transport_of_the_embedders_without_a_socket_fd_migrates_intact() {
         (2, Compression::Zstd),
     ] {
         let what = format!("{channels} channels, {}, no fd", compression.name());
-        let cfg = SoftConfig {
-            mem_size: 64 << 20,
-            dirty_size: 8 << 20,
-            fill: 4 << 20,
-            console_every: 50,
-            ..SoftConfig::default()
-        };
-        let (src, dst) = soft_pair(&cfg, 20);
+        let (src, dst) = soft_pair(&mixed_pages_guest(), 20);
         let l = Listener::bind(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
         let uri = l.local_uri().unwrap();
         let d = {
@@ -909,15 +914,7 @@ fn live_migrations_over_0_1_2_and_4_channels_with_and_without_zstd_keep_memory_i
         (4, Compression::Zstd),
     ] {
         let what = format!("{channels} channels, {}", compression.name());
-        let cfg = SoftConfig {
-            mem_size: 64 << 20,
-            dirty_size: 8 << 20,
-            // Incompressible data too, so zstd sees both kinds of page.
-            fill: 4 << 20,
-            console_every: 50,
-            ..SoftConfig::default()
-        };
-        let (src, dst) = soft_pair(&cfg, 20);
+        let (src, dst) = soft_pair(&mixed_pages_guest(), 20);
         // The destination follows the hello: its own channel setting does not matter.
         let d = spawn_dest(dst.clone(), dest_id(), params());
         let p = with_channels(channels, compression);

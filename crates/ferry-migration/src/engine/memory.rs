@@ -27,7 +27,7 @@
 use std::sync::Arc;
 
 use super::bitmap::DirtyBitmap;
-use super::digest::{full_digest, zero_page_hash};
+use super::digest::full_digest;
 use super::vm::GuestRam;
 use crate::PAGE_SIZE;
 
@@ -284,15 +284,10 @@ unsafe fn xxh3_page(p: *const u8) -> u64 {
     h ^ (h >> 32)
 }
 
-/// The content hash of a page known to be zero.
-pub(crate) fn zero_hash() -> u64 {
-    zero_page_hash()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::digest::content_hash;
+    use crate::engine::digest::{content_hash, zero_page_hash};
     use crate::engine::vm::RamBlock;
 
     /// One block over a buffer of u64s: 8-byte aligned, as the volatile loads need.
@@ -334,7 +329,7 @@ mod tests {
         assert_eq!(m.hash_page(0, 1), content_hash(&page));
         m.zero_page(0, 1);
         assert!(m.is_zero(0, 1));
-        assert_eq!(m.hash_page(0, 1), zero_hash());
+        assert_eq!(m.hash_page(0, 1), zero_page_hash());
     }
 
     proptest::proptest! {

@@ -20,10 +20,10 @@ use std::io;
 use std::sync::Arc;
 
 use super::bitmap::DirtyBitmap;
-use super::digest::PageDigest;
+use super::digest::{zero_page_hash, PageDigest};
 use super::error::MigrationError;
 use super::iov::{readv_all, writev_all};
-use super::memory::{zero_hash, GuestMemory, PageBuf};
+use super::memory::{GuestMemory, PageBuf};
 use super::multifd::ChannelCounters;
 use super::stats::MigrationMonitor;
 use super::transport::Channel;
@@ -108,7 +108,7 @@ impl Classifier {
             let zero = self.mem.is_zero(block, p);
             if let Some(d) = &self.digest {
                 let h = if zero {
-                    zero_hash()
+                    zero_page_hash()
                 } else {
                     self.mem.hash_page(block, p)
                 };
@@ -320,7 +320,7 @@ impl Lander {
                 zeroed += 1;
             }
             if let Some(d) = &self.digest {
-                d.update(block, p as usize, zero_hash());
+                d.update(block, p as usize, zero_page_hash());
             }
         }
         normal.len() as u64 + zeroed
