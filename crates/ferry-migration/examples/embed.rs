@@ -46,7 +46,9 @@ use ferry_migration::engine::{self, error_chain, vm::VmError, Acceptor, Channel,
 use ferry_migration::engine::{DestinationIdentity, HandoverPoint, Incoming, MigrationInfo};
 use ferry_migration::engine::{MigrationMonitor, MigrationParams, MigrationStatus};
 use ferry_migration::engine::{SourceIdentity, StreamRole};
-use ferry_migration::state::{DeviceState, FieldKind, FieldSchema, StateSchema, Value};
+use ferry_migration::state::{
+    self, DeviceState, FieldKind, FieldSchema, StateReader, StateSchema, StateWriter, Value,
+};
 use ferry_migration::PAGE_SIZE;
 
 const RAM_PAGES: usize = 1024; // 4 MiB
@@ -181,8 +183,9 @@ impl Vm {
     }
 
     /// RAM, the vCPU's state and the ticker's. Only while the VM is paused.
-    fn snapshot(&self) -> Result<(Vec<u8>, DeviceState, DeviceState), VmError> {
-        Ok((self.ram.copy(), self.save_vcpu(0)?, self.save_device(0)?))
+    fn snapshot(&self) -> Result<(Vec<u8>, DeviceState, Vec<u8>), VmError> {
+        let ticker = state::save_to_vec(&TICKER, |w| self.save_device(0, w))?;
+        Ok((self.ram.copy(), self.save_vcpu(0)?, ticker))
     }
 }
 
@@ -247,12 +250,14 @@ impl MigratableVm for Vm {
         self.counter.store(state.get_u64("counter")?, SeqCst);
         Ok(())
     }
-    fn save_device(&self, _index: usize) -> Result<DeviceState, VmError> {
+    fn save_device(&self, _index: usize, out: &mut StateWriter<'_>) -> Result<(), VmError> {
         let ticks = Value::U64(self.ticks.load(SeqCst));
         let name = Value::Bytes(self.name.lock().unwrap().clone().into_bytes());
-        Ok(DeviceState::new().with("ticks", ticks).with("name", name))
+        out.write_state(&DeviceState::new().with("ticks", ticks).with("name", name))?;
+        Ok(())
     }
-    fn load_device(&self, _index: usize, state: DeviceState) -> Result<(), VmError> {
+    fn load_device(&self, _index: usize, input: &mut StateReader<'_>) -> Result<(), VmError> {
+        let state = input.read_state()?;
         let name = String::from_utf8_lossy(state.get_bytes("name")?).into_owned();
         self.ticks.store(state.get_u64("ticks")?, SeqCst);
         *self.name.lock().unwrap() = name;
@@ -380,7 +385,7 @@ fn migrate_in_process() -> Result<Summary, Box<dyn Error>> {
         pages_differing: b.zip(a).filter(|(b, a)| b != a).count(),
         state_arrived: (&before.1, &before.2) == (&after.1, &after.2),
         guest_continued: !s.is_running() && d.is_running() && counter_after > resumed_at,
-        ticker: after.2,
+        ticker: state::decode(&TICKER, TICKER.version, &after.2)?,
     })
 }
 

@@ -49,7 +49,8 @@ use ferry_migration::engine::{
     MigrationParams, SourceIdentity, MIGRATION_DRIVER,
 };
 use ferry_migration::state::{
-    DeviceState, FieldKind, FieldSchema, StateSchema, SubsectionSchema, SubsectionState, Value,
+    DeviceState, FieldKind, FieldSchema, StateReader, StateSchema, StateWriter, SubsectionSchema,
+    SubsectionState, Value,
 };
 use ferry_migration::wire::RefuseCause;
 use ferry_migration::PAGE_SIZE;
@@ -437,7 +438,7 @@ impl MigratableVm for TestVm {
         Ok(())
     }
 
-    fn save_device(&self, _index: usize) -> Result<DeviceState, VmError> {
+    fn save_device(&self, _index: usize, out: &mut StateWriter<'_>) -> Result<(), VmError> {
         let dev = self.dev.lock().unwrap().clone();
         let mut state = DeviceState::new()
             .with("regs", Value::U32(dev.regs))
@@ -449,10 +450,12 @@ impl MigratableVm for TestVm {
                 SubsectionState::new(FEATURE_SUBSECTION).with("feature-state", Value::U64(value)),
             );
         }
-        Ok(state)
+        out.write_state(&state)?;
+        Ok(())
     }
 
-    fn load_device(&self, _index: usize, state: DeviceState) -> Result<(), VmError> {
+    fn load_device(&self, _index: usize, input: &mut StateReader<'_>) -> Result<(), VmError> {
+        let state = input.read_state()?;
         let feature_state = match state.subsection(FEATURE_SUBSECTION) {
             Some(sub) => Some(sub.get_u64("feature-state")?),
             None => None,

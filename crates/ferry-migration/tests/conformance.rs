@@ -9,7 +9,7 @@ use ferry_migration::engine::bitmap::DirtyBitmap;
 use ferry_migration::engine::vm::{
     DeviceInfo, DirtyLog, GuestRam, MigratableVm, RamBlock, VmError,
 };
-use ferry_migration::state::{DeviceState, StateSchema};
+use ferry_migration::state::{DeviceState, StateReader, StateSchema, StateWriter};
 use ferry_migration::testing::{checks, conformance, Failure, RefVm, Report, Role};
 
 fn reference(role: Role) -> Arc<dyn MigratableVm> {
@@ -40,6 +40,11 @@ enum Flaw {
     PopulatedMarksNothing,
     /// `load_device` accepts any state without looking at it.
     LoadAcceptsAnything,
+    /// `save_device` writes its first field and returns as if it had written all.
+    SaveStopsEarly,
+    /// A `save_device` cut short by the stream leaves the device unable to resume, as
+    /// a device left in STOP_COPY would be.
+    SaveFailureWedges,
     /// `load_vcpu` unwraps the fields it reads.
     LoadPanics,
 }
@@ -52,6 +57,8 @@ struct Broken {
     kept: Vec<DirtyBitmap>,
     /// For `PauseKeepsRunning`: `pause` was called, and `is_running` says so.
     claims_paused: AtomicBool,
+    /// For `SaveFailureWedges`: a save failed.
+    wedged: AtomicBool,
 }
 
 impl Broken {
@@ -68,6 +75,7 @@ impl Broken {
             flaw,
             kept,
             claims_paused: AtomicBool::new(false),
+            wedged: AtomicBool::new(false),
         }
     }
 }
@@ -149,6 +157,11 @@ impl MigratableVm for Broken {
     }
 
     fn resume(&self) -> Result<(), VmError> {
+        if self.wedged.load(Ordering::SeqCst) {
+            return Err(VmError::Failed(
+                "ref-counter: invalid transition STOP_COPY -> RUNNING".into(),
+            ));
+        }
         self.claims_paused.store(false, Ordering::SeqCst);
         self.vm.resume()
     }
@@ -169,14 +182,28 @@ impl MigratableVm for Broken {
         self.vm.load_vcpu(index, state)
     }
 
-    fn save_device(&self, index: usize) -> Result<DeviceState, VmError> {
-        self.vm.save_device(index)
+    fn save_device(&self, index: usize, out: &mut StateWriter<'_>) -> Result<(), VmError> {
+        match self.flaw {
+            Flaw::SaveStopsEarly => {
+                out.begin(&[])?;
+                out.u64("ticks", 0)?;
+                Ok(())
+            }
+            Flaw::SaveFailureWedges => {
+                let saved = self.vm.save_device(index, out);
+                if saved.is_err() {
+                    self.wedged.store(true, Ordering::SeqCst);
+                }
+                saved
+            }
+            _ => self.vm.save_device(index, out),
+        }
     }
 
-    fn load_device(&self, index: usize, state: DeviceState) -> Result<(), VmError> {
+    fn load_device(&self, index: usize, input: &mut StateReader<'_>) -> Result<(), VmError> {
         match self.flaw {
             Flaw::LoadAcceptsAnything => Ok(()),
-            _ => self.vm.load_device(index, state),
+            _ => self.vm.load_device(index, input),
         }
     }
 }
@@ -239,11 +266,29 @@ fn a_populated_that_misses_pages_fails_the_populated_check() {
 }
 
 #[test]
-fn a_load_that_accepts_anything_fails_the_foreign_state_check() {
+fn a_load_that_accepts_anything_unread_fails_the_load_check() {
     fails(
         Flaw::LoadAcceptsAnything,
-        checks::STATE_REFUSES_FOREIGN,
-        "accepted a state of another schema",
+        checks::STATE_LOAD,
+        "its load returned before the whole state was read",
+    );
+}
+
+#[test]
+fn a_save_that_stops_early_fails_the_save_check() {
+    fails(
+        Flaw::SaveStopsEarly,
+        checks::STATE_SAVE,
+        "its save returned before the whole state was written",
+    );
+}
+
+#[test]
+fn a_save_cut_short_that_wedges_the_device_fails_the_interrupted_save_check() {
+    fails(
+        Flaw::SaveFailureWedges,
+        checks::STATE_SAVE_INTERRUPTED,
+        "STOP_COPY -> RUNNING",
     );
 }
 

@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 
 use ferry_migration::engine::bitmap::DirtyBitmap;
 use ferry_migration::engine::vm::{DeviceInfo, DirtyLog, GuestRam, MigratableVm, VmError};
-use ferry_migration::state::{DeviceState, FieldKind, FieldSchema, StateSchema, Value};
+use ferry_migration::state::{
+    DeviceState, FieldKind, FieldSchema, StateReader, StateSchema, StateWriter, Value,
+};
 use ferry_migration::PAGE_SIZE;
 
 use crate::guest::{GuestReport, GuestVm};
@@ -465,15 +467,19 @@ impl MigratableVm for SoftVm {
         Ok(())
     }
 
-    fn save_device(&self, index: usize) -> Result<DeviceState, VmError> {
+    fn save_device(&self, index: usize, out: &mut StateWriter<'_>) -> Result<(), VmError> {
         debug_assert_eq!(index, 0);
         let c = self.shared.console.lock().unwrap();
-        Ok(DeviceState::new()
-            .with("bytes-written", Value::U64(c.written))
-            .with("tail", Value::Bytes(c.tail.clone())))
+        out.write_state(
+            &DeviceState::new()
+                .with("bytes-written", Value::U64(c.written))
+                .with("tail", Value::Bytes(c.tail.clone())),
+        )?;
+        Ok(())
     }
 
-    fn load_device(&self, index: usize, st: DeviceState) -> Result<(), VmError> {
+    fn load_device(&self, index: usize, input: &mut StateReader<'_>) -> Result<(), VmError> {
+        let st = input.read_state()?;
         debug_assert_eq!(index, 0);
         let mut c = self.shared.console.lock().unwrap();
         c.written = st.get_u64("bytes-written")?;

@@ -16,7 +16,7 @@ use ferry_migration::engine::{
     MigrationError, MigrationInfo, MigrationMonitor, MigrationParams, MigrationStatus,
     MigrationStream, MigrationUri, SourceIdentity, StreamRole,
 };
-use ferry_migration::state::{DeviceState, StateSchema};
+use ferry_migration::state::{DeviceState, StateReader, StateSchema, StateWriter};
 use ferry_migration::wire::{
     ChannelHeader, Compression, FrameHeader, FrameTag, RamBatchHeader, RefuseCause, StreamHeader,
     CHANNEL_VERSION,
@@ -498,11 +498,11 @@ impl MigratableVm for NewerConsole {
     fn load_vcpu(&self, i: usize, s: DeviceState) -> Result<(), VmError> {
         self.inner.load_vcpu(i, s)
     }
-    fn save_device(&self, i: usize) -> Result<DeviceState, VmError> {
-        self.inner.save_device(i)
+    fn save_device(&self, i: usize, out: &mut StateWriter<'_>) -> Result<(), VmError> {
+        self.inner.save_device(i, out)
     }
-    fn load_device(&self, i: usize, s: DeviceState) -> Result<(), VmError> {
-        self.inner.load_device(i, s)
+    fn load_device(&self, i: usize, input: &mut StateReader<'_>) -> Result<(), VmError> {
+        self.inner.load_device(i, input)
     }
     fn device_pending(&self, _: usize) -> DevicePending {
         DevicePending::stop_copy(self.stop_copy)

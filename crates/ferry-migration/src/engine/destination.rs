@@ -29,7 +29,7 @@ use super::stream::{read_exact, read_frame_header, read_payload, write_frame};
 use super::transport::Channel;
 use super::vm::{DeviceInfo, MigratableVm, RamBlock};
 use crate::compat::wire_mismatches;
-use crate::state;
+use crate::state::{self, StateReader};
 use crate::wire::{
     decode_reason, encode_reason, Accept, Annotations, ChannelsReady, Completed, Compression,
     DeviceStateHeader, EndOfStream, FrameHeader, FrameTag, Hello, MultifdSync, PassEnd,
@@ -559,10 +559,21 @@ impl Dest<'_> {
                 what: format!("device {name} instance {instance}"),
             });
         }
-        let bytes = read_payload(&mut self.ch, state_len, PEER, "device state")?;
+        // The device reads its state straight off the stream, checked as it goes.
         let t = Instant::now();
-        let st = state::decode(schema, version, &bytes)?;
-        self.vm.load_device(idx, st)?;
+        let mut r = StateReader::new(schema, version, &mut self.ch, u64::from(state_len));
+        let loaded = self.vm.load_device(idx, &mut r);
+        if let Some(e) = r.take_io_error() {
+            return Err(MigrationError::io(PEER, "device state", e));
+        }
+        loaded?;
+        if !r.is_done() {
+            return Err(state::stream::incomplete(
+                schema,
+                "its load returned before the whole state was read",
+            )
+            .into());
+        }
         self.state_load += t.elapsed();
         Ok(())
     }

@@ -29,10 +29,10 @@ use super::stats::{
     ChannelStats, DowntimeBreakdown, Handover, HandoverPoint, MigrationEvent, MigrationInfo,
     MigrationMonitor, MigrationStatus, MultifdStats, PassStats,
 };
-use super::stream::{read_frame_header, read_payload, write_frame, write_frame_after};
+use super::stream::{read_frame_header, read_payload, write_frame, write_frame_after, DeviceFrame};
 use super::transport::{Channel, Connector, StreamRole};
-use super::vm::{GuestRam, MigratableVm, RamBlock};
-use crate::state;
+use super::vm::{DeviceInfo, GuestRam, MigratableVm, RamBlock};
+use crate::state::{self, StateWriter};
 use crate::wire::{
     decode_reason, encode_reason, Accept, Annotations, ChannelHeader, ChannelsReady, Completed,
     DeviceStateHeader, EndOfStream, FrameTag, Hello, HelloDevice, HelloRamBlock, MultifdSync,
@@ -200,6 +200,35 @@ struct PassCount {
 impl Source<'_> {
     fn ch(&self) -> &Channel {
         self.ch.as_ref().expect("connected")
+    }
+
+    /// Streams device `i`'s state into one device-state frame as the device writes it.
+    fn save_device(&self, i: usize, d: &DeviceInfo) -> Result<(), MigrationError> {
+        let mut frame = DeviceFrame::new(
+            self.ch(),
+            DeviceStateHeader {
+                name: d.name.clone(),
+                instance: d.instance,
+                version: d.schema.version,
+            },
+        );
+        let mut w = StateWriter::new(d.schema, &mut frame);
+        let saved = self.vm.save_device(i, &mut w);
+        // A failed write is the link's fault, whatever the device made of it.
+        if let Some(e) = w.take_io_error() {
+            return Err(MigrationError::io(PEER, "device state", e));
+        }
+        saved?;
+        if !w.is_done() {
+            return Err(state::stream::incomplete(
+                d.schema,
+                "its save returned before the whole state was written",
+            )
+            .into());
+        }
+        frame
+            .flush()
+            .map_err(|e| MigrationError::io(PEER, "device state", e))
     }
 
     fn run(
@@ -851,21 +880,7 @@ impl Source<'_> {
 
         let t = Instant::now();
         for (i, d) in self.vm.devices().iter().enumerate() {
-            let st = self.vm.save_device(i)?;
-            let bytes = state::encode(d.schema, &st)?;
-            let payload = DeviceStateHeader {
-                name: d.name.clone(),
-                instance: d.instance,
-                version: d.schema.version,
-            }
-            .encode(&bytes);
-            write_frame(
-                self.ch(),
-                FrameTag::DeviceState,
-                &payload,
-                PEER,
-                "device state",
-            )?;
+            self.save_device(i, d)?;
             self.monitor.probe(HandoverPoint::DeviceStateSent(i));
         }
         br.devices_ms = ms(t.elapsed());

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use thiserror::Error;
 
 use super::bitmap::DirtyBitmap;
-use crate::state::{DeviceState, StateError, StateSchema};
+use crate::state::{DeviceState, StateError, StateReader, StateSchema, StateWriter};
 
 /// One contiguous block of guest RAM.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -109,11 +109,24 @@ pub trait MigratableVm: Send + Sync {
     /// Loads vCPU `index`. Only called on a destination that is not running.
     fn load_vcpu(&self, index: usize, state: DeviceState) -> Result<(), VmError>;
 
-    /// Saves device `index` of [`MigratableVm::devices`]. Only called while paused.
-    fn save_device(&self, index: usize) -> Result<DeviceState, VmError>;
+    /// Saves device `index` of [`MigratableVm::devices`] into `out`, which the engine
+    /// has pointed at the migration stream. Only called while paused.
+    ///
+    /// A device with a small state builds a [`DeviceState`] and hands it over with
+    /// [`StateWriter::write_state`]; one with memory of its own streams it: fields in
+    /// schema order, large `Bytes` fields in chunks read straight from its memory
+    /// ([`StateWriter::begin`], [`StateWriter::open_bytes`], [`StateWriter::chunk`],
+    /// [`StateWriter::finish`]), so no copy of the state is ever held beside the device's.
+    /// The bytes leave for the peer as they are written. The engine refuses a save that
+    /// returns before the whole state is written.
+    fn save_device(&self, index: usize, out: &mut StateWriter<'_>) -> Result<(), VmError>;
 
-    /// Loads device `index` of [`MigratableVm::devices`].
-    fn load_device(&self, index: usize, state: DeviceState) -> Result<(), VmError>;
+    /// Loads device `index` of [`MigratableVm::devices`] from `input`, bytes straight
+    /// from the peer, which the reader checks as it goes (they are untrusted): whole with
+    /// [`StateReader::read_state`] or in pieces as they were written. The engine refuses
+    /// a load that returns before the whole state is read. Only called on a destination
+    /// that is not running.
+    fn load_device(&self, index: usize, input: &mut StateReader<'_>) -> Result<(), VmError>;
 
     /// What device `index` still has to move, as far as it can tell now (VFIO's
     /// `VFIO_DEVICE_FEATURE_MIG_DATA_SIZE`, QEMU's `state_pending_estimate`). The source

@@ -231,7 +231,7 @@ fn resolve<'s>(
     Ok(out)
 }
 
-fn check_value(kind: FieldKind, value: &Value) -> Result<(), String> {
+pub(super) fn check_value(kind: FieldKind, value: &Value) -> Result<(), String> {
     match (kind, value) {
         (FieldKind::U8, Value::U8(_))
         | (FieldKind::U16, Value::U16(_))
@@ -278,7 +278,7 @@ fn encoded_len(values: &[(FieldKind, &Value)]) -> usize {
 }
 
 /// Writes values that `resolve` checked.
-fn put_fields(out: &mut Vec<u8>, values: &[(FieldKind, &Value)]) {
+pub(super) fn put_fields(out: &mut Vec<u8>, values: &[(FieldKind, &Value)]) {
     for (kind, value) in values {
         match value {
             Value::U8(x) => out.push(*x),
@@ -321,7 +321,7 @@ fn read_fields(
     Ok(out)
 }
 
-fn read_value(r: &mut Reader<'_>, kind: FieldKind) -> Result<Value, String> {
+pub(super) fn read_value(r: &mut Reader<'_>, kind: FieldKind) -> Result<Value, String> {
     let kind_name = kind.name();
     Ok(match kind {
         FieldKind::U8 => Value::U8(r.u8().ok_or_else(|| r.truncated(kind_name, 1))?),
@@ -329,7 +329,7 @@ fn read_value(r: &mut Reader<'_>, kind: FieldKind) -> Result<Value, String> {
         FieldKind::U32 => Value::U32(r.u32().ok_or_else(|| r.truncated(kind_name, 4))?),
         FieldKind::U64 => Value::U64(r.u64().ok_or_else(|| r.truncated(kind_name, 8))?),
         FieldKind::Bool => {
-            let at = r.pos;
+            let at = r.offset();
             match r.u8().ok_or_else(|| r.truncated(kind_name, 1))? {
                 0 => Value::Bool(false),
                 1 => Value::Bool(true),
@@ -341,7 +341,7 @@ fn read_value(r: &mut Reader<'_>, kind: FieldKind) -> Result<Value, String> {
             }
         }
         FieldKind::Bytes { max_len } => {
-            let at = r.pos;
+            let at = r.offset();
             let len = r
                 .u32()
                 .ok_or_else(|| r.truncated("the length of bytes", 4))?;
@@ -369,19 +369,32 @@ fn read_value(r: &mut Reader<'_>, kind: FieldKind) -> Result<Value, String> {
 
 /// A cursor over `bytes[..end]` that reports absolute offsets, so an error inside a
 /// subsection's payload points at the same byte a hex dump of the whole state shows.
-struct Reader<'a> {
+pub(super) struct Reader<'a> {
     bytes: &'a [u8],
     pos: usize,
     end: usize,
+    /// Where `bytes[0]` sits in the whole state, for a reader over a piece of it.
+    base: usize,
 }
 
 impl<'a> Reader<'a> {
     fn new(bytes: &'a [u8]) -> Self {
+        Self::at(bytes, 0)
+    }
+
+    /// A reader over a piece of a state that starts `base` bytes into it.
+    pub(super) fn at(bytes: &'a [u8], base: usize) -> Self {
         Self {
             bytes,
             pos: 0,
             end: bytes.len(),
+            base,
         }
+    }
+
+    /// The offset of the next byte in the whole state.
+    fn offset(&self) -> usize {
+        self.base + self.pos
     }
 
     fn remaining(&self) -> usize {
@@ -426,6 +439,7 @@ impl<'a> Reader<'a> {
             bytes: self.bytes,
             pos: self.pos,
             end: self.pos + n,
+            base: self.base,
         };
         self.pos += n;
         Some(sub)
@@ -434,7 +448,7 @@ impl<'a> Reader<'a> {
     fn truncated(&self, what: &str, needed: usize) -> String {
         format!(
             "truncated at offset {}: {what} needs {needed} bytes, {} remain",
-            self.pos,
+            self.offset(),
             self.remaining()
         )
     }

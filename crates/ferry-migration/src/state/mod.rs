@@ -148,10 +148,12 @@ use thiserror::Error;
 
 mod codec;
 mod schema;
+pub mod stream;
 #[cfg(test)]
 mod tests;
 
 pub use codec::{decode, encode};
+pub use stream::{load_from_slice, save_to_vec, StateReader, StateSink, StateWriter};
 
 /// The type of one field of a device state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -263,6 +265,10 @@ pub enum StateError {
     /// The local schema itself is inconsistent: a bug in the release, not in the stream.
     #[error("device {device}: invalid schema: {reason}")]
     Schema { device: String, reason: String },
+    /// The stream a [`StateWriter`] or [`StateReader`] was moving the state through
+    /// failed; the writer or reader holds the I/O error.
+    #[error("device {device}: the migration stream failed while the state was moving")]
+    Interrupted { device: String },
     /// A typed getter found no field of that name. The state does not know its device,
     /// so the caller adds that context.
     #[error("no field {field} in the state")]

@@ -1155,3 +1155,175 @@ proptest! {
         }
     }
 }
+
+/// `schema` without subsections, and `state` without any: what streams.
+fn streamable(
+    schema: &'static StateSchema,
+    state: &DeviceState,
+) -> (&'static StateSchema, DeviceState) {
+    let schema: &'static StateSchema = Box::leak(Box::new(StateSchema {
+        subsections: &[],
+        ..*schema
+    }));
+    let state = DeviceState {
+        subsections: Vec::new(),
+        ..state.clone()
+    };
+    (schema, state)
+}
+
+/// Writes `state` field by field, its `Bytes` fields in chunks of `chunk` bytes.
+fn stream_out(
+    schema: &'static StateSchema,
+    state: &DeviceState,
+    chunk: usize,
+) -> Result<Vec<u8>, StateError> {
+    save_to_vec(schema, |w| {
+        let lens: Vec<(&str, u64)> = schema
+            .fields_at(schema.version)
+            .filter(|f| matches!(f.kind, FieldKind::Bytes { .. }))
+            .map(|f| (f.name, state.get_bytes(f.name).unwrap().len() as u64))
+            .collect();
+        w.begin(&lens)?;
+        for f in schema.fields_at(schema.version) {
+            match (f.kind, state.get(f.name).unwrap()) {
+                (FieldKind::Bytes { .. }, Value::Bytes(b)) => {
+                    w.open_bytes(f.name)?;
+                    for piece in b.chunks(chunk) {
+                        w.chunk(piece)?;
+                    }
+                }
+                (_, v) => w.field(f.name, v)?,
+            }
+        }
+        w.finish()
+    })
+}
+
+/// Reads a state field by field, `Bytes` fields in chunks of `chunk` bytes.
+fn stream_in(
+    schema: &'static StateSchema,
+    version: u32,
+    bytes: &[u8],
+    chunk: usize,
+) -> Result<DeviceState, StateError> {
+    let mut fields = Vec::new();
+    load_from_slice(schema, version, bytes, |r| {
+        for f in schema.fields {
+            let value = match f.kind {
+                FieldKind::Bytes { .. } => {
+                    let mut b = vec![0u8; r.open_bytes(f.name)? as usize];
+                    for piece in b.chunks_mut(chunk) {
+                        r.chunk(piece)?;
+                    }
+                    Value::Bytes(b)
+                }
+                _ => r.field(f.name)?,
+            };
+            fields.push((f.name.to_string(), value));
+        }
+        r.finish()
+    })?;
+    Ok(DeviceState {
+        version,
+        fields,
+        subsections: Vec::new(),
+    })
+}
+
+proptest! {
+    #[test]
+    fn state_prop_streamed_state_is_the_encoded_state(
+        (schema, state) in schema_and_state(),
+        chunk in 1usize..48,
+    ) {
+        let (schema, state) = streamable(schema, &state);
+        let whole = encode(schema, &state).unwrap();
+        prop_assert_eq!(&stream_out(schema, &state, chunk).unwrap(), &whole);
+        prop_assert_eq!(stream_in(schema, schema.version, &whole, chunk).unwrap(), state.clone());
+        // Whole through the writer and the reader too.
+        let via = save_to_vec(schema, |w| w.write_state(&state)).unwrap();
+        prop_assert_eq!(&via, &whole);
+        let mut got = None;
+        load_from_slice(schema, schema.version, &whole, |r| {
+            got = Some(r.read_state()?);
+            Ok::<_, StateError>(())
+        }).unwrap();
+        prop_assert_eq!(got.unwrap(), state);
+    }
+
+    #[test]
+    fn state_prop_streamed_reader_takes_and_refuses_what_decode_does(
+        (schema, state) in schema_and_state(),
+        flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..4),
+        cut in any::<prop::sample::Index>(),
+        version in 0u32..6,
+        chunk in 1usize..48,
+    ) {
+        let (schema, state) = streamable(schema, &state);
+        let mut bytes = encode(schema, &state).unwrap();
+        for (at, byte) in flips {
+            let i = at.index(bytes.len());
+            bytes[i] = byte;
+        }
+        for b in [&bytes[..], &bytes[..cut.index(bytes.len())]] {
+            match (decode(schema, version, b), stream_in(schema, version, b, chunk)) {
+                (Ok(d), Ok(s)) => prop_assert_eq!(d, s),
+                (Err(_), Err(_)) => {}
+                (d, s) => prop_assert!(false, "decode {:?} but streamed {:?}", d, s),
+            }
+        }
+    }
+}
+
+#[test]
+fn state_stream_refuses_misuse_by_name() {
+    let (schema, state) = streamable(&DEMO, &demo_state());
+    let e = save_to_vec(schema, |w| w.begin(&[])).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "device demo: field c: no length given for it"
+    );
+    let e = save_to_vec(schema, |w| w.begin(&[("c", 9)])).unwrap_err();
+    assert!(e.to_string().contains("more than its maximum of 8"), "{e}");
+    // A schema with subsections streams only whole.
+    let e = save_to_vec(&DEMO, |w| w.begin(&[("c", 2)])).unwrap_err();
+    assert!(e.to_string().contains("cannot stream"), "{e}");
+    // Out of order, after a begin with every length.
+    let lens: Vec<(&str, u64)> = schema
+        .fields_at(schema.version)
+        .filter(|f| matches!(f.kind, FieldKind::Bytes { .. }))
+        .map(|f| (f.name, state.get_bytes(f.name).unwrap().len() as u64))
+        .collect();
+    let fields: Vec<_> = schema.fields_at(schema.version).collect();
+    let e = save_to_vec(schema, |w| {
+        w.begin(&lens)?;
+        w.field(fields[1].name, state.get(fields[1].name).unwrap())
+    })
+    .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains(&format!("the next field is {}", fields[0].name)),
+        "{e}"
+    );
+    // Returning before the end is refused.
+    let e = save_to_vec(schema, |w| w.begin(&lens)).unwrap_err();
+    assert!(
+        e.to_string().contains("before the whole state was written"),
+        "{e}"
+    );
+    let whole = encode(schema, &state).unwrap();
+    let e = load_from_slice(schema, schema.version, &whole, |r| {
+        r.field(fields[0].name).map(|_| ())
+    })
+    .unwrap_err();
+    assert!(
+        e.to_string().contains("before the whole state was read"),
+        "{e}"
+    );
+    // One byte too many is refused at the end.
+    let mut long = whole.clone();
+    long.push(0);
+    let e = stream_in(schema, schema.version, &long, 7).unwrap_err();
+    assert!(e.to_string().contains("trailing"), "{e}");
+}

@@ -42,20 +42,27 @@
 //! * [`checks::DIRTY_TRACKS_WRITES`]: with the log on, every page whose contents changed
 //!   between a paused snapshot and the next pause shows in a harvest.
 //! * [`checks::DIRTY_STOP`]: the log stops, and starts again (a retried migration).
-//! * [`checks::STATE_SAVE`]: on the paused source, every vCPU and device saves, and the
-//!   state encodes with its schema ([`state::encode`]).
+//! * [`checks::STATE_SAVE`]: on the paused source, every vCPU and device saves: a vCPU's
+//!   state encodes with its schema ([`state::encode`]); a device writes its whole state
+//!   into a [`state::StateWriter`], whole or streamed, and returns only after the last
+//!   byte.
+//! * [`checks::STATE_SAVE_INTERRUPTED`]: a device save whose stream breaks halfway
+//!   returns an error, and the source resumes afterwards (a failed migration resumes the
+//!   guest; a device left mid-save must not stop that).
 //! * [`checks::STATE_LOAD`]: those bytes decode with the incoming VM's schemas
-//!   ([`state::decode`]) and load into it, as the engine's destination does.
+//!   ([`state::decode`]) and load into it, as the engine's destination does: a device
+//!   reads them from a [`state::StateReader`] to the last byte.
 //! * [`checks::STATE_OLDER_VERSIONS`]: a schema with `min_version < version` loads what a
-//!   stream at each older version decodes to (later fields zero, no subsections), and a
+//!   stream at each older version carries (later fields zero, no subsections), and a
 //!   state without its optional subsections loads too.
 //! * [`checks::STATE_REFUSES_VERSION`]: bytes claiming a version the schema cannot load
 //!   are refused before anything reaches the VM, and a `load_*` given a state at such a
-//!   version does not panic (accepting it is reported as a note: the engine never passes
-//!   one, so the traits do not require a refusal).
-//! * [`checks::STATE_REFUSES_FOREIGN`]: a `load_*` given a state of another schema (none of
-//!   its fields), or its own fields holding the wrong kinds of value, returns an error
-//!   rather than loading or panicking. Schemas without fields are exempt.
+//!   version does not panic (a vCPU accepting it is reported as a note: the engine never
+//!   passes one, so the traits do not require a refusal).
+//! * [`checks::STATE_REFUSES_FOREIGN`]: a `load_vcpu` given a state of another schema (none
+//!   of its fields), or its own fields holding the wrong kinds of value, and a
+//!   `load_device` given the bytes of another schema's state, return an error rather than
+//!   loading or panicking. Schemas without fields are exempt.
 //! * [`checks::RAM_STABLE`]: at the end, both VMs still report the blocks and host
 //!   pointers they started with.
 //!
@@ -124,6 +131,7 @@
 //! [`checks::STATE_REFUSES_FOREIGN`]: crate::testing::checks::STATE_REFUSES_FOREIGN
 //! [`checks::STATE_REFUSES_VERSION`]: crate::testing::checks::STATE_REFUSES_VERSION
 //! [`checks::STATE_SAVE`]: crate::testing::checks::STATE_SAVE
+//! [`checks::STATE_SAVE_INTERRUPTED`]: crate::testing::checks::STATE_SAVE_INTERRUPTED
 
 use std::fmt;
 use std::sync::Arc;
@@ -163,6 +171,7 @@ pub mod checks {
     pub const DIRTY_TRACKS_WRITES: &str = "dirty-log/tracks-writes";
     pub const DIRTY_STOP: &str = "dirty-log/stop";
     pub const STATE_SAVE: &str = "state/save";
+    pub const STATE_SAVE_INTERRUPTED: &str = "state/save-interrupted";
     pub const STATE_LOAD: &str = "state/load";
     pub const STATE_OLDER_VERSIONS: &str = "state/older-versions";
     pub const STATE_REFUSES_VERSION: &str = "state/refuses-version";
@@ -186,6 +195,7 @@ pub mod checks {
         DIRTY_TRACKS_WRITES,
         DIRTY_STOP,
         STATE_SAVE,
+        STATE_SAVE_INTERRUPTED,
         STATE_LOAD,
         STATE_OLDER_VERSIONS,
         STATE_REFUSES_VERSION,

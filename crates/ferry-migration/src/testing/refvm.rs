@@ -33,7 +33,9 @@ use std::time::Duration;
 use super::Role;
 use crate::engine::bitmap::DirtyBitmap;
 use crate::engine::vm::{DeviceInfo, DirtyLog, GuestRam, MigratableVm, RamBlock, VmError};
-use crate::state::{DeviceState, FieldKind, FieldSchema, StateSchema, Value};
+use crate::state::{
+    DeviceState, FieldKind, FieldSchema, StateReader, StateSchema, StateWriter, Value,
+};
 use crate::PAGE_SIZE;
 
 /// The RAM blocks of a [`RefVm`] as `(name, guest-physical address, pages)`: 64 KiB low,
@@ -537,34 +539,31 @@ impl MigratableVm for RefVm {
         Ok(())
     }
 
-    fn save_device(&self, index: usize) -> Result<DeviceState, VmError> {
+    fn save_device(&self, index: usize, out: &mut StateWriter<'_>) -> Result<(), VmError> {
         let m = self.paused("save device")?;
         if index != 0 {
             return Err(VmError::Failed(format!("no device {index}")));
         }
-        Ok(DeviceState {
-            version: REF_COUNTER_SCHEMA.version,
-            ..DeviceState::new()
-        }
-        .with("ticks", Value::U64(m.counter.ticks))
-        .with(
-            "last-write",
-            Value::U64(m.counter.last_write.map_or(0, |p| p + 1)),
-        ))
+        // Field by field, as a device with large state streams it.
+        out.begin(&[])?;
+        out.u64("ticks", m.counter.ticks)?;
+        out.u64("last-write", m.counter.last_write.map_or(0, |p| p + 1))?;
+        out.finish()?;
+        Ok(())
     }
 
-    fn load_device(&self, index: usize, st: DeviceState) -> Result<(), VmError> {
+    fn load_device(&self, index: usize, input: &mut StateReader<'_>) -> Result<(), VmError> {
         let mut m = self.paused("load device")?;
         if index != 0 {
             return Err(VmError::Failed(format!("no device {index}")));
         }
-        check_version(&REF_COUNTER_SCHEMA, &st)?;
-        let ticks = st.get_u64("ticks")?;
-        // Version 1 did not send it: the zero decode fills in means "not known".
-        let last_write = match st.get_u64("last-write")? {
+        let ticks = input.u64("ticks")?;
+        // Version 1 did not send it: the zero the reader fills in means "not known".
+        let last_write = match input.u64("last-write")? {
             0 => None,
             p => Some(p - 1),
         };
+        input.finish()?;
         m.counter = Counter { ticks, last_write };
         m.device_missing = false;
         Ok(())

@@ -14,7 +14,7 @@ use super::{checks, Failure, Options, Report, Role};
 use crate::engine::bitmap::DirtyBitmap;
 use crate::engine::error_chain;
 use crate::engine::vm::{DeviceInfo, GuestRam, MigratableVm, RamBlock, VmError};
-use crate::state::{self, DeviceState, FieldKind, StateSchema, Value};
+use crate::state::{self, DeviceState, FieldKind, FieldSchema, StateSchema, Value};
 use crate::PAGE_SIZE;
 
 /// Runs checks, collecting the names that passed and the notes they made.
@@ -399,12 +399,30 @@ pub(super) fn run(
 
     // State: saved on the paused source, loaded into the incoming VM.
     let saved = r.check(checks::STATE_SAVE, |notes| save_all(src, notes))?;
+    r.check(checks::STATE_SAVE_INTERRUPTED, |_| {
+        for ((unit, schema, label), (_, _, _, bytes)) in units(src).into_iter().zip(&saved.units) {
+            let Unit::Device(i) = unit else { continue };
+            let mut sink = Breaks {
+                left: bytes.len() / 2,
+            };
+            let mut w = state::StateWriter::new(schema, &mut sink);
+            if src.save_device(i, &mut w).is_ok() {
+                return Err(format!(
+                    "{label}: save_device returned Ok although its stream broke after {} of its {} bytes",
+                    bytes.len() / 2,
+                    bytes.len()
+                ));
+            }
+        }
+        resume(src).map_err(|e| format!("after device saves cut by a broken stream, {e}"))?;
+        src.pause().map_err(|e| failed("pause() after that resume", &e))
+    })?;
     r.check(checks::STATE_LOAD, |notes| load_all(dst, &saved, notes))?;
     r.check(checks::STATE_OLDER_VERSIONS, |_| {
         for_each_state(dst, &saved, |unit, label, schema, decoded| {
             for v in schema.min_version..schema.version {
                 let older = as_decoded_at(schema, decoded, v);
-                unit.load(dst, older).map_err(|e| {
+                unit.load(dst, schema, older).map_err(|e| {
                     failed(
                         &format!(
                             "loading {label} as a version {v} stream decodes (the fields added \
@@ -419,7 +437,7 @@ pub(super) fn run(
                     subsections: Vec::new(),
                     ..decoded.clone()
                 };
-                unit.load(dst, bare).map_err(|e| {
+                unit.load(dst, schema, bare).map_err(|e| {
                     failed(
                         &format!("loading {label} without its optional subsections"),
                         &e,
@@ -448,7 +466,7 @@ pub(super) fn run(
                     version: v,
                     ..decoded.clone()
                 };
-                if unit.load(dst, st).is_ok() {
+                if unit.load(dst, schema, st).is_ok() {
                     accepted.push(v.to_string());
                 }
             }
@@ -469,13 +487,29 @@ pub(super) fn run(
             if schema.fields_at(schema.version).next().is_none() {
                 return Ok(());
             }
-            if unit.load(dst, foreign_state(schema)).is_ok() {
+            if let Unit::Device(_) = unit {
+                // A device reads bytes: give it those of another schema, unless they
+                // happen to be a valid state of its own.
+                let bytes =
+                    state::encode(&FOREIGN, &foreign_state(&FOREIGN)).map_err(|e| e.to_string())?;
+                if state::decode(schema, schema.version, &bytes).is_err()
+                    && unit.load_bytes(dst, schema, schema.version, &bytes).is_ok()
+                {
+                    return Err(format!(
+                        "{label} accepted the bytes of a state of another schema, none of {}",
+                        schema.name
+                    ));
+                }
+                // Values of the wrong kind cannot be written as its state at all.
+                return Ok(());
+            }
+            if unit.load(dst, schema, foreign_state(schema)).is_ok() {
                 return Err(format!(
                     "{label} accepted a state of another schema, without any field of {}",
                     schema.name
                 ));
             }
-            if unit.load(dst, wrong_kinds(schema)).is_ok() {
+            if unit.load(dst, schema, wrong_kinds(schema)).is_ok() {
                 return Err(format!(
                     "{label} accepted a state whose fields hold the wrong kinds of value for {}",
                     schema.name
@@ -744,19 +778,78 @@ enum Unit {
 }
 
 impl Unit {
-    fn load(self, vm: &dyn MigratableVm, st: DeviceState) -> Result<(), VmError> {
+    /// Saves the unit on a paused VM: its bytes, as the engine puts them on the wire.
+    fn save(self, vm: &dyn MigratableVm, schema: &'static StateSchema) -> Result<Vec<u8>, VmError> {
         match self {
-            Unit::Vcpu(i) => vm.load_vcpu(i, st),
-            Unit::Device(i) => vm.load_device(i, st),
+            Unit::Vcpu(i) => Ok(state::encode(schema, &vm.save_vcpu(i)?)?),
+            Unit::Device(i) => state::save_to_vec(schema, |w| vm.save_device(i, w)),
         }
     }
 
-    fn save(self, vm: &dyn MigratableVm) -> Result<DeviceState, VmError> {
+    /// Loads `bytes`, a state at `version`, as the engine's destination does.
+    fn load_bytes(
+        self,
+        vm: &dyn MigratableVm,
+        schema: &'static StateSchema,
+        version: u32,
+        bytes: &[u8],
+    ) -> Result<(), VmError> {
         match self {
-            Unit::Vcpu(i) => vm.save_vcpu(i),
-            Unit::Device(i) => vm.save_device(i),
+            Unit::Vcpu(i) => vm.load_vcpu(i, state::decode(schema, version, bytes)?),
+            Unit::Device(i) => {
+                state::load_from_slice(schema, version, bytes, |r| vm.load_device(i, r))
+            }
         }
     }
+
+    /// Loads a state given as values. A vCPU gets it as it is; a device gets its bytes at
+    /// `st.version`, since devices load from the stream (a state the codec cannot write
+    /// at all does not reach one).
+    fn load(
+        self,
+        vm: &dyn MigratableVm,
+        schema: &'static StateSchema,
+        st: DeviceState,
+    ) -> Result<(), VmError> {
+        match self {
+            Unit::Vcpu(i) => vm.load_vcpu(i, st),
+            Unit::Device(_) => {
+                let bytes = encode_at(schema, &st, st.version)?;
+                self.load_bytes(vm, schema, st.version, &bytes)
+            }
+        }
+    }
+}
+
+/// `st` encoded as a release whose schema stopped at `version` writes it (no
+/// subsections below the schema's own version).
+fn encode_at(
+    schema: &'static StateSchema,
+    st: &DeviceState,
+    version: u32,
+) -> Result<Vec<u8>, state::StateError> {
+    if version >= schema.version {
+        return state::encode(schema, st);
+    }
+    let fields: Vec<FieldSchema> = schema.fields_at(version).copied().collect();
+    let older: &'static StateSchema = Box::leak(Box::new(StateSchema {
+        version,
+        min_version: schema.min_version.min(version),
+        fields: Box::leak(fields.into_boxed_slice()),
+        subsections: &[],
+        ..*schema
+    }));
+    let st = DeviceState {
+        fields: st
+            .fields
+            .iter()
+            .filter(|(n, _)| older.fields.iter().any(|f| f.name == n))
+            .cloned()
+            .collect(),
+        subsections: Vec::new(),
+        ..st.clone()
+    };
+    state::encode(older, &st)
 }
 
 impl std::fmt::Display for Unit {
@@ -790,18 +883,15 @@ fn units(vm: &dyn MigratableVm) -> Vec<(Unit, &'static StateSchema, String)> {
 fn save_all(src: &dyn MigratableVm, notes: &mut Vec<String>) -> Result<Saved, String> {
     let mut out = Vec::new();
     for (unit, schema, label) in units(src) {
-        let st = unit
-            .save(src)
+        let bytes = unit
+            .save(src, schema)
             .map_err(|e| failed(&format!("saving {label} on the paused source"), &e))?;
-        let bytes =
-            state::encode(schema, &st).map_err(|e| format!("{label}'s saved state: {e}"))?;
-        match unit.save(src).map(|st| state::encode(schema, &st)) {
-            Ok(Ok(again)) if again != bytes => notes.push(format!(
+        match unit.save(src, schema) {
+            Ok(again) if again != bytes => notes.push(format!(
                 "{label} saved twice while paused gives different states ({})",
                 differing(schema, &bytes, &again)
             )),
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => return Err(format!("{label}'s second saved state: {e}")),
+            Ok(_) => {}
             Err(e) => return Err(failed(&format!("saving {label} a second time"), &e)),
         }
         out.push((unit, schema, label, bytes));
@@ -836,21 +926,18 @@ fn load_all(dst: &dyn MigratableVm, saved: &Saved, notes: &mut Vec<String>) -> R
         return Err("the incoming VM has another number of vCPUs and devices".into());
     }
     for ((unit, schema, label), (_, src_schema, _, bytes)) in here.iter().zip(&saved.units) {
-        let st = state::decode(schema, src_schema.version, bytes)
+        state::decode(schema, src_schema.version, bytes)
             .map_err(|e| format!("decoding {label}'s saved state on the incoming VM: {e}"))?;
-        unit.load(dst, st)
+        unit.load_bytes(dst, schema, src_schema.version, bytes)
             .map_err(|e| failed(&format!("loading {label} into the incoming VM"), &e))?;
     }
     for ((unit, schema, label), (_, _, _, bytes)) in here.iter().zip(&saved.units) {
-        match unit.save(dst).map(|st| state::encode(schema, &st)) {
-            Ok(Ok(back)) if back != *bytes => notes.push(format!(
+        match unit.save(dst, schema) {
+            Ok(back) if back != *bytes => notes.push(format!(
                 "{label} saved on the incoming VM after its load differs from what was loaded ({})",
                 differing(schema, bytes, &back)
             )),
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => notes.push(format!(
-                "{label} saved on the incoming VM after its load does not encode: {e}"
-            )),
+            Ok(_) => {}
             Err(e) => notes.push(format!(
                 "{label} cannot be saved on the incoming VM after its load: {}",
                 error_chain(&e)
@@ -897,6 +984,45 @@ fn as_decoded_at(schema: &StateSchema, st: &DeviceState, version: u32) -> Device
         subsections: Vec::new(),
     }
 }
+
+/// A stream that breaks after `left` bytes.
+struct Breaks {
+    left: usize,
+}
+
+impl state::StateSink for Breaks {
+    fn begin(&mut self, _len: u64) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        if bytes.len() > self.left {
+            return Err(std::io::ErrorKind::BrokenPipe.into());
+        }
+        self.left -= bytes.len();
+        Ok(())
+    }
+}
+
+/// The schema of [`foreign_state`].
+static FOREIGN: StateSchema = StateSchema {
+    name: "ferry-conformance-foreign",
+    version: 1,
+    min_version: 1,
+    fields: &[
+        FieldSchema {
+            name: "ferry-conformance-foreign",
+            kind: FieldKind::U64,
+            since: 1,
+        },
+        FieldSchema {
+            name: "ferry-conformance-other",
+            kind: FieldKind::Bytes { max_len: 16 },
+            since: 1,
+        },
+    ],
+    subsections: &[],
+};
 
 /// A state as another schema's decode gives it: none of `schema`'s fields.
 fn foreign_state(schema: &StateSchema) -> DeviceState {

@@ -18,7 +18,8 @@ use ferry_migration::engine::vm::{
 };
 use ferry_migration::engine::{DestinationIdentity, MigrationParams, SourceIdentity};
 use ferry_migration::state::{
-    DeviceState, FieldKind, FieldSchema, StateSchema, SubsectionSchema, SubsectionState, Value,
+    DeviceState, FieldKind, FieldSchema, StateReader, StateSchema, StateWriter, SubsectionSchema,
+    SubsectionState, Value,
 };
 use ferry_migration::wire::{
     FrameHeader, FrameTag, Hello, HelloDevice, HelloRamBlock, StreamHeader, PROTOCOL_VERSION,
@@ -571,11 +572,13 @@ impl MigratableVm for TestVm {
         Ok(())
     }
 
-    fn save_device(&self, index: usize) -> Result<DeviceState, VmError> {
-        Ok(self.devices[index].clone())
+    fn save_device(&self, index: usize, out: &mut StateWriter<'_>) -> Result<(), VmError> {
+        out.write_state(&self.devices[index])?;
+        Ok(())
     }
 
-    fn load_device(&self, index: usize, state: DeviceState) -> Result<(), VmError> {
+    fn load_device(&self, index: usize, input: &mut StateReader<'_>) -> Result<(), VmError> {
+        let state = input.read_state()?;
         let mut r = self.record.lock().unwrap();
         self.note_load(&mut r);
         r.device_loads[index] += 1;

@@ -42,7 +42,7 @@
 //! and in no other state.
 //!
 //! The VMM drives it as QEMU drives a VFIO device without precopy support: the VM's pause
-//! moves it RUNNING -> STOP; the source's save goes STOP -> STOP_COPY, reads the whole
+//! moves it RUNNING -> STOP; the source's save goes STOP -> STOP_COPY, streams the whole
 //! state, and goes back to STOP (so a failed migration can resume the device); the
 //! destination's load goes STOP -> RESUMING -> STOP; the VM's resume goes STOP -> RUNNING.
 //! An incoming device refuses RUNNING until a state has been loaded.
@@ -59,19 +59,24 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ferry_migration::state::{DeviceState, FieldKind, FieldSchema, StateError, StateSchema, Value};
+use ferry_migration::state::{
+    FieldKind, FieldSchema, StateError, StateReader, StateSchema, StateWriter,
+};
 use thiserror::Error;
 use xxhash_rust::xxh3::xxh3_64;
 
 /// The largest device memory. A device's whole state travels in one device-state frame
-/// of at most `wire::MAX_DEVICE_STATE_LEN` (1 GiB) bytes, the memory field's length
-/// is a `u32`, and the source holds a few copies of the state while it encodes it, so the
-/// largest power of two that leaves room for the rest of the frame is the limit.
+/// of at most `wire::MAX_DEVICE_STATE_LEN` (1 GiB) bytes and the memory field's length
+/// is a `u32`; half of that keeps the limit a power of two well inside the frame (the
+/// state streams, so the limit is not about copies in memory).
 pub const ACCEL_MAX_SIZE: u64 = 512 << 20;
 /// The device memory of `ferry run --accel` given without a size.
 pub const ACCEL_DEFAULT_SIZE: u64 = 256 << 20;
 /// The unit the device thread rewrites.
 pub const CHUNK: usize = 4096;
+/// The pieces the memory streams in during a migration: large enough that each is one
+/// vectored write of its own, small enough to say "no second copy" truthfully.
+pub const STREAM_CHUNK: usize = 1 << 20;
 /// Chunks rewritten per [`TICK`].
 pub const CHUNKS_PER_TICK: usize = 16;
 /// The device thread's period.
@@ -183,8 +188,8 @@ pub enum AccelError {
     NotLoaded,
     #[error("accel: starting its device thread")]
     Thread(#[source] io::Error),
-    #[error("accel: reading its state")]
-    State(#[source] StateError),
+    #[error("accel: moving its state")]
+    State(#[from] StateError),
     #[error("accel: the source's device has {sent} bytes of memory, this one {here}; give the destination the same --accel size")]
     SizeMismatch { sent: u64, here: u64 },
     #[error("accel: the state holds {len} bytes of memory, its size says {size}")]
@@ -395,36 +400,54 @@ impl Accel {
         }
     }
 
-    /// The source's stop-copy: STOP -> STOP_COPY, reads the whole state, -> STOP.
-    pub fn save(&self) -> Result<DeviceState, AccelError> {
+    /// The source's stop-copy: STOP -> STOP_COPY, streams the whole state into `out`,
+    /// -> STOP (also when the stream failed, so that the source can resume the device).
+    ///
+    /// The memory goes in [`STREAM_CHUNK`] pieces straight from the device's buffer into
+    /// the writer (and from there into the socket): no copy of it is made.
+    pub fn save(&self, out: &mut StateWriter<'_>) -> Result<(), AccelError> {
         let mut ctl = self.ctl();
         self.step(&mut ctl, MigState::StopCopy)?;
-        let (state, checksum) = {
+        let saved = {
             let mem = self.shared.mem();
             let checksum = xxh3_64(&mem.bytes);
-            let state = DeviceState {
-                version: ACCEL_SCHEMA.version,
-                ..DeviceState::new()
-            }
-            .with("size", Value::U64(self.size))
-            .with("generation", Value::U64(mem.generation))
-            .with("cursor", Value::U64(mem.cursor))
-            .with("memory", Value::Bytes(mem.bytes.clone()))
-            .with("checksum", Value::U64(checksum));
-            (state, checksum)
+            Self::stream_out(self.size, &mem, checksum, out).map(|()| checksum)
         };
-        ctl.last_saved = Some(checksum);
         self.step(&mut ctl, MigState::Stop)?;
-        Ok(state)
+        ctl.last_saved = Some(saved?);
+        Ok(())
     }
 
-    /// The destination's resume: STOP -> RESUMING, checks the state and installs it,
-    /// -> STOP. A state that fails a check leaves the memory as it was and the device in
-    /// ERROR.
-    pub fn load(&self, mut state: DeviceState) -> Result<(), AccelError> {
+    fn stream_out(
+        size: u64,
+        mem: &Memory,
+        checksum: u64,
+        out: &mut StateWriter<'_>,
+    ) -> Result<(), AccelError> {
+        out.begin(&[("memory", size)])?;
+        out.u64("size", size)?;
+        out.u64("generation", mem.generation)?;
+        out.u64("cursor", mem.cursor)?;
+        out.open_bytes("memory")?;
+        for piece in mem.bytes.chunks(STREAM_CHUNK) {
+            out.chunk(piece)?;
+        }
+        out.u64("checksum", checksum)?;
+        out.finish()?;
+        Ok(())
+    }
+
+    /// The destination's resume: STOP -> RESUMING, reads the state from `input` into
+    /// fresh memory, checks it and installs it, -> STOP. A state that fails a check
+    /// leaves the memory as it was and the device in ERROR.
+    ///
+    /// The fresh buffer is the only copy: it is zeroed lazily by the allocator and filled
+    /// straight from the stream, and the memory it replaces, never touched on an incoming
+    /// device, was never resident.
+    pub fn load(&self, input: &mut StateReader<'_>) -> Result<(), AccelError> {
         let mut ctl = self.ctl();
         self.step(&mut ctl, MigState::Resuming)?;
-        match self.check_state(&mut state) {
+        match self.read_state(input) {
             Ok((mem, checksum)) => {
                 *self.shared.mem() = mem;
                 ctl.needs_state = false;
@@ -438,40 +461,34 @@ impl Accel {
         }
     }
 
-    fn check_state(&self, state: &mut DeviceState) -> Result<(Memory, u64), AccelError> {
-        let get = |name| state.get_u64(name).map_err(AccelError::State);
-        let (size, generation, cursor, sent) = (
-            get("size")?,
-            get("generation")?,
-            get("cursor")?,
-            get("checksum")?,
-        );
+    fn read_state(&self, input: &mut StateReader<'_>) -> Result<(Memory, u64), AccelError> {
+        let size = input.u64("size")?;
         if size != self.size {
             return Err(AccelError::SizeMismatch {
                 sent: size,
                 here: self.size,
             });
         }
+        let generation = input.u64("generation")?;
+        let cursor = input.u64("cursor")?;
         let chunks = size / CHUNK as u64;
         if cursor >= chunks {
             return Err(AccelError::Cursor { cursor, chunks });
         }
-        state.get_bytes("memory").map_err(AccelError::State)?;
-        // Take the memory out of the state instead of copying it: it can be most of a GiB.
-        let bytes = state
-            .fields
-            .iter_mut()
-            .find_map(|(n, v)| match v {
-                Value::Bytes(b) if n == "memory" => Some(std::mem::take(b)),
-                _ => None,
-            })
-            .unwrap_or_default();
-        if bytes.len() as u64 != size {
+        // The reader has bounded the length by the field's maximum and the frame.
+        let len = input.open_bytes("memory")?;
+        if len != size {
             return Err(AccelError::MemoryLength {
-                len: bytes.len(),
+                len: len as usize,
                 size,
             });
         }
+        let mut bytes = vec![0u8; size as usize];
+        for piece in bytes.chunks_mut(STREAM_CHUNK) {
+            input.chunk(piece)?;
+        }
+        let sent = input.u64("checksum")?;
+        input.finish()?;
         let computed = xxh3_64(&bytes);
         if computed != sent {
             return Err(AccelError::Checksum { sent, computed });
@@ -583,9 +600,31 @@ mod tests {
     }
 
     use super::*;
-    use ferry_migration::state::{decode, encode};
+    use ferry_migration::engine::error_chain;
+    use ferry_migration::state::StateReader;
+    use ferry_migration::state::{
+        decode, encode, load_from_slice, save_to_vec, DeviceState, StateSink, Value,
+    };
     use ferry_migration::wire::MAX_DEVICE_STATE_LEN;
     use MigState::*;
+
+    /// The device's stop-copy, streamed into memory.
+    fn save(a: &Accel) -> Result<Vec<u8>, AccelError> {
+        save_to_vec(&ACCEL_SCHEMA, |w| a.save(w))
+    }
+
+    fn load(a: &Accel, bytes: &[u8]) -> Result<(), AccelError> {
+        load_from_slice(&ACCEL_SCHEMA, ACCEL_SCHEMA.version, bytes, |r| a.load(r))
+    }
+
+    /// A saved state as values, to change one of them.
+    fn values(bytes: &[u8]) -> DeviceState {
+        decode(&ACCEL_SCHEMA, ACCEL_SCHEMA.version, bytes).unwrap()
+    }
+
+    fn bytes(st: &DeviceState) -> Vec<u8> {
+        encode(&ACCEL_SCHEMA, st).unwrap()
+    }
 
     const SMALL: u64 = 64 * CHUNK as u64;
 
@@ -620,10 +659,10 @@ mod tests {
             StopCopy => a.set_state(StopCopy).unwrap(),
             Resuming => a.set_state(Resuming).unwrap(),
             Error => {
-                let mut st = a.save().unwrap();
+                let mut st = values(&save(&a).unwrap());
                 let sum = st.get_u64("checksum").unwrap();
                 set_field(&mut st, "checksum", Value::U64(!sum));
-                assert!(a.load(st).is_err());
+                assert!(load(&a, &bytes(&st)).is_err());
             }
         }
         assert_eq!(a.state(), state);
@@ -718,21 +757,23 @@ mod tests {
         wait_chunks(&src, 100);
         // Saving needs STOP first.
         assert!(matches!(
-            src.save(),
+            save(&src),
             Err(AccelError::InvalidTransition {
                 from: Running,
                 to: StopCopy
             })
         ));
         src.set_state(Stop).unwrap();
-        let saved = src.save().unwrap();
+        let streamed = save(&src).unwrap();
         assert_eq!(src.state(), Stop);
-        let bytes = encode(&ACCEL_SCHEMA, &saved).unwrap();
-        let loaded = decode(&ACCEL_SCHEMA, 1, &bytes).unwrap();
+        // The streamed state is the state the codec writes for the same values.
+        let saved = values(&streamed);
+        assert_eq!(bytes(&saved), streamed);
+        assert_eq!(streamed.len() as u64, 8 * 4 + 4 + SMALL + 1);
 
         let dst = Accel::new(SMALL, true).unwrap();
         assert!(matches!(dst.set_state(Running), Err(AccelError::NotLoaded)));
-        dst.load(loaded).unwrap();
+        load(&dst, &streamed).unwrap();
         assert_eq!(dst.state(), Stop);
         let (s, d) = (src.info(), dst.info());
         assert_eq!(s.saved_digest.as_ref(), Some(&s.digest));
@@ -765,7 +806,7 @@ mod tests {
         src.set_state(Running).unwrap();
         wait_chunks(&src, 10);
         src.set_state(Stop).unwrap();
-        let saved = src.save().unwrap();
+        let saved = values(&save(&src).unwrap());
         let fresh = || Accel::new(SMALL, true).unwrap();
 
         let mut flipped = saved.clone();
@@ -774,7 +815,7 @@ mod tests {
         set_field(&mut flipped, "memory", Value::Bytes(memory));
         let dst = fresh();
         let before = dst.info().digest;
-        let err = dst.load(flipped).unwrap_err();
+        let err = load(&dst, &bytes(&flipped)).unwrap_err();
         assert!(matches!(err, AccelError::Checksum { .. }), "{err}");
         assert!(err.to_string().contains("checksum"), "{err}");
         assert_eq!(dst.state(), Error);
@@ -784,10 +825,7 @@ mod tests {
             Err(AccelError::InvalidTransition { from: Error, .. })
         ));
 
-        let err = Accel::new(2 * SMALL, true)
-            .unwrap()
-            .load(saved.clone())
-            .unwrap_err();
+        let err = load(&Accel::new(2 * SMALL, true).unwrap(), &bytes(&saved)).unwrap_err();
         assert!(
             matches!(err, AccelError::SizeMismatch { sent, here } if sent == SMALL && here == 2 * SMALL),
             "{err}"
@@ -795,11 +833,71 @@ mod tests {
 
         let mut past = saved.clone();
         set_field(&mut past, "cursor", Value::U64(SMALL / CHUNK as u64));
-        assert!(matches!(fresh().load(past), Err(AccelError::Cursor { .. })));
+        assert!(matches!(
+            load(&fresh(), &bytes(&past)),
+            Err(AccelError::Cursor { .. })
+        ));
 
-        let mut short = saved;
-        short.fields.retain(|(n, _)| n != "memory");
-        assert!(matches!(fresh().load(short), Err(AccelError::State(_))));
+        // Memory of another length than the size says, and a state cut short.
+        let mut other = saved.clone();
+        set_field(&mut other, "memory", Value::Bytes(vec![0; CHUNK]));
+        assert!(matches!(
+            load(&fresh(), &bytes(&other)),
+            Err(AccelError::MemoryLength { len, .. }) if len == CHUNK
+        ));
+        let whole = bytes(&saved);
+        for cut in [1, 9, CHUNK] {
+            let err = load(&fresh(), &whole[..whole.len() - cut]).unwrap_err();
+            assert!(matches!(err, AccelError::State(_)), "cut {cut}: {err}");
+            assert!(
+                error_chain(&err).contains("truncated"),
+                "{}",
+                error_chain(&err)
+            );
+        }
+    }
+
+    /// A sink whose stream breaks after `left` bytes.
+    struct Breaks {
+        left: usize,
+    }
+
+    impl StateSink for Breaks {
+        fn begin(&mut self, _len: u64) -> io::Result<()> {
+            Ok(())
+        }
+
+        fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
+            if bytes.len() > self.left {
+                return Err(io::Error::from(io::ErrorKind::BrokenPipe));
+            }
+            self.left -= bytes.len();
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn accel_save_cut_by_the_stream_leaves_the_device_able_to_run() {
+        let a = Accel::new(SMALL, false).unwrap();
+        let mut sink = Breaks {
+            left: SMALL as usize / 2,
+        };
+        let mut w = StateWriter::new(&ACCEL_SCHEMA, &mut sink);
+        let err = a.save(&mut w).unwrap_err();
+        assert!(
+            matches!(err, AccelError::State(StateError::Interrupted { .. })),
+            "{err}"
+        );
+        assert_eq!(
+            w.take_io_error().map(|e| e.kind()),
+            Some(io::ErrorKind::BrokenPipe)
+        );
+        // Back in STOP: a failed migration resumes the device.
+        assert_eq!(a.state(), Stop);
+        a.set_state(Running).unwrap();
+        assert!(a.thread_running());
+        a.set_state(Stop).unwrap();
+        assert_eq!(a.info().saved_digest, None, "a save that failed counted");
     }
 
     #[test]
@@ -869,52 +967,57 @@ mod tests {
             let hash_ms = ms(t);
             drop(mem);
 
-            let t = Instant::now();
-            let st = a.save().unwrap();
-            let save_ms = ms(t);
-            let t = Instant::now();
-            let bytes = encode(&ACCEL_SCHEMA, &st).unwrap();
-            let encode_ms = ms(t);
-            drop(st);
-            // The engine puts the frame's header in front of the state in a new buffer.
-            let t = Instant::now();
-            let frame = ferry_migration::wire::DeviceStateHeader {
-                name: ACCEL_SCHEMA.name.into(),
-                instance: 0,
-                version: 1,
-            }
-            .encode(&bytes);
-            let frame_ms = ms(t);
-            drop(frame);
-            // Loopback TCP into a fresh buffer, as the destination reads a frame.
+            // The stop-copy as a migration does it: streamed from the device's memory
+            // into loopback TCP, and on the other end from the socket into a device.
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             let addr = l.local_addr().unwrap();
-            let len = bytes.len();
+            let len = 8 * 4 + 4 + size + 1;
             let rx = std::thread::spawn(move || {
                 let (mut s, _) = l.accept().unwrap();
-                let mut v = vec![0u8; len];
+                let d = Accel::new(size, true).unwrap();
+                let t = Instant::now();
+                let mut r = StateReader::new(&ACCEL_SCHEMA, 1, &mut s, len);
+                d.load(&mut r).unwrap();
+                assert!(r.is_done());
+                ms(t)
+            });
+            struct Tcp(std::net::TcpStream);
+            impl StateSink for Tcp {
+                fn begin(&mut self, _: u64) -> io::Result<()> {
+                    Ok(())
+                }
+                fn write(&mut self, b: &[u8]) -> io::Result<()> {
+                    self.0.write_all(b)
+                }
+            }
+            let mut sink = Tcp(std::net::TcpStream::connect(addr).unwrap());
+            let t = Instant::now();
+            a.save(&mut StateWriter::new(&ACCEL_SCHEMA, &mut sink))
+                .unwrap();
+            let save_ms = ms(t);
+            let load_ms = rx.join().unwrap();
+            // Plain loopback TCP of the same bytes into a fresh buffer, for reference.
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = l.local_addr().unwrap();
+            let rx = std::thread::spawn(move || {
+                let (mut s, _) = l.accept().unwrap();
+                let mut v = vec![0u8; len as usize];
                 s.read_exact(&mut v).unwrap();
-                v
+                v.len()
             });
             let t = Instant::now();
-            std::net::TcpStream::connect(addr)
-                .unwrap()
-                .write_all(&bytes)
-                .unwrap();
-            let received = rx.join().unwrap();
+            let mut c = std::net::TcpStream::connect(addr).unwrap();
+            for piece in touched.chunks(STREAM_CHUNK) {
+                c.write_all(piece).unwrap();
+            }
+            c.write_all(&[0; 37]).unwrap();
+            rx.join().unwrap();
             let tcp_ms = ms(t);
-            let t = Instant::now();
-            let st = decode(&ACCEL_SCHEMA, 1, &received).unwrap();
-            let decode_ms = ms(t);
-            let d = Accel::new(size, true).unwrap();
-            let t = Instant::now();
-            d.load(st).unwrap();
-            let load_ms = ms(t);
             println!(
                 "round {round}, {} MiB | copy into touched memory {touched_ms:.0} ms, into fresh \
                  memory {fresh_ms:.0} ms, into fresh THP-advised memory {huge_ms:.0} ms, xxh3 \
-                 {hash_ms:.0} ms | save {save_ms:.0} ms, encode {encode_ms:.0} ms, frame {frame_ms:.0} ms, loopback TCP \
-                 into a fresh buffer {tcp_ms:.0} ms, decode {decode_ms:.0} ms, load {load_ms:.0} ms",
+                 {hash_ms:.0} ms | streamed save into loopback TCP {save_ms:.0} ms, streamed load \
+                 from it {load_ms:.0} ms | loopback TCP of as many bytes into a fresh buffer {tcp_ms:.0} ms",
                 size >> 20
             );
         }

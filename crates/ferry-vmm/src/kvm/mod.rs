@@ -136,7 +136,7 @@ use std::sync::Arc;
 use ferry_migration::engine::vm::{
     DeviceInfo, DevicePending, DirtyLog, GuestRam, MigratableVm, VmError,
 };
-use ferry_migration::state::{DeviceState, StateError, StateSchema};
+use ferry_migration::state::{DeviceState, StateError, StateReader, StateSchema, StateWriter};
 use ferry_migration::PAGE_SIZE;
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
@@ -751,7 +751,7 @@ impl MigratableVm for KvmVm {
         }
     }
 
-    fn save_device(&self, index: usize) -> Result<DeviceState, VmError> {
+    fn save_device(&self, index: usize, out: &mut StateWriter<'_>) -> Result<(), VmError> {
         let device = self
             .device(index)
             .map_err(|e| e.into_vm("save device state"))?;
@@ -764,14 +764,17 @@ impl MigratableVm for KvmVm {
             return Err(KvmError::Running.into_vm(op));
         }
         match device {
-            Device::KvmVm => state::save_vm(&self.vm),
-            Device::Serial(serial) => Ok(serial.save()),
-            Device::Accel(accel) => accel.save().map_err(KvmError::from),
+            Device::KvmVm => {
+                state::save_vm(&self.vm).and_then(|st| out.write_state(&st).map_err(KvmError::from))
+            }
+            Device::Serial(serial) => out.write_state(&serial.save()).map_err(KvmError::from),
+            // Streams from the device's memory into the migration stream.
+            Device::Accel(accel) => accel.save(out).map_err(KvmError::from),
         }
         .map_err(|e| e.into_vm(op))
     }
 
-    fn load_device(&self, index: usize, state: DeviceState) -> Result<(), VmError> {
+    fn load_device(&self, index: usize, input: &mut StateReader<'_>) -> Result<(), VmError> {
         let device = self
             .device(index)
             .map_err(|e| e.into_vm("load device state"))?;
@@ -784,9 +787,16 @@ impl MigratableVm for KvmVm {
             return Err(KvmError::Running.into_vm(op));
         }
         match device {
-            Device::KvmVm => state::load_vm(&self.vm, &state),
-            Device::Serial(serial) => serial.load(&state).map_err(KvmError::from),
-            Device::Accel(accel) => accel.load(state).map_err(KvmError::from),
+            Device::KvmVm => input
+                .read_state()
+                .map_err(KvmError::from)
+                .and_then(|st| state::load_vm(&self.vm, &st)),
+            Device::Serial(serial) => input
+                .read_state()
+                .map_err(KvmError::from)
+                .and_then(|st| serial.load(&st).map_err(KvmError::from)),
+            // Streams from the migration stream into the device's memory.
+            Device::Accel(accel) => accel.load(input).map_err(KvmError::from),
         }
         .map_err(|e| e.into_vm(op))
     }

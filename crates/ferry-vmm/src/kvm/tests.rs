@@ -6,10 +6,21 @@ use std::time::{Duration, Instant};
 use ferry_migration::engine::bitmap::DirtyBitmap;
 use ferry_migration::engine::error_chain;
 use ferry_migration::engine::vm::{DirtyLog, GuestRam, MigratableVm};
-use ferry_migration::state::Value;
+use ferry_migration::state::{self as codec, load_from_slice, save_to_vec, Value};
 use ferry_migration::PAGE_SIZE;
 
 use super::*;
+
+/// Device `i`'s state, streamed into memory as the engine streams it onto the wire.
+fn save_dev(vm: &KvmVm, i: usize) -> Result<Vec<u8>, VmError> {
+    let schema = vm.devices()[i].schema;
+    save_to_vec(schema, |w| vm.save_device(i, w))
+}
+
+fn load_dev(vm: &KvmVm, i: usize, bytes: &[u8]) -> Result<(), VmError> {
+    let schema = vm.devices()[i].schema;
+    load_from_slice(schema, schema.version, bytes, |r| vm.load_device(i, r))
+}
 
 const MIB: u64 = 1 << 20;
 
@@ -258,11 +269,11 @@ fn kvm_in_process_migration_carries_the_guest_on() {
     }
     src.dirty_log().stop();
     let vcpu_states: Vec<_> = (0..vcpus).map(|i| src.save_vcpu(i).unwrap()).collect();
-    let vm_state = src.save_device(0).unwrap();
+    let vm_state = save_dev(&src, 0).unwrap();
     for (i, s) in vcpu_states.iter().enumerate() {
         dst.load_vcpu(i, s.clone()).unwrap();
     }
-    dst.load_device(0, vm_state).unwrap();
+    load_dev(&dst, 0, &vm_state).unwrap();
     // Negative control: without the final pages the destination does not hold up.
     if maps[RAM_BLOCK].count() > 0 {
         assert!(
@@ -334,7 +345,12 @@ fn kvm_rejects_bad_configs_and_state() {
     assert!(matches!(err, VmError::State(_)), "{err}");
     // kvm-vm and serial; no accelerator was configured.
     assert_eq!(vm.devices().len(), 2);
-    assert!(vm.save_device(2).is_err());
+    assert!(vm
+        .save_device(
+            2,
+            &mut codec::StateWriter::new(vm.vcpu_schema(), &mut Vec::new())
+        )
+        .is_err());
 }
 
 /// Not a test: prints what `KVM_GET_DIRTY_LOG` and `KVM_CLEAR_DIRTY_LOG` cost. Run with
@@ -504,7 +520,7 @@ fn kvm_accel_stops_and_runs_with_the_vm() {
     assert_eq!(accel.state(), MigState::Stop);
     assert!(!accel.thread_running());
     let vcpu = src.save_vcpu(0).unwrap();
-    let saved = src.save_device(2).unwrap();
+    let saved = save_dev(&src, 2).unwrap();
     assert_eq!(accel.state(), MigState::Stop);
     // A migration that failed after the stop-copy resumes the source, device included.
     MigratableVm::resume(&src).unwrap();
@@ -520,13 +536,14 @@ fn kvm_accel_stops_and_runs_with_the_vm() {
         "{}",
         error_chain(&err)
     );
-    let mut bad = saved.clone();
+    let schema = src.devices()[2].schema;
+    let mut bad = codec::decode(schema, schema.version, &saved).unwrap();
     for (name, value) in &mut bad.fields {
         if name == "checksum" {
             *value = Value::U64(0);
         }
     }
-    let err = dst.load_device(2, bad).unwrap_err();
+    let err = load_dev(&dst, 2, &codec::encode(schema, &bad).unwrap()).unwrap_err();
     assert!(
         error_chain(&err).contains("checksum"),
         "{}",
@@ -541,9 +558,21 @@ fn kvm_accel_stops_and_runs_with_the_vm() {
     );
     assert!(!dst.running());
 
+    // A whole guest this time, RAM and every device, so that it runs where it resumes.
     let dst = KvmVm::create(&cfg(true)).unwrap();
+    let (from, to) = (src.ram(), dst.ram());
+    for (b, block) in from.blocks().iter().enumerate() {
+        // SAFETY: both VMs are paused and have the same layout; each pointer maps
+        // `block.size` bytes for as long as its VM lives.
+        unsafe {
+            std::ptr::copy_nonoverlapping(from.host_ptr(b), to.host_ptr(b), block.size as usize)
+        };
+    }
     dst.load_vcpu(0, src.save_vcpu(0).unwrap()).unwrap();
-    dst.load_device(2, saved).unwrap();
+    for i in 0..2 {
+        load_dev(&dst, i, &save_dev(&src, i).unwrap()).unwrap();
+    }
+    load_dev(&dst, 2, &saved).unwrap();
     MigratableVm::resume(&dst).unwrap();
     assert_eq!(dst.accel().unwrap().state(), MigState::Running);
     MigratableVm::pause(&dst).unwrap();
