@@ -81,7 +81,8 @@ def one_round(args, tmp, n):
         procs.append(dst)
         wait_for(src_q, src)
         wait_for(dst_q, dst)
-        time.sleep(2)
+        # Long enough for the device thread to touch all of its memory (64 MiB/s).
+        time.sleep(args.settle)
         before = (status_kib(src.pid, "VmRSS"), status_kib(dst.pid, "VmRSS"))
         out = subprocess.run(
             [args.ferry, "migrate", "--qmp", src_q, "--json",
@@ -91,8 +92,9 @@ def one_round(args, tmp, n):
             raise RuntimeError(f"migrate failed: {out.stderr.strip()}")
         updates = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
         final = updates[-1]
-        expected = [u.get("expected-downtime") for u in updates
-                    if u.get("status") == "active" and u.get("expected-downtime") is not None]
+        # What the source expected, at the last pass before it stopped the guest.
+        expected = [p["expected-downtime-ms"] for p in final.get("passes", [])
+                    if not p.get("final-pass")]
         time.sleep(0.5)
         peak = (status_kib(src.pid, "VmHWM"), status_kib(dst.pid, "VmHWM"))
         return {
@@ -100,7 +102,7 @@ def one_round(args, tmp, n):
             "peak_mib": [mib(p) for p in peak],
             "status": final.get("status"),
             "downtime_ms": final.get("downtime"),
-            "expected_downtime_ms": expected[-1] if expected else None,
+            "expected_downtime_ms": round(expected[-1]) if expected else None,
         }
     finally:
         for p in procs:
@@ -116,29 +118,42 @@ def main():
     ap.add_argument("--dirty", default="16M")
     ap.add_argument("--accel", default="256M")
     ap.add_argument("--downtime-limit", type=int, default=3000)
+    ap.add_argument("--baseline", help="another ferry binary, measured in the same run, "
+                    "its rounds interleaved with --ferry's")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--settle", type=float, default=6.0,
+                    help="seconds the guest and the device run before the migration")
     args = ap.parse_args()
-    rounds = []
+    builds = [("this build", args.ferry)]
+    if args.baseline:
+        builds.append(("baseline", args.baseline))
+    rounds = {label: [] for label, _ in builds}
     with tempfile.TemporaryDirectory() as tmp:
         for n in range(args.runs):
-            r = one_round(args, tmp, n)
-            rounds.append(r)
-            print(f"round {n}: {json.dumps(r)}", file=sys.stderr)
-    med = lambda xs: statistics.median(xs)
+            for label, binary in builds:
+                r = one_round(argparse.Namespace(**{**vars(args), "ferry": binary}), tmp, n)
+                rounds[label].append(r)
+                print(f"{label} round {n}: {json.dumps(r)}", file=sys.stderr)
+    med = statistics.median
     print(f"accelerator {args.accel}, guest RAM {args.mem} ({args.dirty} dirtied), "
-          f"{args.runs} rounds, medians:")
-    print("| side | RSS before the migration | peak RSS | peak - before |")
-    print("|---|---:|---:|---:|")
-    for i, side in enumerate(["source", "destination"]):
-        b = med([r["before_mib"][i] for r in rounds])
-        p = med([r["peak_mib"][i] for r in rounds])
-        print(f"| {side} | {b:.0f} MiB | {p:.0f} MiB | {p - b:.0f} MiB |")
-    exp = [r["expected_downtime_ms"] for r in rounds if r["expected_downtime_ms"] is not None]
-    down = [r["downtime_ms"] for r in rounds if r["downtime_ms"] is not None]
-    print(f"expected downtime before the switchover: {med(exp) if exp else '-'} ms; "
-          f"downtime: {med(down) if down else '-'} ms; "
-          f"status: {', '.join(str(r['status']) for r in rounds)}")
-
+          f"downtime limit {args.downtime_limit} ms, {args.runs} rounds, medians:")
+    print()
+    print("| build | side | RSS before the migration | peak RSS | peak - before |")
+    print("|---|---|---:|---:|---:|")
+    for label, _ in builds:
+        for i, side in enumerate(["source", "destination"]):
+            b = med([r["before_mib"][i] for r in rounds[label]])
+            p = med([r["peak_mib"][i] for r in rounds[label]])
+            print(f"| {label} | {side} | {b:.0f} MiB | {p:.0f} MiB | {p - b:.0f} MiB |")
+    print()
+    print("| build | expected downtime before the switchover | downtime | status |")
+    print("|---|---:|---:|---|")
+    for label, _ in builds:
+        rs = rounds[label]
+        exp = [r["expected_downtime_ms"] for r in rs if r["expected_downtime_ms"] is not None]
+        down = [r["downtime_ms"] for r in rs if r["downtime_ms"] is not None]
+        print(f"| {label} | {med(exp) if exp else '-'} ms | {med(down) if down else '-'} ms "
+              f"| {', '.join(str(r['status']) for r in rs)} |")
 
 if __name__ == "__main__":
     main()

@@ -57,10 +57,9 @@ impl StateSink for Vec<u8> {
 
 #[derive(Debug)]
 enum Phase {
-    /// Nothing written yet.
+    /// Nothing written or read yet.
     Fresh,
-    /// Streaming: the next field to write or read, and the bytes left of an open
-    /// `Bytes` field.
+    /// Streaming: the next field, and the bytes left of an open `Bytes` field.
     Fields {
         next: usize,
         open: Option<u64>,
@@ -68,9 +67,142 @@ enum Phase {
     Done,
 }
 
-/// The fields a state at `version` carries, in stream order.
-fn stream_fields(schema: &StateSchema, version: u32) -> Vec<&'static FieldSchema> {
-    schema.fields_at(version).collect()
+fn malformed(schema: &StateSchema, reason: impl Into<String>) -> StateError {
+    StateError::Malformed {
+        device: schema.name.to_string(),
+        reason: reason.into(),
+    }
+}
+
+fn field_err(schema: &StateSchema, field: &str, reason: impl Into<String>) -> StateError {
+    StateError::Field {
+        device: schema.name.to_string(),
+        field: field.to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// Where a streamed state is, the same for the writer and the reader: which field
+/// comes next and what is left of an open `Bytes` field.
+#[derive(Debug)]
+struct Order {
+    schema: &'static StateSchema,
+    fields: Vec<&'static FieldSchema>,
+    phase: Phase,
+    /// "written" or "read", for the errors.
+    verb: &'static str,
+}
+
+impl Order {
+    fn new(schema: &'static StateSchema, version: u32, verb: &'static str) -> Self {
+        Self {
+            schema,
+            fields: schema.fields_at(version).collect(),
+            phase: Phase::Fresh,
+            verb,
+        }
+    }
+
+    fn is_fresh(&self) -> bool {
+        matches!(self.phase, Phase::Fresh)
+    }
+
+    fn is_done(&self) -> bool {
+        matches!(self.phase, Phase::Done)
+    }
+
+    fn start(&mut self) {
+        self.phase = Phase::Fields {
+            next: 0,
+            open: None,
+        };
+    }
+
+    /// The next field's index and schema, which must be `name`.
+    fn next(&self, name: &str) -> Result<(usize, &'static FieldSchema), StateError> {
+        let (schema, verb) = (self.schema, self.verb);
+        match self.phase {
+            Phase::Fields { next, open: None } => match self.fields.get(next) {
+                Some(f) if f.name == name => Ok((next, f)),
+                Some(f) => Err(field_err(
+                    schema,
+                    name,
+                    format!("{verb} out of order: the next field is {}", f.name),
+                )),
+                None => Err(field_err(
+                    schema,
+                    name,
+                    format!("{verb} after the last field"),
+                )),
+            },
+            Phase::Fields {
+                open: Some(left), ..
+            } => Err(field_err(
+                schema,
+                name,
+                format!("{verb} while {left} bytes of the open bytes field remain"),
+            )),
+            Phase::Fresh => Err(field_err(schema, name, format!("{verb} before begin()"))),
+            Phase::Done => Err(field_err(
+                schema,
+                name,
+                format!("{verb} after the state was finished"),
+            )),
+        }
+    }
+
+    /// Moves past field `i`, leaving `open` of its bytes to come in chunks.
+    fn past(&mut self, i: usize, open: u64) {
+        self.phase = Phase::Fields {
+            next: i + 1,
+            open: (open > 0).then_some(open),
+        };
+    }
+
+    /// Counts a chunk of `n` bytes of the open field.
+    fn chunk(&mut self, n: usize) -> Result<(), StateError> {
+        let Phase::Fields {
+            next,
+            open: Some(left),
+        } = self.phase
+        else {
+            if n == 0 {
+                return Ok(());
+            }
+            return Err(malformed(
+                self.schema,
+                format!("a chunk {} with no bytes field open", self.verb),
+            ));
+        };
+        if n as u64 > left {
+            let name = self.fields[next - 1].name;
+            return Err(field_err(
+                self.schema,
+                name,
+                format!("a chunk of {n} bytes where {left} remain"),
+            ));
+        }
+        self.past(next - 1, left - n as u64);
+        Ok(())
+    }
+
+    /// Checks that every field went and none is open, before the end of the state.
+    fn check_end(&self) -> Result<(), StateError> {
+        match self.phase {
+            Phase::Fields { next, open: None } if next == self.fields.len() => Ok(()),
+            Phase::Fields { next, .. } if next < self.fields.len() => Err(field_err(
+                self.schema,
+                self.fields[next].name,
+                format!("not {}: the state was finished before it", self.verb),
+            )),
+            Phase::Done => Err(malformed(self.schema, "finished twice")),
+            Phase::Fresh => Err(malformed(self.schema, "finished before begin()")),
+            Phase::Fields { .. } => Err(malformed(
+                self.schema,
+                "finished with a bytes field still open",
+            )),
+        }
+    }
 }
 
 fn no_subsections(schema: &StateSchema) -> Result<(), StateError> {
@@ -86,12 +218,10 @@ fn no_subsections(schema: &StateSchema) -> Result<(), StateError> {
 
 /// Writes one device's state into a [`StateSink`]: whole, or field by field.
 pub struct StateWriter<'a> {
-    schema: &'static StateSchema,
+    order: Order,
     sink: &'a mut dyn StateSink,
-    fields: Vec<&'static FieldSchema>,
-    /// Declared lengths of the `Bytes` fields, by index into `fields`.
+    /// Declared lengths of the `Bytes` fields, by index into `order.fields`.
     lens: Vec<Option<u64>>,
-    phase: Phase,
     len: u64,
     written: u64,
     failed: Option<io::Error>,
@@ -100,8 +230,8 @@ pub struct StateWriter<'a> {
 impl std::fmt::Debug for StateWriter<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StateWriter")
-            .field("device", &self.schema.name)
-            .field("phase", &self.phase)
+            .field("device", &self.order.schema.name)
+            .field("phase", &self.order.phase)
             .field("len", &self.len)
             .field("written", &self.written)
             .finish()
@@ -112,11 +242,9 @@ impl<'a> StateWriter<'a> {
     /// A writer of `schema`'s state at `schema.version`, the version this release writes.
     pub fn new(schema: &'static StateSchema, sink: &'a mut dyn StateSink) -> Self {
         Self {
-            schema,
+            order: Order::new(schema, schema.version, "written"),
             sink,
-            fields: stream_fields(schema, schema.version),
             lens: Vec::new(),
-            phase: Phase::Fresh,
             len: 0,
             written: 0,
             failed: None,
@@ -124,30 +252,20 @@ impl<'a> StateWriter<'a> {
     }
 
     pub fn schema(&self) -> &'static StateSchema {
-        self.schema
+        self.order.schema
     }
 
-    fn err(&self, reason: impl Into<String>) -> StateError {
-        StateError::Malformed {
-            device: self.schema.name.to_string(),
-            reason: reason.into(),
-        }
-    }
-
-    fn field_err(&self, field: &str, reason: impl Into<String>) -> StateError {
-        StateError::Field {
-            device: self.schema.name.to_string(),
-            field: field.to_string(),
-            reason: reason.into(),
+    /// Keeps the sink's error for [`Self::take_io_error`] and says the stream failed.
+    fn sink_failed(&mut self, e: io::Error) -> StateError {
+        self.failed = Some(e);
+        StateError::Interrupted {
+            device: self.order.schema.name.to_string(),
         }
     }
 
     fn put(&mut self, bytes: &[u8]) -> Result<(), StateError> {
         if let Err(e) = self.sink.write(bytes) {
-            self.failed = Some(e);
-            return Err(StateError::Interrupted {
-                device: self.schema.name.to_string(),
-            });
+            return Err(self.sink_failed(e));
         }
         self.written += bytes.len() as u64;
         Ok(())
@@ -155,10 +273,7 @@ impl<'a> StateWriter<'a> {
 
     fn open_sink(&mut self, len: u64) -> Result<(), StateError> {
         if let Err(e) = self.sink.begin(len) {
-            self.failed = Some(e);
-            return Err(StateError::Interrupted {
-                device: self.schema.name.to_string(),
-            });
+            return Err(self.sink_failed(e));
         }
         self.len = len;
         Ok(())
@@ -166,107 +281,90 @@ impl<'a> StateWriter<'a> {
 
     /// Writes a whole state, checked and encoded as [`super::encode`] does.
     pub fn write_state(&mut self, state: &DeviceState) -> Result<(), StateError> {
-        if !matches!(self.phase, Phase::Fresh) {
-            return Err(self.err("a whole state written after other bytes of it"));
+        if !self.order.is_fresh() {
+            return Err(malformed(
+                self.order.schema,
+                "a whole state written after other bytes of it",
+            ));
         }
-        let bytes = super::encode(self.schema, state)?;
+        let bytes = super::encode(self.order.schema, state)?;
         self.open_sink(bytes.len() as u64)?;
         self.put(&bytes)?;
-        self.phase = Phase::Done;
+        self.order.phase = Phase::Done;
         Ok(())
     }
 
     /// Starts a streamed state: `lens` gives the length of every `Bytes` field, by name.
     pub fn begin(&mut self, lens: &[(&str, u64)]) -> Result<(), StateError> {
-        if !matches!(self.phase, Phase::Fresh) {
-            return Err(self.err("a streamed state begun twice"));
+        let schema = self.order.schema;
+        if !self.order.is_fresh() {
+            return Err(malformed(schema, "a streamed state begun twice"));
         }
-        self.schema.validate()?;
-        no_subsections(self.schema)?;
-        for (name, _) in lens {
-            if !self
+        schema.validate()?;
+        no_subsections(schema)?;
+        let is_bytes = |f: &FieldSchema| matches!(f.kind, FieldKind::Bytes { .. });
+        if let Some((name, _)) = lens.iter().find(|(n, _)| {
+            !self
+                .order
                 .fields
                 .iter()
-                .any(|f| f.name == *name && matches!(f.kind, FieldKind::Bytes { .. }))
-            {
-                return Err(self.field_err(name, "given a length but is not a bytes field"));
-            }
+                .any(|f| f.name == *n && is_bytes(f))
+        }) {
+            return Err(field_err(
+                schema,
+                name,
+                "given a length but is not a bytes field",
+            ));
         }
         let mut total = 1u64; // the subsection count
-        let mut declared = Vec::with_capacity(self.fields.len());
-        for f in &self.fields {
-            let len = match f.kind {
-                FieldKind::Bytes { max_len } => {
-                    let mut given = lens.iter().filter(|(n, _)| *n == f.name);
-                    let Some(&(_, len)) = given.next() else {
-                        return Err(self.field_err(f.name, "no length given for it"));
-                    };
-                    if given.next().is_some() {
-                        return Err(self.field_err(f.name, "length given more than once"));
-                    }
-                    if len > u64::from(max_len) {
-                        return Err(self.field_err(
-                            f.name,
-                            format!("{len} bytes, more than its maximum of {max_len}"),
-                        ));
-                    }
-                    declared.push(Some(len));
-                    4 + len
-                }
-                kind => {
-                    declared.push(None);
-                    kind.max_encoded_len()
-                }
+        let mut declared = Vec::with_capacity(self.order.fields.len());
+        for f in &self.order.fields {
+            let FieldKind::Bytes { max_len } = f.kind else {
+                declared.push(None);
+                total += f.kind.max_encoded_len();
+                continue;
             };
-            total += len;
+            let mut given = lens.iter().filter(|(n, _)| *n == f.name);
+            let Some(&(_, len)) = given.next() else {
+                return Err(field_err(schema, f.name, "no length given for it"));
+            };
+            if given.next().is_some() {
+                return Err(field_err(schema, f.name, "length given more than once"));
+            }
+            if len > u64::from(max_len) {
+                return Err(field_err(
+                    schema,
+                    f.name,
+                    format!("{len} bytes, more than its maximum of {max_len}"),
+                ));
+            }
+            declared.push(Some(len));
+            total += 4 + len;
         }
         self.lens = declared;
         self.open_sink(total)?;
-        self.phase = Phase::Fields {
-            next: 0,
-            open: None,
-        };
+        self.order.start();
         Ok(())
-    }
-
-    /// The next field's schema, which must be `name`.
-    fn next_field(&self, name: &str) -> Result<(usize, &'static FieldSchema), StateError> {
-        match self.phase {
-            Phase::Fields { next, open: None } => match self.fields.get(next) {
-                Some(f) if f.name == name => Ok((next, f)),
-                Some(f) => Err(self.field_err(
-                    name,
-                    format!("written out of order: the next field is {}", f.name),
-                )),
-                None => Err(self.field_err(name, "written after the last field")),
-            },
-            Phase::Fields {
-                open: Some(left), ..
-            } => Err(self.field_err(
-                name,
-                format!("written while {left} bytes of the open bytes field are missing"),
-            )),
-            Phase::Fresh => Err(self.field_err(name, "written before begin()")),
-            Phase::Done => Err(self.field_err(name, "written after the state was finished")),
-        }
     }
 
     /// Writes the next field whole.
     pub fn field(&mut self, name: &str, value: &Value) -> Result<(), StateError> {
-        let (i, f) = self.next_field(name)?;
-        check_value(f.kind, value).map_err(|r| self.field_err(name, r))?;
+        let schema = self.order.schema;
+        let (i, f) = self.order.next(name)?;
+        check_value(f.kind, value).map_err(|r| field_err(schema, name, r))?;
         if let (Some(len), Value::Bytes(b)) = (self.lens[i], value) {
             if b.len() as u64 != len {
-                return Err(self.field_err(name, format!("{} bytes, {len} were declared", b.len())));
+                return Err(field_err(
+                    schema,
+                    name,
+                    format!("{} bytes, {len} were declared", b.len()),
+                ));
             }
         }
         let mut out = Vec::new();
         put_fields(&mut out, &[(f.kind, value)]);
         self.put(&out)?;
-        self.phase = Phase::Fields {
-            next: i + 1,
-            open: None,
-        };
+        self.order.past(i, 0);
         Ok(())
     }
 
@@ -277,67 +375,38 @@ impl<'a> StateWriter<'a> {
     /// Opens the next field, a `Bytes` field, for [`Self::chunk`]s that add up to the
     /// length declared in [`Self::begin`].
     pub fn open_bytes(&mut self, name: &str) -> Result<(), StateError> {
-        let (i, _) = self.next_field(name)?;
+        let (i, _) = self.order.next(name)?;
         let Some(len) = self.lens[i] else {
-            return Err(self.field_err(name, "opened for chunks but is not a bytes field"));
+            return Err(field_err(
+                self.order.schema,
+                name,
+                "opened for chunks but is not a bytes field",
+            ));
         };
         // `begin` bounded the length by a u32 `max_len`.
         self.put(&(len as u32).to_le_bytes())?;
-        self.phase = Phase::Fields {
-            next: i + 1,
-            open: (len > 0).then_some(len),
-        };
+        self.order.past(i, len);
         Ok(())
     }
 
     /// The next bytes of the open `Bytes` field.
     pub fn chunk(&mut self, data: &[u8]) -> Result<(), StateError> {
-        let Phase::Fields {
-            next,
-            open: Some(left),
-        } = self.phase
-        else {
-            if data.is_empty() {
-                return Ok(());
-            }
-            return Err(self.err("a chunk written with no bytes field open"));
-        };
-        if data.len() as u64 > left {
-            let name = self.fields[next - 1].name;
-            return Err(self.field_err(
-                name,
-                format!("a chunk of {} bytes where {left} remain", data.len()),
-            ));
-        }
-        self.put(data)?;
-        let left = left - data.len() as u64;
-        self.phase = Phase::Fields {
-            next,
-            open: (left > 0).then_some(left),
-        };
-        Ok(())
+        self.order.chunk(data.len())?;
+        self.put(data)
     }
 
     /// Ends a streamed state after its last field.
     pub fn finish(&mut self) -> Result<(), StateError> {
-        match self.phase {
-            Phase::Fields { next, open: None } if next == self.fields.len() => {}
-            Phase::Done => return Err(self.err("finished twice")),
-            Phase::Fields { next, .. } if next < self.fields.len() => {
-                let name = self.fields[next].name;
-                return Err(self.field_err(name, "missing: the state was finished without it"));
-            }
-            _ => return Err(self.err("finished with a bytes field still open or before begin()")),
-        }
+        self.order.check_end()?;
         self.put(&[0])?;
         debug_assert_eq!(self.written, self.len);
-        self.phase = Phase::Done;
+        self.order.phase = Phase::Done;
         Ok(())
     }
 
     /// Whether the whole state was written.
     pub fn is_done(&self) -> bool {
-        matches!(self.phase, Phase::Done)
+        self.order.is_done()
     }
 
     /// The sink's error that stopped the writer, if one did.
@@ -348,11 +417,10 @@ impl<'a> StateWriter<'a> {
 
 /// Reads one device's state, which a peer sent at `version`, from `len` untrusted bytes.
 pub struct StateReader<'a> {
-    schema: &'static StateSchema,
+    /// Over every field of the schema: those the sent version lacks read as zero.
+    order: Order,
     version: u32,
     src: &'a mut dyn io::Read,
-    fields: Vec<&'static FieldSchema>,
-    phase: Phase,
     len: u64,
     pos: u64,
     failed: Option<io::Error>,
@@ -361,9 +429,9 @@ pub struct StateReader<'a> {
 impl std::fmt::Debug for StateReader<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StateReader")
-            .field("device", &self.schema.name)
+            .field("device", &self.order.schema.name)
             .field("version", &self.version)
-            .field("phase", &self.phase)
+            .field("phase", &self.order.phase)
             .field("len", &self.len)
             .field("pos", &self.pos)
             .finish()
@@ -379,11 +447,9 @@ impl<'a> StateReader<'a> {
         len: u64,
     ) -> Self {
         Self {
-            schema,
+            order: Order::new(schema, u32::MAX, "read"),
             version,
             src,
-            fields: schema.fields.iter().collect(),
-            phase: Phase::Fresh,
             len,
             pos: 0,
             failed: None,
@@ -391,7 +457,7 @@ impl<'a> StateReader<'a> {
     }
 
     pub fn schema(&self) -> &'static StateSchema {
-        self.schema
+        self.order.schema
     }
 
     /// The version the peer wrote, as [`DeviceState::version`] says it after a decode.
@@ -399,35 +465,23 @@ impl<'a> StateReader<'a> {
         self.version
     }
 
-    fn malformed(&self, reason: impl Into<String>) -> StateError {
-        StateError::Malformed {
-            device: self.schema.name.to_string(),
-            reason: reason.into(),
-        }
-    }
-
-    fn field_err(&self, field: &str, reason: impl Into<String>) -> StateError {
-        StateError::Field {
-            device: self.schema.name.to_string(),
-            field: field.to_string(),
-            reason: reason.into(),
-        }
-    }
-
     /// Reads exactly `buf.len()` bytes, never past the state's end.
     fn take(&mut self, buf: &mut [u8], what: &str) -> Result<(), StateError> {
         let left = self.len - self.pos;
         if buf.len() as u64 > left {
-            return Err(self.malformed(format!(
-                "truncated at offset {}: {what} needs {} bytes, {left} remain",
-                self.pos,
-                buf.len()
-            )));
+            return Err(malformed(
+                self.order.schema,
+                format!(
+                    "truncated at offset {}: {what} needs {} bytes, {left} remain",
+                    self.pos,
+                    buf.len()
+                ),
+            ));
         }
         if let Err(e) = self.src.read_exact(buf) {
             self.failed = Some(e);
             return Err(StateError::Interrupted {
-                device: self.schema.name.to_string(),
+                device: self.order.schema.name.to_string(),
             });
         }
         self.pos += buf.len() as u64;
@@ -436,91 +490,68 @@ impl<'a> StateReader<'a> {
 
     /// Reads the whole state and decodes it as [`super::decode`] does.
     pub fn read_state(&mut self) -> Result<DeviceState, StateError> {
-        if !matches!(self.phase, Phase::Fresh) {
-            return Err(self.malformed("read whole after parts of it were read"));
+        let schema = self.order.schema;
+        if !self.order.is_fresh() {
+            return Err(malformed(schema, "read whole after parts of it were read"));
         }
-        let max = self.schema.max_encoded_len();
+        let max = schema.max_encoded_len();
         if self.len > max {
-            return Err(self.malformed(format!(
-                "{} bytes, more than this schema's maximum of {max}",
-                self.len
-            )));
+            return Err(malformed(
+                schema,
+                format!(
+                    "{} bytes, more than this schema's maximum of {max}",
+                    self.len
+                ),
+            ));
         }
         let mut bytes = vec![0u8; self.len as usize];
         self.take(&mut bytes, "the state")?;
-        let st = super::decode(self.schema, self.version, &bytes)?;
+        let st = super::decode(schema, self.version, &bytes)?;
         // Done only once it decoded: a device that drops the error has not loaded it.
-        self.phase = Phase::Done;
+        self.order.phase = Phase::Done;
         Ok(st)
     }
 
+    /// Checks the version and the schema before the first field.
     fn begin(&mut self) -> Result<(), StateError> {
-        self.schema.validate()?;
-        no_subsections(self.schema)?;
-        let device = self.schema.name.to_string();
-        if self.version > self.schema.version {
+        let schema = self.order.schema;
+        schema.validate()?;
+        no_subsections(schema)?;
+        let device = schema.name.to_string();
+        if self.version > schema.version {
             return Err(StateError::TooNew {
                 device,
                 version: self.version,
-                max: self.schema.version,
+                max: schema.version,
             });
         }
-        if self.version < self.schema.min_version {
+        if self.version < schema.min_version {
             return Err(StateError::TooOld {
                 device,
                 version: self.version,
-                min: self.schema.min_version,
+                min: schema.min_version,
             });
         }
-        self.phase = Phase::Fields {
-            next: 0,
-            open: None,
-        };
+        self.order.start();
         Ok(())
     }
 
-    /// The next field's schema, which must be `name`.
-    fn next_field(&mut self, name: &str) -> Result<(usize, &'static FieldSchema), StateError> {
-        if matches!(self.phase, Phase::Fresh) {
+    fn next(&mut self, name: &str) -> Result<(usize, &'static FieldSchema), StateError> {
+        if self.order.is_fresh() {
             self.begin()?;
         }
-        match self.phase {
-            Phase::Fields { next, open: None } => match self.fields.get(next) {
-                Some(f) if f.name == name => Ok((next, f)),
-                Some(f) => Err(self.field_err(
-                    name,
-                    format!("read out of order: the next field is {}", f.name),
-                )),
-                None => Err(self.field_err(name, "read after the last field")),
-            },
-            Phase::Fields {
-                open: Some(left), ..
-            } => Err(self.field_err(
-                name,
-                format!("read while {left} bytes of the open bytes field are unread"),
-            )),
-            _ => Err(self.field_err(name, "read after the state was finished")),
-        }
+        self.order.next(name)
     }
 
     /// Reads the next field whole; a field the sent version lacks reads as
     /// [`Value::zero`], as [`super::decode`] fills it.
     pub fn field(&mut self, name: &str) -> Result<Value, StateError> {
-        let (i, f) = self.next_field(name)?;
-        self.phase = Phase::Fields {
-            next: i + 1,
-            open: None,
-        };
+        let (i, f) = self.next(name)?;
+        self.order.past(i, 0);
         if f.since > self.version {
             return Ok(Value::zero(f.kind));
         }
         let at = self.pos as usize;
-        let device = self.schema.name;
-        let wrap = |reason: String| StateError::Field {
-            device: device.to_string(),
-            field: f.name.to_string(),
-            reason,
-        };
         let bytes = match f.kind {
             FieldKind::Bytes { .. } => {
                 let len = self.bytes_len(f)?;
@@ -535,7 +566,8 @@ impl<'a> StateReader<'a> {
                 b
             }
         };
-        read_value(&mut Reader::at(&bytes, at), f.kind).map_err(wrap)
+        read_value(&mut Reader::at(&bytes, at), f.kind)
+            .map_err(|r| field_err(self.order.schema, f.name, r))
     }
 
     pub fn u64(&mut self, name: &str) -> Result<u64, StateError> {
@@ -558,15 +590,18 @@ impl<'a> StateReader<'a> {
         let mut b = [0u8; 4];
         self.take(&mut b, "the length of bytes")?;
         let len = u32::from_le_bytes(b);
+        let left = self.len - self.pos;
+        let schema = self.order.schema;
         if len > max_len {
-            return Err(self.field_err(
+            return Err(field_err(
+                schema,
                 f.name,
                 format!("length {len} at offset {at} is above its maximum of {max_len}"),
             ));
         }
-        let left = self.len - self.pos;
         if u64::from(len) > left {
-            return Err(self.field_err(
+            return Err(field_err(
+                schema,
                 f.name,
                 format!(
                     "truncated at offset {}: bytes needs {len} bytes, {left} remain",
@@ -581,91 +616,65 @@ impl<'a> StateReader<'a> {
     /// checked against its maximum and against the bytes that remain (0 for a field the
     /// sent version lacks).
     pub fn open_bytes(&mut self, name: &str) -> Result<u64, StateError> {
-        let (i, f) = self.next_field(name)?;
+        let (i, f) = self.next(name)?;
         if !matches!(f.kind, FieldKind::Bytes { .. }) {
-            return Err(self.field_err(name, "opened for chunks but is not a bytes field"));
+            return Err(field_err(
+                self.order.schema,
+                name,
+                "opened for chunks but is not a bytes field",
+            ));
         }
         let len = if f.since > self.version {
             0
         } else {
             self.bytes_len(f)?
         };
-        self.phase = Phase::Fields {
-            next: i + 1,
-            open: (len > 0).then_some(len),
-        };
+        self.order.past(i, len);
         Ok(len)
     }
 
     /// Fills `buf` with the next bytes of the open `Bytes` field.
     pub fn chunk(&mut self, buf: &mut [u8]) -> Result<(), StateError> {
-        let Phase::Fields {
-            next,
-            open: Some(left),
-        } = self.phase
-        else {
-            if buf.is_empty() {
-                return Ok(());
-            }
-            return Err(self.malformed("a chunk read with no bytes field open"));
-        };
-        if buf.len() as u64 > left {
-            let name = self.fields[next - 1].name;
-            return Err(self.field_err(
-                name,
-                format!("a chunk of {} bytes where {left} remain", buf.len()),
-            ));
-        }
-        self.take(buf, "bytes")?;
-        let left = left - buf.len() as u64;
-        self.phase = Phase::Fields {
-            next,
-            open: (left > 0).then_some(left),
-        };
-        Ok(())
+        self.order.chunk(buf.len())?;
+        self.take(buf, "bytes")
     }
 
     /// Ends a streamed state: every field read, no subsections, nothing left over.
     pub fn finish(&mut self) -> Result<(), StateError> {
-        if matches!(self.phase, Phase::Fresh) {
+        if self.order.is_fresh() {
             // A state without fields.
             self.begin()?;
         }
-        match self.phase {
-            Phase::Fields { next, open: None } if next == self.fields.len() => {}
-            Phase::Fields { next, .. } if next < self.fields.len() => {
-                let name = self.fields[next].name;
-                return Err(self.field_err(name, "not read: the state was finished before it"));
-            }
-            Phase::Done => return Err(self.malformed("finished twice")),
-            _ => {
-                return Err(
-                    self.malformed("finished with a bytes field still open or before any field")
-                )
-            }
-        }
+        self.order.check_end()?;
+        let schema = self.order.schema;
         let mut count = [0u8; 1];
         self.take(&mut count, "the subsection count")?;
         if count[0] != 0 {
-            return Err(self.malformed(format!(
-                "{} subsections in a state that streams without any",
-                count[0]
-            )));
+            return Err(malformed(
+                schema,
+                format!(
+                    "{} subsections in a state that streams without any",
+                    count[0]
+                ),
+            ));
         }
         if self.pos != self.len {
-            return Err(self.malformed(format!(
-                "{} trailing bytes at offset {}",
-                self.len - self.pos,
-                self.pos
-            )));
+            return Err(malformed(
+                schema,
+                format!(
+                    "{} trailing bytes at offset {}",
+                    self.len - self.pos,
+                    self.pos
+                ),
+            ));
         }
-        self.phase = Phase::Done;
+        self.order.phase = Phase::Done;
         Ok(())
     }
 
     /// Whether the whole state was read.
     pub fn is_done(&self) -> bool {
-        matches!(self.phase, Phase::Done)
+        self.order.is_done()
     }
 
     /// The source's error that stopped the reader, if one did.
@@ -712,8 +721,5 @@ pub fn load_from_slice<E: From<StateError>>(
 
 /// The error for a device that returned without writing or reading its whole state.
 pub fn incomplete(schema: &StateSchema, what: &str) -> StateError {
-    StateError::Malformed {
-        device: schema.name.to_string(),
-        reason: what.to_string(),
-    }
+    malformed(schema, what)
 }
