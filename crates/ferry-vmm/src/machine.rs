@@ -1,12 +1,17 @@
 //! The machine types this release ships and the drivers they configure.
 //!
-//! `ferry-0.1` is the first release's machine type and, for now, the newest, so its
-//! compat table is empty: every property has its default. Once 0.1.0 is cut, the next
-//! version is opened at once (RELEASING.md): `ferry-0.2` goes at the front of
-//! [`MACHINES`], and every change of 0.2 to a default that matters to migration or to the
-//! guest puts the entry that restores the old value into `ferry-0.1`'s table (see
-//! `ferry_migration::compat` for the rules). The newest machine type is always `ferry-X.Y`
-//! of the workspace version, which `tests/compat_releases.rs` checks.
+//! Newest first. The newest machine type is always `ferry-X.Y` of the workspace version
+//! (`tests/compat_releases.rs` checks it) and its compat table is empty: every property
+//! has its default, the behaviour of this release. Every released machine type is frozen
+//! (RELEASING.md): a change of this release to a default that matters to migration or to
+//! the guest puts the entry that restores the old value into the table of the newest
+//! *released* machine type, which every older one inherits (see
+//! `ferry_migration::compat` for the rules).
+//!
+//! | machine type | release | what its table restores |
+//! |---|---|---|
+//! | `ferry-0.2` | 0.2 (being prepared) | nothing: the defaults |
+//! | `ferry-0.1` | 0.1.0 | nothing yet: 0.2 has changed no default so far |
 
 use ferry_migration::compat::{DriverDef, MachineDef, Registry};
 use ferry_migration::engine::MIGRATION_DRIVER;
@@ -17,6 +22,13 @@ use crate::{kvm, soft};
 /// This build's release, as the hello states it.
 pub const RELEASE: &str = env!("CARGO_PKG_VERSION");
 
+pub static FERRY_0_2: MachineDef = MachineDef {
+    name: "ferry-0.2",
+    release: "0.2",
+    doc: "ferry 0.2 (being prepared)",
+    compat: &[],
+};
+
 pub static FERRY_0_1: MachineDef = MachineDef {
     name: "ferry-0.1",
     release: "0.1",
@@ -25,7 +37,7 @@ pub static FERRY_0_1: MachineDef = MachineDef {
 };
 
 /// Newest first.
-pub static MACHINES: &[&MachineDef] = &[&FERRY_0_1];
+pub static MACHINES: &[&MachineDef] = &[&FERRY_0_2, &FERRY_0_1];
 
 /// Every driver with properties.
 pub static DRIVERS: &[&DriverDef] = &[&MIGRATION_DRIVER];
