@@ -459,10 +459,12 @@ fn run(data: &[u8]) {
     let digest_on = mode & 4 == 0;
     let cut = mode & 8 == 8;
 
-    let digest_prop = vec![(
-        "migration.digest".to_string(),
-        if digest_on { "on" } else { "off" }.to_string(),
-    )];
+    let params = MigrationParams {
+        digest: digest_on,
+        ..MigrationParams::default()
+    };
+    // What a source with these parameters states, so that fuzzing gets past the hello.
+    let digest_prop = params.stated_wire_properties(&[]);
     let mut h = hello(FUZZ_LAYOUT, full);
     h.wire_props = digest_prop.clone();
     let mut stream = stream_prefix(&h);
@@ -477,10 +479,6 @@ fn run(data: &[u8]) {
     let id = engine::DestinationIdentity {
         wire_props: digest_prop,
         ..destination_identity()
-    };
-    let params = MigrationParams {
-        digest: digest_on,
-        ..MigrationParams::default()
     };
     let (ours, theirs) = UnixStream::pair().unwrap();
     let feeder = feed(&ours, stream);

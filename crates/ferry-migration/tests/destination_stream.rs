@@ -1485,7 +1485,11 @@ fn a_ram_batch_naming_a_page_twice_is_refused() {
     within(LIMIT, || {
         let r = recording();
         let mut hello = common::hello(TEST_LAYOUT, false);
-        hello.wire_props = vec![("migration.digest".into(), "off".into())];
+        hello.wire_props = MigrationParams {
+            digest: false,
+            ..MigrationParams::default()
+        }
+        .stated_wire_properties(&[]);
         let (a, b) = (page_pattern(1), page_pattern(2));
         let twice = batch(0, &[(5, false), (5, true), (5, false)], &[a, b]);
         let eos = frame(

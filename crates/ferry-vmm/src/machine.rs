@@ -11,9 +11,9 @@
 //! | machine type | release | what its table restores |
 //! |---|---|---|
 //! | `ferry-0.2` | 0.2 (being prepared) | nothing: the defaults |
-//! | `ferry-0.1` | 0.1.0 | nothing yet: 0.2 has changed no default so far |
+//! | `ferry-0.1` | 0.1.0 | 0.1's multifd sync after every section |
 
-use ferry_migration::compat::{DriverDef, MachineDef, Registry};
+use ferry_migration::compat::{CompatEntry, DriverDef, MachineDef, Registry};
 use ferry_migration::engine::MIGRATION_DRIVER;
 use ferry_migration::state::StateSchema;
 
@@ -33,7 +33,14 @@ pub static FERRY_0_1: MachineDef = MachineDef {
     name: "ferry-0.1",
     release: "0.1",
     doc: "ferry 0.1: one soft or KVM guest, a console, precopy migration over one channel",
-    compat: &[],
+    compat: &[
+        // 0.2 syncs the data channels once per pass over memory.
+        CompatEntry {
+            driver: "migration",
+            property: "multifd-flush-after-each-section",
+            value: "on",
+        },
+    ],
 };
 
 /// Newest first.

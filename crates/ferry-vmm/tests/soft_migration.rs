@@ -12,9 +12,9 @@ use ferry_migration::engine::vm::{
     DeviceInfo, DevicePending, DirtyLog, GuestRam, MigratableVm, VmError,
 };
 use ferry_migration::engine::{
-    self, Acceptor, Channel, Connector, DestinationIdentity, Faults, Handover, Incoming, Listener,
-    MigrationError, MigrationInfo, MigrationMonitor, MigrationParams, MigrationStatus,
-    MigrationStream, MigrationUri, SourceIdentity, StreamRole,
+    self, error_chain, Acceptor, Channel, Connector, DestinationIdentity, Faults, Handover,
+    Incoming, Listener, MigrationError, MigrationInfo, MigrationMonitor, MigrationParams,
+    MigrationStatus, MigrationStream, MigrationUri, SourceIdentity, StreamRole,
 };
 use ferry_migration::state::{DeviceState, StateReader, StateSchema, StateWriter};
 use ferry_migration::wire::{
@@ -396,7 +396,17 @@ fn refused(
     dst: Arc<dyn MigratableVm>,
     id: DestinationIdentity,
 ) -> (RefuseCause, String, MigrationInfo) {
-    let d = spawn_dest(dst, id, params());
+    refused_by(src, dst, id, params())
+}
+
+/// As [`refused`], with the destination's own parameters.
+fn refused_by(
+    src: &dyn MigratableVm,
+    dst: Arc<dyn MigratableVm>,
+    id: DestinationIdentity,
+    dest_params: MigrationParams,
+) -> (RefuseCause, String, MigrationInfo) {
+    let d = spawn_dest(dst, id, dest_params);
     let m = MigrationMonitor::new();
     let err = engine::migrate(src, &source_id(), &params(), &d.uri, &m).unwrap_err();
     let derr = d.handle.join().unwrap().unwrap_err();
@@ -428,11 +438,18 @@ fn an_unknown_machine_type_is_refused_before_any_ram_moves() {
 #[test]
 fn a_wire_property_mismatch_is_refused_naming_both_values() {
     let src = soft(false, 32 << 20, 1 << 20);
+    // A destination configured with the digest off, as `-global migration.digest=off`
+    // makes it: its identity and its parameters say so.
     let id = DestinationIdentity {
         wire_props: wire_props(false),
         ..dest_id()
     };
-    let (cause, reason, info) = refused(src.as_ref(), soft(true, 32 << 20, 1 << 20), id);
+    let dest_params = MigrationParams {
+        digest: false,
+        ..params()
+    };
+    let (cause, reason, info) =
+        refused_by(src.as_ref(), soft(true, 32 << 20, 1 << 20), id, dest_params);
     assert_eq!(cause, RefuseCause::PropertyMismatch);
     assert!(
         reason.contains("migration.digest") && reason.contains("on") && reason.contains("off"),
@@ -1247,7 +1264,9 @@ fn stray_connections_are_turned_away_without_disturbing_the_migration() {
 /// 768 pages continually and the source makes six passes before it may converge; the
 /// destination holds every packet of channel 1 for 20 ms. Without syncs, channel 1
 /// falls behind and the older copies it carries land after newer copies of the same
-/// pages sent on channels 0 and 2. With them (the rule of this release) they never do.
+/// pages sent on channels 0 and 2. With them they never do, under either rule: a sync
+/// after every section (0.1's, `multifd-flush-after-each-section=on`) or once per pass
+/// (0.2's).
 #[test]
 fn the_sync_barrier_keeps_stale_pages_out_and_a_no_sync_mode_lets_them_in() {
     const RUNS: usize = 10;
@@ -1260,7 +1279,7 @@ fn the_sync_barrier_keeps_stale_pages_out_and_a_no_sync_mode_lets_them_in() {
     };
     // One migration; returns (source result, destination result, pages wrong at the
     // destination if it resumed).
-    let run = |no_sync: bool, digest: bool| {
+    let run = |no_sync: bool, digest: bool, per_section: bool| {
         let (src, dst) = soft_pair(&cfg, 50);
         let sid = SourceIdentity {
             wire_props: wire_props(digest),
@@ -1273,6 +1292,7 @@ fn the_sync_barrier_keeps_stale_pages_out_and_a_no_sync_mode_lets_them_in() {
         let base = MigrationParams {
             digest,
             verify_full: false,
+            multifd_flush_after_each_section: per_section,
             ..with_channels(3, Compression::None)
         };
         let dp = base.clone();
@@ -1311,11 +1331,13 @@ fn the_sync_barrier_keeps_stale_pages_out_and_a_no_sync_mode_lets_them_in() {
         });
         (s, r, wrong)
     };
-    let mut with_sync_bad = 0;
+    let (mut per_section_bad, mut per_pass_bad) = (0, 0);
     for _ in 0..RUNS {
-        let (s, r, wrong) = run(false, true);
-        let ok = s.is_ok() && r.is_ok() && wrong == Some(0);
-        with_sync_bad += usize::from(!ok);
+        for (per_section, bad) in [(true, &mut per_section_bad), (false, &mut per_pass_bad)] {
+            let (s, r, wrong) = run(false, true, per_section);
+            let ok = s.is_ok() && r.is_ok() && wrong == Some(0);
+            *bad += usize::from(!ok);
+        }
     }
     // The corruption needs an unlucky order of packets, so the no-sync mode runs until
     // it has been caught both ways (each run is over half likely to corrupt).
@@ -1323,21 +1345,28 @@ fn the_sync_barrier_keeps_stale_pages_out_and_a_no_sync_mode_lets_them_in() {
     while (digest_caught == 0 || pattern_caught == 0) && tries < MAX_NO_SYNC_RUNS {
         tries += 1;
         // With the digest: the destination refuses to resume.
-        let (_, r, wrong) = run(true, true);
+        let (_, r, wrong) = run(true, true, false);
         if matches!(&r, Err(MigrationError::Verify(m)) if m.contains("digest")) {
             digest_caught += 1;
             assert_eq!(wrong, None, "resumed although the digest failed");
         }
         // Without it, the guest resumes with stale pages, which its pattern shows.
-        let (_, _, wrong) = run(true, false);
+        let (_, _, wrong) = run(true, false, false);
         if wrong.is_some_and(|w| w > 0) {
             pattern_caught += 1;
         }
     }
     eprintln!(
-        "with syncs: {with_sync_bad}/{RUNS} runs wrong; no sync: digest caught {digest_caught}/{tries}, pattern caught {pattern_caught}/{tries}"
+        "sync per section: {per_section_bad}/{RUNS} runs wrong; per pass: {per_pass_bad}/{RUNS}; no sync: digest caught {digest_caught}/{tries}, pattern caught {pattern_caught}/{tries}"
     );
-    assert_eq!(with_sync_bad, 0, "the sync rule let a stale page win");
+    assert_eq!(
+        per_section_bad, 0,
+        "the sync after every section let a stale page win"
+    );
+    assert_eq!(
+        per_pass_bad, 0,
+        "the sync once per pass let a stale page win"
+    );
     assert!(
         digest_caught > 0,
         "the no-sync mode never corrupted: the test cannot show the rule matters"
@@ -1388,4 +1417,128 @@ fn passes_go_on_after_convergence_while_they_shrink_the_final_pass() {
         last.pages
     );
     assert_guest_intact(&dst);
+}
+
+/// The two sync rules on the wire: with the guest paused and the send rate capped so
+/// that pass 0 spans several sections, 0.1's rule syncs after each of them and 0.2's
+/// once per pass; both deliver every page.
+#[test]
+fn the_data_channels_sync_after_every_section_or_once_per_pass_as_the_property_says() {
+    let cfg = SoftConfig {
+        mem_size: 32 << 20,
+        dirty_size: 0,
+        fill: 12 << 20,
+        paused: true,
+        ..SoftConfig::default()
+    };
+    let mut syncs = Vec::new();
+    for per_section in [true, false] {
+        let (src, dst) = soft_pair(&cfg, 0);
+        let p = MigrationParams {
+            multifd_flush_after_each_section: per_section,
+            // About 0.5 s for pass 0: five sections.
+            max_bandwidth: 24 << 20,
+            ..with_channels(2, Compression::None)
+        };
+        let d = spawn_dest(dst.clone(), dest_id(), p.clone());
+        let info = engine::migrate(
+            src.as_ref(),
+            &source_id(),
+            &p,
+            &d.uri,
+            &MigrationMonitor::new(),
+        )
+        .unwrap();
+        let dinfo = d.handle.join().unwrap().unwrap();
+        let passes = info.passes.len() as u64;
+        let sent = info.multifd.as_ref().unwrap().syncs;
+        let received = dinfo.multifd.as_ref().unwrap().syncs;
+        assert_eq!(sent, received, "per section {per_section}");
+        if per_section {
+            assert!(
+                sent >= passes + 3,
+                "per section: {sent} syncs over {passes} passes"
+            );
+        } else {
+            assert_eq!(
+                sent, passes,
+                "once per pass: {sent} syncs over {passes} passes"
+            );
+        }
+        assert_eq!(info.verified.as_deref(), Some("digest+full"));
+        syncs.push(sent);
+    }
+    eprintln!("syncs per section / per pass: {syncs:?}");
+}
+
+/// `-global migration.multifd-flush-after-each-section=on` on one side only is refused
+/// before any RAM moves, naming the property and both values.
+#[test]
+fn a_sync_rule_set_on_one_side_only_is_refused_naming_it() {
+    for (src_rule, dst_rule) in [(true, false), (false, true)] {
+        let src = soft(false, 32 << 20, 1 << 20);
+        let sp = MigrationParams {
+            multifd_flush_after_each_section: src_rule,
+            ..params()
+        };
+        let dp = MigrationParams {
+            multifd_flush_after_each_section: dst_rule,
+            ..params()
+        };
+        let d = spawn_dest(soft(true, 32 << 20, 1 << 20), dest_id(), dp);
+        let m = MigrationMonitor::new();
+        let err = engine::migrate(src.as_ref(), &source_id(), &sp, &d.uri, &m).unwrap_err();
+        let _ = d.handle.join().unwrap().unwrap_err();
+        let MigrationError::Refused { cause, reason } = err else {
+            panic!("expected a refusal, got {err}");
+        };
+        assert_eq!(cause, RefuseCause::PropertyMismatch);
+        let on_off = |b: bool| if b { "on" } else { "off" };
+        assert!(
+            reason.contains(&format!(
+                "migration.multifd-flush-after-each-section is {} on the source and {} here",
+                on_off(src_rule),
+                on_off(dst_rule)
+            )),
+            "{reason}"
+        );
+        assert_eq!(m.info().ram.transferred, 0);
+        assert!(src.is_running());
+    }
+}
+
+/// A source that states the once-per-pass rule and then syncs every section breaks the
+/// protocol: the destination fails it, naming the rule, and the source keeps its guest.
+#[test]
+fn a_source_that_breaks_the_once_per_pass_rule_is_stopped_by_the_destination() {
+    let cfg = SoftConfig {
+        mem_size: 32 << 20,
+        dirty_size: 1 << 20,
+        fill: 12 << 20,
+        ..SoftConfig::default()
+    };
+    let (src, dst) = soft_pair(&cfg, 1);
+    let p = MigrationParams {
+        max_bandwidth: 24 << 20,
+        ..with_channels(2, Compression::None)
+    };
+    let d = spawn_dest(dst.clone(), dest_id(), p.clone());
+    let m = MigrationMonitor::new();
+    m.set_faults(Faults {
+        sync_every_section: true,
+        ..Faults::NONE
+    });
+    let err = engine::migrate(src.as_ref(), &source_id(), &p, &d.uri, &m).unwrap_err();
+    let derr = d.handle.join().unwrap().unwrap_err();
+    assert!(
+        error_chain(&derr).contains("second in one pass"),
+        "{}",
+        error_chain(&derr)
+    );
+    assert!(
+        error_chain(&err).contains("second in one pass"),
+        "the source was not told why: {}",
+        error_chain(&err)
+    );
+    assert!(src.is_running() && !dst.is_running());
 }

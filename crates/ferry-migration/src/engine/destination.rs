@@ -118,6 +118,7 @@ pub fn receive(
         recv: None,
         recv_reported: ChannelCounters::default(),
         syncs: 0,
+        syncs_this_pass: 0,
         channels_done: false,
         annotations: Annotations::default(),
     };
@@ -216,6 +217,8 @@ struct Dest<'a> {
     recv: Option<RecvSet>,
     recv_reported: ChannelCounters,
     syncs: u64,
+    /// Syncs since the last pass end: one at most when the sync is once per pass.
+    syncs_this_pass: u64,
     /// The data channels' last sync has completed: every page is in.
     channels_done: bool,
     /// What the source's hello said beyond its properties.
@@ -252,6 +255,11 @@ impl Dest<'_> {
             tracing::info!(unknown = ?annotations.unknown, "ignoring hello annotations this release does not know");
         }
         self.annotations = annotations;
+        // What this side will do, stated as the source states it.
+        let id = &DestinationIdentity {
+            wire_props: self.params.stated_wire_properties(&id.wire_props),
+            ..id.clone()
+        };
         if let Err((cause, reason)) = check_hello(&hello, self.vm, &self.devices, id) {
             return Err(self.refuse(cause, reason));
         }
@@ -327,6 +335,7 @@ impl Dest<'_> {
                 FrameTag::PassEnd => {
                     let p =
                         PassEnd::decode(&read_payload(&mut self.ch, fh.len, PEER, "pass end")?)?;
+                    self.syncs_this_pass = 0;
                     self.monitor.update(|i| i.ram.dirty_sync_count += 1);
                     self.monitor.emit(&MigrationEvent::Pass(p.pass));
                 }
@@ -422,6 +431,13 @@ impl Dest<'_> {
             return Err(MigrationError::Protocol(
                 "a multifd sync after the last one".into(),
             ));
+        }
+        self.syncs_this_pass += 1;
+        if !self.params.multifd_flush_after_each_section && self.syncs_this_pass > 1 {
+            return Err(MigrationError::Protocol(format!(
+                "multifd sync {} is the second in one pass, but migration.multifd-flush-after-each-section is off: the data channels sync once per pass",
+                s.seq
+            )));
         }
         let monitor = self.monitor;
         recv.sync(s.seq, s.last, &|| monitor.is_cancelled(), IDLE_TIMEOUT)?;

@@ -15,6 +15,9 @@ pub struct Faults {
     /// could not know the pages are complete). Lets an old copy of a page that travels
     /// on a slow channel land after a newer copy: the hazard the sync rule exists for.
     pub no_sync: bool,
+    /// Source: sync after every section whatever `multifd-flush-after-each-section`
+    /// says, breaking the once-per-pass rule the hello stated.
+    pub sync_every_section: bool,
     /// Destination: hold each packet of this data channel for this long before applying
     /// it, as a congested link would.
     pub delay_channel: Option<(u16, Duration)>,
@@ -34,6 +37,7 @@ impl Faults {
     /// No fault: what every migration outside tests runs with.
     pub const NONE: Self = Self {
         no_sync: false,
+        sync_every_section: false,
         delay_channel: None,
         skip_channel: None,
         close_channel_after: None,

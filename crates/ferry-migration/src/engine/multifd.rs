@@ -27,10 +27,10 @@
 //! all. So every page sent before a sync is in guest memory before any page sent after
 //! it is applied, whichever channel each travelled on.
 //!
-//! Where the source puts syncs is the protocol's rule (see [`crate::wire`]): this
-//! release syncs after every section (about [`SECTION`] of sending) and at the end of
-//! every pass. A page is sent at most once per pass, so no two copies of a page are
-//! ever in the same round.
+//! Where the source puts syncs is the protocol's rule (see [`crate::wire`]): at the end
+//! of every pass, and with `migration.multifd-flush-after-each-section=on` (0.1's rule)
+//! also after every section (about [`SECTION`] of sending). A page is sent at most once
+//! per pass, so no two copies of a page are ever in the same round.
 //!
 //! [`MultifdSync`]: crate::wire::MultifdSync
 
@@ -49,7 +49,7 @@ use super::transport::Channel;
 use crate::wire::{Compression, PacketHeader, WireError, MAX_PACKET_PAGES};
 use crate::PAGE_SIZE;
 
-/// The engine's unit of sending between two syncs, under this release's rule.
+/// The engine's unit of sending between two syncs, under 0.1's rule.
 pub const SECTION: Duration = Duration::from_millis(100);
 /// Jobs a sender may have waiting besides the one it is writing.
 const QUEUE_DEPTH: usize = 2;

@@ -71,6 +71,13 @@ pub static MIGRATION_DRIVER: DriverDef = DriverDef {
             doc: "compression of page data on the data channels (the hello tells the destination, which refuses a method it lacks)",
         },
         PropDef {
+            name: "multifd-flush-after-each-section",
+            kind: PropKind::Bool,
+            default: "off",
+            wire: true,
+            doc: "sync the data channels after every section of sending (about 100 ms), as release 0.1 did, instead of once per pass over memory; QEMU's property of the same name",
+        },
+        PropDef {
             name: "multifd-zstd-level",
             kind: PropKind::U64 { min: 1, max: 19 },
             default: "1",
@@ -92,6 +99,9 @@ pub struct MigrationParams {
     pub multifd_channels: u16,
     pub multifd_compression: Compression,
     pub multifd_zstd_level: i32,
+    /// Sync the data channels after every section (0.1's rule) rather than once per
+    /// pass over memory. A wire property: the hello carries it.
+    pub multifd_flush_after_each_section: bool,
 }
 
 impl Default for MigrationParams {
@@ -104,6 +114,7 @@ impl Default for MigrationParams {
             multifd_channels: 2,
             multifd_compression: Compression::None,
             multifd_zstd_level: 1,
+            multifd_flush_after_each_section: false,
         }
     }
 }
@@ -121,7 +132,39 @@ impl MigrationParams {
                 _ => Compression::None,
             },
             multifd_zstd_level: cfg.u64(MIGRATION, "multifd-zstd-level")? as i32,
+            multifd_flush_after_each_section: cfg
+                .bool(MIGRATION, "multifd-flush-after-each-section")?,
         })
+    }
+
+    /// `("migration.property", value)` of every parameter that changes the wire, as the
+    /// hello states them. The engine puts these into the hello itself (and compares them
+    /// on the destination), over whatever an identity's list says for the same property,
+    /// so the hello always states what this migration will do: a parameter changed after
+    /// the VM was configured (QMP's `digest`) cannot leave a stale value in it.
+    pub fn wire_properties(&self) -> Vec<(String, String)> {
+        let on = |b: bool| if b { "on" } else { "off" }.to_string();
+        vec![
+            (format!("{MIGRATION}.digest"), on(self.digest)),
+            (
+                format!("{MIGRATION}.multifd-flush-after-each-section"),
+                on(self.multifd_flush_after_each_section),
+            ),
+        ]
+    }
+
+    /// `wire` with [`Self::wire_properties`] in place of its entries for the same
+    /// properties, sorted.
+    pub fn stated_wire_properties(&self, wire: &[(String, String)]) -> Vec<(String, String)> {
+        let mine = self.wire_properties();
+        let mut out: Vec<(String, String)> = wire
+            .iter()
+            .filter(|(k, _)| !mine.iter().any(|(m, _)| m == k))
+            .cloned()
+            .collect();
+        out.extend(mine);
+        out.sort();
+        out
     }
 }
 

@@ -428,7 +428,7 @@ impl Source<'_> {
             } else {
                 0
             },
-            wire_props: id.wire_props.clone(),
+            wire_props: self.params.stated_wire_properties(&id.wire_props),
             compat_pinned: id.compat_pinned.clone(),
             ram_blocks: self
                 .blocks
@@ -658,8 +658,9 @@ impl Source<'_> {
     }
 
     /// Sends every pending page, then a pass end: the one page loop, whichever lane the
-    /// pages take. On data channels a sync closes every section and the pass; the final
-    /// pass (guest stopped) ends with the channels' last sync.
+    /// pages take. On data channels a sync closes the pass (and, under 0.1's rule,
+    /// every section of it); the final pass (guest stopped) ends with the channels' last
+    /// sync.
     fn send_pass(&mut self, pass: u32, final_pass: bool) -> Result<PassCount, MigrationError> {
         let mut c = PassCount::default();
         let mut window = Throttle::new(self.params.max_bandwidth);
@@ -670,7 +671,11 @@ impl Source<'_> {
             while pick.next(&self.pending[b], &mut pages, BATCH_PAGES) {
                 self.send_batch(b, &mut pages, &mut c, &mut window)?;
                 self.poll_rp()?;
-                if self.mfd.is_some() && section.elapsed() >= SECTION {
+                // 0.1's rule syncs every section; the newer one only at the pass end
+                // below, which is enough: a pass sends each page at most once.
+                let per_section = self.params.multifd_flush_after_each_section
+                    || self.monitor.faults().sync_every_section;
+                if self.mfd.is_some() && per_section && section.elapsed() >= SECTION {
                     self.sync_channels(false)?;
                     section = Instant::now();
                 }

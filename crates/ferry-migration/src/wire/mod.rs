@@ -18,7 +18,7 @@
 //!    | data channel i: ChannelHeader(session, i, N)  ------> | binds it by its header
 //!    | <------------------------------------ ChannelsReady   | all N bound
 //!    | pass 0: every populated page, as packets on the data channels,
-//!    |         MultifdSync(s) after every section, PassEnd
+//!    |         MultifdSync(s) (per pass, or per section on ferry-0.1), PassEnd
 //!    | pass k: the pages dirtied since pass k-1, likewise
 //!    |   ... until pending bytes fit the downtime limit ...  |
 //!    | (vCPUs stopped)                                       |
@@ -43,16 +43,25 @@
 //! `s` and the main channel has announced it. The source never puts two copies of a page
 //! between the same two syncs.
 //!
-//! **The rule of this protocol version: a sync after every section and at the end of
-//! every pass.** A section is the engine's unit of sending, about 100 ms; the pass end
-//! closes the last section of the pass. Syncs are numbered from 1 without gaps; the one
-//! that ends the final pass has `last` set, is each channel's last packet, and must come
-//! before the device state. The destination obeys syncs wherever they are and checks
-//! only their numbering and that the last one came, so where the source puts them is the
-//! source's choice within the rule. A later release that syncs once per pass (fewer
-//! waits on fast links, as QEMU did in 8.0) announces it with a wire property of the
-//! `migration` device whose compat value on older machine types is this rule, so that
-//! it still migrates to and from this release (see [`crate::compat`]).
+//! **Where the syncs go is the `migration` property `multifd-flush-after-each-section`**
+//! (QEMU's name and meaning), a wire property the hello carries, so both sides agree on
+//! it before any RAM moves:
+//!
+//! * `on`, release 0.1's rule and the value of machine type `ferry-0.1`: a sync after
+//!   every section and at the end of every pass. A section is the engine's unit of
+//!   sending, about 100 ms; the pass end closes the last section of the pass.
+//! * `off`, the default from `ferry-0.2` on: one sync at the end of every pass. A pass
+//!   sends each page at most once, so that is all the barrier needs; on a fast link the
+//!   section syncs only made every channel drain ten times a second (QEMU made the same
+//!   change in 8.0).
+//!
+//! Syncs are numbered from 1 without gaps; the one that ends the final pass has `last`
+//! set, is each channel's last packet, and must come before the device state. The
+//! destination obeys syncs wherever they are and checks their numbering, that the last
+//! one came, and, under the once-per-pass rule, that no pass has two. A 0.1.0 peer
+//! does not know the property: on `ferry-0.1` its value comes from the machine type's
+//! compat table, which is the rule 0.1.0 follows, so the two still migrate (see
+//! [`crate::compat`]).
 //!
 //! # Who runs the guest: the handover
 //!

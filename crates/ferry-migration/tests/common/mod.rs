@@ -644,8 +644,9 @@ pub fn source_device_states() -> Vec<DeviceState> {
     ]
 }
 
+/// What a source with the default parameters states in its hello.
 pub fn wire_props() -> Vec<(String, String)> {
-    vec![("migration.digest".into(), "on".into())]
+    MigrationParams::default().stated_wire_properties(&[])
 }
 
 pub fn source_identity() -> SourceIdentity {

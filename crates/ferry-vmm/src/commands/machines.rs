@@ -59,6 +59,11 @@ pub fn main(args: MachinesArgs) -> CliResult {
         return Ok(ExitCode::SUCCESS);
     }
     println!("{}:", cfg.machine());
+    let width = cfg
+        .iter()
+        .map(|(d, p, ..)| d.len() + 1 + p.len())
+        .max()
+        .unwrap_or(0);
     for (d, p, v, o) in cfg.iter() {
         let wire = reg.property(d, p).map(|(_, def)| def.wire).unwrap_or(false);
         let origin = match o {
@@ -66,7 +71,7 @@ pub fn main(args: MachinesArgs) -> CliResult {
             o => o.to_string(),
         };
         println!(
-            "  {:<32} {:<10} {origin}{}",
+            "  {:<width$} {:<10} {origin}{}",
             format!("{d}.{p}"),
             v.to_string(),
             if wire {
