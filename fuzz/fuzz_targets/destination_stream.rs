@@ -461,7 +461,7 @@ fn run(data: &[u8]) {
 
     let params = MigrationParams {
         digest: digest_on,
-        ..MigrationParams::default()
+        ..wire_0_1(MigrationParams::default())
     };
     // What a source with these parameters states, so that fuzzing gets past the hello.
     let digest_prop = params.stated_wire_properties(&[]);

@@ -227,6 +227,7 @@ impl MigratableVm for Vm {
             instance: 0,
             schema: &TICKER,
             config: Vec::new(), // settings both sides must share; checked before RAM moves
+            precopy: None,      // this host cannot move its state while the guest runs
         }]
     }
     /// Taking the lock waits out a burst under way; none starts until `resume`.

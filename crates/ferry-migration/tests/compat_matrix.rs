@@ -412,6 +412,7 @@ impl MigratableVm for TestVm {
             instance: 0,
             schema: self.dev_state,
             config: Vec::new(),
+            precopy: None,
         }]
     }
 

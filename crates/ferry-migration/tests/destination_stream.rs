@@ -153,7 +153,7 @@ fn source_params() -> MigrationParams {
         downtime_limit: Duration::from_nanos(1),
         // This file replays the main channel alone: pages travel on it.
         multifd_channels: 0,
-        ..MigrationParams::default()
+        ..wire_0_1(MigrationParams::default())
     }
 }
 
@@ -1487,7 +1487,7 @@ fn a_ram_batch_naming_a_page_twice_is_refused() {
         let mut hello = common::hello(TEST_LAYOUT, false);
         hello.wire_props = MigrationParams {
             digest: false,
-            ..MigrationParams::default()
+            ..destination_params()
         }
         .stated_wire_properties(&[]);
         let (a, b) = (page_pattern(1), page_pattern(2));

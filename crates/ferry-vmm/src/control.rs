@@ -600,13 +600,25 @@ impl QmpHandler for Control {
                 json!({ "pages-checked": checked, "pages-wrong": wrong })
             }
             "x-ferry-accel" => {
-                no_args(command, &args)?;
-                let info = vmm.vm().accel().ok_or_else(|| {
-                    QmpError::generic(
-                        "this VM has no accelerator; start it with --accel SIZE on the KVM backend",
-                    )
+                // Optional `instance`, 0 by default: the first accelerator, as the
+                // command answered when a VM had one at most.
+                let mut rest = args.clone();
+                let instance = match rest.remove("instance") {
+                    None => 0,
+                    Some(v) => uint_value("instance", &v)?,
+                };
+                no_args(command, &rest)?;
+                let accels = vmm.vm().accels();
+                let a = accels.get(instance as usize).ok_or_else(|| {
+                    QmpError::generic(match accels.len() {
+                        0 => "this VM has no accelerator; start it with --accel SIZE".to_string(),
+                        n => format!(
+                            "this VM has no accelerator {instance}: it has {n} (0 to {})",
+                            n - 1
+                        ),
+                    })
                 })?;
-                serde_json::to_value(info).unwrap_or(Value::Null)
+                serde_json::to_value(a.info()).unwrap_or(Value::Null)
             }
             "quit" => {
                 self.request_quit();

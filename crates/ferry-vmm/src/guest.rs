@@ -3,7 +3,7 @@
 
 use ferry_migration::engine::vm::{MigratableVm, VmError};
 
-use crate::devices::accel::AccelInfo;
+use crate::devices::accel::Accels;
 
 /// A snapshot of the guest workload's progress.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -26,10 +26,8 @@ pub trait GuestVm: MigratableVm {
     /// the guest if it runs. Returns `(pages checked, pages wrong)`.
     fn verify(&self) -> Result<(u64, u64), VmError>;
 
-    /// The accelerator's migration state, size and memory digest, if the VM has one.
-    fn accel(&self) -> Option<AccelInfo> {
-        None
-    }
+    /// The VM's accelerators.
+    fn accels(&self) -> &Accels;
 }
 
 impl GuestVm for crate::kvm::KvmVm {
@@ -45,8 +43,8 @@ impl GuestVm for crate::kvm::KvmVm {
         }
     }
 
-    fn accel(&self) -> Option<AccelInfo> {
-        crate::kvm::KvmVm::accel(self).map(|a| a.info())
+    fn accels(&self) -> &Accels {
+        crate::kvm::KvmVm::accels(self)
     }
 
     fn verify(&self) -> Result<(u64, u64), VmError> {

@@ -11,7 +11,7 @@
 //! | machine type | release | what its table restores |
 //! |---|---|---|
 //! | `ferry-0.2` | 0.2 (being prepared) | nothing: the defaults |
-//! | `ferry-0.1` | 0.1.0 | 0.1's multifd sync after every section |
+//! | `ferry-0.1` | 0.1.0 | 0.1's multifd sync after every section; no device precopy or switchover-ack; no state digest |
 
 use ferry_migration::compat::{CompatEntry, DriverDef, MachineDef, Registry};
 use ferry_migration::engine::MIGRATION_DRIVER;
@@ -39,6 +39,18 @@ pub static FERRY_0_1: MachineDef = MachineDef {
             driver: "migration",
             property: "multifd-flush-after-each-section",
             value: "on",
+        },
+        // 0.2 precopies devices both hosts can precopy, with a per-device switchover
+        // acknowledgement, and sends a digest of device and vCPU state.
+        CompatEntry {
+            driver: "migration",
+            property: "switchover-ack",
+            value: "off",
+        },
+        CompatEntry {
+            driver: "migration",
+            property: "state-digest",
+            value: "off",
         },
     ],
 };
@@ -76,6 +88,8 @@ pub fn state_schemas() -> Vec<&'static StateSchema> {
         &soft::SOFT_CONSOLE_SCHEMA,
         &crate::devices::serial::SERIAL_SCHEMA,
         &crate::devices::accel::ACCEL_SCHEMA,
+        // Precopy records of devices that can move state while the guest runs.
+        &crate::devices::accel::ACCEL_PRECOPY_SCHEMA,
     ]
 }
 
@@ -111,6 +125,7 @@ mod tests {
             mem_size: 1 << 20,
             dirty_size: 0,
             incoming: true,
+            accels: vec![crate::devices::accel::AccelConfig::new(1 << 20, true)],
             ..SoftConfig::default()
         })
         .unwrap();
@@ -119,7 +134,11 @@ mod tests {
         assert!(is_listed(vm.vcpu_schema()), "{}", vm.vcpu_schema().name);
         for device in vm.devices() {
             assert!(is_listed(device.schema), "{}", device.name);
+            if let Some(p) = device.precopy {
+                assert!(is_listed(p), "{} of {}", p.name, device.name);
+            }
         }
+        assert!(vm.devices().iter().any(|d| d.precopy.is_some()));
     }
 
     #[test]

@@ -18,12 +18,15 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ferry_migration::engine::bitmap::DirtyBitmap;
-use ferry_migration::engine::vm::{DeviceInfo, DirtyLog, GuestRam, MigratableVm, VmError};
+use ferry_migration::engine::vm::{
+    DeviceInfo, DevicePending, DirtyLog, GuestRam, MigratableVm, VmError,
+};
 use ferry_migration::state::{
     DeviceState, FieldKind, FieldSchema, StateReader, StateSchema, StateWriter, Value,
 };
 use ferry_migration::PAGE_SIZE;
 
+use crate::devices::accel::{AccelConfig, Accels};
 use crate::guest::{GuestReport, GuestVm};
 use crate::memory::HostRam;
 
@@ -103,6 +106,8 @@ pub struct SoftConfig {
     pub paused: bool,
     /// Print a console line every this many passes.
     pub console_every: u64,
+    /// Accelerators ([`crate::devices::accel`]), in order.
+    pub accels: Vec<AccelConfig>,
 }
 
 impl Default for SoftConfig {
@@ -115,6 +120,7 @@ impl Default for SoftConfig {
             incoming: false,
             paused: false,
             console_every: 1000,
+            accels: Vec::new(),
         }
     }
 }
@@ -169,6 +175,7 @@ struct Shared {
 pub struct SoftVm {
     shared: Arc<Shared>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    accels: Accels,
 }
 
 impl std::fmt::Debug for SoftVm {
@@ -195,6 +202,8 @@ impl SoftVm {
                 ferry_migration::engine::human_bytes(cfg.mem_size)
             )));
         }
+        let accels =
+            Accels::new(&cfg.accels, cfg.incoming).map_err(|e| VmError::Failed(e.to_string()))?;
         let ram = Arc::new(HostRam::new(&[("ram", 0, cfg.mem_size)])?);
         let pages = (cfg.mem_size / PAGE_SIZE as u64) as usize;
         let regs = Regs {
@@ -229,6 +238,7 @@ impl SoftVm {
         let vm = Self {
             shared,
             thread: Mutex::new(Some(thread)),
+            accels,
         };
         if !cfg.incoming && !cfg.paused {
             vm.resume()?;
@@ -238,6 +248,14 @@ impl SoftVm {
 
     fn regs(&self) -> Regs {
         *self.shared.regs.lock().unwrap()
+    }
+
+    /// Device `index` of [`MigratableVm::devices`] as an accelerator (1 and up).
+    fn accel(&self, index: usize) -> Result<&crate::devices::accel::Accel, VmError> {
+        index
+            .checked_sub(1)
+            .and_then(|i| self.accels.get(i))
+            .ok_or_else(|| VmError::Failed(format!("the soft VM has no device {index}")))
     }
 
     /// Pages in the dirty log not yet harvested.
@@ -389,12 +407,15 @@ impl MigratableVm for SoftVm {
     }
 
     fn devices(&self) -> Vec<DeviceInfo> {
-        vec![DeviceInfo {
+        let mut d = vec![DeviceInfo {
             name: SOFT_CONSOLE_SCHEMA.name.to_string(),
             instance: 0,
             schema: &SOFT_CONSOLE_SCHEMA,
             config: Vec::new(),
-        }]
+            precopy: None,
+        }];
+        d.extend(self.accels.device_infos());
+        d
     }
 
     fn pause(&self) -> Result<(), VmError> {
@@ -404,7 +425,8 @@ impl MigratableVm for SoftVm {
         while !c.parked {
             c = self.shared.cv.wait(c).unwrap();
         }
-        Ok(())
+        drop(c);
+        self.accels.pause().map_err(accel_err)
     }
 
     fn resume(&self) -> Result<(), VmError> {
@@ -412,6 +434,7 @@ impl MigratableVm for SoftVm {
         if c.run {
             return Ok(());
         }
+        self.accels.run().map_err(accel_err)?;
         // Wait for a previous stop to settle so the thread reloads the registers.
         while !c.parked {
             c = self.shared.cv.wait(c).unwrap();
@@ -468,7 +491,9 @@ impl MigratableVm for SoftVm {
     }
 
     fn save_device(&self, index: usize, out: &mut StateWriter<'_>) -> Result<(), VmError> {
-        debug_assert_eq!(index, 0);
+        if index > 0 {
+            return self.accel(index)?.save(out).map_err(accel_err);
+        }
         let c = self.shared.console.lock().unwrap();
         out.write_state(
             &DeviceState::new()
@@ -479,18 +504,53 @@ impl MigratableVm for SoftVm {
     }
 
     fn load_device(&self, index: usize, input: &mut StateReader<'_>) -> Result<(), VmError> {
+        if index > 0 {
+            return self.accel(index)?.load(input).map_err(accel_err);
+        }
         let st = input.read_state()?;
-        debug_assert_eq!(index, 0);
         let mut c = self.shared.console.lock().unwrap();
         c.written = st.get_u64("bytes-written")?;
         c.tail = st.get_bytes("tail")?.to_vec();
         Ok(())
     }
+
+    fn device_pending(&self, index: usize) -> DevicePending {
+        match self.accels.get(index.wrapping_sub(1)) {
+            Some(a) if index > 0 => a.pending(),
+            _ => DevicePending::default(),
+        }
+    }
+
+    fn precopy_begin(&self, index: usize) -> Result<(), VmError> {
+        self.accel(index)?.precopy_begin().map_err(accel_err)
+    }
+
+    fn save_precopy(&self, index: usize, out: &mut StateWriter<'_>) -> Result<bool, VmError> {
+        self.accel(index)?.save_precopy(out).map_err(accel_err)
+    }
+
+    fn load_precopy(&self, index: usize, input: &mut StateReader<'_>) -> Result<(), VmError> {
+        self.accel(index)?.load_precopy(input).map_err(accel_err)
+    }
+
+    fn precopy_abandon(&self, index: usize) {
+        if let Ok(a) = self.accel(index) {
+            a.precopy_abandon();
+        }
+    }
+}
+
+fn accel_err(e: crate::devices::accel::AccelError) -> VmError {
+    VmError::Failed(ferry_migration::engine::error_chain(&e))
 }
 
 impl GuestVm for SoftVm {
     fn backend(&self) -> &'static str {
         "soft"
+    }
+
+    fn accels(&self) -> &Accels {
+        &self.accels
     }
 
     fn report(&self) -> GuestReport {

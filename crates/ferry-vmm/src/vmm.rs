@@ -46,8 +46,8 @@ pub struct VmmConfig {
     pub incoming: bool,
     /// Start the guest stopped (QEMU's `-S`).
     pub paused: bool,
-    /// Bytes of accelerator device memory (KVM backend only); 0 for no accelerator.
-    pub accel_size: u64,
+    /// Accelerators, in order ([`crate::devices::accel`]); empty for none.
+    pub accels: Vec<crate::devices::accel::AccelConfig>,
 }
 
 impl Default for VmmConfig {
@@ -63,7 +63,7 @@ impl Default for VmmConfig {
             fill: 0,
             incoming: false,
             paused: false,
-            accel_size: 0,
+            accels: Vec::new(),
         }
     }
 }
@@ -192,12 +192,6 @@ impl Vmm {
                     cfg.vcpus
                 )))
             }
-            Backend::Soft if cfg.accel_size != 0 => {
-                return Err(VmmError::State(
-                    "the accelerator needs the KVM backend; drop --accel or use --backend kvm"
-                        .into(),
-                ))
-            }
             Backend::Soft => Arc::new(
                 SoftVm::create(&SoftConfig {
                     mem_size: cfg.mem_size,
@@ -206,6 +200,7 @@ impl Vmm {
                     fill: cfg.fill,
                     incoming: cfg.incoming,
                     paused: cfg.paused,
+                    accels: cfg.accels.clone(),
                     ..SoftConfig::default()
                 })
                 .map_err(VmmError::Vm)?,
@@ -216,7 +211,7 @@ impl Vmm {
                     vcpus: cfg.vcpus,
                     dirty_size: cfg.dirty_size,
                     incoming: cfg.incoming,
-                    accel_size: cfg.accel_size,
+                    accels: cfg.accels.clone(),
                 })
                 .map_err(VmmError::Kvm)?;
                 if !cfg.incoming && !cfg.paused {

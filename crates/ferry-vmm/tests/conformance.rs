@@ -8,6 +8,7 @@ use std::time::Instant;
 use ferry_migration::engine::error_chain;
 use ferry_migration::engine::vm::MigratableVm;
 use ferry_migration::testing::{checks, conformance, Role};
+use ferry_vmm::devices::accel::AccelConfig;
 use ferry_vmm::kvm::{kvm_usable, KvmConfig, KvmVm};
 use ferry_vmm::soft::{SoftConfig, SoftVm};
 
@@ -23,6 +24,8 @@ fn soft(role: Role) -> Arc<dyn MigratableVm> {
         incoming: role == Role::Incoming,
         paused: false,
         console_every: 16,
+        // An accelerator whose host can precopy it: at stop-copy it is the same device.
+        accels: vec![AccelConfig::new(MIB, true)],
     };
     Arc::new(SoftVm::create(&cfg).unwrap_or_else(|e| panic!("{}", error_chain(&e))))
 }
@@ -33,7 +36,7 @@ fn kvm(role: Role) -> Arc<dyn MigratableVm> {
         vcpus: 2,
         dirty_size: MIB,
         incoming: role == Role::Incoming,
-        accel_size: MIB,
+        accels: vec![AccelConfig::new(MIB, false)],
     };
     let vm = KvmVm::create(&cfg).unwrap_or_else(|e| panic!("{}", error_chain(&e)));
     if role == Role::Source {

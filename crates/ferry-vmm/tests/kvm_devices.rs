@@ -12,6 +12,7 @@ use ferry_migration::engine::{
     MigrationMonitor, MigrationParams, MigrationStatus, SourceIdentity,
 };
 use ferry_vmm::control::Control;
+use ferry_vmm::devices::accel::AccelConfig;
 use ferry_vmm::kvm::{kvm_usable, KvmConfig, KvmVm, PRINT_EVERY};
 use ferry_vmm::qmp::QmpHandler;
 use ferry_vmm::vmm::{Backend, Vmm, VmmConfig};
@@ -40,7 +41,10 @@ fn kvm(incoming: bool, accel_size: u64) -> Arc<KvmVm> {
         vcpus: 2,
         dirty_size: MIB,
         incoming,
-        accel_size,
+        accels: match accel_size {
+            0 => Vec::new(),
+            size => vec![AccelConfig::new(size, false)],
+        },
     };
     Arc::new(KvmVm::create(&cfg).unwrap_or_else(|e| panic!("{}", error_chain(&e))))
 }
@@ -111,7 +115,7 @@ fn kvm_migration_moves_the_accelerator_and_the_console_with_the_guest() {
     // The source stays stopped, its accelerator frozen in STOP since its stop-copy; the
     // destination checked the same memory in RESUMING before its device thread ran.
     assert!(!src.running());
-    let (s, d) = (src.accel().unwrap().info(), dst.accel().unwrap().info());
+    let (s, d) = (src.accel(0).unwrap().info(), dst.accel(0).unwrap().info());
     assert_eq!(s.state, "STOP");
     assert_eq!(s.saved_digest.as_ref(), Some(&s.digest));
     assert_eq!(d.loaded_digest.as_ref(), Some(&s.digest));
@@ -143,7 +147,7 @@ fn kvm_migration_moves_the_accelerator_and_the_console_with_the_guest() {
     dst.check_pattern().unwrap();
     assert_eq!(dst.out_errors(), [0, 0]);
     // The device carried on from the migrated registers over the migrated memory.
-    let after = dst.accel().unwrap();
+    let after = dst.accel(0).unwrap();
     after.check_pattern().unwrap();
     assert_ne!(after.info().digest, s.digest);
 
@@ -180,7 +184,7 @@ fn kvm_x_ferry_accel_reports_state_size_and_digest() {
         backend: Backend::Kvm,
         mem_size: 64 * MIB,
         dirty_size: MIB,
-        accel_size: 4 * MIB,
+        accels: vec![AccelConfig::new(4 * MIB, false)],
         ..VmmConfig::default()
     };
     let control = Control::new(Vmm::new(&cfg).unwrap());
@@ -215,10 +219,15 @@ fn kvm_x_ferry_accel_reports_state_size_and_digest() {
     );
     let err = qmp(&none, "x-ferry-accel").unwrap_err();
     assert!(err.contains("no accelerator"), "{err}");
-    let soft = Vmm::new(&VmmConfig {
-        accel_size: 4 * MIB,
-        ..VmmConfig::default()
-    })
-    .unwrap_err();
-    assert!(soft.to_string().contains("KVM backend"), "{soft}");
+    // The soft backend has accelerators too (since 0.2), the same device.
+    let soft = Control::new(
+        Vmm::new(&VmmConfig {
+            accels: vec![AccelConfig::new(4 * MIB, false)],
+            ..VmmConfig::default()
+        })
+        .unwrap(),
+    );
+    let info = qmp(&soft, "x-ferry-accel").unwrap();
+    assert_eq!(info["state"], "RUNNING", "{info}");
+    assert_eq!(info["size"], 4 * MIB, "{info}");
 }

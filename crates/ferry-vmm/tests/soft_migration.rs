@@ -59,11 +59,14 @@ fn params() -> MigrationParams {
     }
 }
 
-/// Pages on the main channel: for the fake destinations and proxies below, which speak
-/// the main channel only.
+/// Pages on the main channel, and 0.1's frames only (no device plan, no state digest):
+/// for the fake destinations and proxies below, which speak the main channel and answer
+/// a hello with an accept, as release 0.1.0 does.
 fn main_only(p: MigrationParams) -> MigrationParams {
     MigrationParams {
         multifd_channels: 0,
+        switchover_ack: false,
+        state_digest: false,
         ..p
     }
 }
@@ -498,6 +501,7 @@ impl MigratableVm for NewerConsole {
             instance: 0,
             schema: self.schema,
             config: self.config.clone(),
+            precopy: None,
         }]
     }
     fn pause(&self) -> Result<(), VmError> {

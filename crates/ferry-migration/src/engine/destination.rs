@@ -22,19 +22,19 @@ use super::multifd::{ChannelCounters, RecvConfig, RecvSet};
 use super::pages::{record, Lander, Side};
 use super::params::MigrationParams;
 use super::stats::{
-    ChannelStats, Handover, HandoverPoint, MigrationEvent, MigrationInfo, MigrationMonitor,
-    MigrationStatus, MultifdStats,
+    ChannelStats, DeviceStats, Handover, HandoverPoint, MigrationEvent, MigrationInfo,
+    MigrationMonitor, MigrationStatus, MultifdStats,
 };
-use super::stream::{read_exact, read_frame_header, read_payload, write_frame};
+use super::stream::{read_exact, read_frame_header, read_payload, write_frame, Hashed, StateHash};
 use super::transport::Channel;
 use super::vm::{DeviceInfo, MigratableVm, RamBlock};
 use crate::compat::wire_mismatches;
 use crate::state::{self, StateReader};
 use crate::wire::{
     decode_reason, encode_reason, Accept, Annotations, ChannelsReady, Completed, Compression,
-    DeviceStateHeader, EndOfStream, FrameHeader, FrameTag, Hello, MultifdSync, PassEnd,
-    RamBatchHeader, Refuse, RefuseCause, StreamHeader, VcpuStateHeader, WireError, MAX_BATCH_PAGES,
-    SUPPORTED_PROTOCOL_VERSIONS,
+    DeviceMode, DevicePlan, DeviceRef, DeviceStateHeader, EndOfStream, FrameHeader, FrameTag,
+    Hello, MultifdSync, PassEnd, RamBatchHeader, Refuse, RefuseCause, StateDigest, StopCopyWhy,
+    StreamHeader, VcpuStateHeader, WireError, MAX_BATCH_PAGES, SUPPORTED_PROTOCOL_VERSIONS,
 };
 use crate::PAGE_SIZE;
 
@@ -121,8 +121,13 @@ pub fn receive(
         syncs_this_pass: 0,
         channels_done: false,
         annotations: Annotations::default(),
+        precopy: Vec::new(),
+        device_stats: Vec::new(),
+        state_hash: params.state_digest.then(StateHash::new),
+        state_digest: None,
     };
     dst.device_loaded = vec![false; dst.devices.len()];
+    dst.precopy = vec![DestPrecopy::default(); dst.devices.len()];
     let mut r = dst.run(id, &header, &mut door);
     if let Err(e) = &r {
         // A data channel's failure is what woke the main channel: report that, unless
@@ -138,6 +143,13 @@ pub fn receive(
     }
     if let Some(mut recv) = dst.recv.take() {
         recv.shutdown();
+    }
+    if r.is_err() {
+        for (i, p) in dst.precopy.iter().enumerate() {
+            if p.planned {
+                vm.precopy_abandon(i);
+            }
+        }
     }
     let strays = door.strays();
     door.close();
@@ -223,6 +235,23 @@ struct Dest<'a> {
     channels_done: bool,
     /// What the source's hello said beyond its properties.
     annotations: Annotations,
+    /// Per device of `devices`: its precopy progress here.
+    precopy: Vec<DestPrecopy>,
+    device_stats: Vec<DeviceStats>,
+    /// The digest of device and vCPU state read, with `migration.state-digest`.
+    state_hash: Option<StateHash>,
+    /// The source's state digest, once its frame has come.
+    state_digest: Option<StateDigest>,
+}
+
+/// One device's precopy, at the destination.
+#[derive(Debug, Clone, Copy, Default)]
+struct DestPrecopy {
+    /// The plan says precopy, and `precopy_begin` was called (`precopy_abandon` is
+    /// owed on failure).
+    planned: bool,
+    /// The source said its initial data is all sent; it was acknowledged.
+    init_done: bool,
 }
 
 impl Dest<'_> {
@@ -285,6 +314,7 @@ impl Dest<'_> {
             "accept",
         )?;
         tracing::info!(source = %hello.release, machine = %hello.machine, "accepted an incoming migration");
+        self.plan_devices(&hello)?;
         for (b, bm) in self.written.iter().enumerate() {
             self.vm.ram().populated(b, bm);
         }
@@ -340,6 +370,29 @@ impl Dest<'_> {
                     self.monitor.emit(&MigrationEvent::Pass(p.pass));
                 }
                 FrameTag::DeviceState => self.device_state(fh)?,
+                FrameTag::DevicePrecopy => self.device_precopy(fh)?,
+                FrameTag::PrecopyInitDone => {
+                    let r = DeviceRef::decode(
+                        &read_payload(&mut self.ch, fh.len, PEER, "device precopy")?,
+                        "precopy initial data sent",
+                    )?;
+                    self.init_done(&r)?;
+                }
+                FrameTag::StateDigest => {
+                    let d = StateDigest::decode(&read_payload(
+                        &mut self.ch,
+                        fh.len,
+                        PEER,
+                        "state digest",
+                    )?)?;
+                    if self.state_hash.is_none() || self.state_digest.is_some() {
+                        return Err(MigrationError::Protocol(
+                            "a state digest, but migration.state-digest is off or one came already"
+                                .into(),
+                        ));
+                    }
+                    self.state_digest = Some(d);
+                }
                 FrameTag::VcpuState => self.vcpu_state(fh)?,
                 FrameTag::EndOfStream => {
                     let eos = EndOfStream::decode(&read_payload(
@@ -539,27 +592,48 @@ impl Dest<'_> {
         Ok(())
     }
 
-    /// Reads a state frame's name, instance and version without trusting its length.
-    fn device_state(&mut self, fh: FrameHeader) -> Result<(), MigrationError> {
+    /// Reads the header of a device's state frame or precopy record (the device's name,
+    /// instance and version) without trusting the frame's length. Returns the device's
+    /// index, the version and the length of the state bytes that follow. The header goes
+    /// into the state digest.
+    fn device_header(
+        &mut self,
+        fh: FrameHeader,
+        what: &'static str,
+    ) -> Result<(usize, u32, u32), MigrationError> {
         let mut prefix = [0u8; DeviceStateHeader::PREFIX_LEN];
-        read_exact(&mut self.ch, &mut prefix, PEER, "device state")?;
+        read_exact(&mut self.ch, &mut prefix, PEER, what)?;
         let mut rest = vec![0u8; DeviceStateHeader::rest_len(prefix, fh.len)?];
-        read_exact(&mut self.ch, &mut rest, PEER, "device state")?;
+        read_exact(&mut self.ch, &mut rest, PEER, what)?;
+        if let Some(h) = self.state_hash.as_mut() {
+            h.frame();
+            h.update(&prefix);
+            h.update(&rest);
+        }
         let (h, state_len) = DeviceStateHeader::decode_parts(prefix, &rest, fh.len)?;
-        let DeviceStateHeader {
-            name,
-            instance,
-            version,
-        } = h;
         let Some(idx) = self
             .devices
             .iter()
-            .position(|d| d.name == name && d.instance == instance)
+            .position(|d| d.name == h.name && d.instance == h.instance)
         else {
             return Err(MigrationError::UnannouncedState {
-                what: format!("device {name} instance {instance}"),
+                what: format!("device {} instance {}", h.name, h.instance),
             });
         };
+        Ok((idx, h.version, state_len))
+    }
+
+    fn device_name(&self, idx: usize) -> String {
+        format!(
+            "device {} instance {}",
+            self.devices[idx].name, self.devices[idx].instance
+        )
+    }
+
+    /// A device's final state: the device reads it straight off the stream, checked as
+    /// it goes.
+    fn device_state(&mut self, fh: FrameHeader) -> Result<(), MigrationError> {
+        let (idx, version, state_len) = self.device_header(fh, "device state")?;
         let schema = self.devices[idx].schema;
         let max = schema.max_encoded_len();
         if state_len as u64 > max {
@@ -572,18 +646,29 @@ impl Dest<'_> {
         }
         if std::mem::replace(&mut self.device_loaded[idx], true) {
             return Err(MigrationError::StateTwice {
-                what: format!("device {name} instance {instance}"),
+                what: self.device_name(idx),
             });
         }
-        // The device reads its state straight off the stream, checked as it goes.
+        let p = self.precopy[idx];
+        if p.planned && !p.init_done {
+            return Err(MigrationError::Protocol(format!(
+                "the final state of {}, which moves in precopy, came before its initial precopy data was all sent",
+                self.device_name(idx)
+            )));
+        }
         let t = Instant::now();
-        let mut r = StateReader::new(schema, version, &mut self.ch, u64::from(state_len));
+        let mut input = Hashed {
+            inner: &mut self.ch,
+            hash: self.state_hash.as_mut(),
+        };
+        let mut r = StateReader::new(schema, version, &mut input, u64::from(state_len));
         let loaded = self.vm.load_device(idx, &mut r);
         if let Some(e) = r.take_io_error() {
             return Err(MigrationError::io(PEER, "device state", e));
         }
+        let done = r.is_done();
         loaded?;
-        if !r.is_done() {
+        if !done {
             return Err(state::stream::incomplete(
                 schema,
                 "its load returned before the whole state was read",
@@ -591,7 +676,204 @@ impl Dest<'_> {
             .into());
         }
         self.state_load += t.elapsed();
+        self.device_stats[idx].stop_copy_bytes = u64::from(fh.len);
         Ok(())
+    }
+
+    /// One precopy record of a device whose plan is precopy.
+    fn device_precopy(&mut self, fh: FrameHeader) -> Result<(), MigrationError> {
+        let (idx, version, state_len) = self.device_header(fh, "device precopy")?;
+        let schema = match self.devices[idx].precopy {
+            Some(s) if self.precopy[idx].planned => s,
+            _ => {
+                return Err(MigrationError::Protocol(format!(
+                    "a precopy record of {}, which moves as stop-copy in this migration",
+                    self.device_name(idx)
+                )))
+            }
+        };
+        if self.device_loaded[idx] {
+            return Err(MigrationError::Protocol(format!(
+                "a precopy record of {} after its final state",
+                self.device_name(idx)
+            )));
+        }
+        let max = schema.max_encoded_len();
+        if state_len as u64 > max {
+            return Err(WireError::TooLong {
+                what: "device precopy record",
+                len: state_len as u64,
+                max,
+            }
+            .into());
+        }
+        let mut input = Hashed {
+            inner: &mut self.ch,
+            hash: self.state_hash.as_mut(),
+        };
+        let mut r = StateReader::new(schema, version, &mut input, u64::from(state_len));
+        let loaded = self.vm.load_precopy(idx, &mut r);
+        if let Some(e) = r.take_io_error() {
+            return Err(MigrationError::io(PEER, "device precopy", e));
+        }
+        let done = r.is_done();
+        loaded?;
+        if !done {
+            return Err(state::stream::incomplete(
+                schema,
+                "its precopy load returned before the whole record was read",
+            )
+            .into());
+        }
+        let st = &mut self.device_stats[idx];
+        st.precopy_records += 1;
+        if self.precopy[idx].init_done {
+            // After the acknowledgement, records are what changed since.
+            st.final_precopy_bytes += u64::from(fh.len);
+        } else {
+            st.precopy_bytes += u64::from(fh.len);
+        }
+        Ok(())
+    }
+
+    /// The source's word that a device's initial precopy data is all sent: it has all
+    /// loaded (records are loaded as they come), so the device is acknowledged.
+    fn init_done(&mut self, r: &DeviceRef) -> Result<(), MigrationError> {
+        let Some(idx) = self
+            .devices
+            .iter()
+            .position(|d| d.name == r.name && d.instance == r.instance)
+        else {
+            return Err(MigrationError::UnannouncedState {
+                what: format!("device {r}"),
+            });
+        };
+        let p = &mut self.precopy[idx];
+        if !p.planned || p.init_done {
+            return Err(MigrationError::Protocol(format!(
+                "the source says the initial precopy data of device {r} is sent, {}",
+                if p.planned {
+                    "for the second time"
+                } else {
+                    "but it moves as stop-copy in this migration"
+                }
+            )));
+        }
+        p.init_done = true;
+        match self.monitor.faults().delay_ack {
+            Some(Duration::MAX) => return Ok(()),
+            Some(d) => self.delayed_ack(r.clone(), d)?,
+            None => write_frame(
+                &self.ch,
+                FrameTag::SwitchoverAck,
+                &r.encode(),
+                PEER,
+                "switchover acknowledgement",
+            )?,
+        }
+        self.device_stats[idx].acked_ms = Some(self.start.elapsed().as_millis() as u64);
+        self.report_devices();
+        tracing::info!(device = %r, "acknowledged the device's precopy data");
+        Ok(())
+    }
+
+    /// Answers the hello's precopy offers with the plan, when switchover-ack is on
+    /// (both sides have it: the hello's properties agree), and readies the devices
+    /// that will precopy.
+    fn plan_devices(&mut self, hello: &Hello) -> Result<(), MigrationError> {
+        self.device_stats = self
+            .devices
+            .iter()
+            .map(|d| DeviceStats {
+                name: d.name.clone(),
+                instance: d.instance,
+                mode: "stop-copy".into(),
+                precopy_capable: d.precopy.is_some(),
+                reason: (!self.params.switchover_ack && d.precopy.is_some()).then(|| {
+                    "migration.switchover-ack is off (the machine type or -global), so no device precopies"
+                        .into()
+                }),
+                ..DeviceStats::default()
+            })
+            .collect();
+        if !self.params.switchover_ack {
+            self.report_devices();
+            return Ok(());
+        }
+        let mut modes = Vec::with_capacity(hello.devices.len());
+        for hd in &hello.devices {
+            let idx = self
+                .devices
+                .iter()
+                .position(|d| d.name == hd.name && d.instance == hd.instance)
+                .expect("the hello's devices were checked against this VM's");
+            let offer = self.annotations.precopy_offer(&hd.name, hd.instance);
+            let mode = match (offer, self.devices[idx].precopy) {
+                (Some(o), Some(s))
+                    if o.schema == s.name && (s.min_version..=s.version).contains(&o.version) =>
+                {
+                    DeviceMode::Precopy
+                }
+                (Some(_), Some(_)) => DeviceMode::StopCopy(StopCopyWhy::RecordFormat),
+                (Some(_), None) => DeviceMode::StopCopy(StopCopyWhy::DestinationHost),
+                (None, Some(_)) => DeviceMode::StopCopy(StopCopyWhy::SourceHost),
+                (None, None) => DeviceMode::StopCopy(StopCopyWhy::NeitherHost),
+            };
+            let st = &mut self.device_stats[idx];
+            match mode {
+                DeviceMode::Precopy => st.mode = "precopy".into(),
+                DeviceMode::StopCopy(why) => st.reason = Some(why.to_string()),
+            }
+            modes.push(mode);
+        }
+        write_frame(
+            &self.ch,
+            FrameTag::DevicePlan,
+            &DevicePlan {
+                modes: modes.clone(),
+            }
+            .encode(),
+            PEER,
+            "device plan",
+        )?;
+        for (hd, mode) in hello.devices.iter().zip(&modes) {
+            if *mode != DeviceMode::Precopy {
+                continue;
+            }
+            let idx = self
+                .devices
+                .iter()
+                .position(|d| d.name == hd.name && d.instance == hd.instance)
+                .expect("checked above");
+            self.vm.precopy_begin(idx)?;
+            self.precopy[idx].planned = true;
+        }
+        self.report_devices();
+        Ok(())
+    }
+
+    /// Test fault: the acknowledgement goes out after `d`, from a thread of its own.
+    fn delayed_ack(&self, r: DeviceRef, d: Duration) -> Result<(), MigrationError> {
+        let ch = self
+            .ch
+            .try_clone()
+            .map_err(|e| MigrationError::io(PEER, "switchover acknowledgement", e))?;
+        std::thread::spawn(move || {
+            std::thread::sleep(d);
+            let _ = write_frame(
+                &ch,
+                FrameTag::SwitchoverAck,
+                &r.encode(),
+                PEER,
+                "switchover acknowledgement",
+            );
+        });
+        Ok(())
+    }
+
+    fn report_devices(&self) {
+        let stats = self.device_stats.clone();
+        self.monitor.update(|i| i.devices = stats);
     }
 
     fn vcpu_state(&mut self, fh: FrameHeader) -> Result<(), MigrationError> {
@@ -623,6 +905,11 @@ impl Dest<'_> {
             });
         }
         let bytes = read_payload(&mut self.ch, state_len as u32, PEER, "vCPU state")?;
+        if let Some(h) = self.state_hash.as_mut() {
+            h.frame();
+            h.update(&hb);
+            h.update(&bytes);
+        }
         let t = Instant::now();
         let st = state::decode(schema, version, &bytes)?;
         self.vm.load_vcpu(index, st)?;
@@ -655,6 +942,25 @@ impl Dest<'_> {
                 eos.pages_sent, self.pages_received
             )));
         }
+        let state_verified = match (&self.state_hash, self.state_digest) {
+            (Some(mine), Some(theirs)) => {
+                let mine = mine.value();
+                if mine != theirs {
+                    return Err(MigrationError::Verify(format!(
+                        "device and vCPU state digest differs: source {:#018x} over {} frames, destination {:#018x} over {}",
+                        theirs.digest, theirs.frames, mine.digest, mine.frames
+                    )));
+                }
+                "digest"
+            }
+            (Some(_), None) => return Err(MigrationError::Protocol(
+                "the stream ended without the state digest that migration.state-digest=on promises"
+                    .into(),
+            )),
+            (None, _) => "none",
+        };
+        self.monitor
+            .update(|i| i.state_verified = Some(state_verified.to_string()));
         let mut verified = Vec::new();
         match (self.digest.as_ref(), eos.digest) {
             (Some(mine), Some(theirs)) => {

@@ -70,6 +70,10 @@ pub enum MigrationError {
     },
     #[error("a migration is already running")]
     Busy,
+    /// Source: a device's initial precopy data went out and the destination did not
+    /// acknowledge it in time.
+    #[error("the destination did not acknowledge device {device} within {secs} s of the end of its initial precopy data")]
+    NoAck { device: String, secs: u64 },
     /// Destination: the stream carries state the hello did not announce.
     #[error("state for {what}, which the hello did not announce")]
     UnannouncedState { what: String },
@@ -153,6 +157,10 @@ impl MigrationError {
             Self::Verify(s) => Self::Verify(s.clone()),
             Self::Cancelled => Self::Cancelled,
             Self::Busy => Self::Busy,
+            Self::NoAck { device, secs } => Self::NoAck {
+                device: device.clone(),
+                secs: *secs,
+            },
             Self::UnannouncedState { what } => Self::UnannouncedState { what: what.clone() },
             Self::StateTwice { what } => Self::StateTwice { what: what.clone() },
             Self::StateMissing { what } => Self::StateMissing { what: what.clone() },

@@ -31,6 +31,19 @@ pub struct Faults {
     /// hello and never commit, so a cancel after the end of stream is taken and the
     /// guest resumed here. For tests of a new destination against such a source.
     pub legacy_handover: bool,
+    /// Source: flip the top bit of the first field of every vCPU's state after it went
+    /// into the state digest, as a link or a buffer that corrupts a byte would. The
+    /// state still decodes (for the soft vCPU it is the pass counter), so only the
+    /// state digest can tell.
+    pub damage_vcpu_state: bool,
+    /// Destination: hold every switchover acknowledgement this long (`Duration::MAX`:
+    /// never send one), as a device slow to load its precopy data would.
+    pub delay_ack: Option<Duration>,
+    /// Source: how long to wait for an acknowledgement (30 s otherwise).
+    pub ack_timeout: Option<Duration>,
+    /// Source: switch over once the rest fits the downtime limit, acknowledged or not:
+    /// the rule switchover-ack exists for, broken.
+    pub switch_without_ack: bool,
 }
 
 impl Faults {
@@ -43,5 +56,17 @@ impl Faults {
         close_channel_after: None,
         channel_wait: None,
         legacy_handover: false,
+        damage_vcpu_state: false,
+        delay_ack: None,
+        ack_timeout: None,
+        switch_without_ack: false,
     };
+
+    /// Applies `damage_vcpu_state` to a vCPU-state frame's payload.
+    pub(crate) fn damage_state(&self, payload: &mut [u8]) {
+        let at = crate::wire::VcpuStateHeader::LEN + 7;
+        if self.damage_vcpu_state && payload.len() > at {
+            payload[at] ^= 0x80;
+        }
+    }
 }

@@ -29,8 +29,8 @@ pub use incoming::{Incoming, Stray};
 pub use params::{human_bytes, MigrationParams, MIGRATION, MIGRATION_DRIVER};
 pub use source::{migrate, SourceIdentity};
 pub use stats::{
-    CancelRefused, Handover, HandoverPoint, MigrationEvent, MigrationInfo, MigrationMonitor,
-    MigrationStatus,
+    CancelRefused, DeviceStats, Handover, HandoverPoint, MigrationEvent, MigrationInfo,
+    MigrationMonitor, MigrationStatus,
 };
 pub use transport::{
     Acceptor, Channel, Connector, Listener, MigrationStream, MigrationUri, StreamRole,

@@ -78,6 +78,20 @@ pub static MIGRATION_DRIVER: DriverDef = DriverDef {
             doc: "sync the data channels after every section of sending (about 100 ms), as release 0.1 did, instead of once per pass over memory; QEMU's property of the same name",
         },
         PropDef {
+            name: "switchover-ack",
+            kind: PropKind::Bool,
+            default: "on",
+            wire: true,
+            doc: "move the state of devices both hosts can precopy while the guest runs, and switch over only once the destination has acknowledged each of them; QEMU's capability of the same name, negotiated per device",
+        },
+        PropDef {
+            name: "state-digest",
+            kind: PropKind::Bool,
+            default: "on",
+            wire: true,
+            doc: "carry a digest of every device and vCPU state as sent, which the destination checks before it resumes",
+        },
+        PropDef {
             name: "multifd-zstd-level",
             kind: PropKind::U64 { min: 1, max: 19 },
             default: "1",
@@ -102,6 +116,12 @@ pub struct MigrationParams {
     /// Sync the data channels after every section (0.1's rule) rather than once per
     /// pass over memory. A wire property: the hello carries it.
     pub multifd_flush_after_each_section: bool,
+    /// Precopy the devices both hosts can precopy, and switch over only once the
+    /// destination has acknowledged each one. A wire property.
+    pub switchover_ack: bool,
+    /// A digest of every device and vCPU state, checked before the guest resumes. A
+    /// wire property.
+    pub state_digest: bool,
 }
 
 impl Default for MigrationParams {
@@ -115,6 +135,8 @@ impl Default for MigrationParams {
             multifd_compression: Compression::None,
             multifd_zstd_level: 1,
             multifd_flush_after_each_section: false,
+            switchover_ack: true,
+            state_digest: true,
         }
     }
 }
@@ -134,6 +156,8 @@ impl MigrationParams {
             multifd_zstd_level: cfg.u64(MIGRATION, "multifd-zstd-level")? as i32,
             multifd_flush_after_each_section: cfg
                 .bool(MIGRATION, "multifd-flush-after-each-section")?,
+            switchover_ack: cfg.bool(MIGRATION, "switchover-ack")?,
+            state_digest: cfg.bool(MIGRATION, "state-digest")?,
         })
     }
 
@@ -150,6 +174,11 @@ impl MigrationParams {
                 format!("{MIGRATION}.multifd-flush-after-each-section"),
                 on(self.multifd_flush_after_each_section),
             ),
+            (
+                format!("{MIGRATION}.switchover-ack"),
+                on(self.switchover_ack),
+            ),
+            (format!("{MIGRATION}.state-digest"), on(self.state_digest)),
         ]
     }
 

@@ -24,19 +24,22 @@ use super::error::{error_chain, MigrationError};
 use super::memory::GuestMemory;
 use super::multifd::{ChannelCounters, SendConfig, SendSet, SECTION};
 use super::pages::{record, Classifier, MainLane, Picker, Side, BATCH_PAGES};
-use super::params::MigrationParams;
+use super::params::{human_bytes, MigrationParams};
 use super::stats::{
-    ChannelStats, DowntimeBreakdown, Handover, HandoverPoint, MigrationEvent, MigrationInfo,
-    MigrationMonitor, MigrationStatus, MultifdStats, PassStats,
+    ChannelStats, DeviceStats, DowntimeBreakdown, Handover, HandoverPoint, MigrationEvent,
+    MigrationInfo, MigrationMonitor, MigrationStatus, MultifdStats, PassStats,
 };
-use super::stream::{read_frame_header, read_payload, write_frame, write_frame_after, DeviceFrame};
+use super::stream::{
+    read_frame_header, read_payload, write_frame, write_frame_after, DeviceFrame, StateHash,
+};
 use super::transport::{Channel, Connector, StreamRole};
 use super::vm::{DeviceInfo, GuestRam, MigratableVm, RamBlock};
 use crate::state::{self, StateWriter};
 use crate::wire::{
     decode_reason, encode_reason, Accept, Annotations, ChannelHeader, ChannelsReady, Completed,
-    DeviceStateHeader, EndOfStream, FrameTag, Hello, HelloDevice, HelloRamBlock, MultifdSync,
-    PassEnd, Refuse, StreamHeader, VcpuStateHeader, CHANNEL_VERSION, PROTOCOL_VERSION,
+    DeviceMode, DevicePlan, DeviceRef, DeviceStateHeader, EndOfStream, FrameTag, Hello,
+    HelloDevice, HelloRamBlock, MultifdSync, PassEnd, PrecopyOffer, Refuse, StreamHeader,
+    VcpuStateHeader, CHANNEL_VERSION, PROTOCOL_VERSION,
 };
 use crate::PAGE_SIZE;
 
@@ -52,6 +55,12 @@ const MAX_EXTRA_PASSES: u32 = 3;
 /// How long the destination may take to bind the data channels (it waits 10 s for them
 /// itself and then says which one is missing).
 const CHANNELS_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the destination may take to acknowledge a device once the device's initial
+/// precopy data has gone out (it acknowledges as soon as that data has loaded).
+const ACK_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bytes a device may write in precopy records after the guest stopped beyond what it
+/// said it had left: past that, it is taken to be stuck producing data.
+const FINAL_PRECOPY_SLACK: u64 = 64 << 20;
 
 /// Who the source is, as its hello states it.
 #[derive(Debug, Clone)]
@@ -108,6 +117,9 @@ pub fn migrate(
         mfd: None,
         syncs: 0,
         session: session_id(),
+        devices: Vec::new(),
+        state_hash: params.state_digest.then(StateHash::new),
+        throttle: Throttle::new(params.max_bandwidth),
     };
     monitor.update(|i| i.session = Some(format!("{:016x}", src.session)));
     let result = src.run(id, transport);
@@ -187,6 +199,36 @@ struct Source<'a> {
     /// Sync points sent.
     syncs: u64,
     session: u64,
+    /// The VM's devices, and how each one's state moves.
+    devices: Vec<SourceDevice>,
+    /// The digest of device and vCPU state sent, with `migration.state-digest`.
+    state_hash: Option<StateHash>,
+    /// `max-bandwidth` over everything the source sends while the guest runs: pages and
+    /// device precopy records.
+    throttle: Throttle,
+}
+
+/// Why a device moves as stop-copy, as the source knows before the destination's plan.
+struct StopCopyWhyText;
+
+impl StopCopyWhyText {
+    const SOURCE_HOST: &'static str = "the source host cannot precopy it";
+    const ACK_OFF: &'static str =
+        "migration.switchover-ack is off (the machine type or -global), so no device precopies";
+}
+
+/// One device of the migration, at the source.
+struct SourceDevice {
+    info: DeviceInfo,
+    /// Its state moves in precopy records (the destination's plan says so).
+    precopy: bool,
+    /// `precopy_begin` was called: `precopy_abandon` is owed on failure.
+    begun: bool,
+    /// When its initial data was all sent (and the destination told).
+    init_sent: Option<Instant>,
+    /// When the destination acknowledged it.
+    acked: Option<Instant>,
+    stats: DeviceStats,
 }
 
 /// Figures of one pass.
@@ -203,14 +245,17 @@ impl Source<'_> {
     }
 
     /// Streams device `i`'s state into one device-state frame as the device writes it.
-    fn save_device(&self, i: usize, d: &DeviceInfo) -> Result<(), MigrationError> {
+    fn save_device(&mut self, i: usize) -> Result<(), MigrationError> {
+        let d = &self.devices[i].info;
         let mut frame = DeviceFrame::new(
-            self.ch(),
+            self.ch.as_ref().expect("connected"),
+            FrameTag::DeviceState,
             DeviceStateHeader {
                 name: d.name.clone(),
                 instance: d.instance,
                 version: d.schema.version,
             },
+            self.state_hash.as_mut(),
         );
         let mut w = StateWriter::new(d.schema, &mut frame);
         let saved = self.vm.save_device(i, &mut w);
@@ -218,8 +263,9 @@ impl Source<'_> {
         if let Some(e) = w.take_io_error() {
             return Err(MigrationError::io(PEER, "device state", e));
         }
+        let done = w.is_done();
         saved?;
-        if !w.is_done() {
+        if !done {
             return Err(state::stream::incomplete(
                 d.schema,
                 "its save returned before the whole state was written",
@@ -228,7 +274,182 @@ impl Source<'_> {
         }
         frame
             .flush()
-            .map_err(|e| MigrationError::io(PEER, "device state", e))
+            .map_err(|e| MigrationError::io(PEER, "device state", e))?;
+        self.devices[i].stats.stop_copy_bytes = frame.payload_len();
+        Ok(())
+    }
+
+    /// Streams device `i`'s next precopy record into one frame; returns the payload
+    /// bytes sent, 0 when the device had nothing to send.
+    fn save_precopy(&mut self, i: usize) -> Result<u64, MigrationError> {
+        let d = &self.devices[i].info;
+        let schema = d.precopy.expect("planned for precopy only when it can");
+        let mut frame = DeviceFrame::new(
+            self.ch.as_ref().expect("connected"),
+            FrameTag::DevicePrecopy,
+            DeviceStateHeader {
+                name: d.name.clone(),
+                instance: d.instance,
+                version: schema.version,
+            },
+            self.state_hash.as_mut(),
+        );
+        let mut w = StateWriter::new(schema, &mut frame);
+        let saved = self.vm.save_precopy(i, &mut w);
+        if let Some(e) = w.take_io_error() {
+            return Err(MigrationError::io(PEER, "device precopy", e));
+        }
+        let done = w.is_done();
+        let wrote = saved?;
+        let began = frame.payload_len() > 0;
+        if !wrote {
+            if began {
+                return Err(state::stream::incomplete(
+                    schema,
+                    "its precopy save said it wrote nothing after it began a record",
+                )
+                .into());
+            }
+            return Ok(0);
+        }
+        if !done {
+            return Err(state::stream::incomplete(
+                schema,
+                "its precopy save returned before the whole record was written",
+            )
+            .into());
+        }
+        frame
+            .flush()
+            .map_err(|e| MigrationError::io(PEER, "device precopy", e))?;
+        Ok(frame.payload_len())
+    }
+
+    /// One round of device precopy: each device in precopy sends records up to what it
+    /// had pending when the round began (so a device that changes its state as fast as
+    /// it sends cannot hold the round), and once its initial data is all out the
+    /// destination is told, so it can acknowledge the device. The `final_round`, with
+    /// the guest stopped, sends everything the devices have left.
+    fn precopy_round(&mut self, final_round: bool) -> Result<(), MigrationError> {
+        for i in 0..self.devices.len() {
+            if !self.devices[i].precopy {
+                continue;
+            }
+            let pending = self.vm.device_pending(i);
+            let budget = if final_round {
+                pending
+                    .precopy
+                    .max(pending.stop_copy)
+                    .saturating_add(FINAL_PRECOPY_SLACK)
+            } else {
+                pending.precopy
+            };
+            let mut sent = 0u64;
+            while sent < budget || final_round {
+                let n = self.save_precopy(i)?;
+                if n == 0 {
+                    break;
+                }
+                sent += n;
+                if !final_round {
+                    self.throttle.after(n, self.monitor)?;
+                }
+                let st = &mut self.devices[i].stats;
+                st.precopy_records += 1;
+                if final_round {
+                    st.final_precopy_bytes += n;
+                } else {
+                    st.precopy_bytes += n;
+                }
+                if final_round && sent > budget {
+                    return Err(MigrationError::Vm(super::vm::VmError::Failed(format!(
+                        "device {} instance {} wrote {sent} bytes of precopy records after the guest stopped, more than the {} it had pending: it does not stop changing",
+                        self.devices[i].info.name,
+                        self.devices[i].info.instance,
+                        human_bytes(budget - FINAL_PRECOPY_SLACK)
+                    ))));
+                }
+                if !final_round {
+                    self.poll_rp()?;
+                }
+            }
+            if self.devices[i].init_sent.is_none() && self.vm.device_pending(i).initial == 0 {
+                let d = &self.devices[i].info;
+                let r = DeviceRef {
+                    name: d.name.clone(),
+                    instance: d.instance,
+                };
+                write_frame(
+                    self.ch(),
+                    FrameTag::PrecopyInitDone,
+                    &r.encode(),
+                    PEER,
+                    "device precopy",
+                )?;
+                self.devices[i].init_sent = Some(Instant::now());
+                tracing::debug!(device = %r, "initial precopy data sent");
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether every device in precopy has been acknowledged; fails a device whose
+    /// acknowledgement is overdue.
+    fn all_acked(&self) -> Result<bool, MigrationError> {
+        let faults = self.monitor.faults();
+        let timeout = faults.ack_timeout.unwrap_or(ACK_TIMEOUT);
+        let mut all = true;
+        for d in self
+            .devices
+            .iter()
+            .filter(|d| d.precopy && d.acked.is_none())
+        {
+            all = false;
+            if let Some(t) = d.init_sent {
+                if t.elapsed() > timeout {
+                    return Err(MigrationError::NoAck {
+                        device: format!("{} instance {}", d.info.name, d.info.instance),
+                        secs: timeout.as_secs_f64().ceil() as u64,
+                    });
+                }
+            }
+        }
+        Ok(all || faults.switch_without_ack)
+    }
+
+    /// Takes a switchover acknowledgement off the return path.
+    fn take_ack(&mut self, payload: &[u8]) -> Result<(), MigrationError> {
+        let r = DeviceRef::decode(payload, "switchover acknowledgement")?;
+        let Some(d) = self
+            .devices
+            .iter_mut()
+            .find(|d| d.info.name == r.name && d.info.instance == r.instance)
+        else {
+            return Err(MigrationError::Protocol(format!(
+                "the destination acknowledged device {r}, which this migration does not have"
+            )));
+        };
+        if !d.precopy || d.init_sent.is_none() || d.acked.is_some() {
+            return Err(MigrationError::Protocol(format!(
+                "the destination acknowledged device {r} out of turn (precopy {}, initial data {}, acknowledged before {})",
+                d.precopy,
+                if d.init_sent.is_some() { "sent" } else { "not sent yet" },
+                d.acked.is_some()
+            )));
+        }
+        d.acked = Some(Instant::now());
+        d.stats.acked_ms = Some(self.start.elapsed().as_millis() as u64);
+        tracing::info!(device = %r, "destination acknowledged the device's precopy data");
+        Ok(())
+    }
+
+    /// The devices' figures, as `query-migrate` shows them.
+    fn report_devices(&mut self) {
+        for (i, d) in self.devices.iter_mut().enumerate() {
+            d.stats.pending_stop_copy = self.vm.device_pending(i).stop_copy;
+        }
+        let stats: Vec<DeviceStats> = self.devices.iter().map(|d| d.stats.clone()).collect();
+        self.monitor.update(|i| i.devices = stats);
     }
 
     fn run(
@@ -294,6 +515,12 @@ impl Source<'_> {
         for (b, bm) in self.pending.iter().enumerate() {
             self.ram.populated(b, bm);
         }
+        for i in 0..self.devices.len() {
+            if self.devices[i].precopy {
+                self.vm.precopy_begin(i)?;
+                self.devices[i].begun = true;
+            }
+        }
         self.monitor.update(|i| {
             i.setup_time = self.start.elapsed().as_millis() as u64;
         });
@@ -304,7 +531,9 @@ impl Source<'_> {
         loop {
             let t = Instant::now();
             let c = self.send_pass(pass, false)?;
+            // The pass's rate is that of RAM alone: what the final pass will move at.
             let dur = t.elapsed();
+            self.precopy_round(false)?;
             self.harvest()?;
             let dirty = self.pending.iter().map(|b| b.count() as u64).sum::<u64>();
             let secs = dur.as_secs_f64().max(1e-6);
@@ -333,6 +562,7 @@ impl Source<'_> {
                 _ => f64::INFINITY,
             };
             let expected = ram_expected + device_expected;
+            let acked = self.all_acked()?;
             let st = PassStats {
                 pass,
                 pages: c.pages,
@@ -349,6 +579,7 @@ impl Source<'_> {
                 },
                 final_pass: false,
             };
+            self.report_devices();
             self.monitor.update(|i| {
                 i.ram.remaining = remaining;
                 i.ram.dirty_sync_count += 1;
@@ -359,28 +590,30 @@ impl Source<'_> {
                 i.total_time = self.start.elapsed().as_millis() as u64;
             });
             self.monitor.emit(&MigrationEvent::Pass(pass));
-            tracing::debug!(pass, pages = c.pages, dirty, bw, "pass finished");
+            tracing::debug!(pass, pages = c.pages, dirty, bw, acked, "pass finished");
             let limit = self
                 .monitor
                 .downtime_limit()
                 .unwrap_or(self.params.downtime_limit);
-            if dirty == 0 && expected <= limit.as_secs_f64() {
+            let fits = expected <= limit.as_secs_f64();
+            if dirty == 0 && fits && acked {
                 break;
             }
-            if dirty == 0 {
+            if dirty == 0 && self.rounds_cannot_help(limit) {
                 // RAM is done, but a device's stop-copy state alone does not fit the
-                // limit; more passes cannot shrink it, so wait for a higher limit (or a
-                // cancel) without spinning.
+                // limit, or a device's acknowledgement is still to come; more passes
+                // cannot help, so wait for either (or a cancel) without spinning.
                 tracing::info!(
                     device_bytes,
                     expected_ms = expected * 1e3,
-                    "device state does not fit the downtime limit"
+                    acked,
+                    "waiting for the downtime limit or a device's acknowledgement"
                 );
-                self.wait_for_limit(limit)?;
+                self.wait_for_change(limit)?;
                 pass += 1;
                 continue;
             }
-            if expected <= limit.as_secs_f64() {
+            if fits && acked {
                 // Converged. Another pass is cheap when what is left is well below what
                 // this pass sent: the next pass is shorter, so the guest dirties less
                 // during it, and the downtime carries less.
@@ -397,18 +630,39 @@ impl Source<'_> {
 
     /// Every device's stop-copy estimate.
     fn device_stop_copy(&self) -> u64 {
-        (0..self.vm.devices().len())
+        (0..self.devices.len())
             .map(|i| self.vm.device_pending(i).stop_copy)
             .sum()
     }
 
-    /// Waits up to a section for the downtime limit to change, watching for cancel and
-    /// for a destination that gave up.
-    fn wait_for_limit(&self, limit: Duration) -> Result<(), MigrationError> {
+    /// With RAM done, whether another round of device precopy cannot bring the
+    /// switchover closer: every device in precopy has sent its initial data and only
+    /// acknowledgements are missing, or the stop-copy devices alone do not fit the
+    /// limit. Then the source waits instead of spinning.
+    fn rounds_cannot_help(&self, limit: Duration) -> bool {
+        let awaiting_ack_only = self.devices.iter().any(|d| d.precopy && d.acked.is_none())
+            && self
+                .devices
+                .iter()
+                .all(|d| !d.precopy || d.init_sent.is_some());
+        let stop_copy_only: u64 = (0..self.devices.len())
+            .filter(|&i| !self.devices[i].precopy)
+            .map(|i| self.vm.device_pending(i).stop_copy)
+            .sum();
+        let too_big = stop_copy_only > 0
+            && (self.link_bw <= 0.0 || stop_copy_only as f64 / self.link_bw > limit.as_secs_f64());
+        awaiting_ack_only || too_big
+    }
+
+    /// Waits up to a section for the downtime limit to change or a device's
+    /// acknowledgement to come, watching for cancel and for a destination that gave up.
+    fn wait_for_change(&mut self, limit: Duration) -> Result<(), MigrationError> {
         let until = Instant::now() + SECTION;
+        let acked = |s: &Self| s.devices.iter().filter(|d| d.acked.is_some()).count();
+        let before = acked(self);
         while Instant::now() < until {
             self.poll_rp()?;
-            if self.monitor.downtime_limit().is_some_and(|l| l != limit) {
+            if self.monitor.downtime_limit().is_some_and(|l| l != limit) || acked(self) != before {
                 break;
             }
             std::thread::sleep(Duration::from_millis(10));
@@ -418,6 +672,31 @@ impl Source<'_> {
 
     fn handshake(&mut self, id: &SourceIdentity) -> Result<(), MigrationError> {
         let vm = self.vm;
+        let ack = self.params.switchover_ack;
+        self.devices = vm
+            .devices()
+            .into_iter()
+            .map(|info| SourceDevice {
+                stats: DeviceStats {
+                    name: info.name.clone(),
+                    instance: info.instance,
+                    mode: "stop-copy".into(),
+                    precopy_capable: info.precopy.is_some(),
+                    // Until the destination's plan says otherwise.
+                    reason: match (info.precopy.is_some(), ack) {
+                        (false, _) => Some(StopCopyWhyText::SOURCE_HOST.into()),
+                        (true, false) => Some(StopCopyWhyText::ACK_OFF.into()),
+                        (true, true) => None,
+                    },
+                    ..DeviceStats::default()
+                },
+                info,
+                precopy: false,
+                begun: false,
+                init_sent: None,
+                acked: None,
+            })
+            .collect();
         let mut hello = Hello {
             session_id: self.session,
             release: id.release.clone(),
@@ -442,13 +721,13 @@ impl Source<'_> {
             vcpu_count: vm.vcpu_count() as u32,
             vcpu_state: vm.vcpu_schema().name.to_string(),
             vcpu_version: vm.vcpu_schema().version,
-            devices: vm
-                .devices()
+            devices: self
+                .devices
                 .iter()
                 .map(|d| HelloDevice {
-                    name: d.name.clone(),
-                    instance: d.instance,
-                    version: d.schema.version,
+                    name: d.info.name.clone(),
+                    instance: d.info.instance,
+                    version: d.info.schema.version,
                 })
                 .collect(),
             channels: self.params.multifd_channels,
@@ -458,19 +737,37 @@ impl Source<'_> {
                 crate::wire::Compression::None
             },
         };
-        // This source keeps the switchover commitment, and states its devices'
-        // configuration (see `wire::ANNOTATION_PREFIX`).
+        // This source keeps the switchover commitment, states its devices'
+        // configuration, and offers to precopy the devices its host can precopy (see
+        // `wire::ANNOTATION_PREFIX`).
         Annotations {
             switchover_commit: !self.monitor.faults().legacy_handover,
-            device_config: vm
-                .devices()
+            device_config: self
+                .devices
                 .iter()
                 .flat_map(|d| {
+                    let d = &d.info;
                     d.config
                         .iter()
                         .map(|(k, v)| (d.name.clone(), d.instance, k.clone(), v.clone()))
                 })
                 .collect(),
+            precopy: if ack {
+                self.devices
+                    .iter()
+                    .filter_map(|d| {
+                        let schema = d.info.precopy?;
+                        Some(PrecopyOffer {
+                            device: d.info.name.clone(),
+                            instance: d.info.instance,
+                            schema: schema.name.into(),
+                            version: schema.version,
+                        })
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            },
             unknown: Vec::new(),
         }
         .apply(&mut hello);
@@ -491,6 +788,12 @@ impl Source<'_> {
             FrameTag::Accept => {
                 let a = Accept::decode(&payload)?;
                 tracing::info!(release = %a.release, "destination accepted the migration");
+                if ack {
+                    // Both sides have switchover-ack on (the hello's properties agree),
+                    // so the destination answers with its plan.
+                    self.take_plan()?;
+                }
+                self.report_devices();
                 Ok(())
             }
             FrameTag::Refuse => {
@@ -502,6 +805,40 @@ impl Source<'_> {
             }
             t => Err(self.unexpected(t, "accept or refuse", &payload)),
         }
+    }
+
+    /// Reads the destination's device plan and takes it: which devices precopy (each one
+    /// offered), and why the others do not.
+    fn take_plan(&mut self) -> Result<(), MigrationError> {
+        let (tag, payload) = self.wait_rp("the destination's device plan", HELLO_TIMEOUT)?;
+        if tag != FrameTag::DevicePlan {
+            return Err(self.unexpected(tag, "device plan", &payload));
+        }
+        let plan = DevicePlan::decode(&payload)?;
+        if plan.modes.len() != self.devices.len() {
+            return Err(MigrationError::Protocol(format!(
+                "the destination's device plan covers {} devices, the hello listed {}",
+                plan.modes.len(),
+                self.devices.len()
+            )));
+        }
+        for (d, mode) in self.devices.iter_mut().zip(&plan.modes) {
+            match mode {
+                DeviceMode::Precopy if d.info.precopy.is_none() => {
+                    return Err(MigrationError::Protocol(format!(
+                        "the destination plans precopy for device {} instance {}, which this source did not offer",
+                        d.info.name, d.info.instance
+                    )))
+                }
+                DeviceMode::Precopy => {
+                    d.precopy = true;
+                    d.stats.mode = "precopy".into();
+                    d.stats.reason = None;
+                }
+                DeviceMode::StopCopy(why) => d.stats.reason = Some(why.to_string()),
+            }
+        }
+        Ok(())
     }
 
     fn unexpected(&self, tag: FrameTag, expected: &str, payload: &[u8]) -> MigrationError {
@@ -524,12 +861,15 @@ impl Source<'_> {
         timeout: Duration,
     ) -> Result<(FrameTag, Vec<u8>), MigrationError> {
         let deadline = Instant::now() + timeout;
-        let rx = self.rp.as_ref().expect("return path");
         loop {
             if self.monitor.is_cancelled() && self.monitor.handover() == Handover::Source {
                 return Err(MigrationError::Cancelled);
             }
+            let rx = self.rp.as_ref().expect("return path");
             match rx.recv_timeout(Duration::from_millis(50)) {
+                // An acknowledgement may come at any time after the device's initial
+                // data: take it and wait on.
+                Ok(RpEvent::Frame(FrameTag::SwitchoverAck, p)) => self.take_ack(&p)?,
                 Ok(RpEvent::Frame(t, p)) => return Ok((t, p)),
                 Ok(RpEvent::Closed(e)) => {
                     return Err(match e {
@@ -551,15 +891,21 @@ impl Source<'_> {
         }
     }
 
-    /// Checks, without waiting, that the destination has not given up.
-    fn poll_rp(&self) -> Result<(), MigrationError> {
-        if self.monitor.is_cancelled() {
-            return Err(MigrationError::Cancelled);
-        }
-        match self.rp.as_ref().expect("return path").try_recv() {
-            Ok(RpEvent::Frame(t, p)) => Err(self.unexpected(t, "nothing during the transfer", &p)),
-            Ok(RpEvent::Closed(e)) => Err(e),
-            Err(_) => Ok(()),
+    /// Checks, without waiting, that the destination has not given up, and takes the
+    /// acknowledgements that have come.
+    fn poll_rp(&mut self) -> Result<(), MigrationError> {
+        loop {
+            if self.monitor.is_cancelled() {
+                return Err(MigrationError::Cancelled);
+            }
+            match self.rp.as_ref().expect("return path").try_recv() {
+                Ok(RpEvent::Frame(FrameTag::SwitchoverAck, p)) => self.take_ack(&p)?,
+                Ok(RpEvent::Frame(t, p)) => {
+                    return Err(self.unexpected(t, "nothing during the transfer", &p))
+                }
+                Ok(RpEvent::Closed(e)) => return Err(e),
+                Err(_) => return Ok(()),
+            }
         }
     }
 
@@ -617,6 +963,13 @@ impl Source<'_> {
         if let Some(mut m) = self.mfd.take() {
             m.shutdown(true);
         }
+        if !committed {
+            for (i, d) in self.devices.iter().enumerate() {
+                if d.begun {
+                    self.vm.precopy_abandon(i);
+                }
+            }
+        }
         if self.logging {
             for (b, bm) in self.harvested.iter().enumerate() {
                 self.vm.dirty_log().restore(b, bm);
@@ -663,13 +1016,12 @@ impl Source<'_> {
     /// sync.
     fn send_pass(&mut self, pass: u32, final_pass: bool) -> Result<PassCount, MigrationError> {
         let mut c = PassCount::default();
-        let mut window = Throttle::new(self.params.max_bandwidth);
         let mut section = Instant::now();
         let mut pages = Vec::with_capacity(BATCH_PAGES);
         for b in 0..self.blocks.len() {
             let mut pick = Picker::default();
             while pick.next(&self.pending[b], &mut pages, BATCH_PAGES) {
-                self.send_batch(b, &mut pages, &mut c, &mut window)?;
+                self.send_batch(b, &mut pages, &mut c)?;
                 self.poll_rp()?;
                 // 0.1's rule syncs every section; the newer one only at the pass end
                 // below, which is enough: a pass sends each page at most once.
@@ -688,7 +1040,7 @@ impl Source<'_> {
                 .as_ref()
                 .expect("channels")
                 .flush(&move || monitor.is_cancelled())?;
-            self.fold(&mut c, &mut window)?;
+            self.fold(&mut c)?;
             self.report_multifd();
         }
         write_frame(
@@ -712,13 +1064,12 @@ impl Source<'_> {
         block: usize,
         pages: &mut Vec<u64>,
         c: &mut PassCount,
-        window: &mut Throttle,
     ) -> Result<(), MigrationError> {
         if let Some(m) = self.mfd.as_mut() {
             let monitor = self.monitor;
             let batch = std::mem::replace(pages, Vec::with_capacity(BATCH_PAGES));
             m.send_pages(block, batch, &move || monitor.is_cancelled())?;
-            return self.fold(c, window);
+            return self.fold(c);
         }
         let ch = self.ch.as_ref().expect("connected");
         let lane = self.main_lane.get_or_insert_with(|| {
@@ -726,7 +1077,7 @@ impl Source<'_> {
         });
         let d = lane.send(ch, block, pages)?;
         self.count(c, &d, false);
-        window.after(d.bytes, self.monitor)
+        self.throttle.after(d.bytes, self.monitor)
     }
 
     /// Takes pages a lane put on the wire into the pass and the statistics.
@@ -827,12 +1178,12 @@ impl Source<'_> {
     }
 
     /// Takes what the senders moved since last time into the pass and the statistics.
-    fn fold(&mut self, c: &mut PassCount, window: &mut Throttle) -> Result<(), MigrationError> {
+    fn fold(&mut self, c: &mut PassCount) -> Result<(), MigrationError> {
         let m = self.mfd.as_mut().expect("channels");
         m.check()?;
         let d = m.take_progress();
         self.count(c, &d, true);
-        window.after(d.bytes, self.monitor)
+        self.throttle.after(d.bytes, self.monitor)
     }
 
     fn report_multifd(&self) {
@@ -884,24 +1235,41 @@ impl Source<'_> {
         });
 
         let t = Instant::now();
-        for (i, d) in self.vm.devices().iter().enumerate() {
-            self.save_device(i, d)?;
+        // What the devices in precopy still have, then every device's final state.
+        self.precopy_round(true)?;
+        for i in 0..self.devices.len() {
+            self.save_device(i)?;
             self.monitor.probe(HandoverPoint::DeviceStateSent(i));
         }
         br.devices_ms = ms(t.elapsed());
+        self.report_devices();
 
         let t = Instant::now();
         let schema = self.vm.vcpu_schema();
         for i in 0..self.vm.vcpu_count() {
             let st = self.vm.save_vcpu(i)?;
             let bytes = state::encode(schema, &st)?;
-            let payload = VcpuStateHeader {
+            let mut payload = VcpuStateHeader {
                 index: i as u32,
                 version: schema.version,
             }
             .encode(&bytes);
+            if let Some(h) = self.state_hash.as_mut() {
+                h.frame();
+                h.update(&payload);
+            }
+            self.monitor.faults().damage_state(&mut payload);
             write_frame(self.ch(), FrameTag::VcpuState, &payload, PEER, "vCPU state")?;
             self.monitor.probe(HandoverPoint::VcpuStateSent(i));
+        }
+        if let Some(h) = &self.state_hash {
+            write_frame(
+                self.ch(),
+                FrameTag::StateDigest,
+                &h.value().encode(),
+                PEER,
+                "state digest",
+            )?;
         }
         br.vcpus_ms = ms(t.elapsed());
 
@@ -953,6 +1321,7 @@ impl Source<'_> {
         br.switchover_ms = ms(t.elapsed());
         br.destination_resume_ms = done.resume_us as f64 / 1e3;
         let downtime = t_down.elapsed();
+        let state_digest = self.state_hash.is_some();
         let verified = match (self.params.digest, self.params.verify_full) {
             (true, true) => "digest+full",
             (true, false) => "digest",
@@ -963,6 +1332,7 @@ impl Source<'_> {
             i.downtime = Some(downtime.as_millis() as u64);
             i.downtime_breakdown = Some(br);
             i.verified = Some(verified.to_string());
+            i.state_verified = Some(if state_digest { "digest" } else { "none" }.to_string());
         });
         tracing::info!(downtime_ms = ms(downtime), "migration completed");
         Ok(())

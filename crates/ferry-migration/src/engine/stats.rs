@@ -199,6 +199,63 @@ pub struct MigrationInfo {
     pub multifd: Option<MultifdStats>,
     /// Who may run the guest (see [`Handover`]).
     pub handover: Handover,
+    /// How each device's state moved (or moves), in the hello's order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<DeviceStats>,
+    /// How the destination checked device and vCPU state: `digest` or `none`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state_verified: Option<String>,
+}
+
+/// How one device's state moves.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+#[serde(rename_all = "kebab-case")]
+pub struct DeviceStats {
+    pub name: String,
+    pub instance: u32,
+    /// `precopy` (records while the guest runs, acknowledged by the destination before
+    /// the switchover) or `stop-copy` (all of it at the switchover).
+    pub mode: String,
+    /// Why a device moves as stop-copy, when either host could have precopied it or
+    /// the machine type rules precopy out ("the destination host cannot precopy it").
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Whether this host can precopy the device.
+    pub precopy_capable: bool,
+    /// Bytes of precopy records sent (source) or loaded (destination), with the guest
+    /// running, and after it stopped.
+    pub precopy_bytes: u64,
+    pub precopy_records: u64,
+    pub final_precopy_bytes: u64,
+    /// Bytes of the device's state frame at the switchover.
+    pub stop_copy_bytes: u64,
+    /// Milliseconds from the start of the migration to the destination's
+    /// acknowledgement (source) or to sending it (destination).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub acked_ms: Option<u64>,
+    /// The source's estimate of what the device still has to send at the switchover.
+    pub pending_stop_copy: u64,
+}
+
+impl DeviceStats {
+    /// `accel1: precopy, acknowledged after 120 ms` or `accel1: stop-copy: the
+    /// destination host cannot precopy it`, for summaries.
+    pub fn describe(&self) -> String {
+        let who = if self.instance == 0 {
+            self.name.clone()
+        } else {
+            format!("{}{}", self.name, self.instance)
+        };
+        match (self.mode.as_str(), &self.reason) {
+            ("precopy", _) => match self.acked_ms {
+                Some(ms) => format!("{who}: precopy, acknowledged after {ms} ms"),
+                None => format!("{who}: precopy, not acknowledged yet"),
+            },
+            (mode, Some(r)) => format!("{who}: {mode}: {r}"),
+            (mode, None) => format!("{who}: {mode}"),
+        }
+    }
 }
 
 /// What the data channels did.

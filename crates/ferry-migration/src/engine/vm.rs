@@ -80,6 +80,11 @@ pub struct DeviceInfo {
     /// the hello carries it so that the destination refuses a difference before any RAM
     /// moves. Empty for a device with nothing to configure.
     pub config: Vec<(String, String)>,
+    /// Whether this host can move the device's state while the guest runs (VFIO's
+    /// `VFIO_MIGRATION_PRE_COPY`, which depends on the host's driver, not only on the
+    /// release): the schema of one precopy record, or `None` when its state moves at the
+    /// switchover only. See [`MigratableVm::precopy_begin`].
+    pub precopy: Option<&'static StateSchema>,
 }
 
 /// A VM the engine can migrate out of or into.
@@ -137,23 +142,92 @@ pub trait MigratableVm: Send + Sync {
         let _ = index;
         DevicePending::default()
     }
+
+    /// Device precopy: both hosts can precopy device `index` and the peers agreed to
+    /// (see [`DeviceInfo::precopy`] and `migration.switchover-ack`), in the spirit of
+    /// VFIO migration v2's PRE_COPY state and QEMU's `save_live_iterate`.
+    ///
+    /// * Source: the device starts tracking what it changes (VFIO RUNNING -> PRE_COPY)
+    ///   and from now on reports `initial` and `precopy` bytes in
+    ///   [`MigratableVm::device_pending`]. The engine calls
+    ///   [`MigratableVm::save_precopy`] while the guest runs, and after
+    ///   [`MigratableVm::pause`] until nothing is pending; then
+    ///   [`MigratableVm::save_device`] writes the final state, which relies on the
+    ///   records sent before it.
+    /// * Destination: the device expects precopy records
+    ///   ([`MigratableVm::load_precopy`]) and then a final state that relies on them.
+    ///
+    /// Called once per migration, before any record. The default refuses: a device
+    /// that sets [`DeviceInfo::precopy`] implements all four precopy calls.
+    fn precopy_begin(&self, index: usize) -> Result<(), VmError> {
+        Err(VmError::Failed(format!(
+            "device {index} cannot precopy its state"
+        )))
+    }
+
+    /// Source: writes device `index`'s next precopy record into `out`: one state of its
+    /// [`DeviceInfo::precopy`] schema, of a bounded size. Returns `false`, having
+    /// written nothing, when nothing is pending now. A record may be written while the
+    /// guest runs and, once it is paused, until the device has nothing left.
+    fn save_precopy(&self, index: usize, out: &mut StateWriter<'_>) -> Result<bool, VmError> {
+        let _ = out;
+        Err(VmError::Failed(format!(
+            "device {index} cannot precopy its state"
+        )))
+    }
+
+    /// Destination: loads one precopy record of device `index`, bytes straight from the
+    /// peer (untrusted, checked by the reader as it goes). Only called on a destination
+    /// that is not running, after [`MigratableVm::precopy_begin`].
+    fn load_precopy(&self, index: usize, input: &mut StateReader<'_>) -> Result<(), VmError> {
+        let _ = input;
+        Err(VmError::Failed(format!(
+            "device {index} cannot load precopy records"
+        )))
+    }
+
+    /// The migration that began precopy of device `index` ended without handing the
+    /// guest over: the source's device stops tracking (PRE_COPY -> RUNNING, or STOP if
+    /// the guest is stopped), the destination's forgets the records it loaded. Called
+    /// before the source resumes the guest.
+    fn precopy_abandon(&self, index: usize) {
+        let _ = index;
+    }
 }
 
-/// A device's estimate of the state it has left to send.
+/// A device's estimate of the state it has left to send (VFIO's
+/// `VFIO_MIG_GET_PRECOPY_INFO` and `VFIO_DEVICE_FEATURE_MIG_DATA_SIZE`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct DevicePending {
-    /// Bytes it could send while the guest runs.
+    /// In precopy: bytes it could send now while the guest runs, `initial` included.
     pub precopy: u64,
-    /// Bytes it must send with the guest stopped.
+    /// In precopy: of `precopy`, the initial data not yet sent (VFIO's
+    /// `initial_bytes`). Once it reaches 0 the engine tells the destination, which
+    /// acknowledges the device when that data has loaded.
+    pub initial: u64,
+    /// Bytes it would send at the switchover if the guest stopped now.
     pub stop_copy: u64,
 }
 
 impl DevicePending {
+    /// A device whose state moves at the switchover only.
     pub fn stop_copy(bytes: u64) -> Self {
         Self {
             precopy: 0,
+            initial: 0,
             stop_copy: bytes,
+        }
+    }
+
+    /// A device in precopy: `initial` bytes of its first data not yet sent, `dirty`
+    /// bytes changed since they were sent, and `stop_copy` bytes it would send at the
+    /// switchover if the guest stopped now.
+    pub fn precopy(initial: u64, dirty: u64, stop_copy: u64) -> Self {
+        Self {
+            precopy: initial + dirty,
+            initial,
+            stop_copy,
         }
     }
 }

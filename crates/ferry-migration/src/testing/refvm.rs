@@ -477,6 +477,7 @@ impl MigratableVm for RefVm {
             instance: 0,
             schema: &REF_COUNTER_SCHEMA,
             config: vec![("step-us".into(), RefVm::STEP.as_micros().to_string())],
+            precopy: None,
         }]
     }
 

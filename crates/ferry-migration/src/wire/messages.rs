@@ -26,6 +26,9 @@ pub const MAX_VCPUS: u32 = 4096;
 /// Largest device-state frame any device may send; each device is further bounded by
 /// its own schema on the destination.
 pub const MAX_DEVICE_STATE_LEN: u32 = 1 << 30;
+/// Largest device precopy record frame; each device is further bounded by its precopy
+/// schema on the destination.
+pub const MAX_PRECOPY_RECORD_LEN: u32 = 16 << 20;
 
 /// The 16 bytes that open a stream, fixed for every protocol version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,11 +80,16 @@ pub enum FrameTag {
     EndOfStream = 0x06,
     Abort = 0x07,
     MultifdSync = 0x08,
+    DevicePrecopy = 0x09,
+    PrecopyInitDone = 0x0a,
+    StateDigest = 0x0b,
     Accept = 0x81,
     Refuse = 0x82,
     LoadFailed = 0x83,
     Completed = 0x84,
     ChannelsReady = 0x85,
+    DevicePlan = 0x86,
+    SwitchoverAck = 0x87,
 }
 
 impl FrameTag {
@@ -95,11 +103,16 @@ impl FrameTag {
             0x06 => Self::EndOfStream,
             0x07 => Self::Abort,
             0x08 => Self::MultifdSync,
+            0x09 => Self::DevicePrecopy,
+            0x0a => Self::PrecopyInitDone,
+            0x0b => Self::StateDigest,
             0x81 => Self::Accept,
             0x82 => Self::Refuse,
             0x83 => Self::LoadFailed,
             0x84 => Self::Completed,
             0x85 => Self::ChannelsReady,
+            0x86 => Self::DevicePlan,
+            0x87 => Self::SwitchoverAck,
             _ => return Err(WireError::UnknownFrame(v)),
         })
     }
@@ -118,6 +131,10 @@ impl FrameTag {
             Self::Completed => Completed::LEN as u32,
             Self::MultifdSync => MultifdSync::LEN as u32,
             Self::ChannelsReady => ChannelsReady::LEN as u32,
+            Self::DevicePrecopy => MAX_PRECOPY_RECORD_LEN,
+            Self::PrecopyInitDone | Self::SwitchoverAck => DeviceRef::MAX_LEN as u32,
+            Self::StateDigest => StateDigest::LEN as u32,
+            Self::DevicePlan => DevicePlan::MAX_LEN as u32,
         }
     }
 
@@ -136,6 +153,11 @@ impl FrameTag {
             Self::Completed => "completed",
             Self::MultifdSync => "multifd sync",
             Self::ChannelsReady => "channels ready",
+            Self::DevicePrecopy => "device precopy record",
+            Self::PrecopyInitDone => "precopy initial data sent",
+            Self::StateDigest => "state digest",
+            Self::DevicePlan => "device plan",
+            Self::SwitchoverAck => "switchover acknowledgement",
         }
     }
 }
@@ -370,10 +392,31 @@ impl Hello {
 ///   annotations refuses a source whose devices are configured differently, naming the
 ///   device and both values, before any RAM moves. A release without them finds out at
 ///   device load, as 0.1.0 does.
+/// * `x-hello.precopy/NAME/INSTANCE=SCHEMA:VERSION` ([`precopy_offer_entry`]): the
+///   source's host can move this device's state while the guest runs (VFIO's
+///   `VFIO_MIGRATION_PRE_COPY`), in records of precopy schema `SCHEMA` at `VERSION`.
+///   Sent only with `migration.switchover-ack=on`, which both sides must share; the
+///   destination answers every hello that has it on with a [`DevicePlan`].
 pub const ANNOTATION_PREFIX: &str = "x-hello.";
 /// See [`ANNOTATION_PREFIX`].
 pub const SWITCHOVER_COMMIT: &str = "x-hello.switchover-commit";
 const DEVICE_CONFIG_PREFIX: &str = "x-hello.device/";
+const PRECOPY_PREFIX: &str = "x-hello.precopy/";
+
+/// The annotation name of a device's precopy offer.
+pub fn precopy_offer_entry(device: &str, instance: u32) -> String {
+    format!("{PRECOPY_PREFIX}{device}/{instance}")
+}
+
+/// A source host's offer to precopy one device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrecopyOffer {
+    pub device: String,
+    pub instance: u32,
+    /// The precopy record schema's name and the version the source writes.
+    pub schema: String,
+    pub version: u32,
+}
 
 /// The annotation name of one item of a device's configuration.
 pub fn device_config_entry(device: &str, instance: u32, key: &str) -> String {
@@ -386,6 +429,8 @@ pub struct Annotations {
     pub switchover_commit: bool,
     /// `(device, instance, key, value)`, in the order sent.
     pub device_config: Vec<(String, u32, String, String)>,
+    /// The devices the source's host can precopy.
+    pub precopy: Vec<PrecopyOffer>,
     /// Annotations this release does not know: ignored, as 0.1.0 ignores all of them.
     pub unknown: Vec<String>,
 }
@@ -412,6 +457,26 @@ impl Annotations {
                         .push((dev.into(), inst, key.into(), v.clone())),
                     _ => a.unknown.push(k.clone()),
                 }
+            } else if let Some(rest) = k.strip_prefix(PRECOPY_PREFIX) {
+                let target = rest
+                    .split_once('/')
+                    .and_then(|(d, i)| Some((d, i.parse::<u32>().ok()?)));
+                let record = v
+                    .split_once(':')
+                    .and_then(|(n, ver)| Some((n, ver.parse::<u32>().ok()?)));
+                match (target, record) {
+                    (Some((dev, instance)), Some((schema, version)))
+                        if !dev.is_empty() && !schema.is_empty() =>
+                    {
+                        a.precopy.push(PrecopyOffer {
+                            device: dev.into(),
+                            instance,
+                            schema: schema.into(),
+                            version,
+                        })
+                    }
+                    _ => a.unknown.push(k.clone()),
+                }
             } else {
                 a.unknown.push(k.clone());
             }
@@ -432,6 +497,19 @@ impl Annotations {
         for (dev, inst, key, value) in &self.device_config {
             add(device_config_entry(dev, *inst, key), value.clone());
         }
+        for o in &self.precopy {
+            add(
+                precopy_offer_entry(&o.device, o.instance),
+                format!("{}:{}", o.schema, o.version),
+            );
+        }
+    }
+
+    /// The source's precopy offer for one device, if it made one.
+    pub fn precopy_offer(&self, name: &str, instance: u32) -> Option<&PrecopyOffer> {
+        self.precopy
+            .iter()
+            .find(|o| o.device == name && o.instance == instance)
     }
 
     /// The configuration the source stated for one device, if it stated any.
@@ -961,6 +1039,195 @@ impl ChannelsReady {
         let count = r.u16()?;
         r.finish()?;
         Ok(Self { count })
+    }
+}
+
+/// One device of the hello's list, by name and instance: what
+/// [`FrameTag::PrecopyInitDone`] (source to destination: the device's initial precopy
+/// data is all sent) and [`FrameTag::SwitchoverAck`] (destination to source: it has all
+/// loaded, so the switchover may come) carry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceRef {
+    pub name: String,
+    pub instance: u32,
+}
+
+impl DeviceRef {
+    pub const MAX_LEN: usize = 2 + MAX_NAME_LEN + 4;
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::new();
+        w.str16(&self.name, MAX_NAME_LEN).u32(self.instance);
+        w.buf
+    }
+
+    pub fn decode(b: &[u8], what: &'static str) -> Result<Self, WireError> {
+        let mut r = Reader::new(b, what);
+        let v = Self {
+            name: r.str16(MAX_NAME_LEN)?,
+            instance: r.u32()?,
+        };
+        r.finish()?;
+        Ok(v)
+    }
+}
+
+impl std::fmt::Display for DeviceRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} instance {}", self.name, self.instance)
+    }
+}
+
+/// Why a device's state moves at the switchover only, as a [`DevicePlan`] says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StopCopyWhy {
+    /// The source's host cannot precopy the device (no hello offer).
+    SourceHost,
+    /// The destination's host cannot precopy it.
+    DestinationHost,
+    /// Neither host can.
+    NeitherHost,
+    /// Both hosts can, but the destination cannot load the precopy records the source
+    /// writes (another record format or version).
+    RecordFormat,
+    /// A reason this release does not know (sent by a newer peer).
+    Other(u8),
+}
+
+impl StopCopyWhy {
+    pub fn code(self) -> u8 {
+        match self {
+            Self::SourceHost => 1,
+            Self::DestinationHost => 2,
+            Self::NeitherHost => 3,
+            Self::RecordFormat => 4,
+            Self::Other(c) => c,
+        }
+    }
+
+    pub fn from_code(c: u8) -> Self {
+        match c {
+            1 => Self::SourceHost,
+            2 => Self::DestinationHost,
+            3 => Self::NeitherHost,
+            4 => Self::RecordFormat,
+            c => Self::Other(c),
+        }
+    }
+}
+
+impl std::fmt::Display for StopCopyWhy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::SourceHost => f.write_str("the source host cannot precopy it"),
+            Self::DestinationHost => f.write_str("the destination host cannot precopy it"),
+            Self::NeitherHost => f.write_str("neither host can precopy it"),
+            Self::RecordFormat => {
+                f.write_str("the destination cannot load the precopy records the source writes")
+            }
+            Self::Other(c) => write!(f, "reason {c}"),
+        }
+    }
+}
+
+/// How one device's state moves in this migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceMode {
+    /// Precopy records while the guest runs, the rest at the switchover; the destination
+    /// acknowledges the device once its initial data has loaded, and the source does
+    /// not stop the guest before it has.
+    Precopy,
+    /// All of its state at the switchover.
+    StopCopy(StopCopyWhy),
+}
+
+/// Return path, after [`Accept`] when `migration.switchover-ack` is on: how each device
+/// of the hello's list moves, in the hello's order. The destination decides, from the
+/// source's offers (hello annotations) and its own host; the source then waits for the
+/// acknowledgement of exactly the devices marked [`DeviceMode::Precopy`], so neither
+/// side waits for a message the other will never send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DevicePlan {
+    pub modes: Vec<DeviceMode>,
+}
+
+impl DevicePlan {
+    pub const MAX_LEN: usize = 2 + 2 * MAX_DEVICES;
+    const PRECOPY: u8 = 1;
+    const STOP_COPY: u8 = 0;
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::new();
+        w.u16(self.modes.len() as u16);
+        for m in &self.modes {
+            match m {
+                DeviceMode::Precopy => w.u8(Self::PRECOPY).u8(0),
+                DeviceMode::StopCopy(why) => w.u8(Self::STOP_COPY).u8(why.code()),
+            };
+        }
+        w.buf
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Self, WireError> {
+        let mut r = Reader::new(b, "device plan");
+        let n = r.u16()?;
+        let n = r.count(n.into(), MAX_DEVICES, 2)?;
+        let mut modes = Vec::with_capacity(n);
+        for _ in 0..n {
+            let mode = r.u8()?;
+            let why = r.u8()?;
+            modes.push(match (mode, why) {
+                (Self::PRECOPY, 0) => DeviceMode::Precopy,
+                (Self::STOP_COPY, 0) => {
+                    return Err(WireError::BadValue {
+                        what: "device plan stop-copy reason",
+                        value: 0,
+                    })
+                }
+                (Self::STOP_COPY, why) => DeviceMode::StopCopy(StopCopyWhy::from_code(why)),
+                (m, _) => {
+                    return Err(WireError::BadValue {
+                        what: "device plan mode",
+                        value: m.into(),
+                    })
+                }
+            });
+        }
+        r.finish()?;
+        Ok(Self { modes })
+    }
+}
+
+/// The last frame before [`EndOfStream`] when `migration.state-digest` is on: a digest
+/// of every device-state, precopy-record and vCPU-state frame's payload, in stream
+/// order, which the destination recomputes as it reads them and checks before it
+/// resumes the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StateDigest {
+    /// xxh3-64 of the payloads, one after another.
+    pub digest: u64,
+    /// How many frames went into it.
+    pub frames: u64,
+}
+
+impl StateDigest {
+    pub const LEN: usize = 16;
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::new();
+        w.u64(self.digest).u64(self.frames);
+        w.buf
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Self, WireError> {
+        let mut r = Reader::new(b, "state digest");
+        let v = Self {
+            digest: r.u64()?,
+            frames: r.u64()?,
+        };
+        r.finish()?;
+        Ok(v)
     }
 }
 

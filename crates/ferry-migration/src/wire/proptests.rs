@@ -23,7 +23,7 @@ use proptest::test_runner::TestCaseError;
 use super::*;
 use crate::PAGE_SIZE;
 
-const ALL_TAGS: [FrameTag; 13] = [
+const ALL_TAGS: [FrameTag; 18] = [
     FrameTag::Hello,
     FrameTag::RamBatch,
     FrameTag::PassEnd,
@@ -32,11 +32,16 @@ const ALL_TAGS: [FrameTag; 13] = [
     FrameTag::EndOfStream,
     FrameTag::Abort,
     FrameTag::MultifdSync,
+    FrameTag::DevicePrecopy,
+    FrameTag::PrecopyInitDone,
+    FrameTag::StateDigest,
     FrameTag::Accept,
     FrameTag::Refuse,
     FrameTag::LoadFailed,
     FrameTag::Completed,
     FrameTag::ChannelsReady,
+    FrameTag::DevicePlan,
+    FrameTag::SwitchoverAck,
 ];
 
 // ---------------------------------------------------------------------------------------
@@ -286,6 +291,7 @@ fn fixed_size_messages_have_their_size_as_frame_limit() {
         FrameTag::ChannelsReady.max_len() as usize,
         ChannelsReady::LEN
     );
+    assert_eq!(FrameTag::StateDigest.max_len() as usize, StateDigest::LEN);
     assert_eq!(
         FrameTag::RamBatch.max_len() as usize,
         RamBatchHeader::LEN + MAX_BATCH_PAGES * (8 + PAGE_SIZE)
@@ -1812,5 +1818,127 @@ proptest! {
                 }
             }
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Device precopy: the plan, device references, the state digest, the hello's offers
+
+fn device_mode() -> impl Strategy<Value = DeviceMode> {
+    prop_oneof![
+        Just(DeviceMode::Precopy),
+        (1..=u8::MAX).prop_map(|c| DeviceMode::StopCopy(StopCopyWhy::from_code(c))),
+    ]
+}
+
+proptest! {
+    #[test]
+    fn device_plan_round_trips_and_is_length_exact(
+        modes in proptest::collection::vec(device_mode(), 0..40),
+        extra in any::<u8>(),
+    ) {
+        let p = DevicePlan { modes };
+        let b = p.encode();
+        prop_assert!(b.len() <= DevicePlan::MAX_LEN);
+        length_exact(&p, &b, extra, DevicePlan::decode)?;
+    }
+
+    #[test]
+    fn device_plan_accepts_exactly_known_modes_with_their_reasons(
+        modes in proptest::collection::vec(device_mode(), 1..8),
+        at in any::<Index>(),
+        byte in any::<u8>(),
+    ) {
+        let p = DevicePlan { modes };
+        mutation_canonical(p.encode(), at, byte, DevicePlan::decode, DevicePlan::encode)?;
+        // A mode byte other than 0 and 1, and a stop-copy without a reason, are refused.
+        let mut b = p.encode();
+        let i = 2 + 2 * at.index(p.modes.len());
+        b[i] = byte;
+        b[i + 1] = 0;
+        prop_assert_eq!(DevicePlan::decode(&b).is_ok(), byte == 1, "mode {}", byte);
+    }
+
+    #[test]
+    fn device_plan_refuses_more_devices_than_a_hello_can_list(n in MAX_DEVICES as u16 + 1..=u16::MAX) {
+        let mut b = n.to_le_bytes().to_vec();
+        b.extend(std::iter::repeat_n([1u8, 0], usize::from(n)).flatten());
+        prop_assert!(DevicePlan::decode(&b).is_err());
+    }
+
+    #[test]
+    fn device_ref_round_trips_and_is_length_exact(
+        name in text(MAX_NAME_LEN),
+        instance in any::<u32>(),
+        extra in any::<u8>(),
+    ) {
+        let r = DeviceRef { name, instance };
+        let b = r.encode();
+        prop_assert!(b.len() <= DeviceRef::MAX_LEN);
+        length_exact(&r, &b, extra, |b| DeviceRef::decode(b, "device"))?;
+    }
+
+    #[test]
+    fn state_digest_round_trips_and_is_length_exact(
+        digest in any::<u64>(),
+        frames in any::<u64>(),
+        extra in any::<u8>(),
+    ) {
+        let d = StateDigest { digest, frames };
+        let b = d.encode();
+        prop_assert_eq!(b.len(), StateDigest::LEN);
+        length_exact(&d, &b, extra, StateDigest::decode)?;
+    }
+
+    /// Precopy offers survive the hello: written as compat-pinned annotations, taken
+    /// back out whole, and never mistaken for wire properties.
+    #[test]
+    fn precopy_offers_round_trip_through_the_hello(
+        h in small_hello(),
+        offers in proptest::collection::vec(
+            ("[a-z][a-z0-9-]{0,20}", any::<u32>(), "[a-z][a-z0-9-]{0,20}", any::<u32>()),
+            0..4,
+        ),
+    ) {
+        let mut h = h;
+        h.wire_props.retain(|(k, _)| !k.starts_with(ANNOTATION_PREFIX));
+        let props = h.wire_props.clone();
+        let a = Annotations {
+            precopy: offers
+                .iter()
+                .map(|(d, i, s, v)| PrecopyOffer {
+                    device: d.clone(),
+                    instance: *i,
+                    schema: s.clone(),
+                    version: *v,
+                })
+                .collect(),
+            ..Annotations::default()
+        };
+        a.apply(&mut h);
+        let back = Hello::decode(&h.encode())?;
+        let (rest, got) = Annotations::split(&back.wire_props);
+        prop_assert_eq!(rest, props);
+        prop_assert_eq!(&got.precopy, &a.precopy);
+        prop_assert!(got.unknown.is_empty());
+        for o in &a.precopy {
+            prop_assert!(back.compat_pinned.contains(&precopy_offer_entry(&o.device, o.instance)));
+        }
+    }
+}
+
+#[test]
+fn malformed_precopy_offers_are_unknown_annotations_not_offers() {
+    for (k, v) in [
+        ("x-hello.precopy/accel", "accel-precopy:1"),
+        ("x-hello.precopy/accel/x", "accel-precopy:1"),
+        ("x-hello.precopy//0", "accel-precopy:1"),
+        ("x-hello.precopy/accel/0", "accel-precopy"),
+        ("x-hello.precopy/accel/0", ":1"),
+        ("x-hello.precopy/accel/0", "accel-precopy:-1"),
+    ] {
+        let (_, a) = Annotations::split(&[(k.to_string(), v.to_string())]);
+        assert!(a.precopy.is_empty(), "{k}={v} taken as an offer");
+        assert_eq!(a.unknown, [k.to_string()], "{k}={v}");
     }
 }

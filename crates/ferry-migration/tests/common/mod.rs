@@ -144,12 +144,14 @@ pub fn device_infos() -> Vec<DeviceInfo> {
             instance: 0,
             schema: &UART_SCHEMA,
             config: Vec::new(),
+            precopy: None,
         },
         DeviceInfo {
             name: TIMER_SCHEMA.name.into(),
             instance: 3,
             schema: &TIMER_SCHEMA,
             config: Vec::new(),
+            precopy: None,
         },
     ]
 }
@@ -644,9 +646,22 @@ pub fn source_device_states() -> Vec<DeviceState> {
     ]
 }
 
-/// What a source with the default parameters states in its hello.
+/// The parameters of the wire these tests record and replay: machine type ferry-0.1's,
+/// which release 0.1.0 speaks (a multifd sync after every section, no device precopy,
+/// no state digest), with everything else at its default. The frames 0.2 adds are
+/// exercised where a device can precopy: ferry-vmm's in-process and two-process tests.
+pub fn wire_0_1(p: MigrationParams) -> MigrationParams {
+    MigrationParams {
+        multifd_flush_after_each_section: true,
+        switchover_ack: false,
+        state_digest: false,
+        ..p
+    }
+}
+
+/// What a source with the parameters of [`wire_0_1`] states in its hello.
 pub fn wire_props() -> Vec<(String, String)> {
-    MigrationParams::default().stated_wire_properties(&[])
+    wire_0_1(MigrationParams::default()).stated_wire_properties(&[])
 }
 
 pub fn source_identity() -> SourceIdentity {
@@ -668,9 +683,9 @@ pub fn destination_identity() -> DestinationIdentity {
     }
 }
 
-/// The destination's parameters: the defaults, digest on.
+/// The destination's parameters: [`wire_0_1`]'s, digest on.
 pub fn destination_params() -> MigrationParams {
-    MigrationParams::default()
+    wire_0_1(MigrationParams::default())
 }
 
 /// The hello a source of `layout` sends.

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
-use ferry_migration::engine::{human_bytes, Handover, MigrationInfo, MigrationStatus};
+use ferry_migration::engine::{human_bytes, DeviceStats, Handover, MigrationInfo, MigrationStatus};
 use ferry_vmm::qmp::QmpClient;
 use ferry_vmm::report::{self, ReportContext};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -400,8 +400,25 @@ fn progress_line(i: &MigrationInfo) -> String {
         Some(m) => format!(" over {}", plural(m.channels.into(), "channel")),
         None => String::new(),
     };
+    let waiting: Vec<String> = i
+        .devices
+        .iter()
+        .filter(|d| d.mode == "precopy" && d.acked_ms.is_none())
+        .map(|d| {
+            if d.instance == 0 {
+                d.name.clone()
+            } else {
+                format!("{}{}", d.name, d.instance)
+            }
+        })
+        .collect();
+    let waiting = if waiting.is_empty() || i.status != MigrationStatus::Active {
+        String::new()
+    } else {
+        format!(", awaiting acknowledgement of {}", waiting.join(", "))
+    };
     format!(
-        "{}: pass {pass}{over}, {} sent, {} remaining, {}/s, expected downtime {} ms",
+        "{}: pass {pass}{over}, {} sent, {} remaining, {}/s, expected downtime {} ms{waiting}",
         i.status.as_str(),
         human_bytes(i.ram.transferred),
         human_bytes(i.ram.remaining),
@@ -469,7 +486,22 @@ pub fn summary(i: &MigrationInfo) -> String {
         );
     }
     if let Some(v) = &i.verified {
-        let _ = writeln!(s, "  verified:     {v}");
+        match &i.state_verified {
+            Some(st) => {
+                let _ = writeln!(s, "  verified:     memory {v}, device and vCPU state {st}");
+            }
+            None => {
+                let _ = writeln!(s, "  verified:     {v}");
+            }
+        }
+    }
+    for (n, d) in i.devices.iter().filter(|d| worth_showing(d)).enumerate() {
+        let _ = writeln!(
+            s,
+            "  {:<14}{}",
+            if n == 0 { "devices:" } else { "" },
+            device_line(d)
+        );
     }
     if !i.passes.is_empty() {
         let _ = writeln!(s, "  passes:");
@@ -496,6 +528,39 @@ pub fn summary(i: &MigrationInfo) -> String {
         );
     }
     s
+}
+
+/// Whether a device belongs in the summary: one that precopies, could have on one host,
+/// or carries state of some size. A console with a few bytes that neither host could
+/// precopy is not news.
+fn worth_showing(d: &DeviceStats) -> bool {
+    d.mode == "precopy"
+        || d.precopy_capable
+        || d.reason
+            .as_deref()
+            .is_some_and(|r| !r.starts_with("neither host"))
+        || d.stop_copy_bytes >= 1 << 20
+        || d.pending_stop_copy >= 1 << 20
+}
+
+/// `accel: precopy, acknowledged after 310 ms; 256.0 MiB before the switchover, 1.2 MiB
+/// after` or `accel1: stop-copy: the destination host cannot precopy it; 64.0 MiB at the
+/// switchover`.
+fn device_line(d: &DeviceStats) -> String {
+    let mut line = d.describe();
+    if d.mode == "precopy" {
+        line.push_str(&format!(
+            "; {} before the switchover, {} after",
+            human_bytes(d.precopy_bytes),
+            human_bytes(d.final_precopy_bytes + d.stop_copy_bytes)
+        ));
+    } else if d.stop_copy_bytes > 0 {
+        line.push_str(&format!(
+            "; {} at the switchover",
+            human_bytes(d.stop_copy_bytes)
+        ));
+    }
+    line
 }
 
 /// How the pages travelled: over how many data channels, compressed how, or on the

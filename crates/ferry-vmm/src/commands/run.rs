@@ -10,6 +10,7 @@ use clap::{Args, ValueEnum};
 use ferry_migration::compat::Global;
 use ferry_migration::engine::human_bytes;
 use ferry_vmm::control::Control;
+use ferry_vmm::devices::accel::AccelConfig;
 use ferry_vmm::vmm::{Backend, Vmm, VmmConfig};
 
 use super::{chain, parse_size, qmp_path, CliError, CliResult};
@@ -59,12 +60,15 @@ pub struct RunArgs {
     /// Create the guest stopped (resume with `cont`)
     #[arg(short = 'S', long)]
     pub paused: bool,
-    /// Attach an accelerator with this much device memory (KVM backend; up to 512M; 256M
-    /// when no SIZE is given): a VFIO-style device whose whole state moves in the
-    /// downtime. 0 for none
-    #[arg(long, value_name = "SIZE", default_value = "0", num_args = 0..=1,
-          default_missing_value = "256M", value_parser = parse_size)]
-    pub accel: u64,
+    /// Attach an accelerator, a VFIO-style device with memory of its own that its device
+    /// thread keeps rewriting: SIZE of device memory (up to 512M; 256M when no SIZE is
+    /// given), the host DRIVER's name (both sides must have the same; ferry-accel by
+    /// default), and whether this host's driver can precopy it (on by default; off: all
+    /// of its state moves in the downtime). Repeat for more; 0 for none
+    #[arg(long, value_name = "SIZE[,driver=NAME][,precopy=on|off]", num_args = 0..=1,
+          default_missing_value = "256M", action = clap::ArgAction::Append,
+          value_parser = parse_accel)]
+    pub accel: Vec<Option<AccelConfig>>,
     /// Fault in all of guest RAM at start (as QEMU's -mem-prealloc): an incoming VM then
     /// receives pages into memory the host has already handed out, instead of paying for
     /// the first touch of each page during the migration
@@ -72,7 +76,20 @@ pub struct RunArgs {
     pub prealloc: bool,
 }
 
+/// `--accel` as `AccelConfig`; `0` for none.
+fn parse_accel(s: &str) -> Result<Option<AccelConfig>, String> {
+    if s == "0" {
+        return Ok(None);
+    }
+    s.parse().map(Some)
+}
+
 impl RunArgs {
+    /// The accelerators `--accel` asks for, in order.
+    pub fn accels(&self) -> Vec<AccelConfig> {
+        self.accel.iter().flatten().cloned().collect()
+    }
+
     pub fn vmm_config(&self) -> Result<VmmConfig, CliError> {
         let globals = self
             .globals
@@ -108,7 +125,7 @@ impl RunArgs {
             fill: self.fill,
             incoming: self.incoming.is_some(),
             paused: self.paused,
-            accel_size: self.accel,
+            accels: self.accels(),
         })
     }
 }
@@ -146,14 +163,15 @@ pub fn main(args: RunArgs) -> CliResult {
         human_bytes(args.mem),
         vmm.vm().vcpu_count(),
         human_bytes(args.dirty),
-        if args.accel > 0 {
-            format!(
-                ", accelerator with {} of device memory",
-                human_bytes(args.accel)
-            )
-        } else {
-            String::new()
-        },
+        args.accels()
+            .iter()
+            .map(|a| format!(
+                ", accelerator with {} of device memory (driver {}, precopy {})",
+                human_bytes(a.size),
+                a.driver,
+                if a.precopy { "on" } else { "off" }
+            ))
+            .collect::<String>(),
         args.qmp
             .as_ref()
             .map(|p| format!("; QMP on {}", p.display()))
@@ -216,11 +234,53 @@ mod tests {
         run: RunArgs,
     }
 
-    fn accel(args: &[&str]) -> u64 {
+    fn accels(args: &[&str]) -> Vec<AccelConfig> {
         Cli::try_parse_from(["ferry"].iter().chain(args))
             .unwrap()
             .run
-            .accel
+            .accels()
+    }
+
+    /// The first accelerator's size, 0 for none.
+    fn accel(args: &[&str]) -> u64 {
+        accels(args).first().map_or(0, |a| a.size)
+    }
+
+    #[test]
+    fn accel_options_take_a_driver_and_the_hosts_precopy_and_repeat() {
+        let a = accels(&[
+            "--accel",
+            "64M,driver=mlx5_vfio_pci,precopy=off",
+            "--accel",
+            "32M",
+            "--accel",
+            "driver=x",
+        ]);
+        assert_eq!(
+            a,
+            [
+                AccelConfig {
+                    size: 64 << 20,
+                    driver: "mlx5_vfio_pci".into(),
+                    precopy: false
+                },
+                AccelConfig {
+                    size: 32 << 20,
+                    driver: "ferry-accel".into(),
+                    precopy: true
+                },
+                AccelConfig {
+                    size: ACCEL_DEFAULT_SIZE,
+                    driver: "x".into(),
+                    precopy: true
+                },
+            ]
+        );
+        assert!(accels(&["--accel", "0"]).is_empty());
+        for bad in ["64M,precopy=maybe", "64M,colour=red", "64M,driver=", "lots"] {
+            let e = Cli::try_parse_from(["ferry", "--accel", bad]).unwrap_err();
+            assert!(e.to_string().contains("accelerator"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -1,64 +1,96 @@
 //! An accelerator-like device standing in for a VFIO device: device-side memory that the
 //! VMM cannot track page by page, changed by the device while it runs, migrated through
-//! the VFIO migration v2 state machine.
+//! the VFIO migration v2 state machine, with or without its PRE_COPY state.
 //!
 //! # The device
 //!
 //! `size` bytes of device memory (a non-zero multiple of 4 KiB, at most
-//! [`ACCEL_MAX_SIZE`]) and a device thread that, while the device is RUNNING, rewrites
-//! [`CHUNKS_PER_TICK`] 4 KiB chunks every millisecond (about 64 MiB/s), in order, with a
-//! counter pattern: every `u64` of chunk `c` in generation `g` holds `g << 32 | c`
-//! (generation 0 is the all-zero memory the device starts with). At any moment the
-//! chunks below `cursor` hold generation `generation + 1` and the others `generation`,
-//! which [`Accel::check_pattern`] verifies. Like a real device's, these writes are not in
-//! any dirty log: the only way to move the memory is to read all of it.
+//! [`ACCEL_MAX_SIZE`]) and a device thread that, while the device runs (RUNNING or
+//! PRE_COPY), rewrites [`CHUNKS_PER_TICK`] 4 KiB chunks every millisecond (about
+//! 64 MiB/s), in order, with a counter pattern: every `u64` of chunk `c` in generation
+//! `g` holds `g << 32 | c` (generation 0 is the all-zero memory the device starts with).
+//! At any moment the chunks below `cursor` hold generation `generation + 1` and the
+//! others `generation`, which [`Accel::check_pattern`] verifies. Like a real device's,
+//! these writes are not in any dirty log of the VMM's: the device itself must say what
+//! it changed.
+//!
+//! A VM may have several ([`Accels`]), each with a `driver` name (standing for the host
+//! kernel driver that binds it, part of its configuration, so both sides must agree)
+//! and a host capability `precopy` (standing for that driver's
+//! `VFIO_MIGRATION_PRE_COPY` flag): `--accel SIZE,driver=NAME,precopy=on|off`
+//! ([`AccelConfig`]). Whether a device can precopy is a property of the host, not of
+//! the release, which is the case the switchover acknowledgement is negotiated per
+//! device for.
 //!
 //! # Migration states (VFIO migration uAPI v2)
 //!
-//! The device offers STOP_COPY only (neither `VFIO_MIGRATION_P2P` nor
-//! `VFIO_MIGRATION_PRE_COPY`), so its states and single arcs are:
-//!
 //! ```text
-//!             RUNNING
-//!               ^  |
-//!               |  v
-//!  RESUMING <-> STOP <-> STOP_COPY        any failed arc -> ERROR
+//!             RUNNING <------> PRE_COPY           (PRE_COPY arcs: precopy=on only)
+//!               ^  |              |
+//!               |  v              v
+//!  RESUMING <-> STOP <-------- STOP_COPY          any failed arc -> ERROR
+//!                    --------->
 //! ```
 //!
 //! | arc | what the device does |
 //! |---|---|
 //! | RUNNING -> STOP | stops and joins the device thread: the memory is frozen |
 //! | STOP -> RUNNING | starts the device thread where it stopped |
-//! | STOP -> STOP_COPY | opens the saving session (source) |
+//! | RUNNING -> PRE_COPY | starts tracking the chunks it rewrites; the thread runs on |
+//! | PRE_COPY -> RUNNING | stops tracking |
+//! | PRE_COPY -> STOP_COPY | stops the thread; what is left to send stays tracked |
+//! | STOP -> STOP_COPY | opens the saving session (source, without precopy) |
 //! | STOP_COPY -> STOP | ends it, after the state was read out |
 //! | STOP -> RESUMING | opens the resuming session (destination) |
 //! | RESUMING -> STOP | checks and installs the written state; a failed check ends in ERROR |
 //!
-//! [`Accel::set_state`] takes exactly these arcs. Asking for the current state is a no-op,
-//! as in VFIO; any other request, including the multi-step ones VFIO resolves through
-//! intermediate states, is [`AccelError::InvalidTransition`], naming both states. ERROR
-//! is left by nothing: VFIO's way out is a device reset, and a device that failed to load
-//! belongs to a destination that never runs its guest. The device thread runs in RUNNING
-//! and in no other state.
+//! [`Accel::set_state`] takes exactly these arcs, and the PRE_COPY ones only on a host
+//! that can precopy the device (as a VFIO device without `VFIO_MIGRATION_PRE_COPY`
+//! refuses them). Asking for the current state is a no-op, as in VFIO; any other
+//! request is [`AccelError::InvalidTransition`], naming both states. ERROR is left by
+//! nothing: VFIO's way out is a device reset, and a device that failed to load belongs
+//! to a destination that never runs its guest.
 //!
-//! The VMM drives it as QEMU drives a VFIO device without precopy support: the VM's pause
+//! # How it migrates
+//!
+//! **Stop-copy** (a host without precopy, a peer or machine type without
+//! switchover-ack): as QEMU drives a VFIO device without precopy support. The VM's pause
 //! moves it RUNNING -> STOP; the source's save goes STOP -> STOP_COPY, streams the whole
-//! state, and goes back to STOP (so a failed migration can resume the device); the
-//! destination's load goes STOP -> RESUMING -> STOP; the VM's resume goes STOP -> RUNNING.
-//! An incoming device refuses RUNNING until a state has been loaded.
+//! state ([`ACCEL_SCHEMA`], memory included), and goes back to STOP (so a failed
+//! migration can resume the device); the destination's load goes STOP -> RESUMING ->
+//! STOP. This is exactly release 0.1's state.
+//!
+//! **Precopy** (both hosts can, and the peers agreed): the engine's `precopy_begin`
+//! moves it RUNNING -> PRE_COPY; from then on it reports its initial bytes (the part
+//! of memory its first sweep has not sent yet) and dirty bytes (chunks rewritten after
+//! they were sent), and each `save_precopy` writes one record ([`ACCEL_PRECOPY_SCHEMA`]:
+//! an offset and up to [`STREAM_CHUNK`] bytes of memory): first the sweep, then the
+//! dirty runs. The VM's pause moves it PRE_COPY -> STOP_COPY; the records still pending
+//! follow, and the final save writes [`ACCEL_SCHEMA`] with its `memory` field empty (the
+//! records carried it) and the checksum of all of memory, going to STOP. On the
+//! destination `precopy_begin` opens RESUMING, records are written into the device's
+//! memory as they come, and the final load checks the checksum against what they built.
+//! A state with an empty `memory` is loaded only after precopy, and a whole one only
+//! without, so a stream that mixes the two is refused.
+//!
+//! The records and the final state are read from and written to the device's memory
+//! under its lock: the device thread waits at most one record (1 MiB, well under a
+//! millisecond over loopback) and a chunk is never torn.
 //!
 //! # State
 //!
-//! Schema [`ACCEL_SCHEMA`]: the whole device memory moves at stop-copy, in the downtime,
-//! with the device's registers and an xxh3-64 checksum of the memory that the destination
-//! recomputes before it accepts the state. The schema is static, so the memory field's
-//! `max_len` is [`ACCEL_MAX_SIZE`], and a device larger than that cannot be configured.
+//! [`ACCEL_SCHEMA`]: the device's registers, its memory (whole, or empty after
+//! precopy) and an xxh3-64 checksum of the memory that the destination recomputes before
+//! it accepts the state. The schema is static, so the memory field's `max_len` is
+//! [`ACCEL_MAX_SIZE`], and a device larger than that cannot be configured.
 
 use std::io;
+use std::str::FromStr;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use ferry_migration::engine::vm::{DeviceInfo, DevicePending};
 use ferry_migration::state::{
     FieldKind, FieldSchema, StateError, StateReader, StateSchema, StateWriter,
 };
@@ -72,15 +104,21 @@ use xxhash_rust::xxh3::xxh3_64;
 pub const ACCEL_MAX_SIZE: u64 = 512 << 20;
 /// The device memory of `ferry run --accel` given without a size.
 pub const ACCEL_DEFAULT_SIZE: u64 = 256 << 20;
-/// The unit the device thread rewrites.
+/// The driver of `ferry run --accel` given without one.
+pub const ACCEL_DEFAULT_DRIVER: &str = "ferry-accel";
+/// The unit the device thread rewrites, and tracks.
 pub const CHUNK: usize = 4096;
-/// The pieces the memory streams in during a migration: large enough that each is one
-/// vectored write of its own, small enough to say "no second copy" truthfully.
+/// The pieces the memory streams in during a migration, and the largest precopy
+/// record: large enough that each is one vectored write of its own, small enough to
+/// say "no second copy" truthfully.
 pub const STREAM_CHUNK: usize = 1 << 20;
 /// Chunks rewritten per [`TICK`].
 pub const CHUNKS_PER_TICK: usize = 16;
 /// The device thread's period.
 pub const TICK: Duration = Duration::from_millis(1);
+/// The state's bytes besides the memory: four u64 fields, the memory's length and the
+/// subsection count.
+const REGS_LEN: u64 = 8 * 4 + 4 + 1;
 
 /// The accelerator's migratable state.
 pub static ACCEL_SCHEMA: StateSchema = StateSchema {
@@ -105,7 +143,8 @@ pub static ACCEL_SCHEMA: StateSchema = StateSchema {
             kind: FieldKind::U64,
             since: 1,
         },
-        // All of the device memory, `size` bytes.
+        // All of the device memory, `size` bytes; empty after precopy, whose records
+        // carried it.
         FieldSchema {
             name: "memory",
             kind: FieldKind::Bytes {
@@ -113,10 +152,34 @@ pub static ACCEL_SCHEMA: StateSchema = StateSchema {
             },
             since: 1,
         },
-        // xxh3-64 of `memory`.
+        // xxh3-64 of all of the device memory.
         FieldSchema {
             name: "checksum",
             kind: FieldKind::U64,
+            since: 1,
+        },
+    ],
+    subsections: &[],
+};
+
+/// One precopy record of the accelerator: a run of whole chunks of its memory.
+pub static ACCEL_PRECOPY_SCHEMA: StateSchema = StateSchema {
+    name: "accel-precopy",
+    version: 1,
+    min_version: 1,
+    fields: &[
+        // Byte offset of the run in device memory, a multiple of 4 KiB.
+        FieldSchema {
+            name: "offset",
+            kind: FieldKind::U64,
+            since: 1,
+        },
+        // Whole chunks, at most 1 MiB.
+        FieldSchema {
+            name: "data",
+            kind: FieldKind::Bytes {
+                max_len: STREAM_CHUNK as u32,
+            },
             since: 1,
         },
     ],
@@ -131,16 +194,18 @@ pub enum MigState {
     Running = 2,
     StopCopy = 3,
     Resuming = 4,
+    PreCopy = 6,
 }
 
 impl MigState {
     /// Every state this device has.
-    pub const ALL: [MigState; 5] = [
+    pub const ALL: [MigState; 6] = [
         MigState::Error,
         MigState::Stop,
         MigState::Running,
         MigState::StopCopy,
         MigState::Resuming,
+        MigState::PreCopy,
     ];
 
     /// The state's name in `linux/vfio.h` (without `VFIO_DEVICE_STATE_`).
@@ -151,10 +216,13 @@ impl MigState {
             MigState::Running => "RUNNING",
             MigState::StopCopy => "STOP_COPY",
             MigState::Resuming => "RESUMING",
+            MigState::PreCopy => "PRE_COPY",
         }
     }
 
-    /// Whether `self -> to` is one of the device's single arcs (see the module docs).
+    /// Whether `self -> to` is one of the single arcs of a device that supports
+    /// PRE_COPY (see the module docs); a device without it has those not involving
+    /// PRE_COPY.
     pub fn has_arc_to(self, to: MigState) -> bool {
         use MigState::*;
         matches!(
@@ -165,7 +233,15 @@ impl MigState {
                 | (StopCopy, Stop)
                 | (Stop, Resuming)
                 | (Resuming, Stop)
+                | (Running, PreCopy)
+                | (PreCopy, Running)
+                | (PreCopy, StopCopy)
         )
+    }
+
+    /// Whether the device thread runs in this state.
+    fn runs(self) -> bool {
+        matches!(self, MigState::Running | MigState::PreCopy)
     }
 }
 
@@ -184,6 +260,8 @@ pub enum AccelError {
     Size { size: u64 },
     #[error("accel: invalid transition {from} -> {to}")]
     InvalidTransition { from: MigState, to: MigState },
+    #[error("accel: this host cannot precopy the device (driver {driver}, precopy=off)")]
+    NoPrecopy { driver: String },
     #[error("accel: this incoming device has no state loaded, so it cannot run")]
     NotLoaded,
     #[error("accel: starting its device thread")]
@@ -198,6 +276,105 @@ pub enum AccelError {
     Cursor { cursor: u64, chunks: u64 },
     #[error("accel: memory checksum {computed:#018x} does not match the source's {sent:#018x}")]
     Checksum { sent: u64, computed: u64 },
+    #[error("accel: a precopy record of {len} bytes at offset {offset} does not fit whole chunks of its {size}-byte memory")]
+    Record { offset: u64, len: u64, size: u64 },
+    #[error("accel: the final state came while {pending} bytes of precopy data were still unsent")]
+    PrecopyPending { pending: u64 },
+}
+
+/// How one accelerator is configured: `--accel SIZE[,driver=NAME][,precopy=on|off]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccelConfig {
+    /// Bytes of device memory.
+    pub size: u64,
+    /// The host driver's name; both sides of a migration must have the same.
+    pub driver: String,
+    /// Whether this host's driver can precopy the device (VFIO's
+    /// `VFIO_MIGRATION_PRE_COPY`): a property of the host, so the two sides may differ.
+    pub precopy: bool,
+}
+
+impl Default for AccelConfig {
+    fn default() -> Self {
+        Self {
+            size: ACCEL_DEFAULT_SIZE,
+            driver: ACCEL_DEFAULT_DRIVER.into(),
+            precopy: true,
+        }
+    }
+}
+
+impl AccelConfig {
+    /// A device of `size` bytes, default driver, precopy as given.
+    pub fn new(size: u64, precopy: bool) -> Self {
+        Self {
+            size,
+            precopy,
+            ..Self::default()
+        }
+    }
+}
+
+impl FromStr for AccelConfig {
+    type Err = String;
+
+    /// `SIZE`, `SIZE,driver=NAME,precopy=off`, `driver=NAME` (default size), in any
+    /// order after the size.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut cfg = AccelConfig::default();
+        for (i, part) in s.split(',').enumerate() {
+            match part.split_once('=') {
+                Some(("driver", v)) => {
+                    if v.is_empty()
+                        || !v
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                    {
+                        return Err(format!(
+                            "accelerator driver {v:?}: use letters, digits, '-', '_' and '.'"
+                        ));
+                    }
+                    cfg.driver = v.into();
+                }
+                Some(("precopy", v)) => {
+                    cfg.precopy = match v {
+                        "on" | "true" | "yes" => true,
+                        "off" | "false" | "no" => false,
+                        _ => return Err(format!("accelerator precopy={v:?}: use on or off")),
+                    }
+                }
+                Some(("size", v)) => cfg.size = parse_accel_size(v)?,
+                Some((k, _)) => {
+                    return Err(format!(
+                        "accelerator option {k:?}: the options are size, driver and precopy"
+                    ))
+                }
+                None if i == 0 => cfg.size = parse_accel_size(part)?,
+                None => {
+                    return Err(format!(
+                        "accelerator option {part:?}: expected SIZE[,driver=NAME][,precopy=on|off]"
+                    ))
+                }
+            }
+        }
+        Ok(cfg)
+    }
+}
+
+fn parse_accel_size(v: &str) -> Result<u64, String> {
+    ferry_migration::compat::parse_size(v).map_err(|e| format!("accelerator size {v:?}: {e}"))
+}
+
+impl std::fmt::Display for AccelConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{},driver={},precopy={}",
+            exact_size(self.size),
+            self.driver,
+            if self.precopy { "on" } else { "off" }
+        )
+    }
 }
 
 /// What `x-ferry-accel` reports.
@@ -207,6 +384,9 @@ pub struct AccelInfo {
     /// The migration state, as in `linux/vfio.h`.
     pub state: &'static str,
     pub size: u64,
+    pub driver: String,
+    /// Whether this host can precopy it.
+    pub precopy: bool,
     /// xxh3-64 of the device memory now, as 16 hex digits.
     pub digest: String,
     pub generation: u64,
@@ -222,12 +402,61 @@ fn hex(digest: u64) -> String {
     format!("{digest:016x}")
 }
 
+/// What a device in precopy has still to send: the first sweep's progress and the
+/// chunks rewritten after they were sent.
+#[derive(Debug)]
+struct Track {
+    /// Chunks below this were sent by the first sweep.
+    swept: u64,
+    /// One bit per chunk rewritten since it was last sent.
+    dirty: Vec<u64>,
+    dirty_count: u64,
+}
+
+impl Track {
+    fn new(chunks: u64) -> Self {
+        Self {
+            swept: 0,
+            dirty: vec![0; chunks.div_ceil(64) as usize],
+            dirty_count: 0,
+        }
+    }
+
+    fn mark(&mut self, chunk: u64) {
+        let (w, b) = ((chunk / 64) as usize, chunk % 64);
+        if self.dirty[w] & (1 << b) == 0 {
+            self.dirty[w] |= 1 << b;
+            self.dirty_count += 1;
+        }
+    }
+
+    /// Takes the first run of dirty chunks, at most `max` long: `(first, count)`.
+    fn take_run(&mut self, max: u64) -> Option<(u64, u64)> {
+        let w = self.dirty.iter().position(|&w| w != 0)?;
+        let first = w as u64 * 64 + u64::from(self.dirty[w].trailing_zeros());
+        let mut n = 0;
+        while n < max {
+            let c = first + n;
+            let (w, b) = ((c / 64) as usize, c % 64);
+            if w >= self.dirty.len() || self.dirty[w] & (1 << b) == 0 {
+                break;
+            }
+            self.dirty[w] &= !(1 << b);
+            n += 1;
+        }
+        self.dirty_count -= n;
+        Some((first, n))
+    }
+}
+
 /// The device memory and the device thread's registers.
 #[derive(Debug)]
 struct Memory {
     bytes: Vec<u8>,
     generation: u64,
     cursor: u64,
+    /// Set while the device is in precopy (PRE_COPY, and STOP_COPY after it).
+    track: Option<Track>,
 }
 
 /// The value of every `u64` of chunk `chunk` in generation `generation`.
@@ -252,11 +481,30 @@ impl Memory {
             for dst in self.bytes[start..start + CHUNK].chunks_exact_mut(8) {
                 dst.copy_from_slice(&w);
             }
+            // A chunk the first sweep has not reached yet goes with the sweep as it is
+            // then; one it has passed must go again.
+            if let Some(t) = self.track.as_mut() {
+                if self.cursor < t.swept {
+                    t.mark(self.cursor);
+                }
+            }
             self.cursor += 1;
             if self.cursor == self.chunks() {
                 self.cursor = 0;
                 self.generation += 1;
             }
+        }
+    }
+
+    fn pending(&self) -> DevicePending {
+        let size = self.bytes.len() as u64;
+        match &self.track {
+            Some(t) => {
+                let initial = (self.chunks() - t.swept) * CHUNK as u64;
+                let dirty = t.dirty_count * CHUNK as u64;
+                DevicePending::precopy(initial, dirty, initial + dirty + REGS_LEN)
+            }
+            None => DevicePending::stop_copy(size + REGS_LEN),
         }
     }
 }
@@ -282,6 +530,8 @@ struct Ctl {
     thread: Option<JoinHandle<()>>,
     /// An incoming device before its first successful load.
     needs_state: bool,
+    /// A destination's device receiving precopy records.
+    incoming_precopy: bool,
     last_saved: Option<u64>,
     last_loaded: Option<u64>,
 }
@@ -290,23 +540,35 @@ struct Ctl {
 #[derive(Debug)]
 pub struct Accel {
     size: u64,
+    driver: String,
+    /// This host can precopy it.
+    precopy: bool,
     ctl: Mutex<Ctl>,
     shared: Arc<Shared>,
 }
 
 impl Accel {
-    /// A device of `size` bytes in STOP. An `incoming` one waits for a migrated state
-    /// before it may run.
+    /// A device of `size` bytes in STOP, on a host that cannot precopy it (release
+    /// 0.1's device). An `incoming` one waits for a migrated state before it may run.
     pub fn new(size: u64, incoming: bool) -> Result<Self, AccelError> {
+        Self::with_config(&AccelConfig::new(size, false), incoming)
+    }
+
+    /// A device as `cfg` says, in STOP.
+    pub fn with_config(cfg: &AccelConfig, incoming: bool) -> Result<Self, AccelError> {
+        let size = cfg.size;
         if size == 0 || size % CHUNK as u64 != 0 || size > ACCEL_MAX_SIZE {
             return Err(AccelError::Size { size });
         }
         Ok(Self {
             size,
+            driver: cfg.driver.clone(),
+            precopy: cfg.precopy,
             ctl: Mutex::new(Ctl {
                 state: MigState::Stop,
                 thread: None,
                 needs_state: incoming,
+                incoming_precopy: false,
                 last_saved: None,
                 last_loaded: None,
             }),
@@ -315,6 +577,7 @@ impl Accel {
                     bytes: vec![0; size as usize],
                     generation: 0,
                     cursor: 0,
+                    track: None,
                 }),
                 stop: Mutex::new(true),
                 wake: Condvar::new(),
@@ -330,17 +593,26 @@ impl Accel {
         self.size
     }
 
-    /// What must match between the two sides of a migration: the memory size, exact,
-    /// in the form `--accel` takes it.
+    /// Whether this host can precopy the device.
+    pub fn can_precopy(&self) -> bool {
+        self.precopy
+    }
+
+    /// What must match between the two sides of a migration: the driver and the
+    /// memory size, exact, in the form `--accel` takes them. The host's precopy
+    /// capability is not among them: the two hosts may differ there.
     pub fn config(&self) -> Vec<(String, String)> {
-        vec![("size".into(), exact_size(self.size))]
+        vec![
+            ("driver".into(), self.driver.clone()),
+            ("size".into(), exact_size(self.size)),
+        ]
     }
 
     pub fn state(&self) -> MigState {
         self.ctl().state
     }
 
-    /// Whether the device thread exists (it should exactly in RUNNING).
+    /// Whether the device thread exists (it should exactly in RUNNING and PRE_COPY).
     pub fn thread_running(&self) -> bool {
         self.ctl().thread.is_some()
     }
@@ -359,14 +631,26 @@ impl Accel {
         if !from.has_arc_to(to) {
             return Err(AccelError::InvalidTransition { from, to });
         }
-        match to {
-            MigState::Running => {
-                if ctl.needs_state {
-                    return Err(AccelError::NotLoaded);
-                }
-                ctl.thread = Some(self.spawn()?);
+        if (from == MigState::PreCopy || to == MigState::PreCopy) && !self.precopy {
+            return Err(AccelError::InvalidTransition { from, to });
+        }
+        if to == MigState::Running && ctl.needs_state {
+            return Err(AccelError::NotLoaded);
+        }
+        if to.runs() && !from.runs() {
+            ctl.thread = Some(self.spawn()?);
+        } else if from.runs() && !to.runs() {
+            self.join(ctl);
+        }
+        match (from, to) {
+            (MigState::Running, MigState::PreCopy) => {
+                let mut mem = self.shared.mem();
+                let chunks = mem.chunks();
+                mem.track = Some(Track::new(chunks));
             }
-            MigState::Stop if from == MigState::Running => self.join(ctl),
+            (MigState::PreCopy, MigState::Running) | (MigState::StopCopy, MigState::Stop) => {
+                self.shared.mem().track = None;
+            }
             _ => {}
         }
         ctl.state = to;
@@ -400,18 +684,166 @@ impl Accel {
         }
     }
 
-    /// The source's stop-copy: STOP -> STOP_COPY, streams the whole state into `out`,
-    /// -> STOP (also when the stream failed, so that the source can resume the device).
+    /// The VM stops: RUNNING -> STOP, or PRE_COPY -> STOP_COPY (what precopy has left
+    /// stays tracked for the switchover).
+    pub fn pause(&self) -> Result<(), AccelError> {
+        let mut ctl = self.ctl();
+        match ctl.state {
+            MigState::PreCopy => self.step(&mut ctl, MigState::StopCopy),
+            MigState::Running => self.step(&mut ctl, MigState::Stop),
+            _ => Ok(()),
+        }
+    }
+
+    /// The VM runs: to RUNNING, from STOP, or from a precopy stopped at STOP_COPY. A
+    /// device that runs already (RUNNING, or PRE_COPY) is left as it is.
+    pub fn run(&self) -> Result<(), AccelError> {
+        let mut ctl = self.ctl();
+        match ctl.state {
+            MigState::Running | MigState::PreCopy => return Ok(()),
+            MigState::StopCopy => self.step(&mut ctl, MigState::Stop)?,
+            _ => {}
+        }
+        self.step(&mut ctl, MigState::Running)
+    }
+
+    /// What the device has left to send (see [`DevicePending`]).
+    pub fn pending(&self) -> DevicePending {
+        self.shared.mem().pending()
+    }
+
+    /// Source: precopy was agreed; RUNNING -> PRE_COPY. Destination: STOP ->
+    /// RESUMING, to take records.
+    pub fn precopy_begin(&self) -> Result<(), AccelError> {
+        if !self.precopy {
+            return Err(AccelError::NoPrecopy {
+                driver: self.driver.clone(),
+            });
+        }
+        let mut ctl = self.ctl();
+        if ctl.needs_state {
+            self.step(&mut ctl, MigState::Resuming)?;
+            ctl.incoming_precopy = true;
+            return Ok(());
+        }
+        self.step(&mut ctl, MigState::PreCopy)
+    }
+
+    /// A migration that began precopy ended without a switchover: the source's device
+    /// stops tracking (PRE_COPY -> RUNNING, STOP_COPY -> STOP), the destination's ends
+    /// its resuming session without a state (it still cannot run).
+    pub fn precopy_abandon(&self) {
+        let mut ctl = self.ctl();
+        let back = match ctl.state {
+            MigState::PreCopy => Some(MigState::Running),
+            MigState::StopCopy => Some(MigState::Stop),
+            MigState::Resuming if ctl.incoming_precopy => Some(MigState::Stop),
+            _ => None,
+        };
+        ctl.incoming_precopy = false;
+        if let Some(to) = back {
+            if let Err(e) = self.step(&mut ctl, to) {
+                tracing::warn!(error = %e, "accel: leaving precopy");
+            }
+        }
+    }
+
+    /// Source, in PRE_COPY or STOP_COPY after it: writes the next precopy record (the
+    /// first sweep's next run of memory, then a run of rewritten chunks) into `out`.
+    /// `Ok(false)`, with nothing written, when nothing is pending.
+    pub fn save_precopy(&self, out: &mut StateWriter<'_>) -> Result<bool, AccelError> {
+        let ctl = self.ctl();
+        if !matches!(ctl.state, MigState::PreCopy | MigState::StopCopy) {
+            return Err(AccelError::InvalidTransition {
+                from: ctl.state,
+                to: MigState::PreCopy,
+            });
+        }
+        let mut mem = self.shared.mem();
+        let chunks = mem.chunks();
+        let per_record = (STREAM_CHUNK / CHUNK) as u64;
+        let Some(t) = mem.track.as_mut() else {
+            return Err(AccelError::InvalidTransition {
+                from: ctl.state,
+                to: MigState::PreCopy,
+            });
+        };
+        let run = if t.swept < chunks {
+            let first = t.swept;
+            let n = per_record.min(chunks - first);
+            t.swept += n;
+            (first, n)
+        } else {
+            match t.take_run(per_record) {
+                Some(run) => run,
+                None => return Ok(false),
+            }
+        };
+        let (first, n) = run;
+        let (start, len) = (first as usize * CHUNK, n as usize * CHUNK);
+        out.begin(&[("data", len as u64)])?;
+        out.u64("offset", start as u64)?;
+        out.open_bytes("data")?;
+        out.chunk(&mem.bytes[start..start + len])?;
+        out.finish()?;
+        Ok(true)
+    }
+
+    /// Destination, after `precopy_begin`: writes one record into the device's memory.
+    pub fn load_precopy(&self, input: &mut StateReader<'_>) -> Result<(), AccelError> {
+        let ctl = self.ctl();
+        if !(ctl.state == MigState::Resuming && ctl.incoming_precopy) {
+            return Err(AccelError::InvalidTransition {
+                from: ctl.state,
+                to: MigState::Resuming,
+            });
+        }
+        let offset = input.u64("offset")?;
+        // The reader has bounded the length by the field's maximum and the frame.
+        let len = input.open_bytes("data")?;
+        if offset % CHUNK as u64 != 0
+            || len % CHUNK as u64 != 0
+            || offset.checked_add(len).is_none_or(|end| end > self.size)
+        {
+            return Err(AccelError::Record {
+                offset,
+                len,
+                size: self.size,
+            });
+        }
+        let mut mem = self.shared.mem();
+        let (start, end) = (offset as usize, (offset + len) as usize);
+        for piece in mem.bytes[start..end].chunks_mut(STREAM_CHUNK) {
+            input.chunk(piece)?;
+        }
+        input.finish()?;
+        Ok(())
+    }
+
+    /// The source's final state: stop-copy (STOP -> STOP_COPY, streams the whole state
+    /// into `out`, -> STOP, also when the stream failed, so that the source can resume
+    /// the device), or after precopy (in STOP_COPY with nothing pending: the registers,
+    /// an empty memory and the checksum, -> STOP).
     ///
     /// The memory goes in [`STREAM_CHUNK`] pieces straight from the device's buffer into
     /// the writer (and from there into the socket): no copy of it is made.
     pub fn save(&self, out: &mut StateWriter<'_>) -> Result<(), AccelError> {
         let mut ctl = self.ctl();
-        self.step(&mut ctl, MigState::StopCopy)?;
+        let after_precopy = ctl.state == MigState::StopCopy;
+        if !after_precopy {
+            self.step(&mut ctl, MigState::StopCopy)?;
+        }
         let saved = {
             let mem = self.shared.mem();
-            let checksum = xxh3_64(&mem.bytes);
-            Self::stream_out(self.size, &mem, checksum, out).map(|()| checksum)
+            let pending = mem.pending();
+            if after_precopy && pending.precopy > 0 {
+                Err(AccelError::PrecopyPending {
+                    pending: pending.precopy,
+                })
+            } else {
+                let checksum = xxh3_64(&mem.bytes);
+                Self::stream_out(self.size, &mem, !after_precopy, checksum, out).map(|()| checksum)
+            }
         };
         self.step(&mut ctl, MigState::Stop)?;
         ctl.last_saved = Some(saved?);
@@ -421,35 +853,56 @@ impl Accel {
     fn stream_out(
         size: u64,
         mem: &Memory,
+        with_memory: bool,
         checksum: u64,
         out: &mut StateWriter<'_>,
     ) -> Result<(), AccelError> {
-        out.begin(&[("memory", size)])?;
+        let memory_len = if with_memory { size } else { 0 };
+        out.begin(&[("memory", memory_len)])?;
         out.u64("size", size)?;
         out.u64("generation", mem.generation)?;
         out.u64("cursor", mem.cursor)?;
         out.open_bytes("memory")?;
-        for piece in mem.bytes.chunks(STREAM_CHUNK) {
-            out.chunk(piece)?;
+        if with_memory {
+            for piece in mem.bytes.chunks(STREAM_CHUNK) {
+                out.chunk(piece)?;
+            }
         }
         out.u64("checksum", checksum)?;
         out.finish()?;
         Ok(())
     }
 
-    /// The destination's resume: STOP -> RESUMING, reads the state from `input` into
-    /// fresh memory, checks it and installs it, -> STOP. A state that fails a check
-    /// leaves the memory as it was and the device in ERROR.
+    /// The destination's final load: without precopy STOP -> RESUMING, reads the whole
+    /// state into fresh memory, checks it and installs it; after precopy (already
+    /// RESUMING, its memory built by the records) reads the registers and an empty
+    /// memory and checks the checksum against what the records built. Then -> STOP. A
+    /// state that fails a check leaves the device in ERROR.
     ///
-    /// The fresh buffer is the only copy: it is zeroed lazily by the allocator and filled
-    /// straight from the stream, and the memory it replaces, never touched on an incoming
-    /// device, was never resident.
+    /// Without precopy the fresh buffer is the only copy: it is zeroed lazily by the
+    /// allocator and filled straight from the stream, and the memory it replaces, never
+    /// touched on an incoming device, was never resident.
     pub fn load(&self, input: &mut StateReader<'_>) -> Result<(), AccelError> {
         let mut ctl = self.ctl();
-        self.step(&mut ctl, MigState::Resuming)?;
-        match self.read_state(input) {
-            Ok((mem, checksum)) => {
-                *self.shared.mem() = mem;
+        let after_precopy = ctl.incoming_precopy;
+        if !after_precopy {
+            self.step(&mut ctl, MigState::Resuming)?;
+        }
+        let read = if after_precopy {
+            let mem = self.shared.mem();
+            self.read_state(input, Some(&mem.bytes))
+        } else {
+            self.read_state(input, None)
+        };
+        ctl.incoming_precopy = false;
+        match read {
+            Ok((regs, bytes, checksum)) => {
+                let mut mem = self.shared.mem();
+                if let Some(bytes) = bytes {
+                    mem.bytes = bytes;
+                }
+                (mem.generation, mem.cursor) = regs;
+                drop(mem);
                 ctl.needs_state = false;
                 ctl.last_loaded = Some(checksum);
                 self.step(&mut ctl, MigState::Stop)
@@ -461,7 +914,15 @@ impl Accel {
         }
     }
 
-    fn read_state(&self, input: &mut StateReader<'_>) -> Result<(Memory, u64), AccelError> {
+    /// Reads a final state: with `built` (the memory precopy records built) the memory
+    /// field must be empty and the checksum is that of `built`; without, the memory
+    /// comes whole and is returned.
+    #[allow(clippy::type_complexity)]
+    fn read_state(
+        &self,
+        input: &mut StateReader<'_>,
+        built: Option<&[u8]>,
+    ) -> Result<((u64, u64), Option<Vec<u8>>, u64), AccelError> {
         let size = input.u64("size")?;
         if size != self.size {
             return Err(AccelError::SizeMismatch {
@@ -477,30 +938,29 @@ impl Accel {
         }
         // The reader has bounded the length by the field's maximum and the frame.
         let len = input.open_bytes("memory")?;
-        if len != size {
+        let expect = if built.is_some() { 0 } else { size };
+        if len != expect {
             return Err(AccelError::MemoryLength {
                 len: len as usize,
-                size,
+                size: expect,
             });
         }
-        let mut bytes = vec![0u8; size as usize];
-        for piece in bytes.chunks_mut(STREAM_CHUNK) {
-            input.chunk(piece)?;
-        }
+        let bytes = if built.is_none() {
+            let mut bytes = vec![0u8; size as usize];
+            for piece in bytes.chunks_mut(STREAM_CHUNK) {
+                input.chunk(piece)?;
+            }
+            Some(bytes)
+        } else {
+            None
+        };
         let sent = input.u64("checksum")?;
         input.finish()?;
-        let computed = xxh3_64(&bytes);
+        let computed = xxh3_64(built.or(bytes.as_deref()).expect("one of the two"));
         if computed != sent {
             return Err(AccelError::Checksum { sent, computed });
         }
-        Ok((
-            Memory {
-                bytes,
-                generation,
-                cursor,
-            },
-            computed,
-        ))
+        Ok(((generation, cursor), bytes, computed))
     }
 
     /// The state name, size and memory digest; hashing holds the device thread off for
@@ -514,6 +974,8 @@ impl Accel {
         AccelInfo {
             state: state.as_str(),
             size: self.size,
+            driver: self.driver.clone(),
+            precopy: self.precopy,
             digest: hex(xxh3_64(&mem.bytes)),
             generation: mem.generation,
             cursor: mem.cursor,
@@ -574,6 +1036,82 @@ fn device_thread(shared: &Shared) {
         shared.mem().advance(CHUNKS_PER_TICK);
         // A steady rate: after a stall, carry on from now rather than catch up in a burst.
         next = (next + TICK).max(Instant::now());
+    }
+}
+
+/// The accelerators of one VM, in `--accel` order: accelerator `i` is state `accel`
+/// instance `i`. Both backends hold one and route the engine's device calls for them
+/// here, so the device is the same on either.
+#[derive(Debug, Default)]
+pub struct Accels {
+    devices: Vec<Accel>,
+}
+
+impl Accels {
+    pub fn new(cfgs: &[AccelConfig], incoming: bool) -> Result<Self, AccelError> {
+        Ok(Self {
+            devices: cfgs
+                .iter()
+                .map(|c| Accel::with_config(c, incoming))
+                .collect::<Result<_, _>>()?,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.devices.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.devices.is_empty()
+    }
+
+    pub fn get(&self, instance: usize) -> Option<&Accel> {
+        self.devices.get(instance)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Accel> {
+        self.devices.iter()
+    }
+
+    /// The engine's view of each, in order.
+    pub fn device_infos(&self) -> Vec<DeviceInfo> {
+        self.devices
+            .iter()
+            .enumerate()
+            .map(|(i, a)| DeviceInfo {
+                name: ACCEL_SCHEMA.name.into(),
+                instance: i as u32,
+                schema: &ACCEL_SCHEMA,
+                config: a.config(),
+                precopy: a.can_precopy().then_some(&ACCEL_PRECOPY_SCHEMA),
+            })
+            .collect()
+    }
+
+    /// The VM runs: every accelerator to RUNNING. If one cannot, those started stop
+    /// again.
+    pub fn run(&self) -> Result<(), AccelError> {
+        for (i, a) in self.devices.iter().enumerate() {
+            if let Err(e) = a.run() {
+                for b in &self.devices[..i] {
+                    let _ = b.pause();
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// The VM stops: every accelerator stops changing its memory.
+    pub fn pause(&self) -> Result<(), AccelError> {
+        let mut first = Ok(());
+        for a in &self.devices {
+            let r = a.pause();
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        first
     }
 }
 
@@ -650,14 +1188,19 @@ mod tests {
         field.1 = value;
     }
 
-    /// A device in `state`, reached by valid arcs (ERROR by a failed load).
-    fn device_in(state: MigState) -> Accel {
-        let a = Accel::new(SMALL, false).unwrap();
+    /// A device in `state`, reached by valid arcs (ERROR by a failed load), on a host
+    /// that can precopy it or not.
+    fn device_in(state: MigState, precopy: bool) -> Accel {
+        let a = Accel::with_config(&AccelConfig::new(SMALL, precopy), false).unwrap();
         match state {
             Stop => {}
             Running => a.set_state(Running).unwrap(),
             StopCopy => a.set_state(StopCopy).unwrap(),
             Resuming => a.set_state(Resuming).unwrap(),
+            PreCopy => {
+                a.set_state(Running).unwrap();
+                a.set_state(PreCopy).unwrap();
+            }
             Error => {
                 let mut st = values(&save(&a).unwrap());
                 let sum = st.get_u64("checksum").unwrap();
@@ -669,22 +1212,27 @@ mod tests {
         a
     }
 
-    #[test]
-    fn accel_takes_every_single_arc_and_refuses_every_other_transition() {
+    /// The arcs a device takes, checked from every state it can reach to every state.
+    fn arcs_taken(precopy: bool) -> Vec<(MigState, MigState)> {
         let mut valid = Vec::new();
         for from in MigState::ALL {
+            if from == PreCopy && !precopy {
+                continue;
+            }
             for to in MigState::ALL {
-                let a = device_in(from);
+                let a = device_in(from, precopy);
+                let allowed =
+                    from.has_arc_to(to) && (precopy || (from != PreCopy && to != PreCopy));
                 match a.set_state(to) {
                     Ok(()) => {
-                        assert!(from == to || from.has_arc_to(to), "{from} -> {to} taken");
+                        assert!(from == to || allowed, "{from} -> {to} taken");
                         if from != to {
                             valid.push((from, to));
                         }
                         assert_eq!(a.state(), to);
                     }
                     Err(e) => {
-                        assert!(!from.has_arc_to(to) && from != to, "{from} -> {to}: {e}");
+                        assert!(!allowed && from != to, "{from} -> {to}: {e}");
                         assert!(
                             matches!(e, AccelError::InvalidTransition { from: f, to: t } if f == from && t == to),
                             "{e}"
@@ -698,15 +1246,21 @@ mod tests {
                 }
                 assert_eq!(
                     a.thread_running(),
-                    a.state() == Running,
+                    matches!(a.state(), Running | PreCopy),
                     "{from} -> {to}: device thread in {}",
                     a.state()
                 );
             }
         }
         valid.sort_by_key(|&(f, t)| (f as u8, t as u8));
+        valid
+    }
+
+    #[test]
+    fn accel_takes_every_single_arc_and_refuses_every_other_transition() {
+        // A host without precopy: release 0.1's device, the same six arcs.
         assert_eq!(
-            valid,
+            arcs_taken(false),
             [
                 (Stop, Running),
                 (Stop, StopCopy),
@@ -714,6 +1268,21 @@ mod tests {
                 (Running, Stop),
                 (StopCopy, Stop),
                 (Resuming, Stop),
+            ]
+        );
+        // A host with precopy adds VFIO's three PRE_COPY arcs.
+        assert_eq!(
+            arcs_taken(true),
+            [
+                (Stop, Running),
+                (Stop, StopCopy),
+                (Stop, Resuming),
+                (Running, Stop),
+                (Running, PreCopy),
+                (StopCopy, Stop),
+                (Resuming, Stop),
+                (PreCopy, Running),
+                (PreCopy, StopCopy),
             ]
         );
         assert_eq!(

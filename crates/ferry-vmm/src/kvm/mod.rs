@@ -9,7 +9,7 @@
 //!     vcpus: 2,
 //!     dirty_size: 16 << 20,
 //!     incoming: false,
-//!     accel_size: 0,
+//!     accels: Vec::new(),
 //! };
 //! let vm = KvmVm::create(&cfg)?;
 //! vm.start()?;
@@ -58,8 +58,8 @@
 //! [`MigratableVm::devices`] lists, in this order: `kvm-vm` (the in-kernel irqchip and
 //! clock, below), `serial` ([`crate::devices::serial`], always present; vCPU threads
 //! route its port I/O exits to it through an [`IoBus`]) and, with a non-zero
-//! [`KvmConfig::accel_size`], `accel` ([`crate::devices::accel`]). The VM's pause stops
-//! the vCPUs, then moves the accelerator to STOP; resume moves it to RUNNING, then runs
+//! [`KvmConfig::accels`], `accel` instance 0, 1, ... ([`crate::devices::accel`]). The VM's
+//! pause stops the vCPUs, then the accelerators; resume runs them, then runs
 //! the vCPUs. Its save and load take the VFIO stop-copy and resuming arcs, so its whole
 //! memory moves in the downtime.
 //!
@@ -142,7 +142,7 @@ use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use thiserror::Error;
 
-use crate::devices::accel::{Accel, AccelError, MigState, ACCEL_SCHEMA};
+use crate::devices::accel::{Accel, AccelConfig, AccelError, Accels};
 use crate::devices::serial::{Serial, SerialError, SERIAL_SCHEMA};
 use crate::devices::IoBus;
 
@@ -163,8 +163,8 @@ pub struct KvmConfig {
     pub dirty_size: u64,
     /// A migration destination: RAM left empty, vCPUs without state until it is loaded.
     pub incoming: bool,
-    /// Bytes of accelerator device memory ([`crate::devices::accel`]); 0 for none.
-    pub accel_size: u64,
+    /// The accelerators ([`crate::devices::accel`]), in order; empty for none.
+    pub accels: Vec<AccelConfig>,
 }
 
 #[derive(Debug, Error)]
@@ -339,7 +339,7 @@ pub struct KvmVm {
     /// Per vCPU: has state (from `create` or `load_vcpu`), so it may run.
     has_state: Vec<AtomicBool>,
     serial: Arc<Serial>,
-    accel: Option<Accel>,
+    accels: Accels,
 }
 
 /// The devices of [`MigratableVm::devices`], by index.
@@ -354,10 +354,7 @@ impl KvmVm {
     /// [`KvmVm::start`] (or `resume`).
     pub fn create(cfg: &KvmConfig) -> Result<KvmVm, KvmError> {
         validate(cfg)?;
-        let accel = match cfg.accel_size {
-            0 => None,
-            size => Some(Accel::new(size, cfg.incoming)?),
-        };
+        let accels = Accels::new(&cfg.accels, cfg.incoming)?;
         let kvm = open_kvm()?;
         let vm = create_vm(&kvm)?;
         check_caps(&kvm, &vm)?;
@@ -415,7 +412,7 @@ impl KvmVm {
                 .map(|_| AtomicBool::new(!cfg.incoming))
                 .collect(),
             serial,
-            accel,
+            accels,
         })
     }
 
@@ -433,12 +430,10 @@ impl KvmVm {
         {
             return Err(KvmError::NotLoaded(i));
         }
-        if let Some(accel) = &self.accel {
-            accel.set_state(MigState::Running)?;
-        }
+        self.accels.run()?;
         let started = self.vcpus.resume();
-        if let (Err(_), Some(accel)) = (&started, &self.accel) {
-            accel.set_state(MigState::Stop)?;
+        if started.is_err() {
+            self.accels.pause()?;
         }
         started
     }
@@ -448,9 +443,7 @@ impl KvmVm {
     /// by itself (its guest failed); all are stopped either way.
     pub fn stop(&self) -> Result<(), KvmError> {
         let stopped = self.vcpus.pause();
-        if let Some(accel) = &self.accel {
-            accel.set_state(MigState::Stop)?;
-        }
+        self.accels.pause()?;
         stopped
     }
 
@@ -459,17 +452,32 @@ impl KvmVm {
         &self.serial
     }
 
-    /// The accelerator, if this VM has one.
-    pub fn accel(&self) -> Option<&Accel> {
-        self.accel.as_ref()
+    /// Accelerator `instance`, if this VM has it.
+    pub fn accel(&self, instance: usize) -> Option<&Accel> {
+        self.accels.get(instance)
+    }
+
+    /// The accelerators, in order.
+    pub fn accels(&self) -> &Accels {
+        &self.accels
     }
 
     fn device(&self, index: usize) -> Result<Device<'_>, KvmError> {
-        match (index, &self.accel) {
-            (0, _) => Ok(Device::KvmVm),
-            (1, _) => Ok(Device::Serial(&self.serial)),
-            (2, Some(accel)) => Ok(Device::Accel(accel)),
-            _ => Err(KvmError::NoDevice(index)),
+        match index {
+            0 => Ok(Device::KvmVm),
+            1 => Ok(Device::Serial(&self.serial)),
+            i => match self.accels.get(i - 2) {
+                Some(a) => Ok(Device::Accel(a)),
+                None => Err(KvmError::NoDevice(index)),
+            },
+        }
+    }
+
+    /// Device `index` of [`MigratableVm::devices`] as an accelerator: only they precopy.
+    fn accel_at(&self, index: usize, op: &'static str) -> Result<&Accel, VmError> {
+        match self.device(index) {
+            Ok(Device::Accel(a)) => Ok(a),
+            _ => Err(KvmError::NoDevice(index).into_vm(op)),
         }
     }
 
@@ -701,19 +709,16 @@ impl MigratableVm for KvmVm {
     }
 
     fn devices(&self) -> Vec<DeviceInfo> {
-        let schemas = [&VM_SCHEMA, &SERIAL_SCHEMA, &ACCEL_SCHEMA];
-        let count = if self.accel.is_some() { 3 } else { 2 };
-        schemas[..count]
-            .iter()
+        [&VM_SCHEMA, &SERIAL_SCHEMA]
+            .into_iter()
             .map(|schema| DeviceInfo {
                 name: schema.name.into(),
                 instance: 0,
                 schema,
-                config: match (&self.accel, schema.name == ACCEL_SCHEMA.name) {
-                    (Some(a), true) => a.config(),
-                    _ => Vec::new(),
-                },
+                config: Vec::new(),
+                precopy: None,
             })
+            .chain(self.accels.device_infos())
             .collect()
     }
 
@@ -745,8 +750,7 @@ impl MigratableVm for KvmVm {
 
     fn device_pending(&self, index: usize) -> DevicePending {
         match self.device(index) {
-            // All of its memory moves at the switchover (it has no precopy yet).
-            Ok(Device::Accel(a)) => DevicePending::stop_copy(a.size()),
+            Ok(Device::Accel(a)) => a.pending(),
             _ => DevicePending::default(),
         }
     }
@@ -799,5 +803,29 @@ impl MigratableVm for KvmVm {
             Device::Accel(accel) => accel.load(input).map_err(KvmError::from),
         }
         .map_err(|e| e.into_vm(op))
+    }
+
+    fn precopy_begin(&self, index: usize) -> Result<(), VmError> {
+        self.accel_at(index, "begin precopy")?
+            .precopy_begin()
+            .map_err(|e| KvmError::from(e).into_vm("begin precopy"))
+    }
+
+    fn save_precopy(&self, index: usize, out: &mut StateWriter<'_>) -> Result<bool, VmError> {
+        self.accel_at(index, "save precopy record")?
+            .save_precopy(out)
+            .map_err(|e| KvmError::from(e).into_vm("save precopy record"))
+    }
+
+    fn load_precopy(&self, index: usize, input: &mut StateReader<'_>) -> Result<(), VmError> {
+        self.accel_at(index, "load precopy record")?
+            .load_precopy(input)
+            .map_err(|e| KvmError::from(e).into_vm("load precopy record"))
+    }
+
+    fn precopy_abandon(&self, index: usize) {
+        if let Ok(Device::Accel(a)) = self.device(index) {
+            a.precopy_abandon();
+        }
     }
 }

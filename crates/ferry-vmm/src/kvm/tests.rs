@@ -10,6 +10,16 @@ use ferry_migration::state::{self as codec, load_from_slice, save_to_vec, Value}
 use ferry_migration::PAGE_SIZE;
 
 use super::*;
+use crate::devices::accel::MigState;
+
+/// One accelerator of `size` bytes on a host that cannot precopy it (release 0.1's
+/// device), none for 0.
+fn stop_copy_accel(size: u64) -> Vec<AccelConfig> {
+    match size {
+        0 => Vec::new(),
+        size => vec![AccelConfig::new(size, false)],
+    }
+}
 
 /// Device `i`'s state, streamed into memory as the engine streams it onto the wire.
 fn save_dev(vm: &KvmVm, i: usize) -> Result<Vec<u8>, VmError> {
@@ -40,7 +50,7 @@ fn vm(mem_mib: u64, vcpus: usize, dirty_mib: u64, incoming: bool) -> KvmVm {
         vcpus,
         dirty_size: dirty_mib * MIB,
         incoming,
-        accel_size: 0,
+        accels: Vec::new(),
     };
     KvmVm::create(&cfg).unwrap_or_else(|e| panic!("{}", chain(&e)))
 }
@@ -318,7 +328,7 @@ fn kvm_rejects_bad_configs_and_state() {
             vcpus,
             dirty_size,
             incoming: false,
-            accel_size: 0,
+            accels: Vec::new(),
         };
         matches!(KvmVm::create(&cfg), Err(KvmError::Config(_)))
     };
@@ -331,7 +341,7 @@ fn kvm_rejects_bad_configs_and_state() {
         vcpus: 1,
         dirty_size: MIB,
         incoming: false,
-        accel_size: size,
+        accels: stop_copy_accel(size),
     };
     for size in [100, 1 << 40] {
         let err = KvmVm::create(&accel(size)).err().unwrap();
@@ -505,10 +515,10 @@ fn kvm_accel_stops_and_runs_with_the_vm() {
         vcpus: 1,
         dirty_size: MIB,
         incoming,
-        accel_size: MIB,
+        accels: stop_copy_accel(MIB),
     };
     let src = KvmVm::create(&cfg(false)).unwrap();
-    let accel = src.accel().unwrap();
+    let accel = src.accel(0).unwrap();
     assert_eq!(accel.state(), MigState::Stop);
     assert_eq!(src.devices()[2].name, "accel");
     MigratableVm::resume(&src).unwrap();
@@ -549,7 +559,7 @@ fn kvm_accel_stops_and_runs_with_the_vm() {
         "{}",
         error_chain(&err)
     );
-    assert_eq!(dst.accel().unwrap().state(), MigState::Error);
+    assert_eq!(dst.accel(0).unwrap().state(), MigState::Error);
     let err = MigratableVm::resume(&dst).unwrap_err();
     assert!(
         error_chain(&err).contains("ERROR -> RUNNING"),
@@ -574,7 +584,7 @@ fn kvm_accel_stops_and_runs_with_the_vm() {
     }
     load_dev(&dst, 2, &saved).unwrap();
     MigratableVm::resume(&dst).unwrap();
-    assert_eq!(dst.accel().unwrap().state(), MigState::Running);
+    assert_eq!(dst.accel(0).unwrap().state(), MigState::Running);
     MigratableVm::pause(&dst).unwrap();
-    dst.accel().unwrap().check_pattern().unwrap();
+    dst.accel(0).unwrap().check_pattern().unwrap();
 }
