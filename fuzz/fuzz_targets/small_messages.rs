@@ -3,8 +3,9 @@
 #![no_main]
 
 use ferry_migration::wire::{
-    decode_reason, encode_reason, Accept, Completed, DeviceStateHeader, EndOfStream, PassEnd,
-    Refuse, VcpuStateHeader, MAX_NAME_LEN, MAX_REASON_LEN,
+    decode_reason, encode_reason, Accept, Annotations, Completed, DevicePlan, DeviceRef,
+    DeviceStateHeader, EndOfStream, PassEnd, Refuse, StateDigest, VcpuStateHeader, MAX_DEVICES,
+    MAX_NAME_LEN, MAX_REASON_LEN,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -12,7 +13,7 @@ fuzz_target!(|data: &[u8]| {
     let Some((&kind, b)) = data.split_first() else {
         return;
     };
-    match kind % 9 {
+    match kind % 13 {
         0 => {
             if let Ok(a) = Accept::decode(b) {
                 assert!(a.release.len() <= MAX_NAME_LEN);
@@ -26,7 +27,7 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         2 | 3 => {
-            let what = if kind % 9 == 2 {
+            let what = if kind % 13 == 2 {
                 "abort"
             } else {
                 "load failed"
@@ -67,10 +68,60 @@ fuzz_target!(|data: &[u8]| {
                 }
             }
         }
-        _ => {
+        8 => {
             if let Ok(c) = Completed::decode(b) {
                 assert_eq!(c.encode(), b);
             }
+        }
+        9 => {
+            if let Ok(p) = DevicePlan::decode(b) {
+                assert!(p.modes.len() <= MAX_DEVICES);
+                assert_eq!(p.encode(), b);
+            }
+        }
+        10 => {
+            if let Ok(r) = DeviceRef::decode(b, "switchover acknowledgement") {
+                assert!(r.name.len() <= MAX_NAME_LEN);
+                assert_eq!(r.encode(), b);
+            }
+        }
+        11 => {
+            if let Ok(d) = StateDigest::decode(b) {
+                assert_eq!(d.encode(), b);
+            }
+        }
+        _ => {
+            // Hello annotations, one `name=value` per line: whatever is taken as an
+            // offer or a configuration item writes back to the same entry.
+            let text = String::from_utf8_lossy(b);
+            let props: Vec<(String, String)> = text
+                .lines()
+                .filter_map(|l| l.split_once('='))
+                .map(|(k, v)| (format!("x-hello.{k}"), v.to_string()))
+                .collect();
+            let (rest, a) = Annotations::split(&props);
+            assert!(rest.is_empty());
+            let mut h = ferry_migration::wire::Hello {
+                session_id: 0,
+                release: String::new(),
+                machine: String::new(),
+                page_size: 4096,
+                flags: 0,
+                wire_props: Vec::new(),
+                compat_pinned: Vec::new(),
+                ram_blocks: Vec::new(),
+                vcpu_count: 0,
+                vcpu_state: String::new(),
+                vcpu_version: 0,
+                devices: Vec::new(),
+                channels: 0,
+                compression: ferry_migration::wire::Compression::None,
+            };
+            a.apply(&mut h);
+            let (_, again) = Annotations::split(&h.wire_props);
+            assert_eq!(again.precopy, a.precopy);
+            assert_eq!(again.device_config, a.device_config);
+            assert_eq!(again.switchover_commit, a.switchover_commit);
         }
     }
 });
