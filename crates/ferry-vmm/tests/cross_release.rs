@@ -1,28 +1,36 @@
-//! Live migration between this build and release 0.1.0, with the real binaries.
+//! Live migration between this build and every recorded release, with the real
+//! binaries.
 //!
-//! `compat_releases.rs` holds this build to the *schemas* release 0.1.0 shipped (its
+//! `compat_releases.rs` holds this build to the *schemas* each release shipped (its
 //! golden dump); it cannot see the stream's framing, the handover, the data channels'
-//! packets or what a device does with its state (RELEASING.md, "What the check does not
-//! see"). This file checks the promise itself: a running guest on machine type
-//! `ferry-0.1` migrates from a 0.1.0 `ferry run` to a current one and from a current one
-//! to a 0.1.0 one, two processes talking over loopback TCP, driven as a user would with
-//! the `ferry migrate` of the source's release.
+//! packets, the device plan or what a device does with its state (RELEASING.md, "What
+//! the check does not see"). This file checks the promise itself, for each release R in
+//! `compat/releases.toml`: a running guest migrates from R's `ferry run` to this build's
+//! and back, two processes talking over loopback TCP, driven as a user would with the
+//! `ferry migrate` of the source's release.
 //!
-//! Cells, in both directions: the main channel only and 1, 2 and 4 data channels
-//! (`ferry migrate --channels N`), and on KVM one more each way with a 64 MiB
-//! accelerator on both sides and 2 channels. Guests run on KVM (`--mem 256M --dirty
-//! 16M`) when it is usable, else on the soft backend (which has no accelerator), and
-//! the test says which. After every hop: `ferry migrate` exited 0 with `completed`,
-//! `verified` is `digest` or `digest+full`, the pages travelled as asked, the source is
-//! `postmigrate` with its guest frozen, the destination runs the guest past where the
-//! source stopped and `x-ferry-verify` finds no wrong page, an accelerator's memory
-//! arrived with the digest the source saved, and both processes leave on `quit`. Every
-//! cell runs even when an earlier one fails; the test fails at the end naming each
-//! failed cell ("0.1.0 -> current, 4 channels: ...").
+//! Cells, for each release R, on R's newest machine type (`ferry-0.1` for 0.1.0), both
+//! ways: the main channel only and 1, 2 and 4 data channels; and on KVM an accelerator
+//! of 64 MiB on both sides with 0 and 4 channels, with this build's host able to precopy
+//! it and not (R's too, where R has the switch). Then this build's newest machine type
+//! (`ferry-0.2`) against R: where R lacks it, this build's guest is refused before any RAM
+//! moves, naming the machine type, and runs on; R cannot start a guest on it at all. Where
+//! R has it, the cells above run on it too.
 //!
-//! # The 0.1.0 binary
+//! Guests run on KVM (`--mem 256M --dirty 16M`) when it is usable, else on the soft
+//! backend, and the test says which. After every completed hop: `ferry migrate` exited
+//! 0 with `completed`, `verified` is `digest` or `digest+full`, the pages travelled as
+//! asked, the source is `postmigrate` with its guest frozen, the destination runs the
+//! guest past where the source stopped and `x-ferry-verify` finds no wrong page, an
+//! accelerator's memory arrived with the digest the source saved, a source of this
+//! build says how the accelerator moved (precopy only where the machine type and both
+//! hosts allow it), and both processes leave on `quit`. Every cell runs even when an
+//! earlier one fails; the test fails at the end naming each failed cell ("0.1.0 ->
+//! current, 4 channels: ...").
 //!
-//! It is built from the commit `compat/releases.toml` records for 0.1.0, not from a tag
+//! # A release's binary
+//!
+//! It is built from the commit `compat/releases.toml` records for it, not from a tag
 //! or a downloaded artifact: the record is what the release promise is checked against
 //! everywhere else, and a commit in the repository's own history is there without a
 //! network. The tree of that commit is taken with `git archive` (the clone's work tree
@@ -62,9 +70,6 @@ use common::{
 use serde::Deserialize;
 use serde_json::Value;
 
-/// The release this file migrates to and from.
-const RELEASE: &str = "0.1.0";
-
 /// How long a cold `cargo build` of the release may take (a few minutes on 2 cores).
 const BUILD_TIMEOUT: Duration = Duration::from_secs(20 * 60);
 /// How long another process's build may hold the lock: as long as its build may take.
@@ -78,8 +83,10 @@ const QUIT_TIMEOUT: Duration = Duration::from_secs(10);
 const GUEST: &[&str] = &["--mem", "256M", "--dirty", "16M"];
 /// The accelerator of the accelerator cells, on both sides.
 const ACCEL: &str = "64M";
-/// The data channels of the plain cells; the accelerator cells use 2.
+/// The data channels of the plain cells.
 const CHANNELS: [u16; 4] = [0, 1, 2, 4];
+/// The data channels of the accelerator cells.
+const ACCEL_CHANNELS: [u16; 2] = [0, 4];
 
 /// `compat/releases.toml`; see `compat_releases.rs`, which checks its shape strictly.
 #[derive(Debug, Deserialize)]
@@ -105,24 +112,23 @@ fn repo() -> PathBuf {
         .expect("the repository's top directory")
 }
 
-fn read_release(repo: &Path, version: &str) -> Release {
+/// Every recorded release, oldest first.
+fn read_releases(repo: &Path) -> Vec<Release> {
     let path = repo.join("compat/releases.toml");
     let text =
         fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
     let record: Record =
         toml::from_str(&text).unwrap_or_else(|e| panic!("{} does not parse:\n{e}", path.display()));
-    let r = record
-        .release
-        .into_iter()
-        .find(|r| r.version == version)
-        .unwrap_or_else(|| panic!("{} records no release {version}", path.display()));
-    assert!(
-        r.commit.len() == 40 && r.commit.bytes().all(|b| b.is_ascii_hexdigit()),
-        "release {version}'s commit in {} is not 40 hex digits: {:?}",
-        path.display(),
-        r.commit
-    );
-    r
+    for r in &record.release {
+        assert!(
+            r.commit.len() == 40 && r.commit.bytes().all(|b| b.is_ascii_hexdigit()),
+            "release {}'s commit in {} is not 40 hex digits: {:?}",
+            r.version,
+            path.display(),
+            r.commit
+        );
+    }
+    record.release
 }
 
 // ---------------------------------------------------------------------------------
@@ -303,7 +309,7 @@ fn tail(text: &str, n: usize) -> String {
 }
 
 /// Why the release's commit cannot be built here (git missing, commit absent), if so.
-fn why_no_commit(repo: &Path, commit: &str) -> Option<String> {
+fn why_no_commit(repo: &Path, version: &str, commit: &str) -> Option<String> {
     let git = Path::new("git");
     let root = repo.to_str().expect("a utf-8 repository path");
     let out = match try_run(git, &["--version"], QUICK) {
@@ -316,7 +322,7 @@ fn why_no_commit(repo: &Path, commit: &str) -> Option<String> {
     };
     (!out.status.success()).then(|| {
         format!(
-            "commit {commit} of release {RELEASE} is not in the repository at {root} \
+            "commit {commit} of release {version} is not in the repository at {root} \
              (a shallow clone? `git fetch --unshallow` brings it): {}",
             out.stderr.trim()
         )
@@ -355,7 +361,7 @@ fn release_binary(repo: &Path, release: &Release) -> Option<PathBuf> {
     if let Some(bin) = cached(&bin) {
         return Some(bin);
     }
-    if let Some(why) = why_no_commit(repo, &release.commit) {
+    if let Some(why) = why_no_commit(repo, &release.version, &release.commit) {
         println!("skipped: cannot build ferry {}: {why}", release.version);
         return None;
     }
@@ -487,6 +493,23 @@ struct Build {
     commands: BTreeSet<String>,
     run_options: BTreeSet<String>,
     migrate_options: BTreeSet<String>,
+    /// The machine types it knows, newest first.
+    machines: Vec<String>,
+    /// Its `--accel` takes the host's `precopy=on|off` (0.2 on).
+    accel_precopy: bool,
+}
+
+/// The machine types `ferry machines --json` lists, newest first.
+fn machines(bin: &Path) -> Vec<String> {
+    let out = run(bin, &["machines", "--json"], QUICK);
+    assert!(out.status.success(), "{out}");
+    let v: Value = serde_json::from_str(&out.stdout)
+        .unwrap_or_else(|e| panic!("`{}` is not JSON: {e}", out.command));
+    v.as_array()
+        .expect("a list of machine types")
+        .iter()
+        .map(|m| m["name"].as_str().expect("a name").to_string())
+        .collect()
 }
 
 /// The subcommands `ferry --help` lists.
@@ -524,6 +547,11 @@ impl Build {
             commands: commands(bin),
             run_options: options(bin, "run"),
             migrate_options: options(bin, "migrate"),
+            machines: machines(bin),
+            accel_precopy: {
+                let out = run(bin, &["run", "--help"], QUICK);
+                out.stdout.contains("precopy=on|off")
+            },
         }
     }
 
@@ -594,11 +622,20 @@ fn start_vm(build: &Build, dir: &TestDir, name: &str, args: &[&str]) -> Vm {
 // ---------------------------------------------------------------------------------
 // The cells.
 
+/// An accelerator on both sides, and whether each side's host can precopy it (for a
+/// build whose `--accel` has no such switch, the value does not apply: it cannot).
+#[derive(Clone, Copy)]
+struct AccelCell {
+    src_precopy: bool,
+    dst_precopy: bool,
+}
+
 struct Cell<'a> {
     src: &'a Build,
     dst: &'a Build,
+    machine: String,
     channels: u16,
-    accel: bool,
+    accel: Option<AccelCell>,
 }
 
 impl Cell<'_> {
@@ -608,12 +645,50 @@ impl Cell<'_> {
             1 => "1 channel".to_string(),
             n => format!("{n} channels"),
         };
-        let accel = if self.accel {
-            format!(", accelerator {ACCEL}")
-        } else {
-            String::new()
+        let accel = match self.accel {
+            None => String::new(),
+            Some(a) => {
+                let host = |b: &Build, on: bool| {
+                    if !b.accel_precopy {
+                        String::new()
+                    } else if on {
+                        format!(", {} host precopy on", b.label)
+                    } else {
+                        format!(", {} host precopy off", b.label)
+                    }
+                };
+                format!(
+                    ", accelerator {ACCEL}{}{}",
+                    host(self.src, a.src_precopy),
+                    host(self.dst, a.dst_precopy)
+                )
+            }
         };
-        format!("{} -> {}, {ch}{accel}", self.src.label, self.dst.label)
+        format!(
+            "{} -> {} on {}, {ch}{accel}",
+            self.src.label, self.dst.label, self.machine
+        )
+    }
+
+    /// `--accel` as `b` takes it.
+    fn accel_arg(b: &Build, precopy: bool) -> String {
+        if b.accel_precopy {
+            format!("{ACCEL},precopy={}", if precopy { "on" } else { "off" })
+        } else {
+            ACCEL.to_string()
+        }
+    }
+
+    /// How the accelerator should move: precopy only on a machine type with
+    /// switchover-ack, between builds that both have precopy, with both hosts able.
+    fn expect_precopy(&self) -> bool {
+        self.accel.is_some_and(|a| {
+            self.machine != "ferry-0.1"
+                && self.src.accel_precopy
+                && self.dst.accel_precopy
+                && a.src_precopy
+                && a.dst_precopy
+        })
     }
 }
 
@@ -628,18 +703,33 @@ fn ms(v: &Value) -> String {
         .map_or_else(|| format!("{v}"), |n| format!("{n} ms"))
 }
 
+/// The VM arguments of one side of a cell.
+fn vm_args(cell: &Cell<'_>, side: &Build, precopy: bool, backend: &str) -> Vec<String> {
+    let mut vm: Vec<String> = ["--backend", backend, "--machine", &cell.machine]
+        .iter()
+        .chain(GUEST)
+        .map(|s| s.to_string())
+        .collect();
+    if cell.accel.is_some() {
+        vm.push("--accel".into());
+        vm.push(Cell::accel_arg(side, precopy));
+    }
+    vm
+}
+
 /// One migration of a running guest from a `cell.src` VM to a `cell.dst` VM, checked.
-fn run_cell(cell: &Cell<'_>, backend: &str, machine: &str, n: usize) -> Hop {
+fn run_cell(cell: &Cell<'_>, backend: &str, n: usize) -> Hop {
     let name = cell.name();
     let dir = TestDir::new(&format!("cross-release-{n}"));
-    let mut vm: Vec<&str> = vec!["--backend", backend, "--machine", machine];
-    vm.extend(GUEST);
-    if cell.accel {
-        vm.extend(["--accel", ACCEL]);
-    }
+    let (sp, dp) = cell
+        .accel
+        .map_or((false, false), |a| (a.src_precopy, a.dst_precopy));
+    let vm = vm_args(cell, cell.src, sp, backend);
+    let vm: Vec<&str> = vm.iter().map(String::as_str).collect();
     let mut src = start_vm(cell.src, &dir, "source", &vm);
-    let mut incoming = vm.clone();
-    incoming.extend(["--incoming", "tcp:127.0.0.1:0"]);
+    let mut incoming = vm_args(cell, cell.dst, dp, backend);
+    incoming.extend(["--incoming".to_string(), "tcp:127.0.0.1:0".to_string()]);
+    let incoming: Vec<&str> = incoming.iter().map(String::as_str).collect();
     let mut dst = start_vm(cell.dst, &dir, "destination", &incoming);
     let uri = dst.uri();
     let mut s = src.qmp();
@@ -725,7 +815,8 @@ fn run_cell(cell: &Cell<'_>, backend: &str, machine: &str, n: usize) -> Hop {
         ctx(&format!("source query-migrate {q}"))
     );
 
-    if cell.accel {
+    let mut how = String::new();
+    if cell.accel.is_some() {
         let (sa, da) = (
             exec(&mut s, "x-ferry-accel", Value::Null),
             exec(&mut d, "x-ferry-accel", Value::Null),
@@ -735,6 +826,20 @@ fn run_cell(cell: &Cell<'_>, backend: &str, machine: &str, n: usize) -> Hop {
         assert_eq!(da["state"], "RUNNING", "{}", ctx(&what));
         assert!(sa["saved-digest"].is_string(), "{}", ctx(&what));
         assert_eq!(da["loaded-digest"], sa["saved-digest"], "{}", ctx(&what));
+        // A source that reports devices says how the accelerator moved.
+        if let Some(devs) = last["devices"].as_array() {
+            let dev = devs
+                .iter()
+                .find(|d| d["name"] == "accel")
+                .unwrap_or_else(|| panic!("{}", ctx("no accel among the devices")));
+            let want = if cell.expect_precopy() {
+                "precopy"
+            } else {
+                "stop-copy"
+            };
+            assert_eq!(dev["mode"], want, "{}", ctx(&format!("device {dev}")));
+            how = format!(", accel {want}");
+        }
     }
 
     // Both leave cleanly.
@@ -752,12 +857,81 @@ fn run_cell(cell: &Cell<'_>, backend: &str, machine: &str, n: usize) -> Hop {
     let mib = last["ram"]["transferred"].as_u64().unwrap_or(0) as f64 / f64::from(1 << 20);
     Hop {
         summary: format!(
-            "total {}, downtime {}, {mib:.1} MiB, verified {verified}",
+            "total {}, downtime {}, {mib:.1} MiB, verified {verified}{how}",
             ms(&last["total-time"]),
             ms(&last["downtime"]),
         ),
         json: last,
     }
+}
+
+/// This build's guest on a machine type `release` does not know: refused before any
+/// RAM moves, naming the machine type, with the source still running. (The other way
+/// cannot even start: `release` has no such machine type to run a guest on.)
+fn run_refused_cell(new: &Build, old: &Build, machine: &str, backend: &str, n: usize) -> String {
+    let name = format!("{} -> {} on {machine}", new.label, old.label);
+    let dir = TestDir::new(&format!("cross-release-{n}"));
+    let mut src = start_vm(
+        new,
+        &dir,
+        "source",
+        &[&["--backend", backend, "--machine", machine], GUEST].concat(),
+    );
+    let dst = start_vm(
+        old,
+        &dir,
+        "destination",
+        &[
+            &["--backend", backend, "--incoming", "tcp:127.0.0.1:0"],
+            GUEST,
+        ]
+        .concat(),
+    );
+    let uri = dst.uri();
+    let mut s = src.qmp();
+    let out = run(
+        &new.bin,
+        &["migrate", "--qmp", src.qmp_path(), &uri, "--json"],
+        MIGRATE_TIMEOUT,
+    );
+    let ctx = |extra: &str| format!("{name}: {extra}\n{out}{}{}", src.ctx(), dst.ctx());
+    assert!(
+        !out.status.success(),
+        "{}",
+        ctx("the migration was not refused")
+    );
+    let last = out.last_json();
+    assert_eq!(last["status"], "failed", "{}", ctx("status"));
+    let err = last["error-desc"].as_str().unwrap_or_default().to_string();
+    assert!(
+        err.contains("refused") && err.contains(machine) && err.contains("unknown"),
+        "{}",
+        ctx("the refusal does not name the machine type")
+    );
+    assert_eq!(
+        last["ram"]["transferred"].as_u64(),
+        Some(0),
+        "{}",
+        ctx("RAM moved before the refusal")
+    );
+    assert_eq!(run_state(&mut s), "running", "{}", ctx("source state"));
+    assert_guest_progresses(&mut s, &format!("{name}: source"));
+    let _ = s.execute("quit", Value::Null);
+    src.wait_exit(QUIT_TIMEOUT);
+    drop(dst);
+
+    // And the release cannot start a guest on it.
+    let started = run(
+        &old.bin,
+        &[&["run", "--backend", backend, "--machine", machine], GUEST].concat(),
+        QUICK,
+    );
+    assert!(
+        !started.status.success() && started.stderr.contains(machine),
+        "{name}: {} started a guest on {machine}, which it does not know\n{started}",
+        old.label
+    );
+    format!("refused before RAM moved: {err}")
 }
 
 /// The panic message of a failed cell.
@@ -808,34 +982,94 @@ fn print_json_differences(old: &str, old_json: &Value, new: &str, new_json: &Val
     }
 }
 
+/// The cells between `old` and this build (see the module docs).
+fn cells_with<'a>(old: &'a Build, new: &'a Build, kvm: bool) -> (Vec<Cell<'a>>, Vec<String>) {
+    let mut cells = Vec::new();
+    let mut refused = Vec::new();
+    // Every machine type of the release, newest first, is shared; this build's newer
+    // ones are not.
+    for machine in &new.machines {
+        if !old.machines.contains(machine) {
+            refused.push(machine.clone());
+            continue;
+        }
+        // The plain cells on the release's newest machine type only; the accelerator
+        // cells on every shared one.
+        let plain = old.machines.first() == Some(machine);
+        for (src, dst) in [(old, new), (new, old)] {
+            if plain {
+                for channels in CHANNELS {
+                    cells.push(Cell {
+                        src,
+                        dst,
+                        machine: machine.clone(),
+                        channels,
+                        accel: None,
+                    });
+                }
+            }
+            if !kvm && !(src.accel_precopy && dst.accel_precopy) {
+                // Releases before 0.2 have the accelerator on KVM only.
+                continue;
+            }
+            let hosts: &[(bool, bool)] = match (src.accel_precopy, dst.accel_precopy) {
+                (true, true) => &[(true, true), (true, false), (false, true)],
+                (true, false) => &[(true, false), (false, false)],
+                (false, true) => &[(false, true), (false, false)],
+                (false, false) => &[(false, false)],
+            };
+            for &(src_precopy, dst_precopy) in hosts {
+                for channels in ACCEL_CHANNELS {
+                    cells.push(Cell {
+                        src,
+                        dst,
+                        machine: machine.clone(),
+                        channels,
+                        accel: Some(AccelCell {
+                            src_precopy,
+                            dst_precopy,
+                        }),
+                    });
+                }
+            }
+        }
+    }
+    (cells, refused)
+}
+
 #[test]
-fn migrates_to_and_from_release_0_1_0() {
+fn migrates_to_and_from_every_recorded_release() {
     let _one_at_a_time = serial();
     let started = Instant::now();
     let repo = repo();
-    let release = read_release(&repo, RELEASE);
-    let Some(old_bin) = release_binary(&repo, &release) else {
-        return;
-    };
-    check_is_release(&old_bin, &repo, &release);
-
-    let old = Build::new(&release.version, &old_bin);
     let new = Build::new("current", Path::new(FERRY));
-    print_option_differences(&old, &new);
-
     let (backend, kvm) = match ferry_vmm::vmm::kvm_usable() {
         Ok(()) => ("kvm", true),
         Err(e) => {
             println!(
                 "KVM is not usable here ({}): running every cell on the soft backend \
-                 instead, without the accelerator cells",
+                 instead (accelerator cells only with releases that have it there)",
                 error_chain(&e)
             );
             ("soft", false)
         }
     };
-    let run_needs: &[&str] = if kvm {
-        &[
+    let mut failed = Vec::new();
+    let mut total = 0;
+    for release in read_releases(&repo) {
+        let Some(old_bin) = release_binary(&repo, &release) else {
+            continue;
+        };
+        check_is_release(&old_bin, &repo, &release);
+        let old = Build::new(&release.version, &old_bin);
+        print_option_differences(&old, &new);
+        assert_eq!(
+            old.machines.first(),
+            Some(&release.machine),
+            "{} does not have its recorded machine type first",
+            old.label
+        );
+        let run_needs: &[&str] = &[
             "--backend",
             "--mem",
             "--dirty",
@@ -843,86 +1077,70 @@ fn migrates_to_and_from_release_0_1_0() {
             "--incoming",
             "--qmp",
             "--accel",
-        ]
-    } else {
-        &[
-            "--backend",
-            "--mem",
-            "--dirty",
-            "--machine",
-            "--incoming",
-            "--qmp",
-        ]
-    };
-    for b in [&old, &new] {
-        b.require("run", run_needs);
-        b.require("migrate", &["--qmp", "--json", "--channels"]);
-    }
-
-    let mut cells = Vec::new();
-    for (src, dst) in [(&old, &new), (&new, &old)] {
-        for channels in CHANNELS {
-            cells.push(Cell {
-                src,
-                dst,
-                channels,
-                accel: false,
-            });
+        ];
+        for b in [&old, &new] {
+            b.require("run", run_needs);
+            b.require("migrate", &["--qmp", "--json", "--channels"]);
         }
-        if kvm {
-            cells.push(Cell {
-                src,
-                dst,
-                channels: 2,
-                accel: true,
-            });
+
+        let (cells, refused) = cells_with(&old, &new, kvm);
+        let mut results = Vec::new();
+        for (n, cell) in cells.iter().enumerate() {
+            let t = Instant::now();
+            let r = panic::catch_unwind(AssertUnwindSafe(|| run_cell(cell, backend, n)));
+            let secs = t.elapsed().as_secs_f64();
+            match &r {
+                Ok(hop) => println!(
+                    "ok      {} ({backend}, {secs:.1} s): {}",
+                    cell.name(),
+                    hop.summary
+                ),
+                Err(e) => {
+                    println!(
+                        "FAILED  {} ({backend}, {secs:.1} s): {}",
+                        cell.name(),
+                        panic_text(e.as_ref())
+                    );
+                    failed.push(format!("{}: {}", cell.name(), panic_text(e.as_ref())));
+                }
+            }
+            results.push((cell, r));
+        }
+        for (k, machine) in refused.iter().enumerate() {
+            let t = Instant::now();
+            let name = format!("{} -> {} on {machine}", new.label, old.label);
+            let r = panic::catch_unwind(AssertUnwindSafe(|| {
+                run_refused_cell(&new, &old, machine, backend, cells.len() + k)
+            }));
+            let secs = t.elapsed().as_secs_f64();
+            match r {
+                Ok(what) => println!("ok      {name} ({backend}, {secs:.1} s): {what}"),
+                Err(e) => {
+                    println!(
+                        "FAILED  {name} ({backend}, {secs:.1} s): {}",
+                        panic_text(e.as_ref())
+                    );
+                    failed.push(format!("{name}: {}", panic_text(e.as_ref())));
+                }
+            }
+        }
+        total += cells.len() + refused.len();
+
+        let json_of = |src: &Build| {
+            results.iter().find_map(|(c, r)| match r {
+                Ok(hop) if c.src.label == src.label && c.channels == 4 && c.accel.is_none() => {
+                    Some(&hop.json)
+                }
+                _ => None,
+            })
+        };
+        if let (Some(o), Some(n)) = (json_of(&old), json_of(&new)) {
+            print_json_differences(&old.label, o, &new.label, n);
         }
     }
-
-    let mut results = Vec::new();
-    for (n, cell) in cells.iter().enumerate() {
-        let t = Instant::now();
-        let r = panic::catch_unwind(AssertUnwindSafe(|| {
-            run_cell(cell, backend, &release.machine, n)
-        }));
-        let secs = t.elapsed().as_secs_f64();
-        match &r {
-            Ok(hop) => println!(
-                "ok      {} ({backend}, {secs:.1} s): {}",
-                cell.name(),
-                hop.summary
-            ),
-            Err(e) => println!(
-                "FAILED  {} ({backend}, {secs:.1} s): {}",
-                cell.name(),
-                panic_text(e.as_ref())
-            ),
-        }
-        results.push((cell, r));
-    }
-
-    let json_of = |src: &Build| {
-        results.iter().find_map(|(c, r)| match r {
-            Ok(hop) if c.src.label == src.label && c.channels == 2 && !c.accel => Some(&hop.json),
-            _ => None,
-        })
-    };
-    if let (Some(o), Some(n)) = (json_of(&old), json_of(&new)) {
-        print_json_differences(&old.label, o, &new.label, n);
-    }
-
-    let failed: Vec<String> = results
-        .iter()
-        .filter_map(|(c, r)| {
-            r.as_ref()
-                .err()
-                .map(|e| format!("{}: {}", c.name(), panic_text(e.as_ref())))
-        })
-        .collect();
     println!(
-        "{} of {} cells passed on the {backend} backend in {:.1} s",
-        results.len() - failed.len(),
-        results.len(),
+        "{} of {total} cells passed on the {backend} backend in {:.1} s",
+        total - failed.len(),
         started.elapsed().as_secs_f64()
     );
     assert!(

@@ -136,10 +136,7 @@ fn a_changed_byte_of_a_precopy_record_is_caught() {
     f[i].bytes[n - 100] ^= 1;
     // The accelerator's own checksum sees it, unless a later record rewrote the
     // chunk; the state digest sees it either way.
-    assert_refused(
-        replay(&r.stream(&f), true),
-        "checksum|state digest differs",
-    );
+    assert_refused(replay(&r.stream(&f), true), "checksum|state digest differs");
 }
 
 #[test]

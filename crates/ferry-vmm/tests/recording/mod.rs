@@ -180,8 +180,14 @@ pub fn record() -> Recording {
         wire_props: c.wire_properties(),
         compat_pinned: c.compat_pinned_wire_properties(),
     };
-    let info = engine::migrate(src.as_ref(), &sid, &params(), &tap, &MigrationMonitor::new())
-        .unwrap_or_else(|e| panic!("the recorded migration failed: {}", error_chain(&e)));
+    let info = engine::migrate(
+        src.as_ref(),
+        &sid,
+        &params(),
+        &tap,
+        &MigrationMonitor::new(),
+    )
+    .unwrap_or_else(|e| panic!("the recorded migration failed: {}", error_chain(&e)));
     dest.join()
         .unwrap()
         .unwrap_or_else(|e| panic!("the recording's destination failed: {}", error_chain(&e)));
@@ -243,4 +249,3 @@ pub fn replay(stream: &[u8], precopy: bool) -> Outcome {
     drain.join().unwrap();
     Outcome { result, vm: dst }
 }
-
