@@ -566,6 +566,105 @@ fn refused_wire_property_mismatch() {
     );
 }
 
+/// `-global migration.multifd-flush-after-each-section=on` on the destination only (0.1's
+/// sync rule, against the source's once-per-pass): refused before RAM moves, naming
+/// the property and both values.
+#[test]
+fn refused_sync_rule_on_one_side_only() {
+    let e = refused_by_destination(
+        "refuse-sync-rule",
+        &[
+            REFUSE_SRC,
+            &["-global", "migration.multifd-flush-after-each-section=on"],
+        ]
+        .concat(),
+        &["migration.multifd-flush-after-each-section"],
+    );
+    let w = words(&e);
+    assert!(
+        w.contains(&"on") && w.contains(&"off"),
+        "the error does not give both values: {e:?}"
+    );
+}
+
+/// The seed thread's case, with two processes of one release: accelerator x can
+/// precopy on both hosts, accelerator y on the destination host only. The migration
+/// completes, x precopies and is acknowledged, y moves as stop-copy, and the summary
+/// and `query-migrate` say why.
+fn precopy_on_one_host(backend: &str) {
+    let _one_at_a_time = serial();
+    let dir = TestDir::new(&format!("precopy-one-host-{backend}"));
+    let vm = ["--backend", backend, "--mem", "256M", "--dirty", "16M"];
+    let mut src = Vm::start(
+        &dir,
+        "source",
+        &cat(
+            &vm,
+            &[
+                "--accel",
+                "64M,driver=x",
+                "--accel",
+                "32M,driver=y,precopy=off",
+            ],
+        ),
+    );
+    let mut dst = Vm::incoming(
+        &dir,
+        "destination",
+        &cat(&vm, &["--accel", "64M,driver=x", "--accel", "32M,driver=y"]),
+    );
+    let uri = dst.uri();
+    let mut s = src.qmp();
+    assert_guest_progresses(&mut s, "source");
+    let last = migrate_and_check(&mut src, &mut s, &mut dst, &uri, &[], "digest");
+    let devices = last["devices"].as_array().expect("devices in the JSON");
+    let accel = |i: u64| {
+        devices
+            .iter()
+            .find(|d| d["name"] == "accel" && d["instance"] == i)
+            .unwrap_or_else(|| panic!("no accel {i}: {last}"))
+    };
+    assert_eq!(accel(0)["mode"], "precopy", "{last}");
+    assert!(accel(0)["acked-ms"].is_u64(), "{last}");
+    assert_eq!(accel(1)["mode"], "stop-copy", "{last}");
+    assert_eq!(
+        accel(1)["reason"],
+        "the source host cannot precopy it",
+        "{last}"
+    );
+    let q = query_migrate(&mut s);
+    assert_eq!(q["devices"], last["devices"], "query-migrate agrees");
+    assert_eq!(last["state-verified"], "digest", "{last}");
+    // The summary a user reads says the same.
+    let mut d = dst.qmp();
+    let st = ferry(&["status", "--qmp", src.qmp_path()], QUICK);
+    assert!(
+        st.stdout.contains("accel: precopy, acknowledged after")
+            && st
+                .stdout
+                .contains("accel1: stop-copy: the source host cannot precopy it"),
+        "{st}"
+    );
+    for (i, digest) in [0, 1].map(|i| (i, exec(&mut s, "x-ferry-accel", json!({ "instance": i }))))
+    {
+        let there = exec(&mut d, "x-ferry-accel", json!({ "instance": i }));
+        assert_eq!(there["loaded-digest"], digest["saved-digest"], "accel {i}");
+        assert_eq!(there["state"], "RUNNING", "accel {i}");
+    }
+}
+
+#[test]
+fn precopy_on_one_host_only_soft() {
+    precopy_on_one_host("soft");
+}
+
+#[test]
+fn precopy_on_one_host_only_kvm() {
+    if kvm_or_skip() {
+        precopy_on_one_host("kvm");
+    }
+}
+
 /// There is one machine type today, so a destination on another machine type is one
 /// the destination itself refuses at start, listing the ones it knows; migrating to it
 /// then fails without moving RAM.
