@@ -1008,8 +1008,9 @@ fn cells_with<'a>(old: &'a Build, new: &'a Build, kvm: bool) -> (Vec<Cell<'a>>, 
                     });
                 }
             }
-            if !kvm && !(src.accel_precopy && dst.accel_precopy) {
-                // Releases before 0.2 have the accelerator on KVM only.
+            // Releases before 0.2 have the accelerator on KVM only.
+            let accel_here = kvm || (src.accel_precopy && dst.accel_precopy);
+            if !accel_here {
                 continue;
             }
             let hosts: &[(bool, bool)] = match (src.accel_precopy, dst.accel_precopy) {
