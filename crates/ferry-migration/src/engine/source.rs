@@ -7,12 +7,19 @@
 //!                           (guest resumed if we stopped it, harvested dirty bits put back)
 //! ```
 //!
-//! Convergence: after each pass the dirty log is harvested and the pages still to send
-//! are divided by the rate at which that pass sent pages (pages, not wire bytes, so that
-//! zero pages and compression do not skew it). When that expected downtime fits the
-//! `downtime-limit`, the guest is stopped and the final pass, device and vCPU state
-//! follow. Nothing is retried: a failure ends the attempt cleanly, and a new
-//! migration can start at once.
+//! Convergence: after each pass (and a round of device precopy records, for the devices
+//! the destination's plan precopies) the dirty log is harvested and the pages still to
+//! send are divided by the rate at which that pass sent pages (pages, not wire bytes, so
+//! that zero pages and compression do not skew it); every device's stop-copy estimate is
+//! added at the link's rate. When that expected downtime fits the `downtime-limit` and
+//! every precopying device has been acknowledged by the destination, the guest is
+//! stopped and the final pass, the devices' last precopy records, device and vCPU state
+//! follow. With RAM done and only an acknowledgement or a limit missing, the source
+//! waits (a section at a time, watching the return path) rather than spins; an
+//! acknowledgement that does not come within 30 s of the device's initial data fails
+//! the migration, naming the device. Nothing is retried: a failure ends the attempt
+//! cleanly (devices leave precopy, harvested pages go back), and a new migration can
+//! start at once.
 
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::Arc;

@@ -13,23 +13,75 @@
 //!    | StreamHeader (16 bytes, fixed forever)                |
 //!    | Hello: release, machine type, wire properties,        |
 //!    |        RAM layout, vCPU and device state versions,    |
-//!    |        data channels and compression  --------------> | checks all of it
+//!    |        data channels and compression,                 |
+//!    |        precopy offers (annotations)  ---------------> | checks all of it
 //!    | <----------------------------- Accept | Refuse(cause) | before any RAM moves
+//!    | <------------------------------------- DevicePlan     | (switchover-ack on)
 //!    | data channel i: ChannelHeader(session, i, N)  ------> | binds it by its header
 //!    | <------------------------------------ ChannelsReady   | all N bound
 //!    | pass 0: every populated page, as packets on the data channels,
 //!    |         MultifdSync(s) (per pass, or per section on ferry-0.1), PassEnd
-//!    | pass k: the pages dirtied since pass k-1, likewise
-//!    |   ... until pending bytes fit the downtime limit ...  |
+//!    |         DevicePrecopy* (devices the plan precopies), and once a device's
+//!    |         initial data is out, PrecopyInitDone(dev) ---> | loaded: acknowledges
+//!    | <---------------------------------- SwitchoverAck(dev)  |
+//!    | pass k: the pages dirtied since pass k-1, likewise, and what the devices changed
+//!    |   ... until pending bytes fit the downtime limit and every device is acked ...
 //!    | (vCPUs stopped)                                       |
 //!    | final pass, MultifdSync(s, last), PassEnd             |
+//!    | DevicePrecopy* (what the devices still have)          |
 //!    | DeviceState* VcpuState*                               |
+//!    | StateDigest (state-digest on)                         |
 //!    | EndOfStream: digest of guest memory  ---------------> | loads, verifies, resumes
 //!    | <------------------------- Completed | LoadFailed(why) |
 //! ```
 //!
 //! With N = 0 the pages go as `RamBatch` frames on the main channel instead and there
-//! are no channel headers, `ChannelsReady` or syncs.
+//! are no channel headers, `ChannelsReady` or syncs. On machine type `ferry-0.1`
+//! (`switchover-ack` and `state-digest` off) there is no device plan, no precopy, no
+//! acknowledgement and no state digest: the stream is release 0.1.0's.
+//!
+//! # Device precopy and the switchover acknowledgement
+//!
+//! Whether a device's state can move while the guest runs depends on the host (VFIO's
+//! `VFIO_MIGRATION_PRE_COPY` is a flag of the host's driver), so two hosts of one
+//! release may disagree, device by device. The rule is that nobody waits for a message
+//! the other side will never send:
+//!
+//! * The hello offers precopy for each device the source's host can precopy, naming the
+//!   schema and version of its precopy records ([`PrecopyOffer`]). Offers are hello
+//!   annotations, so a release that knows none ignores them.
+//! * `migration.switchover-ack` is a wire property, so both sides have it on or both off.
+//!   With it on, the destination answers the accept with a [`DevicePlan`]: a mode for
+//!   each device of the hello, in its order: [`DeviceMode::Precopy`] exactly where the
+//!   source offered and the destination's host can load those records, stop-copy with
+//!   the reason ([`StopCopyWhy`]) everywhere else.
+//! * For a planned device the source sends [`FrameTag::DevicePrecopy`] records (a
+//!   [`DeviceStateHeader`] and one state of the device's precopy schema) while the guest
+//!   runs; when the device reports no initial data left, [`FrameTag::PrecopyInitDone`]
+//!   names it. The destination loads records as they come, so on that marker it
+//!   answers [`FrameTag::SwitchoverAck`] for the device: one acknowledgement per planned
+//!   device, counted by the source (the seed thread's "switchover_pending" kept at the
+//!   source, as its last mail proposes), never one count that a device the destination
+//!   cannot precopy would hold up.
+//! * The source stops the guest only when RAM and every device's stop-copy estimate fit
+//!   the downtime limit and every planned device is acknowledged; a missing
+//!   acknowledgement fails the migration after a bound, the guest running on. After the
+//!   stop, the rest of each planned device's records, then every device's final state.
+//!   The destination refuses a record of a device planned stop-copy, a record after the
+//!   device's final state, a final state before the device's marker, and a marker twice.
+//!
+//! Release 0.1.0 has neither property (a 0.2 hello on `ferry-0.1` carries them with the
+//! compat tables' value, off), so with it every device moves as stop-copy, as 0.1.0
+//! moves them.
+//!
+//! # Integrity of device and vCPU state
+//!
+//! With `migration.state-digest` on (from `ferry-0.2`), the last frame before the end of
+//! stream is a [`StateDigest`]: xxh3-64 over the payload of every device-state,
+//! precopy-record and vCPU-state frame, in stream order, which the destination
+//! recomputes as it reads them and compares before it resumes the guest. A byte
+//! changed in a state value that still decodes (a counter, a register) is caught, as the
+//! memory digest catches a changed page.
 //!
 //! # Data channels and the sync rule
 //!
