@@ -979,6 +979,35 @@ fn downtime_section(info: &MigrationInfo, ctx: &ReportContext) -> String {
     format!("{svg}{table}")
 }
 
+/// How each device's state moved, and why a device that a host could precopy did not.
+fn device_table(info: &MigrationInfo) -> String {
+    let mut t = String::from(
+        r#"<table class="devices"><tr><th>device</th><th>moved as</th><th>why</th><th class="num">precopy records</th><th class="num">before the switchover</th><th class="num">after it</th><th class="num">acknowledged</th></tr>"#,
+    );
+    for d in &info.devices {
+        let who = if d.instance == 0 {
+            d.name.clone()
+        } else {
+            format!("{}{}", d.name, d.instance)
+        };
+        let after = d.final_precopy_bytes + d.stop_copy_bytes;
+        let _ = write!(
+            t,
+            r#"<tr><td>{}</td><td>{}</td><td>{}</td><td class="num">{}</td><td class="num">{}</td><td class="num">{}</td><td class="num">{}</td></tr>"#,
+            escape(&who),
+            escape(&d.mode),
+            escape(d.reason.as_deref().unwrap_or("")),
+            fmt_count(d.precopy_records),
+            escape(&human_bytes(d.precopy_bytes)),
+            escape(&human_bytes(after)),
+            d.acked_ms
+                .map_or_else(|| "—".to_string(), |ms| escape(&fmt_ms(ms as f64))),
+        );
+    }
+    t.push_str("</table>");
+    t
+}
+
 fn pass_table(l: &Layout) -> String {
     let mut t = String::new();
     let open = if l.passes.len() <= 40 { " open" } else { "" };
@@ -1128,6 +1157,11 @@ pub fn render(info: &MigrationInfo, ctx: &ReportContext) -> String {
     h.push_str(&downtime_section(info, ctx));
     h.push_str("</div>");
 
+    if !info.devices.is_empty() {
+        h.push_str("<h2>Devices</h2>");
+        h.push_str(&device_table(info));
+    }
+
     h.push_str("<h2>Passes</h2>");
     h.push_str(&pass_table(&layout));
 
@@ -1265,6 +1299,44 @@ mod tests {
         }
         assert!(h.contains("every pass (4)"));
         assert!(h.contains("stopped"), "the final pass is marked");
+    }
+
+    #[test]
+    fn every_device_and_how_it_moved_is_on_the_page() {
+        use ferry_migration::engine::DeviceStats;
+        let mut info = completed();
+        info.devices = vec![
+            DeviceStats {
+                name: "accel".into(),
+                mode: "precopy".into(),
+                precopy_capable: true,
+                precopy_records: 260,
+                precopy_bytes: 260 << 20,
+                stop_copy_bytes: 45,
+                acked_ms: Some(418),
+                ..DeviceStats::default()
+            },
+            DeviceStats {
+                name: "accel".into(),
+                instance: 1,
+                mode: "stop-copy".into(),
+                reason: Some("the destination host cannot precopy it".into()),
+                stop_copy_bytes: 64 << 20,
+                ..DeviceStats::default()
+            },
+        ];
+        let h = render(&info, &ctx());
+        assert!(h.contains("<h2>Devices</h2>"));
+        for want in [
+            "<td>accel</td><td>precopy</td>",
+            "260.0 MiB",
+            "418 ms",
+            "<td>accel1</td><td>stop-copy</td><td>the destination host cannot precopy it</td>",
+            "64.0 MiB",
+        ] {
+            assert!(h.contains(want), "{want} missing");
+        }
+        assert!(!render(&completed(), &ctx()).contains("<h2>Devices</h2>"));
     }
 
     #[test]
