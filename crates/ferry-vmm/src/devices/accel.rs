@@ -67,11 +67,20 @@
 //! an offset and up to [`STREAM_CHUNK`] bytes of memory): first the sweep, then the
 //! dirty runs. The VM's pause moves it PRE_COPY -> STOP_COPY; the records still pending
 //! follow, and the final save writes [`ACCEL_SCHEMA`] with its `memory` field empty (the
-//! records carried it) and the checksum of all of memory, going to STOP. On the
-//! destination `precopy_begin` opens RESUMING, records are written into the device's
-//! memory as they come, and the final load checks the checksum against what they built.
-//! A state with an empty `memory` is loaded only after precopy, and a whole one only
-//! without, so a stream that mixes the two is refused.
+//! records carried it), going to STOP. On the destination `precopy_begin` opens
+//! RESUMING, records are written into the device's memory as they come, and the final
+//! load installs the registers. A state with an empty `memory` is loaded only after
+//! precopy, and a whole one only without, so a stream that mixes the two is refused.
+//!
+//! After precopy the `checksum` field is not a hash of all of memory (hashing 256 MiB
+//! on each side would cost the downtime tens of milliseconds) but the device's own
+//! incremental digest of what its records carried, as the engine's memory digest is for
+//! RAM: each 4 KiB chunk contributes a term bound to its position, re-sending a chunk
+//! replaces its term, and both sides keep the sum as records go out and come in. Equal
+//! sums mean the destination applied exactly the last copy of every chunk the source
+//! sent; that the source sent every chunk it rewrote is the tracking's job, which the
+//! tests check against the device thread's pattern (and show failing with the tracking
+//! broken on purpose).
 //!
 //! The records and the final state are read from and written to the device's memory
 //! under its lock: the device thread waits at most one record (1 MiB, well under a
@@ -90,6 +99,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use ferry_migration::engine::digest::{content_hash, PageDigest};
 use ferry_migration::engine::vm::{DeviceInfo, DevicePending};
 use ferry_migration::state::{
     FieldKind, FieldSchema, StateError, StateReader, StateSchema, StateWriter,
@@ -152,7 +162,8 @@ pub static ACCEL_SCHEMA: StateSchema = StateSchema {
             },
             since: 1,
         },
-        // xxh3-64 of all of the device memory.
+        // xxh3-64 of all of the device memory; after precopy, the digest of the chunks
+        // its records carried (see the module docs).
         FieldSchema {
             name: "checksum",
             kind: FieldKind::U64,
@@ -403,7 +414,7 @@ fn hex(digest: u64) -> String {
 }
 
 /// What a device in precopy has still to send: the first sweep's progress and the
-/// chunks rewritten after they were sent.
+/// chunks rewritten after they were sent, and the digest of what its records carried.
 #[derive(Debug)]
 struct Track {
     /// Chunks below this were sent by the first sweep.
@@ -411,6 +422,10 @@ struct Track {
     /// One bit per chunk rewritten since it was last sent.
     dirty: Vec<u64>,
     dirty_count: u64,
+    sent: PageDigest,
+    /// Test switch: forget rewritten chunks, as a device whose tracking is broken would.
+    #[cfg(test)]
+    lose_dirty: bool,
 }
 
 impl Track {
@@ -419,10 +434,17 @@ impl Track {
             swept: 0,
             dirty: vec![0; chunks.div_ceil(64) as usize],
             dirty_count: 0,
+            sent: PageDigest::new(&[chunks as usize]),
+            #[cfg(test)]
+            lose_dirty: false,
         }
     }
 
     fn mark(&mut self, chunk: u64) {
+        #[cfg(test)]
+        if self.lose_dirty {
+            return;
+        }
         let (w, b) = ((chunk / 64) as usize, chunk % 64);
         if self.dirty[w] & (1 << b) == 0 {
             self.dirty[w] |= 1 << b;
@@ -457,6 +479,8 @@ struct Memory {
     cursor: u64,
     /// Set while the device is in precopy (PRE_COPY, and STOP_COPY after it).
     track: Option<Track>,
+    /// A destination's device taking precopy records: the digest of what they carried.
+    received: Option<PageDigest>,
 }
 
 /// The value of every `u64` of chunk `chunk` in generation `generation`.
@@ -578,6 +602,7 @@ impl Accel {
                     generation: 0,
                     cursor: 0,
                     track: None,
+                    received: None,
                 }),
                 stop: Mutex::new(true),
                 wake: Condvar::new(),
@@ -724,6 +749,8 @@ impl Accel {
         if ctl.needs_state {
             self.step(&mut ctl, MigState::Resuming)?;
             ctl.incoming_precopy = true;
+            let chunks = self.size / CHUNK as u64;
+            self.shared.mem().received = Some(PageDigest::new(&[chunks as usize]));
             return Ok(());
         }
         self.step(&mut ctl, MigState::PreCopy)
@@ -741,6 +768,7 @@ impl Accel {
             _ => None,
         };
         ctl.incoming_precopy = false;
+        self.shared.mem().received = None;
         if let Some(to) = back {
             if let Err(e) = self.step(&mut ctl, to) {
                 tracing::warn!(error = %e, "accel: leaving precopy");
@@ -786,6 +814,13 @@ impl Accel {
         out.open_bytes("data")?;
         out.chunk(&mem.bytes[start..start + len])?;
         out.finish()?;
+        let mem = &mut *mem;
+        let t = mem.track.as_mut().expect("checked above");
+        for c in first..first + n {
+            let at = c as usize * CHUNK;
+            t.sent
+                .update(0, c as usize, content_hash(&mem.bytes[at..at + CHUNK]));
+        }
         Ok(true)
     }
 
@@ -817,6 +852,16 @@ impl Accel {
             input.chunk(piece)?;
         }
         input.finish()?;
+        let mem = &mut *mem;
+        let Some(d) = mem.received.as_ref() else {
+            return Err(AccelError::InvalidTransition {
+                from: ctl.state,
+                to: MigState::Resuming,
+            });
+        };
+        for at in (start..end).step_by(CHUNK) {
+            d.update(0, at / CHUNK, content_hash(&mem.bytes[at..at + CHUNK]));
+        }
         Ok(())
     }
 
@@ -841,7 +886,12 @@ impl Accel {
                     pending: pending.precopy,
                 })
             } else {
-                let checksum = xxh3_64(&mem.bytes);
+                // After precopy, the digest of what the records carried; otherwise all
+                // of memory, as release 0.1 wrote it.
+                let checksum = match (&mem.track, after_precopy) {
+                    (Some(t), true) => t.sent.value(),
+                    _ => xxh3_64(&mem.bytes),
+                };
                 Self::stream_out(self.size, &mem, !after_precopy, checksum, out).map(|()| checksum)
             }
         };
@@ -889,8 +939,14 @@ impl Accel {
             self.step(&mut ctl, MigState::Resuming)?;
         }
         let read = if after_precopy {
-            let mem = self.shared.mem();
-            self.read_state(input, Some(&mem.bytes))
+            let received = self.shared.mem().received.as_ref().map(PageDigest::value);
+            match received {
+                Some(digest) => self.read_state(input, Some(digest)),
+                None => Err(AccelError::InvalidTransition {
+                    from: ctl.state,
+                    to: MigState::Stop,
+                }),
+            }
         } else {
             self.read_state(input, None)
         };
@@ -901,6 +957,7 @@ impl Accel {
                 if let Some(bytes) = bytes {
                     mem.bytes = bytes;
                 }
+                mem.received = None;
                 (mem.generation, mem.cursor) = regs;
                 drop(mem);
                 ctl.needs_state = false;
@@ -914,14 +971,14 @@ impl Accel {
         }
     }
 
-    /// Reads a final state: with `built` (the memory precopy records built) the memory
-    /// field must be empty and the checksum is that of `built`; without, the memory
-    /// comes whole and is returned.
+    /// Reads a final state: after precopy (`received`, the digest of what the records
+    /// carried) the memory field must be empty and the checksum is that digest;
+    /// without, the memory comes whole, its checksum is its xxh3, and it is returned.
     #[allow(clippy::type_complexity)]
     fn read_state(
         &self,
         input: &mut StateReader<'_>,
-        built: Option<&[u8]>,
+        received: Option<u64>,
     ) -> Result<((u64, u64), Option<Vec<u8>>, u64), AccelError> {
         let size = input.u64("size")?;
         if size != self.size {
@@ -938,14 +995,14 @@ impl Accel {
         }
         // The reader has bounded the length by the field's maximum and the frame.
         let len = input.open_bytes("memory")?;
-        let expect = if built.is_some() { 0 } else { size };
+        let expect = if received.is_some() { 0 } else { size };
         if len != expect {
             return Err(AccelError::MemoryLength {
                 len: len as usize,
                 size: expect,
             });
         }
-        let bytes = if built.is_none() {
+        let bytes = if received.is_none() {
             let mut bytes = vec![0u8; size as usize];
             for piece in bytes.chunks_mut(STREAM_CHUNK) {
                 input.chunk(piece)?;
@@ -956,7 +1013,11 @@ impl Accel {
         };
         let sent = input.u64("checksum")?;
         input.finish()?;
-        let computed = xxh3_64(built.or(bytes.as_deref()).expect("one of the two"));
+        let computed = match (received, &bytes) {
+            (Some(digest), _) => digest,
+            (None, Some(b)) => xxh3_64(b),
+            (None, None) => unreachable!("the memory came whole"),
+        };
         if computed != sent {
             return Err(AccelError::Checksum { sent, computed });
         }
@@ -1293,6 +1354,130 @@ mod tests {
             .to_string(),
             "accel: invalid transition RUNNING -> STOP_COPY"
         );
+    }
+
+    /// A precopy migration of a running device, in memory: records while it runs, the
+    /// pause, the rest, the final state. Returns the destination device.
+    fn precopy_migrate(src: &Accel, lose_dirty: bool) -> Result<Accel, AccelError> {
+        let dst = Accel::with_config(&AccelConfig::new(src.size(), true), true).unwrap();
+        src.precopy_begin()?;
+        dst.precopy_begin()?;
+        if lose_dirty {
+            src.shared.mem().track.as_mut().unwrap().lose_dirty = true;
+        }
+        let move_records = |until_empty: bool| -> Result<(), AccelError> {
+            loop {
+                let mut rec = Vec::new();
+                let mut w = StateWriter::new(&ACCEL_PRECOPY_SCHEMA, &mut rec);
+                if !src.save_precopy(&mut w)? {
+                    return Ok(());
+                }
+                load_precopy(&dst, &rec)?;
+                if !until_empty {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        };
+        // The sweep and a few rounds of what the running device rewrites.
+        for _ in 0..5 {
+            move_records(false)?;
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        src.pause()?;
+        assert_eq!(src.state(), StopCopy);
+        move_records(true)?;
+        assert_eq!(src.pending().precopy, 0);
+        let fin = save(src)?;
+        assert_eq!(src.state(), Stop);
+        // The final state carries no memory: the records did.
+        assert_eq!(values(&fin).get_bytes("memory").unwrap().len(), 0);
+        load(&dst, &fin)?;
+        Ok(dst)
+    }
+
+    fn load_precopy(a: &Accel, bytes: &[u8]) -> Result<(), AccelError> {
+        load_from_slice(&ACCEL_PRECOPY_SCHEMA, 1, bytes, |r| a.load_precopy(r))
+    }
+
+    #[test]
+    fn precopy_of_a_running_device_arrives_whole_and_a_lost_rewrite_shows() {
+        let src = Accel::with_config(&AccelConfig::new(SMALL, true), false).unwrap();
+        src.set_state(Running).unwrap();
+        wait_chunks(&src, 10);
+        let dst = precopy_migrate(&src, false).unwrap();
+        assert_eq!(dst.state(), Stop);
+        dst.check_pattern().unwrap();
+        let (s, d) = (src.info(), dst.info());
+        assert_eq!(
+            (d.digest, d.generation, d.cursor),
+            (s.digest, s.generation, s.cursor)
+        );
+        assert_eq!(d.loaded_digest, s.saved_digest);
+        dst.set_state(Running).unwrap();
+        wait_chunks(&dst, 10);
+
+        // The same with the tracking broken on purpose: chunks the device rewrote after
+        // the sweep never go again, and the destination holds stale memory, which the
+        // pattern shows (the digest cannot: it covers what was sent).
+        let src = Accel::with_config(&AccelConfig::new(SMALL, true), false).unwrap();
+        src.set_state(Running).unwrap();
+        wait_chunks(&src, 10);
+        let dst = precopy_migrate(&src, true).unwrap();
+        let e = dst.check_pattern().unwrap_err();
+        assert!(e.contains("do not hold their pattern"), "{e}");
+    }
+
+    #[test]
+    fn a_precopy_host_switch_governs_the_precopy_arcs_and_a_record_must_fit() {
+        let off = Accel::with_config(&AccelConfig::new(SMALL, false), false).unwrap();
+        off.set_state(Running).unwrap();
+        assert!(matches!(
+            off.precopy_begin(),
+            Err(AccelError::NoPrecopy { .. })
+        ));
+        assert_eq!(off.state(), Running);
+        // A record to a device not resuming precopy, and records out of its memory.
+        let dst = Accel::with_config(&AccelConfig::new(SMALL, true), true).unwrap();
+        let rec = |offset: u64, len: usize| {
+            save_to_vec(&ACCEL_PRECOPY_SCHEMA, |w| -> Result<(), AccelError> {
+                w.begin(&[("data", len as u64)])?;
+                w.u64("offset", offset)?;
+                w.open_bytes("data")?;
+                w.chunk(&vec![7; len])?;
+                w.finish()?;
+                Ok(())
+            })
+            .unwrap()
+        };
+        assert!(matches!(
+            load_precopy(&dst, &rec(0, CHUNK)),
+            Err(AccelError::InvalidTransition { .. })
+        ));
+        dst.precopy_begin().unwrap();
+        for (offset, len) in [
+            (SMALL, CHUNK),
+            (SMALL - CHUNK as u64, 2 * CHUNK),
+            (1, CHUNK),
+            (0, 100),
+        ] {
+            assert!(
+                matches!(
+                    load_precopy(&dst, &rec(offset, len)),
+                    Err(AccelError::Record { .. })
+                ),
+                "{offset}+{len}"
+            );
+        }
+        load_precopy(&dst, &rec(SMALL - CHUNK as u64, CHUNK)).unwrap();
+        // A whole-memory state after precopy is refused, and so is a final state whose
+        // digest is not what the records carried.
+        let whole = {
+            let a = Accel::new(SMALL, false).unwrap();
+            save(&a).unwrap()
+        };
+        let e = load(&dst, &whole).unwrap_err();
+        assert!(matches!(e, AccelError::MemoryLength { size: 0, .. }), "{e}");
+        assert_eq!(dst.state(), Error);
     }
 
     #[test]
