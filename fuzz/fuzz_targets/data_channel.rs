@@ -40,7 +40,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::Shutdown;
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::thread::{self, JoinHandle};
@@ -49,7 +49,7 @@ use std::time::Duration;
 use common::*;
 use ferry_migration::engine::digest::{content_hash, zero_page_hash, PageDigest};
 use ferry_migration::engine::vm::MigratableVm;
-use ferry_migration::engine::{self, Faults, Listener, MigrationMonitor, MigrationUri};
+use ferry_migration::engine::{self, Faults, Incoming, MigrationMonitor};
 use ferry_migration::state::encode;
 use ferry_migration::wire::{
     ChannelHeader, Compression, DeviceStateHeader, EndOfStream, FrameHeader, FrameTag, MultifdSync,
@@ -447,7 +447,7 @@ fn run(data: &[u8]) {
     let dir = DIR.get().expect("init ran");
     std::fs::create_dir_all(dir).expect("a directory for the listener");
     let path = dir.join("m.sock");
-    let listener = Listener::bind(&MigrationUri::Unix(path.clone())).expect("binding");
+    let listener = Incoming::acceptor(UnixListener::bind(&path).expect("binding"));
     let src = source(path, stream_prefix(&h), header, stream, main_rest(&r));
 
     let vm = TestVm::destination(FUZZ_LAYOUT);

@@ -31,6 +31,8 @@
 //! and a Y that changes a default without a compat entry, or drops a field without a version
 //! step, is caught; the default change is also refused by a real migration.
 
+mod common;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -45,7 +47,7 @@ use ferry_migration::engine::vm::{
     DeviceInfo, DirtyLog, GuestRam, MigratableVm, RamBlock, VmError,
 };
 use ferry_migration::engine::{
-    self, DestinationIdentity, Listener, MigrationError, MigrationInfo, MigrationMonitor,
+    self, DestinationIdentity, Incoming, MigrationError, MigrationInfo, MigrationMonitor,
     MigrationParams, SourceIdentity, MIGRATION_DRIVER,
 };
 use ferry_migration::state::{
@@ -532,8 +534,9 @@ fn migrate(from: Side, to: Side) -> Outcome {
     };
     let dst_params = MigrationParams::from_config(&dst_config).unwrap();
 
-    let listener = Listener::bind(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
-    let uri = listener.local_uri().unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let uri = common::Dial::Tcp(listener.local_addr().unwrap());
+    let listener = Incoming::acceptor(listener);
     let dst_vm = dst.clone();
     let receiver = thread::spawn(move || {
         engine::receive(

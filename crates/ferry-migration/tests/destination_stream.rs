@@ -23,7 +23,7 @@ use common::*;
 use ferry_migration::engine::vm::MigratableVm;
 use ferry_migration::engine::{
     self, error_chain, Channel, DestinationIdentity, MigrationError, MigrationInfo,
-    MigrationMonitor, MigrationParams, MigrationStatus, MigrationUri,
+    MigrationMonitor, MigrationParams, MigrationStatus,
 };
 use ferry_migration::state::{encode, DeviceState, Value};
 use ferry_migration::wire::{
@@ -280,7 +280,7 @@ fn record() -> Recording {
         &src,
         &source_identity(),
         &source_params(),
-        &MigrationUri::Unix(path.clone()),
+        &Dial::Unix(path.clone()),
         &MigrationMonitor::new(),
     );
     let (stream, destination) = proxy.join().unwrap();

@@ -12,4 +12,5 @@ pub mod pagemap;
 pub mod qmp;
 pub mod report;
 pub mod soft;
+pub mod transport;
 pub mod vmm;

@@ -5,15 +5,15 @@ use std::thread::JoinHandle;
 
 use ferry_migration::compat::{Config, Global, Registry};
 use ferry_migration::engine::{
-    self, error_chain, DestinationIdentity, Handover, Listener, MigrationError, MigrationEvent,
-    MigrationInfo, MigrationMonitor, MigrationParams, MigrationStatus, MigrationUri,
-    SourceIdentity, MIGRATION,
+    self, error_chain, DestinationIdentity, Handover, MigrationError, MigrationEvent,
+    MigrationInfo, MigrationMonitor, MigrationParams, MigrationStatus, SourceIdentity, MIGRATION,
 };
 use thiserror::Error;
 
 use crate::guest::GuestVm;
 use crate::machine::{self, RELEASE};
 use crate::soft::{SoftConfig, SoftVm};
+use crate::transport::{Listener, MigrationUri};
 
 /// Which hypervisor runs the guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,7 +77,7 @@ pub enum VmmError {
     #[error(transparent)]
     Migration(#[from] MigrationError),
     #[error(transparent)]
-    Uri(#[from] ferry_migration::engine::transport::UriError),
+    Uri(#[from] crate::transport::UriError),
     #[error("cannot listen on {uri}")]
     Listen {
         uri: String,

@@ -16,14 +16,14 @@ use std::time::{Duration, Instant};
 use ferry_migration::compat::Config;
 use ferry_migration::engine::vm::MigratableVm;
 use ferry_migration::engine::{
-    self, error_chain, DestinationIdentity, DeviceStats, Faults, HandoverPoint, Listener,
-    MigrationError, MigrationInfo, MigrationMonitor, MigrationParams, MigrationStatus,
-    MigrationUri, SourceIdentity,
+    self, error_chain, DestinationIdentity, DeviceStats, Faults, HandoverPoint, MigrationError,
+    MigrationInfo, MigrationMonitor, MigrationParams, MigrationStatus, SourceIdentity,
 };
 use ferry_vmm::devices::accel::{AccelConfig, MigState};
 use ferry_vmm::guest::GuestVm;
 use ferry_vmm::machine;
 use ferry_vmm::soft::{SoftConfig, SoftVm};
+use ferry_vmm::transport::{Listener, MigrationUri};
 
 const MIB: u64 = 1 << 20;
 /// No cell of the matrix may take longer (they take a fraction of a second).

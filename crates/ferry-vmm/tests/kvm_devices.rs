@@ -8,13 +8,14 @@ use std::time::{Duration, Instant};
 
 use ferry_migration::engine::vm::MigratableVm;
 use ferry_migration::engine::{
-    self, error_chain, DestinationIdentity, Listener, MigrationError, MigrationInfo,
-    MigrationMonitor, MigrationParams, MigrationStatus, SourceIdentity,
+    self, error_chain, DestinationIdentity, MigrationError, MigrationInfo, MigrationMonitor,
+    MigrationParams, MigrationStatus, SourceIdentity,
 };
 use ferry_vmm::control::Control;
 use ferry_vmm::devices::accel::AccelConfig;
 use ferry_vmm::kvm::{kvm_usable, KvmConfig, KvmVm, PRINT_EVERY};
 use ferry_vmm::qmp::QmpHandler;
+use ferry_vmm::transport::Listener;
 use ferry_vmm::vmm::{Backend, Vmm, VmmConfig};
 use serde_json::{Map, Value};
 

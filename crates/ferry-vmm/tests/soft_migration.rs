@@ -13,8 +13,8 @@ use ferry_migration::engine::vm::{
 };
 use ferry_migration::engine::{
     self, error_chain, Acceptor, Channel, Connector, DestinationIdentity, Faults, Handover,
-    Incoming, Listener, MigrationError, MigrationInfo, MigrationMonitor, MigrationParams,
-    MigrationStatus, MigrationStream, MigrationUri, SourceIdentity, StreamRole,
+    Incoming, MigrationError, MigrationInfo, MigrationMonitor, MigrationParams, MigrationStatus,
+    MigrationStream, SourceIdentity, StreamRole,
 };
 use ferry_migration::state::{DeviceState, StateReader, StateSchema, StateWriter};
 use ferry_migration::wire::{
@@ -23,6 +23,7 @@ use ferry_migration::wire::{
 };
 use ferry_vmm::guest::GuestVm;
 use ferry_vmm::soft::{SoftConfig, SoftVm, SOFT_CONSOLE_SCHEMA};
+use ferry_vmm::transport::{Listener, MigrationUri};
 
 const MACHINE: &str = "ferry-0.1";
 

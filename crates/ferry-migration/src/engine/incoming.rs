@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use super::error::MigrationError;
 use super::stream::write_frame;
-use super::transport::{Acceptor, Channel, Listener};
+use super::transport::{Acceptor, Channel};
 use crate::wire::{
     ChannelHeader, FrameTag, Refuse, RefuseCause, StreamHeader, CHANNEL_MAGIC, CHANNEL_VERSION,
     MAGIC,
@@ -53,12 +53,6 @@ impl Incoming {
 impl From<Channel> for Incoming {
     fn from(ch: Channel) -> Self {
         Self::Channel(ch)
-    }
-}
-
-impl From<Listener> for Incoming {
-    fn from(l: Listener) -> Self {
-        Self::acceptor(l)
     }
 }
 

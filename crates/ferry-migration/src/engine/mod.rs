@@ -32,6 +32,4 @@ pub use stats::{
     CancelRefused, DeviceStats, Handover, HandoverPoint, MigrationEvent, MigrationInfo,
     MigrationMonitor, MigrationStatus,
 };
-pub use transport::{
-    Acceptor, Channel, Connector, Listener, MigrationStream, MigrationUri, StreamRole,
-};
+pub use transport::{Acceptor, Channel, Connector, MigrationStream, StreamRole};

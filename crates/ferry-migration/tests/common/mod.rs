@@ -16,7 +16,9 @@ use ferry_migration::engine::bitmap::DirtyBitmap;
 use ferry_migration::engine::vm::{
     DeviceInfo, DirtyLog, GuestRam, MigratableVm, RamBlock, VmError,
 };
-use ferry_migration::engine::{DestinationIdentity, MigrationParams, SourceIdentity};
+use ferry_migration::engine::{
+    Channel, Connector, DestinationIdentity, MigrationParams, SourceIdentity, StreamRole,
+};
 use ferry_migration::state::{
     DeviceState, FieldKind, FieldSchema, StateReader, StateSchema, StateWriter, SubsectionSchema,
     SubsectionState, Value,
@@ -801,4 +803,33 @@ pub fn frames(stream: &[u8]) -> Vec<Span> {
         at = span.end();
     }
     out
+}
+
+/// The tests' connector, as an embedder writes its own: dials a TCP address or a unix
+/// path (the engine never dials by itself).
+#[derive(Debug, Clone)]
+pub enum Dial {
+    Tcp(std::net::SocketAddr),
+    Unix(std::path::PathBuf),
+}
+
+impl Connector for Dial {
+    fn connect(&self, _: StreamRole) -> std::io::Result<Channel> {
+        match self {
+            Dial::Tcp(a) => {
+                let s =
+                    std::net::TcpStream::connect_timeout(a, std::time::Duration::from_secs(10))?;
+                s.set_nodelay(true)?;
+                Ok(Channel::new(s))
+            }
+            Dial::Unix(p) => Ok(Channel::new(std::os::unix::net::UnixStream::connect(p)?)),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Dial::Tcp(a) => format!("tcp:{a}"),
+            Dial::Unix(p) => format!("unix:{}", p.display()),
+        }
+    }
 }

@@ -83,7 +83,7 @@ impl QmpServer {
     /// `AlreadyExists` if `path` is something other than a socket.
     pub fn bind(path: impl AsRef<Path>, handler: Arc<dyn QmpHandler>) -> io::Result<QmpServer> {
         let path = path.as_ref().to_path_buf();
-        ferry_migration::engine::transport::claim_unix_path(&path)?;
+        crate::transport::claim_unix_path(&path)?;
         let listener = UnixListener::bind(&path)?;
         let socket_id = std::fs::symlink_metadata(&path)
             .ok()
