@@ -122,11 +122,16 @@ def variants_for(channels: int, zstd_channels: int) -> list[Variant]:
     return out
 
 
+# `--machine`: the machine type both sides run (None: each binary's newest).
+MACHINE: str | None = None
+
+
 def ferry_cmds(ferry: Path, v: Variant, mem: int, d: Path) -> tuple[list[str], list[str]]:
     """(source, destination) `ferry run` command lines."""
     size = cmp.size_arg(mem)
     digest = ["--global", f"migration.digest={'on' if v.digest else 'off'}"]
-    common = [str(ferry), "run", "--backend", "soft", "--mem", size, "--dirty", "0"]
+    common = [str(ferry), "run", "--backend", "soft", "--mem", size, "--dirty", "0",
+              *(["--machine", MACHINE] if MACHINE else [])]
     src = [*common, "--paused", *digest,
            "--global", f"migration.multifd-channels={v.channels}",
            "--global", f"migration.multifd-compression={v.compression}",
@@ -816,6 +821,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                          "(default candidate)")
     ap.add_argument("--baseline-label", metavar="NAME",
                     help="with --baseline: the name of the baseline (default baseline)")
+    ap.add_argument("--machine", metavar="NAME",
+                    help="machine type of both sides (default: each binary's newest); with "
+                         "--baseline, one both binaries know, to compare like with like")
     ap.add_argument("--iperf-seconds", type=int, default=5, help="iperf3 -t (default 5)")
     ap.add_argument("--iperf-len", default="512K", metavar="SIZE",
                     help="also measure loopback TCP with iperf3 -l SIZE, the size of ferry's "
@@ -875,10 +883,12 @@ def log_run(tag: str, r: dict) -> None:
 
 
 def main(argv: list[str]) -> int:
+    global MACHINE
     a = parse_args(argv)
     if a.from_json:
         print(render_markdown(json.loads(a.from_json.read_text())), end="")
         return 0
+    MACHINE = a.machine
 
     atexit.register(mb.reap_all)
     for sig in (signal.SIGTERM, signal.SIGHUP):
