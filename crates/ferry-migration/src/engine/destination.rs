@@ -23,7 +23,7 @@ use super::pages::{record, Lander, Side};
 use super::params::MigrationParams;
 use super::stats::{
     ChannelStats, DeviceStats, Handover, HandoverPoint, MigrationEvent, MigrationInfo,
-    MigrationMonitor, MigrationStatus, MultifdStats,
+    MigrationMonitor, MigrationStatus, MultifdStats, STOP_COPY_ACK_OFF,
 };
 use super::stream::{read_exact, read_frame_header, read_payload, write_frame, Hashed, StateHash};
 use super::transport::Channel;
@@ -789,10 +789,8 @@ impl Dest<'_> {
                 instance: d.instance,
                 mode: "stop-copy".into(),
                 precopy_capable: d.precopy.is_some(),
-                reason: (!self.params.switchover_ack && d.precopy.is_some()).then(|| {
-                    "migration.switchover-ack is off (the machine type or -global), so no device precopies"
-                        .into()
-                }),
+                reason: (!self.params.switchover_ack && d.precopy.is_some())
+                    .then(|| STOP_COPY_ACK_OFF.into()),
                 ..DeviceStats::default()
             })
             .collect();

@@ -34,7 +34,7 @@ use super::pages::{record, Classifier, MainLane, Picker, Side, BATCH_PAGES};
 use super::params::{human_bytes, MigrationParams};
 use super::stats::{
     ChannelStats, DeviceStats, DowntimeBreakdown, Handover, HandoverPoint, MigrationEvent,
-    MigrationInfo, MigrationMonitor, MigrationStatus, MultifdStats, PassStats,
+    MigrationInfo, MigrationMonitor, MigrationStatus, MultifdStats, PassStats, STOP_COPY_ACK_OFF,
 };
 use super::stream::{
     read_frame_header, read_payload, write_frame, write_frame_after, DeviceFrame, StateHash,
@@ -45,8 +45,8 @@ use crate::state::{self, StateWriter};
 use crate::wire::{
     decode_reason, encode_reason, Accept, Annotations, ChannelHeader, ChannelsReady, Completed,
     DeviceMode, DevicePlan, DeviceRef, DeviceStateHeader, EndOfStream, FrameTag, Hello,
-    HelloDevice, HelloRamBlock, MultifdSync, PassEnd, PrecopyOffer, Refuse, StreamHeader,
-    VcpuStateHeader, CHANNEL_VERSION, PROTOCOL_VERSION,
+    HelloDevice, HelloRamBlock, MultifdSync, PassEnd, PrecopyOffer, Refuse, StopCopyWhy,
+    StreamHeader, VcpuStateHeader, CHANNEL_VERSION, PROTOCOL_VERSION,
 };
 use crate::PAGE_SIZE;
 
@@ -213,15 +213,6 @@ struct Source<'a> {
     /// `max-bandwidth` over everything the source sends while the guest runs: pages and
     /// device precopy records.
     throttle: Throttle,
-}
-
-/// Why a device moves as stop-copy, as the source knows before the destination's plan.
-struct StopCopyWhyText;
-
-impl StopCopyWhyText {
-    const SOURCE_HOST: &'static str = "the source host cannot precopy it";
-    const ACK_OFF: &'static str =
-        "migration.switchover-ack is off (the machine type or -global), so no device precopies";
 }
 
 /// One device of the migration, at the source.
@@ -691,8 +682,8 @@ impl Source<'_> {
                     precopy_capable: info.precopy.is_some(),
                     // Until the destination's plan says otherwise.
                     reason: match (info.precopy.is_some(), ack) {
-                        (false, _) => Some(StopCopyWhyText::SOURCE_HOST.into()),
-                        (true, false) => Some(StopCopyWhyText::ACK_OFF.into()),
+                        (false, _) => Some(StopCopyWhy::SourceHost.to_string()),
+                        (true, false) => Some(STOP_COPY_ACK_OFF.into()),
                         (true, true) => None,
                     },
                     ..DeviceStats::default()

@@ -207,6 +207,11 @@ pub struct MigrationInfo {
     pub state_verified: Option<String>,
 }
 
+/// Why every device moves as stop-copy when `migration.switchover-ack` is off, as both
+/// sides report it.
+pub(crate) const STOP_COPY_ACK_OFF: &str =
+    "migration.switchover-ack is off (the machine type or -global), so no device precopies";
+
 /// How one device's state moves.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default)]

@@ -139,9 +139,11 @@ use std::time::Duration;
 
 use crate::engine::vm::MigratableVm;
 
+mod ram;
 mod refvm;
 mod suite;
 
+pub use ram::HeapRam;
 pub use refvm::{RefVm, REF_COUNTER_SCHEMA, REF_LAYOUT, REF_VCPU_SCHEMA};
 
 /// Which VM the kit asks the embedder's closure for.

@@ -23,16 +23,14 @@
 //! * Saves and loads refuse a running VM, loads refuse states whose version their schema
 //!   cannot load, and an incoming VM refuses to resume before its vCPU and device loaded.
 
-use std::alloc::{alloc_zeroed, dealloc, handle_alloc_error, Layout};
-use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use super::Role;
+use super::{HeapRam, Role};
 use crate::engine::bitmap::DirtyBitmap;
-use crate::engine::vm::{DeviceInfo, DirtyLog, GuestRam, MigratableVm, RamBlock, VmError};
+use crate::engine::vm::{DeviceInfo, DirtyLog, GuestRam, MigratableVm, VmError};
 use crate::state::{
     DeviceState, FieldKind, FieldSchema, StateReader, StateSchema, StateWriter, Value,
 };
@@ -84,132 +82,6 @@ pub static REF_COUNTER_SCHEMA: StateSchema = StateSchema {
     subsections: &[],
 };
 
-/// One page-aligned, zeroed heap allocation standing in for a RAM block.
-struct Region {
-    ptr: NonNull<u8>,
-    layout: Layout,
-}
-
-impl Region {
-    fn new(pages: usize) -> Self {
-        assert!(pages > 0, "a RAM block has at least one page");
-        let layout = Layout::from_size_align(pages * PAGE_SIZE, PAGE_SIZE)
-            .expect("a page-aligned layout of a few pages");
-        // SAFETY: the layout has a non-zero size (at least one page).
-        let ptr = unsafe { alloc_zeroed(layout) };
-        let ptr = NonNull::new(ptr).unwrap_or_else(|| handle_alloc_error(layout));
-        Self { ptr, layout }
-    }
-}
-
-impl Drop for Region {
-    fn drop(&mut self) {
-        // SAFETY: allocated in `Region::new` with this layout, freed only here.
-        unsafe { dealloc(self.ptr.as_ptr(), self.layout) }
-    }
-}
-
-// SAFETY: a Region owns its allocation and Rust code never holds a reference into it:
-// every access is a raw-pointer copy (by `RefRam`, or by the engine through `host_ptr`),
-// so moving it to or sharing it with another thread is sound.
-unsafe impl Send for Region {}
-// SAFETY: as for `Send`.
-unsafe impl Sync for Region {}
-
-/// The guest RAM of a [`RefVm`].
-struct RefRam {
-    blocks: Vec<RamBlock>,
-    regions: Vec<Region>,
-    /// Pages ever written through [`RefVm::write`].
-    touched: Vec<DirtyBitmap>,
-}
-
-impl RefRam {
-    fn new(layout: &[(&str, u64, usize)]) -> Self {
-        Self {
-            blocks: layout
-                .iter()
-                .map(|&(name, gpa, pages)| RamBlock {
-                    name: name.into(),
-                    gpa,
-                    size: (pages * PAGE_SIZE) as u64,
-                })
-                .collect(),
-            regions: layout.iter().map(|&(_, _, p)| Region::new(p)).collect(),
-            touched: layout
-                .iter()
-                .map(|&(_, _, p)| DirtyBitmap::new(p))
-                .collect(),
-        }
-    }
-
-    /// The block holding all of `[gpa, gpa + len)` and the offset of `gpa` in it.
-    fn locate(&self, gpa: u64, len: usize) -> Result<(usize, usize), VmError> {
-        self.blocks
-            .iter()
-            .enumerate()
-            .find_map(|(i, b)| {
-                let off = gpa.checked_sub(b.gpa)?;
-                let end = off.checked_add(len as u64)?;
-                (end <= b.size).then_some((i, off as usize))
-            })
-            .ok_or_else(|| {
-                VmError::Failed(format!(
-                    "guest range {gpa:#x}+{len:#x} is not inside one RAM block"
-                ))
-            })
-    }
-
-    fn total_pages(&self) -> u64 {
-        self.blocks.iter().map(|b| b.pages() as u64).sum()
-    }
-
-    /// The block and page of the `n`th page of guest RAM, counting blocks in order.
-    fn nth_page(&self, mut n: u64) -> (usize, usize) {
-        for (i, b) in self.blocks.iter().enumerate() {
-            if n < b.pages() as u64 {
-                return (i, n as usize);
-            }
-            n -= b.pages() as u64;
-        }
-        unreachable!("page index beyond guest RAM")
-    }
-
-    fn page_is_zero(&self, block: usize, page: usize) -> bool {
-        // SAFETY: the page lies inside block `block`'s allocation (callers bound `page` by
-        // its page count), which lives as long as `self`.
-        let p = unsafe { self.regions[block].ptr.as_ptr().add(page * PAGE_SIZE) };
-        (0..PAGE_SIZE / 8).all(|w| {
-            // SAFETY: an aligned u64 inside that page (the allocation is page-aligned).
-            // Volatile, because the engine or the guest thread may write it concurrently,
-            // as `GuestRam` allows; a torn read only makes a page look populated.
-            unsafe { std::ptr::read_volatile(p.cast::<u64>().add(w)) == 0 }
-        })
-    }
-}
-
-// SAFETY: `host_ptr(i)` is the start of region i, a live heap allocation of exactly
-// `blocks()[i].size` bytes, page-aligned, readable and writable. Regions are created with
-// the RefRam and freed only when it drops, and the engine holds the RefRam through an
-// `Arc`, so every pointer stays valid for as long as anyone can reach it.
-unsafe impl GuestRam for RefRam {
-    fn blocks(&self) -> &[RamBlock] {
-        &self.blocks
-    }
-
-    fn host_ptr(&self, block: usize) -> *mut u8 {
-        self.regions[block].ptr.as_ptr()
-    }
-
-    fn populated(&self, block: usize, out: &DirtyBitmap) {
-        for p in 0..self.blocks[block].pages() {
-            if self.touched[block].is_set(p) || !self.page_is_zero(block, p) {
-                out.set(p);
-            }
-        }
-    }
-}
-
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct Cpu {
     steps: u64,
@@ -236,7 +108,7 @@ struct Machine {
 }
 
 struct Inner {
-    ram: Arc<RefRam>,
+    ram: Arc<HeapRam>,
     dirty: Vec<DirtyBitmap>,
     logging: AtomicBool,
     machine: Mutex<Machine>,
@@ -249,23 +121,11 @@ impl Inner {
     }
 
     fn write(&self, gpa: u64, bytes: &[u8]) -> Result<(), VmError> {
-        let (block, off) = self.ram.locate(gpa, bytes.len())?;
-        if bytes.is_empty() {
-            return Ok(());
-        }
-        // SAFETY: `locate` put `[off, off + len)` inside block `block`'s allocation, which
-        // lives as long as `self.ram`; `bytes` is a Rust slice, not guest memory, so the
-        // ranges cannot overlap.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                bytes.as_ptr(),
-                self.ram.regions[block].ptr.as_ptr().add(off),
-                bytes.len(),
-            )
-        };
-        for page in off / PAGE_SIZE..=(off + bytes.len() - 1) / PAGE_SIZE {
-            self.ram.touched[block].set(page);
-            if self.logging.load(Ordering::SeqCst) {
+        // The pages are marked dirty after the copy, so a harvest that takes the bit also
+        // sees the data.
+        let (block, pages) = self.ram.write(gpa, bytes)?;
+        if self.logging.load(Ordering::SeqCst) {
+            for page in pages {
                 self.dirty[block].set(page);
             }
         }
@@ -276,7 +136,7 @@ impl Inner {
     fn step(&self, m: &mut Machine) {
         let total = self.ram.total_pages();
         let (block, page) = self.ram.nth_page(m.cpu.cursor % total);
-        let gpa = self.ram.blocks[block].gpa + (page * PAGE_SIZE) as u64;
+        let gpa = self.ram.blocks()[block].gpa + (page * PAGE_SIZE) as u64;
         m.cpu.steps += 1;
         self.write(gpa, &m.cpu.steps.to_le_bytes())
             .expect("the cursor stays inside guest RAM");
@@ -337,9 +197,9 @@ impl RefVm {
     /// A source (running, its guest stepping) or an incoming VM (paused, RAM zero, waiting
     /// for its vCPU and device state), with [`REF_LAYOUT`].
     pub fn new(role: Role) -> Self {
-        let ram = RefRam::new(REF_LAYOUT);
+        let ram = HeapRam::new(REF_LAYOUT);
         let dirty = ram
-            .blocks
+            .blocks()
             .iter()
             .map(|b| DirtyBitmap::new(b.pages()))
             .collect();
@@ -375,17 +235,7 @@ impl RefVm {
 
     /// Reads guest memory.
     pub fn read(&self, gpa: u64, out: &mut [u8]) -> Result<(), VmError> {
-        let (block, off) = self.inner.ram.locate(gpa, out.len())?;
-        // SAFETY: `locate` put the range inside the block's allocation, which lives as
-        // long as `self`; `out` is a Rust buffer, not guest memory.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                self.inner.ram.regions[block].ptr.as_ptr().add(off),
-                out.as_mut_ptr(),
-                out.len(),
-            )
-        };
-        Ok(())
+        self.inner.ram.read(gpa, out)
     }
 
     /// Steps the guest has taken.

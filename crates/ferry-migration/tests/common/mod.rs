@@ -1,20 +1,18 @@
 //! A tiny VM for driving the engine in tests, and helpers to read and build migration
 //! streams byte by byte.
 //!
-//! Shared by `tests/destination_stream.rs` and the `destination_stream` fuzz target
-//! (which includes this file with `#[path]`), so it uses nothing but `std` and
-//! `ferry-migration`. Each user needs a different part of it.
+//! Shared by `tests/destination_stream.rs`, `tests/compat_matrix.rs` and the fuzz targets
+//! (which include this file with `#[path]`), so it uses nothing but `std` and
+//! `ferry-migration` with its `testing` feature (its RAM is the kit's `HeapRam`). Each user
+//! needs a different part of it.
 #![allow(dead_code)]
 
-use std::alloc::{alloc_zeroed, dealloc, handle_alloc_error, Layout};
-use std::cell::RefCell;
-use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use ferry_migration::engine::bitmap::DirtyBitmap;
 use ferry_migration::engine::vm::{
-    DeviceInfo, DirtyLog, GuestRam, MigratableVm, RamBlock, VmError,
+    DeviceInfo, DirtyLog, GuestRam, MigratableVm, VmError,
 };
 use ferry_migration::engine::{
     Channel, Connector, DestinationIdentity, MigrationParams, SourceIdentity, StreamRole,
@@ -23,6 +21,7 @@ use ferry_migration::state::{
     DeviceState, FieldKind, FieldSchema, StateReader, StateSchema, StateWriter, SubsectionSchema,
     SubsectionState, Value,
 };
+use ferry_migration::testing::HeapRam;
 use ferry_migration::wire::{
     FrameHeader, FrameTag, Hello, HelloDevice, HelloRamBlock, StreamHeader, PROTOCOL_VERSION,
 };
@@ -166,192 +165,8 @@ pub const TEST_LAYOUT: RamLayout = &[("ram0", 0, 512), ("ram1", 1 << 32, 128)];
 /// A smaller layout for the fuzz target, where every execution builds a VM.
 pub const FUZZ_LAYOUT: RamLayout = &[("ram0", 0, 32), ("ram1", 1 << 32, 8)];
 
-/// One page-aligned, zeroed heap allocation standing in for a RAM block.
-struct Region {
-    ptr: NonNull<u8>,
-    layout: Layout,
-}
-
-/// Regions of VMs that were dropped, zeroed again, for the next VM on the same thread:
-/// the fuzz target builds a VM per execution, and fresh memory costs it page faults.
-struct Spare(Vec<(NonNull<u8>, Layout)>);
-
-impl Drop for Spare {
-    fn drop(&mut self) {
-        for &(ptr, layout) in &self.0 {
-            // SAFETY: allocated in `Region::new` with this layout, owned by the pool.
-            unsafe { dealloc(ptr.as_ptr(), layout) }
-        }
-    }
-}
-
-thread_local! {
-    static SPARE: RefCell<Spare> = const { RefCell::new(Spare(Vec::new())) };
-}
-
-impl Region {
-    fn new(pages: usize) -> Self {
-        assert!(pages > 0, "a RAM block has at least one page");
-        let layout = Layout::from_size_align(pages * PAGE_SIZE, PAGE_SIZE).expect("layout");
-        let spare = SPARE
-            .try_with(|s| {
-                let mut s = s.borrow_mut();
-                let i = s.0.iter().position(|r| r.1 == layout)?;
-                Some(s.0.swap_remove(i).0)
-            })
-            .ok()
-            .flatten();
-        if let Some(ptr) = spare {
-            return Self { ptr, layout };
-        }
-        // SAFETY: the layout has a non-zero size.
-        let ptr = unsafe { alloc_zeroed(layout) };
-        let ptr = NonNull::new(ptr).unwrap_or_else(|| handle_alloc_error(layout));
-        Self { ptr, layout }
-    }
-}
-
-impl Drop for Region {
-    fn drop(&mut self) {
-        const KEEP: usize = 4;
-        let (ptr, layout) = (self.ptr, self.layout);
-        let kept = SPARE
-            .try_with(|s| {
-                let mut s = s.borrow_mut();
-                if s.0.len() >= KEEP {
-                    return false;
-                }
-                // SAFETY: the whole allocation, which nothing else uses any more.
-                unsafe { std::ptr::write_bytes(ptr.as_ptr(), 0, layout.size()) };
-                s.0.push((ptr, layout));
-                true
-            })
-            .unwrap_or(false);
-        if !kept {
-            // SAFETY: allocated in `Region::new` with this layout, freed only here.
-            unsafe { dealloc(ptr.as_ptr(), layout) }
-        }
-    }
-}
-
-// SAFETY: a Region owns its allocation. Rust code never holds a reference into it across
-// calls: it is read and written through raw pointers (by the engine, the kernel, or the
-// short copies below), so moving it to or sharing it with another thread is sound.
-unsafe impl Send for Region {}
-// SAFETY: as above.
-unsafe impl Sync for Region {}
-
-/// Guest RAM on the heap: one page-aligned zeroed allocation per block.
-pub struct TestRam {
-    blocks: Vec<RamBlock>,
-    regions: Vec<Region>,
-    /// Pages the guest has written, even with zeros: the source reports them populated
-    /// like a backend that knows which pages were ever faulted in.
-    touched: Vec<DirtyBitmap>,
-}
-
-impl TestRam {
-    pub fn new(layout: RamLayout) -> Self {
-        Self {
-            blocks: layout
-                .iter()
-                .map(|&(name, gpa, pages)| RamBlock {
-                    name: name.into(),
-                    gpa,
-                    size: (pages * PAGE_SIZE) as u64,
-                })
-                .collect(),
-            regions: layout
-                .iter()
-                .map(|&(_, _, pages)| Region::new(pages))
-                .collect(),
-            touched: layout
-                .iter()
-                .map(|&(_, _, p)| DirtyBitmap::new(p))
-                .collect(),
-        }
-    }
-
-    fn page_ptr(&self, block: usize, page: usize) -> *mut u8 {
-        assert!(
-            page < self.blocks[block].pages(),
-            "page {page} outside block {block}"
-        );
-        // SAFETY: in bounds of the block's allocation, checked above.
-        unsafe { self.regions[block].ptr.as_ptr().add(page * PAGE_SIZE) }
-    }
-
-    /// Copies a page out. Only called while nothing writes guest memory (the engine calls
-    /// into the VM from its own thread, and tests read after it returned).
-    pub fn read_page(&self, block: usize, page: usize, out: &mut [u8; PAGE_SIZE]) {
-        let p = self.page_ptr(block, page);
-        // SAFETY: a whole page inside the allocation; `out` is a distinct buffer.
-        unsafe { std::ptr::copy_nonoverlapping(p, out.as_mut_ptr(), PAGE_SIZE) }
-    }
-
-    /// Overwrites a page, like a guest store (`None` writes zeros).
-    pub fn write_page(&self, block: usize, page: usize, content: Option<&[u8; PAGE_SIZE]>) {
-        let p = self.page_ptr(block, page);
-        match content {
-            // SAFETY: a whole page inside the allocation; `c` is a distinct buffer.
-            Some(c) => unsafe { std::ptr::copy_nonoverlapping(c.as_ptr(), p, PAGE_SIZE) },
-            // SAFETY: a whole page inside the allocation.
-            None => unsafe { std::ptr::write_bytes(p, 0, PAGE_SIZE) },
-        }
-        self.touched[block].set(page);
-    }
-
-    /// Every block's bytes.
-    pub fn contents(&self) -> Vec<Vec<u8>> {
-        (0..self.blocks.len())
-            .map(|b| {
-                let mut v = vec![0u8; self.blocks[b].size as usize];
-                // SAFETY: the whole block, copied into a buffer of the same size.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        self.regions[b].ptr.as_ptr(),
-                        v.as_mut_ptr(),
-                        v.len(),
-                    )
-                };
-                v
-            })
-            .collect()
-    }
-
-    fn page_is_zero(&self, block: usize, page: usize) -> bool {
-        static ZERO: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
-        let mut buf = [0u8; PAGE_SIZE];
-        self.read_page(block, page, &mut buf);
-        buf == ZERO
-    }
-}
-
-// SAFETY: `host_ptr(i)` is the start of region i, a live heap allocation of exactly
-// `blocks()[i].size` bytes, page-aligned, readable and writable. Regions are created
-// with the TestRam and freed only when it drops, so every pointer handed out stays valid
-// for as long as the TestRam lives (the engine holds it through an `Arc`). Nothing in
-// this file keeps a reference into a region: every access is a raw-pointer copy made
-// while the engine is not writing that memory.
-unsafe impl GuestRam for TestRam {
-    fn blocks(&self) -> &[RamBlock] {
-        &self.blocks
-    }
-
-    fn host_ptr(&self, block: usize) -> *mut u8 {
-        self.regions[block].ptr.as_ptr()
-    }
-
-    /// Every page the guest touched or that holds a non-zero byte: unmarked pages read
-    /// as zero, as the contract asks, including pages the engine itself wrote.
-    fn populated(&self, block: usize, out: &DirtyBitmap) {
-        for p in 0..self.blocks[block].pages() {
-            if self.touched[block].is_set(p) || !self.page_is_zero(block, p) {
-                out.set(p);
-            }
-        }
-    }
-}
+/// Guest RAM of the test VM: the testing kit's heap RAM.
+pub type TestRam = HeapRam;
 
 /// A write the source's guest makes during the migration: `(block, page, content seed)`;
 /// `None` zeroes the page.
@@ -412,7 +227,7 @@ impl TestVm {
     fn new(layout: RamLayout, running: bool, script: Script) -> Self {
         let ram = TestRam::new(layout);
         let dirty = ram
-            .blocks
+            .blocks()
             .iter()
             .map(|b| DirtyBitmap::new(b.pages()))
             .collect();
