@@ -203,6 +203,28 @@ fn assert_arrived_whole(src: &SoftVm, dst: &SoftVm) -> Result<(), String> {
     Ok(())
 }
 
+/// A sound migration of `src` into `dst` on `machine`, without faults: both sides
+/// complete and the guest and its accelerators arrive whole. Returns the source's info.
+fn migrate_whole(src: &Arc<SoftVm>, dst: &Arc<SoftVm>, machine: &str) -> MigrationInfo {
+    let c = config(machine);
+    let p = params(&c);
+    let r = migrate(
+        src,
+        dst,
+        &source_id(&c),
+        &p,
+        &dest_id(&c),
+        &p,
+        Faults::NONE,
+        Faults::NONE,
+    );
+    let info = r.source.unwrap_or_else(|e| panic!("{}", error_chain(&e)));
+    r.destination
+        .unwrap_or_else(|e| panic!("{}", error_chain(&e)));
+    assert_arrived_whole(src, dst).unwrap();
+    info
+}
+
 /// How a device should move: precopy where the machine type allows it and both hosts
 /// can, stop-copy otherwise, with the reason a user reads.
 fn expected(ack_on: bool, src: bool, dst: bool) -> (&'static str, Option<&'static str>) {
@@ -377,30 +399,14 @@ fn on(b: bool) -> &'static str {
 /// changed since; as stop-copy all of it waits for the downtime.
 #[test]
 fn precopy_takes_a_devices_memory_out_of_the_downtime() {
-    let c = config("ferry-0.2");
-    let p = params(&c);
     let mut moved = Vec::new();
     for precopy in [true, false] {
         let big = vec![AccelConfig::new(32 * MIB, precopy)];
         let src = vm(false, big.clone());
         wait_passes(&src, 20);
-        let dst = vm(true, big);
-        let r = migrate(
-            &src,
-            &dst,
-            &source_id(&c),
-            &p,
-            &dest_id(&c),
-            &p,
-            Faults::NONE,
-            Faults::NONE,
-        );
-        let s = r.source.unwrap_or_else(|e| panic!("{}", error_chain(&e)));
-        r.destination
-            .unwrap_or_else(|e| panic!("{}", error_chain(&e)));
+        let s = migrate_whole(&src, &vm(true, big), "ferry-0.2");
         let d = device(&s, 0).clone();
         assert_eq!(d.mode, if precopy { "precopy" } else { "stop-copy" });
-        assert_arrived_whole(&src, &dst).unwrap();
         moved.push(d);
     }
     let (pre, stop) = (&moved[0], &moved[1]);
@@ -526,21 +532,7 @@ fn a_missing_acknowledgement_fails_in_bounded_time_and_a_retry_completes() {
     thread::sleep(Duration::from_millis(100));
     assert!(src.accels().get(0).unwrap().info().generation > before);
 
-    let dst2 = vm(true, accels(true, false));
-    let r = migrate(
-        &src,
-        &dst2,
-        &source_id(&c),
-        &p,
-        &dest_id(&c),
-        &p,
-        Faults::NONE,
-        Faults::NONE,
-    );
-    r.source.unwrap_or_else(|e| panic!("{}", error_chain(&e)));
-    r.destination
-        .unwrap_or_else(|e| panic!("{}", error_chain(&e)));
-    assert_arrived_whole(&src, &dst2).unwrap();
+    migrate_whole(&src, &vm(true, accels(true, false)), "ferry-0.2");
 }
 
 /// A cancel while a device precopies leaves the source whole (guest and accelerators
@@ -589,23 +581,8 @@ fn a_cancel_during_device_precopy_leaves_the_source_whole() {
         "a destination without a whole state ran"
     );
 
-    let c2 = config("ferry-0.2");
-    let p2 = params(&c2);
     let dst2 = vm(true, vec![AccelConfig::new(16 * MIB, true)]);
-    let r = migrate(
-        &src,
-        &dst2,
-        &source_id(&c2),
-        &p2,
-        &dest_id(&c2),
-        &p2,
-        Faults::NONE,
-        Faults::NONE,
-    );
-    r.source.unwrap_or_else(|e| panic!("{}", error_chain(&e)));
-    r.destination
-        .unwrap_or_else(|e| panic!("{}", error_chain(&e)));
-    assert_arrived_whole(&src, &dst2).unwrap();
+    migrate_whole(&src, &dst2, "ferry-0.2");
 }
 
 /// A byte of vCPU state flipped in flight, in a value that still decodes: the state

@@ -11,9 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use ferry_migration::engine::bitmap::DirtyBitmap;
-use ferry_migration::engine::vm::{
-    DeviceInfo, DirtyLog, GuestRam, MigratableVm, VmError,
-};
+use ferry_migration::engine::vm::{DeviceInfo, DirtyLog, GuestRam, MigratableVm, VmError};
 use ferry_migration::engine::{
     Channel, Connector, DestinationIdentity, MigrationParams, SourceIdentity, StreamRole,
 };
