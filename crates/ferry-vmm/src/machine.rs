@@ -10,7 +10,7 @@
 //!
 //! | machine type | release | what its table restores |
 //! |---|---|---|
-//! | `ferry-0.2` | 0.2 (being prepared) | nothing: the defaults |
+//! | `ferry-0.2` | 0.2.0 | nothing: the defaults |
 //! | `ferry-0.1` | 0.1.0 | 0.1's multifd sync after every section; no device precopy or switchover-ack; no state digest |
 
 use ferry_migration::compat::{CompatEntry, DriverDef, MachineDef, Registry};
@@ -25,7 +25,7 @@ pub const RELEASE: &str = env!("CARGO_PKG_VERSION");
 pub static FERRY_0_2: MachineDef = MachineDef {
     name: "ferry-0.2",
     release: "0.2",
-    doc: "ferry 0.2 (being prepared)",
+    doc: "ferry 0.2: device precopy with a per-device switchover acknowledgement, one multifd sync per pass, a digest of device and vCPU state",
     compat: &[],
 };
 
