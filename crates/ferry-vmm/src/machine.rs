@@ -10,7 +10,8 @@
 //!
 //! | machine type | release | what its table restores |
 //! |---|---|---|
-//! | `ferry-0.2` | 0.2.0 | nothing: the defaults |
+//! | `ferry-0.3` | 0.3 (being prepared) | nothing: the defaults |
+//! | `ferry-0.2` | 0.2.0 | nothing yet: 0.3 has changed no default so far |
 //! | `ferry-0.1` | 0.1.0 | 0.1's multifd sync after every section; no device precopy or switchover-ack; no state digest |
 
 use ferry_migration::compat::{CompatEntry, DriverDef, MachineDef, Registry};
@@ -21,6 +22,13 @@ use crate::{kvm, soft};
 
 /// This build's release, as the hello states it.
 pub const RELEASE: &str = env!("CARGO_PKG_VERSION");
+
+pub static FERRY_0_3: MachineDef = MachineDef {
+    name: "ferry-0.3",
+    release: "0.3",
+    doc: "ferry 0.3 (being prepared)",
+    compat: &[],
+};
 
 pub static FERRY_0_2: MachineDef = MachineDef {
     name: "ferry-0.2",
@@ -56,7 +64,7 @@ pub static FERRY_0_1: MachineDef = MachineDef {
 };
 
 /// Newest first.
-pub static MACHINES: &[&MachineDef] = &[&FERRY_0_2, &FERRY_0_1];
+pub static MACHINES: &[&MachineDef] = &[&FERRY_0_3, &FERRY_0_2, &FERRY_0_1];
 
 /// Every driver with properties.
 pub static DRIVERS: &[&DriverDef] = &[&MIGRATION_DRIVER];
