@@ -497,6 +497,8 @@ fn side(release: Release, machine: &'static str) -> Side {
 struct Outcome {
     source: Result<MigrationInfo, MigrationError>,
     destination: Result<MigrationInfo, MigrationError>,
+    /// What the destination reported at the end (its strays list refused hellos).
+    dest_info: MigrationInfo,
     src: Arc<TestVm>,
     dst: Arc<TestVm>,
 }
@@ -538,13 +540,15 @@ fn migrate(from: Side, to: Side) -> Outcome {
     let uri = common::Dial::Tcp(listener.local_addr().unwrap());
     let listener = Incoming::acceptor(listener);
     let dst_vm = dst.clone();
+    let dest_monitor = Arc::new(MigrationMonitor::new());
+    let dm = Arc::clone(&dest_monitor);
     let receiver = thread::spawn(move || {
         engine::receive(
             dst_vm.as_ref(),
             &destination_id,
             &dst_params,
             listener,
-            &MigrationMonitor::new(),
+            dm.as_ref(),
         )
     });
     let source = engine::migrate(
@@ -554,10 +558,16 @@ fn migrate(from: Side, to: Side) -> Outcome {
         &uri,
         &MigrationMonitor::new(),
     );
+    // A destination that refused a hello keeps waiting for a source it can take, as it
+    // would for a real one; the test stops the wait.
+    if matches!(source, Err(MigrationError::Refused { .. })) {
+        let _ = dest_monitor.cancel();
+    }
     let destination = receiver.join().unwrap();
     Outcome {
         source,
         destination,
+        dest_info: dest_monitor.info(),
         src,
         dst,
     }
@@ -596,10 +606,25 @@ fn assert_refused(o: &Outcome, cause: RefuseCause) -> String {
         Err(MigrationError::Refused { cause: c, reason }) if *c == cause => reason.clone(),
         other => panic!("expected a refusal ({cause}), got {other:?}"),
     };
-    assert!(matches!(
-        &o.destination,
-        Err(MigrationError::Incompatible { cause: c, .. }) if *c == cause
-    ));
+    // The destination turned the hello away, named its cause, and went on waiting
+    // (until the test stopped it).
+    assert!(
+        matches!(&o.destination, Err(MigrationError::Cancelled)),
+        "{:?}",
+        o.destination
+    );
+    let strays = o
+        .dest_info
+        .multifd
+        .as_ref()
+        .map(|m| m.strays.clone())
+        .unwrap_or_default();
+    assert!(
+        strays
+            .iter()
+            .any(|s| s.contains("refused") && s.contains(&cause.to_string())),
+        "{strays:?}"
+    );
     assert!(o.src.is_running(), "a refused source must keep running");
     assert!(!o.dst.is_running());
     assert!(

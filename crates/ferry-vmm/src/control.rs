@@ -121,7 +121,12 @@ impl Control {
     fn query_migrate(&self) -> Value {
         let info = self.vmm.query_migrate();
         if info.status == MigrationStatus::None {
-            return json!({});
+            // No migration yet, as QEMU says it; a destination still waiting for its
+            // source shows what it has turned away meanwhile.
+            return match info.multifd.filter(|m| !m.strays.is_empty()) {
+                Some(m) => json!({ "multifd": { "strays": m.strays } }),
+                None => json!({}),
+            };
         }
         serde_json::to_value(&info).unwrap_or_else(|_| json!({}))
     }

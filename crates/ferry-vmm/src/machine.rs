@@ -11,7 +11,7 @@
 //! | machine type | release | what its table restores |
 //! |---|---|---|
 //! | `ferry-0.3` | 0.3 (being prepared) | nothing: the defaults |
-//! | `ferry-0.2` | 0.2.0 | nothing yet: 0.3 has changed no default so far |
+//! | `ferry-0.2` | 0.2.0 | 10 s for a new connection to identify itself |
 //! | `ferry-0.1` | 0.1.0 | 0.1's multifd sync after every section; no device precopy or switchover-ack; no state digest |
 
 use ferry_migration::compat::{CompatEntry, DriverDef, MachineDef, Registry};
@@ -34,7 +34,14 @@ pub static FERRY_0_2: MachineDef = MachineDef {
     name: "ferry-0.2",
     release: "0.2",
     doc: "ferry 0.2: device precopy with a per-device switchover acknowledgement, one multifd sync per pass, a digest of device and vCPU state",
-    compat: &[],
+    compat: &[
+        // 0.3 gives a new connection 5 s, not 10, to identify itself.
+        CompatEntry {
+            driver: "migration",
+            property: "handshake-timeout",
+            value: "10000",
+        },
+    ],
 };
 
 pub static FERRY_0_1: MachineDef = MachineDef {

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use super::bitmap::DirtyBitmap;
 use super::digest::PageDigest;
 use super::error::{error_chain, MigrationError};
-use super::incoming::{Doorman, Incoming};
+use super::incoming::{Candidate, DoorConfig, Doorman, Incoming, Stray};
 use super::memory::GuestMemory;
 use super::multifd::{ChannelCounters, RecvConfig, RecvSet};
 use super::pages::{record, Lander, Side};
@@ -34,7 +34,7 @@ use crate::wire::{
     decode_reason, encode_reason, Accept, Annotations, ChannelsReady, Completed, Compression,
     DeviceMode, DevicePlan, DeviceRef, DeviceStateHeader, EndOfStream, FrameHeader, FrameTag,
     Hello, MultifdSync, PassEnd, RamBatchHeader, Refuse, RefuseCause, StateDigest, StopCopyWhy,
-    StreamHeader, VcpuStateHeader, WireError, MAX_BATCH_PAGES, SUPPORTED_PROTOCOL_VERSIONS,
+    VcpuStateHeader, WireError, MAX_BATCH_PAGES,
 };
 use crate::PAGE_SIZE;
 
@@ -75,15 +75,78 @@ pub fn receive(
     incoming: impl Into<Incoming>,
     monitor: &MigrationMonitor,
 ) -> Result<MigrationInfo, MigrationError> {
-    let mut door = Doorman::new(incoming.into());
-    let (ch, header) = match door.main(&|| monitor.is_cancelled()) {
-        Ok(m) => m,
-        Err(e) => {
-            monitor.update(|i| i.error_desc = Some(error_chain(&e)));
-            monitor.set_status(MigrationStatus::Failed);
-            return Err(e);
+    let mut door = Doorman::new(
+        incoming.into(),
+        DoorConfig {
+            handshake_timeout: params.handshake_timeout,
+            release: id.release.clone(),
+        },
+    );
+    // Strays show in `query-migrate` as they are turned away, also while the
+    // destination still waits for its source.
+    let watch = door.stray_watch();
+    let known = std::cell::Cell::new(0);
+    let waiting = || {
+        if let Some(strays) = watch.since(known.get()) {
+            known.set(strays.len());
+            show_strays(monitor, &strays);
+        }
+        monitor.is_cancelled()
+    };
+    let devices = vm.devices();
+    // What this side will do, stated as the source states it.
+    let stated = DestinationIdentity {
+        wire_props: params.stated_wire_properties(&id.wire_props),
+        ..id.clone()
+    };
+    // Candidates until one is taken: a refused or malformed hello (another VM's, a
+    // probe) is turned away and the wait goes on; only a source that was accepted can
+    // make this migration fail.
+    let (cand, hello, annotations) = loop {
+        let cand = match door.next_candidate(&waiting) {
+            Ok(c) => c,
+            Err(e) => {
+                report_strays(monitor, &door);
+                monitor.update(|i| i.error_desc = Some(error_chain(&e)));
+                monitor.set_status(if matches!(e, MigrationError::Cancelled) {
+                    MigrationStatus::Cancelled
+                } else {
+                    MigrationStatus::Failed
+                });
+                return Err(e);
+            }
+        };
+        match judge(&cand, vm, &devices, &stated, door.takes_channels()) {
+            Ok((hello, annotations)) => break (cand, hello, annotations),
+            Err(refusal) => {
+                let _ = write_frame(
+                    &cand.ch,
+                    FrameTag::Refuse,
+                    &Refuse {
+                        cause: refusal.cause,
+                        reason: refusal.to_peer.clone(),
+                    }
+                    .encode(),
+                    PEER,
+                    "refuse",
+                );
+                cand.ch.shutdown();
+                tracing::warn!(peer = %cand.peer, cause = %refusal.cause, reason = %refusal.reason, "refused an incoming migration");
+                let e = MigrationError::Incompatible {
+                    cause: refusal.cause,
+                    reason: refusal.reason,
+                };
+                if !door.waits_on() {
+                    monitor.update(|i| i.error_desc = Some(error_chain(&e)));
+                    monitor.set_status(MigrationStatus::Failed);
+                    return Err(e);
+                }
+                door.refused(cand.peer, error_chain(&e));
+            }
         }
     };
+    door.taken();
+    let Candidate { ch, .. } = cand;
     let start = Instant::now();
     monitor.set_status(MigrationStatus::Setup);
     if let Ok(c) = ch.try_clone() {
@@ -99,7 +162,7 @@ pub fn receive(
         ch,
         written: Arc::new(blocks.iter().map(|b| DirtyBitmap::new(b.pages())).collect()),
         digest: None,
-        devices: vm.devices(),
+        devices,
         device_loaded: Vec::new(),
         vcpu_loaded: vec![false; vm.vcpu_count()],
         hello: None,
@@ -120,7 +183,7 @@ pub fn receive(
         syncs: 0,
         syncs_this_pass: 0,
         channels_done: false,
-        annotations: Annotations::default(),
+        annotations,
         precopy: Vec::new(),
         device_stats: Vec::new(),
         state_hash: params.state_digest.then(StateHash::new),
@@ -128,7 +191,7 @@ pub fn receive(
     };
     dst.device_loaded = vec![false; dst.devices.len()];
     dst.precopy = vec![DestPrecopy::default(); dst.devices.len()];
-    let mut r = dst.run(id, &header, &mut door);
+    let mut r = dst.run(&stated, hello, &mut door);
     if let Err(e) = &r {
         // A data channel's failure is what woke the main channel: report that, unless
         // the main channel had its own say (an abort, a refusal, a bad frame).
@@ -151,17 +214,8 @@ pub fn receive(
             }
         }
     }
-    let strays = door.strays();
+    report_strays(monitor, &door);
     door.close();
-    if !strays.is_empty() {
-        monitor.update(|i| {
-            let m = i.multifd.get_or_insert_with(MultifdStats::default);
-            m.strays = strays
-                .iter()
-                .map(|s| format!("{}: {}", s.peer, s.reason))
-                .collect();
-        });
-    }
     monitor.detach_channel();
     monitor.update(|i| i.total_time = start.elapsed().as_millis() as u64);
     match r {
@@ -255,49 +309,13 @@ struct DestPrecopy {
 }
 
 impl Dest<'_> {
+    /// The migration of an accepted hello (`id` states this side's parameters).
     fn run(
         &mut self,
         id: &DestinationIdentity,
-        hb: &[u8; StreamHeader::LEN],
+        hello: Hello,
         door: &mut Doorman,
     ) -> Result<(), MigrationError> {
-        let header = StreamHeader::decode(hb)?;
-        if !SUPPORTED_PROTOCOL_VERSIONS.contains(&header.version) {
-            let reason = format!(
-                "the source speaks migration protocol version {}, this release ({}) speaks {:?}; migrate between releases that share a protocol version",
-                header.version, id.release, SUPPORTED_PROTOCOL_VERSIONS
-            );
-            return Err(self.refuse(RefuseCause::ProtocolVersion, reason));
-        }
-        let fh = read_frame_header(&mut self.ch, PEER, "hello")?;
-        if fh.tag != FrameTag::Hello {
-            return Err(WireError::UnexpectedFrame {
-                tag: fh.tag as u8,
-                expected: "hello",
-            }
-            .into());
-        }
-        let mut hello = Hello::decode(&read_payload(&mut self.ch, fh.len, PEER, "hello")?)?;
-        let (props, annotations) = Annotations::split(&hello.wire_props);
-        hello.wire_props = props;
-        if !annotations.unknown.is_empty() {
-            tracing::info!(unknown = ?annotations.unknown, "ignoring hello annotations this release does not know");
-        }
-        self.annotations = annotations;
-        // What this side will do, stated as the source states it.
-        let id = &DestinationIdentity {
-            wire_props: self.params.stated_wire_properties(&id.wire_props),
-            ..id.clone()
-        };
-        if let Err((cause, reason)) = check_hello(&hello, self.vm, &self.devices, id) {
-            return Err(self.refuse(cause, reason));
-        }
-        if let Err(reason) = check_device_config(&self.annotations, &self.devices) {
-            return Err(self.refuse(RefuseCause::DeviceConfig, reason));
-        }
-        if let Err(reason) = check_channels(&hello, door.takes_channels(), id) {
-            return Err(self.refuse(RefuseCause::Channels, reason));
-        }
         self.monitor
             .update(|i| i.session = Some(format!("{:016x}", hello.session_id)));
         if hello.channels > 0 {
@@ -522,21 +540,6 @@ impl Dest<'_> {
             self.pages_written += written;
         }
         Ok(())
-    }
-
-    fn refuse(&mut self, cause: RefuseCause, reason: String) -> MigrationError {
-        let _ = write_frame(
-            &self.ch,
-            FrameTag::Refuse,
-            &Refuse {
-                cause,
-                reason: reason.clone(),
-            }
-            .encode(),
-            PEER,
-            "refuse",
-        );
-        MigrationError::Incompatible { cause, reason }
     }
 
     fn ram_batch(&mut self, fh: FrameHeader) -> Result<(), MigrationError> {
@@ -1107,6 +1110,81 @@ impl Dest<'_> {
         );
         Ok(())
     }
+}
+
+/// Why a hello is refused, as this side logs it and the peer is told.
+///
+/// What a refusal reveals follows the order of the checks: a peer learns this VM's RAM
+/// layout, vCPUs and devices only once its hello has named this VM's machine type and
+/// agreed on every wire property, that is once it looks like a source of this very VM
+/// (which it then needs, to start a matching destination). A probe or another VM's
+/// source learns the release's machine types, and no more.
+struct Refusal {
+    cause: RefuseCause,
+    reason: String,
+    to_peer: String,
+}
+
+impl Refusal {
+    fn same(cause: RefuseCause, reason: String) -> Self {
+        Self {
+            cause,
+            to_peer: reason.clone(),
+            reason,
+        }
+    }
+}
+
+impl From<(RefuseCause, String)> for Refusal {
+    fn from((cause, reason): (RefuseCause, String)) -> Self {
+        Self::same(cause, reason)
+    }
+}
+
+/// Judges a candidate's hello: everything the destination must refuse before any RAM
+/// moves. Returns the hello, without its annotations, and the annotations.
+fn judge(
+    cand: &Candidate,
+    vm: &dyn MigratableVm,
+    devices: &[DeviceInfo],
+    id: &DestinationIdentity,
+    takes_channels: bool,
+) -> Result<(Hello, Annotations), Refusal> {
+    let mut hello = Hello::decode(&cand.hello).map_err(|e| {
+        Refusal::same(
+            RefuseCause::BadHello,
+            format!("the hello does not decode: {e}"),
+        )
+    })?;
+    let (props, annotations) = Annotations::split(&hello.wire_props);
+    hello.wire_props = props;
+    if !annotations.unknown.is_empty() {
+        tracing::info!(unknown = ?annotations.unknown, "ignoring hello annotations this release does not know");
+    }
+    check_hello(&hello, vm, devices, id).map_err(Refusal::from)?;
+    check_device_config(&annotations, devices)
+        .map_err(|r| Refusal::same(RefuseCause::DeviceConfig, r))?;
+    check_channels(&hello, takes_channels, id)
+        .map_err(|r| Refusal::same(RefuseCause::Channels, r))?;
+    Ok((hello, annotations))
+}
+
+/// What the doorman turned away so far, into `query-migrate`.
+fn report_strays(monitor: &MigrationMonitor, door: &Doorman) {
+    let strays = door.strays();
+    if !strays.is_empty() {
+        show_strays(monitor, &strays);
+    }
+}
+
+fn show_strays(monitor: &MigrationMonitor, strays: &[Stray]) {
+    monitor.update(|i| {
+        let m = i.multifd.get_or_insert_with(MultifdStats::default);
+        m.strays = strays
+            .iter()
+            .map(|s| format!("{}: {}", s.peer, s.reason))
+            .collect();
+    });
 }
 
 /// The source's device configuration against this side's: every difference, named.

@@ -3,21 +3,30 @@
 //! connections are sorted by the header each one opens with.
 //!
 //! Every connection declares what it is in its first bytes: the main stream's
-//! [`StreamHeader`] or a data channel's [`ChannelHeader`], each with its own magic. The
-//! doorman reads that header (with a time limit, on a thread of its own so one silent
-//! connection holds up nothing) and then:
+//! [`StreamHeader`] and hello frame, or a data channel's [`ChannelHeader`], each with
+//! its own magic. The doorman reads them on a small thread per connection, and until a
+//! connection has sent all of them it holds nothing a real source needs:
 //!
-//! * the first main stream is the migration; a later one is answered with a `busy`
-//!   refusal, so a second source learns why;
+//! * a connection has [`DoorConfig::handshake_timeout`] in all to send its header (and,
+//!   for a main stream, its whole hello): a deadline, not a timeout per read, so a peer
+//!   that trickles a byte at a time is cut like a silent one;
+//! * at most [`MAX_PENDING`] connections may be identifying themselves at once: a new one
+//!   beyond that evicts the oldest (a real source sends its header and hello at once, so
+//!   idle connections that pile up go first), and each costs one thread with a small stack
+//!   and the bytes it has actually sent, at most a hello's bound;
+//! * a main stream whose hello arrived whole is a *candidate*: the destination judges its
+//!   hello and refuses it (then keeps waiting) or takes it as the migration; once one is
+//!   taken, a later candidate is answered `busy`, so a second source learns why;
 //! * a data channel is bound only if its session id is the hello's, its channel count
 //!   is the hello's, and its index is in range and not yet taken;
 //! * anything else (another magic, a wrong version, a channel for another migration or
-//!   for none yet, a duplicate, silence) is logged and closed. It never disturbs the
-//!   migration under way.
+//!   for none yet, a duplicate, silence, a trickle) is logged and closed. It never
+//!   disturbs the migration under way, nor the wait for one.
 
-use std::io::Read;
+use std::collections::VecDeque;
+use std::io::{self, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -26,14 +35,36 @@ use super::error::MigrationError;
 use super::stream::write_frame;
 use super::transport::{Acceptor, Channel};
 use crate::wire::{
-    ChannelHeader, FrameTag, Refuse, RefuseCause, StreamHeader, CHANNEL_MAGIC, CHANNEL_VERSION,
-    MAGIC,
+    ChannelHeader, FrameHeader, FrameTag, Refuse, RefuseCause, StreamHeader, CHANNEL_MAGIC,
+    CHANNEL_VERSION, MAGIC, SUPPORTED_PROTOCOL_VERSIONS,
 };
 
-/// How long a new connection may take to say what it is.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-/// Connections whose header is still awaited; more are closed at once.
-const MAX_PENDING: usize = 64;
+/// Connections identifying themselves at once; a new one beyond this evicts the oldest.
+pub const MAX_PENDING: usize = 64;
+/// The stack of a thread reading one connection's header: it parses a few fixed fields
+/// and copies bytes into a buffer on the heap.
+const DOOR_STACK: usize = 128 << 10;
+/// How much of a hello is read at a time, so a connection costs what it has sent.
+const READ_STEP: usize = 16 << 10;
+
+/// How the doorman treats connections.
+#[derive(Clone)]
+pub(crate) struct DoorConfig {
+    /// How long a connection has, from its accept, to send its header and, for a main
+    /// stream, its whole hello.
+    pub handshake_timeout: Duration,
+    /// This side's release, for the refusal of a protocol version it does not speak.
+    pub release: String,
+}
+
+/// A main stream whose header and hello arrived whole, for the destination to judge.
+pub(crate) struct Candidate {
+    pub ch: Channel,
+    pub peer: String,
+    /// The hello frame's payload (bounded by its frame limit). The stream header before
+    /// it named a protocol version this release speaks.
+    pub hello: Vec<u8>,
+}
 
 /// The connections a destination receives a migration on.
 pub enum Incoming {
@@ -63,16 +94,34 @@ pub struct Stray {
     pub reason: String,
 }
 
+/// Reads a doorman's strays from elsewhere.
+pub(crate) struct StrayWatch(Option<Arc<Door>>);
+
+impl StrayWatch {
+    /// How many connections were turned away so far, and the list when it grew past
+    /// `known`.
+    pub fn since(&self, known: usize) -> Option<Vec<Stray>> {
+        let door = self.0.as_ref()?;
+        let st = door.st.lock().unwrap();
+        (st.strays.len() > known).then(|| st.strays.clone())
+    }
+}
+
 #[derive(Default)]
 struct DoorState {
-    /// The main stream, waiting for the migration to take it.
-    main: Option<(Channel, [u8; StreamHeader::LEN])>,
-    main_taken: bool,
+    /// Main streams whose hello arrived whole, waiting for the destination to judge.
+    candidates: VecDeque<Candidate>,
+    /// The destination took a migration: later candidates are told it is busy.
+    busy: bool,
     /// The session and channel count the hello announced.
     expect: Option<(u64, u16)>,
     data: Vec<Option<Channel>>,
     strays: Vec<Stray>,
     closed: bool,
+    /// Connections still identifying themselves, oldest first: an id, and a handle to
+    /// shut one down when a newer one needs its place.
+    pending: VecDeque<(u64, Channel)>,
+    next_id: u64,
 }
 
 struct Door {
@@ -82,22 +131,24 @@ struct Door {
     /// An eventfd the acceptor polls beside the acceptor's descriptor, so closing wakes
     /// it at once.
     wake: Option<OwnedFd>,
-    pending: AtomicUsize,
+    config: DoorConfig,
 }
 
 /// The connections of one incoming migration.
 pub(crate) struct Doorman {
     door: Option<Arc<Door>>,
     single: Option<Channel>,
+    config: DoorConfig,
     acceptor: Option<JoinHandle<()>>,
 }
 
 impl Doorman {
-    pub fn new(incoming: Incoming) -> Self {
+    pub fn new(incoming: Incoming, config: DoorConfig) -> Self {
         match incoming {
             Incoming::Channel(ch) => Self {
                 door: None,
                 single: Some(ch),
+                config,
                 acceptor: None,
             },
             Incoming::Acceptor(l) => {
@@ -106,7 +157,7 @@ impl Doorman {
                     cv: Condvar::new(),
                     stop: AtomicBool::new(false),
                     wake: eventfd(),
-                    pending: AtomicUsize::new(0),
+                    config: config.clone(),
                 });
                 let d = Arc::clone(&door);
                 let acceptor = std::thread::Builder::new()
@@ -116,6 +167,7 @@ impl Doorman {
                 Self {
                     door: Some(door),
                     single: None,
+                    config,
                     acceptor,
                 }
             }
@@ -127,32 +179,65 @@ impl Doorman {
         self.door.is_some()
     }
 
-    /// Waits for the main stream; returns it with its header bytes.
-    pub fn main(
+    /// True when another candidate may come after one is refused (a listener).
+    pub fn waits_on(&self) -> bool {
+        self.door.is_some()
+    }
+
+    /// Waits for the next main stream whose header and hello arrived whole. With one
+    /// handed-in connection, reads them from it (a single chance).
+    pub fn next_candidate(
         &mut self,
         cancelled: &dyn Fn() -> bool,
-    ) -> Result<(Channel, [u8; StreamHeader::LEN]), MigrationError> {
-        if let Some(mut ch) = self.single.take() {
-            let mut hb = [0u8; StreamHeader::LEN];
-            ch.read_exact(&mut hb)
-                .map_err(|e| MigrationError::io("source", "stream header", e))?;
-            return Ok((ch, hb));
+    ) -> Result<Candidate, MigrationError> {
+        if let Some(ch) = self.single.take() {
+            return identify_main(ch, "the handed-in connection".into(), &self.config)
+                .map_err(|(_, e)| e);
         }
         let door = self.door.as_ref().expect("a listener");
-        let mut st = door.st.lock().unwrap();
         loop {
-            if let Some(m) = st.main.take() {
-                st.main_taken = true;
-                return Ok(m);
+            {
+                let st = door.st.lock().unwrap();
+                let mut st = if st.candidates.is_empty() {
+                    door.cv
+                        .wait_timeout(st, Duration::from_millis(50))
+                        .unwrap()
+                        .0
+                } else {
+                    st
+                };
+                if let Some(c) = st.candidates.pop_front() {
+                    return Ok(c);
+                }
             }
+            // Without the lock: the caller may look at the doorman meanwhile.
             if cancelled() {
                 return Err(MigrationError::Cancelled);
             }
-            st = door
-                .cv
-                .wait_timeout(st, Duration::from_millis(50))
-                .unwrap()
-                .0;
+        }
+    }
+
+    /// The destination took a migration: later candidates are answered `busy`, and
+    /// those already waiting are answered now.
+    pub fn taken(&self) {
+        let Some(door) = &self.door else { return };
+        let waiting: Vec<Candidate> = {
+            let mut st = door.st.lock().unwrap();
+            st.busy = true;
+            st.candidates.drain(..).collect()
+        };
+        for c in waiting {
+            refuse_busy(door, c.ch, c.peer);
+        }
+    }
+
+    /// Records a candidate the destination refused.
+    pub fn refused(&self, peer: String, reason: String) {
+        if let Some(door) = &self.door {
+            door.st.lock().unwrap().strays.push(Stray {
+                peer,
+                reason: format!("refused: {reason}"),
+            });
         }
     }
 
@@ -207,6 +292,12 @@ impl Doorman {
                 .unwrap()
                 .0;
         }
+    }
+
+    /// A handle that reads the strays while the doorman is busy waiting (for a caller's
+    /// periodic report).
+    pub fn stray_watch(&self) -> StrayWatch {
+        StrayWatch(self.door.clone())
     }
 
     /// The connections turned away so far.
@@ -290,25 +381,32 @@ fn accept_loop(l: Box<dyn Acceptor>, door: Arc<Door>) {
                 continue;
             }
         };
-        if door.pending.fetch_add(1, Ordering::SeqCst) >= MAX_PENDING {
-            door.pending.fetch_sub(1, Ordering::SeqCst);
-            turn_away(
-                &door,
-                ch,
-                peer,
-                "too many connections waiting to identify".into(),
-            );
-            continue;
-        }
+        // Make room: the oldest connection still identifying itself goes (its thread
+        // wakes with an error and turns it away).
+        let id = {
+            let mut st = door.st.lock().unwrap();
+            while st.pending.len() >= MAX_PENDING {
+                if let Some((_, old)) = st.pending.pop_front() {
+                    old.shutdown();
+                }
+            }
+            let id = st.next_id;
+            st.next_id += 1;
+            if let Ok(handle) = ch.try_clone() {
+                st.pending.push_back((id, handle));
+            }
+            id
+        };
         let d = Arc::clone(&door);
         let spawned = std::thread::Builder::new()
             .name("ferry-door".into())
+            .stack_size(DOOR_STACK)
             .spawn(move || {
                 sort(&d, ch, peer);
-                d.pending.fetch_sub(1, Ordering::SeqCst);
+                d.st.lock().unwrap().pending.retain(|(i, _)| *i != id);
             });
         if spawned.is_err() {
-            door.pending.fetch_sub(1, Ordering::SeqCst);
+            door.st.lock().unwrap().pending.retain(|(i, _)| *i != id);
         }
     }
 }
@@ -327,37 +425,161 @@ fn turn_away(door: &Door, ch: Channel, peer: String, reason: String) {
     door.cv.notify_all();
 }
 
-/// Reads a connection's header and routes it.
+/// Reads exactly `buf.len()` bytes before `deadline`: a deadline for the whole, not a
+/// timeout per read, so a peer that trickles is cut like a silent one.
+fn read_by(ch: &mut Channel, buf: &mut [u8], deadline: Instant) -> io::Result<()> {
+    let mut at = 0;
+    while at < buf.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("{at} of {} bytes arrived in time", buf.len()),
+            ));
+        }
+        ch.set_read_timeout(Some(left))?;
+        match ch.read(&mut buf[at..]) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => at += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Reads a main stream's header and hello frame (whose magic is already read), within
+/// the handshake deadline. On failure, the reason and the error: the connection is a
+/// stray.
+fn identify_main(
+    mut ch: Channel,
+    peer: String,
+    config: &DoorConfig,
+) -> Result<Candidate, (String, MigrationError)> {
+    read_main(
+        &mut ch,
+        config,
+        Instant::now() + config.handshake_timeout,
+        None,
+    )
+    .map(|hello| Candidate { ch, peer, hello })
+}
+
+/// Reads the stream header (after `magic`, if already read), refusing a protocol version
+/// this release does not speak, and returns the hello frame's payload.
+fn read_main(
+    ch: &mut Channel,
+    config: &DoorConfig,
+    deadline: Instant,
+    magic: Option<[u8; 8]>,
+) -> Result<Vec<u8>, (String, MigrationError)> {
+    let waited = |e: io::Error, what: &'static str| {
+        (
+            format!(
+                "short {what} (a connection has {} ms for it): {e}",
+                config.handshake_timeout.as_millis()
+            ),
+            MigrationError::io("source", what, e),
+        )
+    };
+    let mut hb = [0u8; StreamHeader::LEN];
+    let from = match magic {
+        Some(m) => {
+            hb[..8].copy_from_slice(&m);
+            8
+        }
+        None => 0,
+    };
+    read_by(ch, &mut hb[from..], deadline).map_err(|e| waited(e, "stream header"))?;
+    let header = StreamHeader::decode(&hb)
+        .map_err(|e| (format!("bad stream header: {e}"), MigrationError::from(e)))?;
+    if !SUPPORTED_PROTOCOL_VERSIONS.contains(&header.version) {
+        // Another protocol version may frame its hello differently: answer now.
+        let reason = format!(
+            "the source speaks migration protocol version {}, this release ({}) speaks {:?}; migrate between releases that share a protocol version",
+            header.version, config.release, SUPPORTED_PROTOCOL_VERSIONS
+        );
+        let _ = write_frame(
+            ch,
+            FrameTag::Refuse,
+            &Refuse {
+                cause: RefuseCause::ProtocolVersion,
+                reason: reason.clone(),
+            }
+            .encode(),
+            "source",
+            "refuse",
+        );
+        return Err((
+            format!("refused: {reason}"),
+            MigrationError::Incompatible {
+                cause: RefuseCause::ProtocolVersion,
+                reason,
+            },
+        ));
+    }
+    let mut fb = [0u8; FrameHeader::LEN];
+    read_by(ch, &mut fb, deadline).map_err(|e| waited(e, "hello"))?;
+    let fh = FrameHeader::decode(&fb)
+        .map_err(|e| (format!("bad frame header: {e}"), MigrationError::from(e)))?;
+    if fh.tag != FrameTag::Hello {
+        let e = crate::wire::WireError::UnexpectedFrame {
+            tag: fh.tag as u8,
+            expected: "hello",
+        };
+        return Err((format!("{e}"), e.into()));
+    }
+    // Grown as bytes arrive, so a connection costs what it has sent.
+    let len = fh.len as usize;
+    let mut hello = Vec::with_capacity(len.min(READ_STEP));
+    while hello.len() < len {
+        let at = hello.len();
+        let step = (len - at).min(READ_STEP);
+        hello.resize(at + step, 0);
+        read_by(ch, &mut hello[at..], deadline).map_err(|e| waited(e, "hello"))?;
+    }
+    let _ = ch.set_read_timeout(None);
+    Ok(hello)
+}
+
+fn refuse_busy(door: &Door, ch: Channel, peer: String) {
+    let _ = write_frame(
+        &ch,
+        FrameTag::Refuse,
+        &Refuse {
+            cause: RefuseCause::Busy,
+            reason: "this destination is already receiving a migration".into(),
+        }
+        .encode(),
+        "source",
+        "refuse",
+    );
+    turn_away(door, ch, peer, "a second migration stream".into());
+}
+
+/// Reads a connection's header (and a main stream's hello) and routes it.
 fn sort(door: &Door, mut ch: Channel, peer: String) {
-    let _ = ch.set_read_timeout(Some(HEADER_TIMEOUT));
+    let deadline = Instant::now() + door.config.handshake_timeout;
     let mut magic = [0u8; 8];
-    if let Err(e) = ch.read_exact(&mut magic) {
+    if let Err(e) = read_by(&mut ch, &mut magic, deadline) {
         return turn_away(door, ch, peer, format!("no header: {e}"));
     }
     if magic == MAGIC {
-        let mut hb = [0u8; StreamHeader::LEN];
-        hb[..8].copy_from_slice(&magic);
-        if let Err(e) = ch.read_exact(&mut hb[8..]) {
-            return turn_away(door, ch, peer, format!("short stream header: {e}"));
-        }
+        let hello = match read_main(&mut ch, &door.config, deadline, Some(magic)) {
+            Ok(m) => m,
+            Err((reason, _)) => return turn_away(door, ch, peer, reason),
+        };
         let mut st = door.st.lock().unwrap();
-        if st.main.is_some() || st.main_taken {
+        if st.busy || st.closed {
             drop(st);
-            let _ = write_frame(
-                &ch,
-                FrameTag::Refuse,
-                &Refuse {
-                    cause: RefuseCause::Busy,
-                    reason: "this destination is already receiving a migration".into(),
-                }
-                .encode(),
-                "source",
-                "refuse",
-            );
-            return turn_away(door, ch, peer, "a second migration stream".into());
+            return refuse_busy(door, ch, peer);
         }
-        let _ = ch.set_read_timeout(None);
-        st.main = Some((ch, hb));
+        st.candidates.push_back(Candidate { ch, peer, hello });
         drop(st);
         door.cv.notify_all();
         return;
@@ -372,7 +594,7 @@ fn sort(door: &Door, mut ch: Channel, peer: String) {
     }
     let mut hb = [0u8; ChannelHeader::LEN];
     hb[..8].copy_from_slice(&magic);
-    if let Err(e) = ch.read_exact(&mut hb[8..]) {
+    if let Err(e) = read_by(&mut ch, &mut hb[8..], deadline) {
         return turn_away(door, ch, peer, format!("short channel header: {e}"));
     }
     let h = match ChannelHeader::decode(&hb) {

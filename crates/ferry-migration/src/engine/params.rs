@@ -92,6 +92,16 @@ pub static MIGRATION_DRIVER: DriverDef = DriverDef {
             doc: "carry a digest of every device and vCPU state as sent, which the destination checks before it resumes",
         },
         PropDef {
+            name: "handshake-timeout",
+            kind: PropKind::U64 {
+                min: 100,
+                max: 600_000,
+            },
+            default: "5000",
+            wire: false,
+            doc: "destination: milliseconds a new connection has to send its header and, for a migration stream, its whole hello; one that has not is closed, and holds nothing a real source needs meanwhile",
+        },
+        PropDef {
             name: "multifd-zstd-level",
             kind: PropKind::U64 { min: 1, max: 19 },
             default: "1",
@@ -122,6 +132,8 @@ pub struct MigrationParams {
     /// A digest of every device and vCPU state, checked before the guest resumes. A
     /// wire property.
     pub state_digest: bool,
+    /// Destination: how long a new connection has to send its header and hello.
+    pub handshake_timeout: Duration,
 }
 
 impl Default for MigrationParams {
@@ -137,6 +149,7 @@ impl Default for MigrationParams {
             multifd_flush_after_each_section: false,
             switchover_ack: true,
             state_digest: true,
+            handshake_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -158,6 +171,7 @@ impl MigrationParams {
                 .bool(MIGRATION, "multifd-flush-after-each-section")?,
             switchover_ack: cfg.bool(MIGRATION, "switchover-ack")?,
             state_digest: cfg.bool(MIGRATION, "state-digest")?,
+            handshake_timeout: Duration::from_millis(cfg.u64(MIGRATION, "handshake-timeout")?),
         })
     }
 

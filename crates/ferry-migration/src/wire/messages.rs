@@ -561,6 +561,8 @@ pub enum RefuseCause {
     Channels,
     /// A device is configured differently on the two sides (its hello annotations).
     DeviceConfig,
+    /// The hello does not decode.
+    BadHello,
     /// A cause this release does not know (sent by a newer peer).
     Other(u16),
 }
@@ -580,6 +582,7 @@ impl RefuseCause {
             Self::Busy => 10,
             Self::Channels => 11,
             Self::DeviceConfig => 12,
+            Self::BadHello => 13,
             Self::Other(c) => c,
         }
     }
@@ -598,6 +601,7 @@ impl RefuseCause {
             10 => Self::Busy,
             11 => Self::Channels,
             12 => Self::DeviceConfig,
+            13 => Self::BadHello,
             c => Self::Other(c),
         }
     }
@@ -618,6 +622,7 @@ impl std::fmt::Display for RefuseCause {
             Self::Busy => "busy",
             Self::Channels => "data channels",
             Self::DeviceConfig => "device configuration",
+            Self::BadHello => "malformed hello",
             Self::Other(c) => return write!(f, "cause {c}"),
         };
         f.write_str(s)

@@ -170,7 +170,7 @@ fn full_hello() -> impl Strategy<Value = Hello> {
 /// Every cause, named or not, as a decoder would produce it.
 fn refuse_cause() -> impl Strategy<Value = RefuseCause> {
     prop_oneof![
-        (1..=12u16).prop_map(RefuseCause::from_code),
+        (1..=13u16).prop_map(RefuseCause::from_code),
         any::<u16>().prop_map(RefuseCause::from_code),
     ]
 }
@@ -595,7 +595,7 @@ proptest! {
     fn refuse_cause_codes_round_trip(code in prop_oneof![0..=16u16, any::<u16>()]) {
         let c = RefuseCause::from_code(code);
         prop_assert_eq!(c.code(), code);
-        prop_assert_eq!(matches!(c, RefuseCause::Other(_)), !(1..=12).contains(&code));
+        prop_assert_eq!(matches!(c, RefuseCause::Other(_)), !(1..=13).contains(&code));
         prop_assert!(!c.to_string().is_empty());
     }
 
