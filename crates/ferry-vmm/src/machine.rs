@@ -11,7 +11,7 @@
 //! | machine type | release | what its table restores |
 //! |---|---|---|
 //! | `ferry-0.3` | 0.3 (being prepared) | nothing: the defaults |
-//! | `ferry-0.2` | 0.2.0 | 10 s for a new connection to identify itself |
+//! | `ferry-0.2` | 0.2.0 | 10 s for a new connection to identify itself; 120 s of silence before a peer is taken for dead |
 //! | `ferry-0.1` | 0.1.0 | 0.1's multifd sync after every section; no device precopy or switchover-ack; no state digest |
 
 use ferry_migration::compat::{CompatEntry, DriverDef, MachineDef, Registry};
@@ -40,6 +40,12 @@ pub static FERRY_0_2: MachineDef = MachineDef {
             driver: "migration",
             property: "handshake-timeout",
             value: "10000",
+        },
+        // 0.2 allowed a silent peer 120 s; 0.3 takes it for dead after 5 s.
+        CompatEntry {
+            driver: "migration",
+            property: "liveness-timeout",
+            value: "120000",
         },
     ],
 };

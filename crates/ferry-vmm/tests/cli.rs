@@ -968,3 +968,178 @@ fn zero_vcpus_is_refused_by_the_soft_backend() {
     assert!(!out.status.success(), "{out}");
     assert!(out.stderr.contains("vCPU"), "{out}");
 }
+
+/// Threads and resident memory of a process, from `/proc/PID/status`.
+fn threads_and_rss(pid: u32) -> (u64, u64) {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        s.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    (field("Threads:"), field("VmRSS:") * 1024)
+}
+
+/// Lets this test (and the VMs it starts) hold over a thousand sockets.
+fn raise_open_files(want: u64) {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: one rlimit struct, read and then written back.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut r);
+        r.rlim_cur = r.rlim_cur.max(want.min(r.rlim_max));
+        libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+    }
+}
+
+/// The adversary, all at once against one destination: 1,000 idle connections,
+/// 50 tricklers that send a valid stream header and hello start one byte at a time, and
+/// clients that send random bytes, a valid header and then garbage, or half a hello. A
+/// real source arriving in the middle completes, memory verified, and the destination's
+/// threads and memory stay bounded meanwhile (its door keeps 64 connections pending at
+/// most, on small threads, and drops the oldest).
+#[test]
+fn a_flood_of_hostile_connections_does_not_block_a_real_migration() {
+    use ferry_migration::wire::{FrameHeader, FrameTag, StreamHeader, PROTOCOL_VERSION};
+    use std::io::Write as _;
+    use std::net::TcpStream;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    let _one_at_a_time = serial();
+    raise_open_files(4096);
+    let dir = TestDir::new("flood");
+    let args = ["--backend", "soft", "--mem", "128M", "--dirty", "8M"];
+    let mut src = Vm::start(&dir, "source", &args);
+    let mut dst = Vm::incoming(&dir, "destination", &args);
+    let uri = dst.uri();
+    let addr = uri
+        .strip_prefix("tcp:")
+        .expect("a tcp destination")
+        .to_string();
+    let mut s = src.qmp();
+    assert_guest_progresses(&mut s, "source");
+    let (threads_before, rss_before) = threads_and_rss(dst.pid());
+
+    let header = StreamHeader {
+        version: PROTOCOL_VERSION,
+    }
+    .encode();
+    let hello_start = FrameHeader {
+        tag: FrameTag::Hello,
+        len: 4000,
+    }
+    .encode();
+    let stop = Arc::new(AtomicBool::new(false));
+    let connects = Arc::new(AtomicU64::new(0));
+    let mut workers = Vec::new();
+
+    // 1,000 idle connections, held open (the door drops the oldest; they stay closed).
+    let idle: Vec<TcpStream> = (0..1000)
+        .filter_map(|_| TcpStream::connect(&addr).ok())
+        .collect();
+    // 50 tricklers: a valid start at one byte per 100 ms, reconnecting when dropped.
+    for _ in 0..50 {
+        let (stop, addr, connects) = (Arc::clone(&stop), addr.clone(), Arc::clone(&connects));
+        let bytes: Vec<u8> = header.iter().chain(&hello_start).copied().collect();
+        workers.push(thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let Ok(mut c) = TcpStream::connect(&addr) else {
+                    thread::sleep(Duration::from_millis(50));
+                    continue;
+                };
+                connects.fetch_add(1, Ordering::Relaxed);
+                for b in bytes.iter().cycle() {
+                    if stop.load(Ordering::Relaxed) || c.write_all(&[*b]).is_err() {
+                        break;
+                    }
+                    thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }));
+    }
+    // 10 clients of garbage, each kind in turn, ten connections a second each.
+    for k in 0..10u64 {
+        let (stop, addr, connects) = (Arc::clone(&stop), addr.clone(), Arc::clone(&connects));
+        let (header, hello_start) = (header, hello_start);
+        workers.push(thread::spawn(move || {
+            let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ k;
+            let mut junk = |n: usize| -> Vec<u8> {
+                (0..n)
+                    .map(|_| {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        x as u8
+                    })
+                    .collect()
+            };
+            let mut round = k;
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok(mut c) = TcpStream::connect(&addr) {
+                    connects.fetch_add(1, Ordering::Relaxed);
+                    let bytes: Vec<u8> = match round % 3 {
+                        0 => junk(4096),
+                        1 => header.iter().copied().chain(junk(512)).collect(),
+                        _ => header
+                            .iter()
+                            .chain(&hello_start)
+                            .copied()
+                            .chain(junk(1000))
+                            .collect(),
+                    };
+                    let _ = c.write_all(&bytes);
+                }
+                round += 1;
+                thread::sleep(Duration::from_millis(100));
+            }
+        }));
+    }
+    // Watch the destination's threads and memory while the flood runs.
+    let peak = Arc::new(std::sync::Mutex::new((0u64, 0u64)));
+    let watcher = {
+        let (stop, peak, pid) = (Arc::clone(&stop), Arc::clone(&peak), dst.pid());
+        thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let (t, r) = threads_and_rss(pid);
+                let mut p = peak.lock().unwrap();
+                *p = (p.0.max(t), p.1.max(r));
+                drop(p);
+                thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    thread::sleep(Duration::from_secs(2));
+
+    let t = Instant::now();
+    migrate_and_check(&mut src, &mut s, &mut dst, &uri, &[], "digest");
+    let took = t.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.join().unwrap();
+    }
+    watcher.join().unwrap();
+    drop(idle);
+    let (threads_peak, rss_peak) = *peak.lock().unwrap();
+    eprintln!(
+        "flood: migrated in {took:?} among {} hostile connections; destination threads {threads_before} -> peak {threads_peak}, RSS {} -> peak {} MiB",
+        1000 + connects.load(Ordering::Relaxed),
+        rss_before >> 20,
+        rss_peak >> 20
+    );
+    assert!(
+        threads_peak <= threads_before + 64 + 16,
+        "the destination ran {threads_peak} threads (from {threads_before}){}",
+        dst.ctx()
+    );
+    assert!(
+        rss_peak <= rss_before + (128 << 20) + (96 << 20),
+        "the destination grew from {} to {} MiB{}",
+        rss_before >> 20,
+        rss_peak >> 20,
+        dst.ctx()
+    );
+}

@@ -10,6 +10,7 @@
 //! is written only when the page was written earlier in this migration (or the backend
 //! reports it populated), so fresh memory the guest never touched stays untouched.
 
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,6 +18,7 @@ use super::bitmap::DirtyBitmap;
 use super::digest::PageDigest;
 use super::error::{error_chain, MigrationError};
 use super::incoming::{Candidate, DoorConfig, Doorman, Incoming, Stray};
+use super::liveness::{KeepaliveSender, Liveness, LEGACY_LIMIT};
 use super::memory::GuestMemory;
 use super::multifd::{ChannelCounters, RecvConfig, RecvSet};
 use super::pages::{record, Lander, Side};
@@ -33,14 +35,12 @@ use crate::state::{self, StateReader};
 use crate::wire::{
     decode_reason, encode_reason, Accept, Annotations, ChannelsReady, Completed, Compression,
     DeviceMode, DevicePlan, DeviceRef, DeviceStateHeader, EndOfStream, FrameHeader, FrameTag,
-    Hello, MultifdSync, PassEnd, RamBatchHeader, Refuse, RefuseCause, StateDigest, StopCopyWhy,
-    VcpuStateHeader, WireError, MAX_BATCH_PAGES,
+    Hello, Keepalive, MultifdSync, PassEnd, RamBatchHeader, Refuse, RefuseCause, StateDigest,
+    StopCopyWhy, VcpuStateHeader, WireError, MAX_BATCH_PAGES,
 };
 use crate::PAGE_SIZE;
 
 const PEER: &str = "source";
-/// Silence from the source this long ends the migration.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long the data channels the hello announced may take to connect.
 const CHANNEL_WAIT: Duration = Duration::from_secs(10);
 /// How long a destination waits, after `Completed`, for a source that does not keep the
@@ -146,13 +146,19 @@ pub fn receive(
         }
     };
     door.taken();
-    let Candidate { ch, .. } = cand;
+    let Candidate { mut ch, .. } = cand;
     let start = Instant::now();
     monitor.set_status(MigrationStatus::Setup);
     if let Ok(c) = ch.try_clone() {
         monitor.attach_channel(c);
     }
-    let _ = ch.set_read_timeout(Some(IDLE_TIMEOUT));
+    // A source that sends keepalives gets this side's liveness limit; one that does
+    // not (0.1.0, 0.2.0) falls silent for as long as its own work takes.
+    let live = Liveness::new(match annotations.liveness_ms {
+        Some(_) => params.liveness_timeout,
+        None => LEGACY_LIMIT,
+    });
+    let _ = ch.watch(&live, "the main channel", 2 * params.liveness_timeout);
     let ram = vm.ram();
     let blocks = ram.blocks().to_vec();
     let mut dst = Dest {
@@ -188,10 +194,13 @@ pub fn receive(
         device_stats: Vec::new(),
         state_hash: params.state_digest.then(StateHash::new),
         state_digest: None,
+        live,
+        keepalive: None,
     };
     dst.device_loaded = vec![false; dst.devices.len()];
     dst.precopy = vec![DestPrecopy::default(); dst.devices.len()];
     let mut r = dst.run(&stated, hello, &mut door);
+    dst.keepalive.take();
     if let Err(e) = &r {
         // A data channel's failure is what woke the main channel: report that, unless
         // the main channel had its own say (an abort, a refusal, a bad frame).
@@ -296,6 +305,10 @@ struct Dest<'a> {
     state_hash: Option<StateHash>,
     /// The source's state digest, once its frame has come.
     state_digest: Option<StateDigest>,
+    /// The source's last sign of life, over every channel.
+    live: Arc<Liveness>,
+    /// Keepalives on the return path, for a source that takes them.
+    keepalive: Option<KeepaliveSender>,
 }
 
 /// One device's precopy, at the destination.
@@ -333,6 +346,7 @@ impl Dest<'_> {
         )?;
         tracing::info!(source = %hello.release, machine = %hello.machine, "accepted an incoming migration");
         self.plan_devices(&hello)?;
+        self.start_keepalives()?;
         for (b, bm) in self.written.iter().enumerate() {
             self.vm.ram().populated(b, bm);
         }
@@ -371,6 +385,9 @@ impl Dest<'_> {
                     ))
                 }
                 FrameTag::RamBatch => self.ram_batch(fh)?,
+                FrameTag::Keepalive => {
+                    Keepalive::decode(&read_payload(&mut self.ch, fh.len, PEER, "keepalive")?)?;
+                }
                 FrameTag::MultifdSync => {
                     let s = MultifdSync::decode(&read_payload(
                         &mut self.ch,
@@ -449,6 +466,43 @@ impl Dest<'_> {
         }
     }
 
+    /// For a source that takes keepalives: the first one at once, which tells the
+    /// source this side sends them, then one whenever the return path is quiet.
+    fn start_keepalives(&mut self) -> Result<(), MigrationError> {
+        let Some(source_ms) = self.annotations.liveness_ms else {
+            return Ok(());
+        };
+        let own = self.params.liveness_timeout;
+        write_frame(
+            &self.ch,
+            FrameTag::KeepaliveReturn,
+            &Keepalive {
+                limit_ms: own.as_millis().min(u32::MAX as u128) as u32,
+            }
+            .encode(),
+            PEER,
+            "keepalive",
+        )?;
+        if self.monitor.faults().mute_keepalive {
+            tracing::warn!("test fault: no keepalives after the first");
+            return Ok(());
+        }
+        let ch = self
+            .ch
+            .try_clone()
+            .map_err(|e| MigrationError::io(PEER, "setup", e))?;
+        self.keepalive = Some(
+            KeepaliveSender::start(
+                ch,
+                FrameTag::KeepaliveReturn,
+                own,
+                Arc::new(AtomicU64::new(source_ms.into())),
+            )
+            .map_err(|e| MigrationError::io(PEER, "setup", e))?,
+        );
+        Ok(())
+    }
+
     /// Takes the data channels the hello announced from the doorman, starts their
     /// receivers and tells the source they are bound.
     fn bind_channels(&mut self, hello: &Hello, door: &mut Doorman) -> Result<(), MigrationError> {
@@ -470,8 +524,9 @@ impl Dest<'_> {
                 digest: self.digest.clone(),
                 zstd: hello.compression == Compression::Zstd,
                 delay: self.monitor.faults().delay_channel,
+                live: Arc::clone(&self.live),
+                link_limit: 2 * self.params.liveness_timeout,
             },
-            IDLE_TIMEOUT,
         )?);
         write_frame(
             &self.ch,
@@ -511,7 +566,7 @@ impl Dest<'_> {
             )));
         }
         let monitor = self.monitor;
-        recv.sync(s.seq, s.last, &|| monitor.is_cancelled(), IDLE_TIMEOUT)?;
+        recv.sync(s.seq, s.last, &|| monitor.is_cancelled(), &self.live)?;
         self.syncs += 1;
         self.channels_done = s.last;
         let (t, written) = recv.totals();
@@ -1038,6 +1093,13 @@ impl Dest<'_> {
     /// stopped then, and a guest must run somewhere. The cost: up to `RELEASE_GRACE`
     /// more downtime when the source is 0.1.0, none otherwise.
     fn hand_over(&mut self, eos: &EndOfStream, t: Instant) -> Result<(), MigrationError> {
+        if let Some(d) = self.monitor.faults().delay_completion {
+            std::thread::sleep(d);
+        }
+        // The answer is the last frame: no keepalive after it.
+        if let Some(k) = self.keepalive.take() {
+            k.stop();
+        }
         self.monitor.commit()?;
         let done = |t: Instant, s: &Self| Completed {
             resume_us: t.elapsed().as_micros() as u64,
@@ -1086,6 +1148,7 @@ impl Dest<'_> {
     /// Waits for a source without the commitment to close the connection after
     /// `Completed`; an abort means it took the guest back.
     fn await_release(&mut self) -> Result<(), MigrationError> {
+        self.ch.unwatch();
         let _ = self.ch.set_read_timeout(Some(RELEASE_GRACE));
         let fh = match read_frame_header(&mut self.ch, PEER, "the source to let go of the guest") {
             Ok(fh) => fh,

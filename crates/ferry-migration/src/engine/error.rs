@@ -4,6 +4,7 @@ use std::io;
 
 use thiserror::Error;
 
+use super::liveness::Stalled;
 use super::vm::VmError;
 use crate::state::StateError;
 use crate::wire::{RefuseCause, WireError};
@@ -28,11 +29,25 @@ pub enum MigrationError {
         #[source]
         source: io::Error,
     },
-    #[error("no answer from the {peer} for {secs} s while waiting for {waiting_for}")]
+    #[error("no answer from the {peer}{} while waiting for {waiting_for}", for_secs(*secs))]
     Timeout {
         peer: &'static str,
         waiting_for: &'static str,
         secs: u64,
+    },
+    /// Nothing came from the peer on any channel for `migration.liveness-timeout`.
+    #[error("the {peer} went silent while waiting for {waiting_for}: {stalled}")]
+    Silent {
+        peer: &'static str,
+        waiting_for: &'static str,
+        stalled: Box<Stalled>,
+    },
+    /// The kernel gave up on a TCP connection: the peer's host acknowledged nothing,
+    /// not even keepalive probes, for the connection's `TCP_USER_TIMEOUT`.
+    #[error("the link to the {peer} is down: its host acknowledged nothing for the connection's timeout (TCP_USER_TIMEOUT, twice migration.liveness-timeout) while waiting for {waiting_for}")]
+    LinkDown {
+        peer: &'static str,
+        waiting_for: &'static str,
     },
     #[error("destination refused the migration ({cause}): {reason}")]
     Refused { cause: RefuseCause, reason: String },
@@ -99,6 +114,15 @@ pub enum MigrationError {
     },
 }
 
+/// " for N s", or nothing when the wait was a socket's own timeout.
+fn for_secs(secs: u64) -> String {
+    if secs == 0 {
+        String::new()
+    } else {
+        format!(" for {secs} s")
+    }
+}
+
 impl MigrationError {
     /// Maps an I/O error on the migration socket: a closed peer reads better than an errno.
     pub(crate) fn io(peer: &'static str, phase: &'static str, e: io::Error) -> Self {
@@ -108,7 +132,20 @@ impl MigrationError {
             | io::ErrorKind::ConnectionReset
             | io::ErrorKind::ConnectionAborted
             | io::ErrorKind::NotConnected => Self::PeerClosed { peer, phase },
-            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => Self::Timeout {
+            io::ErrorKind::TimedOut => {
+                match e.get_ref().and_then(|i| i.downcast_ref::<Stalled>()) {
+                    Some(s) => Self::Silent {
+                        peer,
+                        waiting_for: phase,
+                        stalled: Box::new(s.clone()),
+                    },
+                    None => Self::LinkDown {
+                        peer,
+                        waiting_for: phase,
+                    },
+                }
+            }
+            io::ErrorKind::WouldBlock => Self::Timeout {
                 peer,
                 waiting_for: phase,
                 secs: 0,
@@ -142,6 +179,16 @@ impl MigrationError {
                 waiting_for,
                 secs: *secs,
             },
+            Self::Silent {
+                peer,
+                waiting_for,
+                stalled,
+            } => Self::Silent {
+                peer,
+                waiting_for,
+                stalled: stalled.clone(),
+            },
+            Self::LinkDown { peer, waiting_for } => Self::LinkDown { peer, waiting_for },
             Self::Refused { cause, reason } => Self::Refused {
                 cause: *cause,
                 reason: reason.clone(),

@@ -44,6 +44,14 @@ pub struct Faults {
     /// Source: switch over once the rest fits the downtime limit, acknowledged or not:
     /// the rule switchover-ack exists for, broken.
     pub switch_without_ack: bool,
+    /// Destination: send the first keepalive (so the source takes it for a peer that
+    /// sends them) and no more: the rule keepalives exist for, broken.
+    pub mute_keepalive: bool,
+    /// Destination: hold the answer to the end of stream this long, as a slow load or
+    /// verification would: a quiet stretch for keepalives to bridge.
+    pub delay_completion: Option<Duration>,
+    /// Source: state no keepalives in the hello, as releases before 0.3 did.
+    pub no_keepalive: bool,
 }
 
 impl Faults {
@@ -60,6 +68,9 @@ impl Faults {
         delay_ack: None,
         ack_timeout: None,
         switch_without_ack: false,
+        mute_keepalive: false,
+        delay_completion: None,
+        no_keepalive: false,
     };
 
     /// Applies `damage_vcpu_state` to a vCPU-state frame's payload.

@@ -11,14 +11,19 @@ use std::os::fd::RawFd;
 /// Most iovecs passed to one call (Linux's `IOV_MAX`).
 const IOV_MAX: usize = 1024;
 
+/// Told of every call's outcome: `Some(n)` when it moved `n` bytes, `None` when the
+/// socket's timeout expired with nothing moved (`EAGAIN`). Its `Err` ends the transfer
+/// (bytes already moved stay accounted for); `Ok` goes on.
+pub type Stall<'a> = &'a mut dyn FnMut(Option<usize>) -> io::Result<()>;
+
 /// Writes every byte described by `iov`, advancing through partial writes.
 ///
 /// # Safety
 ///
 /// Every `iov` entry must describe memory readable for its length for the whole call.
-pub unsafe fn writev_all(fd: RawFd, iov: &mut [libc::iovec]) -> io::Result<()> {
+pub unsafe fn writev_all(fd: RawFd, iov: &mut [libc::iovec], stall: Stall) -> io::Result<()> {
     // SAFETY: `writev` only reads the iovecs' memory, which the caller vouches for.
-    unsafe { transfer_all(fd, iov, libc::writev, io::ErrorKind::WriteZero) }
+    unsafe { transfer_all(fd, iov, libc::writev, io::ErrorKind::WriteZero, stall) }
 }
 
 /// Fills every byte described by `iov`, advancing through partial reads. A peer that
@@ -28,16 +33,17 @@ pub unsafe fn writev_all(fd: RawFd, iov: &mut [libc::iovec]) -> io::Result<()> {
 ///
 /// Every `iov` entry must describe memory writable for its length for the whole call,
 /// that no Rust reference points into.
-pub unsafe fn readv_all(fd: RawFd, iov: &mut [libc::iovec]) -> io::Result<()> {
+pub unsafe fn readv_all(fd: RawFd, iov: &mut [libc::iovec], stall: Stall) -> io::Result<()> {
     // SAFETY: `readv` writes the iovecs' memory, which the caller vouches for.
-    unsafe { transfer_all(fd, iov, libc::readv, io::ErrorKind::UnexpectedEof) }
+    unsafe { transfer_all(fd, iov, libc::readv, io::ErrorKind::UnexpectedEof, stall) }
 }
 
 type VectoredCall =
     unsafe extern "C" fn(libc::c_int, *const libc::iovec, libc::c_int) -> libc::ssize_t;
 
 /// Repeats `call` (`readv` or `writev`) until every iovec is done; a call that moves
-/// nothing means the peer is gone, reported as `at_zero`.
+/// nothing means the peer is gone, reported as `at_zero`, and one that times out asks
+/// `stall` whether to go on.
 ///
 /// # Safety
 ///
@@ -47,6 +53,7 @@ unsafe fn transfer_all(
     iov: &mut [libc::iovec],
     call: VectoredCall,
     at_zero: io::ErrorKind,
+    stall: Stall,
 ) -> io::Result<()> {
     let mut start = 0;
     while start < iov.len() {
@@ -56,14 +63,19 @@ unsafe fn transfer_all(
         let r = unsafe { call(fd, iov.as_ptr().add(start), n as libc::c_int) };
         if r < 0 {
             let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
+            match e.kind() {
+                io::ErrorKind::Interrupted => continue,
+                io::ErrorKind::WouldBlock => {
+                    stall(None)?;
+                    continue;
+                }
+                _ => return Err(e),
             }
-            return Err(e);
         }
         if r == 0 {
             return Err(at_zero.into());
         }
+        stall(Some(r as usize))?;
         start = advance(iov, start, r as usize);
     }
     Ok(())
@@ -119,10 +131,10 @@ mod tests {
                 })
                 .collect();
             // SAFETY: `src` outlives the call and is only read.
-            unsafe { writev_all(a.as_raw_fd(), &mut wiov) }.unwrap();
+            unsafe { writev_all(a.as_raw_fd(), &mut wiov, &mut |_| Ok(())) }.unwrap();
         });
         // SAFETY: `dst` is owned here and not otherwise referenced during the call.
-        unsafe { readv_all(b.as_raw_fd(), &mut riov) }.unwrap();
+        unsafe { readv_all(b.as_raw_fd(), &mut riov, &mut |_| Ok(())) }.unwrap();
         w.join().unwrap();
         for (i, v) in dst.iter().enumerate() {
             assert!(v.iter().all(|&x| x == (i % 251) as u8), "entry {i}");

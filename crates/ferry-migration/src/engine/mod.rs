@@ -12,6 +12,7 @@ pub mod error;
 mod faults;
 mod incoming;
 mod iov;
+pub mod liveness;
 mod memory;
 pub mod multifd;
 mod pages;

@@ -42,6 +42,7 @@ use std::time::{Duration, Instant};
 use super::bitmap::DirtyBitmap;
 use super::digest::PageDigest;
 use super::error::MigrationError;
+use super::liveness::{Liveness, Stalled};
 use super::memory::GuestMemory;
 use super::pages::{Batch, Classifier, Lander, PageWriter};
 use super::stats::ChannelStats;
@@ -575,6 +576,10 @@ pub(crate) struct RecvConfig {
     pub zstd: bool,
     /// Test fault: hold every page packet of this channel this long.
     pub delay: Option<(u16, Duration)>,
+    /// The source's last sign of life, over every channel.
+    pub live: Arc<Liveness>,
+    /// How long the transport may let a link go unacknowledged.
+    pub link_limit: Duration,
 }
 
 /// The destination's data channels and their receiver threads.
@@ -590,7 +595,6 @@ impl RecvSet {
         channels: Vec<Channel>,
         main: &Channel,
         cfg: &RecvConfig,
-        idle: Duration,
     ) -> Result<Self, MigrationError> {
         let n = channels.len();
         let shared = Arc::new(RecvShared {
@@ -610,9 +614,10 @@ impl RecvSet {
             threads: Vec::with_capacity(n),
             sockets: Vec::with_capacity(n),
         };
-        for (i, ch) in channels.into_iter().enumerate() {
+        for (i, mut ch) in channels.into_iter().enumerate() {
             let index = i as u16;
-            let _ = ch.set_read_timeout(Some(idle));
+            ch.watch(&cfg.live, format!("data channel {i}"), cfg.link_limit)
+                .map_err(|e| MigrationError::io("source", "setup", e))?;
             set.sockets.push(
                 ch.try_clone()
                     .map_err(|e| MigrationError::io("source", "setup", e))?,
@@ -657,7 +662,7 @@ impl RecvSet {
         seq: u64,
         last: bool,
         cancelled: &dyn Fn() -> bool,
-        idle: Duration,
+        live: &Liveness,
     ) -> Result<(), MigrationError> {
         let mut st = self.shared.st.lock().unwrap();
         if seq != st.released + 1 {
@@ -666,7 +671,7 @@ impl RecvSet {
                 st.released
             )));
         }
-        let deadline = Instant::now() + idle;
+        let since = Instant::now();
         loop {
             if let Some(e) = &st.error {
                 return Err(e.duplicate());
@@ -686,7 +691,9 @@ impl RecvSet {
                     )));
                 }
             }
-            if Instant::now() >= deadline {
+            // Channels still moving pages are alive however long they take; only a
+            // source silent on every channel for the limit ends the wait.
+            if live.silence() >= live.limit() {
                 let slow: Vec<String> = st
                     .reached
                     .iter()
@@ -694,11 +701,17 @@ impl RecvSet {
                     .filter(|(_, &r)| r != seq)
                     .map(|(i, _)| i.to_string())
                     .collect();
-                return Err(MigrationError::Protocol(format!(
-                    "data channel {} did not reach sync {seq} within {} s",
-                    slow.join(", "),
-                    idle.as_secs()
-                )));
+                return Err(MigrationError::Silent {
+                    peer: "source",
+                    waiting_for: "multifd sync",
+                    stalled: Box::new(Stalled {
+                        channel: format!("the main channel (for data channel {})", slow.join(", ")),
+                        waited: since.elapsed(),
+                        silence: live.silence(),
+                        limit: live.limit(),
+                        by_kernel: false,
+                    }),
+                });
             }
             st = self.shared.cv.wait_timeout(st, POLL).unwrap().0;
         }

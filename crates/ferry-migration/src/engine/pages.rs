@@ -22,7 +22,6 @@ use std::sync::Arc;
 use super::bitmap::DirtyBitmap;
 use super::digest::{zero_page_hash, PageDigest};
 use super::error::MigrationError;
-use super::iov::{readv_all, writev_all};
 use super::memory::{GuestMemory, PageBuf};
 use super::multifd::ChannelCounters;
 use super::stats::MigrationMonitor;
@@ -235,7 +234,7 @@ impl PageWriter {
         // SAFETY: the first iovec is `head`; the others are whole guest pages inside
         // mapped blocks (GuestMemory checked the indices), which stay mapped while the
         // VM lives. The kernel only reads them.
-        unsafe { writev_all(fd, &mut self.iov) }
+        unsafe { ch.lock().writev_all(fd, &mut self.iov) }
     }
 }
 
@@ -291,7 +290,7 @@ impl Lander {
         // SAFETY: every iovec covers whole pages inside the block's mapping; the guest
         // is not running, no Rust reference points into guest memory, and no other lane
         // writes these pages in this round (a page is sent once per round).
-        unsafe { readv_all(fd, &mut self.iov) }.map_err(io)
+        unsafe { ch.readv_all(fd, &mut self.iov) }.map_err(io)
     }
 
     /// Copies the data of `normal` pages from `data` (decompressed, back to back).

@@ -102,6 +102,16 @@ pub static MIGRATION_DRIVER: DriverDef = DriverDef {
             doc: "destination: milliseconds a new connection has to send its header and, for a migration stream, its whole hello; one that has not is closed, and holds nothing a real source needs meanwhile",
         },
         PropDef {
+            name: "liveness-timeout",
+            kind: PropKind::U64 {
+                min: 500,
+                max: 600_000,
+            },
+            default: "5000",
+            wire: false,
+            doc: "milliseconds of silence on every channel after which either side takes its peer or the link for dead and fails the migration (the source keeps its guest); keepalives keep an idle but healthy link alive, and a peer without them (0.1.0, 0.2.0) is allowed 120 s",
+        },
+        PropDef {
             name: "multifd-zstd-level",
             kind: PropKind::U64 { min: 1, max: 19 },
             default: "1",
@@ -134,6 +144,8 @@ pub struct MigrationParams {
     pub state_digest: bool,
     /// Destination: how long a new connection has to send its header and hello.
     pub handshake_timeout: Duration,
+    /// How long either side lets its peer be silent before it fails the migration.
+    pub liveness_timeout: Duration,
 }
 
 impl Default for MigrationParams {
@@ -150,6 +162,7 @@ impl Default for MigrationParams {
             switchover_ack: true,
             state_digest: true,
             handshake_timeout: Duration::from_secs(5),
+            liveness_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -172,6 +185,7 @@ impl MigrationParams {
             switchover_ack: cfg.bool(MIGRATION, "switchover-ack")?,
             state_digest: cfg.bool(MIGRATION, "state-digest")?,
             handshake_timeout: Duration::from_millis(cfg.u64(MIGRATION, "handshake-timeout")?),
+            liveness_timeout: Duration::from_millis(cfg.u64(MIGRATION, "liveness-timeout")?),
         })
     }
 

@@ -21,6 +21,7 @@
 //! cleanly (devices leave precopy, harvested pages go back), and a new migration can
 //! start at once.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,6 +29,7 @@ use std::time::{Duration, Instant};
 use super::bitmap::DirtyBitmap;
 use super::digest::PageDigest;
 use super::error::{error_chain, MigrationError};
+use super::liveness::{KeepaliveSender, Liveness, LEGACY_LIMIT};
 use super::memory::GuestMemory;
 use super::multifd::{ChannelCounters, SendConfig, SendSet, SECTION};
 use super::pages::{record, Classifier, MainLane, Picker, Side, BATCH_PAGES};
@@ -45,7 +47,7 @@ use crate::state::{self, StateWriter};
 use crate::wire::{
     decode_reason, encode_reason, Accept, Annotations, ChannelHeader, ChannelsReady, Completed,
     DeviceMode, DevicePlan, DeviceRef, DeviceStateHeader, EndOfStream, FrameTag, Hello,
-    HelloDevice, HelloRamBlock, MultifdSync, PassEnd, PrecopyOffer, Refuse, StopCopyWhy,
+    HelloDevice, HelloRamBlock, Keepalive, MultifdSync, PassEnd, PrecopyOffer, Refuse, StopCopyWhy,
     StreamHeader, VcpuStateHeader, CHANNEL_VERSION, PROTOCOL_VERSION,
 };
 use crate::PAGE_SIZE;
@@ -55,8 +57,6 @@ const PEER: &str = "destination";
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the destination may take to load state and resume after the end of stream.
 const COMPLETION_TIMEOUT: Duration = Duration::from_secs(120);
-/// A write that makes no progress for this long means the destination is gone.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Passes after convergence while each still shrinks what the downtime must carry.
 const MAX_EXTRA_PASSES: u32 = 3;
 /// How long the destination may take to bind the data channels (it waits 10 s for them
@@ -127,6 +127,9 @@ pub fn migrate(
         devices: Vec::new(),
         state_hash: params.state_digest.then(StateHash::new),
         throttle: Throttle::new(params.max_bandwidth),
+        live: Liveness::new(LEGACY_LIMIT),
+        peer_keepalive: Arc::new(AtomicU64::new(0)),
+        keepalive: None,
     };
     monitor.update(|i| i.session = Some(format!("{:016x}", src.session)));
     let result = src.run(id, transport);
@@ -213,6 +216,12 @@ struct Source<'a> {
     /// `max-bandwidth` over everything the source sends while the guest runs: pages and
     /// device precopy records.
     throttle: Throttle,
+    /// The destination's last sign of life, over every channel.
+    live: Arc<Liveness>,
+    /// The destination's liveness limit in milliseconds once it has sent a keepalive
+    /// (0 before: then it sends none, and neither does this side).
+    peer_keepalive: Arc<AtomicU64>,
+    keepalive: Option<KeepaliveSender>,
 }
 
 /// One device of the migration, at the source.
@@ -455,13 +464,14 @@ impl Source<'_> {
         id: &SourceIdentity,
         transport: &dyn Connector,
     ) -> Result<(), MigrationError> {
-        let ch = transport
+        let mut ch = transport
             .connect(StreamRole::Main)
             .map_err(|e| MigrationError::Connect {
                 uri: transport.describe(),
                 source: e,
             })?;
-        ch.set_write_timeout(Some(WRITE_TIMEOUT))
+        let link_limit = 2 * self.params.liveness_timeout;
+        ch.watch(&self.live, "the main channel", link_limit)
             .map_err(|e| MigrationError::io(PEER, "setup", e))?;
         self.monitor.attach_channel(
             ch.try_clone()
@@ -470,15 +480,41 @@ impl Source<'_> {
         let mut rch = ch
             .try_clone()
             .map_err(|e| MigrationError::io(PEER, "setup", e))?;
+        rch.watch(&self.live, "the return path", link_limit)
+            .map_err(|e| MigrationError::io(PEER, "setup", e))?;
+        let kch = ch
+            .try_clone()
+            .map_err(|e| MigrationError::io(PEER, "setup", e))?;
         self.ch = Some(ch);
         let (tx, rx) = mpsc::channel();
+        let (live, own_limit) = (Arc::clone(&self.live), self.params.liveness_timeout);
+        let peer_keepalive = Arc::clone(&self.peer_keepalive);
         std::thread::Builder::new()
             .name("ferry-return-path".into())
             .spawn(move || loop {
-                let ev = read_frame_header(&mut rch, PEER, "return path").and_then(|h| {
-                    read_payload(&mut rch, h.len, PEER, "return path").map(|p| (h.tag, p))
+                let ev = read_frame_header(&mut rch, PEER, "an answer").and_then(|h| {
+                    read_payload(&mut rch, h.len, PEER, "an answer").map(|p| (h.tag, p))
                 });
                 match ev {
+                    // A keepalive is for this thread alone: the destination sends them,
+                    // so from now on it gets the short limit and gets ours.
+                    Ok((FrameTag::KeepaliveReturn, p)) => match Keepalive::decode(&p) {
+                        Ok(k) if k.limit_ms > 0 => {
+                            if peer_keepalive.swap(k.limit_ms.into(), Ordering::Relaxed) == 0 {
+                                live.set_limit(own_limit);
+                            }
+                        }
+                        Ok(_) => {
+                            let _ = tx.send(RpEvent::Closed(MigrationError::Protocol(
+                                "a keepalive that allows no silence at all".into(),
+                            )));
+                            break;
+                        }
+                        Err(e) => {
+                            let _ = tx.send(RpEvent::Closed(e.into()));
+                            break;
+                        }
+                    },
                     Ok((tag, p)) => {
                         if tx.send(RpEvent::Frame(tag, p)).is_err() {
                             break;
@@ -502,6 +538,15 @@ impl Source<'_> {
         if self.monitor.is_cancelled() {
             return Err(MigrationError::Cancelled);
         }
+        self.keepalive = Some(
+            KeepaliveSender::start(
+                kch,
+                FrameTag::Keepalive,
+                self.params.liveness_timeout,
+                Arc::clone(&self.peer_keepalive),
+            )
+            .map_err(|e| MigrationError::io(PEER, "setup", e))?,
+        );
         if self.params.multifd_channels > 0 {
             self.open_channels(transport)?;
         }
@@ -740,6 +785,12 @@ impl Source<'_> {
         // `wire::ANNOTATION_PREFIX`).
         Annotations {
             switchover_commit: !self.monitor.faults().legacy_handover,
+            liveness_ms: (!self.monitor.faults().no_keepalive).then(|| {
+                self.params
+                    .liveness_timeout
+                    .as_millis()
+                    .min(u32::MAX as u128) as u32
+            }),
             device_config: self
                 .devices
                 .iter()
@@ -1101,14 +1152,18 @@ impl Source<'_> {
                 index,
                 source: Box::new(e),
             };
-            let ch = transport.connect(StreamRole::Data(index)).map_err(|e| {
+            let mut ch = transport.connect(StreamRole::Data(index)).map_err(|e| {
                 wrap(MigrationError::Connect {
                     uri: transport.describe(),
                     source: e,
                 })
             })?;
-            ch.set_write_timeout(Some(WRITE_TIMEOUT))
-                .map_err(|e| wrap(MigrationError::io(PEER, "setup", e)))?;
+            ch.watch(
+                &self.live,
+                format!("data channel {index}"),
+                2 * self.params.liveness_timeout,
+            )
+            .map_err(|e| wrap(MigrationError::io(PEER, "setup", e)))?;
             let hdr = ChannelHeader {
                 version: CHANNEL_VERSION,
                 session_id: self.session,
@@ -1295,6 +1350,11 @@ impl Source<'_> {
         // here; from this point on the destination's answer decides.
         if !self.monitor.faults().legacy_handover {
             self.monitor.commit()?;
+        }
+        // Nothing follows the end of stream: a keepalive after it would lie unread at
+        // the destination.
+        if let Some(k) = self.keepalive.take() {
+            k.stop();
         }
         if let Err(e) = write_frame(
             self.ch(),

@@ -9,7 +9,7 @@ use std::io::{self, Read};
 use xxhash_rust::xxh3::Xxh3;
 
 use super::error::MigrationError;
-use super::transport::Channel;
+use super::transport::{Channel, Writer};
 use crate::state::StateSink;
 use crate::wire::{DeviceStateHeader, FrameHeader, FrameTag, StateDigest};
 
@@ -71,7 +71,8 @@ impl<R: Read> Read for Hashed<'_, R> {
 /// device's memory, together with what was gathered before it, in one vectored write.
 /// Every payload byte also goes into the state digest, when there is one.
 pub(crate) struct DeviceFrame<'a> {
-    ch: &'a Channel,
+    /// The channel's write lock, held from the first byte to the last.
+    w: Writer<'a>,
     tag: FrameTag,
     header: DeviceStateHeader,
     buf: Vec<u8>,
@@ -91,7 +92,7 @@ impl<'a> DeviceFrame<'a> {
         hash: Option<&'a mut StateHash>,
     ) -> Self {
         Self {
-            ch,
+            w: ch.lock(),
             tag,
             header,
             buf: Vec::new(),
@@ -108,7 +109,7 @@ impl<'a> DeviceFrame<'a> {
     /// Writes what is still gathered.
     pub(crate) fn flush(&mut self) -> io::Result<()> {
         if !self.buf.is_empty() {
-            self.ch.write_bufs(&[&self.buf])?;
+            self.w.write_bufs(&[&self.buf])?;
             self.buf.clear();
         }
         Ok(())
@@ -153,7 +154,7 @@ impl StateSink for DeviceFrame<'_> {
             self.buf.extend_from_slice(bytes);
             return Ok(());
         }
-        self.ch.write_bufs(&[&self.buf, bytes])?;
+        self.w.write_bufs(&[&self.buf, bytes])?;
         self.buf.clear();
         Ok(())
     }

@@ -13,7 +13,10 @@ use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use super::liveness::{Liveness, Watch, POLL};
 
 /// A connected byte stream to the other side: what the engine migrates over.
 ///
@@ -53,6 +56,15 @@ pub trait MigrationStream: Send + Sync + 'static {
     fn raw_fd(&self) -> Option<RawFd> {
         None
     }
+
+    /// The engine takes a link silent for `limit` as dead: a transport that can watch
+    /// the link below the engine gives up on it by then as well. TCP sockets turn on
+    /// keepalive probes for idle connections and `TCP_USER_TIMEOUT` for data the peer's
+    /// host stopped acknowledging; the default does nothing.
+    fn set_liveness(&self, limit: Duration) -> io::Result<()> {
+        let _ = limit;
+        Ok(())
+    }
 }
 
 impl MigrationStream for TcpStream {
@@ -77,6 +89,37 @@ impl MigrationStream for TcpStream {
     fn raw_fd(&self) -> Option<RawFd> {
         Some(self.as_raw_fd())
     }
+    fn set_liveness(&self, limit: Duration) -> io::Result<()> {
+        tcp_liveness(self.as_raw_fd(), limit)
+    }
+}
+
+/// Keepalive probes from a third of `limit` of idleness, one a second, and
+/// `TCP_USER_TIMEOUT` of `limit`: the kernel drops the connection (`ETIMEDOUT`) once
+/// the peer's host has acknowledged nothing for that long, probes included.
+fn tcp_liveness(fd: RawFd, limit: Duration) -> io::Result<()> {
+    let set = |level: libc::c_int, name: libc::c_int, v: libc::c_int| -> io::Result<()> {
+        // SAFETY: an int option of the right size on a socket we hold.
+        let r = unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                name,
+                (&v as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    };
+    let ms = limit.as_millis().clamp(1000, i32::MAX as u128) as libc::c_int;
+    set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)?;
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, (ms / 3000).max(1))?;
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 1)?;
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, (ms / 1000).max(3))?;
+    set(libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, ms)
 }
 
 impl MigrationStream for UnixStream {
@@ -104,57 +147,241 @@ impl MigrationStream for UnixStream {
 }
 
 /// A connected migration channel: a [`MigrationStream`] as the engine holds it.
-pub struct Channel(Box<dyn MigrationStream>);
+///
+/// Once the engine watches it ([`Channel::watch`]), a blocked read or write no longer
+/// fails on its socket timeout: it waits as long as the peer shows life on any channel
+/// of the migration, and fails with a [`Stalled`](super::liveness::Stalled) error once
+/// the peer was silent for the whole limit (see [`super::liveness`]).
+///
+/// Frames are written under the channel's write lock, which its clones share: a thread
+/// that sends keepalives on a clone ([`Channel::try_lock`]) only ever writes between
+/// two frames of another thread, never into one.
+pub struct Channel {
+    s: Box<dyn MigrationStream>,
+    watch: Option<Watch>,
+    wlock: Arc<Mutex<()>>,
+}
 
 impl std::fmt::Debug for Channel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Channel")
-            .field("fd", &self.0.raw_fd())
+            .field("fd", &self.s.raw_fd())
             .finish()
     }
 }
 
 impl Channel {
     pub fn new(stream: impl MigrationStream) -> Self {
-        Self(Box::new(stream))
+        Self::from_boxed(Box::new(stream))
     }
 
     pub fn from_boxed(stream: Box<dyn MigrationStream>) -> Self {
-        Self(stream)
+        Self {
+            s: stream,
+            watch: None,
+            wlock: Arc::new(Mutex::new(())),
+        }
     }
 
     pub fn try_clone(&self) -> io::Result<Self> {
-        Ok(Self(self.0.try_clone()?))
+        Ok(Self {
+            s: self.s.try_clone()?,
+            watch: self.watch.clone(),
+            wlock: Arc::clone(&self.wlock),
+        })
     }
 
     /// Closes both directions, waking any thread blocked on the channel.
     pub fn shutdown(&self) {
-        self.0.shutdown(Shutdown::Both);
+        self.s.shutdown(Shutdown::Both);
     }
 
     /// Closes the reading side only: a thread blocked reading wakes with end of file,
     /// while writes (a reason for the peer) still go out.
     pub fn shutdown_read(&self) {
-        self.0.shutdown(Shutdown::Read);
+        self.s.shutdown(Shutdown::Read);
     }
 
     pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
-        self.0.set_read_timeout(t)
+        self.s.set_read_timeout(t)
     }
 
     pub fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
-        self.0.set_write_timeout(t)
+        self.s.set_write_timeout(t)
     }
 
     /// The socket's descriptor when pages may be moved by `writev`/`readv` on it.
     pub fn raw_fd(&self) -> Option<RawFd> {
-        self.0.raw_fd()
+        self.s.raw_fd()
     }
 
+    /// From now on a blocked call on this handle (and on clones made after) waits for
+    /// as long as `live` says the peer is alive; the transport is asked to watch the
+    /// link too, giving up after `link_limit`.
+    pub(crate) fn watch(
+        &mut self,
+        live: &Arc<Liveness>,
+        channel: impl Into<String>,
+        link_limit: Duration,
+    ) -> io::Result<()> {
+        self.s.set_read_timeout(Some(POLL))?;
+        self.s.set_write_timeout(Some(POLL))?;
+        self.s.set_liveness(link_limit)?;
+        self.watch = Some(Watch {
+            live: Arc::clone(live),
+            channel: channel.into(),
+            link_limit,
+        });
+        Ok(())
+    }
+
+    /// Stops watching: calls block for as long as the socket timeouts say.
+    pub(crate) fn unwatch(&mut self) {
+        self.watch = None;
+        let _ = self.s.set_read_timeout(None);
+        let _ = self.s.set_write_timeout(None);
+    }
+
+    /// The outcome of one call, for the liveness watch: progress is a sign of life,
+    /// an expired socket timeout a question of whether to go on waiting.
+    fn progress(&self, moved: Option<usize>, since: Instant) -> io::Result<()> {
+        self.progress_as(moved, since, true)
+    }
+
+    /// As [`Self::progress`]; `shows_life: false` for writes of keepalives, which fit
+    /// any send buffer and so prove nothing about the peer.
+    fn progress_as(
+        &self,
+        moved: Option<usize>,
+        since: Instant,
+        shows_life: bool,
+    ) -> io::Result<()> {
+        match (&self.watch, moved) {
+            (Some(w), Some(n)) if n > 0 && shows_life => {
+                w.live.heard();
+                Ok(())
+            }
+            (_, Some(_)) => Ok(()),
+            (Some(w), None) => w
+                .stalled(since)
+                .map_err(|s| io::Error::new(io::ErrorKind::TimedOut, s)),
+            (None, None) => Err(io::ErrorKind::WouldBlock.into()),
+        }
+    }
+
+    /// An error that ends a call: on a watched channel, the kernel's verdict on the link
+    /// (`ETIMEDOUT`) is told as such.
+    fn failed(&self, e: io::Error, since: Instant) -> io::Error {
+        match &self.watch {
+            Some(w) if e.raw_os_error() == Some(libc::ETIMEDOUT) => {
+                io::Error::new(io::ErrorKind::TimedOut, w.dropped(since))
+            }
+            _ => e,
+        }
+    }
+
+    /// One read, waiting as the watch allows.
+    fn read_some(&self, buf: &mut [u8]) -> io::Result<usize> {
+        let since = Instant::now();
+        loop {
+            match self.s.read(buf) {
+                Ok(n) => {
+                    self.progress(Some(n), since)?;
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.progress(None, since)?,
+                Err(e) => return Err(self.failed(e, since)),
+            }
+        }
+    }
+
+    /// One write, waiting as the watch allows.
+    fn write_some(&self, buf: &[u8], shows_life: bool) -> io::Result<usize> {
+        let since = Instant::now();
+        loop {
+            match self.s.write(buf) {
+                Ok(n) => {
+                    self.progress_as(Some(n), since, shows_life)?;
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.progress_as(None, since, shows_life)?
+                }
+                Err(e) => return Err(self.failed(e, since)),
+            }
+        }
+    }
+
+    /// Takes the write lock, for one whole frame.
+    pub(crate) fn lock(&self) -> Writer<'_> {
+        Writer {
+            ch: self,
+            _g: self.wlock.lock().unwrap_or_else(|e| e.into_inner()),
+            shows_life: true,
+        }
+    }
+
+    /// The write lock if no other thread is writing a frame, for a keepalive: what is
+    /// written through it is no sign of the peer's life.
+    pub(crate) fn try_lock_for_keepalive(&self) -> Option<Writer<'_>> {
+        let g = match self.wlock.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        Some(Writer {
+            ch: self,
+            _g: g,
+            shows_life: false,
+        })
+    }
+
+    /// Writes `bufs` (buffers of the engine's own, never guest memory) in order, as
+    /// one frame: see [`Writer::write_bufs`].
+    pub(crate) fn write_bufs(&self, bufs: &[&[u8]]) -> io::Result<()> {
+        self.lock().write_bufs(bufs)
+    }
+
+    /// Fills `buf` from the stream (a buffer of the engine's own).
+    pub(crate) fn read_full(&self, mut buf: &mut [u8]) -> io::Result<()> {
+        while !buf.is_empty() {
+            match self.read_some(buf)? {
+                0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+                n => buf = &mut buf[n..],
+            }
+        }
+        Ok(())
+    }
+
+    /// Fills every byte `iov` describes from the socket `fd` (this channel's), waiting
+    /// as the watch allows.
+    ///
+    /// # Safety
+    ///
+    /// As for [`super::iov::readv_all`].
+    pub(crate) unsafe fn readv_all(&self, fd: RawFd, iov: &mut [libc::iovec]) -> io::Result<()> {
+        let since = Instant::now();
+        // SAFETY: the caller vouches for the iovecs.
+        unsafe { super::iov::readv_all(fd, iov, &mut |m| self.progress(m, since)) }
+            .map_err(|e| self.failed(e, since))
+    }
+}
+
+/// A channel's write lock, held for one frame; frames are written through it.
+pub(crate) struct Writer<'a> {
+    ch: &'a Channel,
+    _g: MutexGuard<'a, ()>,
+    /// Whether bytes the kernel takes count as a sign of the peer's life.
+    shows_life: bool,
+}
+
+impl Writer<'_> {
     /// Writes `bufs` (buffers of the engine's own, never guest memory) in order: one
     /// `writev` on a plain socket, one write each otherwise.
     pub(crate) fn write_bufs(&self, bufs: &[&[u8]]) -> io::Result<()> {
-        if let Some(fd) = self.raw_fd() {
+        if let Some(fd) = self.ch.raw_fd() {
             let mut iov: Vec<libc::iovec> = bufs
                 .iter()
                 .map(|b| libc::iovec {
@@ -164,49 +391,51 @@ impl Channel {
                 .collect();
             // SAFETY: every iovec describes one of `bufs`, alive and unchanged for the
             // call; the kernel only reads them.
-            return unsafe { super::iov::writev_all(fd, &mut iov) };
+            return unsafe { self.writev_all(fd, &mut iov) };
         }
         for b in bufs {
-            self.write_all_shared(b)?;
+            self.write_all(b)?;
         }
         Ok(())
     }
 
-    /// Fills `buf` from the stream (a buffer of the engine's own).
-    pub(crate) fn read_full(&self, mut buf: &mut [u8]) -> io::Result<()> {
-        while !buf.is_empty() {
-            match self.0.read(buf) {
-                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-                Ok(n) => buf = &mut buf[n..],
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
-    }
-
-    fn write_all_shared(&self, mut b: &[u8]) -> io::Result<()> {
+    fn write_all(&self, mut b: &[u8]) -> io::Result<()> {
         while !b.is_empty() {
-            match self.0.write(b) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => b = &b[n..],
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
+            match self.ch.write_some(b, self.shows_life)? {
+                0 => return Err(io::ErrorKind::WriteZero.into()),
+                n => b = &b[n..],
             }
         }
         Ok(())
+    }
+
+    /// Writes every byte `iov` describes to the socket `fd` (this channel's), waiting
+    /// as the watch allows.
+    ///
+    /// # Safety
+    ///
+    /// As for [`super::iov::writev_all`].
+    pub(crate) unsafe fn writev_all(&self, fd: RawFd, iov: &mut [libc::iovec]) -> io::Result<()> {
+        let since = Instant::now();
+        // SAFETY: the caller vouches for the iovecs.
+        unsafe {
+            super::iov::writev_all(fd, iov, &mut |m| {
+                self.ch.progress_as(m, since, self.shows_life)
+            })
+        }
+        .map_err(|e| self.ch.failed(e, since))
     }
 }
 
 impl Read for Channel {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.0.read(buf)
+        self.read_some(buf)
     }
 }
 
 impl Write for Channel {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.write(buf)
+        self.write_some(buf, true)
     }
 
     fn flush(&mut self) -> io::Result<()> {

@@ -83,6 +83,7 @@ pub enum FrameTag {
     DevicePrecopy = 0x09,
     PrecopyInitDone = 0x0a,
     StateDigest = 0x0b,
+    Keepalive = 0x0c,
     Accept = 0x81,
     Refuse = 0x82,
     LoadFailed = 0x83,
@@ -90,6 +91,7 @@ pub enum FrameTag {
     ChannelsReady = 0x85,
     DevicePlan = 0x86,
     SwitchoverAck = 0x87,
+    KeepaliveReturn = 0x88,
 }
 
 impl FrameTag {
@@ -106,6 +108,7 @@ impl FrameTag {
             0x09 => Self::DevicePrecopy,
             0x0a => Self::PrecopyInitDone,
             0x0b => Self::StateDigest,
+            0x0c => Self::Keepalive,
             0x81 => Self::Accept,
             0x82 => Self::Refuse,
             0x83 => Self::LoadFailed,
@@ -113,6 +116,7 @@ impl FrameTag {
             0x85 => Self::ChannelsReady,
             0x86 => Self::DevicePlan,
             0x87 => Self::SwitchoverAck,
+            0x88 => Self::KeepaliveReturn,
             _ => return Err(WireError::UnknownFrame(v)),
         })
     }
@@ -135,6 +139,7 @@ impl FrameTag {
             Self::PrecopyInitDone | Self::SwitchoverAck => DeviceRef::MAX_LEN as u32,
             Self::StateDigest => StateDigest::LEN as u32,
             Self::DevicePlan => DevicePlan::MAX_LEN as u32,
+            Self::Keepalive | Self::KeepaliveReturn => Keepalive::LEN as u32,
         }
     }
 
@@ -158,6 +163,7 @@ impl FrameTag {
             Self::StateDigest => "state digest",
             Self::DevicePlan => "device plan",
             Self::SwitchoverAck => "switchover acknowledgement",
+            Self::Keepalive | Self::KeepaliveReturn => "keepalive",
         }
     }
 }
@@ -397,9 +403,18 @@ impl Hello {
 ///   `VFIO_MIGRATION_PRE_COPY`), in records of precopy schema `SCHEMA` at `VERSION`.
 ///   Sent only with `migration.switchover-ack=on`, which both sides must share; the
 ///   destination answers every hello that has it on with a [`DevicePlan`].
+/// * [`LIVENESS`] `=MS`: the source sends [`Keepalive`] frames while it has nothing
+///   else to say and takes them on the return path, and gives up on a destination
+///   silent for `MS` milliseconds once it has seen one. A destination that knows
+///   keepalives sends its first right after its answer to the hello (and the device
+///   plan), then one whenever it is quiet for a quarter of the smaller of the two
+///   limits; the source sends none before it has seen one. A destination that does not
+///   (0.1.0, 0.2.0) sends none, so neither does the source, and the stream is theirs.
 pub const ANNOTATION_PREFIX: &str = "x-hello.";
 /// See [`ANNOTATION_PREFIX`].
 pub const SWITCHOVER_COMMIT: &str = "x-hello.switchover-commit";
+/// See [`ANNOTATION_PREFIX`].
+pub const LIVENESS: &str = "x-hello.liveness";
 const DEVICE_CONFIG_PREFIX: &str = "x-hello.device/";
 const PRECOPY_PREFIX: &str = "x-hello.precopy/";
 
@@ -431,6 +446,8 @@ pub struct Annotations {
     pub device_config: Vec<(String, u32, String, String)>,
     /// The devices the source's host can precopy.
     pub precopy: Vec<PrecopyOffer>,
+    /// The source's liveness limit in milliseconds, if it sends keepalives.
+    pub liveness_ms: Option<u32>,
     /// Annotations this release does not know: ignored, as 0.1.0 ignores all of them.
     pub unknown: Vec<String>,
 }
@@ -445,6 +462,11 @@ impl Annotations {
                 props.push((k.clone(), v.clone()));
             } else if k == SWITCHOVER_COMMIT {
                 a.switchover_commit = v == "on";
+            } else if k == LIVENESS {
+                match v.parse::<u32>() {
+                    Ok(ms) if ms > 0 => a.liveness_ms = Some(ms),
+                    _ => a.unknown.push(k.clone()),
+                }
             } else if let Some(rest) = k.strip_prefix(DEVICE_CONFIG_PREFIX) {
                 let mut parts = rest.splitn(3, '/');
                 match (
@@ -493,6 +515,9 @@ impl Annotations {
         };
         if self.switchover_commit {
             add(SWITCHOVER_COMMIT.into(), "on".into());
+        }
+        if let Some(ms) = self.liveness_ms {
+            add(LIVENESS.into(), ms.to_string());
         }
         for (dev, inst, key, value) in &self.device_config {
             add(device_config_entry(dev, *inst, key), value.clone());
@@ -1044,6 +1069,29 @@ impl ChannelsReady {
         let count = r.u16()?;
         r.finish()?;
         Ok(Self { count })
+    }
+}
+
+/// A keepalive, either way ([`FrameTag::Keepalive`] from the source,
+/// [`FrameTag::KeepaliveReturn`] from the destination): "still here", and the silence
+/// its sender allows, so the other side knows how often to send its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    pub limit_ms: u32,
+}
+
+impl Keepalive {
+    pub const LEN: usize = 4;
+
+    pub fn encode(&self) -> Vec<u8> {
+        self.limit_ms.to_le_bytes().to_vec()
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Self, WireError> {
+        let mut r = Reader::new(b, "keepalive");
+        let limit_ms = r.u32()?;
+        r.finish()?;
+        Ok(Self { limit_ms })
     }
 }
 

@@ -35,6 +35,12 @@
 //!    | <------------------------- Completed | LoadFailed(why) |
 //! ```
 //!
+//! Between any two frames either way, a side may send a [`Keepalive`] (the source's
+//! [`FrameTag::Keepalive`], the destination's [`FrameTag::KeepaliveReturn`]) once both
+//! have said they take them: the source with the hello annotation [`LIVENESS`], the
+//! destination with its first keepalive right after its answer (see
+//! `engine::liveness`). Releases 0.1.0 and 0.2.0 send and get none.
+//!
 //! With N = 0 the pages go as `RamBatch` frames on the main channel instead and there
 //! are no channel headers, `ChannelsReady` or syncs. On machine type `ferry-0.1`
 //! (`switchover-ack` and `state-digest` off) there is no device plan, no precopy, no

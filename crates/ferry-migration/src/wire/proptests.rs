@@ -23,7 +23,7 @@ use proptest::test_runner::TestCaseError;
 use super::*;
 use crate::PAGE_SIZE;
 
-const ALL_TAGS: [FrameTag; 18] = [
+const ALL_TAGS: [FrameTag; 20] = [
     FrameTag::Hello,
     FrameTag::RamBatch,
     FrameTag::PassEnd,
@@ -35,6 +35,7 @@ const ALL_TAGS: [FrameTag; 18] = [
     FrameTag::DevicePrecopy,
     FrameTag::PrecopyInitDone,
     FrameTag::StateDigest,
+    FrameTag::Keepalive,
     FrameTag::Accept,
     FrameTag::Refuse,
     FrameTag::LoadFailed,
@@ -42,6 +43,7 @@ const ALL_TAGS: [FrameTag; 18] = [
     FrameTag::ChannelsReady,
     FrameTag::DevicePlan,
     FrameTag::SwitchoverAck,
+    FrameTag::KeepaliveReturn,
 ];
 
 // ---------------------------------------------------------------------------------------
@@ -292,6 +294,8 @@ fn fixed_size_messages_have_their_size_as_frame_limit() {
         ChannelsReady::LEN
     );
     assert_eq!(FrameTag::StateDigest.max_len() as usize, StateDigest::LEN);
+    assert_eq!(FrameTag::Keepalive.max_len() as usize, Keepalive::LEN);
+    assert_eq!(FrameTag::KeepaliveReturn.max_len() as usize, Keepalive::LEN);
     assert_eq!(
         FrameTag::RamBatch.max_len() as usize,
         RamBatchHeader::LEN + MAX_BATCH_PAGES * (8 + PAGE_SIZE)
@@ -1735,6 +1739,13 @@ proptest! {
     }
 
     #[test]
+    fn keepalive_is_length_exact(limit_ms in any::<u32>(), extra in any::<u8>()) {
+        let k = Keepalive { limit_ms };
+        prop_assert_eq!(Keepalive::decode(&k.encode()), Ok(k));
+        length_exact(&k, &k.encode(), extra, Keepalive::decode)?;
+    }
+
+    #[test]
     fn data_channel_mutations_never_yield_a_second_spelling(
         s in (1..=u64::MAX, any::<bool>()).prop_map(|(seq, last)| MultifdSync { seq, last }),
         c in any::<u16>().prop_map(|count| ChannelsReady { count }),
@@ -1801,6 +1812,7 @@ proptest! {
         }
         let _ = MultifdSync::decode(&b);
         let _ = ChannelsReady::decode(&b);
+        let _ = Keepalive::decode(&b);
         if let Some(a) = array::<{ PacketHeader::LEN }>(&b) {
             let rest = &b[PacketHeader::LEN..];
             let (_, raw) = packet_fields(&a);

@@ -539,9 +539,11 @@ pub fn hello(layout: RamLayout, full_verify: bool) -> Hello {
             })
             .collect(),
     };
-    // As the engine's source: it keeps the switchover commitment.
+    // As the engine's source: it keeps the switchover commitment and sends keepalives
+    // (with migration.liveness-timeout's default).
     ferry_migration::wire::Annotations {
         switchover_commit: true,
+        liveness_ms: Some(5000),
         ..Default::default()
     }
     .apply(&mut h);
