@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use super::bitmap::DirtyBitmap;
 use super::digest::PageDigest;
 use super::error::{error_chain, MigrationError};
-use super::liveness::{KeepaliveSender, Liveness, LEGACY_LIMIT};
+use super::liveness::{KeepaliveSender, Liveness, Stalled, LEGACY_LIMIT};
 use super::memory::GuestMemory;
 use super::multifd::{ChannelCounters, SendConfig, SendSet, SECTION};
 use super::pages::{record, Classifier, MainLane, Picker, Side, BATCH_PAGES};
@@ -359,7 +359,9 @@ impl Source<'_> {
                 }
                 sent += n;
                 if !final_round {
-                    self.throttle.after(n, self.monitor)?;
+                    let (ch, live) = (self.ch.as_ref(), &self.live);
+                    self.throttle
+                        .after(n, self.monitor, &|| peer_lost(ch, live))?;
                 }
                 let st = &mut self.devices[i].stats;
                 st.precopy_records += 1;
@@ -1126,7 +1128,9 @@ impl Source<'_> {
         });
         let d = lane.send(ch, block, pages)?;
         self.count(c, &d, false);
-        self.throttle.after(d.bytes, self.monitor)
+        let (ch, live) = (self.ch.as_ref(), &self.live);
+        self.throttle
+            .after(d.bytes, self.monitor, &|| peer_lost(ch, live))
     }
 
     /// Takes pages a lane put on the wire into the pass and the statistics.
@@ -1236,7 +1240,9 @@ impl Source<'_> {
         m.check()?;
         let d = m.take_progress();
         self.count(c, &d, true);
-        self.throttle.after(d.bytes, self.monitor)
+        let (ch, live) = (self.ch.as_ref(), &self.live);
+        self.throttle
+            .after(d.bytes, self.monitor, &|| peer_lost(ch, live))
     }
 
     fn report_multifd(&self) {
@@ -1397,6 +1403,30 @@ impl Source<'_> {
     }
 }
 
+/// Whether the destination is gone, for a source that `max-bandwidth` holds back (and
+/// so writes nothing that could find out): it closed the main channel, or nothing came
+/// from it on any channel for the liveness limit.
+fn peer_lost(ch: Option<&Channel>, live: &Liveness) -> Option<MigrationError> {
+    if ch.is_some_and(peer_hung_up) {
+        return Some(MigrationError::PeerClosed {
+            peer: PEER,
+            phase: "a pause for max-bandwidth",
+        });
+    }
+    let (silence, limit) = (live.silence(), live.limit());
+    (silence >= limit).then(|| MigrationError::Silent {
+        peer: PEER,
+        waiting_for: "RAM transfer",
+        stalled: Box::new(Stalled {
+            channel: "the source, held back by max-bandwidth,".into(),
+            waited: silence,
+            silence,
+            limit,
+            by_kernel: false,
+        }),
+    })
+}
+
 /// Whether the peer has closed or reset the connection, without reading from it.
 fn peer_hung_up(ch: &Channel) -> bool {
     // A stream that is not a plain socket cannot be asked; its next read will say.
@@ -1449,7 +1479,14 @@ impl Throttle {
         }
     }
 
-    fn after(&mut self, sent: u64, monitor: &MigrationMonitor) -> Result<(), MigrationError> {
+    /// Holds the source back until `sent` more bytes fit the cap, watching for a
+    /// cancel and, as nothing is written meanwhile, for a destination that is gone.
+    fn after(
+        &mut self,
+        sent: u64,
+        monitor: &MigrationMonitor,
+        lost: &dyn Fn() -> Option<MigrationError>,
+    ) -> Result<(), MigrationError> {
         if self.bw == 0 {
             return Ok(());
         }
@@ -1462,6 +1499,9 @@ impl Throttle {
             }
             if monitor.is_cancelled() {
                 return Err(MigrationError::Cancelled);
+            }
+            if let Some(e) = lost() {
+                return Err(e);
             }
             std::thread::sleep((due - el).min(Duration::from_millis(50)));
         }

@@ -118,7 +118,9 @@ fn tcp_liveness(fd: RawFd, limit: Duration) -> io::Result<()> {
     set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)?;
     set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, (ms / 3000).max(1))?;
     set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 1)?;
-    set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, (ms / 1000).max(3))?;
+    // The kernel takes at most 127 probes; TCP_USER_TIMEOUT decides when a connection
+    // whose probes go unanswered is dropped in any case.
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, (ms / 1000).clamp(3, 127))?;
     set(libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, ms)
 }
 
@@ -226,7 +228,11 @@ impl Channel {
     ) -> io::Result<()> {
         self.s.set_read_timeout(Some(POLL))?;
         self.s.set_write_timeout(Some(POLL))?;
-        self.s.set_liveness(link_limit)?;
+        // The link watch below the engine is a second line; without it the engine's own
+        // watch still holds.
+        if let Err(e) = self.s.set_liveness(link_limit) {
+            tracing::warn!(error = %e, "the transport could not watch the link itself");
+        }
         self.watch = Some(Watch {
             live: Arc::clone(live),
             channel: channel.into(),
@@ -536,5 +542,22 @@ impl Acceptor for UnixListener {
 
     fn poll_fd(&self) -> Option<RawFd> {
         Some(self.as_raw_fd())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every limit the `migration.liveness-timeout` range allows, doubled, is one the
+    /// kernel takes (its probe count stops at 127).
+    #[test]
+    fn tcp_sockets_take_every_liveness_limit() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let s = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        for ms in [500u64, 1000, 5000, 120_000, 240_000, 1_200_000] {
+            s.set_liveness(Duration::from_millis(ms))
+                .unwrap_or_else(|e| panic!("{ms} ms: {e}"));
+        }
     }
 }
