@@ -263,7 +263,7 @@ mod tests {
         assert!(control_gpa(MAX_VCPUS - 1) + 4096 <= PD_GPA);
         assert!(CODE_GPA + guest::CODE.len() as u64 <= PACED_GPA);
         assert!(PACED_GPA + guest::PACED.len() as u64 <= CONTROL_GPA);
-        assert!(FILL_INFO_GPA + 16 <= GDT_GPA);
+        const { assert!(FILL_INFO_GPA + 16 <= GDT_GPA) };
         assert!(guest::port(MAX_VCPUS - 1) + 1 < IO_BITMAP_PORTS as u16);
         assert!(serial::COM1 + serial::PORTS <= IO_BITMAP_PORTS as u16);
         assert!(TSS_GPA + (TSS_LIMIT as u64) < PML4_GPA);
