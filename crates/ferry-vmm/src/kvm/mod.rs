@@ -70,7 +70,10 @@
 //!   has moved since.
 //!
 //! Without a rate and with a range, a vCPU runs the original program, byte for byte
-//! what every release so far runs: such a guest still migrates to and from them.
+//! what every release so far runs: such a guest still migrates to and from them. A vCPU
+//! in the paced program adds the subsection `kvm-vcpu/paced-program` to its state, which
+//! those releases do not know: they refuse it by name, before the guest leaves the
+//! source, instead of running it and stopping at its first report.
 //!
 //! Two things the probe did not say: (1) PVM does not keep IOPL=3 for guest user mode,
 //! so `out` is checked against the TSS I/O bitmap, which grants the workload's ports and
@@ -106,7 +109,8 @@
 //!
 //! `kvm-vcpu` v1 ([`VCPU_SCHEMA`]): regs, sregs, xsave (4 KiB), xcrs, debugregs, lapic,
 //! vcpu_events, mp_state, every MSR of `KVM_GET_MSR_INDEX_LIST` that reads (41 here, all
-//! of them), tsc_khz. `kvm-vm` v1 ([`VM_SCHEMA`]): kvmclock, PIC master and slave,
+//! of them), tsc_khz; the empty subsection `kvm-vcpu/paced-program` for a vCPU in the
+//! paced program (above). `kvm-vm` v1 ([`VM_SCHEMA`]): kvmclock, PIC master and slave,
 //! IOAPIC. KVM structs travel as their raw bytes in fixed-length fields, like
 //! kvm-bindings' serde; this requires the same struct layouts on both sides (same arch,
 //! uAPI unchanged), which the fixed lengths enforce (see `state.rs`). Loading checks

@@ -735,3 +735,40 @@ fn kvm_workload_that_does_not_fit_is_refused_naming_the_flags() {
         }
     }
 }
+
+/// An idle or paced vCPU says so in its state, so that a release without the paced
+/// program (whose schema lacks the subsection) refuses it by name; a vCPU of the original
+/// program saves exactly what those releases load.
+#[test]
+fn kvm_paced_vcpu_state_is_refused_by_a_release_without_the_paced_program() {
+    if !kvm_here("kvm_paced_vcpu_state_is_refused_by_a_release_without_the_paced_program") {
+        return;
+    }
+    let before_paced = StateSchema {
+        subsections: &[],
+        ..VCPU_SCHEMA
+    };
+    for (dirty, rate, paced) in [(MIB, 0, false), (MIB, 5000, true), (0, 0, true)] {
+        let vm = workload_vm(64, 1, dirty, rate, 0);
+        vm.start().unwrap();
+        wait_passes(&vm, &[0], 1);
+        vm.stop().unwrap();
+        let st = vm.save_vcpu(0).unwrap();
+        assert_eq!(
+            st.subsection(state::PACED_PROGRAM.name).is_some(),
+            paced,
+            "--dirty {dirty} --dirty-rate {rate}"
+        );
+        let bytes = codec::encode(&VCPU_SCHEMA, &st).unwrap();
+        // This release loads it either way.
+        let back = codec::decode(&VCPU_SCHEMA, VCPU_SCHEMA.version, &bytes).unwrap();
+        vm.load_vcpu(0, back).unwrap();
+        match codec::decode(&before_paced, 1, &bytes) {
+            Ok(_) => assert!(!paced),
+            Err(e) => {
+                assert!(paced, "{e}");
+                assert!(e.to_string().contains("kvm-vcpu/paced-program"), "{e}");
+            }
+        }
+    }
+}
