@@ -75,10 +75,11 @@
 //!
 //! # The paced program
 //!
-//! Used for `--dirty-rate` and for an idle guest (`--dirty 0`). Pacing needs a clock;
-//! the guest has none it can use cheaply (it could `rdtsc`, but it would have to know
-//! the TSC's frequency and spin until the next deadline, keeping a host core busy while
-//! it waits). The VMM has one, and sleeping there costs nothing: so after every
+//! Used for `--dirty-rate` and for an idle guest (`--dirty 0`). Pacing needs a clock.
+//! The guest could read one: `rdtsc` runs at CPL 3 under PVM (CR4.TSD is clear; tried
+//! on these hosts). But it would have to be told the TSC's frequency, and it could only
+//! wait by spinning, keeping a host core busy for the whole pause, on hosts with two.
+//! The VMM has a clock, and sleeping there costs nothing: so after every
 //! [`CHUNK`] pages, and at the end of a pass, the guest writes the number of pages it
 //! wrote since its last report to its port as a 16-bit `out`, and the vCPU thread, in
 //! that exit, sleeps until the pages written so far are due at the rate (see
