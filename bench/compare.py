@@ -152,9 +152,10 @@ class Case:
     live: bool
     downtime_limit_ms: int
     what: str
-    # ferry's backend: its KVM backend always runs the workload (it has no --fill and no
-    # --dirty 0), so the cases without a running workload use the soft backend. No guest
-    # code runs in them, so what is measured is the same: moving the memory.
+    # ferry's backend: the cases without a running workload use the soft backend (as
+    # they did before the KVM backend had --fill and --dirty 0, so that figures stay
+    # comparable). No guest code runs in them, so what is measured is the same: moving
+    # the memory.
     ferry_backend: str = "kvm"
 
 

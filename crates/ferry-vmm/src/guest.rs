@@ -56,8 +56,6 @@ impl GuestVm for crate::kvm::KvmVm {
         if was {
             self.resume()?;
         }
-        let pages = self.config().vcpus as u64
-            * (self.config().dirty_size / ferry_migration::PAGE_SIZE as u64);
-        r.map(|()| (pages, 0)).map_err(VmError::Failed)
+        r.map(|pages| (pages, 0)).map_err(VmError::Failed)
     }
 }

@@ -94,17 +94,51 @@ impl HostRam {
     pub fn fill_random(&self, block: usize, offset: u64, len: u64) {
         let b = &self.blocks[block];
         assert!(offset + len <= b.size, "fill outside block {}", b.name);
-        let mut x: u64 = 0x9E37_79B9_7F4A_7C15 ^ offset;
         let base = self.host_ptr(block);
-        for i in (offset..offset + len).step_by(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
+        for (i, x) in (offset..offset + len).step_by(8).zip(fill_words(offset)) {
             // SAFETY: i + 8 <= offset + len <= block size (sizes are page multiples), so
             // the write is inside the mapping; nothing runs in the guest yet.
-            unsafe { std::ptr::write_unaligned(base.add(i as usize).cast::<u64>(), x | 1) };
+            unsafe { std::ptr::write_unaligned(base.add(i as usize).cast::<u64>(), x) };
         }
     }
+}
+
+/// The words `--fill` writes from byte `offset` of a RAM block on, one per 8 bytes:
+/// xorshift64 seeded by the offset, never zero, so the data neither compresses nor has
+/// zero pages. The same on every backend, so that a filled range can be checked again
+/// after a migration ([`fill_pages_wrong`]).
+pub fn fill_words(offset: u64) -> impl Iterator<Item = u64> {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15 ^ offset;
+    std::iter::repeat_with(move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x | 1
+    })
+}
+
+/// Pages of `[offset, offset + len)` of the block at `base` that do not hold what
+/// [`fill_words`] wrote there.
+///
+/// # Safety
+///
+/// `[base + offset, base + offset + len)` must be inside one live mapping of guest RAM
+/// whose vCPUs are stopped; `offset` and `len` must be multiples of [`PAGE_SIZE`].
+pub unsafe fn fill_pages_wrong(base: *const u8, offset: u64, len: u64) -> u64 {
+    let mut words = fill_words(offset);
+    let mut wrong = 0;
+    for page in (offset..offset + len).step_by(PAGE_SIZE) {
+        let mut ok = true;
+        for i in (page..page + PAGE_SIZE as u64).step_by(8) {
+            let want = words.next().unwrap_or_default();
+            // SAFETY: inside the range the caller vouches for, 8-byte aligned (the
+            // mapping is page-aligned and `i` a multiple of 8).
+            let got = unsafe { base.add(i as usize).cast::<u64>().read_volatile() };
+            ok &= got == want;
+        }
+        wrong += u64::from(!ok);
+    }
+    wrong
 }
 
 fn human(layout: &[(&str, u64, u64)]) -> String {

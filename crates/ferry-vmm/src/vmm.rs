@@ -210,6 +210,8 @@ impl Vmm {
                     mem_size: cfg.mem_size,
                     vcpus: cfg.vcpus,
                     dirty_size: cfg.dirty_size,
+                    dirty_rate: cfg.dirty_rate,
+                    fill: cfg.fill,
                     incoming: cfg.incoming,
                     accels: cfg.accels.clone(),
                 })

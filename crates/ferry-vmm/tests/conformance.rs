@@ -35,6 +35,8 @@ fn kvm(role: Role) -> Arc<dyn MigratableVm> {
         mem_size: 16 * MIB,
         vcpus: 2,
         dirty_size: MIB,
+        dirty_rate: 0,
+        fill: 0,
         incoming: role == Role::Incoming,
         accels: vec![AccelConfig::new(MIB, false)],
     };

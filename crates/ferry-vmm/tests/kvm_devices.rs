@@ -41,6 +41,8 @@ fn kvm(incoming: bool, accel_size: u64) -> Arc<KvmVm> {
         mem_size: 256 * MIB,
         vcpus: 2,
         dirty_size: MIB,
+        dirty_rate: 0,
+        fill: 0,
         incoming,
         accels: match accel_size {
             0 => Vec::new(),

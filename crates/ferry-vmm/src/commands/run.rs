@@ -42,13 +42,22 @@ pub struct RunArgs {
     /// Number of vCPUs
     #[arg(long, default_value_t = 1)]
     pub vcpus: usize,
-    /// Bytes of RAM the guest workload dirties each pass (one byte per 4 KiB page); 0 for an idle guest
+    /// Bytes of RAM each vCPU's workload dirties each pass, one byte per 4 KiB page, each
+    /// vCPU in its own range (the soft backend has one vCPU). 0 for an idle guest that
+    /// writes no RAM: on soft its vCPU sleeps and its pass counter stands still; on KVM
+    /// its vCPUs still count passes, about 100 a second, and write only their counters
     #[arg(long, default_value = "64M", value_parser = parse_size)]
     pub dirty: u64,
-    /// Pages per second the workload dirties; 0 for as fast as it can
+    /// Pages per second each vCPU's workload dirties at most; 0 for as fast as it can.
+    /// soft: the vCPU thread sleeps between chunks of 64 pages; KVM: the guest reports
+    /// every 64 pages to the VMM, whose vCPU thread sleeps in that exit. The rate moves
+    /// with the guest when it migrates. Needs a non-zero --dirty; not with --incoming
     #[arg(long, default_value_t = 0)]
     pub dirty_rate: u64,
-    /// Fill this many bytes after the dirtied range with incompressible data at start
+    /// Write this many bytes of pseudo-random, non-zero data (it neither compresses nor
+    /// has zero pages) into guest RAM after the dirtied ranges before the guest starts,
+    /// the same data on both backends; on KVM, x-ferry-verify checks it too, wherever the
+    /// guest has migrated. Not with --incoming: a destination gets the source's memory
     #[arg(long, default_value = "0", value_parser = parse_size)]
     pub fill: u64,
     /// Wait for an incoming migration on tcp:HOST:PORT or unix:PATH instead of starting a guest
@@ -90,7 +99,33 @@ impl RunArgs {
         self.accel.iter().flatten().cloned().collect()
     }
 
+    /// Refuses flags that would do nothing in this combination rather than ignore them.
+    fn check_workload(&self) -> Result<(), CliError> {
+        if self.incoming.is_some() {
+            for (flag, set) in [
+                ("--dirty-rate", self.dirty_rate > 0),
+                ("--fill", self.fill > 0),
+            ] {
+                if set {
+                    return Err(CliError::msg(format!(
+                        "{flag} is not supported with --incoming: the guest's memory and its \
+                         workload come from the source; give {flag} to the source's ferry run"
+                    )));
+                }
+            }
+        }
+        if self.dirty_rate > 0 && self.dirty == 0 {
+            return Err(CliError::msg(format!(
+                "--dirty-rate {} paces the pages the guest dirties, and --dirty 0 makes an \
+                 idle guest that dirties none; give --dirty a size, or drop --dirty-rate",
+                self.dirty_rate
+            )));
+        }
+        Ok(())
+    }
+
     pub fn vmm_config(&self) -> Result<VmmConfig, CliError> {
+        self.check_workload()?;
         let globals = self
             .globals
             .iter()
@@ -151,8 +186,26 @@ pub fn main(args: RunArgs) -> CliResult {
         })?),
         None => None,
     };
+    let workload = if args.incoming.is_some() {
+        "workload from the source".to_string()
+    } else if args.dirty == 0 {
+        "idle workload".to_string()
+    } else {
+        format!(
+            "workload dirtying {} per vCPU{}",
+            human_bytes(args.dirty),
+            match args.dirty_rate {
+                0 => String::new(),
+                r => format!(" at {r} pages/s"),
+            }
+        )
+    };
+    let fill = match args.fill {
+        0 => String::new(),
+        f => format!(", {} filled", human_bytes(f)),
+    };
     eprintln!(
-        "ferry: {} VM on the {} backend, machine {}: {} RAM, {} vCPU(s), workload dirtying {}{}{}",
+        "ferry: {} VM on the {} backend, machine {}: {} RAM, {} vCPU(s), {workload}{fill}{}{}",
         if args.incoming.is_some() {
             "incoming"
         } else {
@@ -162,7 +215,6 @@ pub fn main(args: RunArgs) -> CliResult {
         vmm.config().machine(),
         human_bytes(args.mem),
         vmm.vm().vcpu_count(),
-        human_bytes(args.dirty),
         args.accels()
             .iter()
             .map(|a| format!(
@@ -281,6 +333,40 @@ mod tests {
             let e = Cli::try_parse_from(["ferry", "--accel", bad]).unwrap_err();
             assert!(e.to_string().contains("accelerator"), "{bad}: {e}");
         }
+    }
+
+    fn config(args: &[&str]) -> Result<VmmConfig, String> {
+        let mut all = vec!["ferry", "--backend", "soft"];
+        all.extend(args);
+        Cli::try_parse_from(all)
+            .unwrap()
+            .run
+            .vmm_config()
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn workload_flags_that_would_do_nothing_are_refused_by_name() {
+        let e = config(&["--dirty", "0", "--dirty-rate", "1000"]).unwrap_err();
+        assert!(
+            e.contains("--dirty-rate 1000") && e.contains("--dirty 0"),
+            "{e}"
+        );
+        for flag in [["--dirty-rate", "1000"], ["--fill", "16M"]] {
+            let mut args = vec!["--incoming", "tcp:127.0.0.1:0"];
+            args.extend(flag);
+            let e = config(&args).unwrap_err();
+            assert!(
+                e.contains(&format!("{} is not supported with --incoming", flag[0])),
+                "{e}"
+            );
+        }
+        let ok = config(&["--dirty", "0", "--fill", "16M"]).unwrap();
+        assert_eq!((ok.dirty_size, ok.dirty_rate, ok.fill), (0, 0, 16 << 20));
+        let ok = config(&["--dirty", "8M", "--dirty-rate", "500"]).unwrap();
+        assert_eq!((ok.dirty_size, ok.dirty_rate), (8 << 20, 500));
+        let dst = config(&["--dirty", "8M", "--incoming", "defer"]).unwrap();
+        assert!(dst.incoming);
     }
 
     #[test]

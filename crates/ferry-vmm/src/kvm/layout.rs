@@ -2,17 +2,22 @@
 //!
 //! ```text
 //! slot 0 "ram-low", [0, 2 MiB)
+//!   0x0000_0800  the fill: guest address and length of the range `--fill` wrote (two
+//!                u64s; zero without one), read back to verify it after a migration
 //!   0x0000_1000  GDT (null, kernel code/data, user code/data, 64-bit TSS descriptor)
 //!   0x0000_1100  TSS with an I/O bitmap granting the workload's ports and COM1
 //!   0x0000_2000  PML4
 //!   0x0000_3000  PDPT
 //!   0x0000_4000  guest program (see `guest.rs`)
-//!   0x0001_0000  control page of vCPU i at + i * 4 KiB (pass counter at +0, console
-//!                line buffer below +0x800, stack below +0x1000)
+//!   0x0000_4100  the paced guest program
+//!   0x0001_0000  control page of vCPU i at + i * 4 KiB (pass counter at +0, dirty rate
+//!                in pages per second at +8 for the paced program, console line buffer
+//!                below +0x800, stack below +0x1000)
 //!   0x0010_0000  page directories: one for GiB 0, one per GiB of the RAM slot
 //! hole [2 MiB, 4 GiB): LAPIC/IOAPIC pages of the in-kernel irqchip live up there
 //! slot 1 "ram", [4 GiB, 4 GiB + mem_size): RAM under test; vCPU i dirties
-//!   [4 GiB + i * dirty_size, 4 GiB + (i + 1) * dirty_size)
+//!   [4 GiB + i * dirty_size, 4 GiB + (i + 1) * dirty_size), and the fill follows
+//!   the last vCPU's range
 //! ```
 //!
 //! Everything is identity-mapped with 2 MiB pages, user-accessible and writable.
@@ -28,11 +33,13 @@ pub const GDT_GPA: u64 = 0x1000;
 pub const TSS_GPA: u64 = 0x1100;
 pub const PML4_GPA: u64 = 0x2000;
 pub const PDPT_GPA: u64 = 0x3000;
+pub const FILL_INFO_GPA: u64 = 0x0800;
 pub const CODE_GPA: u64 = 0x4000;
+pub const PACED_GPA: u64 = 0x4100;
 pub const CONTROL_GPA: u64 = 0x1_0000;
 pub const PD_GPA: u64 = 0x10_0000;
 
-/// Bounded by the I/O bitmap (ports `0x10..0x50`); the control pages would fit 240.
+/// Bounded by the I/O bitmap (ports `0x10..0x51`); the control pages would fit 240.
 pub const MAX_VCPUS: usize = 64;
 /// One page directory per GiB of RAM, in the 1 MiB below the end of the low slot, minus
 /// the one for GiB 0.
@@ -75,6 +82,12 @@ pub fn control_gpa(index: usize) -> u64 {
 /// Address of vCPU `index`'s pass counter.
 pub fn pass_gpa(index: usize) -> u64 {
     control_gpa(index)
+}
+
+/// Address of vCPU `index`'s dirty rate (pages per second; 0: unpaced), which the VMM
+/// reads when the paced program reports.
+pub fn rate_gpa(index: usize) -> u64 {
+    control_gpa(index) + 8
 }
 
 /// First byte of vCPU `index`'s range.
@@ -127,6 +140,7 @@ pub fn low_slot_image(mem_size: u64) -> Vec<(u64, Vec<u8>)> {
     pieces.push((PML4_GPA, words(&pml4)));
     pieces.push((PDPT_GPA, words(&pdpt)));
     pieces.push((CODE_GPA, guest::CODE.to_vec()));
+    pieces.push((PACED_GPA, guest::PACED.to_vec()));
     pieces
 }
 
@@ -135,13 +149,15 @@ pub fn low_slot_image(mem_size: u64) -> Vec<(u64, Vec<u8>)> {
 /// With IOPL=3 in RFLAGS a CPU lets CPL-3 code use any port without looking at the
 /// bitmap. KVM's PVM backend does not keep IOPL for user mode (the guest runs with
 /// IOPL=0 whatever RFLAGS was set to) and its emulator then checks the bitmap, so the
-/// bitmap grants the workload's ports and the serial console's, and only those.
+/// bitmap grants the workload's ports and the serial console's, and only those. The
+/// paced program's reports are 16-bit, so the port after the last vCPU's is granted
+/// too.
 fn tss() -> Vec<u8> {
     let mut tss = vec![0u8; TSS_LIMIT as usize + 1];
     tss[0x66..0x68].copy_from_slice(&(IO_BITMAP_OFFSET as u16).to_le_bytes());
     let bitmap = &mut tss[IO_BITMAP_OFFSET..];
     bitmap.fill(0xff); // denied, and the terminating byte the CPU wants
-    let workload = guest::PORT_BASE as usize..guest::PORT_BASE as usize + MAX_VCPUS;
+    let workload = guest::PORT_BASE as usize..guest::PORT_BASE as usize + MAX_VCPUS + 1;
     let console = serial::COM1 as usize..(serial::COM1 + serial::PORTS) as usize;
     for port in workload.chain(console) {
         bitmap[port / 8] &= !(1 << (port % 8));
@@ -215,10 +231,10 @@ pub fn initial_sregs(template: &kvm_sregs) -> kvm_sregs {
     }
 }
 
-/// The registers of vCPU `index` at its first entry.
-pub fn initial_regs(index: usize, dirty_size: u64) -> kvm_regs {
+/// The registers of vCPU `index` at its first entry, in `program`.
+pub fn initial_regs(index: usize, dirty_size: u64, program: guest::Program) -> kvm_regs {
     kvm_regs {
-        rip: CODE_GPA,
+        rip: program.gpa(),
         rflags: RFLAGS,
         rsp: control_gpa(index) + 4096,
         rsi: range_gpa(index, dirty_size),
@@ -245,8 +261,10 @@ mod tests {
         }
         assert!(pieces.last().unwrap().1 <= LOW_SIZE);
         assert!(control_gpa(MAX_VCPUS - 1) + 4096 <= PD_GPA);
-        assert!(CODE_GPA + guest::CODE.len() as u64 <= CONTROL_GPA);
-        assert!(guest::port(MAX_VCPUS - 1) < IO_BITMAP_PORTS as u16);
+        assert!(CODE_GPA + guest::CODE.len() as u64 <= PACED_GPA);
+        assert!(PACED_GPA + guest::PACED.len() as u64 <= CONTROL_GPA);
+        const { assert!(FILL_INFO_GPA + 16 <= GDT_GPA) };
+        assert!(guest::port(MAX_VCPUS - 1) + 1 < IO_BITMAP_PORTS as u16);
         assert!(serial::COM1 + serial::PORTS <= IO_BITMAP_PORTS as u16);
         assert!(TSS_GPA + (TSS_LIMIT as u64) < PML4_GPA);
     }
@@ -257,7 +275,7 @@ mod tests {
         let bitmap = &tss[IO_BITMAP_OFFSET..];
         let granted = |port: usize| bitmap[port / 8] & (1 << (port % 8)) == 0;
         let ports: Vec<usize> = (0..IO_BITMAP_PORTS).filter(|&p| granted(p)).collect();
-        let mut want: Vec<usize> = (0x10..0x10 + MAX_VCPUS).collect();
+        let mut want: Vec<usize> = (0x10..0x10 + MAX_VCPUS + 1).collect();
         want.extend(0x3f8..0x400);
         assert_eq!(ports, want);
         assert_eq!(*bitmap.last().unwrap(), 0xff);

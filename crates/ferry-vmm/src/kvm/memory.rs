@@ -119,6 +119,24 @@ impl KvmRam {
         unsafe { p.read_volatile() }
     }
 
+    /// Writes the `--fill` data ([`crate::memory::fill_words`]) to `len` bytes of the RAM
+    /// block from `offset`, before any vCPU runs.
+    pub(super) fn fill(&self, offset: u64, len: u64) {
+        let block = &self.blocks[RAM_BLOCK];
+        assert!(
+            offset % 8 == 0 && offset.checked_add(len).is_some_and(|end| end <= block.size),
+            "fill outside the RAM block"
+        );
+        let base = self.host[RAM_BLOCK] as *mut u64;
+        let words = (len / 8) as usize;
+        for (i, x) in crate::memory::fill_words(offset).take(words).enumerate() {
+            // SAFETY: word i of [offset, offset + len), inside the block (asserted) and
+            // aligned (the mapping is page-aligned, offset a multiple of 8); no vCPU
+            // runs yet.
+            unsafe { base.add(offset as usize / 8 + i).write(x) };
+        }
+    }
+
     /// Copies `bytes` to `gpa`; returns the block written.
     pub(super) fn write(&self, gpa: u64, bytes: &[u8]) -> usize {
         let (block, p) = self

@@ -8,6 +8,8 @@
 //!     mem_size: 256 << 20,
 //!     vcpus: 2,
 //!     dirty_size: 16 << 20,
+//!     dirty_rate: 0,
+//!     fill: 0,
 //!     incoming: false,
 //!     accels: Vec::new(),
 //! };
@@ -27,7 +29,7 @@
 //! | block / slot | GPA | holds |
 //! |---|---|---|
 //! | 0 `ram-low` | `[0, 2 MiB)` | GDT, TSS, page tables, guest code, one control page per vCPU (its pass counter) |
-//! | 1 `ram` | `[4 GiB, 4 GiB + mem_size)` | RAM under test; vCPU `i` dirties `[4 GiB + i * dirty_size, + dirty_size)` |
+//! | 1 `ram` | `[4 GiB, 4 GiB + mem_size)` | RAM under test; vCPU `i` dirties `[4 GiB + i * dirty_size, + dirty_size)`, the fill follows |
 //!
 //! The hole below 4 GiB keeps the in-kernel LAPIC and IOAPIC pages off RAM. The RAM slot
 //! is `madvise(MADV_HUGEPAGE)`: first touches into fresh memory (a destination's first
@@ -47,6 +49,31 @@
 //! checks on each exit that the values follow each other and match the counter in
 //! memory. Every 1024 passes the vCPU prints `vcpu<i> pass <n>` on the serial console
 //! (COM1), one `out` per byte: at most a few dozen exits per thousand passes.
+//!
+//! # Dirty rate, idle guests, fill
+//!
+//! The run flags mean on KVM what they mean on the soft backend, per vCPU:
+//!
+//! - `dirty_rate` (`--dirty-rate`): each vCPU writes at most that many pages a second.
+//!   Such a vCPU runs a second program, the paced one, which stops to report every 64
+//!   pages; the vCPU thread sleeps in that exit until the pages are due. Why the VMM
+//!   and not the guest keeps time, and what it costs, is in `guest.rs` and `vcpu.rs`.
+//! - `dirty_size` 0 (`--dirty 0`): an idle guest. Its vCPUs run the paced program over
+//!   an empty range: they write no RAM under test, only their pass counter (one page of
+//!   the low slot each), and the VMM holds each pass for 10 ms, so they still count
+//!   passes (about 100 a second) at no CPU cost. A migration of it sends the pages it
+//!   ever touched once and then a page per vCPU.
+//! - `fill` (`--fill`): before the vCPUs first run, the VMM writes that many bytes of
+//!   the soft backend's pseudo-random, non-zero data ([`crate::memory::fill_words`])
+//!   after the last vCPU's range, and where it did in the low slot (which migrates with
+//!   the guest). [`KvmVm::check_pattern`] then also checks the fill, wherever the guest
+//!   has moved since.
+//!
+//! Without a rate and with a range, a vCPU runs the original program, byte for byte
+//! what every release so far runs: such a guest still migrates to and from them. A vCPU
+//! in the paced program adds the subsection `kvm-vcpu/paced-program` to its state, which
+//! those releases do not know: they refuse it by name, before the guest leaves the
+//! source, instead of running it and stopping at its first report.
 //!
 //! Two things the probe did not say: (1) PVM does not keep IOPL=3 for guest user mode,
 //! so `out` is checked against the TSS I/O bitmap, which grants the workload's ports and
@@ -82,7 +109,8 @@
 //!
 //! `kvm-vcpu` v1 ([`VCPU_SCHEMA`]): regs, sregs, xsave (4 KiB), xcrs, debugregs, lapic,
 //! vcpu_events, mp_state, every MSR of `KVM_GET_MSR_INDEX_LIST` that reads (41 here, all
-//! of them), tsc_khz. `kvm-vm` v1 ([`VM_SCHEMA`]): kvmclock, PIC master and slave,
+//! of them), tsc_khz; the empty subsection `kvm-vcpu/paced-program` for a vCPU in the
+//! paced program (above). `kvm-vm` v1 ([`VM_SCHEMA`]): kvmclock, PIC master and slave,
 //! IOAPIC. KVM structs travel as their raw bytes in fixed-length fields, like
 //! kvm-bindings' serde; this requires the same struct layouts on both sides (same arch,
 //! uAPI unchanged), which the fixed lengths enforce (see `state.rs`). Loading checks
@@ -132,7 +160,9 @@ mod tests;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
+use ferry_migration::engine::human_bytes;
 use ferry_migration::engine::vm::{
     DeviceInfo, DevicePending, DirtyLog, GuestRam, MigratableVm, VmError,
 };
@@ -158,9 +188,14 @@ pub struct KvmConfig {
     /// Bytes of RAM under test (the `ram` block at 4 GiB), a multiple of 4 KiB.
     pub mem_size: u64,
     pub vcpus: usize,
-    /// Bytes each vCPU's workload dirties, each vCPU in its own range; a non-zero multiple
-    /// of 4 KiB, and `vcpus * dirty_size <= mem_size`.
+    /// Bytes each vCPU's workload dirties, each vCPU in its own range; a multiple of
+    /// 4 KiB, 0 for an idle guest, and `vcpus * dirty_size + fill <= mem_size`.
     pub dirty_size: u64,
+    /// Pages per second each vCPU's workload dirties at most; 0 for as fast as it runs.
+    pub dirty_rate: u64,
+    /// Bytes of pseudo-random data written after the vCPUs' ranges before they first
+    /// run, a multiple of 4 KiB (none for an incoming VM: it gets the source's).
+    pub fill: u64,
     /// A migration destination: RAM left empty, vCPUs without state until it is loaded.
     pub incoming: bool,
     /// The accelerators ([`crate::devices::accel`]), in order; empty for none.
@@ -253,6 +288,10 @@ pub enum KvmError {
     Serial(#[from] SerialError),
     #[error(transparent)]
     Accel(#[from] AccelError),
+}
+
+fn words(w: &[u64]) -> Vec<u8> {
+    w.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
 fn hex_list(v: &[u32]) -> String {
@@ -374,6 +413,15 @@ impl KvmVm {
             for (gpa, bytes) in layout::low_slot_image(cfg.mem_size) {
                 ram.write(gpa, &bytes);
             }
+            for index in 0..cfg.vcpus {
+                ram.write(layout::rate_gpa(index), &cfg.dirty_rate.to_le_bytes());
+            }
+            if cfg.fill > 0 {
+                let offset = cfg.vcpus as u64 * cfg.dirty_size;
+                ram.fill(offset, cfg.fill);
+                let info = [layout::RAM_GPA + offset, cfg.fill];
+                ram.write(layout::FILL_INFO_GPA, &words(&info));
+            }
         }
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -387,7 +435,7 @@ impl KvmVm {
                 &vm,
                 index,
                 &cpuid,
-                (!cfg.incoming).then_some(cfg.dirty_size),
+                (!cfg.incoming).then_some((cfg.dirty_size, cfg.dirty_rate)),
             )?);
         }
         let msr_indices = kvm
@@ -510,6 +558,21 @@ impl KvmVm {
             .collect()
     }
 
+    /// Per vCPU, pages the paced program reported writing, and how long the VMM held it
+    /// to its rate (both 0 for a vCPU running the original program).
+    pub fn pacing(&self) -> Vec<(u64, Duration)> {
+        self.vcpus
+            .stats
+            .iter()
+            .map(|s| {
+                (
+                    s.reported_pages.load(Ordering::Relaxed),
+                    Duration::from_micros(s.paced_us.load(Ordering::Relaxed)),
+                )
+            })
+            .collect()
+    }
+
     /// The dirty log, with the KVM-specific extras ([`KvmDirtyLog::harvest_with_cost`]).
     pub fn dirty(&self) -> &KvmDirtyLog {
         &self.dirty
@@ -538,25 +601,32 @@ impl KvmVm {
     /// Checks, while paused, that every vCPU's range holds what its workload wrote: a
     /// prefix of pages at `pass + 1` (as `u8`) as long as the guest's position in its
     /// current pass (from its registers), the rest at `pass`. The guest bumps its counter
-    /// after the pass, so between passes every page holds `pass`.
-    pub fn check_pattern(&self) -> Result<(), String> {
+    /// after the pass, so between passes every page holds `pass`. Then that the fill,
+    /// if the guest has one, holds what was written there. Returns the pages checked.
+    pub fn check_pattern(&self) -> Result<u64, String> {
         if self.running() {
             return Err("the VM is running; pause it first".into());
         }
         let mut problems = Vec::new();
+        let mut checked = 0;
         for i in 0..self.cfg.vcpus {
-            if let Err(e) = self.check_vcpu_pattern(i) {
-                problems.push(format!("vCPU {i}: {e}"));
+            match self.check_vcpu_pattern(i) {
+                Ok(pages) => checked += pages,
+                Err(e) => problems.push(format!("vCPU {i}: {e}")),
             }
         }
+        match self.check_fill() {
+            Ok(pages) => checked += pages,
+            Err(e) => problems.push(format!("fill: {e}")),
+        }
         if problems.is_empty() {
-            Ok(())
+            Ok(checked)
         } else {
             Err(problems.join("; "))
         }
     }
 
-    fn check_vcpu_pattern(&self, i: usize) -> Result<(), String> {
+    fn check_vcpu_pattern(&self, i: usize) -> Result<u64, String> {
         let regs = self
             .vcpus
             .parked(i)
@@ -569,8 +639,16 @@ impl KvmVm {
                 regs.rbx, regs.r9
             ));
         }
+        let Some((program, rip_off)) = guest::Program::at(regs.rip) else {
+            return Err(format!("rip {:#x} is in no guest program", regs.rip));
+        };
         let (start, pages) = (regs.rsi, regs.r8);
         let ram = &self.ram.blocks()[memory::RAM_BLOCK];
+        // An idle vCPU (the paced program over no pages) has nothing to check.
+        let idle = program == guest::Program::Paced && pages == 0;
+        if idle {
+            return Ok(0);
+        }
         if start < ram.gpa
             || start % 4096 != 0
             || pages == 0
@@ -581,12 +659,7 @@ impl KvmVm {
             ));
         }
         let pass = self.ram.read_u64(layout::pass_gpa(i));
-        let ahead = guest::pages_ahead(
-            regs.rip.wrapping_sub(layout::CODE_GPA),
-            regs.rdi,
-            start,
-            pages,
-        )?;
+        let ahead = program.pages_ahead(rip_off, regs.rdi, start, pages)?;
         let mut bad = Vec::new();
         let mut bad_count = 0;
         for p in 0..pages {
@@ -604,12 +677,44 @@ impl KvmVm {
             }
         }
         if bad_count == 0 {
-            Ok(())
+            Ok(pages)
         } else {
             Err(format!(
                 "pass {pass}, {ahead} pages ahead: {bad_count} pages wrong ({})",
                 bad.join(", ")
             ))
+        }
+    }
+
+    /// Checks the fill the low slot says the guest has (none from a release without
+    /// `--fill` on KVM: the words are zero there); returns its pages.
+    fn check_fill(&self) -> Result<u64, String> {
+        let gpa = self.ram.read_u64(layout::FILL_INFO_GPA);
+        let len = self.ram.read_u64(layout::FILL_INFO_GPA + 8);
+        if len == 0 {
+            return Ok(0);
+        }
+        let ram = &self.ram.blocks()[memory::RAM_BLOCK];
+        let offset = gpa.wrapping_sub(ram.gpa);
+        if gpa < ram.gpa
+            || offset % 4096 != 0
+            || len % 4096 != 0
+            || offset.checked_add(len).is_none_or(|end| end > ram.size)
+        {
+            return Err(format!(
+                "the range {gpa:#x} of {len:#x} bytes is not inside the RAM block"
+            ));
+        }
+        // SAFETY: inside the RAM block (checked above), whose vCPUs are paused.
+        let wrong = unsafe {
+            crate::memory::fill_pages_wrong(self.ram.host_ptr(memory::RAM_BLOCK), offset, len)
+        };
+        match wrong {
+            0 => Ok(len / 4096),
+            n => Err(format!(
+                "{n} of {} pages do not hold the data written there",
+                len / 4096
+            )),
         }
     }
 }
@@ -631,32 +736,44 @@ fn validate(cfg: &KvmConfig) -> Result<(), KvmError> {
             layout::MAX_VCPUS
         ));
     }
-    if cfg.dirty_size == 0 || cfg.dirty_size % page != 0 {
+    if cfg.dirty_size % page != 0 {
         return bad(format!(
-            "dirty_size {} must be a non-zero multiple of 4 KiB",
+            "the dirtied range (--dirty {}) must be a multiple of 4 KiB",
             cfg.dirty_size
+        ));
+    }
+    if cfg.fill % page != 0 {
+        return bad(format!(
+            "the filled range (--fill {}) must be a multiple of 4 KiB",
+            cfg.fill
         ));
     }
     if cfg
         .dirty_size
         .checked_mul(cfg.vcpus as u64)
+        .and_then(|ranges| ranges.checked_add(cfg.fill))
         .is_none_or(|total| total > cfg.mem_size)
     {
         return bad(format!(
-            "{} vCPUs dirtying {} bytes each do not fit in mem_size {}",
-            cfg.vcpus, cfg.dirty_size, cfg.mem_size
+            "{} vCPUs dirtying {} each (--dirty) and the filled range (--fill {}) do not \
+             fit in guest RAM (--mem {})",
+            cfg.vcpus,
+            human_bytes(cfg.dirty_size),
+            human_bytes(cfg.fill),
+            human_bytes(cfg.mem_size)
         ));
     }
     Ok(())
 }
 
-/// Creates vCPU `index` with the host's CPUID (its APIC ID patched in); with
-/// `dirty_size`, also puts it at the first instruction of the workload.
+/// Creates vCPU `index` with the host's CPUID (its APIC ID patched in); with a
+/// `workload` (its dirty size and rate), also puts it at the first instruction of the
+/// program that runs it.
 fn create_vcpu(
     vm: &VmFd,
     index: usize,
     cpuid: &kvm_bindings::CpuId,
-    dirty_size: Option<u64>,
+    workload: Option<(u64, u64)>,
 ) -> Result<VcpuFd, KvmError> {
     let e = |ioctl| {
         move |source| KvmError::Vcpu {
@@ -675,11 +792,12 @@ fn create_vcpu(
         }
     }
     fd.set_cpuid2(&cpuid).map_err(e("KVM_SET_CPUID2"))?;
-    if let Some(dirty_size) = dirty_size {
+    if let Some((dirty_size, dirty_rate)) = workload {
         let sregs = fd.get_sregs().map_err(e("KVM_GET_SREGS"))?;
         fd.set_sregs(&layout::initial_sregs(&sregs))
             .map_err(e("KVM_SET_SREGS"))?;
-        fd.set_regs(&layout::initial_regs(index, dirty_size))
+        let program = guest::Program::for_workload(dirty_size / PAGE_SIZE as u64, dirty_rate);
+        fd.set_regs(&layout::initial_regs(index, dirty_size, program))
             .map_err(e("KVM_SET_REGS"))?;
         // With an in-kernel LAPIC every vCPU but 0 starts waiting for INIT/SIPI, which
         // nobody here sends: make it runnable, as the BSP is.

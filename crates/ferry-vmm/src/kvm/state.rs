@@ -12,7 +12,10 @@
 
 use std::mem::size_of;
 
-use ferry_migration::state::{DeviceState, FieldKind, FieldSchema, StateError, StateSchema, Value};
+use ferry_migration::state::{
+    DeviceState, FieldKind, FieldSchema, StateError, StateSchema, SubsectionSchema,
+    SubsectionState, Value,
+};
 use kvm_bindings::{
     kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
     kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs, KVM_IRQCHIP_IOAPIC,
@@ -21,7 +24,7 @@ use kvm_bindings::{
 use kvm_ioctls::{VcpuFd, VmFd};
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
-use super::KvmError;
+use super::{guest, KvmError};
 
 const fn array<T>(name: &'static str) -> FieldSchema {
     FieldSchema {
@@ -70,7 +73,19 @@ pub static VCPU_SCHEMA: StateSchema = StateSchema {
         // 0 when the source could not tell (unstable TSC).
         word("tsc_khz"),
     ],
-    subsections: &[],
+    subsections: &[PACED_PROGRAM],
+};
+
+/// Marks a vCPU that runs the paced guest program (`guest.rs`). It carries nothing: the
+/// program is in guest RAM and the rate in the control page. It is there so that a
+/// release without that program, whose vCPU threads would stop the guest at its first
+/// report, refuses the vCPU by name while the source can still resume it.
+pub const PACED_PROGRAM: SubsectionSchema = SubsectionSchema {
+    name: "kvm-vcpu/paced-program",
+    version: 1,
+    fields: &[],
+    needed_when: "the vCPU runs the paced guest program (ferry run --dirty-rate, or --dirty 0 \
+                  on KVM)",
 };
 
 /// VM-wide KVM state: the kvmclock and the in-kernel PICs and IOAPIC.
@@ -130,20 +145,27 @@ pub fn save_vcpu(index: usize, fd: &VcpuFd, msr_indices: &[u32]) -> Result<Devic
     let msrs = get_msrs(index, fd, msr_indices)?;
     let tsc_khz = fd.get_tsc_khz().unwrap_or(0);
     let msr_bytes: Vec<u8> = msrs.iter().flat_map(|m| m.as_bytes().to_vec()).collect();
-    Ok(DeviceState {
+    let mut state = DeviceState {
         version: VCPU_SCHEMA.version,
         ..DeviceState::new()
+    };
+    if matches!(
+        guest::Program::at(regs.rip),
+        Some((guest::Program::Paced, _))
+    ) {
+        state = state.with_subsection(SubsectionState::new(PACED_PROGRAM.name));
     }
-    .with("regs", bytes_of(&regs))
-    .with("sregs", bytes_of(&sregs))
-    .with("xsave", Value::Bytes(xsave.region.as_bytes().to_vec()))
-    .with("xcrs", bytes_of(&xcrs))
-    .with("debugregs", bytes_of(&debugregs))
-    .with("lapic", bytes_of(&lapic))
-    .with("vcpu_events", bytes_of(&events))
-    .with("mp_state", Value::U32(mp_state.mp_state))
-    .with("msrs", Value::Bytes(msr_bytes))
-    .with("tsc_khz", Value::U32(tsc_khz)))
+    Ok(state
+        .with("regs", bytes_of(&regs))
+        .with("sregs", bytes_of(&sregs))
+        .with("xsave", Value::Bytes(xsave.region.as_bytes().to_vec()))
+        .with("xcrs", bytes_of(&xcrs))
+        .with("debugregs", bytes_of(&debugregs))
+        .with("lapic", bytes_of(&lapic))
+        .with("vcpu_events", bytes_of(&events))
+        .with("mp_state", Value::U32(mp_state.mp_state))
+        .with("msrs", Value::Bytes(msr_bytes))
+        .with("tsc_khz", Value::U32(tsc_khz)))
 }
 
 /// Reads every MSR of `indices`, skipping (and logging) any KVM refuses to read.

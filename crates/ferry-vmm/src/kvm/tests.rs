@@ -49,6 +49,8 @@ fn vm(mem_mib: u64, vcpus: usize, dirty_mib: u64, incoming: bool) -> KvmVm {
         mem_size: mem_mib * MIB,
         vcpus,
         dirty_size: dirty_mib * MIB,
+        dirty_rate: 0,
+        fill: 0,
         incoming,
         accels: Vec::new(),
     };
@@ -327,6 +329,8 @@ fn kvm_rejects_bad_configs_and_state() {
             mem_size,
             vcpus,
             dirty_size,
+            dirty_rate: 0,
+            fill: 0,
             incoming: false,
             accels: Vec::new(),
         };
@@ -340,6 +344,8 @@ fn kvm_rejects_bad_configs_and_state() {
         mem_size: 64 * MIB,
         vcpus: 1,
         dirty_size: MIB,
+        dirty_rate: 0,
+        fill: 0,
         incoming: false,
         accels: stop_copy_accel(size),
     };
@@ -514,6 +520,8 @@ fn kvm_accel_stops_and_runs_with_the_vm() {
         mem_size: 16 * MIB,
         vcpus: 1,
         dirty_size: MIB,
+        dirty_rate: 0,
+        fill: 0,
         incoming,
         accels: stop_copy_accel(MIB),
     };
@@ -587,4 +595,180 @@ fn kvm_accel_stops_and_runs_with_the_vm() {
     assert_eq!(dst.accel(0).unwrap().state(), MigState::Running);
     MigratableVm::pause(&dst).unwrap();
     dst.accel(0).unwrap().check_pattern().unwrap();
+}
+
+fn workload_vm(mem_mib: u64, vcpus: usize, dirty: u64, dirty_rate: u64, fill: u64) -> KvmVm {
+    let cfg = KvmConfig {
+        mem_size: mem_mib * MIB,
+        vcpus,
+        dirty_size: dirty,
+        dirty_rate,
+        fill,
+        incoming: false,
+        accels: Vec::new(),
+    };
+    KvmVm::create(&cfg).unwrap_or_else(|e| panic!("{}", chain(&e)))
+}
+
+#[test]
+fn kvm_idle_guest_counts_passes_and_dirties_only_its_control_pages() {
+    if !kvm_here("kvm_idle_guest_counts_passes_and_dirties_only_its_control_pages") {
+        return;
+    }
+    let vm = workload_vm(64, 2, 0, 0, 0);
+    let log = vm.dirty();
+    let bitmaps: Vec<DirtyBitmap> = vm
+        .ram
+        .blocks()
+        .iter()
+        .map(|b| DirtyBitmap::new(b.pages()))
+        .collect();
+    vm.start().unwrap();
+    log.start().unwrap();
+    // As in the test above: the first passes after logging starts also touch page
+    // tables and code once.
+    let harvest = || {
+        for (b, map) in bitmaps.iter().enumerate() {
+            map.clear_all();
+            log.harvest(b, map).unwrap();
+        }
+    };
+    for _ in 0..2 {
+        harvest();
+        wait_passes(&vm, &vm.passes(), 1);
+    }
+    harvest();
+    let t = Instant::now();
+    wait_passes(&vm, &vm.passes(), 5);
+    let elapsed = t.elapsed();
+    harvest();
+    assert_eq!(pages_set(&bitmaps[RAM_BLOCK]), Vec::<usize>::new());
+    let control: Vec<usize> = (0..2)
+        .map(|i| (layout::control_gpa(i) / 4096) as usize)
+        .collect();
+    assert_eq!(pages_set(&bitmaps[LOW_BLOCK]), control);
+    vm.stop().unwrap();
+    // Each idle pass is held 10 ms: five of them take 50 ms at least.
+    assert!(elapsed >= 4 * guest::IDLE_PASS, "{elapsed:?}");
+    assert_eq!(vm.check_pattern(), Ok(0));
+    assert_eq!(vm.out_errors(), [0, 0]);
+    assert!(vm
+        .pacing()
+        .iter()
+        .all(|&(pages, held)| pages == 0 && held > Duration::ZERO));
+}
+
+#[test]
+fn kvm_paced_guest_holds_its_dirty_rate_and_its_pattern() {
+    if !kvm_here("kvm_paced_guest_holds_its_dirty_rate_and_its_pattern") {
+        return;
+    }
+    let rate = 4000;
+    let vm = workload_vm(64, 1, MIB, rate, 0);
+    vm.start().unwrap();
+    let t = Instant::now();
+    std::thread::sleep(Duration::from_millis(500));
+    vm.stop().unwrap();
+    let elapsed = t.elapsed().as_secs_f64();
+    let (pages, held) = vm.pacing()[0];
+    let measured = pages as f64 / elapsed;
+    println!("{pages} pages in {elapsed:.3} s: {measured:.0} pages/s for {rate}; held {held:?}");
+    // Unpaced, this guest writes hundreds of thousands of pages a second.
+    assert!(
+        measured > rate as f64 * 0.6 && measured < rate as f64 * 1.3,
+        "{measured:.0} pages/s for a rate of {rate}"
+    );
+    assert!(held > Duration::from_millis(100), "{held:?}");
+    assert!(vm.check_pattern().unwrap() == MIB / 4096);
+    assert_eq!(vm.out_errors(), [0]);
+    // It still makes passes, and carries on after a pause.
+    let before = vm.passes();
+    vm.start().unwrap();
+    wait_passes(&vm, &before, 1);
+    vm.stop().unwrap();
+    vm.check_pattern().unwrap();
+}
+
+#[test]
+fn kvm_fill_is_written_before_the_guest_runs_and_checked() {
+    if !kvm_here("kvm_fill_is_written_before_the_guest_runs_and_checked") {
+        return;
+    }
+    let (dirty, fill) = (2 * MIB, 8 * MIB);
+    let vm = workload_vm(64, 2, dirty, 0, fill);
+    let fill_gpa = layout::RAM_GPA + 2 * dirty;
+    assert_ne!(vm.ram.read_u64(fill_gpa), 0);
+    assert_ne!(vm.ram.read_u64(fill_gpa + fill - 8), 0);
+    assert_eq!(vm.ram.read_u64(fill_gpa + fill), 0);
+    vm.start().unwrap();
+    wait_passes(&vm, &[0, 0], 3);
+    vm.stop().unwrap();
+    assert_eq!(vm.check_pattern(), Ok((2 * dirty + fill) / 4096));
+    // A page of it changed is found.
+    vm.write_guest(fill_gpa + 4096 + 100, &[0]).unwrap();
+    let e = vm.check_pattern().unwrap_err();
+    assert!(e.contains("fill: 1 of 2048 pages"), "{e}");
+}
+
+#[test]
+fn kvm_workload_that_does_not_fit_is_refused_naming_the_flags() {
+    if !kvm_here("kvm_workload_that_does_not_fit_is_refused_naming_the_flags") {
+        return;
+    }
+    for (dirty, fill, flag) in [
+        (16 * MIB, 40 * MIB, "--fill"),
+        (MIB + 512, 0, "--dirty"),
+        (MIB, 100, "--fill"),
+    ] {
+        let cfg = KvmConfig {
+            mem_size: 64 * MIB,
+            vcpus: 2,
+            dirty_size: dirty,
+            dirty_rate: 0,
+            fill,
+            incoming: false,
+            accels: Vec::new(),
+        };
+        match KvmVm::create(&cfg) {
+            Err(e @ KvmError::Config(_)) => assert!(e.to_string().contains(flag), "{e}"),
+            other => panic!("{dirty} {fill}: {:?}", other.map(|_| ())),
+        }
+    }
+}
+
+/// An idle or paced vCPU says so in its state, so that a release without the paced
+/// program (whose schema lacks the subsection) refuses it by name; a vCPU of the original
+/// program saves exactly what those releases load.
+#[test]
+fn kvm_paced_vcpu_state_is_refused_by_a_release_without_the_paced_program() {
+    if !kvm_here("kvm_paced_vcpu_state_is_refused_by_a_release_without_the_paced_program") {
+        return;
+    }
+    let before_paced = StateSchema {
+        subsections: &[],
+        ..VCPU_SCHEMA
+    };
+    for (dirty, rate, paced) in [(MIB, 0, false), (MIB, 5000, true), (0, 0, true)] {
+        let vm = workload_vm(64, 1, dirty, rate, 0);
+        vm.start().unwrap();
+        wait_passes(&vm, &[0], 1);
+        vm.stop().unwrap();
+        let st = vm.save_vcpu(0).unwrap();
+        assert_eq!(
+            st.subsection(state::PACED_PROGRAM.name).is_some(),
+            paced,
+            "--dirty {dirty} --dirty-rate {rate}"
+        );
+        let bytes = codec::encode(&VCPU_SCHEMA, &st).unwrap();
+        // This release loads it either way.
+        let back = codec::decode(&VCPU_SCHEMA, VCPU_SCHEMA.version, &bytes).unwrap();
+        vm.load_vcpu(0, back).unwrap();
+        match codec::decode(&before_paced, 1, &bytes) {
+            Ok(_) => assert!(!paced),
+            Err(e) => {
+                assert!(paced, "{e}");
+                assert!(e.to_string().contains("kvm-vcpu/paced-program"), "{e}");
+            }
+        }
+    }
 }

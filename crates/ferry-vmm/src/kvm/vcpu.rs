@@ -18,17 +18,29 @@
 //! `immediate_exit` for the next entry; it is never lost. A signal that arrives before the
 //! thread published its pointer finds none and does nothing, but then the flag check
 //! that follows sees the stop. `resume` starts fresh threads.
+//!
+//! # Pacing
+//!
+//! The paced guest program (`guest.rs`) reports every 64 pages it writes with a 16-bit
+//! `out` to its port. The thread keeps a [`Pacer`]: the pages reported since it started
+//! against the vCPU's rate (read from the guest's control page at each report, so a
+//! migrated guest keeps its rate), and sleeps in the exit until they are due, as the soft
+//! backend's vCPU does between its chunks. A guest slower than its rate is not held
+//! back, and catches up (as fast as it can) when it can. The sleep is cut in slices of
+//! [`PACE_SLICE`] with the stop flag checked between them, so a pause waits at most that
+//! much longer for a sleeping vCPU; the `out` is retired on the next entry as any other.
 
 use std::cell::Cell;
 use std::ptr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, TryLockError};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, unblock_signal, Killable, SIGRTMIN};
 
-use super::layout::{pass_gpa, CODE_GPA};
+use super::layout::{pass_gpa, rate_gpa};
 use super::memory::KvmRam;
 use super::{guest, KvmError};
 use crate::devices::IoBus;
@@ -70,8 +82,62 @@ pub struct VcpuStats {
     /// `out` exits to the vCPU's own port seen (one per pass of the guest).
     pub exits: AtomicU64,
     /// `out` values that did not follow the previous one, or disagreed with the counter
-    /// in guest memory.
+    /// in guest memory, and reports of the paced program of more than a chunk.
     pub out_errors: AtomicU64,
+    /// Reports of the paced program seen.
+    pub reports: AtomicU64,
+    /// Pages those reports counted.
+    pub reported_pages: AtomicU64,
+    /// Time the thread held the vCPU to its rate, in microseconds.
+    pub paced_us: AtomicU64,
+}
+
+/// The longest a vCPU thread sleeps without looking at the stop flag.
+pub const PACE_SLICE: Duration = Duration::from_millis(2);
+
+/// Holds a vCPU to a dirty rate: how long to wait after each report (pure, so tested on
+/// its own).
+#[derive(Debug, Clone)]
+pub struct Pacer {
+    started: Instant,
+    pages: u64,
+}
+
+impl Pacer {
+    pub fn new(now: Instant) -> Self {
+        Self {
+            started: now,
+            pages: 0,
+        }
+    }
+
+    /// How long to hold the vCPU, at `now`, after it reported `pages` more pages at
+    /// `rate` pages per second: until all it reported since this pacer started is due.
+    /// A report of no pages is an idle pass, held [`guest::IDLE_PASS`]; rate 0 is
+    /// unpaced.
+    pub fn wait(&mut self, pages: u64, rate: u64, now: Instant) -> Duration {
+        if pages == 0 {
+            return guest::IDLE_PASS;
+        }
+        self.pages += pages;
+        if rate == 0 {
+            return Duration::ZERO;
+        }
+        let due = self.started + Duration::from_secs_f64(self.pages as f64 / rate as f64);
+        due.saturating_duration_since(now)
+    }
+}
+
+/// Sleeps `d`, or less if `stop` is set meanwhile.
+fn hold(d: Duration, stop: &AtomicBool) {
+    let until = Instant::now() + d;
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() || stop.load(Ordering::SeqCst) {
+            return;
+        }
+        std::thread::sleep(left.min(PACE_SLICE));
+    }
 }
 
 /// A vCPU's fd; its thread holds the lock while it runs.
@@ -223,10 +289,11 @@ fn run_vcpu(
         ioctl: "KVM_GET_REGS",
         source,
     })?;
-    let mut expected = guest::next_out(
-        regs.rip.wrapping_sub(CODE_GPA),
-        ram.read_u64(pass_gpa(index)),
-    );
+    let pass = ram.read_u64(pass_gpa(index));
+    let mut expected = match guest::Program::at(regs.rip) {
+        Some((program, off)) => program.next_out(off, pass),
+        None => pass.wrapping_add(1) as u8,
+    };
 
     fd.set_kvm_immediate_exit(0);
     IMMEDIATE_EXIT.with(|c| c.set(ptr::addr_of_mut!(fd.get_kvm_run().immediate_exit)));
@@ -260,8 +327,26 @@ fn run_loop(
     expected: &mut u8,
 ) -> Result<(), KvmError> {
     let port = guest::port(index);
+    let mut pacer = Pacer::new(Instant::now());
     while !stop.load(Ordering::SeqCst) {
         match fd.run() {
+            Ok(VcpuExit::IoOut(p, &[lo, hi])) if p == port => {
+                let pages = u64::from(u16::from_le_bytes([lo, hi]));
+                stats.reports.fetch_add(1, Ordering::Relaxed);
+                stats.reported_pages.fetch_add(pages, Ordering::Relaxed);
+                if pages > guest::CHUNK {
+                    stats.out_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(index, pages, "guest reported more than a chunk");
+                }
+                let wait = pacer.wait(pages, ram.read_u64(rate_gpa(index)), Instant::now());
+                if !wait.is_zero() {
+                    let t = Instant::now();
+                    hold(wait, stop);
+                    stats
+                        .paced_us
+                        .fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+                }
+            }
             Ok(VcpuExit::IoOut(p, data)) if p == port && data.len() == 1 => {
                 let value = data[0];
                 stats.exits.fetch_add(1, Ordering::Relaxed);
@@ -307,4 +392,47 @@ fn run_loop(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod pacer_tests {
+    use super::*;
+
+    #[test]
+    fn kvm_pacer_holds_reports_to_the_rate() {
+        let t0 = Instant::now();
+        let mut p = Pacer::new(t0);
+        // 64 pages at 1000 pages/s are due 64 ms after the start.
+        assert_eq!(p.wait(64, 1000, t0), Duration::from_millis(64));
+        // Reported late: less to wait; the debt is the total, not the last chunk.
+        assert_eq!(
+            p.wait(64, 1000, t0 + Duration::from_millis(100)),
+            Duration::from_millis(28)
+        );
+        // Behind the rate: no wait, until the reports are ahead of it again.
+        assert_eq!(
+            p.wait(64, 1000, t0 + Duration::from_secs(1)),
+            Duration::ZERO
+        );
+        assert_eq!(
+            p.wait(64 * 20, 1000, t0 + Duration::from_secs(1)),
+            Duration::from_millis(472)
+        );
+        // An idle pass is held on its own and counts no pages.
+        assert_eq!(
+            p.wait(0, 1000, t0 + Duration::from_secs(5)),
+            guest::IDLE_PASS
+        );
+        assert_eq!(p.wait(8, 0, t0), Duration::ZERO);
+    }
+
+    #[test]
+    fn kvm_pacer_holds_an_idle_pass_whatever_the_rate() {
+        let t0 = Instant::now();
+        let mut p = Pacer::new(t0);
+        for rate in [0, 1, 1_000_000] {
+            assert_eq!(p.wait(0, rate, t0), guest::IDLE_PASS);
+        }
+        assert_eq!(p.wait(1, 1_000_000, t0), Duration::from_micros(1));
+    }
 }
