@@ -885,7 +885,7 @@ def main(argv: list[str]) -> int:
     finally:
         m.reap_all()
         res["summary"] = summarise(res["hops"], time.monotonic() - t0)
-        if a.keep_tmp or not res["ok"]:
+        if a.keep_tmp or res.get("violation"):
             log(f"soak: process logs in {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
