@@ -35,18 +35,19 @@ fault, the kinds taken in turn from --faults:
   depends on its timeouts (the source's 60 s write timeout without `liveness-timeout`);
   --blackhole-timeout bounds the wait.
 
-A faulted attempt runs with a bandwidth cap (--fault-bandwidth, 20M; with zstd, whose
-pass 0 of the guest's counter pages shrinks to a few KiB, --fault-bandwidth-zstd, 64K) and
-a downtime limit of 1 ms, so that it is still iterating when the fault lands, a seeded
-0-500 ms after RAM starts moving. Should the migration complete first all the same, the
-fault counts as missed and the hop is checked like any other. The caps are small enough for
-the fault to land and large enough that each data packet (512 KiB uncompressed) is written
-within about 25 ms: ferry's bandwidth throttle sleeps off the bytes it has sent without
-watching the connection, so a cap also delays noticing a dead peer. After it:
-`ferry migrate` must report `failed`; the source must be `running` with its guest making
-progress and intact (`x-ferry-verify`); the destination, if still alive, must not be running
-a guest. Then the hop is retried, each time to a fresh destination with no cap, up to
---max-retries times. A failure nobody injected is retried the same way but counted as
+A faulted attempt runs with a bandwidth cap (--fault-bandwidth, 10M; with zstd, which
+shrinks the guest's counter pages about 90-fold, --fault-bandwidth-zstd, 32K) and a
+downtime limit of 1 ms, so that it is still in its first pass when the fault lands, a
+seeded 0-500 ms after RAM starts moving (that pass takes 1.6 s or more for a 128M guest).
+Should the migration complete first all the same, the fault counts as missed and the hop is
+checked like any other. The caps are small enough for the fault to land and large enough
+that each data packet (512 KiB uncompressed) is written within about 50 ms: ferry's
+bandwidth throttle sleeps off the bytes it has sent without watching the connection, so a
+cap also delays noticing a dead peer. After the fault: `ferry migrate` must report
+`failed`; the source must be `running` with its guest making progress and intact
+(`x-ferry-verify`); the destination, if still alive, must not be running a guest. Then
+the hop is retried, each time to a fresh destination with no cap, up to --max-retries
+times. A failure nobody injected is retried the same way but counted as
 unplanned, and makes the exit status 1.
 
 Any broken promise (a guest lost, stopped or run twice, a wrong page, a digest not verified,
@@ -767,12 +768,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--vcpus", type=int, default=1)
     ap.add_argument("--no-verify-full", dest="verify_full", action="store_false",
                     help="leave migration.verify-full off (the incremental digest still runs)")
-    ap.add_argument("--fault-bandwidth", default="20M",
+    ap.add_argument("--fault-bandwidth", default="10M",
                     help="bandwidth cap of a faulted attempt, so the fault lands mid-pass "
-                         "(default 20M)")
-    ap.add_argument("--fault-bandwidth-zstd", default="64K",
+                         "(default 10M)")
+    ap.add_argument("--fault-bandwidth-zstd", default="32K",
                     help="the same for zstd attempts, whose pages shrink a hundredfold "
-                         "(default 64K)")
+                         "(default 32K)")
     ap.add_argument("--downtime-limit", type=int, default=300, metavar="MS",
                     help="downtime limit of the clean attempts (default 300)")
     ap.add_argument("--max-retries", type=int, default=3,
