@@ -380,8 +380,9 @@ class Hop:
                 att["wall_s"] = round(time.monotonic() - ta, 3)
             if done:
                 return dst, {"wall_s": round(time.monotonic() - t0, 3)}
+        why = "; ".join(a.get("error", a.get("outcome", "?")) for a in self.attempts)
         raise Violation(f"hop {self.n}: no attempt succeeded in {self.a.max_retries + 1} "
-                        f"({'; '.join(a.get('error', a.get('outcome', '?')) for a in self.attempts)})")
+                        f"({why})")
 
     def attempt(self, dst: Vm, k: int, fault: str | None, att: dict) -> bool:
         """One migration to `dst`. True once the guest is there and verified; False after a
