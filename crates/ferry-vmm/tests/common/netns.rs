@@ -48,7 +48,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
@@ -494,9 +494,4 @@ pub fn leftover_namespaces() -> Vec<String> {
         .filter(|n| n.starts_with(&mine))
         .map(str::to_string)
         .collect()
-}
-
-/// Where the relay script is, for messages.
-pub fn relay_path() -> PathBuf {
-    PathBuf::from(RELAY)
 }
