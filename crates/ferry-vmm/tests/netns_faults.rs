@@ -224,11 +224,12 @@ fn assert_no_namespaces_left() {
 /// Prints how long the migration took, for the test log.
 fn report(name: &str, started: Instant, last: &Value) {
     println!(
-        "{name}: {:.1} s, {} passes, {} MiB transferred, downtime {} ms",
+        "{name}: {:.1} s, {} passes, {} MiB transferred, downtime {} ms {}",
         started.elapsed().as_secs_f64(),
         last["passes"].as_array().map_or(0, Vec::len),
         last["ram"]["transferred"].as_u64().unwrap_or(0) >> 20,
-        last["downtime"]
+        last["downtime"],
+        last["downtime-breakdown"]
     );
 }
 
