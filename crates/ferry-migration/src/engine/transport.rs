@@ -120,7 +120,11 @@ fn tcp_liveness(fd: RawFd, limit: Duration) -> io::Result<()> {
     set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 1)?;
     // The kernel takes at most 127 probes; TCP_USER_TIMEOUT decides when a connection
     // whose probes go unanswered is dropped in any case.
-    set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, (ms / 1000).clamp(3, 127))?;
+    set(
+        libc::IPPROTO_TCP,
+        libc::TCP_KEEPCNT,
+        (ms / 1000).clamp(3, 127),
+    )?;
     set(libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, ms)
 }
 
