@@ -186,6 +186,27 @@ pub trait MigratableVm: Send + Sync {
         )))
     }
 
+    /// Slows the guest's vCPUs so that a migration can converge (QEMU's auto-converge
+    /// and dirty-limit): the engine decides when and how much, the VMM carries it out in
+    /// its vCPU threads, and it holds until the next call (`VcpuThrottle::None` lifts
+    /// it; the engine always lifts it when a migration ends). The default refuses: a VMM
+    /// without throttling runs its guest at full speed, and the engine says so.
+    fn set_vcpu_throttle(&self, throttle: VcpuThrottle) -> Result<(), VmError> {
+        match throttle {
+            VcpuThrottle::None => Ok(()),
+            _ => Err(VmError::Failed(
+                "this VMM cannot throttle its vCPUs".into(),
+            )),
+        }
+    }
+
+    /// What throttling has cost the guest so far, per vCPU, and the dirty rate each
+    /// vCPU has now, as far as the VMM can measure it (on KVM, from the vCPU's dirty
+    /// ring). Empty when the VMM does not measure.
+    fn vcpu_throttle_stats(&self) -> Vec<VcpuThrottleStats> {
+        Vec::new()
+    }
+
     /// The migration that began precopy of device `index` ended without handing the
     /// guest over: the source's device stops tracking (PRE_COPY -> RUNNING, or STOP if
     /// the guest is stopped), the destination's forgets the records it loaded. Called
@@ -193,6 +214,37 @@ pub trait MigratableVm: Send + Sync {
     fn precopy_abandon(&self, index: usize) {
         let _ = index;
     }
+}
+
+/// How a VMM is to slow its vCPUs ([`MigratableVm::set_vcpu_throttle`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum VcpuThrottle {
+    /// Full speed.
+    None,
+    /// Auto-converge (QEMU's CPU throttle): every vCPU sleeps `percent` (1 to 99) of
+    /// each period of [`CPU_THROTTLE_PERIOD`] and runs the rest, whatever it does.
+    Cpu { percent: u8 },
+    /// Dirty-limit (QEMU 8.1's): a vCPU that dirties guest memory faster than
+    /// `bytes_per_sec`, measured over `period`, is slowed until it does not; a vCPU
+    /// that does not write runs at full speed.
+    DirtyLimit {
+        bytes_per_sec: u64,
+        period: std::time::Duration,
+    },
+}
+
+/// The period of the CPU throttle, as QEMU's (`CPU_THROTTLE_TIMESLICE_NS`, 10 ms).
+pub const CPU_THROTTLE_PERIOD: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// One vCPU's throttle figures ([`MigratableVm::vcpu_throttle_stats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VcpuThrottleStats {
+    /// Time this vCPU was held back by a throttle, in all, so far.
+    pub throttled: std::time::Duration,
+    /// The bytes of guest memory per second this vCPU dirtied over the last period
+    /// measured, if the VMM measures it.
+    pub dirty_rate: Option<u64>,
 }
 
 /// A device's estimate of the state it has left to send (VFIO's
