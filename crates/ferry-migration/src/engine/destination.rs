@@ -85,11 +85,11 @@ pub fn receive(
     // Strays show in `query-migrate` as they are turned away, also while the
     // destination still waits for its source.
     let watch = door.stray_watch();
-    let known = std::cell::Cell::new(0);
+    let known = std::cell::Cell::new(0u64);
     let waiting = || {
-        if let Some(strays) = watch.since(known.get()) {
-            known.set(strays.len());
-            show_strays(monitor, &strays);
+        if let Some((total, strays)) = watch.since(known.get()) {
+            known.set(total);
+            show_strays(monitor, total, &strays);
         }
         monitor.is_cancelled()
     };
@@ -1236,16 +1236,20 @@ fn judge(
 fn report_strays(monitor: &MigrationMonitor, door: &Doorman) {
     let strays = door.strays();
     if !strays.is_empty() {
-        show_strays(monitor, &strays);
+        show_strays(monitor, door.strays_total(), &strays);
     }
 }
 
-fn show_strays(monitor: &MigrationMonitor, strays: &[Stray]) {
+/// The most recent strays, after a line that counts the older ones when the list
+/// had to forget some.
+fn show_strays(monitor: &MigrationMonitor, total: u64, strays: &[Stray]) {
     monitor.update(|i| {
         let m = i.multifd.get_or_insert_with(MultifdStats::default);
-        m.strays = strays
-            .iter()
-            .map(|s| format!("{}: {}", s.peer, s.reason))
+        let older = total.saturating_sub(strays.len() as u64);
+        m.strays = (older > 0)
+            .then(|| format!("{older} connections turned away before these"))
+            .into_iter()
+            .chain(strays.iter().map(|s| format!("{}: {}", s.peer, s.reason)))
             .collect();
     });
 }

@@ -41,6 +41,12 @@ use crate::wire::{
 
 /// Connections identifying themselves at once; a new one beyond this evicts the oldest.
 pub const MAX_PENDING: usize = 64;
+/// Door threads alive at once: the pending ones and evicted ones still winding down.
+/// At the cap the door takes no new connection (the kernel's backlog holds them) until
+/// one exits, so a flood costs threads up to this and no more.
+const MAX_DOOR_THREADS: usize = MAX_PENDING + 16;
+/// Strays remembered for `query-migrate`: the most recent, with a count of all.
+const MAX_STRAYS: usize = 256;
 /// The stack of a thread reading one connection's header: it parses a few fixed fields
 /// and copies bytes into a buffer on the heap.
 const DOOR_STACK: usize = 128 << 10;
@@ -98,12 +104,12 @@ pub struct Stray {
 pub(crate) struct StrayWatch(Option<Arc<Door>>);
 
 impl StrayWatch {
-    /// How many connections were turned away so far, and the list when it grew past
-    /// `known`.
-    pub fn since(&self, known: usize) -> Option<Vec<Stray>> {
+    /// When more than `known` connections were turned away in all: how many, and the
+    /// most recent of them.
+    pub fn since(&self, known: u64) -> Option<(u64, Vec<Stray>)> {
         let door = self.0.as_ref()?;
         let st = door.st.lock().unwrap();
-        (st.strays.len() > known).then(|| st.strays.clone())
+        (st.strays_total > known).then(|| (st.strays_total, st.strays.clone()))
     }
 }
 
@@ -116,7 +122,10 @@ struct DoorState {
     /// The session and channel count the hello announced.
     expect: Option<(u64, u16)>,
     data: Vec<Option<Channel>>,
+    /// The most recent strays, [`MAX_STRAYS`] at most.
     strays: Vec<Stray>,
+    /// Every connection turned away so far.
+    strays_total: u64,
     closed: bool,
     /// Connections still identifying themselves, oldest first: an id, and a handle to
     /// shut one down when a newer one needs its place.
@@ -124,8 +133,20 @@ struct DoorState {
     next_id: u64,
 }
 
+impl DoorState {
+    fn stray(&mut self, s: Stray) {
+        if self.strays.len() >= MAX_STRAYS {
+            self.strays.remove(0);
+        }
+        self.strays.push(s);
+        self.strays_total += 1;
+    }
+}
+
 struct Door {
     st: Mutex<DoorState>,
+    /// Door threads alive.
+    threads: std::sync::atomic::AtomicUsize,
     cv: Condvar,
     stop: AtomicBool,
     /// An eventfd the acceptor polls beside the acceptor's descriptor, so closing wakes
@@ -154,6 +175,7 @@ impl Doorman {
             Incoming::Acceptor(l) => {
                 let door = Arc::new(Door {
                     st: Mutex::new(DoorState::default()),
+                    threads: Default::default(),
                     cv: Condvar::new(),
                     stop: AtomicBool::new(false),
                     wake: eventfd(),
@@ -234,7 +256,7 @@ impl Doorman {
     /// Records a candidate the destination refused.
     pub fn refused(&self, peer: String, reason: String) {
         if let Some(door) = &self.door {
-            door.st.lock().unwrap().strays.push(Stray {
+            door.st.lock().unwrap().stray(Stray {
                 peer,
                 reason: format!("refused: {reason}"),
             });
@@ -301,6 +323,12 @@ impl Doorman {
     }
 
     /// The connections turned away so far.
+    pub fn strays_total(&self) -> u64 {
+        self.door
+            .as_ref()
+            .map_or(0, |d| d.st.lock().unwrap().strays_total)
+    }
+
     pub fn strays(&self) -> Vec<Stray> {
         self.door
             .as_ref()
@@ -342,6 +370,10 @@ fn accept_loop(l: Box<dyn Acceptor>, door: Arc<Door>) {
     let fd = l.poll_fd();
     let wake = door.wake.as_ref().map_or(-1, |w| w.as_raw_fd());
     while !door.stop.load(Ordering::SeqCst) {
+        if door.threads.load(Ordering::SeqCst) >= MAX_DOOR_THREADS {
+            std::thread::sleep(Duration::from_millis(1));
+            continue;
+        }
         let within = match fd {
             // Wait for a connection or the wake-up together, then take the connection
             // without waiting.
@@ -398,14 +430,17 @@ fn accept_loop(l: Box<dyn Acceptor>, door: Arc<Door>) {
             id
         };
         let d = Arc::clone(&door);
+        door.threads.fetch_add(1, Ordering::SeqCst);
         let spawned = std::thread::Builder::new()
             .name("ferry-door".into())
             .stack_size(DOOR_STACK)
             .spawn(move || {
                 sort(&d, ch, peer);
                 d.st.lock().unwrap().pending.retain(|(i, _)| *i != id);
+                d.threads.fetch_sub(1, Ordering::SeqCst);
             });
         if spawned.is_err() {
+            door.threads.fetch_sub(1, Ordering::SeqCst);
             door.st.lock().unwrap().pending.retain(|(i, _)| *i != id);
         }
     }
@@ -421,7 +456,7 @@ fn eventfd() -> Option<OwnedFd> {
 fn turn_away(door: &Door, ch: Channel, peer: String, reason: String) {
     tracing::warn!(%peer, %reason, "turned away a connection to the migration address");
     ch.shutdown();
-    door.st.lock().unwrap().strays.push(Stray { peer, reason });
+    door.st.lock().unwrap().stray(Stray { peer, reason });
     door.cv.notify_all();
 }
 
