@@ -13,7 +13,9 @@ use serde_json::{json, Map, Value};
 use crate::qmp::{version_info, QmpError, QmpHandler, QmpServer, Reply};
 use crate::vmm::{RunState, Vmm, VmmError, VmmEvent};
 use ferry_migration::compat::{PropDef, PropKind};
-use ferry_migration::engine::{error_chain, Handover, MigrationStatus, MIGRATION_DRIVER};
+use ferry_migration::engine::{
+    error_chain, Handover, MigrationStatus, TimeoutStrategy, MIGRATION_DRIVER,
+};
 use ferry_migration::wire::MAX_CHANNELS;
 
 /// Answers QMP commands for one VM.
@@ -70,6 +72,13 @@ impl Control {
                 }
                 VmmEvent::MigrationPass(p) => {
                     events.emit("MIGRATION_PASS", json!({ "pass": p }));
+                }
+                VmmEvent::Convergence { converging, why } => {
+                    let mut data = json!({ "status": "active", "converging": converging });
+                    if let Some(why) = why {
+                        data["why"] = json!(why);
+                    }
+                    events.emit("MIGRATION", data);
                 }
                 VmmEvent::Handover(h) => {
                     let mut data = json!({ "state": h.as_str() });
@@ -142,6 +151,20 @@ impl Control {
             "multifd-zstd-level": p.multifd_zstd_level,
             "verify-full": p.verify_full,
             "digest": p.digest,
+            "cpu-throttle-initial": p.cpu_throttle_initial,
+            "cpu-throttle-increment": p.cpu_throttle_increment,
+            "cpu-throttle-tailslow": p.cpu_throttle_tailslow,
+            "max-cpu-throttle": p.max_cpu_throttle,
+            "throttle-trigger-threshold": p.throttle_trigger_threshold,
+            "vcpu-dirty-limit": p.vcpu_dirty_limit_mbps,
+            "x-vcpu-dirty-limit-period": p.vcpu_dirty_limit_period.as_millis() as u64,
+            "x-ferry-timeout": p.timeout.map_or(0, |t| t.as_secs()),
+            "x-ferry-timeout-per-gib": p.timeout_per_gib.as_secs(),
+            "x-ferry-timeout-strategy": match p.timeout_strategy {
+                TimeoutStrategy::Cancel => "cancel",
+                TimeoutStrategy::Switchover => "switchover",
+            },
+            "x-ferry-switchover-ceiling": p.switchover_ceiling.as_millis() as u64,
         })
     }
 
@@ -155,10 +178,35 @@ impl Control {
         let mut multifd = Vec::new();
         for (k, v) in args {
             match k.as_str() {
-                "downtime-limit" | "max-bandwidth" => {
+                "downtime-limit"
+                | "max-bandwidth"
+                | "cpu-throttle-initial"
+                | "cpu-throttle-increment"
+                | "max-cpu-throttle"
+                | "throttle-trigger-threshold"
+                | "vcpu-dirty-limit"
+                | "x-vcpu-dirty-limit-period"
+                | "x-ferry-timeout"
+                | "x-ferry-timeout-per-gib"
+                | "x-ferry-switchover-ceiling" => {
                     let n = uint_value(k, v)?;
                     check_range(k, n)?;
                     changes.push((k.as_str(), n.to_string()));
+                }
+                "cpu-throttle-tailslow" => {
+                    let on = bool_value(k, v)?;
+                    changes.push((k.as_str(), if on { "on" } else { "off" }.to_string()));
+                }
+                "x-ferry-timeout-strategy" => {
+                    let c = str_value(k, v)?;
+                    let valid = prop_values(k);
+                    if !valid.contains(&c) {
+                        return Err(QmpError::generic(format!(
+                            "Parameter '{k}' does not accept value '{c}'; the valid values are {}",
+                            valid.join(", ")
+                        )));
+                    }
+                    changes.push((k.as_str(), c.to_string()));
                 }
                 "verify-full" => {
                     let on = bool_value(k, v)?;
@@ -272,9 +320,11 @@ impl Control {
             ));
         }
         let mut multifd = None;
+        let mut props = Vec::new();
         for (cap, state) in wanted {
             match cap.state {
                 CapState::Multifd => multifd = Some(state),
+                CapState::Prop(prop) => props.push((prop, state)),
                 CapState::Fixed { state: fixed, .. } if fixed == state => {}
                 CapState::Fixed { why, .. } => {
                     return Err(QmpError::generic(format!(
@@ -284,6 +334,23 @@ impl Control {
                     )));
                 }
             }
+        }
+        // Both throttles at once is refused whole, before either changes.
+        let mut p = self.vmm.params();
+        for &(prop, on) in &props {
+            match prop {
+                "auto-converge" => p.auto_converge = on,
+                "dirty-limit" => p.dirty_limit = on,
+                _ => {}
+            }
+        }
+        if let Some(why) = p.conflict() {
+            return Err(QmpError::generic(why));
+        }
+        for (prop, on) in props {
+            self.vmm
+                .set_migration_property(prop, if on { "on" } else { "off" })
+                .map_err(vmm_err)?;
         }
         if let Some(on) = multifd {
             self.vmm.set_multifd(on).map_err(vmm_err)?;
@@ -298,6 +365,8 @@ impl Control {
                 let state = match c.state {
                     CapState::Fixed { state, .. } => state,
                     CapState::Multifd => self.vmm.multifd().0,
+                    CapState::Prop("auto-converge") => self.vmm.params().auto_converge,
+                    CapState::Prop(_) => self.vmm.params().dirty_limit,
                 };
                 json!({ "capability": c.name, "state": state })
             })
@@ -317,10 +386,12 @@ enum CapState {
     /// On: pages travel on `multifd-channels` data channels. Off: on the main channel
     /// (the `migration.multifd-channels=0` property).
     Multifd,
+    /// The boolean `migration` property of this name.
+    Prop(&'static str),
 }
 
 /// What `query-migrate-capabilities` reports, in this order.
-const CAPABILITIES: [Capability; 6] = [
+const CAPABILITIES: [Capability; 7] = [
     Capability {
         name: "events",
         state: CapState::Fixed {
@@ -349,11 +420,11 @@ const CAPABILITIES: [Capability; 6] = [
     },
     Capability {
         name: "auto-converge",
-        state: CapState::Fixed {
-            state: false,
-            why: "this release of ferry does not throttle vCPUs; raise downtime-limit or \
-                  max-bandwidth for a guest that dirties memory faster than it can be sent",
-        },
+        state: CapState::Prop("auto-converge"),
+    },
+    Capability {
+        name: "dirty-limit",
+        state: CapState::Prop("dirty-limit"),
     },
     Capability {
         name: "xbzrle",
@@ -366,7 +437,7 @@ const CAPABILITIES: [Capability; 6] = [
 ];
 
 /// What `migrate-set-parameters` knows, for the error about one it does not.
-const PARAMETERS: [&str; 7] = [
+const PARAMETERS: [&str; 18] = [
     "downtime-limit",
     "max-bandwidth",
     "multifd-channels",
@@ -374,6 +445,17 @@ const PARAMETERS: [&str; 7] = [
     "multifd-zstd-level",
     "verify-full",
     "digest",
+    "cpu-throttle-initial",
+    "cpu-throttle-increment",
+    "cpu-throttle-tailslow",
+    "max-cpu-throttle",
+    "throttle-trigger-threshold",
+    "vcpu-dirty-limit",
+    "x-vcpu-dirty-limit-period",
+    "x-ferry-timeout",
+    "x-ferry-timeout-per-gib",
+    "x-ferry-timeout-strategy",
+    "x-ferry-switchover-ceiling",
 ];
 
 fn type_error(name: &str, expected: &str) -> QmpError {
@@ -707,6 +789,101 @@ mod tests {
 
     fn params(c: &Control) -> Value {
         ok(c, "query-migrate-parameters", Value::Null)
+    }
+
+    fn cap(c: &Control, name: &str) -> bool {
+        let caps = ok(c, "query-migrate-capabilities", Value::Null);
+        caps.as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["capability"] == name)
+            .unwrap_or_else(|| panic!("no {name} in {caps}"))["state"]
+            .as_bool()
+            .unwrap()
+    }
+
+    #[test]
+    fn auto_converge_and_dirty_limit_are_capabilities_one_at_a_time() {
+        let c = control(&[]);
+        assert!(!cap(&c, "auto-converge") && !cap(&c, "dirty-limit"));
+        let set = |name: &str, on: bool| {
+            run(
+                &c,
+                "migrate-set-capabilities",
+                json!({ "capabilities": [{ "capability": name, "state": on }] }),
+            )
+        };
+        set("auto-converge", true).unwrap();
+        assert!(cap(&c, "auto-converge"));
+        assert!(c.vmm.params().auto_converge);
+        let e = set("dirty-limit", true).unwrap_err();
+        assert!(e.desc.contains("cannot both be on"), "{}", e.desc);
+        assert!(!cap(&c, "dirty-limit"), "refused, yet changed");
+        set("auto-converge", false).unwrap();
+        set("dirty-limit", true).unwrap();
+        assert!(cap(&c, "dirty-limit") && !cap(&c, "auto-converge"));
+        // Both at once in one request is refused whole.
+        let e = run(
+            &c,
+            "migrate-set-capabilities",
+            json!({ "capabilities": [
+                { "capability": "auto-converge", "state": true },
+                { "capability": "dirty-limit", "state": true }
+            ] }),
+        )
+        .unwrap_err();
+        assert!(e.desc.contains("cannot both be on"), "{}", e.desc);
+    }
+
+    #[test]
+    fn throttle_parameters_are_checked_with_qemus_wording_and_shown() {
+        let c = control(&[]);
+        for (k, v, range) in [
+            ("cpu-throttle-initial", 0, "1 to 99"),
+            ("cpu-throttle-initial", 100, "1 to 99"),
+            ("cpu-throttle-increment", 100, "1 to 99"),
+            ("max-cpu-throttle", 120, "1 to 99"),
+            ("throttle-trigger-threshold", 101, "1 to 100"),
+            ("x-vcpu-dirty-limit-period", 0, "1 to 1000"),
+        ] {
+            refused(
+                &c,
+                "migrate-set-parameters",
+                json!({ k: v }),
+                &[&format!(
+                    "Parameter '{k}' expects an integer in the range of {range}"
+                )],
+            );
+        }
+        refused(
+            &c,
+            "migrate-set-parameters",
+            json!({ "vcpu-dirty-limit": -1 }),
+            &["Invalid parameter type for 'vcpu-dirty-limit', expected: integer"],
+        );
+        refused(
+            &c,
+            "migrate-set-parameters",
+            json!({ "x-ferry-timeout-strategy": "wait" }),
+            &["does not accept value 'wait'", "cancel, switchover"],
+        );
+        ok(
+            &c,
+            "migrate-set-parameters",
+            json!({ "cpu-throttle-initial": 30, "max-cpu-throttle": 80, "vcpu-dirty-limit": 5,
+                    "cpu-throttle-tailslow": true, "x-ferry-timeout": 60,
+                    "x-ferry-timeout-strategy": "switchover" }),
+        );
+        let p = params(&c);
+        assert_eq!(p["cpu-throttle-initial"], 30, "{p}");
+        assert_eq!(p["max-cpu-throttle"], 80, "{p}");
+        assert_eq!(p["vcpu-dirty-limit"], 5, "{p}");
+        assert_eq!(p["cpu-throttle-tailslow"], true, "{p}");
+        assert_eq!(p["x-ferry-timeout"], 60, "{p}");
+        assert_eq!(p["x-ferry-timeout-strategy"], "switchover", "{p}");
+        // The defaults left alone.
+        assert_eq!(p["cpu-throttle-increment"], 10, "{p}");
+        assert_eq!(p["x-vcpu-dirty-limit-period"], 1000, "{p}");
     }
 
     #[test]

@@ -47,6 +47,75 @@ pub static FERRY_0_2: MachineDef = MachineDef {
             property: "liveness-timeout",
             value: "120000",
         },
+        // 0.3's convergence control. 0.2 had none: no throttle (these are 0.3's
+        // defaults, off), and no timeout, which 0.3 gives every machine type alike, since
+        // a migration that runs for ever is a defect to fix, not a behaviour to keep; none
+        // of these changes the stream or what the guest sees.
+        CompatEntry {
+            driver: "migration",
+            property: "auto-converge",
+            value: "off",
+        },
+        CompatEntry {
+            driver: "migration",
+            property: "dirty-limit",
+            value: "off",
+        },
+        CompatEntry {
+            driver: "migration",
+            property: "cpu-throttle-initial",
+            value: "20",
+        },
+        CompatEntry {
+            driver: "migration",
+            property: "cpu-throttle-increment",
+            value: "10",
+        },
+        CompatEntry {
+            driver: "migration",
+            property: "cpu-throttle-tailslow",
+            value: "off",
+        },
+        CompatEntry {
+            driver: "migration",
+            property: "max-cpu-throttle",
+            value: "99",
+        },
+        CompatEntry {
+            driver: "migration",
+            property: "throttle-trigger-threshold",
+            value: "50",
+        },
+        CompatEntry {
+            driver: "migration",
+            property: "vcpu-dirty-limit",
+            value: "1",
+        },
+        CompatEntry {
+            driver: "migration",
+            property: "x-vcpu-dirty-limit-period",
+            value: "1000",
+        },
+        CompatEntry {
+            driver: "migration",
+            property: "x-ferry-timeout",
+            value: "0",
+        },
+        CompatEntry {
+            driver: "migration",
+            property: "x-ferry-timeout-per-gib",
+            value: "150",
+        },
+        CompatEntry {
+            driver: "migration",
+            property: "x-ferry-timeout-strategy",
+            value: "cancel",
+        },
+        CompatEntry {
+            driver: "migration",
+            property: "x-ferry-switchover-ceiling",
+            value: "2000",
+        },
     ],
 };
 

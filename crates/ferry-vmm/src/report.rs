@@ -1219,6 +1219,7 @@ mod tests {
                 dirty_after as f64 * 4096.0 / (bytes as f64 / ms)
             },
             final_pass,
+            ..PassStats::default()
         }
     }
 

@@ -142,6 +142,12 @@ pub enum VmmEvent {
     MigrationPass(u32),
     /// Who may run the guest changed (see [`Handover`]).
     Handover(Handover),
+    /// The outgoing migration stopped converging (`why`, with the figures) or
+    /// converges again.
+    Convergence {
+        converging: bool,
+        why: Option<String>,
+    },
     Stop,
     Resume,
 }
@@ -256,6 +262,10 @@ impl Vmm {
                     MigrationEvent::Status(s) => VmmEvent::Migration(*s),
                     MigrationEvent::Pass(p) => VmmEvent::MigrationPass(*p),
                     MigrationEvent::Handover(h) => VmmEvent::Handover(*h),
+                    MigrationEvent::Convergence { converging, why } => VmmEvent::Convergence {
+                        converging: *converging,
+                        why: why.clone(),
+                    },
                     _ => return,
                 });
             }
@@ -612,7 +622,25 @@ impl Vmm {
                 cur.downtime_limit = p.downtime_limit;
                 self.monitor.set_downtime_limit(p.downtime_limit);
             }
-            "max-bandwidth" => cur.max_bandwidth = p.max_bandwidth,
+            "max-bandwidth" => {
+                cur.max_bandwidth = p.max_bandwidth;
+                self.monitor.set_max_bandwidth(p.max_bandwidth);
+            }
+            // Convergence: a migration under way takes them at its next pass.
+            "auto-converge" | "dirty-limit" | "cpu-throttle-initial" | "cpu-throttle-increment"
+            | "cpu-throttle-tailslow" | "max-cpu-throttle" | "throttle-trigger-threshold"
+            | "vcpu-dirty-limit" | "x-vcpu-dirty-limit-period" | "x-ferry-timeout"
+            | "x-ferry-timeout-per-gib" | "x-ferry-timeout-strategy"
+            | "x-ferry-switchover-ceiling" => {
+                // Only the property named changes; the others keep what was set.
+                let mut merged = cur.clone();
+                copy_convergence_property(prop, &p, &mut merged);
+                if let Some(why) = merged.conflict() {
+                    return Err(VmmError::State(why));
+                }
+                *cur = merged;
+                self.monitor.set_live_params(cur.clone());
+            }
             "verify-full" => cur.verify_full = p.verify_full,
             "multifd-channels" => {
                 cur.multifd_channels = p.multifd_channels;
@@ -655,6 +683,8 @@ impl Vmm {
     /// The parameters with one migration property set to `value`, parsed through the
     /// registry so that the value gets the property's own checks.
     fn parse_property(&self, prop: &str, value: &str) -> Result<MigrationParams, VmmError> {
+        // Each property is parsed against the machine type alone; the caller copies the
+        // one named into the current parameters.
         let cfg = self.registry.configure(
             self.config.machine(),
             &[Global {
@@ -664,5 +694,27 @@ impl Vmm {
             }],
         )?;
         Ok(MigrationParams::from_config(&cfg)?)
+    }
+}
+
+/// Copies the convergence property `prop` from `from` into `to`.
+fn copy_convergence_property(prop: &str, from: &MigrationParams, to: &mut MigrationParams) {
+    match prop {
+        "auto-converge" => to.auto_converge = from.auto_converge,
+        "dirty-limit" => to.dirty_limit = from.dirty_limit,
+        "cpu-throttle-initial" => to.cpu_throttle_initial = from.cpu_throttle_initial,
+        "cpu-throttle-increment" => to.cpu_throttle_increment = from.cpu_throttle_increment,
+        "cpu-throttle-tailslow" => to.cpu_throttle_tailslow = from.cpu_throttle_tailslow,
+        "max-cpu-throttle" => to.max_cpu_throttle = from.max_cpu_throttle,
+        "throttle-trigger-threshold" => {
+            to.throttle_trigger_threshold = from.throttle_trigger_threshold
+        }
+        "vcpu-dirty-limit" => to.vcpu_dirty_limit_mbps = from.vcpu_dirty_limit_mbps,
+        "x-vcpu-dirty-limit-period" => to.vcpu_dirty_limit_period = from.vcpu_dirty_limit_period,
+        "x-ferry-timeout" => to.timeout = from.timeout,
+        "x-ferry-timeout-per-gib" => to.timeout_per_gib = from.timeout_per_gib,
+        "x-ferry-timeout-strategy" => to.timeout_strategy = from.timeout_strategy,
+        "x-ferry-switchover-ceiling" => to.switchover_ceiling = from.switchover_ceiling,
+        _ => {}
     }
 }

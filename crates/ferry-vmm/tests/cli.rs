@@ -1120,11 +1120,7 @@ fn a_flood_of_hostile_connections_does_not_block_a_real_migration() {
     // The destination says what it turned away: the most recent, and how many before.
     let strays = query_migrate(&mut dst.qmp())["multifd"]["strays"].clone();
     let listed = strays.as_array().map_or(0, Vec::len);
-    assert!(
-        listed > 0 && listed <= 257,
-        "strays: {strays}{}",
-        dst.ctx()
-    );
+    assert!(listed > 0 && listed <= 257, "strays: {strays}{}", dst.ctx());
     stop.store(true, Ordering::Relaxed);
     for w in workers {
         w.join().unwrap();

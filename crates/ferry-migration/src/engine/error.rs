@@ -70,6 +70,11 @@ pub enum MigrationError {
     Vm(#[from] VmError),
     #[error("migration cancelled")]
     Cancelled,
+    /// Source: the migration did not converge in time (see `engine::converge`).
+    #[error("{0}")]
+    NotConverging(String),
+    #[error("invalid migration parameters: {0}")]
+    InvalidParams(String),
     /// Something went wrong on one data channel.
     #[error("data channel {index}")]
     Channel {
@@ -203,6 +208,8 @@ impl MigrationError {
             Self::Protocol(s) => Self::Protocol(s.clone()),
             Self::Verify(s) => Self::Verify(s.clone()),
             Self::Cancelled => Self::Cancelled,
+            Self::NotConverging(s) => Self::NotConverging(s.clone()),
+            Self::InvalidParams(s) => Self::InvalidParams(s.clone()),
             Self::Busy => Self::Busy,
             Self::NoAck { device, secs } => Self::NoAck {
                 device: device.clone(),

@@ -6,6 +6,7 @@
 //! lanes, and guest memory is touched only through `engine::memory`.
 
 pub mod bitmap;
+pub mod converge;
 pub mod destination;
 pub mod digest;
 pub mod error;
@@ -27,10 +28,10 @@ pub use destination::{receive, DestinationIdentity};
 pub use error::{error_chain, MigrationError};
 pub use faults::Faults;
 pub use incoming::{Incoming, Stray};
-pub use params::{human_bytes, MigrationParams, MIGRATION, MIGRATION_DRIVER};
+pub use params::{human_bytes, MigrationParams, TimeoutStrategy, MIGRATION, MIGRATION_DRIVER};
 pub use source::{migrate, SourceIdentity};
 pub use stats::{
-    CancelRefused, DeviceStats, Handover, HandoverPoint, MigrationEvent, MigrationInfo,
-    MigrationMonitor, MigrationStatus,
+    CancelRefused, ConvergenceInfo, DeviceStats, Handover, HandoverPoint, MigrationEvent,
+    MigrationInfo, MigrationMonitor, MigrationStatus,
 };
 pub use transport::{Acceptor, Channel, Connector, MigrationStream, StreamRole};

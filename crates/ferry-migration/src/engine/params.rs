@@ -112,6 +112,97 @@ pub static MIGRATION_DRIVER: DriverDef = DriverDef {
             doc: "milliseconds of silence on every channel after which either side takes its peer or the link for dead and fails the migration (the source keeps its guest); keepalives keep an idle but healthy link alive, and a peer without them (0.1.0, 0.2.0) is allowed 120 s",
         },
         PropDef {
+            name: "auto-converge",
+            kind: PropKind::Bool,
+            default: "off",
+            wire: false,
+            doc: "QEMU's auto-converge capability: when the guest dirties memory faster than the source sends it, throttle every vCPU (cpu-throttle-*), more each time it stays so",
+        },
+        PropDef {
+            name: "cpu-throttle-initial",
+            kind: PropKind::U64 { min: 1, max: 99 },
+            default: "20",
+            wire: false,
+            doc: "auto-converge: the share of each 10 ms a vCPU sleeps at the first throttle, percent",
+        },
+        PropDef {
+            name: "cpu-throttle-increment",
+            kind: PropKind::U64 { min: 1, max: 99 },
+            default: "10",
+            wire: false,
+            doc: "auto-converge: how much more, percent, each later throttle step takes",
+        },
+        PropDef {
+            name: "cpu-throttle-tailslow",
+            kind: PropKind::Bool,
+            default: "off",
+            wire: false,
+            doc: "auto-converge: step by as much of the increment as the dirty rate's overshoot calls for, not by all of it",
+        },
+        PropDef {
+            name: "max-cpu-throttle",
+            kind: PropKind::U64 { min: 1, max: 99 },
+            default: "99",
+            wire: false,
+            doc: "auto-converge: the most a vCPU is throttled, percent",
+        },
+        PropDef {
+            name: "throttle-trigger-threshold",
+            kind: PropKind::U64 { min: 1, max: 100 },
+            default: "50",
+            wire: false,
+            doc: "a pass in which the guest dirtied more than this percent of what the pass sent counts toward a throttle step (two such passes make one)",
+        },
+        PropDef {
+            name: "dirty-limit",
+            kind: PropKind::Bool,
+            default: "off",
+            wire: false,
+            doc: "QEMU 8.1's dirty-limit capability: when the guest dirties memory faster than the source sends it, slow only the vCPUs that dirty more than vcpu-dirty-limit (conflicts with auto-converge)",
+        },
+        PropDef {
+            name: "vcpu-dirty-limit",
+            kind: PropKind::U64 { min: 1, max: 1_000_000 },
+            default: "1",
+            wire: false,
+            doc: "dirty-limit: the most a vCPU may dirty, MB/s",
+        },
+        PropDef {
+            name: "x-vcpu-dirty-limit-period",
+            kind: PropKind::U64 { min: 1, max: 1000 },
+            default: "1000",
+            wire: false,
+            doc: "dirty-limit: the period over which a vCPU's dirty rate is measured, ms",
+        },
+        PropDef {
+            name: "x-ferry-timeout",
+            kind: PropKind::U64 { min: 0, max: 31_536_000 },
+            default: "0",
+            wire: false,
+            doc: "seconds a migration may run before x-ferry-timeout-strategy decides; 0: x-ferry-timeout-per-gib of RAM, at least 300 s",
+        },
+        PropDef {
+            name: "x-ferry-timeout-per-gib",
+            kind: PropKind::U64 { min: 1, max: 86_400 },
+            default: "150",
+            wire: false,
+            doc: "with x-ferry-timeout 0: seconds of timeout per GiB of guest RAM (KubeVirt's completionTimeoutPerGiB)",
+        },
+        PropDef {
+            name: "x-ferry-timeout-strategy",
+            kind: PropKind::Enum(&["cancel", "switchover"]),
+            default: "cancel",
+            wire: false,
+            doc: "past the timeout, a migration that does not fit the downtime limit is cancelled (the guest runs on here), or switched over if its downtime is at most x-ferry-switchover-ceiling",
+        },
+        PropDef {
+            name: "x-ferry-switchover-ceiling",
+            kind: PropKind::U64 { min: 1, max: 600_000 },
+            default: "2000",
+            wire: false,
+            doc: "with x-ferry-timeout-strategy=switchover: the longest downtime accepted past the timeout, ms",
+        },
+        PropDef {
             name: "multifd-zstd-level",
             kind: PropKind::U64 { min: 1, max: 19 },
             default: "1",
@@ -146,6 +237,36 @@ pub struct MigrationParams {
     pub handshake_timeout: Duration,
     /// How long either side lets its peer be silent before it fails the migration.
     pub liveness_timeout: Duration,
+    /// Throttle every vCPU when the guest dirties faster than the link (QEMU's
+    /// auto-converge), with the `cpu_throttle_*` steps.
+    pub auto_converge: bool,
+    pub cpu_throttle_initial: u8,
+    pub cpu_throttle_increment: u8,
+    pub cpu_throttle_tailslow: bool,
+    pub max_cpu_throttle: u8,
+    /// Percent of a pass's bytes the guest must dirty for the pass to count toward a
+    /// throttle step.
+    pub throttle_trigger_threshold: u8,
+    /// Slow only the vCPUs that dirty more than `vcpu_dirty_limit_mbps` (QEMU's
+    /// dirty-limit).
+    pub dirty_limit: bool,
+    pub vcpu_dirty_limit_mbps: u64,
+    pub vcpu_dirty_limit_period: Duration,
+    /// The migration's timeout; `None`: `timeout_per_gib` of RAM, at least 300 s.
+    pub timeout: Option<Duration>,
+    pub timeout_per_gib: Duration,
+    pub timeout_strategy: TimeoutStrategy,
+    /// With [`TimeoutStrategy::Switchover`]: the longest downtime accepted.
+    pub switchover_ceiling: Duration,
+}
+
+/// What happens to a migration still running at its timeout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeoutStrategy {
+    /// It fails; the guest runs on at the source.
+    Cancel,
+    /// It switches over if the downtime fits the ceiling, and fails otherwise.
+    Switchover,
 }
 
 impl Default for MigrationParams {
@@ -163,6 +284,19 @@ impl Default for MigrationParams {
             state_digest: true,
             handshake_timeout: Duration::from_secs(5),
             liveness_timeout: Duration::from_secs(5),
+            auto_converge: false,
+            cpu_throttle_initial: 20,
+            cpu_throttle_increment: 10,
+            cpu_throttle_tailslow: false,
+            max_cpu_throttle: 99,
+            throttle_trigger_threshold: 50,
+            dirty_limit: false,
+            vcpu_dirty_limit_mbps: 1,
+            vcpu_dirty_limit_period: Duration::from_millis(1000),
+            timeout: None,
+            timeout_per_gib: Duration::from_secs(150),
+            timeout_strategy: TimeoutStrategy::Cancel,
+            switchover_ceiling: Duration::from_secs(2),
         }
     }
 }
@@ -186,6 +320,48 @@ impl MigrationParams {
             state_digest: cfg.bool(MIGRATION, "state-digest")?,
             handshake_timeout: Duration::from_millis(cfg.u64(MIGRATION, "handshake-timeout")?),
             liveness_timeout: Duration::from_millis(cfg.u64(MIGRATION, "liveness-timeout")?),
+            auto_converge: cfg.bool(MIGRATION, "auto-converge")?,
+            cpu_throttle_initial: cfg.u64(MIGRATION, "cpu-throttle-initial")? as u8,
+            cpu_throttle_increment: cfg.u64(MIGRATION, "cpu-throttle-increment")? as u8,
+            cpu_throttle_tailslow: cfg.bool(MIGRATION, "cpu-throttle-tailslow")?,
+            max_cpu_throttle: cfg.u64(MIGRATION, "max-cpu-throttle")? as u8,
+            throttle_trigger_threshold: cfg.u64(MIGRATION, "throttle-trigger-threshold")? as u8,
+            dirty_limit: cfg.bool(MIGRATION, "dirty-limit")?,
+            vcpu_dirty_limit_mbps: cfg.u64(MIGRATION, "vcpu-dirty-limit")?,
+            vcpu_dirty_limit_period: Duration::from_millis(
+                cfg.u64(MIGRATION, "x-vcpu-dirty-limit-period")?,
+            ),
+            timeout: match cfg.u64(MIGRATION, "x-ferry-timeout")? {
+                0 => None,
+                s => Some(Duration::from_secs(s)),
+            },
+            timeout_per_gib: Duration::from_secs(cfg.u64(MIGRATION, "x-ferry-timeout-per-gib")?),
+            timeout_strategy: match cfg.enum_str(MIGRATION, "x-ferry-timeout-strategy")? {
+                "switchover" => TimeoutStrategy::Switchover,
+                _ => TimeoutStrategy::Cancel,
+            },
+            switchover_ceiling: Duration::from_millis(
+                cfg.u64(MIGRATION, "x-ferry-switchover-ceiling")?,
+            ),
+        })
+    }
+
+    /// The timeout of a migration of `ram_bytes` of guest memory.
+    pub fn timeout_for(&self, ram_bytes: u64) -> Duration {
+        self.timeout.unwrap_or_else(|| {
+            let gib = ram_bytes as f64 / (1u64 << 30) as f64;
+            self.timeout_per_gib
+                .mul_f64(gib)
+                .max(Duration::from_secs(300))
+        })
+    }
+
+    /// Why these parameters cannot run together.
+    pub fn conflict(&self) -> Option<String> {
+        (self.auto_converge && self.dirty_limit).then(|| {
+            "dirty-limit and auto-converge cannot both be on: each throttles the guest its \
+             own way; turn one of them off"
+                .to_string()
         })
     }
 

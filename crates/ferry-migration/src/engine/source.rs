@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::bitmap::DirtyBitmap;
+use super::converge::{Converge, PassFigures, TimeoutAction};
 use super::digest::PageDigest;
 use super::error::{error_chain, MigrationError};
 use super::liveness::{KeepaliveSender, Liveness, Stalled, LEGACY_LIMIT};
@@ -35,14 +36,15 @@ use super::multifd::{ChannelCounters, SendConfig, SendSet, SECTION};
 use super::pages::{record, Classifier, MainLane, Picker, Side, BATCH_PAGES};
 use super::params::{human_bytes, MigrationParams};
 use super::stats::{
-    ChannelStats, DeviceStats, DowntimeBreakdown, Handover, HandoverPoint, MigrationEvent,
-    MigrationInfo, MigrationMonitor, MigrationStatus, MultifdStats, PassStats, STOP_COPY_ACK_OFF,
+    ChannelStats, ConvergenceInfo, DeviceStats, DowntimeBreakdown, Handover, HandoverPoint,
+    MigrationEvent, MigrationInfo, MigrationMonitor, MigrationStatus, MultifdStats, PassStats,
+    STOP_COPY_ACK_OFF,
 };
 use super::stream::{
     read_frame_header, read_payload, write_frame, write_frame_after, DeviceFrame, StateHash,
 };
 use super::transport::{Channel, Connector, StreamRole};
-use super::vm::{DeviceInfo, GuestRam, MigratableVm, RamBlock};
+use super::vm::{DeviceInfo, GuestRam, MigratableVm, RamBlock, VcpuThrottle};
 use crate::state::{self, StateWriter};
 use crate::wire::{
     decode_reason, encode_reason, Accept, Annotations, ChannelHeader, ChannelsReady, Completed,
@@ -99,6 +101,13 @@ pub fn migrate(
     let was_running = vm.is_running();
     let ram = vm.ram();
     let blocks = ram.blocks().to_vec();
+    let ram_bytes: u64 = blocks.iter().map(|b| b.size).sum();
+    if let Some(why) = params.conflict() {
+        let e = MigrationError::InvalidParams(why);
+        monitor.update(|i| i.error_desc = Some(error_chain(&e)));
+        monitor.set_status(MigrationStatus::Failed);
+        return Err(e);
+    }
     let mut src = Source {
         vm,
         ram: Arc::clone(&ram),
@@ -130,9 +139,19 @@ pub fn migrate(
         live: Liveness::new(LEGACY_LIMIT),
         peer_keepalive: Arc::new(AtomicU64::new(0)),
         keepalive: None,
+        converge: Converge::new(params, ram_bytes),
+        throttled: false,
+        throttle_seen: Vec::new(),
+        converging: true,
     };
     monitor.update(|i| i.session = Some(format!("{:016x}", src.session)));
     let result = src.run(id, transport);
+    if src.throttled {
+        // The guest runs at full speed again, here or at the destination.
+        if let Err(e) = vm.set_vcpu_throttle(VcpuThrottle::None) {
+            tracing::warn!(error = %e, "could not lift the vCPU throttle");
+        }
+    }
     match result {
         Ok(()) => {
             monitor.set_handover(Handover::Destination);
@@ -222,6 +241,14 @@ struct Source<'a> {
     /// (0 before: then it sends none, and neither does this side).
     peer_keepalive: Arc<AtomicU64>,
     keepalive: Option<KeepaliveSender>,
+    /// Whether the migration converges, and what it does when it does not.
+    converge: Converge,
+    /// A vCPU throttle was set, and is lifted when the migration ends.
+    throttled: bool,
+    /// Per vCPU, the throttled time reported at the end of the previous pass.
+    throttle_seen: Vec<Duration>,
+    /// The convergence verdict last reported, to tell a change.
+    converging: bool,
 }
 
 /// One device of the migration, at the source.
@@ -623,6 +650,9 @@ impl Source<'_> {
                     f64::MAX
                 },
                 final_pass: false,
+                cpu_throttle_percent: self.converge.cpu_percent(),
+                dirty_limited: self.converge.dirty_limit_on(),
+                throttle_us: self.throttle_in_pass(),
             };
             self.report_devices();
             self.monitor.update(|i| {
@@ -641,6 +671,16 @@ impl Source<'_> {
                 .downtime_limit()
                 .unwrap_or(self.params.downtime_limit);
             let fits = expected <= limit.as_secs_f64();
+            if self.converge_after_pass(&PassFigures {
+                sent: c.bytes,
+                dirtied: remaining,
+                secs,
+                expected,
+                limit: limit.as_secs_f64(),
+                link_rate: self.link_bw,
+            })? {
+                break;
+            }
             if dirty == 0 && fits && acked {
                 break;
             }
@@ -671,6 +711,96 @@ impl Source<'_> {
             pass += 1;
         }
         self.switchover(pass + 1)
+    }
+
+    /// Takes the convergence policy's verdict on the pass just made: reports it, sets
+    /// the throttle it wants, and acts on the timeout. `Ok(true)`: switch over now
+    /// (the timeout passed and the strategy accepts the downtime).
+    fn converge_after_pass(&mut self, f: &PassFigures) -> Result<bool, MigrationError> {
+        let live = self.monitor.live_params();
+        let p = live.as_ref().unwrap_or(self.params);
+        let v = self.converge.after_pass(p, f);
+        let mut throttle_error = None;
+        if let Some(t) = v.throttle {
+            match self.vm.set_vcpu_throttle(t) {
+                Ok(()) => {
+                    self.throttled = true;
+                    tracing::info!(throttle = ?t, "throttling the guest so the migration converges");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "the migration wants the guest throttled");
+                    throttle_error = Some(e.to_string());
+                }
+            }
+        }
+        let cpu = self.converge.cpu_percent();
+        let limited = self.converge.dirty_limit_on();
+        let last_round = self
+            .monitor
+            .info()
+            .passes
+            .last()
+            .map(|s| s.throttle_us)
+            .unwrap_or(0);
+        let timeout = self.converge.timeout().as_secs();
+        self.monitor.update(|i| {
+            i.cpu_throttle_percentage = (p.auto_converge || cpu > 0).then_some(cpu);
+            i.dirty_limit_throttle_time_per_round = limited.then_some(last_round);
+            let c = i.convergence.get_or_insert_with(ConvergenceInfo::default);
+            c.converging = v.converging;
+            c.why = v.why.clone();
+            c.timeout = timeout;
+            if throttle_error.is_some() {
+                c.throttle_error = throttle_error;
+            }
+        });
+        if v.converging != self.converging {
+            self.converging = v.converging;
+            match &v.why {
+                Some(why) => tracing::warn!(%why, "the migration is not converging"),
+                None => tracing::info!("the migration converges again"),
+            }
+            self.monitor.emit(&MigrationEvent::Convergence {
+                converging: v.converging,
+                why: v.why.clone(),
+            });
+        }
+        match v.timeout {
+            None => Ok(false),
+            Some(TimeoutAction::Cancel(why)) => Err(MigrationError::NotConverging(why)),
+            Some(TimeoutAction::Switchover) => {
+                tracing::warn!(
+                    expected_ms = f.expected * 1e3,
+                    "the timeout passed: switching over at the downtime it costs"
+                );
+                self.monitor.update(|i| {
+                    if let Some(c) = i.convergence.as_mut() {
+                        c.forced_switchover = true;
+                    }
+                });
+                Ok(true)
+            }
+        }
+    }
+
+    /// The most time any one vCPU was held back by the throttle since the last call,
+    /// in microseconds.
+    fn throttle_in_pass(&mut self) -> u64 {
+        if !self.throttled {
+            return 0;
+        }
+        let now = self.vm.vcpu_throttle_stats();
+        let most = now
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let before = self.throttle_seen.get(i).copied().unwrap_or_default();
+                s.throttled.saturating_sub(before)
+            })
+            .max()
+            .unwrap_or_default();
+        self.throttle_seen = now.iter().map(|s| s.throttled).collect();
+        most.as_micros() as u64
     }
 
     /// Every device's stop-copy estimate.
@@ -1289,6 +1419,9 @@ impl Source<'_> {
                 dirty_after: 0,
                 expected_downtime_ms: 0.0,
                 final_pass: true,
+                cpu_throttle_percent: 0,
+                dirty_limited: false,
+                throttle_us: 0,
             });
             i.ram.remaining = 0;
         });
@@ -1487,6 +1620,12 @@ impl Throttle {
         monitor: &MigrationMonitor,
         lost: &dyn Fn() -> Option<MigrationError>,
     ) -> Result<(), MigrationError> {
+        // A cap changed while the migration runs takes effect at once.
+        if let Some(bw) = monitor.max_bandwidth() {
+            if bw != self.bw {
+                *self = Self::new(bw);
+            }
+        }
         if self.bw == 0 {
             return Ok(());
         }

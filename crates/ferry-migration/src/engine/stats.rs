@@ -151,6 +151,44 @@ pub struct PassStats {
     pub expected_downtime_ms: f64,
     /// True for the pass made with the guest stopped.
     pub final_pass: bool,
+    /// The CPU throttle in force during the pass, percent (auto-converge).
+    #[serde(skip_serializing_if = "is_zero_u8")]
+    pub cpu_throttle_percent: u8,
+    /// The dirty limit was in force during the pass.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub dirty_limited: bool,
+    /// Time the vCPUs were held back by a throttle during the pass, the most of any
+    /// one vCPU, in microseconds.
+    #[serde(skip_serializing_if = "is_zero_u64")]
+    pub throttle_us: u64,
+}
+
+fn is_zero_u8(v: &u8) -> bool {
+    *v == 0
+}
+
+fn is_zero_u64(v: &u64) -> bool {
+    *v == 0
+}
+
+/// Whether a migration is getting anywhere (see `engine::converge`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+#[serde(rename_all = "kebab-case")]
+pub struct ConvergenceInfo {
+    pub converging: bool,
+    /// In words, with the figures, when it is not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub why: Option<String>,
+    /// Seconds after which the timeout strategy decides.
+    pub timeout: u64,
+    /// Past the timeout, the source switched over at the downtime it cost
+    /// (`x-ferry-timeout-strategy=switchover`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub forced_switchover: bool,
+    /// A throttle was wanted and the VMM could not carry it out.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub throttle_error: Option<String>,
 }
 
 /// Where the downtime went.
@@ -205,6 +243,17 @@ pub struct MigrationInfo {
     /// How the destination checked device and vCPU state: `digest` or `none`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub state_verified: Option<String>,
+    /// Source: the CPU throttle auto-converge has set, percent (QEMU's
+    /// `cpu-throttle-percentage`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_throttle_percentage: Option<u8>,
+    /// Source, with dirty-limit: the most time a vCPU was held back in the last pass,
+    /// in microseconds (QEMU's `dirty-limit-throttle-time-per-round`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dirty_limit_throttle_time_per_round: Option<u64>,
+    /// Source: whether the migration converges, and why not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub convergence: Option<ConvergenceInfo>,
 }
 
 /// Why every device moves as stop-copy when `migration.switchover-ack` is off, as both
@@ -301,6 +350,12 @@ pub enum MigrationEvent {
     Pass(u32),
     /// Who may run the guest changed.
     Handover(Handover),
+    /// Source: the migration stopped converging, or converges again (`why` says why
+    /// not, with the figures).
+    Convergence {
+        converging: bool,
+        why: Option<String>,
+    },
 }
 
 /// The moments of the handover, from the final pass on, at which a
@@ -348,6 +403,11 @@ pub struct MigrationMonitor {
     generation: AtomicU64,
     /// A downtime limit set while the migration runs (ms; 0 = the migration's own).
     downtime_limit_ms: AtomicU64,
+    /// A bandwidth cap set while the migration runs (bytes/s + 1; 0 = the migration's
+    /// own).
+    max_bandwidth: AtomicU64,
+    /// Parameters changed while the migration runs, taken at its next pass.
+    live_params: Mutex<Option<super::MigrationParams>>,
     channels: Mutex<Vec<Channel>>,
     listener: Mutex<Option<Listener>>,
     /// Taken by a cancel and by the commit, so that exactly one of them wins.
@@ -427,6 +487,8 @@ impl MigrationMonitor {
         self.cancel.store(false, Ordering::SeqCst);
         self.generation.fetch_add(1, Ordering::SeqCst);
         self.downtime_limit_ms.store(0, Ordering::SeqCst);
+        self.max_bandwidth.store(0, Ordering::SeqCst);
+        *self.live_params.lock().unwrap() = None;
         self.channels.lock().unwrap().clear();
     }
 
@@ -501,6 +563,31 @@ impl MigrationMonitor {
     pub fn set_downtime_limit(&self, limit: Duration) {
         self.downtime_limit_ms
             .store((limit.as_millis() as u64).max(1), Ordering::SeqCst);
+    }
+
+    /// Changes the bandwidth cap of the running migration at once (bytes per second,
+    /// 0 for none).
+    pub fn set_max_bandwidth(&self, bytes_per_sec: u64) {
+        self.max_bandwidth
+            .store(bytes_per_sec.saturating_add(1), Ordering::SeqCst);
+    }
+
+    /// The bandwidth cap set while running, if any.
+    pub fn max_bandwidth(&self) -> Option<u64> {
+        match self.max_bandwidth.load(Ordering::SeqCst) {
+            0 => None,
+            v => Some(v - 1),
+        }
+    }
+
+    /// Hands the running migration new parameters; it takes those that may change in
+    /// flight (the convergence ones) at its next pass.
+    pub fn set_live_params(&self, p: super::MigrationParams) {
+        *self.live_params.lock().unwrap() = Some(p);
+    }
+
+    pub(crate) fn live_params(&self) -> Option<super::MigrationParams> {
+        self.live_params.lock().unwrap().clone()
     }
 
     /// The downtime limit set while running, if any.

@@ -417,8 +417,20 @@ fn progress_line(i: &MigrationInfo) -> String {
     } else {
         format!(", awaiting acknowledgement of {}", waiting.join(", "))
     };
+    let throttle = match (
+        i.cpu_throttle_percentage,
+        i.dirty_limit_throttle_time_per_round,
+    ) {
+        (Some(p), _) if p > 0 => format!(", vCPUs throttled {p}%"),
+        (_, Some(_)) => ", dirty-limit on".to_string(),
+        _ => String::new(),
+    };
+    let stall = match i.convergence.as_ref().and_then(|c| c.why.as_ref()) {
+        Some(why) if i.status == MigrationStatus::Active => format!(" - not converging: {why}"),
+        _ => String::new(),
+    };
     format!(
-        "{}: pass {pass}{over}, {} sent, {} remaining, {}/s, expected downtime {} ms{waiting}",
+        "{}: pass {pass}{over}, {} sent, {} remaining, {}/s, expected downtime {} ms{waiting}{throttle}{stall}",
         i.status.as_str(),
         human_bytes(i.ram.transferred),
         human_bytes(i.ram.remaining),
@@ -456,6 +468,48 @@ pub fn summary(i: &MigrationInfo) -> String {
     );
     if let Some(d) = i.downtime {
         let _ = writeln!(s, "  downtime:     {d} ms");
+    }
+    if let Some(c) = &i.convergence {
+        if c.forced_switchover {
+            let _ = writeln!(
+                s,
+                "  converged:    no; switched over at the timeout ({} s), accepting the downtime",
+                c.timeout
+            );
+        } else if let Some(why) = &c.why {
+            let _ = writeln!(s, "  converging:   no: {why}");
+        }
+        if let Some(e) = &c.throttle_error {
+            let _ = writeln!(s, "  throttle:     wanted, but {e}");
+        }
+    }
+    let peak = i
+        .passes
+        .iter()
+        .map(|p| p.cpu_throttle_percent)
+        .max()
+        .unwrap_or(0);
+    if peak > 0 {
+        let steps: Vec<String> = i
+            .passes
+            .iter()
+            .filter(|p| !p.final_pass)
+            .map(|p| format!("{}%", p.cpu_throttle_percent))
+            .collect();
+        let _ = writeln!(
+            s,
+            "  auto-converge: vCPUs throttled up to {peak}% (per pass: {})",
+            steps.join(" ")
+        );
+    }
+    if i.passes.iter().any(|p| p.dirty_limited) {
+        let held: u64 = i.passes.iter().map(|p| p.throttle_us).max().unwrap_or(0);
+        let _ = writeln!(
+            s,
+            "  dirty-limit:  on from pass {}; a vCPU held back up to {:.1} ms in one pass",
+            i.passes.iter().position(|p| p.dirty_limited).unwrap_or(0),
+            held as f64 / 1e3
+        );
     }
     let secs = (i.total_time as f64 / 1e3).max(1e-3);
     let _ = writeln!(
