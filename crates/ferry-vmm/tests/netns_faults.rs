@@ -405,13 +405,13 @@ fn link_down_two_seconds_mid_migration() {
     assert_no_namespaces_left();
 }
 
-/// A destination's arguments: the source's, but for `--fill` (its memory comes from
-/// the source, and `ferry run --incoming` refuses the flag).
+/// A destination's arguments: the source's, but for `--fill` and `--dirty-rate` (its
+/// memory and workload come from the source, and `ferry run --incoming` refuses them).
 fn destination_args<'a>(vm: &[&'a str]) -> Vec<&'a str> {
     let mut out = Vec::with_capacity(vm.len());
     let mut it = vm.iter();
     while let Some(&a) = it.next() {
-        if a == "--fill" {
+        if a == "--fill" || a == "--dirty-rate" {
             it.next();
         } else {
             out.push(a);
@@ -702,6 +702,65 @@ fn long_link_down_for_good_default_timeouts() {
             cut.elapsed().as_secs_f64()
         );
         p.assert_destination_did_not_run(&ctx);
+    }
+    assert_no_namespaces_left();
+}
+
+// ---- Convergence under pressure: a guest that outruns a 100 Mbit/s link ----
+
+/// A guest that rewrites 32 MiB at 100 MiB/s: each pass over a 100 Mbit/s link (~2.7 s)
+/// finds all of it dirty again, so on its own the migration never converges.
+const OUTRUNS: &[&str] = &[
+    "--backend",
+    "soft",
+    "--mem",
+    "128M",
+    "--dirty",
+    "32M",
+    "--dirty-rate",
+    "25600",
+];
+
+/// Without help, the migration says it is not converging, with the figures, and the
+/// timeout cancels it: the source runs on, intact, and the destination never ran.
+#[test]
+fn a_guest_that_outruns_the_link_is_cancelled_at_the_timeout_with_the_figures() {
+    let _one_at_a_time = serial();
+    {
+        let timeout = ["-global", "migration.x-ferry-timeout=15"];
+        let Some(mut p) = Pair::start("netns-stall", OUTRUNS, &timeout, &[]) else {
+            return;
+        };
+        p.link.rate(100);
+        let started = Instant::now();
+        let mig = p.migrate(&p.dst_uri, &["--channels", "2"]);
+        // While it runs, query-migrate says why it does not converge.
+        let why = {
+            let s = &mut p.s;
+            wait_for(
+                Duration::from_secs(30),
+                || "query-migrate to say the migration is not converging".into(),
+                || {
+                    let q = query_migrate(s);
+                    q["convergence"]["why"].as_str().map(str::to_string)
+                },
+            )
+        };
+        assert!(
+            why.contains("guest dirties") && why.contains("at this rate the switchover needs"),
+            "{why}"
+        );
+        let out = mig.finish(Duration::from_secs(60));
+        p.assert_failed_cleanly(&out, started, Duration::from_secs(40));
+        let e = out.last_json()["error-desc"].to_string();
+        assert!(
+            e.contains("did not converge within its timeout of 15 s"),
+            "{e}"
+        );
+        println!(
+            "stall: {why}\n  ended after {:.1} s: {e}",
+            started.elapsed().as_secs_f64()
+        );
     }
     assert_no_namespaces_left();
 }
