@@ -154,10 +154,10 @@ pub fn receive(
     }
     // A source that sends keepalives gets this side's liveness limit; one that does
     // not (0.1.0, 0.2.0) falls silent for as long as its own work takes.
-    let live = Liveness::new(match annotations.liveness_ms {
-        Some(_) => params.liveness_timeout,
-        None => LEGACY_LIMIT,
-    });
+    let live = match annotations.liveness_ms {
+        Some(_) => Liveness::with_keepalives(params.liveness_timeout),
+        None => Liveness::new(LEGACY_LIMIT),
+    };
     let _ = ch.watch(&live, "the main channel", 2 * params.liveness_timeout);
     let ram = vm.ram();
     let blocks = ram.blocks().to_vec();

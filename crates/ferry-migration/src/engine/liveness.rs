@@ -1,8 +1,9 @@
 //! Liveness: how either side tells a dead peer or a dead link from a slow or idle one.
 //!
 //! A peer is alive while something comes from it: one [`Liveness`] per migration and
-//! side records the last sign of life on any of the migration's channels (bytes read,
-//! bytes the kernel took for a peer that drains them), and a channel blocked in a read
+//! side records the last sign of life on any of the migration's channels (bytes read;
+//! and, from a peer that sends no keepalives, bytes the kernel took for it, the only
+//! sign such a peer gives while it only reads), and a channel blocked in a read
 //! or a write keeps waiting as long as the peer as a whole has been heard from within
 //! the limit. That is what makes a slow link safe: a data channel waiting its turn
 //! behind the others, or behind a sync, is not dead while the others move. Only when
@@ -20,7 +21,11 @@
 //! (`migration.liveness-timeout`) only for a peer that has shown it sends them. They
 //! are negotiated: the source states its limit in its hello (the annotation
 //! `x-hello.liveness`), a destination that knows keepalives answers with one on the
-//! return path, and only then does the source send its own. A peer without keepalives
+//! return path, and only then does the source send its own. From then on only what
+//! comes from the peer counts: a write the kernel takes proves nothing about a peer
+//! whose host (or a middlebox) still acknowledges while the peer itself has stopped,
+//! and buffers that take minutes to fill at a capped rate must not hide that the
+//! keepalives stopped. A peer without keepalives
 //! (releases 0.1.0 and 0.2.0) falls silent for as long as its own work takes, and is
 //! given [`LEGACY_LIMIT`], what those releases allowed.
 //!
@@ -30,7 +35,7 @@
 //! stall the engine still tolerates is not cut by the kernel first.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -52,6 +57,9 @@ pub(crate) struct Liveness {
     last: AtomicU64,
     /// The silence allowed, in milliseconds.
     limit: AtomicU64,
+    /// Whether bytes the kernel takes for the peer count as its life: only until the
+    /// peer has shown it sends keepalives.
+    writes_count: AtomicBool,
 }
 
 impl Liveness {
@@ -60,7 +68,24 @@ impl Liveness {
             epoch: Instant::now(),
             last: AtomicU64::new(0),
             limit: AtomicU64::new(limit.as_millis() as u64),
+            writes_count: AtomicBool::new(true),
         })
+    }
+
+    /// A peer that sends keepalives: it gets `limit`, and only what comes from it
+    /// counts as its life.
+    pub(crate) fn with_keepalives(limit: Duration) -> Arc<Self> {
+        let l = Self::new(limit);
+        l.writes_count.store(false, Ordering::Relaxed);
+        l
+    }
+
+    /// Bytes the kernel took for the peer: a sign of life only from a peer without
+    /// keepalives.
+    pub(crate) fn wrote(&self) {
+        if self.writes_count.load(Ordering::Relaxed) {
+            self.heard();
+        }
     }
 
     fn now_ms(&self) -> u64 {
@@ -84,8 +109,11 @@ impl Liveness {
         Duration::from_millis(self.limit.load(Ordering::Relaxed))
     }
 
-    /// The peer proved it sends keepalives: from now on it gets `limit`.
+    /// The peer proved it sends keepalives: from now on it gets `limit`, and only what
+    /// comes from it counts.
     pub(crate) fn set_limit(&self, limit: Duration) {
+        self.writes_count.store(false, Ordering::Relaxed);
+        self.heard();
         self.limit
             .store(limit.as_millis() as u64, Ordering::Relaxed);
     }
@@ -151,10 +179,10 @@ impl fmt::Display for Stalled {
         if self.by_kernel {
             return write!(
                 f,
-                "{} waited {:.1} s; the kernel dropped the connection, which the peer had stopped taking data or acknowledging probes on for {:.1} s (TCP_USER_TIMEOUT, twice migration.liveness-timeout)",
+                "the kernel dropped {}: the peer's host acknowledged nothing it sent for {:.1} s (TCP_USER_TIMEOUT, twice migration.liveness-timeout); nothing came from the peer on any channel for {:.1} s",
                 self.channel,
-                self.waited.as_secs_f64(),
-                self.limit.as_secs_f64()
+                self.limit.as_secs_f64(),
+                self.silence.as_secs_f64()
             );
         }
         write!(
@@ -274,6 +302,13 @@ mod tests {
         assert!(w.stalled(since).is_ok());
         let k = w.dropped(since);
         assert!(k.to_string().contains("TCP_USER_TIMEOUT"), "{k}");
+        // Writes are life only until the peer shows keepalives.
+        let quiet = Liveness::with_keepalives(Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(120));
+        quiet.wrote();
+        assert!(quiet.silence() >= Duration::from_millis(100));
+        quiet.heard();
+        assert!(quiet.silence() < Duration::from_millis(100));
         l.set_limit(Duration::from_secs(60));
         std::thread::sleep(Duration::from_millis(130));
         assert!(w.stalled(since).is_ok());

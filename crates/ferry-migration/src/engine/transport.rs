@@ -252,14 +252,21 @@ impl Channel {
         let _ = self.s.set_write_timeout(None);
     }
 
-    /// The outcome of one call, for the liveness watch: progress is a sign of life,
+    /// The outcome of one read, for the liveness watch: bytes read are a sign of life,
     /// an expired socket timeout a question of whether to go on waiting.
     fn progress(&self, moved: Option<usize>, since: Instant) -> io::Result<()> {
-        self.progress_as(moved, since, true)
+        match (&self.watch, moved) {
+            (Some(w), Some(n)) if n > 0 => {
+                w.live.heard();
+                Ok(())
+            }
+            _ => self.progress_as(moved, since, false),
+        }
     }
 
-    /// As [`Self::progress`]; `shows_life: false` for writes of keepalives, which fit
-    /// any send buffer and so prove nothing about the peer.
+    /// The outcome of one write: bytes the kernel took count as the liveness watch
+    /// says (only for a peer without keepalives), and never for a keepalive
+    /// (`shows_life: false`), which fits any send buffer.
     fn progress_as(
         &self,
         moved: Option<usize>,
@@ -268,7 +275,7 @@ impl Channel {
     ) -> io::Result<()> {
         match (&self.watch, moved) {
             (Some(w), Some(n)) if n > 0 && shows_life => {
-                w.live.heard();
+                w.live.wrote();
                 Ok(())
             }
             (_, Some(_)) => Ok(()),
