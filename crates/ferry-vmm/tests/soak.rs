@@ -30,7 +30,7 @@ use serde_json::Value;
 /// figures; this short run keeps to what ferry does in time.)
 const SEED: &str = "2";
 
-/// Well under the 90 s a CI step may take; the run takes about 15 s with KVM.
+/// Well under the 90 s a CI step may take; the run takes about 10 s with KVM.
 const SOAK_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Every kind of fault the script injects.
