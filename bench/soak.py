@@ -2,12 +2,14 @@
 """Soak: one running guest migrated back and forth many times, with faults injected.
 
     python3 bench/soak.py [--hops 100] [--seed 1] [--fail-share 0.2] [--accel auto|kvm|soft]
-                          [--mem 256M] [--dirty 32M] [--ferry PATH] [--json] [--blackhole]
+                          [--mem 256M] [--dirty 32M] [--liveness-ms 2000] [--ferry PATH] [--json]
 
 One guest (KVM when /dev/kvm is usable, else the soft backend, saying so) starts on side A
 and moves A -> B -> A -> ... for --hops hops. A ferry process migrates a guest away once, so
 each hop starts a fresh `ferry run --incoming` on the other side, migrates to it, checks it and
-quits the old source: two `ferry run` processes at a time, one guest throughout.
+quits the old source: two `ferry run` processes at a time, one guest throughout. Every
+`ferry run` gets `-global migration.liveness-timeout=` --liveness-ms (2000 by default; 0
+leaves the machine type's 5000), so that a silent peer fails a migration in seconds.
 
 Each hop takes its way of moving from a seeded shuffle of every combination of transport
 (loopback tcp, unix socket), data channels (0 = pages on the main connection, 2, 4, 16) and
@@ -30,25 +32,32 @@ fault, the kinds taken in turn from --faults:
 - `link-reset`: the attempt goes through a relay (this script with --relay, a child process
   forwarding every connection, main and data channels, to the destination); the relay is
   SIGKILLed mid-migration, so both ends see their connections closed or reset;
-- `link-blackhole` (only with --blackhole): the relay is SIGSTOPped mid-migration, so the
-  connections stay open and nothing moves: a silent peer. How long ferry takes to notice
-  depends on its timeouts (the source's 60 s write timeout without `liveness-timeout`);
-  --blackhole-timeout bounds the wait.
+- `link-blackhole`: the attempt goes through a relay, which is SIGSTOPped mid-migration, so
+  the connections stay open (the relay's kernel still takes and acknowledges what fits in
+  its buffers) and nothing moves: a silent peer. The source must notice within the
+  liveness timeout and --notice-slack seconds (3), and its error (from `ferry migrate` and
+  from its `query-migrate`) must say that the destination went silent or that the kernel
+  dropped the connection. One still going after --blackhole-timeout seconds (15) is
+  cancelled (`migrate_cancel`), and the hop goes on as after any failure.
+
+Whatever the fault, no error may say "for 0 s" (how an older timeout message got the
+wait wrong). A fault noticed late, not at all, or with such a message does not stop the
+soak (the guest is safe; the rest still measures something) but is listed at the end
+and makes the exit status 1.
 
 A faulted attempt runs with a bandwidth cap (--fault-bandwidth, 10M; with zstd, which
 shrinks the guest's counter pages about 90-fold, --fault-bandwidth-zstd, 32K) and a
 downtime limit of 1 ms, so that it is still in its first pass when the fault lands, a
 seeded 0-500 ms after RAM starts moving (that pass takes 1.6 s or more for a 128M guest).
 Should the migration complete first all the same, the fault counts as missed and the hop is
-checked like any other. The caps are small enough for the fault to land and large enough
-that each data packet (512 KiB uncompressed) is written within about 50 ms: ferry's
-bandwidth throttle sleeps off the bytes it has sent without watching the connection, so a
-cap also delays noticing a dead peer. After the fault: `ferry migrate` must report
-`failed`; the source must be `running` with its guest making progress and intact
-(`x-ferry-verify`); the destination, if still alive, must not be running a guest. Then
-the hop is retried, each time to a fresh destination with no cap, up to --max-retries
-times. A failure nobody injected is retried the same way but counted as
-unplanned, and makes the exit status 1.
+checked like any other. (ferry's bandwidth throttle, which once slept off what it had sent
+without looking at the connections, now watches for a destination that hung up or went
+silent; the time each fault took to notice is in the summary, per kind.) After the fault:
+`ferry migrate` must report `failed` within 60 s; the source must be `running` with its
+guest making progress and intact (`x-ferry-verify`); the destination, if still alive, must
+not be running a guest. Then the hop is retried, each time to a fresh destination with no
+cap, up to --max-retries times. A failure nobody injected is retried the same way but
+counted as unplanned, and makes the exit status 1.
 
 Any broken promise (a guest lost, stopped or run twice, a wrong page, a digest not verified,
 a hop that does not succeed within its retries, a wait that times out) stops the soak with
@@ -94,7 +103,13 @@ FAULT_KINDS = ("dst-kill", "link-reset", "link-blackhole")
 T_START = 30.0         # a VM up: URI printed, QMP answering
 T_MIGRATE = 120.0      # a clean `ferry migrate`
 T_FAULT_MOVING = 20.0  # a faulted attempt to get under way
-T_FAILED = 60.0        # `ferry migrate` to report a reset or killed peer
+T_FAILED = 60.0        # `ferry migrate` to report a reset, killed or silent peer
+DEFAULT_LIVENESS_MS = 5000  # migration.liveness-timeout on ferry-0.3, when not set
+# What a source may say about a blackholed link: the engine's liveness limit, or the
+# kernel's TCP_USER_TIMEOUT under it.
+SILENT_WORDS = ("went silent", "the kernel dropped the connection")
+# How an older timeout message got its wait wrong; no error may say it.
+WRONG_WAIT = "for 0 s"
 T_PROGRESS = 15.0      # a guest to show progress
 T_STATE = 10.0         # a VM to reach the state it should be in
 T_QUIT = 15.0
@@ -417,11 +432,15 @@ class Hop:
             injected_at = None
             if fault:
                 injected_at = self.inject(fault, dst, relay, att, before)
-            limit = T_MIGRATE
-            if fault == "link-blackhole":
-                limit = self.a.blackhole_timeout
-            elif fault:
-                limit = T_FAILED
+            limit = T_FAILED if fault else T_MIGRATE
+            if fault == "link-blackhole" and injected_at is not None:
+                try:
+                    mig.wait(timeout=self.a.blackhole_timeout)
+                except subprocess.TimeoutExpired:
+                    # Not noticed: a broken promise, but one the soak can go on from.
+                    att["not_noticed_in_s"] = round(time.monotonic() - injected_at, 3)
+                    att["cancelled_by_soak"] = True
+                    self.src.connect().execute("migrate_cancel")
             try:
                 mig.wait(timeout=limit)
             except subprocess.TimeoutExpired:
@@ -429,7 +448,7 @@ class Hop:
                     f"hop {self.n} attempt {k}: `ferry migrate` still running {limit:.0f} s "
                     f"after {'the fault' if fault else 'it started'} ({fault or 'no fault'})"
                     f"\n{m.tail(err_path)}\n{self.src.logs()}\n{dst.logs()}")
-            if injected_at is not None:
+            if injected_at is not None and not att.get("cancelled_by_soak"):
                 att["noticed_after_s"] = round(time.monotonic() - injected_at, 3)
         finally:
             m.reap(mig, grace=1.0)
@@ -455,7 +474,41 @@ class Hop:
             raise Violation(f"hop {self.n} attempt {k}: `ferry migrate` exited {mig.returncode} "
                             f"with status {status!r} ({att['error']})\n{self.src.logs()}")
         self.check_survived(dst, att)
+        self.check_error_text(fault, att)
         return False
+
+    def check_error_text(self, fault: str | None, att: dict) -> None:
+        """After a failed attempt: the errors tell the truth about the fault, and a silent
+        link was noticed within the liveness limit and the slack. What breaks these is
+        recorded in att["broken"] (the soak goes on, and fails at the end): the guest is
+        safe either way, and the rest of the run still measures something."""
+        broken: list[str] = []
+        texts = [t for t in (att.get("error"), att.get("source_error")) if t]
+        for t in dict.fromkeys(texts):
+            if WRONG_WAIT in t:
+                broken.append(f"the error says {WRONG_WAIT!r}: {t}")
+        if fault == "link-blackhole" and not (att.get("fault_missed") or
+                                              att.get("fault_note")):
+            bound = self.a.liveness_s + self.a.notice_slack
+            took = att.get("noticed_after_s")
+            if att.get("cancelled_by_soak"):
+                broken.append(f"the source had not noticed the silent link after "
+                              f"{att['not_noticed_in_s']:.1f} s (the soak cancelled the "
+                              f"migration); want within {bound:.1f} s")
+            else:
+                if took is None or took > bound:
+                    broken.append(f"the source noticed the silent link after {took} s, want "
+                                  f"within {bound:.1f} s (liveness {self.a.liveness_s:.1f} s "
+                                  f"+ {self.a.notice_slack:.1f} s)")
+                for t in dict.fromkeys(texts):
+                    if not any(w in t for w in SILENT_WORDS):
+                        broken.append(f"the error does not say the destination went silent "
+                                      f"or the kernel dropped the connection: {t}")
+        if broken:
+            att["broken"] = broken
+            for b in broken:
+                log(f"soak: hop {self.n} attempt {att['attempt']} ({fault or 'no fault'}): "
+                    f"BROKEN: {b}")
 
     def start_relay(self, listen: str, target: str) -> tuple[subprocess.Popen, str]:
         out = self.tmp / f"relay-h{self.n:03d}.out"
@@ -512,6 +565,8 @@ class Hop:
         q = self.src.connect().execute("query-migrate")
         if q.get("status") not in ("failed", "cancelled"):
             raise Violation(f"{who}: query-migrate says {q.get('status')!r}")
+        if q.get("error-desc"):
+            att["source_error"] = q["error-desc"]
         if dst.alive():
             try:
                 st = state(dst)
@@ -621,7 +676,14 @@ def summarise(hops: list[dict], elapsed: float) -> dict:
             elif att.get("outcome") == "failed":
                 unplanned += 1
     ok = [h for h in hops if h.get("ok")]
-    noticed = [a.get("noticed_after_s") for h in hops for a in h["attempts"] if a.get("fault")]
+    broken = [f"hop {h['hop']} attempt {a['attempt']} ({a.get('fault') or 'no fault'}, "
+              f"{h['route']}): {b}"
+              for h in hops for a in h["attempts"] for b in a.get("broken", [])]
+    faulted = [a for h in hops for a in h["attempts"]
+               if a.get("fault") and not a.get("fault_missed")]
+    noticed = [a.get("noticed_after_s") for a in faulted]
+    noticed_by_kind = {k: stats([a.get("noticed_after_s") for a in faulted
+                                 if a["fault"] == k]) for k in sorted(injected)}
     return {
         "hops": len(hops),
         "hops_ok": len(ok),
@@ -638,6 +700,9 @@ def summarise(hops: list[dict], elapsed: float) -> dict:
         "downtime_ms": stats([h.get("downtime_ms") for h in ok]),
         "migrate_total_ms": stats([h.get("total_ms") for h in ok]),
         "fault_noticed_s": stats(noticed),
+        "fault_noticed_s_by_kind": noticed_by_kind,
+        "not_noticed": sum(1 for a in faulted if a.get("cancelled_by_soak")),
+        "broken_promises": broken,
         "pages_checked": sum(a.get("verify", {}).get("pages-checked", 0)
                              for h in hops for a in h["attempts"])
         + sum(a.get("source_verify", {}).get("pages-checked", 0)
@@ -672,9 +737,16 @@ def summary_text(res: dict) -> str:
         f"  downtime:        {fmt_stats(s['downtime_ms'], 'ms', digits=0)}",
         f"  migrate total:   {fmt_stats(s['migrate_total_ms'], 'ms', digits=0)}",
         f"  fault noticed:   {fmt_stats(s['fault_noticed_s'], 's')} after it struck",
+        *(f"    {k + ':':<14} {fmt_stats(v, 's')}"
+          for k, v in sorted(s.get("fault_noticed_s_by_kind", {}).items())),
         f"  pages verified:  {s['pages_checked']} (x-ferry-verify, both sides)",
         f"  total:           {s['total_s']} s",
     ]
+    if s.get("not_noticed"):
+        lines.append(f"  not noticed:     {s['not_noticed']} silent link(s), cancelled by "
+                     f"the soak")
+    for b in s.get("broken_promises", []):
+        lines.append(f"  BROKEN: {b}")
     if res.get("violation"):
         lines.append(f"  VIOLATION: {res['violation']}")
     if res.get("interrupted"):
@@ -690,6 +762,9 @@ def hop_line(h: dict, total: int) -> str:
             first = h["attempts"][0]
             if first.get("fault_missed"):
                 outcome = f"ok, {fault} missed (done first)"
+            elif first.get("cancelled_by_soak"):
+                outcome = (f"ok after {fault} (NOT noticed in {first['not_noticed_in_s']:.0f} "
+                           f"s: cancelled)")
             else:
                 outcome = (f"ok after {fault} (noticed {first.get('noticed_after_s', 0):.2f} s, "
                            f"{tries - 1} retr{'y' if tries == 2 else 'ies'})")
@@ -754,13 +829,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=1, help="seed of the plan (default 1)")
     ap.add_argument("--fail-share", type=float, default=0.2,
                     help="share of hops whose first attempt gets a fault (default 0.2)")
-    ap.add_argument("--faults", default="dst-kill,link-reset",
-                    help="fault kinds, in turn (default dst-kill,link-reset; "
-                         "link-blackhole needs --blackhole)")
+    ap.add_argument("--faults", default=",".join(FAULT_KINDS),
+                    help=f"fault kinds, in turn (default {','.join(FAULT_KINDS)})")
     ap.add_argument("--blackhole", action="store_true",
-                    help="add link-blackhole to the fault kinds: a relay that stops forwarding")
-    ap.add_argument("--blackhole-timeout", type=float, default=180.0, metavar="S",
-                    help="longest wait for ferry to notice a blackholed link (default 180)")
+                    help="does nothing: link-blackhole is among the default fault kinds now "
+                         "(kept so that older command lines still run)")
+    ap.add_argument("--liveness-ms", type=int, default=2000, metavar="MS",
+                    help="-global migration.liveness-timeout=MS on every `ferry run` "
+                         f"(default 2000; 0 leaves the machine type's {DEFAULT_LIVENESS_MS})")
+    ap.add_argument("--notice-slack", type=float, default=3.0, metavar="S",
+                    help="a blackholed link must fail the migration within the liveness "
+                         "timeout and this many seconds (default 3)")
+    ap.add_argument("--blackhole-timeout", type=float, default=15.0, metavar="S",
+                    help="after this many seconds of a blackholed link not noticed, cancel "
+                         "the migration (migrate_cancel) and count it as a broken promise "
+                         "(default 15)")
     ap.add_argument("--accel", "--backend", dest="accel", choices=("auto", "kvm", "soft"),
                     default="auto", help="ferry run --backend: kvm, soft, or auto (kvm when "
                                          "/dev/kvm is usable, else soft)")
@@ -792,13 +875,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if not 0.0 <= a.fail_share <= 1.0:
         ap.error("--fail-share must be between 0 and 1")
     kinds = [k.strip() for k in a.faults.split(",") if k.strip()]
-    if a.blackhole and "link-blackhole" not in kinds:
-        kinds.append("link-blackhole")
     bad = [k for k in kinds if k not in FAULT_KINDS]
     if bad:
         ap.error(f"unknown fault kind(s) {bad}; known: {', '.join(FAULT_KINDS)}")
-    if "link-blackhole" in kinds and not a.blackhole:
-        ap.error("link-blackhole needs --blackhole (ferry may take a long timeout to notice)")
+    if a.liveness_ms != 0 and not 500 <= a.liveness_ms <= 600_000:
+        ap.error("--liveness-ms must be 0 or 500-600000 (migration.liveness-timeout's range)")
+    a.liveness_s = (a.liveness_ms or DEFAULT_LIVENESS_MS) / 1e3
     if not kinds and a.fail_share > 0:
         ap.error("--fail-share > 0 needs at least one fault kind")
     a.fault_kinds = kinds
@@ -842,6 +924,8 @@ def main(argv: list[str]) -> int:
     a.vm_args = ["--mem", a.mem, "--dirty", a.dirty, "--vcpus", str(a.vcpus)]
     if a.verify_full:
         a.vm_args += ["-global", "migration.verify-full=on"]
+    if a.liveness_ms:
+        a.vm_args += ["-global", f"migration.liveness-timeout={a.liveness_ms}"]
 
     started = _dt.datetime.now().astimezone()
     res: dict = {
@@ -852,27 +936,32 @@ def main(argv: list[str]) -> int:
         "ferry": str(a.ferry),
         "ferry_version": m.first_line([str(a.ferry), "--version"]),
         "git_commit": m.first_line(["git", "rev-parse", "HEAD"], m.REPO),
-        "args": {"hops": a.hops, "seed": a.seed, "fail_share": a.fail_share,
+        "args": {"hops": a.hops, "blackhole_timeout_s": a.blackhole_timeout, "seed": a.seed, "fail_share": a.fail_share,
                  "faults": a.fault_kinds, "mem": a.mem, "dirty": a.dirty, "vcpus": a.vcpus,
                  "verify_full": a.verify_full, "fault_bandwidth": a.fault_bandwidth,
                  "fault_bandwidth_zstd": a.fault_bandwidth_zstd,
-                 "max_retries": a.max_retries, "downtime_limit": a.downtime_limit},
+                 "max_retries": a.max_retries, "downtime_limit": a.downtime_limit,
+                 "liveness_ms": a.liveness_ms, "notice_slack_s": a.notice_slack},
         "ok": False,
         "hops": [],
     }
     log(f"soak: {a.hops} hops of a {a.backend} guest ({a.mem}, dirty {a.dirty}), seed "
         f"{a.seed}, faults {','.join(a.fault_kinds)} in {a.fail_share:.0%} of hops, "
-        f"{a.ferry}")
+        f"liveness {a.liveness_s:g} s, {a.ferry}")
     tmp = Path(tempfile.mkdtemp(prefix="ferry-soak-"))
     t0 = time.monotonic()
     code = 1
     try:
         run(a, res, tmp)
         s = summarise(res["hops"], time.monotonic() - t0)
-        res["ok"] = s["hops_ok"] == a.hops and s["unplanned_failures"] == 0
+        res["ok"] = (s["hops_ok"] == a.hops and s["unplanned_failures"] == 0
+                     and not s["broken_promises"])
         if s["unplanned_failures"]:
             res["violation"] = (f"{s['unplanned_failures']} migration(s) failed with no fault "
                                 f"injected (recovered by retrying)")
+        elif s["broken_promises"]:
+            res["violation"] = (f"{len(s['broken_promises'])} promise(s) about noticing "
+                                f"faults broken: {s['broken_promises'][0]}")
         code = 0 if res["ok"] else 1
     except Violation as e:
         res["violation"] = str(e)

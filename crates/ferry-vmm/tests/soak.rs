@@ -1,7 +1,10 @@
 //! The soak's short version: `bench/soak.py` moves one running guest through six hops
 //! (tcp and unix, 0 to 16 data channels, zstd on and off) with the destination killed in
-//! one hop and the link reset in another, and must end with every hop completed and
-//! verified and every injected failure recovered from.
+//! one hop, the link reset in another and the link gone silent (a relay stopped) in a
+//! third, and must end with every hop completed and verified and every injected failure
+//! recovered from. The VMs run with a 2 s `migration.liveness-timeout`, so the silent
+//! link fails its migration within a few seconds; the script checks that it did, and
+//! that the error says the destination went silent.
 //!
 //! KVM when it is usable, the soft backend otherwise. Skips (saying so) when `python3`
 //! is missing. The whole run has a time limit; on the way out the script stops every
@@ -19,8 +22,19 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::Value;
 
+/// A plan with one fault of each kind: the destination killed on tcp with 16 zstd
+/// channels, the link reset on unix with 16 channels, and the link silenced on unix with
+/// pages on the main channel. (With zstd, whose faulted attempts run under a 32K cap, the
+/// source takes 10 s or more to notice a silent link, or does not: its writes into the
+/// relay's socket buffers count as signs of life. BENCHMARKS.md, section Soak, has the
+/// figures; this short run keeps to what ferry does in time.)
+const SEED: &str = "2";
+
 /// Well under the 90 s a CI step may take; the run takes about 10 s with KVM.
-const SOAK_TIMEOUT: Duration = Duration::from_secs(75);
+const SOAK_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Every kind of fault the script injects.
+const KINDS: [&str; 3] = ["dst-kill", "link-reset", "link-blackhole"];
 
 fn drain(mut r: impl Read + Send + 'static) -> JoinHandle<String> {
     thread::spawn(move || {
@@ -74,9 +88,11 @@ fn a_short_soak_recovers_from_every_injected_failure() {
         "--hops",
         "6",
         "--fail-share",
-        "0.34",
+        "0.5",
         "--seed",
-        "1",
+        SEED,
+        "--liveness-ms",
+        "2000",
         "--mem",
         "128M",
         "--json",
@@ -115,21 +131,28 @@ fn a_short_soak_recovers_from_every_injected_failure() {
     assert_eq!(n("hops"), 6, "{ctx}");
     assert_eq!(n("hops_ok"), 6, "{ctx}");
     assert_eq!(n("unplanned_failures"), 0, "{ctx}");
-    // round(0.34 x 6) hops get a failure, the kinds in turn: one of each.
-    assert_eq!(n("faults_injected"), 2, "{ctx}");
-    for kind in ["dst-kill", "link-reset"] {
-        assert_eq!(
-            s["faults_by_kind"][kind], 1,
-            "{kind} not injected once\n{ctx}"
-        );
-    }
+    // Every fault noticed in time, with a true message (the script's checks).
+    assert_eq!(n("not_noticed"), 0, "{ctx}");
+    assert_eq!(s["broken_promises"], serde_json::json!([]), "{ctx}");
+    // round(0.5 x 6) hops get a failure, the kinds in turn: one of each.
+    assert_eq!(n("faults_injected"), 3, "{ctx}");
     // Each landed mid-migration, the source kept the guest, and a retry got it across.
     assert_eq!(
         n("faults_missed"),
         0,
         "a fault came after the migration\n{ctx}"
     );
-    assert_eq!(n("faults_recovered"), 2, "{ctx}");
+    assert_eq!(n("faults_recovered"), 3, "{ctx}");
+    for kind in KINDS {
+        assert_eq!(
+            s["faults_by_kind"][kind], 1,
+            "{kind} not injected once\n{ctx}"
+        );
+        assert_eq!(
+            s["recovered_by_kind"][kind], 1,
+            "{kind} not recovered from\n{ctx}"
+        );
+    }
     let hops = res["hops"].as_array().expect("hops");
     assert!(
         hops.iter().all(|h| h["ok"] == true),
@@ -138,6 +161,22 @@ fn a_short_soak_recovers_from_every_injected_failure() {
     for h in hops.iter().filter(|h| !h["fault"].is_null()) {
         let attempts = h["attempts"].as_array().expect("attempts");
         assert_eq!(attempts[0]["status"], "failed", "{h}\n{ctx}");
+        let error = attempts[0]["error"].as_str().unwrap_or_default();
+        assert!(!error.contains("for 0 s"), "{error}\n{ctx}");
+        if h["fault"] == "link-blackhole" {
+            // The script holds it to the liveness timeout and 3 s; so does this.
+            let noticed = attempts[0]["noticed_after_s"]
+                .as_f64()
+                .expect("noticed_after_s");
+            assert!(
+                noticed < 5.0,
+                "a silent link noticed after {noticed} s\n{ctx}"
+            );
+            assert!(
+                error.contains("went silent") || error.contains("the kernel dropped"),
+                "{error}\n{ctx}"
+            );
+        }
         assert_eq!(
             attempts.last().unwrap()["outcome"],
             "completed",
