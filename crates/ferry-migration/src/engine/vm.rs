@@ -194,9 +194,7 @@ pub trait MigratableVm: Send + Sync {
     fn set_vcpu_throttle(&self, throttle: VcpuThrottle) -> Result<(), VmError> {
         match throttle {
             VcpuThrottle::None => Ok(()),
-            _ => Err(VmError::Failed(
-                "this VMM cannot throttle its vCPUs".into(),
-            )),
+            _ => Err(VmError::Failed("this VMM cannot throttle its vCPUs".into())),
         }
     }
 

@@ -8,10 +8,12 @@
 //!     mem_size: 256 << 20,
 //!     vcpus: 2,
 //!     dirty_size: 16 << 20,
+//!     vcpu_work: Vec::new(),
 //!     dirty_rate: 0,
 //!     fill: 0,
 //!     incoming: false,
 //!     accels: Vec::new(),
+//!     dirty_ring: true,
 //! };
 //! let vm = KvmVm::create(&cfg)?;
 //! vm.start()?;
@@ -175,6 +177,7 @@ use thiserror::Error;
 use crate::devices::accel::{Accel, AccelConfig, AccelError, Accels};
 use crate::devices::serial::{Serial, SerialError, SERIAL_SCHEMA};
 use crate::devices::IoBus;
+use crate::guest::VcpuWork;
 
 pub use dirty::{HarvestCost, KvmDirtyLog};
 pub use guest::PRINT_EVERY;
@@ -191,6 +194,9 @@ pub struct KvmConfig {
     /// Bytes each vCPU's workload dirties, each vCPU in its own range; a multiple of
     /// 4 KiB, 0 for an idle guest, and `vcpus * dirty_size + fill <= mem_size`.
     pub dirty_size: u64,
+    /// Each vCPU's work, one per vCPU, instead of `dirty_size` for all; empty for none.
+    /// Ranges follow each other in vCPU order.
+    pub vcpu_work: Vec<VcpuWork>,
     /// Pages per second each vCPU's workload dirties at most; 0 for as fast as it runs.
     pub dirty_rate: u64,
     /// Bytes of pseudo-random data written after the vCPUs' ranges before they first
@@ -200,6 +206,16 @@ pub struct KvmConfig {
     pub incoming: bool,
     /// The accelerators ([`crate::devices::accel`]), in order; empty for none.
     pub accels: Vec<AccelConfig>,
+    /// Track dirty pages with KVM's dirty ring when KVM offers it, else (or when false)
+    /// with the per-memslot bitmap. See "Dirty tracking" above.
+    pub dirty_ring: bool,
+}
+
+impl KvmConfig {
+    /// Each vCPU's work.
+    pub fn work(&self) -> Vec<VcpuWork> {
+        VcpuWork::per_vcpu(&self.vcpu_work, self.vcpus, self.dirty_size)
+    }
 }
 
 #[derive(Debug, Error)]
@@ -417,7 +433,7 @@ impl KvmVm {
                 ram.write(layout::rate_gpa(index), &cfg.dirty_rate.to_le_bytes());
             }
             if cfg.fill > 0 {
-                let offset = cfg.vcpus as u64 * cfg.dirty_size;
+                let offset = cfg.work().iter().map(|w| w.dirty_size()).sum::<u64>();
                 ram.fill(offset, cfg.fill);
                 let info = [layout::RAM_GPA + offset, cfg.fill];
                 ram.write(layout::FILL_INFO_GPA, &words(&info));
@@ -430,13 +446,20 @@ impl KvmVm {
                 source,
             })?;
         let mut fds = Vec::with_capacity(cfg.vcpus);
-        for index in 0..cfg.vcpus {
+        let mut range = layout::RAM_GPA;
+        for (index, work) in cfg.work().into_iter().enumerate() {
+            let pages = work.dirty_size() / PAGE_SIZE as u64;
+            let program = match work {
+                VcpuWork::Compute => guest::Program::Compute,
+                VcpuWork::Dirty(_) => guest::Program::for_workload(pages, cfg.dirty_rate),
+            };
             fds.push(create_vcpu(
                 &vm,
                 index,
                 &cpuid,
-                (!cfg.incoming).then_some((cfg.dirty_size, cfg.dirty_rate)),
+                (!cfg.incoming).then_some((range, pages, program)),
             )?);
+            range += work.dirty_size();
         }
         let msr_indices = kvm
             .get_msr_index_list()
@@ -644,8 +667,10 @@ impl KvmVm {
         };
         let (start, pages) = (regs.rsi, regs.r8);
         let ram = &self.ram.blocks()[memory::RAM_BLOCK];
-        // An idle vCPU (the paced program over no pages) has nothing to check.
-        let idle = program == guest::Program::Paced && pages == 0;
+        // An idle vCPU (the paced program over no pages) and a computing one have
+        // nothing to check.
+        let idle =
+            (program == guest::Program::Paced && pages == 0) || program == guest::Program::Compute;
         if idle {
             return Ok(0);
         }
@@ -742,15 +767,34 @@ fn validate(cfg: &KvmConfig) -> Result<(), KvmError> {
             cfg.dirty_size
         ));
     }
+    if !cfg.vcpu_work.is_empty() && cfg.vcpu_work.len() != cfg.vcpus {
+        return bad(format!(
+            "{} vCPUs with work (--vcpu-dirty) given for {}",
+            cfg.vcpus,
+            cfg.vcpu_work.len()
+        ));
+    }
+    if let Some(size) = cfg
+        .vcpu_work
+        .iter()
+        .map(|w| w.dirty_size())
+        .find(|s| s % page != 0)
+    {
+        return bad(format!(
+            "a vCPU's dirtied range (--vcpu-dirty {size}) must be a multiple of 4 KiB"
+        ));
+    }
     if cfg.fill % page != 0 {
         return bad(format!(
             "the filled range (--fill {}) must be a multiple of 4 KiB",
             cfg.fill
         ));
     }
-    if cfg
-        .dirty_size
-        .checked_mul(cfg.vcpus as u64)
+    let ranges = cfg
+        .work()
+        .iter()
+        .try_fold(0u64, |sum, w| sum.checked_add(w.dirty_size()));
+    if ranges
         .and_then(|ranges| ranges.checked_add(cfg.fill))
         .is_none_or(|total| total > cfg.mem_size)
     {
@@ -767,13 +811,13 @@ fn validate(cfg: &KvmConfig) -> Result<(), KvmError> {
 }
 
 /// Creates vCPU `index` with the host's CPUID (its APIC ID patched in); with a
-/// `workload` (its dirty size and rate), also puts it at the first instruction of the
-/// program that runs it.
+/// `workload` (its range's address and pages, and its program), also puts it at the
+/// first instruction of that program.
 fn create_vcpu(
     vm: &VmFd,
     index: usize,
     cpuid: &kvm_bindings::CpuId,
-    workload: Option<(u64, u64)>,
+    workload: Option<(u64, u64, guest::Program)>,
 ) -> Result<VcpuFd, KvmError> {
     let e = |ioctl| {
         move |source| KvmError::Vcpu {
@@ -792,12 +836,11 @@ fn create_vcpu(
         }
     }
     fd.set_cpuid2(&cpuid).map_err(e("KVM_SET_CPUID2"))?;
-    if let Some((dirty_size, dirty_rate)) = workload {
+    if let Some((range, pages, program)) = workload {
         let sregs = fd.get_sregs().map_err(e("KVM_GET_SREGS"))?;
         fd.set_sregs(&layout::initial_sregs(&sregs))
             .map_err(e("KVM_SET_SREGS"))?;
-        let program = guest::Program::for_workload(dirty_size / PAGE_SIZE as u64, dirty_rate);
-        fd.set_regs(&layout::initial_regs(index, dirty_size, program))
+        fd.set_regs(&layout::initial_regs(index, range, pages, program))
             .map_err(e("KVM_SET_REGS"))?;
         // With an in-kernel LAPIC every vCPU but 0 starts waiting for INIT/SIPI, which
         // nobody here sends: make it runnable, as the BSP is.

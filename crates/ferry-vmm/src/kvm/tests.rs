@@ -49,10 +49,12 @@ fn vm(mem_mib: u64, vcpus: usize, dirty_mib: u64, incoming: bool) -> KvmVm {
         mem_size: mem_mib * MIB,
         vcpus,
         dirty_size: dirty_mib * MIB,
+        vcpu_work: Vec::new(),
         dirty_rate: 0,
         fill: 0,
         incoming,
         accels: Vec::new(),
+        dirty_ring: true,
     };
     KvmVm::create(&cfg).unwrap_or_else(|e| panic!("{}", chain(&e)))
 }
@@ -329,10 +331,12 @@ fn kvm_rejects_bad_configs_and_state() {
             mem_size,
             vcpus,
             dirty_size,
+            vcpu_work: Vec::new(),
             dirty_rate: 0,
             fill: 0,
             incoming: false,
             accels: Vec::new(),
+            dirty_ring: true,
         };
         matches!(KvmVm::create(&cfg), Err(KvmError::Config(_)))
     };
@@ -344,10 +348,12 @@ fn kvm_rejects_bad_configs_and_state() {
         mem_size: 64 * MIB,
         vcpus: 1,
         dirty_size: MIB,
+        vcpu_work: Vec::new(),
         dirty_rate: 0,
         fill: 0,
         incoming: false,
         accels: stop_copy_accel(size),
+        dirty_ring: true,
     };
     for size in [100, 1 << 40] {
         let err = KvmVm::create(&accel(size)).err().unwrap();
@@ -520,10 +526,12 @@ fn kvm_accel_stops_and_runs_with_the_vm() {
         mem_size: 16 * MIB,
         vcpus: 1,
         dirty_size: MIB,
+        vcpu_work: Vec::new(),
         dirty_rate: 0,
         fill: 0,
         incoming,
         accels: stop_copy_accel(MIB),
+        dirty_ring: true,
     };
     let src = KvmVm::create(&cfg(false)).unwrap();
     let accel = src.accel(0).unwrap();
@@ -602,10 +610,12 @@ fn workload_vm(mem_mib: u64, vcpus: usize, dirty: u64, dirty_rate: u64, fill: u6
         mem_size: mem_mib * MIB,
         vcpus,
         dirty_size: dirty,
+        vcpu_work: Vec::new(),
         dirty_rate,
         fill,
         incoming: false,
         accels: Vec::new(),
+        dirty_ring: true,
     };
     KvmVm::create(&cfg).unwrap_or_else(|e| panic!("{}", chain(&e)))
 }
@@ -724,10 +734,12 @@ fn kvm_workload_that_does_not_fit_is_refused_naming_the_flags() {
             mem_size: 64 * MIB,
             vcpus: 2,
             dirty_size: dirty,
+            vcpu_work: Vec::new(),
             dirty_rate: 0,
             fill,
             incoming: false,
             accels: Vec::new(),
+            dirty_ring: true,
         };
         match KvmVm::create(&cfg) {
             Err(e @ KvmError::Config(_)) => assert!(e.to_string().contains(flag), "{e}"),
