@@ -153,6 +153,7 @@ mod guest;
 mod layout;
 mod memory;
 pub use crate::pagemap;
+mod ring;
 mod state;
 mod vcpu;
 
@@ -166,7 +167,8 @@ use std::time::Duration;
 
 use ferry_migration::engine::human_bytes;
 use ferry_migration::engine::vm::{
-    DeviceInfo, DevicePending, DirtyLog, GuestRam, MigratableVm, VmError,
+    DeviceInfo, DevicePending, DirtyLog, GuestRam, MigratableVm, VcpuThrottle, VcpuThrottleStats,
+    VmError,
 };
 use ferry_migration::state::{DeviceState, StateError, StateReader, StateSchema, StateWriter};
 use ferry_migration::PAGE_SIZE;
@@ -385,7 +387,7 @@ fn check_caps(kvm: &Kvm, vm: &VmFd) -> Result<(), KvmError> {
 pub struct KvmVm {
     // Declared first so vCPU threads stop before anything else goes.
     vcpus: vcpu::Vcpus,
-    dirty: KvmDirtyLog,
+    dirty: Arc<KvmDirtyLog>,
     ram: Arc<KvmRam>,
     vm: Arc<VmFd>,
     _kvm: Kvm,
@@ -419,9 +421,10 @@ impl KvmVm {
             ioctl: "KVM_CREATE_IRQCHIP",
             source,
         })?;
+        // The ring must be on before the first vCPU exists.
+        let use_ring = cfg.dirty_ring && ring::enable(&vm, ring::RING_ENTRIES)?;
         let vm = Arc::new(vm);
         let ram = Arc::new(KvmRam::new(cfg.mem_size)?);
-        let dirty = KvmDirtyLog::new(vm.clone(), ram.clone());
         for slot in 0..ram.blocks().len() {
             ram.set_memslot(&vm, slot, 0)?;
         }
@@ -461,6 +464,15 @@ impl KvmVm {
             )?);
             range += work.dirty_size();
         }
+        let rings = if use_ring {
+            fds.iter()
+                .enumerate()
+                .map(|(index, fd)| ring::DirtyRing::map(index, fd, ring::RING_ENTRIES))
+                .collect::<Result<Vec<_>, _>>()?
+        } else {
+            Vec::new()
+        };
+        let dirty = Arc::new(KvmDirtyLog::new(vm.clone(), ram.clone(), rings));
         let msr_indices = kvm
             .get_msr_index_list()
             .map_err(|source| KvmError::VmIoctl {
@@ -472,7 +484,7 @@ impl KvmVm {
         let serial = Arc::new(Serial::new());
         let io = Arc::new(IoBus::new().with(serial.clone()));
         Ok(KvmVm {
-            vcpus: vcpu::Vcpus::new(fds, ram.clone(), io)?,
+            vcpus: vcpu::Vcpus::new(fds, ram.clone(), dirty.clone(), io)?,
             dirty,
             ram,
             vm,
@@ -858,7 +870,7 @@ impl MigratableVm for KvmVm {
     }
 
     fn dirty_log(&self) -> &dyn DirtyLog {
-        &self.dirty
+        &*self.dirty
     }
 
     fn vcpu_count(&self) -> usize {
@@ -988,5 +1000,49 @@ impl MigratableVm for KvmVm {
         if let Ok(Device::Accel(a)) = self.device(index) {
             a.precopy_abandon();
         }
+    }
+
+    fn set_vcpu_throttle(&self, throttle: VcpuThrottle) -> Result<(), VmError> {
+        crate::throttle::check(throttle)?;
+        let op = "set the vCPU throttle";
+        let limit = matches!(throttle, VcpuThrottle::DirtyLimit { .. });
+        if limit && !self.dirty.uses_ring() {
+            return Err(VmError::Failed(
+                "a dirty-limit needs each vCPU's dirty rate, which this VM cannot measure: \
+                 it tracks dirty pages with the bitmap (ferry run --dirty-ring off, or KVM \
+                 here lacks KVM_CAP_DIRTY_LOG_RING)"
+                    .into(),
+            ));
+        }
+        self.dirty
+            .set_rate_window(crate::throttle::rate_window(throttle));
+        // Logging starts before the throttle thread measures, and stops after it ends.
+        if limit {
+            self.dirty
+                .set_limit_logging(true)
+                .map_err(|e| e.into_vm(op))?;
+        }
+        self.vcpus
+            .set_throttle(throttle)
+            .map_err(|e| e.into_vm(op))?;
+        if !limit {
+            self.dirty
+                .set_limit_logging(false)
+                .map_err(|e| e.into_vm(op))?;
+        }
+        Ok(())
+    }
+
+    fn vcpu_throttle_stats(&self) -> Vec<VcpuThrottleStats> {
+        let rates = self.dirty.rates();
+        self.vcpus
+            .holds
+            .iter()
+            .zip(rates.into_iter().chain(std::iter::repeat(None)))
+            .map(|(h, rate)| VcpuThrottleStats {
+                dirty_rate: rate,
+                ..h.counters.stats()
+            })
+            .collect()
     }
 }
