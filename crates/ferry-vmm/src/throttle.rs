@@ -217,15 +217,16 @@ impl SoftThrottle {
 
 /// Dirty-limit control on a vCPU that is not its own writer (KVM): it ran `run` (0 to 1)
 /// of the last period and dirtied `rate` bytes/s then; the share of the next period it
-/// may run so that it dirties `limit` bytes/s, if dirtying goes with running time. A
-/// vCPU under the limit gets time back, at most four times as much per period, so a
-/// rate that was low only because the vCPU was held does not swing it back at once.
+/// may run so that it dirties `limit` bytes/s, if dirtying goes with running time. The
+/// step is damped (the ratio to the power 3/4) and at most fourfold: a vCPU that runs
+/// less leaves the host's cores to the others, so it dirties faster while it runs, and
+/// the full step overshoots. A vCPU under the limit gets time back the same way.
 pub fn next_run_fraction(run: f64, rate: u64, limit: u64) -> f64 {
     const MIN_RUN: f64 = 0.01;
     if rate == 0 {
         return (run * 4.0).clamp(MIN_RUN, 1.0);
     }
-    let target = run * limit as f64 / rate as f64;
+    let target = run * (limit as f64 / rate as f64).powf(0.75);
     target.clamp(run / 4.0, run * 4.0).clamp(MIN_RUN, 1.0)
 }
 
@@ -301,9 +302,11 @@ mod tests {
 
     #[test]
     fn next_run_fraction_moves_toward_the_limit_in_bounded_steps() {
-        assert!((next_run_fraction(1.0, 200, 100) - 0.5).abs() < 1e-9);
-        assert!((next_run_fraction(0.5, 50, 100) - 1.0).abs() < 1e-9);
-        assert!((next_run_fraction(1.0, 10_000, 100) - 0.25).abs() < 1e-9);
+        assert!((next_run_fraction(1.0, 200, 100) - 0.5f64.powf(0.75)).abs() < 1e-9);
+        assert!((next_run_fraction(1.0, 1600, 100) - 0.25).abs() < 1e-9);
+        assert!((next_run_fraction(0.125, 100, 1600) - 0.5).abs() < 1e-9);
+        assert!(next_run_fraction(0.5, 90, 100) > 0.5);
+        assert_eq!(next_run_fraction(0.5, 100, 100), 0.5);
         assert!((next_run_fraction(0.1, 0, 100) - 0.4).abs() < 1e-9);
         assert_eq!(next_run_fraction(0.01, 1 << 40, 1), 0.01);
     }

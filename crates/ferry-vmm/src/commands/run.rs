@@ -60,7 +60,8 @@ pub struct RunArgs {
     /// KVM: track dirty pages with KVM's per-vCPU dirty ring (on, when this host's KVM
     /// offers it; it also measures each vCPU's dirty rate, which a dirty-limit needs) or
     /// with the per-memslot dirty bitmap (off)
-    #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off)]
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off,
+          action = clap::ArgAction::Set)]
     pub dirty_ring: bool,
     /// Pages per second each vCPU's workload dirties at most; 0 for as fast as it can.
     /// soft: the vCPU thread sleeps between chunks of 64 pages; KVM: the guest reports

@@ -210,8 +210,8 @@ impl KvmDirtyLog {
                 let now = r.reaped.load(Ordering::Relaxed);
                 let pages = now - meter.reaped[i];
                 meter.reaped[i] = now;
-                let rate = (pages * ferry_migration::PAGE_SIZE as u64) as f64
-                    / elapsed.as_secs_f64();
+                let rate =
+                    (pages * ferry_migration::PAGE_SIZE as u64) as f64 / elapsed.as_secs_f64();
                 self.rates[i].store(rate as u64, Ordering::Relaxed);
             }
             meter.since = t2;

@@ -120,33 +120,54 @@
 //! rejects, which are then reported together. A vCPU saved and loaded back reads back
 //! identical except for the TSC, which moves on.
 //!
-//! # Dirty tracking: bitmap, not ring
+//! # Dirty tracking: the ring, the bitmap as fallback
 //!
-//! `KVM_MEM_LOG_DIRTY_PAGES` on both slots; `harvest` is `KVM_GET_DIRTY_LOG` plus
-//! `KVM_CLEAR_DIRTY_LOG` (manual protect) in 1 GiB chunks, plus the VMM's own bitmap for
-//! writes KVM cannot see. Measured on this host (release build, one vCPU dirtying a
-//! working set on the other core, `kvm_measure_dirty_bitmap_cost`):
+//! With [`KvmConfig::dirty_ring`] (the default; `ferry run --dirty-ring off` clears it)
+//! and `KVM_CAP_DIRTY_LOG_RING` offered, the VM is made with a dirty ring of
+//! 16 k entries (256 KiB) per vCPU, enabled before the first vCPU exists; otherwise it
+//! uses `KVM_MEM_LOG_DIRTY_PAGES` bitmaps with `KVM_GET_DIRTY_LOG` plus
+//! `KVM_CLEAR_DIRTY_LOG` (manual protect) in 1 GiB chunks. Both log only while
+//! `KVM_MEM_LOG_DIRTY_PAGES` is on (a migration, or a dirty-limit), and both add the
+//! VMM's own bitmap for writes KVM cannot see. Details in `dirty.rs` and `ring.rs`.
 //!
-//! | RAM slot | working set | harvest every | dirty pages | GET | CLEAR |
+//! **Why the ring.** A dirty-limit (QEMU 8.1's, which the engine asks for through
+//! [`MigratableVm::set_vcpu_throttle`]) slows only the vCPUs that dirty faster than the
+//! limit, so it needs each vCPU's dirty rate; the bitmap is per memslot and cannot say
+//! who wrote a page, the ring is per vCPU and can. It also costs no scan of clean
+//! bitmap words. What it costs: it must be chosen before the vCPUs exist and then
+//! excludes `KVM_GET_DIRTY_LOG` for the whole VM (hence a per-VM choice, not a per-
+//! migration one), a vCPU whose ring fills exits (`KVM_EXIT_DIRTY_RING_FULL`) until it
+//! is reaped (its own thread does that), and a page is counted once per reap however
+//! often it is written in between. `DIRTY_LOG_RING_WITH_BITMAP` is not offered here, so
+//! there is no mixed mode.
+//!
+//! Measured on this host (`kvm_measure_dirty_bitmap_cost`, optimised test build, one
+//! vCPU dirtying a working set on the other core, the host busy with other work);
+//! "read" is GET or reading the rings, "clear" is CLEAR or `KVM_RESET_DIRTY_RINGS`:
+//!
+//! | RAM slot | working set | harvest every | dirty pages | ring read + reset | bitmap GET + CLEAR |
 //! |---|---|---|---|---|---|
-//! | 1 GiB | 64 MiB | 100 ms | 2.6-3.9 k | 17-19 µs | 31-77 µs |
-//! | 8 GiB | 64 MiB | 100 ms | 2.4-3.6 k | 54-60 µs | 38-87 µs |
-//! | 8 GiB | 1 GiB | 100 ms | 3.8-4.0 k | 45-61 µs | 39-91 µs |
-//! | 8 GiB | 1 GiB | 500 ms | 13-20 k | 50-230 µs | 100-145 µs |
-//! | 1 / 8 GiB | paused | - | 0 | 1.3-1.9 / 7-19 µs | - |
+//! | 1 GiB | 64 MiB | 100 ms | 3.4-3.5 k | 13 + 119 µs | 15 + 90 µs |
+//! | 8 GiB | 64 MiB | 100 ms | 3.4-3.5 k | 14 + 117 µs | 46 + 101 µs |
+//! | 8 GiB | 1 GiB | 100 ms | 3.2-3.3 k | 12 + 133 µs | 48 + 103 µs |
+//! | 8 GiB | 1 GiB | 500 ms | 16 k | 64 + 514 µs | 45 + 398 µs |
+//! | 8 GiB | paused | - | 0 | 0.04 µs | 14-16 µs |
 //!
-//! Turning logging on took 0.6-0.9 ms for 1 GiB and 2.6-15 ms for 8 GiB. So a harvest
-//! costs the VMM about 5-7 µs per GiB of slot plus 10-25 ns per dirty page: at most
-//! 0.4 ms per round, under 0.5% of a 100 ms round. The dirty ring (probe figures) costs
-//! about the same per page (the guest's write-protect fault, 10-40 µs a page here, is
-//! what both pay and dwarfs the VMM's share; its harvester ran at 115-125 k pages/s,
-//! `KVM_RESET_DIRTY_RINGS` 2-3 µs) and saves only the scan of clean bitmap words, i.e.
-//! microseconds. In exchange it must be set up before the vCPUs exist, excludes
-//! `KVM_GET_DIRTY_LOG` for the whole VM, holds at most 64 k entries per vCPU (a round
-//! with more dirty pages stalls the vCPU on `RING_FULL` until harvested), and wants a
-//! harvester thread this two-core host does not have to spare. The engine asks for
-//! per-block bitmaps anyway. Bitmap it is; the ring is worth revisiting for guests of
-//! hundreds of GiB where the scan grows.
+//! So the ring reads in time proportional to the dirty pages, not to the slot, and its
+//! reset costs about what CLEAR does (25-35 ns a page against 25-30); a round costs
+//! about the same either way, well under 1% of a 100 ms round. Turning logging on took
+//! 0.3-20 ms with either (it varies run to run with the host's load). The guest's
+//! write-protect fault, 10-40 µs a page here, is what both pay and dwarfs the VMM's
+//! share.
+//!
+//! # Throttle
+//!
+//! [`MigratableVm::set_vcpu_throttle`] is carried out by the vCPU threads, which a
+//! throttle thread kicks (the pause's signal and `immediate_exit`) every 10 ms with the
+//! hold each must sleep, so a guest that never exits is held too; a dirty-limit turns
+//! logging on, reaps the rings every period and sets each vCPU's share of running time
+//! from its own rate. Without the ring a dirty-limit is refused; the CPU throttle works
+//! with either. See `vcpu.rs` and [`crate::throttle`].
 
 mod dirty;
 mod guest;
@@ -272,6 +293,11 @@ pub enum KvmError {
     #[error("spawning the thread of vCPU {index}")]
     Thread {
         index: usize,
+        #[source]
+        source: io::Error,
+    },
+    #[error("spawning the vCPU throttle thread")]
+    ThrottleThread {
         #[source]
         source: io::Error,
     },

@@ -411,9 +411,10 @@ fn kvm_measure_dirty_bitmap_cost() {
     if !kvm_here("kvm_measure_dirty_bitmap_cost") {
         return;
     }
-    for (mem_gib, ws_mib, every_ms, ring) in [(1, 64, 100), (8, 64, 100), (8, 1024, 100), (8, 1024, 500)]
-        .into_iter()
-        .flat_map(|(m, w, e)| [(m, w, e, true), (m, w, e, false)])
+    for (mem_gib, ws_mib, every_ms, ring) in
+        [(1, 64, 100), (8, 64, 100), (8, 1024, 100), (8, 1024, 500)]
+            .into_iter()
+            .flat_map(|(m, w, e)| [(m, w, e, true), (m, w, e, false)])
     {
         let vm = KvmVm::create(&KvmConfig {
             mem_size: (mem_gib << 10) * MIB,

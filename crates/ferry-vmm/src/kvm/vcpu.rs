@@ -247,10 +247,7 @@ impl Vcpus {
         let handle = std::thread::Builder::new()
             .name("vcpu-throttle".into())
             .spawn(move || throttle_thread(throttle, &q, &threads, &holds, &dirty))
-            .map_err(|source| KvmError::Thread {
-                index: usize::MAX,
-                source,
-            })?;
+            .map_err(|source| KvmError::ThrottleThread { source })?;
         *ticker = Some(Ticker { quit, handle });
         Ok(())
     }
