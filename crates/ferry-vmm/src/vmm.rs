@@ -40,7 +40,11 @@ pub struct VmmConfig {
     pub mem_size: u64,
     pub vcpus: usize,
     pub dirty_size: u64,
+    /// Each vCPU's work, one per vCPU, instead of `dirty_size` for all; empty for none.
+    pub vcpu_work: Vec<crate::guest::VcpuWork>,
     pub dirty_rate: u64,
+    /// KVM: track dirty pages with the dirty ring when KVM offers it (else the bitmap).
+    pub dirty_ring: bool,
     pub fill: u64,
     /// Create the VM stopped, waiting for an incoming migration.
     pub incoming: bool,
@@ -59,7 +63,9 @@ impl Default for VmmConfig {
             mem_size: 256 << 20,
             vcpus: 1,
             dirty_size: 16 << 20,
+            vcpu_work: Vec::new(),
             dirty_rate: 0,
+            dirty_ring: true,
             fill: 0,
             incoming: false,
             paused: false,
@@ -192,16 +198,12 @@ impl Vmm {
             n => n,
         };
         let vm: Arc<dyn GuestVm> = match cfg.backend {
-            Backend::Soft if cfg.vcpus != 1 => {
-                return Err(VmmError::State(format!(
-                    "the soft backend runs exactly one vCPU, not {}; use --backend kvm for more",
-                    cfg.vcpus
-                )))
-            }
             Backend::Soft => Arc::new(
                 SoftVm::create(&SoftConfig {
                     mem_size: cfg.mem_size,
+                    vcpus: cfg.vcpus,
                     dirty_size: cfg.dirty_size,
+                    vcpu_work: cfg.vcpu_work.clone(),
                     dirty_rate: cfg.dirty_rate,
                     fill: cfg.fill,
                     incoming: cfg.incoming,
@@ -216,10 +218,12 @@ impl Vmm {
                     mem_size: cfg.mem_size,
                     vcpus: cfg.vcpus,
                     dirty_size: cfg.dirty_size,
+                    vcpu_work: cfg.vcpu_work.clone(),
                     dirty_rate: cfg.dirty_rate,
                     fill: cfg.fill,
                     incoming: cfg.incoming,
                     accels: cfg.accels.clone(),
+                    dirty_ring: cfg.dirty_ring,
                 })
                 .map_err(VmmError::Kvm)?;
                 if !cfg.incoming && !cfg.paused {

@@ -17,7 +17,9 @@ const MIB: u64 = 1 << 20;
 fn soft(role: Role) -> Arc<dyn MigratableVm> {
     let cfg = SoftConfig {
         mem_size: 16 * MIB,
+        vcpus: 1,
         dirty_size: MIB,
+        vcpu_work: Vec::new(),
         dirty_rate: 0,
         // Data the workload never rewrites, for the populated check.
         fill: MIB,
@@ -35,10 +37,12 @@ fn kvm(role: Role) -> Arc<dyn MigratableVm> {
         mem_size: 16 * MIB,
         vcpus: 2,
         dirty_size: MIB,
+        vcpu_work: Vec::new(),
         dirty_rate: 0,
         fill: 0,
         incoming: role == Role::Incoming,
         accels: vec![AccelConfig::new(MIB, false)],
+        dirty_ring: true,
     };
     let vm = KvmVm::create(&cfg).unwrap_or_else(|e| panic!("{}", error_chain(&e)));
     if role == Role::Source {

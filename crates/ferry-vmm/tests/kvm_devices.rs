@@ -41,6 +41,7 @@ fn kvm(incoming: bool, accel_size: u64) -> Arc<KvmVm> {
         mem_size: 256 * MIB,
         vcpus: 2,
         dirty_size: MIB,
+        vcpu_work: Vec::new(),
         dirty_rate: 0,
         fill: 0,
         incoming,
@@ -48,6 +49,7 @@ fn kvm(incoming: bool, accel_size: u64) -> Arc<KvmVm> {
             0 => Vec::new(),
             size => vec![AccelConfig::new(size, false)],
         },
+        dirty_ring: true,
     };
     Arc::new(KvmVm::create(&cfg).unwrap_or_else(|e| panic!("{}", error_chain(&e))))
 }

@@ -11,6 +11,7 @@ use ferry_migration::compat::Global;
 use ferry_migration::engine::human_bytes;
 use ferry_vmm::control::Control;
 use ferry_vmm::devices::accel::AccelConfig;
+use ferry_vmm::guest::VcpuWork;
 use ferry_vmm::vmm::{Backend, Vmm, VmmConfig};
 
 use super::{chain, parse_size, qmp_path, CliError, CliResult};
@@ -43,11 +44,25 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 1)]
     pub vcpus: usize,
     /// Bytes of RAM each vCPU's workload dirties each pass, one byte per 4 KiB page, each
-    /// vCPU in its own range (the soft backend has one vCPU). 0 for an idle guest that
-    /// writes no RAM: on soft its vCPU sleeps and its pass counter stands still; on KVM
-    /// its vCPUs still count passes, about 100 a second, and write only their counters
+    /// vCPU in its own range. 0 for an idle guest that writes no RAM: on soft its vCPUs
+    /// sleep and their pass counters stand still; on KVM its vCPUs still count passes,
+    /// about 100 a second, and write only their counters
     #[arg(long, default_value = "64M", value_parser = parse_size)]
     pub dirty: u64,
+    /// Each vCPU's work instead of --dirty for all, one per vCPU (as many as --vcpus):
+    /// SIZE dirties a range of SIZE each pass (0: idle), `compute` spins a fixed amount
+    /// per pass and writes no RAM but its pass counter. For example `--vcpus 2
+    /// --vcpu-dirty 256M,compute`: one vCPU that dirties memory, one that only computes
+    /// (what a dirty-limit must tell apart)
+    #[arg(long, value_name = "SIZE|compute[,...]", value_delimiter = ',',
+          value_parser = parse_vcpu_work)]
+    pub vcpu_dirty: Vec<VcpuWork>,
+    /// KVM: track dirty pages with KVM's per-vCPU dirty ring (on, when this host's KVM
+    /// offers it; it also measures each vCPU's dirty rate, which a dirty-limit needs) or
+    /// with the per-memslot dirty bitmap (off)
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off,
+          action = clap::ArgAction::Set)]
+    pub dirty_ring: bool,
     /// Pages per second each vCPU's workload dirties at most; 0 for as fast as it can.
     /// soft: the vCPU thread sleeps between chunks of 64 pages; KVM: the guest reports
     /// every 64 pages to the VMM, whose vCPU thread sleeps in that exit. The rate moves
@@ -85,6 +100,18 @@ pub struct RunArgs {
     pub prealloc: bool,
 }
 
+fn parse_vcpu_work(s: &str) -> Result<VcpuWork, String> {
+    VcpuWork::parse(s)
+}
+
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("{s:?}: expected on or off")),
+    }
+}
+
 /// `--accel` as `AccelConfig`; `0` for none.
 fn parse_accel(s: &str) -> Result<Option<AccelConfig>, String> {
     if s == "0" {
@@ -113,6 +140,20 @@ impl RunArgs {
                     )));
                 }
             }
+        }
+        if !self.vcpu_dirty.is_empty() && self.vcpu_dirty.len() != self.vcpus {
+            return Err(CliError::msg(format!(
+                "--vcpu-dirty gives the work of {} vCPUs, --vcpus {} asks for {}; give one per vCPU",
+                self.vcpu_dirty.len(),
+                self.vcpus,
+                self.vcpus
+            )));
+        }
+        if self.incoming.is_some() && !self.vcpu_dirty.is_empty() {
+            return Err(CliError::msg(
+                "--vcpu-dirty is not supported with --incoming: the vCPUs' work comes from the \
+                 source; give --vcpu-dirty to the source's ferry run",
+            ));
         }
         if self.dirty_rate > 0 && self.dirty == 0 {
             return Err(CliError::msg(format!(
@@ -156,7 +197,9 @@ impl RunArgs {
             mem_size: self.mem,
             vcpus: self.vcpus,
             dirty_size: self.dirty,
+            vcpu_work: self.vcpu_dirty.clone(),
             dirty_rate: self.dirty_rate,
+            dirty_ring: self.dirty_ring,
             fill: self.fill,
             incoming: self.incoming.is_some(),
             paused: self.paused,
@@ -188,6 +231,19 @@ pub fn main(args: RunArgs) -> CliResult {
     };
     let workload = if args.incoming.is_some() {
         "workload from the source".to_string()
+    } else if !args.vcpu_dirty.is_empty() {
+        format!(
+            "vCPUs {}",
+            args.vcpu_dirty
+                .iter()
+                .map(|w| match w {
+                    VcpuWork::Compute => "computing".to_string(),
+                    VcpuWork::Dirty(0) => "idle".to_string(),
+                    VcpuWork::Dirty(d) => format!("dirtying {}", human_bytes(*d)),
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
     } else if args.dirty == 0 {
         "idle workload".to_string()
     } else {
@@ -367,6 +423,12 @@ mod tests {
         assert_eq!((ok.dirty_size, ok.dirty_rate), (8 << 20, 500));
         let dst = config(&["--dirty", "8M", "--incoming", "defer"]).unwrap();
         assert!(dst.incoming);
+        let two = config(&["--vcpus", "2", "--vcpu-dirty", "8M,compute"]).unwrap();
+        assert_eq!(two.vcpu_work, [VcpuWork::Dirty(8 << 20), VcpuWork::Compute]);
+        let e = config(&["--vcpus", "3", "--vcpu-dirty", "8M,compute"]).unwrap_err();
+        assert!(e.contains("--vcpu-dirty gives the work of 2 vCPUs"), "{e}");
+        assert!(Cli::try_parse_from(["ferry", "--vcpu-dirty", "8M,lots"]).is_err());
+        assert!(!config(&["--dirty-ring", "off"]).unwrap().dirty_ring);
     }
 
     #[test]

@@ -218,6 +218,45 @@ pub const PACED: [u8; 164] = [
     0xc3, // ret
 ];
 
+/// The computing program ([`Program::Compute`], `ferry run --vcpu-dirty compute`): a
+/// fixed spin per pass that writes no RAM but its pass counter, and one exit per pass as
+/// in [`CODE`]. It has no range (`r8` is 0) and prints nothing.
+///
+/// ```text
+///   0  top:    mov  ecx, COMPUTE_SPIN   ; iterations of the spin
+///   5  spin:   dec  ecx
+///   7          jnz  spin
+///   9          inc  qword [rbx]         ; pass counter
+///  12          mov  rax, [rbx]
+///  15          mov  edx, r9d
+///  18          out  dx, al              ; one exit to the VMM per pass
+///  19          jmp  top
+///  21
+/// ```
+pub const COMPUTE: [u8; 21] = [
+    0xb9, 0x00, 0x00, 0x10, 0x00, // mov ecx, 0x100000
+    0xff, 0xc9, // dec ecx
+    0x75, 0xfc, // jnz spin (rel8 -4)
+    0x48, 0xff, 0x03, // inc qword [rbx]
+    0x48, 0x8b, 0x03, // mov rax, [rbx]
+    0x44, 0x89, 0xca, // mov edx, r9d
+    0xee, // out dx, al
+    0xeb, 0xeb, // jmp top (rel8 -21)
+];
+
+/// Iterations of [`COMPUTE`]'s spin per pass (about a millisecond at native speed), the
+/// immediate of its first instruction.
+#[cfg(test)]
+pub const COMPUTE_SPIN: u32 = 1 << 20;
+
+/// Offsets of the instructions in [`COMPUTE`].
+pub mod compute {
+    pub const LOAD_PASS: u64 = 12;
+    pub const MOV_PORT: u64 = 15;
+    pub const OUT: u64 = 18;
+    pub const INSTRUCTIONS: [u64; 8] = [0, 5, 7, 9, 12, 15, 18, 19];
+}
+
 /// Pages the paced program writes between two reports (the `cmp eax, 64`).
 pub const CHUNK: u64 = 64;
 
@@ -250,6 +289,8 @@ pub enum Program {
     Classic,
     /// [`PACED`]: a report to the VMM every [`CHUNK`] pages.
     Paced,
+    /// [`COMPUTE`]: no range, a spin per pass.
+    Compute,
 }
 
 impl Program {
@@ -268,6 +309,7 @@ impl Program {
         match self {
             Self::Classic => &CODE,
             Self::Paced => &PACED,
+            Self::Compute => &COMPUTE,
         }
     }
 
@@ -276,15 +318,18 @@ impl Program {
         match self {
             Self::Classic => super::layout::CODE_GPA,
             Self::Paced => super::layout::PACED_GPA,
+            Self::Compute => super::layout::COMPUTE_GPA,
         }
     }
 
     /// The program `rip` is in, and its offset there.
     pub fn at(rip: u64) -> Option<(Self, u64)> {
-        [Self::Classic, Self::Paced].into_iter().find_map(|p| {
-            let off = rip.checked_sub(p.gpa())?;
-            (off < p.code().len() as u64).then_some((p, off))
-        })
+        [Self::Classic, Self::Paced, Self::Compute]
+            .into_iter()
+            .find_map(|p| {
+                let off = rip.checked_sub(p.gpa())?;
+                (off < p.code().len() as u64).then_some((p, off))
+            })
     }
 
     /// [`pages_ahead`] for this program.
@@ -292,6 +337,10 @@ impl Program {
         match self {
             Self::Classic => pages_ahead(rip_off, rdi, rsi, pages),
             Self::Paced => paced_pages_ahead(rip_off, rdi, rsi, pages),
+            Self::Compute if compute::INSTRUCTIONS.contains(&rip_off) => Ok(0),
+            Self::Compute => Err(format!(
+                "rip at offset {rip_off} of the computing program, not an instruction"
+            )),
         }
     }
 
@@ -301,6 +350,10 @@ impl Program {
             Self::Classic => next_out(rip_off, pass),
             Self::Paced => match rip_off {
                 paced::LOAD_PASS | paced::MOV_PORT | paced::OUT => pass as u8,
+                _ => pass.wrapping_add(1) as u8,
+            },
+            Self::Compute => match rip_off {
+                compute::LOAD_PASS | compute::MOV_PORT | compute::OUT => pass as u8,
                 _ => pass.wrapping_add(1) as u8,
             },
         }
@@ -646,6 +699,19 @@ mod tests {
         assert_eq!(Program::for_workload(16, 0), Program::Classic);
         assert_eq!(Program::for_workload(16, 1000), Program::Paced);
         assert_eq!(Program::for_workload(0, 0), Program::Paced);
+        assert_eq!(
+            Program::at(crate::kvm::layout::COMPUTE_GPA + 18),
+            Some((Program::Compute, compute::OUT))
+        );
+        // The spin count is the immediate of the first instruction, and the jumps land
+        // on instructions.
+        assert_eq!(COMPUTE[1..5], COMPUTE_SPIN.to_le_bytes());
+        assert_eq!(9 + (COMPUTE[8] as i8 as i64), 5);
+        assert_eq!(21 + (COMPUTE[20] as i8 as i64), 0);
+        assert_eq!(Program::Compute.next_out(compute::OUT, 7), 7);
+        assert_eq!(Program::Compute.next_out(0, 7), 8);
+        assert_eq!(Program::Compute.pages_ahead(19, 0, 0, 0), Ok(0));
+        assert!(Program::Compute.pages_ahead(6, 0, 0, 0).is_err());
     }
 
     #[test]

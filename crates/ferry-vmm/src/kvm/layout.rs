@@ -10,6 +10,7 @@
 //!   0x0000_3000  PDPT
 //!   0x0000_4000  guest program (see `guest.rs`)
 //!   0x0000_4100  the paced guest program
+//!   0x0000_4200  the computing guest program
 //!   0x0001_0000  control page of vCPU i at + i * 4 KiB (pass counter at +0, dirty rate
 //!                in pages per second at +8 for the paced program, console line buffer
 //!                below +0x800, stack below +0x1000)
@@ -36,6 +37,7 @@ pub const PDPT_GPA: u64 = 0x3000;
 pub const FILL_INFO_GPA: u64 = 0x0800;
 pub const CODE_GPA: u64 = 0x4000;
 pub const PACED_GPA: u64 = 0x4100;
+pub const COMPUTE_GPA: u64 = 0x4200;
 pub const CONTROL_GPA: u64 = 0x1_0000;
 pub const PD_GPA: u64 = 0x10_0000;
 
@@ -90,11 +92,6 @@ pub fn rate_gpa(index: usize) -> u64 {
     control_gpa(index) + 8
 }
 
-/// First byte of vCPU `index`'s range.
-pub fn range_gpa(index: usize, dirty_size: u64) -> u64 {
-    RAM_GPA + index as u64 * dirty_size
-}
-
 /// The bytes the low slot starts with: `(gpa, bytes)` pieces.
 pub fn low_slot_image(mem_size: u64) -> Vec<(u64, Vec<u8>)> {
     let mut gdt = [0u64; GDT_ENTRIES];
@@ -141,6 +138,7 @@ pub fn low_slot_image(mem_size: u64) -> Vec<(u64, Vec<u8>)> {
     pieces.push((PDPT_GPA, words(&pdpt)));
     pieces.push((CODE_GPA, guest::CODE.to_vec()));
     pieces.push((PACED_GPA, guest::PACED.to_vec()));
+    pieces.push((COMPUTE_GPA, guest::COMPUTE.to_vec()));
     pieces
 }
 
@@ -231,14 +229,15 @@ pub fn initial_sregs(template: &kvm_sregs) -> kvm_sregs {
     }
 }
 
-/// The registers of vCPU `index` at its first entry, in `program`.
-pub fn initial_regs(index: usize, dirty_size: u64, program: guest::Program) -> kvm_regs {
+/// The registers of vCPU `index` at its first entry, in `program`, with its range of
+/// `pages` at `range_gpa`.
+pub fn initial_regs(index: usize, range_gpa: u64, pages: u64, program: guest::Program) -> kvm_regs {
     kvm_regs {
         rip: program.gpa(),
         rflags: RFLAGS,
         rsp: control_gpa(index) + 4096,
-        rsi: range_gpa(index, dirty_size),
-        r8: dirty_size / 4096,
+        rsi: range_gpa,
+        r8: pages,
         rbx: pass_gpa(index),
         r9: guest::port(index) as u64,
         ..Default::default()
@@ -262,7 +261,8 @@ mod tests {
         assert!(pieces.last().unwrap().1 <= LOW_SIZE);
         assert!(control_gpa(MAX_VCPUS - 1) + 4096 <= PD_GPA);
         assert!(CODE_GPA + guest::CODE.len() as u64 <= PACED_GPA);
-        assert!(PACED_GPA + guest::PACED.len() as u64 <= CONTROL_GPA);
+        assert!(PACED_GPA + guest::PACED.len() as u64 <= COMPUTE_GPA);
+        assert!(COMPUTE_GPA + guest::COMPUTE.len() as u64 <= CONTROL_GPA);
         const { assert!(FILL_INFO_GPA + 16 <= GDT_GPA) };
         assert!(guest::port(MAX_VCPUS - 1) + 1 < IO_BITMAP_PORTS as u16);
         assert!(serial::COM1 + serial::PORTS <= IO_BITMAP_PORTS as u16);

@@ -8,10 +8,12 @@
 //!     mem_size: 256 << 20,
 //!     vcpus: 2,
 //!     dirty_size: 16 << 20,
+//!     vcpu_work: Vec::new(),
 //!     dirty_rate: 0,
 //!     fill: 0,
 //!     incoming: false,
 //!     accels: Vec::new(),
+//!     dirty_ring: true,
 //! };
 //! let vm = KvmVm::create(&cfg)?;
 //! vm.start()?;
@@ -118,39 +120,61 @@
 //! rejects, which are then reported together. A vCPU saved and loaded back reads back
 //! identical except for the TSC, which moves on.
 //!
-//! # Dirty tracking: bitmap, not ring
+//! # Dirty tracking: the ring, the bitmap as fallback
 //!
-//! `KVM_MEM_LOG_DIRTY_PAGES` on both slots; `harvest` is `KVM_GET_DIRTY_LOG` plus
-//! `KVM_CLEAR_DIRTY_LOG` (manual protect) in 1 GiB chunks, plus the VMM's own bitmap for
-//! writes KVM cannot see. Measured on this host (release build, one vCPU dirtying a
-//! working set on the other core, `kvm_measure_dirty_bitmap_cost`):
+//! With [`KvmConfig::dirty_ring`] (the default; `ferry run --dirty-ring off` clears it)
+//! and `KVM_CAP_DIRTY_LOG_RING` offered, the VM is made with a dirty ring of
+//! 16 k entries (256 KiB) per vCPU, enabled before the first vCPU exists; otherwise it
+//! uses `KVM_MEM_LOG_DIRTY_PAGES` bitmaps with `KVM_GET_DIRTY_LOG` plus
+//! `KVM_CLEAR_DIRTY_LOG` (manual protect) in 1 GiB chunks. Both log only while
+//! `KVM_MEM_LOG_DIRTY_PAGES` is on (a migration, or a dirty-limit), and both add the
+//! VMM's own bitmap for writes KVM cannot see. Details in `dirty.rs` and `ring.rs`.
 //!
-//! | RAM slot | working set | harvest every | dirty pages | GET | CLEAR |
+//! **Why the ring.** A dirty-limit (QEMU 8.1's, which the engine asks for through
+//! [`MigratableVm::set_vcpu_throttle`]) slows only the vCPUs that dirty faster than the
+//! limit, so it needs each vCPU's dirty rate; the bitmap is per memslot and cannot say
+//! who wrote a page, the ring is per vCPU and can. It also costs no scan of clean
+//! bitmap words. What it costs: it must be chosen before the vCPUs exist and then
+//! excludes `KVM_GET_DIRTY_LOG` for the whole VM (hence a per-VM choice, not a per-
+//! migration one), a vCPU whose ring fills exits (`KVM_EXIT_DIRTY_RING_FULL`) until it
+//! is reaped (its own thread does that), and a page is counted once per reap however
+//! often it is written in between. `DIRTY_LOG_RING_WITH_BITMAP` is not offered here, so
+//! there is no mixed mode.
+//!
+//! Measured on this host (`kvm_measure_dirty_bitmap_cost`, optimised test build, one
+//! vCPU dirtying a working set on the other core, the host busy with other work);
+//! "read" is GET or reading the rings, "clear" is CLEAR or `KVM_RESET_DIRTY_RINGS`:
+//!
+//! | RAM slot | working set | harvest every | dirty pages | ring read + reset | bitmap GET + CLEAR |
 //! |---|---|---|---|---|---|
-//! | 1 GiB | 64 MiB | 100 ms | 2.6-3.9 k | 17-19 µs | 31-77 µs |
-//! | 8 GiB | 64 MiB | 100 ms | 2.4-3.6 k | 54-60 µs | 38-87 µs |
-//! | 8 GiB | 1 GiB | 100 ms | 3.8-4.0 k | 45-61 µs | 39-91 µs |
-//! | 8 GiB | 1 GiB | 500 ms | 13-20 k | 50-230 µs | 100-145 µs |
-//! | 1 / 8 GiB | paused | - | 0 | 1.3-1.9 / 7-19 µs | - |
+//! | 1 GiB | 64 MiB | 100 ms | 3.4-3.5 k | 13 + 119 µs | 15 + 90 µs |
+//! | 8 GiB | 64 MiB | 100 ms | 3.4-3.5 k | 14 + 117 µs | 46 + 101 µs |
+//! | 8 GiB | 1 GiB | 100 ms | 3.2-3.3 k | 12 + 133 µs | 48 + 103 µs |
+//! | 8 GiB | 1 GiB | 500 ms | 16 k | 64 + 514 µs | 45 + 398 µs |
+//! | 8 GiB | paused | - | 0 | 0.04 µs | 14-16 µs |
 //!
-//! Turning logging on took 0.6-0.9 ms for 1 GiB and 2.6-15 ms for 8 GiB. So a harvest
-//! costs the VMM about 5-7 µs per GiB of slot plus 10-25 ns per dirty page: at most
-//! 0.4 ms per round, under 0.5% of a 100 ms round. The dirty ring (probe figures) costs
-//! about the same per page (the guest's write-protect fault, 10-40 µs a page here, is
-//! what both pay and dwarfs the VMM's share; its harvester ran at 115-125 k pages/s,
-//! `KVM_RESET_DIRTY_RINGS` 2-3 µs) and saves only the scan of clean bitmap words, i.e.
-//! microseconds. In exchange it must be set up before the vCPUs exist, excludes
-//! `KVM_GET_DIRTY_LOG` for the whole VM, holds at most 64 k entries per vCPU (a round
-//! with more dirty pages stalls the vCPU on `RING_FULL` until harvested), and wants a
-//! harvester thread this two-core host does not have to spare. The engine asks for
-//! per-block bitmaps anyway. Bitmap it is; the ring is worth revisiting for guests of
-//! hundreds of GiB where the scan grows.
+//! So the ring reads in time proportional to the dirty pages, not to the slot, and its
+//! reset costs about what CLEAR does (25-35 ns a page against 25-30); a round costs
+//! about the same either way, well under 1% of a 100 ms round. Turning logging on took
+//! 0.3-20 ms with either (it varies run to run with the host's load). The guest's
+//! write-protect fault, 10-40 µs a page here, is what both pay and dwarfs the VMM's
+//! share.
+//!
+//! # Throttle
+//!
+//! [`MigratableVm::set_vcpu_throttle`] is carried out by the vCPU threads, which a
+//! throttle thread kicks (the pause's signal and `immediate_exit`) every 10 ms with the
+//! hold each must sleep, so a guest that never exits is held too; a dirty-limit turns
+//! logging on, reaps the rings every period and sets each vCPU's share of running time
+//! from its own rate. Without the ring a dirty-limit is refused; the CPU throttle works
+//! with either. See `vcpu.rs` and [`crate::throttle`].
 
 mod dirty;
 mod guest;
 mod layout;
 mod memory;
 pub use crate::pagemap;
+mod ring;
 mod state;
 mod vcpu;
 
@@ -164,7 +188,8 @@ use std::time::Duration;
 
 use ferry_migration::engine::human_bytes;
 use ferry_migration::engine::vm::{
-    DeviceInfo, DevicePending, DirtyLog, GuestRam, MigratableVm, VmError,
+    DeviceInfo, DevicePending, DirtyLog, GuestRam, MigratableVm, VcpuThrottle, VcpuThrottleStats,
+    VmError,
 };
 use ferry_migration::state::{DeviceState, StateError, StateReader, StateSchema, StateWriter};
 use ferry_migration::PAGE_SIZE;
@@ -175,6 +200,7 @@ use thiserror::Error;
 use crate::devices::accel::{Accel, AccelConfig, AccelError, Accels};
 use crate::devices::serial::{Serial, SerialError, SERIAL_SCHEMA};
 use crate::devices::IoBus;
+use crate::guest::VcpuWork;
 
 pub use dirty::{HarvestCost, KvmDirtyLog};
 pub use guest::PRINT_EVERY;
@@ -191,6 +217,9 @@ pub struct KvmConfig {
     /// Bytes each vCPU's workload dirties, each vCPU in its own range; a multiple of
     /// 4 KiB, 0 for an idle guest, and `vcpus * dirty_size + fill <= mem_size`.
     pub dirty_size: u64,
+    /// Each vCPU's work, one per vCPU, instead of `dirty_size` for all; empty for none.
+    /// Ranges follow each other in vCPU order.
+    pub vcpu_work: Vec<VcpuWork>,
     /// Pages per second each vCPU's workload dirties at most; 0 for as fast as it runs.
     pub dirty_rate: u64,
     /// Bytes of pseudo-random data written after the vCPUs' ranges before they first
@@ -200,6 +229,16 @@ pub struct KvmConfig {
     pub incoming: bool,
     /// The accelerators ([`crate::devices::accel`]), in order; empty for none.
     pub accels: Vec<AccelConfig>,
+    /// Track dirty pages with KVM's dirty ring when KVM offers it, else (or when false)
+    /// with the per-memslot bitmap. See "Dirty tracking" above.
+    pub dirty_ring: bool,
+}
+
+impl KvmConfig {
+    /// Each vCPU's work.
+    pub fn work(&self) -> Vec<VcpuWork> {
+        VcpuWork::per_vcpu(&self.vcpu_work, self.vcpus, self.dirty_size)
+    }
 }
 
 #[derive(Debug, Error)]
@@ -254,6 +293,11 @@ pub enum KvmError {
     #[error("spawning the thread of vCPU {index}")]
     Thread {
         index: usize,
+        #[source]
+        source: io::Error,
+    },
+    #[error("spawning the vCPU throttle thread")]
+    ThrottleThread {
         #[source]
         source: io::Error,
     },
@@ -369,7 +413,7 @@ fn check_caps(kvm: &Kvm, vm: &VmFd) -> Result<(), KvmError> {
 pub struct KvmVm {
     // Declared first so vCPU threads stop before anything else goes.
     vcpus: vcpu::Vcpus,
-    dirty: KvmDirtyLog,
+    dirty: Arc<KvmDirtyLog>,
     ram: Arc<KvmRam>,
     vm: Arc<VmFd>,
     _kvm: Kvm,
@@ -403,9 +447,10 @@ impl KvmVm {
             ioctl: "KVM_CREATE_IRQCHIP",
             source,
         })?;
+        // The ring must be on before the first vCPU exists.
+        let use_ring = cfg.dirty_ring && ring::enable(&vm, ring::RING_ENTRIES)?;
         let vm = Arc::new(vm);
         let ram = Arc::new(KvmRam::new(cfg.mem_size)?);
-        let dirty = KvmDirtyLog::new(vm.clone(), ram.clone());
         for slot in 0..ram.blocks().len() {
             ram.set_memslot(&vm, slot, 0)?;
         }
@@ -417,7 +462,7 @@ impl KvmVm {
                 ram.write(layout::rate_gpa(index), &cfg.dirty_rate.to_le_bytes());
             }
             if cfg.fill > 0 {
-                let offset = cfg.vcpus as u64 * cfg.dirty_size;
+                let offset = cfg.work().iter().map(|w| w.dirty_size()).sum::<u64>();
                 ram.fill(offset, cfg.fill);
                 let info = [layout::RAM_GPA + offset, cfg.fill];
                 ram.write(layout::FILL_INFO_GPA, &words(&info));
@@ -430,14 +475,30 @@ impl KvmVm {
                 source,
             })?;
         let mut fds = Vec::with_capacity(cfg.vcpus);
-        for index in 0..cfg.vcpus {
+        let mut range = layout::RAM_GPA;
+        for (index, work) in cfg.work().into_iter().enumerate() {
+            let pages = work.dirty_size() / PAGE_SIZE as u64;
+            let program = match work {
+                VcpuWork::Compute => guest::Program::Compute,
+                VcpuWork::Dirty(_) => guest::Program::for_workload(pages, cfg.dirty_rate),
+            };
             fds.push(create_vcpu(
                 &vm,
                 index,
                 &cpuid,
-                (!cfg.incoming).then_some((cfg.dirty_size, cfg.dirty_rate)),
+                (!cfg.incoming).then_some((range, pages, program)),
             )?);
+            range += work.dirty_size();
         }
+        let rings = if use_ring {
+            fds.iter()
+                .enumerate()
+                .map(|(index, fd)| ring::DirtyRing::map(index, fd, ring::RING_ENTRIES))
+                .collect::<Result<Vec<_>, _>>()?
+        } else {
+            Vec::new()
+        };
+        let dirty = Arc::new(KvmDirtyLog::new(vm.clone(), ram.clone(), rings));
         let msr_indices = kvm
             .get_msr_index_list()
             .map_err(|source| KvmError::VmIoctl {
@@ -449,7 +510,7 @@ impl KvmVm {
         let serial = Arc::new(Serial::new());
         let io = Arc::new(IoBus::new().with(serial.clone()));
         Ok(KvmVm {
-            vcpus: vcpu::Vcpus::new(fds, ram.clone(), io)?,
+            vcpus: vcpu::Vcpus::new(fds, ram.clone(), dirty.clone(), io)?,
             dirty,
             ram,
             vm,
@@ -644,8 +705,10 @@ impl KvmVm {
         };
         let (start, pages) = (regs.rsi, regs.r8);
         let ram = &self.ram.blocks()[memory::RAM_BLOCK];
-        // An idle vCPU (the paced program over no pages) has nothing to check.
-        let idle = program == guest::Program::Paced && pages == 0;
+        // An idle vCPU (the paced program over no pages) and a computing one have
+        // nothing to check.
+        let idle =
+            (program == guest::Program::Paced && pages == 0) || program == guest::Program::Compute;
         if idle {
             return Ok(0);
         }
@@ -742,15 +805,34 @@ fn validate(cfg: &KvmConfig) -> Result<(), KvmError> {
             cfg.dirty_size
         ));
     }
+    if !cfg.vcpu_work.is_empty() && cfg.vcpu_work.len() != cfg.vcpus {
+        return bad(format!(
+            "{} vCPUs with work (--vcpu-dirty) given for {}",
+            cfg.vcpus,
+            cfg.vcpu_work.len()
+        ));
+    }
+    if let Some(size) = cfg
+        .vcpu_work
+        .iter()
+        .map(|w| w.dirty_size())
+        .find(|s| s % page != 0)
+    {
+        return bad(format!(
+            "a vCPU's dirtied range (--vcpu-dirty {size}) must be a multiple of 4 KiB"
+        ));
+    }
     if cfg.fill % page != 0 {
         return bad(format!(
             "the filled range (--fill {}) must be a multiple of 4 KiB",
             cfg.fill
         ));
     }
-    if cfg
-        .dirty_size
-        .checked_mul(cfg.vcpus as u64)
+    let ranges = cfg
+        .work()
+        .iter()
+        .try_fold(0u64, |sum, w| sum.checked_add(w.dirty_size()));
+    if ranges
         .and_then(|ranges| ranges.checked_add(cfg.fill))
         .is_none_or(|total| total > cfg.mem_size)
     {
@@ -767,13 +849,13 @@ fn validate(cfg: &KvmConfig) -> Result<(), KvmError> {
 }
 
 /// Creates vCPU `index` with the host's CPUID (its APIC ID patched in); with a
-/// `workload` (its dirty size and rate), also puts it at the first instruction of the
-/// program that runs it.
+/// `workload` (its range's address and pages, and its program), also puts it at the
+/// first instruction of that program.
 fn create_vcpu(
     vm: &VmFd,
     index: usize,
     cpuid: &kvm_bindings::CpuId,
-    workload: Option<(u64, u64)>,
+    workload: Option<(u64, u64, guest::Program)>,
 ) -> Result<VcpuFd, KvmError> {
     let e = |ioctl| {
         move |source| KvmError::Vcpu {
@@ -792,12 +874,11 @@ fn create_vcpu(
         }
     }
     fd.set_cpuid2(&cpuid).map_err(e("KVM_SET_CPUID2"))?;
-    if let Some((dirty_size, dirty_rate)) = workload {
+    if let Some((range, pages, program)) = workload {
         let sregs = fd.get_sregs().map_err(e("KVM_GET_SREGS"))?;
         fd.set_sregs(&layout::initial_sregs(&sregs))
             .map_err(e("KVM_SET_SREGS"))?;
-        let program = guest::Program::for_workload(dirty_size / PAGE_SIZE as u64, dirty_rate);
-        fd.set_regs(&layout::initial_regs(index, dirty_size, program))
+        fd.set_regs(&layout::initial_regs(index, range, pages, program))
             .map_err(e("KVM_SET_REGS"))?;
         // With an in-kernel LAPIC every vCPU but 0 starts waiting for INIT/SIPI, which
         // nobody here sends: make it runnable, as the BSP is.
@@ -815,7 +896,7 @@ impl MigratableVm for KvmVm {
     }
 
     fn dirty_log(&self) -> &dyn DirtyLog {
-        &self.dirty
+        &*self.dirty
     }
 
     fn vcpu_count(&self) -> usize {
@@ -945,5 +1026,49 @@ impl MigratableVm for KvmVm {
         if let Ok(Device::Accel(a)) = self.device(index) {
             a.precopy_abandon();
         }
+    }
+
+    fn set_vcpu_throttle(&self, throttle: VcpuThrottle) -> Result<(), VmError> {
+        crate::throttle::check(throttle)?;
+        let op = "set the vCPU throttle";
+        let limit = matches!(throttle, VcpuThrottle::DirtyLimit { .. });
+        if limit && !self.dirty.uses_ring() {
+            return Err(VmError::Failed(
+                "a dirty-limit needs each vCPU's dirty rate, which this VM cannot measure: \
+                 it tracks dirty pages with the bitmap (ferry run --dirty-ring off, or KVM \
+                 here lacks KVM_CAP_DIRTY_LOG_RING)"
+                    .into(),
+            ));
+        }
+        self.dirty
+            .set_rate_window(crate::throttle::rate_window(throttle));
+        // Logging starts before the throttle thread measures, and stops after it ends.
+        if limit {
+            self.dirty
+                .set_limit_logging(true)
+                .map_err(|e| e.into_vm(op))?;
+        }
+        self.vcpus
+            .set_throttle(throttle)
+            .map_err(|e| e.into_vm(op))?;
+        if !limit {
+            self.dirty
+                .set_limit_logging(false)
+                .map_err(|e| e.into_vm(op))?;
+        }
+        Ok(())
+    }
+
+    fn vcpu_throttle_stats(&self) -> Vec<VcpuThrottleStats> {
+        let rates = self.dirty.rates();
+        self.vcpus
+            .holds
+            .iter()
+            .zip(rates.into_iter().chain(std::iter::repeat(None)))
+            .map(|(h, rate)| VcpuThrottleStats {
+                dirty_rate: rate,
+                ..h.counters.stats()
+            })
+            .collect()
     }
 }

@@ -73,7 +73,7 @@ pub static VCPU_SCHEMA: StateSchema = StateSchema {
         // 0 when the source could not tell (unstable TSC).
         word("tsc_khz"),
     ],
-    subsections: &[PACED_PROGRAM],
+    subsections: &[PACED_PROGRAM, COMPUTE_PROGRAM],
 };
 
 /// Marks a vCPU that runs the paced guest program (`guest.rs`). It carries nothing: the
@@ -86,6 +86,15 @@ pub const PACED_PROGRAM: SubsectionSchema = SubsectionSchema {
     fields: &[],
     needed_when: "the vCPU runs the paced guest program (ferry run --dirty-rate, or --dirty 0 \
                   on KVM)",
+};
+
+/// Marks a vCPU that runs the computing guest program (`guest.rs`), for the same reason
+/// as [`PACED_PROGRAM`].
+pub const COMPUTE_PROGRAM: SubsectionSchema = SubsectionSchema {
+    name: "kvm-vcpu/compute-program",
+    version: 1,
+    fields: &[],
+    needed_when: "the vCPU runs the computing guest program (ferry run --vcpu-dirty compute)",
 };
 
 /// VM-wide KVM state: the kvmclock and the in-kernel PICs and IOAPIC.
@@ -149,11 +158,14 @@ pub fn save_vcpu(index: usize, fd: &VcpuFd, msr_indices: &[u32]) -> Result<Devic
         version: VCPU_SCHEMA.version,
         ..DeviceState::new()
     };
-    if matches!(
-        guest::Program::at(regs.rip),
-        Some((guest::Program::Paced, _))
-    ) {
-        state = state.with_subsection(SubsectionState::new(PACED_PROGRAM.name));
+    match guest::Program::at(regs.rip) {
+        Some((guest::Program::Paced, _)) => {
+            state = state.with_subsection(SubsectionState::new(PACED_PROGRAM.name));
+        }
+        Some((guest::Program::Compute, _)) => {
+            state = state.with_subsection(SubsectionState::new(COMPUTE_PROGRAM.name));
+        }
+        _ => {}
     }
     Ok(state
         .with("regs", bytes_of(&regs))

@@ -29,21 +29,43 @@
 //! back, and catches up (as fast as it can) when it can. The sleep is cut in slices of
 //! [`PACE_SLICE`] with the stop flag checked between them, so a pause waits at most that
 //! much longer for a sleeping vCPU; the `out` is retired on the next entry as any other.
+//!
+//! # Throttle
+//!
+//! A throttled vCPU must be held even when its guest never exits on its own (the
+//! classic program exits once per pass, which under dirty logging can be a few hundred
+//! milliseconds). So while a throttle is set, a throttle thread per VM ticks every
+//! [`CPU_THROTTLE_PERIOD`] (10 ms, QEMU's timeslice): for each vCPU to hold it stores
+//! the hold (its share of the period) in the vCPU's slot and sends it the kick signal.
+//! The vCPU comes out of `KVM_RUN` with `EINTR` as for a pause, takes the hold and
+//! sleeps it (in [`PACE_SLICE`]s, so a pause still waits little), then re-enters. A
+//! CPU throttle holds every vCPU `percent` of each period. A dirty-limit reaps the
+//! dirty rings every `period`, takes each vCPU's rate from its own ring, and sets the
+//! share of the period the vCPU may run ([`crate::throttle::next_run_fraction`]); a
+//! vCPU under the limit runs unheld. Cost: one signal, one exit and one re-entry per
+//! held vCPU per 10 ms (tens of microseconds, well under 1%), and none when no
+//! throttle is set.
+//!
+//! A vCPU whose dirty ring is full exits with `KVM_EXIT_DIRTY_RING_FULL`; its thread
+//! reaps the rings (`dirty.rs`) and re-enters.
 
 use std::cell::Cell;
 use std::ptr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, TryLockError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use ferry_migration::engine::vm::{VcpuThrottle, CPU_THROTTLE_PERIOD};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, unblock_signal, Killable, SIGRTMIN};
 
+use super::dirty::KvmDirtyLog;
 use super::layout::{pass_gpa, rate_gpa};
 use super::memory::KvmRam;
-use super::{guest, KvmError};
+use super::{guest, ring, KvmError};
 use crate::devices::IoBus;
+use crate::throttle::{next_run_fraction, VcpuCounters};
 
 thread_local! {
     /// `&kvm_run.immediate_exit` of the vCPU this thread runs, or null.
@@ -144,32 +166,90 @@ fn hold(d: Duration, stop: &AtomicBool) {
 type Slot = Arc<Mutex<VcpuFd>>;
 /// A vCPU thread; it ends with the reason it stopped by itself, if it did.
 type VcpuThread = JoinHandle<Result<(), KvmError>>;
+type Threads = Arc<Mutex<Vec<Option<VcpuThread>>>>;
+
+/// What the throttle thread tells each vCPU thread, and what holding cost it.
+#[derive(Default)]
+pub struct VcpuHold {
+    /// Nanoseconds to sleep at the next kick (taken by the vCPU thread).
+    hold_ns: AtomicU64,
+    /// Dirty-limit: the share of each period the vCPU may run, in 1/1000.
+    run_permille: AtomicU32,
+    pub counters: VcpuCounters,
+}
+
+/// The throttle thread of a VM, while a throttle is set.
+struct Ticker {
+    quit: Arc<AtomicBool>,
+    handle: JoinHandle<()>,
+}
 
 pub struct Vcpus {
     fds: Vec<Slot>,
     /// Running threads; the lock also serialises pause and resume.
-    threads: Mutex<Vec<Option<VcpuThread>>>,
+    threads: Threads,
     stop: Arc<AtomicBool>,
     running: AtomicBool,
     pub stats: Arc<[VcpuStats]>,
+    pub holds: Arc<[VcpuHold]>,
+    ticker: Mutex<Option<Ticker>>,
     ram: Arc<KvmRam>,
+    dirty: Arc<KvmDirtyLog>,
     /// The devices behind port I/O exits other than the pass reports.
     io: Arc<IoBus>,
 }
 
 impl Vcpus {
-    pub fn new(fds: Vec<VcpuFd>, ram: Arc<KvmRam>, io: Arc<IoBus>) -> Result<Self, KvmError> {
+    pub fn new(
+        fds: Vec<VcpuFd>,
+        ram: Arc<KvmRam>,
+        dirty: Arc<KvmDirtyLog>,
+        io: Arc<IoBus>,
+    ) -> Result<Self, KvmError> {
         install_kick_handler()?;
         let n = fds.len();
         Ok(Self {
             fds: fds.into_iter().map(|fd| Arc::new(Mutex::new(fd))).collect(),
-            threads: Mutex::new((0..n).map(|_| None).collect()),
+            threads: Arc::new(Mutex::new((0..n).map(|_| None).collect())),
             stop: Arc::new(AtomicBool::new(true)),
             running: AtomicBool::new(false),
             stats: (0..n).map(|_| VcpuStats::default()).collect(),
+            holds: (0..n).map(|_| VcpuHold::default()).collect(),
+            ticker: Mutex::new(None),
             ram,
+            dirty,
             io,
         })
+    }
+
+    /// Sets the throttle (checked by the caller): stops the throttle thread, and starts
+    /// one for anything but `None`.
+    pub fn set_throttle(&self, throttle: VcpuThrottle) -> Result<(), KvmError> {
+        let mut ticker = self.ticker.lock().expect("throttle thread lock");
+        if let Some(t) = ticker.take() {
+            t.quit.store(true, Ordering::SeqCst);
+            let _ = t.handle.join();
+        }
+        for h in self.holds.iter() {
+            h.hold_ns.store(0, Ordering::Relaxed);
+            h.run_permille.store(1000, Ordering::Relaxed);
+        }
+        if throttle == VcpuThrottle::None {
+            return Ok(());
+        }
+        let quit = Arc::new(AtomicBool::new(false));
+        let (q, threads, holds, dirty) = (
+            quit.clone(),
+            self.threads.clone(),
+            self.holds.clone(),
+            self.dirty.clone(),
+        );
+        let handle = std::thread::Builder::new()
+            .name("vcpu-throttle".into())
+            .spawn(move || throttle_thread(throttle, &q, &threads, &holds, &dirty))
+            .map_err(|source| KvmError::ThrottleThread { source })?;
+        *ticker = Some(Ticker { quit, handle });
+        Ok(())
     }
 
     pub fn is_running(&self) -> bool {
@@ -198,16 +278,19 @@ impl Vcpus {
         }
         self.stop.store(false, Ordering::SeqCst);
         for index in 0..self.fds.len() {
-            let (slot, stop, stats, ram, io) = (
-                self.fds[index].clone(),
-                self.stop.clone(),
-                self.stats.clone(),
-                self.ram.clone(),
-                self.io.clone(),
-            );
+            let ctx = VcpuContext {
+                index,
+                stop: self.stop.clone(),
+                stats: self.stats.clone(),
+                holds: self.holds.clone(),
+                ram: self.ram.clone(),
+                dirty: self.dirty.clone(),
+                io: self.io.clone(),
+            };
+            let slot = self.fds[index].clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
-                .spawn(move || run_vcpu(index, &slot, &stop, &stats[index], &ram, &io));
+                .spawn(move || run_vcpu(&slot, &ctx));
             match spawned {
                 Ok(handle) => threads[index] = Some(handle),
                 Err(source) => {
@@ -256,6 +339,7 @@ impl Vcpus {
 
 impl Drop for Vcpus {
     fn drop(&mut self) {
+        let _ = self.set_throttle(VcpuThrottle::None);
         if let Err(err) = self.pause() {
             tracing::warn!(err = %super::chain(&err), "vCPU stopped with an error");
         }
@@ -272,14 +356,33 @@ impl std::ops::Deref for ParkedVcpu<'_> {
     }
 }
 
-fn run_vcpu(
+/// What a vCPU thread works with.
+struct VcpuContext {
     index: usize,
-    slot: &Slot,
-    stop: &AtomicBool,
-    stats: &VcpuStats,
-    ram: &KvmRam,
-    io: &IoBus,
-) -> Result<(), KvmError> {
+    stop: Arc<AtomicBool>,
+    stats: Arc<[VcpuStats]>,
+    holds: Arc<[VcpuHold]>,
+    ram: Arc<KvmRam>,
+    dirty: Arc<KvmDirtyLog>,
+    io: Arc<IoBus>,
+}
+
+impl VcpuContext {
+    /// Sleeps the hold the throttle thread left for this vCPU, if any.
+    fn take_hold(&self) {
+        let hold = &self.holds[self.index];
+        let ns = hold.hold_ns.swap(0, Ordering::Relaxed);
+        if ns > 0 {
+            let t = Instant::now();
+            self::hold(Duration::from_nanos(ns), &self.stop);
+            hold.counters.add_throttled(t.elapsed());
+        }
+    }
+}
+
+fn run_vcpu(slot: &Slot, ctx: &VcpuContext) -> Result<(), KvmError> {
+    let index = ctx.index;
+    let ram = &*ctx.ram;
     let mut guard = slot.lock().unwrap_or_else(PoisonError::into_inner);
     let fd = &mut *guard;
     // Threads inherit the spawner's mask; the kick must get through.
@@ -297,7 +400,7 @@ fn run_vcpu(
 
     fd.set_kvm_immediate_exit(0);
     IMMEDIATE_EXIT.with(|c| c.set(ptr::addr_of_mut!(fd.get_kvm_run().immediate_exit)));
-    let result = run_loop(index, fd, stop, stats, ram, io, &mut expected);
+    let result = run_loop(ctx, fd, &mut expected);
     // Complete a pending I/O exit so the saved state is past it (see module docs).
     fd.set_kvm_immediate_exit(1);
     let completed = match fd.run() {
@@ -317,18 +420,13 @@ fn run_vcpu(
     result.and(completed)
 }
 
-fn run_loop(
-    index: usize,
-    fd: &mut VcpuFd,
-    stop: &AtomicBool,
-    stats: &VcpuStats,
-    ram: &KvmRam,
-    io: &IoBus,
-    expected: &mut u8,
-) -> Result<(), KvmError> {
+fn run_loop(ctx: &VcpuContext, fd: &mut VcpuFd, expected: &mut u8) -> Result<(), KvmError> {
+    let index = ctx.index;
+    let (stop, stats, ram, io) = (&*ctx.stop, &ctx.stats[index], &*ctx.ram, &*ctx.io);
     let port = guest::port(index);
     let mut pacer = Pacer::new(Instant::now());
     while !stop.load(Ordering::SeqCst) {
+        ctx.take_hold();
         match fd.run() {
             Ok(VcpuExit::IoOut(p, &[lo, hi])) if p == port => {
                 let pages = u64::from(u16::from_le_bytes([lo, hi]));
@@ -371,6 +469,9 @@ fn run_loop(
             Ok(VcpuExit::IoIn(p, data)) if io.claims(p) => {
                 io.read(p, data);
             }
+            Ok(VcpuExit::Unsupported(ring::EXIT_DIRTY_RING_FULL)) => {
+                ctx.dirty.reap()?;
+            }
             Ok(exit) => {
                 let reason = format!("{exit:?}");
                 let regs = fd.get_regs().unwrap_or_default();
@@ -392,6 +493,67 @@ fn run_loop(
         }
     }
     Ok(())
+}
+
+/// The throttle thread (see the module docs): every [`CPU_THROTTLE_PERIOD`], hands each
+/// vCPU to hold its hold and kicks it; under a dirty-limit, every `period` it reaps the
+/// rings and sets each vCPU's share from its rate.
+fn throttle_thread(
+    throttle: VcpuThrottle,
+    quit: &AtomicBool,
+    threads: &Mutex<Vec<Option<VcpuThread>>>,
+    holds: &[VcpuHold],
+    dirty: &KvmDirtyLog,
+) {
+    let mut next_tick = Instant::now() + CPU_THROTTLE_PERIOD;
+    let mut next_control = Instant::now();
+    while !quit.load(Ordering::SeqCst) {
+        let now = Instant::now();
+        if let VcpuThrottle::DirtyLimit {
+            bytes_per_sec,
+            period,
+        } = throttle
+        {
+            if now >= next_control {
+                next_control = now + period;
+                if let Err(err) = dirty.reap() {
+                    tracing::warn!(err = %super::chain(&err), "reaping the dirty rings");
+                }
+                for (h, rate) in holds.iter().zip(dirty.rates()) {
+                    let run = f64::from(h.run_permille.load(Ordering::Relaxed)) / 1000.0;
+                    let next = match rate {
+                        Some(rate) => next_run_fraction(run, rate, bytes_per_sec),
+                        None => 1.0,
+                    };
+                    h.run_permille
+                        .store((next * 1000.0).round() as u32, Ordering::Relaxed);
+                }
+            }
+        }
+        let mut kick = Vec::new();
+        for (i, h) in holds.iter().enumerate() {
+            let held_permille = match throttle {
+                VcpuThrottle::Cpu { percent } => u32::from(percent) * 10,
+                _ => 1000 - h.run_permille.load(Ordering::Relaxed).min(1000),
+            };
+            if held_permille > 0 {
+                let ns = CPU_THROTTLE_PERIOD.as_nanos() as u64 * u64::from(held_permille) / 1000;
+                h.hold_ns.store(ns, Ordering::Relaxed);
+                kick.push(i);
+            }
+        }
+        if !kick.is_empty() {
+            let threads = threads.lock().expect("vCPU threads lock");
+            for i in kick {
+                if let Some(Some(t)) = threads.get(i) {
+                    let _ = t.kill(kick_signal());
+                }
+            }
+        }
+        let now = Instant::now();
+        std::thread::sleep(next_tick.saturating_duration_since(now));
+        next_tick = next_tick.max(now) + CPU_THROTTLE_PERIOD;
+    }
 }
 
 #[cfg(test)]
