@@ -279,6 +279,7 @@ impl Report {
             downtime_limit_ms: self.limits["downtime-limit"].as_u64(),
             max_bandwidth: self.limits["max-bandwidth"].as_u64(),
             finished_at: Some(report::utc_timestamp(std::time::SystemTime::now())),
+            guest: None,
         };
         self.file
             .write_all(report::render(info, &ctx).as_bytes())
