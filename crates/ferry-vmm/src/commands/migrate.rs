@@ -53,7 +53,7 @@ pub struct MigrateArgs {
     pub baseline: f64,
     /// QMP socket of the destination VM (PATH or unix:PATH): after the migration, read
     /// the guest's pass rate there for about a second
-    #[arg(long, value_name = "SOCK", value_parser = qmp_path)]
+    #[arg(long, value_name = "SOCK", value_parser = qmp_path, conflicts_with = "detach")]
     pub dest_qmp: Option<PathBuf>,
 }
 
@@ -1049,6 +1049,10 @@ mod tests {
         assert_eq!(a.baseline, 0.0);
         assert_eq!(a.dest_qmp, Some(PathBuf::from("/tmp/d.sock")));
         assert_eq!(parse(&["--baseline", "2.5"]).unwrap().baseline, 2.5);
+        let e = parse(&["--detach", "--dest-qmp", "/tmp/d.sock"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cannot be used with"), "{e}");
         for bad in ["-1", "soon", "NaN"] {
             let e = parse(&[&format!("--baseline={bad}")])
                 .unwrap_err()
