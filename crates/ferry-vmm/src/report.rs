@@ -4,7 +4,8 @@
 //! can read at a glance: a few sentences on why the migration took as long as it did,
 //! the summary figures, a timeline of the passes on one time axis (what each sent, at
 //! what throughput, how many dirty pages it left and the downtime that would have cost),
-//! where the downtime went, and every pass in a table.
+//! the guest's own pass rate before, during and after the migration over the throttle
+//! (see [`progress`]), where the downtime went, and every pass in a table.
 //!
 //! The page has no scripts and loads nothing: CSS and inline SVG only, so it can be
 //! mailed, attached to a ticket or opened from an archive years later.
@@ -17,13 +18,17 @@
 //! gaps between them: that time goes to harvesting the dirty log after each pass. The
 //! downtime ends the timeline, with the final pass inside it after the stop.
 
+pub mod progress;
+
 use std::fmt::Write;
 
 use ferry_migration::engine::stats::{DowntimeBreakdown, PassStats};
 use ferry_migration::engine::{human_bytes, MigrationInfo, MigrationStatus};
 
+use progress::{fmt_passes, GuestProgress, Phase};
+
 /// What the page says besides the `query-migrate` figures; all optional.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct ReportContext {
     /// Where the guest went: the `migrate` URI.
     pub uri: Option<String>,
@@ -33,6 +38,8 @@ pub struct ReportContext {
     pub max_bandwidth: Option<u64>,
     /// When the migration ended, as text.
     pub finished_at: Option<String>,
+    /// The guest's pass rate before, during and after the migration.
+    pub guest: Option<GuestProgress>,
 }
 
 /// Width of the SVG drawings, in user units (they scale to the page).
@@ -859,6 +866,342 @@ fn timeline(info: &MigrationInfo, ctx: &ReportContext, l: &Layout) -> String {
     svg
 }
 
+const C_BEFORE: &str = "#64748b";
+const C_DURING: &str = "#2563eb";
+const C_AFTER: &str = "#16a34a";
+const C_THROTTLE: &str = "#d97706";
+const C_DLIMIT: &str = "#7c3aed";
+
+fn phase_color(p: Phase) -> &'static str {
+    match p {
+        Phase::Before => C_BEFORE,
+        Phase::During => C_DURING,
+        Phase::After => C_AFTER,
+    }
+}
+
+/// `(given --dest-qmp)` from a note, or nothing.
+fn note(n: Option<&String>) -> String {
+    n.map(|n| format!(" ({n})")).unwrap_or_default()
+}
+
+/// A time on the guest chart's axis: `-0.90 s`, `0.10 s`, `12.3 s`.
+fn fmt_at(ms: f64) -> String {
+    let s = if ms.is_finite() { ms / 1e3 } else { 0.0 } + 0.0;
+    if s.abs() < 10.0 {
+        format!("{s:.2} s")
+    } else {
+        format!("{s:.1} s")
+    }
+}
+
+/// The guest's rates in a few sentences.
+fn guest_words(g: &GuestProgress, info: &MigrationInfo) -> String {
+    let mut s = match g.before_rate() {
+        Some(b) => format!(
+            "Before the migration the guest's workload made {} passes/s.",
+            fmt_passes(b)
+        ),
+        None => format!(
+            "The guest's rate before the migration was not measured{}.",
+            note(g.before_note.as_ref())
+        ),
+    };
+    match g.during_rate() {
+        Some(d) => {
+            let _ = write!(
+                s,
+                " While it migrated it made {}/s in the time it ran at the source",
+                fmt_passes(d)
+            );
+            if let Some(share) = g.during_share() {
+                let _ = write!(s, ", {share:.0}% of that");
+            }
+            let iv = g.intervals();
+            let peak = iv
+                .iter()
+                .map(|i| i.throttle_pct)
+                .chain(info.passes.iter().map(|p| p.cpu_throttle_percent))
+                .max()
+                .unwrap_or(0);
+            let limited =
+                iv.iter().any(|i| i.dirty_limited) || info.passes.iter().any(|p| p.dirty_limited);
+            if peak > 0 {
+                let _ = write!(s, ", with auto-converge throttling its vCPUs up to {peak}%");
+            }
+            if limited {
+                s.push_str(", with the dirty limit holding back vCPUs that dirtied too fast");
+            }
+            s.push('.');
+        }
+        None => s.push_str(" Its rate during the migration was not measured (too few readings)."),
+    }
+    match g.after_rate() {
+        Some(a) => {
+            let _ = write!(
+                s,
+                " After, at the destination, it made {}/s.",
+                fmt_passes(a)
+            );
+        }
+        None => {
+            let _ = write!(
+                s,
+                " Its rate after the migration was not measured{}.",
+                note(g.after_note.as_ref())
+            );
+        }
+    }
+    s
+}
+
+/// The guest's pass rate from the baseline through the migration and after, over the
+/// throttle on the same time axis, with the figures in words above it.
+fn guest_section(info: &MigrationInfo, ctx: &ReportContext) -> String {
+    let Some(g) = &ctx.guest else {
+        return r#"<p class="muted">Not measured: this report was made without readings of the guest's pass counters.</p>"#.into();
+    };
+    if let Some(why) = &g.unmeasured {
+        return format!(r#"<p class="muted">Not measured: {}.</p>"#, escape(why));
+    }
+    let mut out = format!("<p>{}</p>", escape(&guest_words(g, info)));
+    let iv = g.intervals();
+    if iv.is_empty() {
+        out.push_str(r#"<p class="muted">Too few readings of the guest for a chart.</p>"#);
+        return out;
+    }
+    out.push_str(&guest_chart(g, info, &iv));
+    let _ = write!(
+        out,
+        r#"<p class="key"><span><span class="swatch" style="background:{C_BEFORE}"></span> before the migration</span><span><span class="swatch" style="background:{C_DURING}"></span> while it migrated, at the source</span><span><span class="swatch" style="background:{C_DOWN}"></span> guest stopped (downtime)</span><span><span class="swatch" style="background:{C_AFTER}"></span> after, at the destination</span><span><span class="swatch" style="background:{C_THROTTLE}"></span> auto-converge throttle</span><span><span class="swatch" style="background:{C_DLIMIT};opacity:.35"></span> dirty limit on</span><span>- - - the rate before</span></p>"#
+    );
+    out
+}
+
+fn guest_chart(g: &GuestProgress, info: &MigrationInfo, iv: &[progress::Interval]) -> String {
+    const BAND_H: f64 = 24.0;
+    const RATE_H: f64 = 120.0;
+    const THR_H: f64 = 50.0;
+    const GAP: f64 = 20.0;
+    let top = 10.0;
+    let y_band = top;
+    let y_rate = y_band + BAND_H + GAP;
+    let y_thr = y_rate + RATE_H + GAP;
+    let y_axis = y_thr + THR_H + 8.0;
+    let height = y_axis + 30.0;
+
+    let end = g.end_ms();
+    let t0 = iv.first().map_or(0.0, |i| i.from_ms).min(0.0);
+    let t1 = iv.last().map_or(0.0, |i| i.to_ms).max(end);
+    let span = (t1 - t0).max(1.0);
+    let x = |t: f64| LEFT + ((t - t0) / span).clamp(0.0, 1.0) * (WIDTH - LEFT - RIGHT);
+
+    let mut svg = String::new();
+    let _ = write!(
+        svg,
+        r#"<svg viewBox="0 0 {WIDTH} {}" role="img" aria-label="guest pass rate and vCPU throttle over time">"#,
+        n(height)
+    );
+
+    // Grid and time axis, 0 at the migration's start.
+    let step = tick_step(span, 10.0);
+    let mut t = (t0 / step).ceil() * step + 0.0;
+    while t <= t1 + step * 1e-6 {
+        let _ = write!(
+            svg,
+            r##"<line x1="{0}" y1="{1}" x2="{0}" y2="{2}" class="grid"/><text x="{0}" y="{3}" class="tick" text-anchor="middle">{4}</text>"##,
+            n(x(t)),
+            n(top),
+            n(y_axis),
+            n(y_axis + 16.0),
+            escape(&fmt_tick(t + 0.0, step))
+        );
+        t += step;
+    }
+    let _ = write!(
+        svg,
+        r#"<line x1="{LEFT}" y1="{y}" x2="{x2}" y2="{y}" class="axis"/>"#,
+        y = n(y_axis),
+        x2 = WIDTH - RIGHT
+    );
+
+    // When: before, migrating, stopped, after.
+    lane_title(&mut svg, y_band, BAND_H, "phase", &[]);
+    let band = |svg: &mut String, from: f64, to: f64, color: &str, label: &str, tip: &str| {
+        if to <= from {
+            return;
+        }
+        let w = (x(to) - x(from)).max(1.0);
+        let _ = write!(
+            svg,
+            r#"<rect x="{}" y="{}" width="{}" height="{}" fill="{color}"><title>{}</title></rect>"#,
+            n(x(from)),
+            n(y_band),
+            n(w),
+            n(BAND_H),
+            escape(tip)
+        );
+        if bold_width(label) + 8.0 <= w {
+            let _ = write!(
+                svg,
+                r#"<text x="{}" y="{}" class="inbar" text-anchor="middle">{}</text>"#,
+                n(x(from) + w / 2.0),
+                n(y_band + BAND_H / 2.0 + 4.0),
+                escape(label)
+            );
+        }
+    };
+    band(
+        &mut svg,
+        t0,
+        0.0,
+        C_BEFORE,
+        "before",
+        &format!("before the migration: {}", fmt_ms(-t0)),
+    );
+    let stop = match (info.status, g.live_ms, info.downtime) {
+        (MigrationStatus::Completed, Some(live), Some(d)) => Some((live, live + d as f64)),
+        _ => None,
+    };
+    band(
+        &mut svg,
+        0.0,
+        stop.map_or(end, |(s, _)| s),
+        C_DURING,
+        "migrating",
+        "migrating, the guest running at the source",
+    );
+    if let Some((from, to)) = stop {
+        band(
+            &mut svg,
+            from,
+            to.min(t1),
+            C_DOWN,
+            "stopped",
+            &format!("the guest stopped: {} of downtime", fmt_ms(to - from)),
+        );
+    }
+    if let (Some(first), Some(last)) = (g.after.first(), g.after.last()) {
+        band(
+            &mut svg,
+            first.t_ms,
+            last.t_ms,
+            C_AFTER,
+            "after, at the destination",
+            "after the migration, at the destination",
+        );
+    }
+
+    // The pass rate over each interval between readings.
+    let before = g.before_rate();
+    let max_rate = iv
+        .iter()
+        .map(|i| i.rate)
+        .chain(before)
+        .filter(|v| v.is_finite())
+        .fold(0.0, f64::max)
+        .max(1.0)
+        * 1.1;
+    lane_title(
+        &mut svg,
+        y_rate,
+        RATE_H,
+        "guest pass rate",
+        &[
+            "passes per second",
+            &format!("max {}/s", fmt_passes(max_rate / 1.1)),
+        ],
+    );
+    let ry = |v: f64| y_rate + RATE_H - (v.max(0.0) / max_rate).min(1.0) * RATE_H;
+    for i in iv {
+        let c = phase_color(i.phase);
+        let (x1, x2) = (x(i.from_ms), x(i.to_ms));
+        let y = ry(i.rate);
+        let _ = write!(
+            svg,
+            r#"<g><title>{from} to {to}: {rate} passes/s{thr}</title><rect x="{x}" y="{y}" width="{w}" height="{h}" fill="{c}" fill-opacity="0.3"/><line x1="{x}" y1="{y}" x2="{x2}" y2="{y}" stroke="{c}" stroke-width="2"/></g>"#,
+            from = fmt_at(i.from_ms),
+            to = fmt_at(i.to_ms),
+            rate = fmt_passes(i.rate),
+            thr = match (i.throttle_pct, i.dirty_limited) {
+                (0, false) => String::new(),
+                (0, true) => ", dirty limit on".into(),
+                (p, false) => format!(", vCPUs throttled {p}%"),
+                (p, true) => format!(", vCPUs throttled {p}%, dirty limit on"),
+            },
+            x = n(x1),
+            y = n(y),
+            w = n((x2 - x1).max(0.5)),
+            h = n(y_rate + RATE_H - y),
+            x2 = n(x2),
+        );
+    }
+    if let Some(b) = before.filter(|b| *b > 0.0) {
+        let y = n(ry(b));
+        let _ = write!(
+            svg,
+            r##"<line x1="{LEFT}" y1="{y}" x2="{x2}" y2="{y}" stroke="#475569" stroke-width="1.5" stroke-dasharray="5 4"/><text x="{tx}" y="{ty}" class="val" text-anchor="end">before {b}/s</text>"##,
+            x2 = WIDTH - RIGHT,
+            tx = WIDTH - RIGHT - 4.0,
+            ty = n(ry(b) - 4.0),
+            b = fmt_passes(b)
+        );
+    }
+
+    // The throttle on the same axis: auto-converge's percent, the dirty limit shaded.
+    lane_title(
+        &mut svg,
+        y_thr,
+        THR_H,
+        "vCPU throttle",
+        &["auto-converge, 0-100%"],
+    );
+    let _ = write!(
+        svg,
+        r#"<rect x="{LEFT}" y="{}" width="{}" height="{}" fill="none" class="grid"/>"#,
+        n(y_thr),
+        n(WIDTH - LEFT - RIGHT),
+        n(THR_H)
+    );
+    let mut any = false;
+    for i in iv {
+        let (x1, x2) = (x(i.from_ms), x(i.to_ms));
+        let w = n((x2 - x1).max(0.5));
+        if i.dirty_limited {
+            any = true;
+            let _ = write!(
+                svg,
+                r#"<rect x="{}" y="{}" width="{w}" height="{}" fill="{C_DLIMIT}" fill-opacity="0.3"><title>dirty limit on</title></rect>"#,
+                n(x1),
+                n(y_thr),
+                n(THR_H)
+            );
+        }
+        if i.throttle_pct > 0 {
+            any = true;
+            let h = f64::from(i.throttle_pct.min(100)) / 100.0 * THR_H;
+            let _ = write!(
+                svg,
+                r#"<rect x="{}" y="{}" width="{w}" height="{}" fill="{C_THROTTLE}" class="throttle"><title>vCPUs throttled {}%</title></rect>"#,
+                n(x1),
+                n(y_thr + THR_H - h),
+                n(h),
+                i.throttle_pct
+            );
+        }
+    }
+    if !any {
+        let _ = write!(
+            svg,
+            r#"<text x="{}" y="{}" class="tick" text-anchor="middle">no throttle</text>"#,
+            n(LEFT + (WIDTH - LEFT - RIGHT) / 2.0),
+            n(y_thr + THR_H / 2.0 + 4.0)
+        );
+    }
+    svg.push_str("</svg>");
+    svg
+}
+
 /// A dashed horizontal line across the plot with `label` at its left end, where pass
 /// 0 keeps the lanes clear of points.
 fn limit_line(svg: &mut String, y: f64, label: &str) {
@@ -1008,18 +1351,51 @@ fn device_table(info: &MigrationInfo) -> String {
     t
 }
 
+/// What held the guest back in a pass: `20%`, `dirty limit, held 3.2 ms`, or `—`.
+fn pass_throttle(p: &PassStats) -> String {
+    let mut parts = Vec::new();
+    if p.cpu_throttle_percent > 0 {
+        parts.push(format!("{}%", p.cpu_throttle_percent));
+    }
+    if p.dirty_limited {
+        parts.push("dirty limit".to_string());
+    }
+    if p.throttle_us > 0 {
+        parts.push(format!("held {}", fmt_ms(p.throttle_us as f64 / 1e3)));
+    }
+    if parts.is_empty() {
+        "—".into()
+    } else {
+        parts.join(", ")
+    }
+}
+
 fn pass_table(l: &Layout) -> String {
     let mut t = String::new();
     let open = if l.passes.len() <= 40 { " open" } else { "" };
+    let throttled = l
+        .passes
+        .iter()
+        .any(|(_, p)| p.cpu_throttle_percent > 0 || p.dirty_limited || p.throttle_us > 0);
     let _ = write!(
         t,
-        r#"<details{open}><summary>every pass ({})</summary><table class="passes"><tr><th class="num">pass</th><th>guest</th><th class="num">start</th><th class="num">duration</th><th class="num">pages</th><th class="num">zero pages</th><th class="num">sent</th><th class="num">throughput</th><th class="num">dirty after</th><th class="num">expected downtime</th></tr>"#,
-        l.passes.len()
+        r#"<details{open}><summary>every pass ({})</summary><table class="passes"><tr><th class="num">pass</th><th>guest</th><th class="num">start</th><th class="num">duration</th><th class="num">pages</th><th class="num">zero pages</th><th class="num">sent</th><th class="num">throughput</th><th class="num">dirty after</th><th class="num">expected downtime</th>{}</tr>"#,
+        l.passes.len(),
+        if throttled {
+            r#"<th title="auto-converge's CPU throttle, the dirty limit, and the most time one vCPU was held back">throttle</th>"#
+        } else {
+            ""
+        }
     );
     for (start, p) in &l.passes {
+        let throttle = if throttled {
+            format!("<td>{}</td>", escape(&pass_throttle(p)))
+        } else {
+            String::new()
+        };
         let _ = write!(
             t,
-            r#"<tr{}><td class="num">{}</td><td>{}</td><td class="num">{}</td><td class="num">{}</td><td class="num">{}</td><td class="num">{}</td><td class="num">{}</td><td class="num">{}</td><td class="num">{}</td><td class="num">{}</td></tr>"#,
+            r#"<tr{}><td class="num">{}</td><td>{}</td><td class="num">{}</td><td class="num">{}</td><td class="num">{}</td><td class="num">{}</td><td class="num">{}</td><td class="num">{}</td><td class="num">{}</td><td class="num">{}</td>{throttle}</tr>"#,
             if p.final_pass {
                 r#" class="final""#
             } else {
@@ -1153,6 +1529,10 @@ pub fn render(info: &MigrationInfo, ctx: &ReportContext) -> String {
         C_PASS[0], C_PASS[1]
     );
 
+    h.push_str(r#"<h2 id="guest-progress">The guest's progress</h2><div class="panel">"#);
+    h.push_str(&guest_section(info, ctx));
+    h.push_str("</div>");
+
     h.push_str("<h2>Where the downtime went</h2><div class=\"panel\">");
     h.push_str(&downtime_section(info, ctx));
     h.push_str("</div>");
@@ -1264,6 +1644,7 @@ mod tests {
             downtime_limit_ms: Some(2000),
             max_bandwidth: Some(0),
             finished_at: Some("2025-01-01 00:00:00 UTC".into()),
+            guest: None,
         }
     }
 
@@ -1434,6 +1815,90 @@ mod tests {
             h.contains("<details><summary>"),
             "a long table starts folded"
         );
+    }
+
+    fn with_guest(g: GuestProgress) -> ReportContext {
+        ReportContext {
+            guest: Some(g),
+            ..ctx()
+        }
+    }
+
+    #[test]
+    fn the_guest_progress_chart_shows_the_throttle() {
+        let h = render(&completed(), &with_guest(progress::tests::throttled()));
+        assert!(h.contains(r#"<h2 id="guest-progress">"#));
+        assert!(h.contains("aria-label=\"guest pass rate and vCPU throttle over time\""));
+        assert!(
+            h.contains("made 400 passes/s."),
+            "the rate before, in words"
+        );
+        assert!(h.contains("200/s in the time it ran at the source, 50% of that"));
+        assert!(h.contains("throttling its vCPUs up to 40%"));
+        assert!(h.contains("After, at the destination, it made 400/s."));
+        // The throttle steps with the rate, 20% then 40%.
+        assert_eq!(h.matches(r#"class="throttle""#).count(), 20);
+        assert!(h.contains("<title>vCPUs throttled 20%</title>"));
+        assert!(h.contains("<title>vCPUs throttled 40%</title>"));
+        assert!(h.contains("0.00 s to 0.10 s: 200 passes/s, vCPUs throttled 20%"));
+        assert!(h.contains("before 400/s"), "the baseline is drawn across");
+        assert!(h.contains(">after, at the destination<"));
+        assert!(h.contains(">-1000 ms<"), "the axis starts in the baseline");
+        assert!(h.contains(">0 ms<") && !h.contains("-0 ms"));
+        assert!(!h.contains("no throttle"));
+        for broken in ["NaN", "inf"] {
+            assert!(!h.contains(broken), "{broken}");
+        }
+    }
+
+    #[test]
+    fn a_dirty_limit_is_shaded() {
+        let mut g = progress::tests::throttled();
+        for s in &mut g.during {
+            s.throttle_pct = 0;
+            s.dirty_limited = s.t_ms >= 500.0;
+        }
+        let h = render(&completed(), &with_guest(g));
+        assert!(h.contains("<title>dirty limit on</title>"));
+        assert!(h.contains("with the dirty limit holding back vCPUs"));
+        assert!(!h.contains(r#"class="throttle""#));
+    }
+
+    #[test]
+    fn what_was_not_measured_is_said() {
+        let g = GuestProgress {
+            after: Vec::new(),
+            after_note: Some("give --dest-qmp".into()),
+            ..progress::tests::throttled()
+        };
+        let h = render(&completed(), &with_guest(g));
+        assert!(h.contains("Its rate after the migration was not measured (give --dest-qmp)."));
+        assert!(!h.contains(">after, at the destination<"));
+
+        let g = GuestProgress {
+            unmeasured: Some("the VM does not report its guest's passes".into()),
+            ..GuestProgress::default()
+        };
+        let h = render(&completed(), &with_guest(g));
+        assert!(h.contains("Not measured: the VM does not report"));
+        let h = render(&completed(), &ctx());
+        assert!(h.contains("Not measured: this report was made without readings"));
+        // No throttle, no column for it.
+        assert!(!h.contains(">throttle</th>"));
+    }
+
+    #[test]
+    fn the_pass_table_shows_each_pass_throttle() {
+        let mut info = completed();
+        info.passes[1].cpu_throttle_percent = 20;
+        info.passes[2].cpu_throttle_percent = 30;
+        info.passes[2].dirty_limited = true;
+        info.passes[2].throttle_us = 3200;
+        let h = render(&info, &ctx());
+        assert!(h.contains(">throttle</th>"));
+        assert!(h.contains("<td>20%</td>"));
+        assert!(h.contains("<td>30%, dirty limit, held 3.2 ms</td>"));
+        assert_eq!(h.matches("<td>—</td>").count(), 2, "passes 0 and 3");
     }
 
     #[test]

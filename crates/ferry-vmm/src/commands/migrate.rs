@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use clap::{Args, ValueEnum};
 use ferry_migration::engine::{human_bytes, DeviceStats, Handover, MigrationInfo, MigrationStatus};
 use ferry_vmm::qmp::QmpClient;
+use ferry_vmm::report::progress::{GuestProgress, Sample};
 use ferry_vmm::report::{self, ReportContext};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
@@ -42,9 +43,25 @@ pub struct MigrateArgs {
     /// Start the migration and return at once
     #[arg(long, conflicts_with = "report")]
     pub detach: bool,
-    /// When the migration ends, write an HTML report of it (timeline, downtime breakdown) to FILE
+    /// When the migration ends, write an HTML report of it (timeline, downtime breakdown,
+    /// the guest's pass rate and the throttle over time) to FILE
     #[arg(long, value_name = "FILE")]
     pub report: Option<PathBuf>,
+    /// Seconds to read the guest's pass rate before starting the migration, the
+    /// baseline its rate during the migration is measured against; 0 to start at once
+    #[arg(long, value_name = "SECS", default_value_t = 1.0, value_parser = baseline_secs)]
+    pub baseline: f64,
+    /// QMP socket of the destination VM (PATH or unix:PATH): after the migration, read
+    /// the guest's pass rate there for about a second
+    #[arg(long, value_name = "SOCK", value_parser = qmp_path, conflicts_with = "detach")]
+    pub dest_qmp: Option<PathBuf>,
+}
+
+fn baseline_secs(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && (0.0..=3600.0).contains(&v) => Ok(v),
+        _ => Err(format!("{s:?} is not a number of seconds from 0 to 3600")),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -222,6 +239,8 @@ pub fn main(args: MigrateArgs) -> CliResult {
         )?),
         None => None,
     };
+    // The guest's pace before the migration, to measure its pace during it against.
+    let mut watch = (!args.detach).then(|| Watch::baseline(&mut c, args.baseline));
     let started = c
         .execute("migrate", json!({ "uri": args.uri }))
         .map_err(CliError::from);
@@ -229,7 +248,9 @@ pub fn main(args: MigrateArgs) -> CliResult {
         return started.map(|_| ExitCode::SUCCESS);
     }
     catch_interrupt();
-    let info = match started.and_then(|_| follow_interruptible(&mut c, &args.qmp, args.json)) {
+    let followed =
+        started.and_then(|_| follow_with(&mut c, args.json, None, Some(&args.qmp), watch.as_mut()));
+    let info = match followed {
         Ok(info) => info,
         Err(e) => {
             // No migration to report on, or no way to learn how it ended.
@@ -239,11 +260,194 @@ pub fn main(args: MigrateArgs) -> CliResult {
             return Err(e);
         }
     };
-    let code = finish(&info, args.json)?;
+    let progress = watch.map(|w| w.finish(&info, args.dest_qmp.as_deref()));
+    let code = finish(&info, args.json, progress.as_ref())?;
     if let Some(r) = report {
-        r.write(&info, &args.uri)?;
+        r.write(&info, &args.uri, progress)?;
     }
     Ok(code)
+}
+
+/// How long the guest is read at the destination after the migration.
+const AFTER: Duration = Duration::from_secs(1);
+/// How often the guest is read outside the migration; during it, at every poll.
+const READ_EVERY: Duration = Duration::from_millis(100);
+/// The shortest time between two readings during the migration, ms.
+const MIN_INTERVAL_MS: f64 = 50.0;
+
+/// The guest's pass counters summed over its vCPUs (`x-ferry-guest`), with the
+/// throttle `info` says is in force.
+fn read_guest(c: &mut QmpClient, info: Option<&MigrationInfo>) -> Result<(u64, u8, bool), String> {
+    let g = c.execute("x-ferry-guest", Value::Null).map_err(|e| {
+        format!(
+            "the VM does not report its guest's passes: {}",
+            super::chain(&e)
+        )
+    })?;
+    let passes = g["passes"]
+        .as_array()
+        .and_then(|a| a.iter().map(Value::as_u64).sum::<Option<u64>>())
+        .ok_or_else(|| format!("the VM reports no pass counters: {g}"))?;
+    let throttle = info.and_then(|i| i.cpu_throttle_percentage).unwrap_or(0);
+    let limited = info.is_some_and(|i| i.dirty_limit_throttle_time_per_round.is_some());
+    Ok((passes, throttle, limited))
+}
+
+/// The guest's pass counters read before, during and after the migration, for the
+/// guest's side of its cost. Reading is best effort: a VM that cannot say (an older
+/// release) gets its migration all the same, and the summary says why it has no rates.
+struct Watch {
+    /// The migration's start: the last reading before the `migrate` command.
+    start: Instant,
+    before: Vec<Sample>,
+    during: Vec<Sample>,
+    before_note: Option<String>,
+    broken: Option<String>,
+}
+
+impl Watch {
+    /// Reads the guest every 100 ms for `secs` (at least once: the migration's start).
+    fn baseline(c: &mut QmpClient, secs: f64) -> Self {
+        let until = Instant::now() + Duration::from_secs_f64(secs);
+        let mut readings = Vec::new();
+        let mut broken = None;
+        loop {
+            match read_guest(c, None) {
+                Ok((passes, ..)) => readings.push((Instant::now(), passes)),
+                Err(e) => {
+                    broken = Some(e);
+                    break;
+                }
+            }
+            if Instant::now() >= until {
+                break;
+            }
+            std::thread::sleep(READ_EVERY.min(until.saturating_duration_since(Instant::now())));
+        }
+        let start = readings.last().map_or_else(Instant::now, |r| r.0);
+        let before: Vec<Sample> = readings
+            .iter()
+            .map(|&(at, passes)| Sample {
+                t_ms: -(start - at).as_secs_f64() * 1e3,
+                passes,
+                ..Sample::default()
+            })
+            .collect();
+        let during = before.last().copied().into_iter().collect();
+        Watch {
+            start,
+            before: if secs > 0.0 { before } else { Vec::new() },
+            during,
+            before_note: (secs <= 0.0).then(|| "--baseline 0".to_string()),
+            broken,
+        }
+    }
+
+    /// Milliseconds since the migration's start.
+    fn now_ms(&self) -> f64 {
+        self.start.elapsed().as_secs_f64() * 1e3
+    }
+
+    /// One reading during the migration, with the throttle `info` shows.
+    fn during(&mut self, c: &mut QmpClient, info: &MigrationInfo) {
+        if self.broken.is_some() {
+            return;
+        }
+        let t_ms = self.now_ms();
+        let last = self.during.last().map_or(f64::MIN, |s| s.t_ms);
+        let finished = info.status.is_finished();
+        // A rate over a few milliseconds is noise (the first poll comes right after the
+        // start): such a reading is skipped, or at the end takes the previous one's place.
+        if t_ms - last < MIN_INTERVAL_MS {
+            if !finished {
+                return;
+            }
+            if self.during.len() > 1 {
+                self.during.pop();
+            }
+        }
+        match read_guest(c, Some(info)) {
+            Ok((passes, throttle_pct, dirty_limited)) => self.during.push(Sample {
+                t_ms,
+                passes,
+                throttle_pct,
+                dirty_limited,
+            }),
+            Err(e) => self.broken = Some(e),
+        }
+    }
+
+    /// Reads the guest at the destination once it runs there, every 100 ms for [`AFTER`].
+    fn after(&self, dest: &std::path::Path) -> Result<Vec<Sample>, String> {
+        let mut d = QmpClient::connect(dest).map_err(|e| {
+            format!(
+                "cannot reach the destination at {}: {}",
+                dest.display(),
+                super::chain(&e)
+            )
+        })?;
+        // The destination says `running` a moment after the source hears `completed`.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let st = d
+                .execute("query-status", Value::Null)
+                .map_err(|e| format!("the destination: {}", super::chain(&e)))?;
+            if st["status"] == "running" {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "the destination is {}, not running",
+                    st["status"].as_str().unwrap_or("in an unknown state")
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let until = Instant::now() + AFTER;
+        let mut out = Vec::new();
+        loop {
+            let (passes, ..) = read_guest(&mut d, None)?;
+            out.push(Sample {
+                t_ms: self.now_ms(),
+                passes,
+                ..Sample::default()
+            });
+            if Instant::now() >= until {
+                return Ok(out);
+            }
+            std::thread::sleep(READ_EVERY);
+        }
+    }
+
+    /// The readings as rates, with the destination's read now when `dest` is given.
+    fn finish(self, info: &MigrationInfo, dest: Option<&std::path::Path>) -> GuestProgress {
+        if let Some(why) = self.broken {
+            return GuestProgress {
+                unmeasured: Some(why),
+                ..GuestProgress::default()
+            };
+        }
+        let completed = info.status == MigrationStatus::Completed;
+        let (after, after_note) = match dest {
+            _ if !completed => (Vec::new(), Some("the guest did not move".to_string())),
+            None => (Vec::new(), Some("give --dest-qmp".to_string())),
+            Some(d) => match self.after(d) {
+                Ok(s) => (s, None),
+                Err(e) => (Vec::new(), Some(e)),
+            },
+        };
+        GuestProgress {
+            // The guest ran at the source for the total time less the downtime.
+            live_ms: completed
+                .then(|| info.total_time.saturating_sub(info.downtime.unwrap_or(0)) as f64),
+            before: self.before,
+            during: self.during,
+            after,
+            unmeasured: None,
+            before_note: self.before_note,
+            after_note,
+        }
+    }
 }
 
 /// The file `ferry migrate --report` writes when the migration ends.
@@ -272,13 +476,19 @@ impl Report {
         let _ = std::fs::remove_file(&self.path);
     }
 
-    fn write(mut self, info: &MigrationInfo, uri: &str) -> Result<(), CliError> {
+    fn write(
+        mut self,
+        info: &MigrationInfo,
+        uri: &str,
+        guest: Option<GuestProgress>,
+    ) -> Result<(), CliError> {
         use std::io::Write;
         let ctx = ReportContext {
             uri: Some(uri.to_string()),
             downtime_limit_ms: self.limits["downtime-limit"].as_u64(),
             max_bandwidth: self.limits["max-bandwidth"].as_u64(),
             finished_at: Some(report::utc_timestamp(std::time::SystemTime::now())),
+            guest,
         };
         self.file
             .write_all(report::render(info, &ctx).as_bytes())
@@ -292,15 +502,6 @@ impl Report {
     }
 }
 
-/// [`follow`], with Ctrl-C handled as [`on_interrupt`] says.
-fn follow_interruptible(
-    c: &mut QmpClient,
-    qmp: &std::path::Path,
-    json_lines: bool,
-) -> Result<MigrationInfo, CliError> {
-    follow_with(c, json_lines, None, Some(qmp))
-}
-
 /// Polls `query-migrate` until the migration ends, showing progress. With
 /// `escalate_from` (the downtime limit in ms), a migration that has not converged after
 /// 10 s gets its downtime limit doubled every 5 s, as management software does for
@@ -310,14 +511,17 @@ pub fn follow(
     json_lines: bool,
     escalate_from: Option<u64>,
 ) -> Result<MigrationInfo, CliError> {
-    follow_with(c, json_lines, escalate_from, None)
+    follow_with(c, json_lines, escalate_from, None, None)
 }
 
+/// [`follow`], with Ctrl-C handled as [`on_interrupt`] says when `interruptible` names
+/// the VM's socket, and the guest read at every poll into `watch`.
 fn follow_with(
     c: &mut QmpClient,
     json_lines: bool,
     escalate_from: Option<u64>,
     interruptible: Option<&std::path::Path>,
+    mut watch: Option<&mut Watch>,
 ) -> Result<MigrationInfo, CliError> {
     let mut interrupts = 0;
     let mut limit = escalate_from.unwrap_or(0);
@@ -334,6 +538,9 @@ fn follow_with(
     let mut last_line = Instant::now() - Duration::from_secs(10);
     loop {
         let info = query_migrate(c)?;
+        if let Some(w) = watch.as_deref_mut() {
+            w.during(c, &info);
+        }
         if json_lines {
             println!("{}", serde_json::to_string(&info).unwrap_or_default());
         } else {
@@ -439,12 +646,13 @@ fn progress_line(i: &MigrationInfo) -> String {
     )
 }
 
-/// The final word on a migration: a summary, or the JSON object.
-pub fn finish(info: &MigrationInfo, json_out: bool) -> CliResult {
+/// The final word on a migration: a summary, or the JSON object; with the guest's
+/// progress, a `guest:` line in the summary and `guest-progress` in the JSON object.
+fn finish(info: &MigrationInfo, json_out: bool, guest: Option<&GuestProgress>) -> CliResult {
     if json_out {
-        println!("{}", serde_json::to_string(info).unwrap_or_default());
+        println!("{}", final_json(info, guest));
     } else {
-        print!("{}", summary(info));
+        print!("{}", summary_with(info, guest));
     }
     Ok(if info.status == MigrationStatus::Completed {
         ExitCode::SUCCESS
@@ -453,8 +661,22 @@ pub fn finish(info: &MigrationInfo, json_out: bool) -> CliResult {
     })
 }
 
+/// The final JSON object: `query-migrate`'s, with `guest-progress` when the guest was read.
+fn final_json(info: &MigrationInfo, guest: Option<&GuestProgress>) -> String {
+    let mut v = serde_json::to_value(info).unwrap_or_default();
+    if let (Some(g), Some(o)) = (guest, v.as_object_mut()) {
+        o.insert("guest-progress".into(), g.to_json());
+    }
+    v.to_string()
+}
+
 /// A human summary of a finished migration.
 pub fn summary(i: &MigrationInfo) -> String {
+    summary_with(i, None)
+}
+
+/// [`summary`], with a line on the guest's pass rate before, during and after.
+fn summary_with(i: &MigrationInfo, guest: Option<&GuestProgress>) -> String {
     use std::fmt::Write;
     let mut s = String::new();
     let _ = writeln!(s, "migration {}", i.status.as_str());
@@ -510,6 +732,9 @@ pub fn summary(i: &MigrationInfo) -> String {
             i.passes.iter().position(|p| p.dirty_limited).unwrap_or(0),
             held as f64 / 1e3
         );
+    }
+    if let Some(g) = guest {
+        let _ = writeln!(s, "  guest:        {}", g.summary_line());
     }
     let secs = (i.total_time as f64 / 1e3).max(1e-3);
     let _ = writeln!(
@@ -814,6 +1039,96 @@ mod tests {
             s.contains("  turned away:  1 connection: 127.0.0.1:5555: not a ferry channel\n"),
             "{s}"
         );
+    }
+
+    #[test]
+    fn baseline_and_destination_options() {
+        let a = parse(&[]).unwrap();
+        assert_eq!((a.baseline, a.dest_qmp), (1.0, None));
+        let a = parse(&["--baseline", "0", "--dest-qmp", "unix:/tmp/d.sock"]).unwrap();
+        assert_eq!(a.baseline, 0.0);
+        assert_eq!(a.dest_qmp, Some(PathBuf::from("/tmp/d.sock")));
+        assert_eq!(parse(&["--baseline", "2.5"]).unwrap().baseline, 2.5);
+        let e = parse(&["--detach", "--dest-qmp", "/tmp/d.sock"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cannot be used with"), "{e}");
+        for bad in ["-1", "soon", "NaN"] {
+            let e = parse(&[&format!("--baseline={bad}")])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("seconds from 0 to 3600"), "{e}");
+        }
+    }
+
+    /// 400 passes/s before; 200/s for 1.9 s running during, throttled 20% then 40%;
+    /// 400/s after.
+    fn progress() -> GuestProgress {
+        let s = |t_ms: f64, passes: u64, throttle_pct: u8| Sample {
+            t_ms,
+            passes,
+            throttle_pct,
+            dirty_limited: false,
+        };
+        let before: Vec<Sample> = (0..=10u32)
+            .map(|i| s(-1000.0 + 100.0 * f64::from(i), 40 * u64::from(i), 0))
+            .collect();
+        let mut during = vec![before[10]];
+        during.push(s(1000.0, 600, 20));
+        during.push(s(1900.0, 780, 40));
+        during.push(s(2000.0, 780, 40));
+        let after = vec![s(2200.0, 780, 0), s(3200.0, 1180, 0)];
+        GuestProgress {
+            before,
+            during,
+            live_ms: Some(1900.0),
+            after,
+            ..GuestProgress::default()
+        }
+    }
+
+    #[test]
+    fn the_summary_gives_the_guest_rate_before_during_and_after() {
+        let i = moved(None);
+        let s = summary_with(&i, Some(&progress()));
+        assert!(
+            s.contains(
+                "  guest:        400 passes/s before, 200/s during (50% of before), 400/s after\n"
+            ),
+            "{s}"
+        );
+        let g = GuestProgress {
+            after: Vec::new(),
+            after_note: Some("give --dest-qmp".into()),
+            ..progress()
+        };
+        let s = summary_with(&i, Some(&g));
+        assert!(
+            s.contains(
+                "  guest:        400 passes/s before, 200/s during (50% of before), after: not measured (give --dest-qmp)\n"
+            ),
+            "{s}"
+        );
+        // `ferry status` has no readings, and no line for them.
+        assert!(!summary(&i).contains("guest:"));
+    }
+
+    #[test]
+    fn the_json_object_carries_the_guest_progress() {
+        let i = moved(None);
+        let v: Value = serde_json::from_str(&final_json(&i, Some(&progress()))).unwrap();
+        assert_eq!(v["status"], "completed");
+        let g = &v["guest-progress"];
+        assert_eq!(g["before"], 400.0);
+        assert_eq!(g["during"], 200.0);
+        assert_eq!(g["during-share"], 50.0);
+        assert_eq!(g["after"], 400.0);
+        assert_eq!(g["samples"][10], json!([1000, 200.0, 20, false]));
+        assert_eq!(g["samples"][11], json!([1900, 200.0, 40, false]));
+        assert_eq!(g["samples"][12], json!([2000, 0.0, 40, false]));
+        assert_eq!(g["samples"][13], json!([3200, 400.0, 0, false]));
+        let v: Value = serde_json::from_str(&final_json(&i, None)).unwrap();
+        assert!(v.get("guest-progress").is_none());
     }
 
     #[test]
