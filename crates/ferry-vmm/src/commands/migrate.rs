@@ -48,9 +48,10 @@ pub struct MigrateArgs {
     #[arg(long, value_name = "FILE")]
     pub report: Option<PathBuf>,
     /// Seconds to read the guest's pass rate before starting the migration, the
-    /// baseline its rate during the migration is measured against; 0 to start at once
-    #[arg(long, value_name = "SECS", default_value_t = 1.0, value_parser = baseline_secs)]
-    pub baseline: f64,
+    /// baseline its rate during the migration is measured against [default: 1 with
+    /// --report, else 0: the migration starts at once]
+    #[arg(long, value_name = "SECS", value_parser = baseline_secs)]
+    pub baseline: Option<f64>,
     /// QMP socket of the destination VM (PATH or unix:PATH): after the migration, read
     /// the guest's pass rate there for about a second
     #[arg(long, value_name = "SOCK", value_parser = qmp_path, conflicts_with = "detach")]
@@ -240,7 +241,12 @@ pub fn main(args: MigrateArgs) -> CliResult {
         None => None,
     };
     // The guest's pace before the migration, to measure its pace during it against.
-    let mut watch = (!args.detach).then(|| Watch::baseline(&mut c, args.baseline));
+    // A report shows what the migration cost the guest, so it waits a second for the
+    // baseline by default; a plain migration starts at once unless asked.
+    let baseline = args
+        .baseline
+        .unwrap_or(if args.report.is_some() { 1.0 } else { 0.0 });
+    let mut watch = (!args.detach).then(|| Watch::baseline(&mut c, baseline));
     let started = c
         .execute("migrate", json!({ "uri": args.uri }))
         .map_err(CliError::from);
@@ -338,7 +344,7 @@ impl Watch {
             start,
             before: if secs > 0.0 { before } else { Vec::new() },
             during,
-            before_note: (secs <= 0.0).then(|| "--baseline 0".to_string()),
+            before_note: (secs <= 0.0).then(|| "give --baseline SECS".to_string()),
             broken,
         }
     }
@@ -1044,11 +1050,11 @@ mod tests {
     #[test]
     fn baseline_and_destination_options() {
         let a = parse(&[]).unwrap();
-        assert_eq!((a.baseline, a.dest_qmp), (1.0, None));
+        assert_eq!((a.baseline, a.dest_qmp), (None, None));
         let a = parse(&["--baseline", "0", "--dest-qmp", "unix:/tmp/d.sock"]).unwrap();
-        assert_eq!(a.baseline, 0.0);
+        assert_eq!(a.baseline, Some(0.0));
         assert_eq!(a.dest_qmp, Some(PathBuf::from("/tmp/d.sock")));
-        assert_eq!(parse(&["--baseline", "2.5"]).unwrap().baseline, 2.5);
+        assert_eq!(parse(&["--baseline", "2.5"]).unwrap().baseline, Some(2.5));
         let e = parse(&["--detach", "--dest-qmp", "/tmp/d.sock"])
             .unwrap_err()
             .to_string();
