@@ -451,6 +451,7 @@ fn vcpu_thread(s: &Shared, index: usize) {
         let started = Instant::now();
         let mut throttle = SoftThrottle::new(started);
         let mut done = 0u64;
+        let mut held = Duration::ZERO;
         while !s.stop.load(Ordering::Relaxed) {
             let pages = if regs.compute {
                 compute_pass(regs.pass);
@@ -488,12 +489,16 @@ fn vcpu_thread(s: &Shared, index: usize) {
             };
             let wait = throttle.account(pages, &s.throttle, &vcpu.throttle, Instant::now());
             if !wait.is_zero() {
-                vcpu.throttle.add_throttled(hold(wait, &s.stop));
+                let h = hold(wait, &s.stop);
+                vcpu.throttle.add_throttled(h);
+                // A paced workload's rate is work per time run: time held by a throttle
+                // is not made up afterwards, as a real guest's is not.
+                held += h;
                 throttle.resumed(Instant::now());
             }
             if regs.rate > 0 && pages > 0 {
                 let due = Duration::from_secs_f64(done as f64 / regs.rate as f64);
-                let el = started.elapsed();
+                let el = started.elapsed().saturating_sub(held);
                 if due > el {
                     std::thread::sleep((due - el).min(Duration::from_millis(20)));
                 }

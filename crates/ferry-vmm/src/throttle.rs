@@ -181,9 +181,14 @@ impl SoftThrottle {
         }
         match self.mode {
             VcpuThrottle::Cpu { percent } => {
-                let run = CPU_THROTTLE_PERIOD * (100 - u32::from(percent)) / 100;
-                if now.saturating_duration_since(self.run_start) >= run {
-                    CPU_THROTTLE_PERIOD * u32::from(percent) / 100
+                // Hold in proportion to the time run since the last hold, so the share
+                // is exact however late this check comes (a thread that ran 2.5 ms
+                // at 99% is held 247.5 ms, not one period's 9.9 ms).
+                let p = u32::from(percent.min(99));
+                let run = CPU_THROTTLE_PERIOD * (100 - p) / 100;
+                let ran = now.saturating_duration_since(self.run_start);
+                if ran >= run {
+                    ran * p / (100 - p)
                 } else {
                     Duration::ZERO
                 }

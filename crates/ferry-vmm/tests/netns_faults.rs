@@ -764,3 +764,79 @@ fn a_guest_that_outruns_the_link_is_cancelled_at_the_timeout_with_the_figures() 
     }
     assert_no_namespaces_left();
 }
+
+/// The same guest with a throttle: the migration converges, memory verified. `extra`
+/// turns the throttle on; returns the final JSON.
+fn outrun_with(name: &str, extra: &[&str]) -> Option<Value> {
+    let mut p = Pair::start(name, OUTRUNS, extra, &[])?;
+    p.link.rate(100);
+    let started = Instant::now();
+    let out = p
+        .migrate(&p.dst_uri, &["--channels", "2"])
+        .finish(Duration::from_secs(120));
+    let last = p.assert_completed(&out);
+    report(name, started, &last);
+    Some(last)
+}
+
+/// Auto-converge (a steep schedule, so the test is short): the source throttles every
+/// vCPU until the guest's dirtying fits the link, and the migration completes.
+#[test]
+fn auto_converge_brings_a_guest_that_outruns_the_link_home() {
+    let _one_at_a_time = serial();
+    if let Some(last) = outrun_with(
+        "netns-autoconverge",
+        &[
+            "-global",
+            "migration.auto-converge=on",
+            "-global",
+            "migration.cpu-throttle-initial=80",
+            "-global",
+            "migration.cpu-throttle-increment=19",
+        ],
+    ) {
+        let peak = last["passes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|p| p["cpu-throttle-percent"].as_u64())
+            .max()
+            .unwrap_or(0);
+        assert!(peak >= 80, "the throttle never stepped: {last}");
+        assert!(
+            last["cpu-throttle-percentage"].as_u64().unwrap_or(0) >= 80,
+            "{last}"
+        );
+    }
+    assert_no_namespaces_left();
+}
+
+/// Dirty-limit: only the vCPU that writes is slowed, to 2 MB/s, and the migration
+/// completes.
+#[test]
+fn dirty_limit_brings_a_guest_that_outruns_the_link_home() {
+    let _one_at_a_time = serial();
+    if let Some(last) = outrun_with(
+        "netns-dirtylimit",
+        &[
+            "-global",
+            "migration.dirty-limit=on",
+            "-global",
+            "migration.vcpu-dirty-limit=2",
+        ],
+    ) {
+        assert!(
+            last["passes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p["dirty-limited"] == true),
+            "the dirty limit never came on: {last}"
+        );
+        assert!(
+            last["dirty-limit-throttle-time-per-round"].is_u64(),
+            "{last}"
+        );
+    }
+    assert_no_namespaces_left();
+}

@@ -133,6 +133,13 @@ impl Pacer {
         }
     }
 
+    /// The vCPU was held by a throttle for `d`: the schedule moves on by as much, so a
+    /// paced guest does not make up afterwards for time it did not run (its rate is
+    /// work per time run, as a real guest's is, and a throttle slows it).
+    pub fn held(&mut self, d: Duration) {
+        self.started += d;
+    }
+
     /// How long to hold the vCPU, at `now`, after it reported `pages` more pages at
     /// `rate` pages per second: until all it reported since this pacer started is due.
     /// A report of no pages is an idle pass, held [`guest::IDLE_PASS`]; rate 0 is
@@ -368,15 +375,19 @@ struct VcpuContext {
 }
 
 impl VcpuContext {
-    /// Sleeps the hold the throttle thread left for this vCPU, if any.
-    fn take_hold(&self) {
+    /// Sleeps the hold the throttle thread left for this vCPU, if any; returns how
+    /// long it held.
+    fn take_hold(&self) -> Duration {
         let hold = &self.holds[self.index];
         let ns = hold.hold_ns.swap(0, Ordering::Relaxed);
-        if ns > 0 {
-            let t = Instant::now();
-            self::hold(Duration::from_nanos(ns), &self.stop);
-            hold.counters.add_throttled(t.elapsed());
+        if ns == 0 {
+            return Duration::ZERO;
         }
+        let t = Instant::now();
+        self::hold(Duration::from_nanos(ns), &self.stop);
+        let held = t.elapsed();
+        hold.counters.add_throttled(held);
+        held
     }
 }
 
@@ -426,7 +437,7 @@ fn run_loop(ctx: &VcpuContext, fd: &mut VcpuFd, expected: &mut u8) -> Result<(),
     let port = guest::port(index);
     let mut pacer = Pacer::new(Instant::now());
     while !stop.load(Ordering::SeqCst) {
-        ctx.take_hold();
+        pacer.held(ctx.take_hold());
         match fd.run() {
             Ok(VcpuExit::IoOut(p, &[lo, hi])) if p == port => {
                 let pages = u64::from(u16::from_le_bytes([lo, hi]));
