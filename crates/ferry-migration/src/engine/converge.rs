@@ -81,6 +81,8 @@ pub(crate) struct Converge {
     high_passes: u32,
     cpu_percent: u8,
     dirty_limit_on: bool,
+    /// The dirty limit last set, to tell a change of its parameters.
+    dirty_limit_set: Option<VcpuThrottle>,
     smallest_dirtied: Option<u64>,
     flat_passes: u32,
     start: Instant,
@@ -94,6 +96,7 @@ impl Converge {
             high_passes: 0,
             cpu_percent: 0,
             dirty_limit_on: false,
+            dirty_limit_set: None,
             smallest_dirtied: None,
             flat_passes: 0,
             start: Instant::now(),
@@ -145,7 +148,7 @@ impl Converge {
 
         // QEMU's trigger: the guest dirtied more than the threshold's share of what
         // the pass sent, in two passes (not necessarily in a row).
-        let mut throttle = None;
+        let mut throttle = self.retune(p);
         let threshold = f.sent as f64 * f64::from(p.throttle_trigger_threshold) / 100.0;
         if (p.auto_converge || p.dirty_limit) && !fits && f.dirtied as f64 > threshold {
             self.high_passes += 1;
@@ -185,6 +188,24 @@ impl Converge {
         }
     }
 
+    /// A throttle in force whose parameters changed while the migration runs takes
+    /// them at once: a new dirty limit or period, a lower `max-cpu-throttle`.
+    fn retune(&mut self, p: &MigrationParams) -> Option<VcpuThrottle> {
+        if self.dirty_limit_on {
+            let want = dirty_limit(p);
+            if Some(want) != self.dirty_limit_set {
+                self.dirty_limit_set = Some(want);
+                return Some(want);
+            }
+        } else if self.cpu_percent > p.max_cpu_throttle {
+            self.cpu_percent = p.max_cpu_throttle;
+            return Some(VcpuThrottle::Cpu {
+                percent: self.cpu_percent,
+            });
+        }
+        None
+    }
+
     /// One step of the throttle; `None` when it is already as hard as it goes.
     fn step(&mut self, p: &MigrationParams, dirtied: f64, threshold: f64) -> Option<VcpuThrottle> {
         if p.dirty_limit {
@@ -192,10 +213,9 @@ impl Converge {
                 return None;
             }
             self.dirty_limit_on = true;
-            return Some(VcpuThrottle::DirtyLimit {
-                bytes_per_sec: p.vcpu_dirty_limit_mbps * 1_000_000,
-                period: p.vcpu_dirty_limit_period,
-            });
+            let t = dirty_limit(p);
+            self.dirty_limit_set = Some(t);
+            return Some(t);
         }
         let max = p.max_cpu_throttle;
         let next = if self.cpu_percent == 0 {
@@ -217,6 +237,13 @@ impl Converge {
         }
         self.cpu_percent = next;
         Some(VcpuThrottle::Cpu { percent: next })
+    }
+}
+
+fn dirty_limit(p: &MigrationParams) -> VcpuThrottle {
+    VcpuThrottle::DirtyLimit {
+        bytes_per_sec: p.vcpu_dirty_limit_mbps * 1_000_000,
+        period: p.vcpu_dirty_limit_period,
     }
 }
 
@@ -355,6 +382,37 @@ mod tests {
             }]
         );
         assert!(c.dirty_limit_on());
+        // A new limit while it runs is taken at the next pass, once.
+        p.vcpu_dirty_limit_mbps = 2;
+        let low = figures(10 << 20, 5.0);
+        assert_eq!(
+            c.after_pass_at(&p, &low, Duration::ZERO).throttle,
+            Some(VcpuThrottle::DirtyLimit {
+                bytes_per_sec: 2_000_000,
+                period: Duration::from_millis(1000)
+            })
+        );
+        assert_eq!(c.after_pass_at(&p, &low, Duration::ZERO).throttle, None);
+    }
+
+    #[test]
+    fn a_lower_max_cpu_throttle_applies_at_the_next_pass() {
+        let mut p = params();
+        p.auto_converge = true;
+        p.cpu_throttle_initial = 60;
+        let mut c = Converge::new(&p, 1 << 30);
+        let high = figures(90 << 20, 5.0);
+        c.after_pass_at(&p, &high, Duration::ZERO);
+        assert_eq!(
+            c.after_pass_at(&p, &high, Duration::ZERO).throttle,
+            Some(VcpuThrottle::Cpu { percent: 60 })
+        );
+        p.max_cpu_throttle = 40;
+        assert_eq!(
+            c.after_pass_at(&p, &figures(10 << 20, 5.0), Duration::ZERO)
+                .throttle,
+            Some(VcpuThrottle::Cpu { percent: 40 })
+        );
     }
 
     #[test]

@@ -619,6 +619,10 @@ impl Source<'_> {
                 0.0
             } else if c.pages > 0 {
                 dirty as f64 * secs / c.pages as f64
+            } else if self.link_bw > 0.0 {
+                // A pass that found nothing to send measured no rate: the link's best
+                // stands in, rather than an estimate no limit can ever meet.
+                (dirty * PAGE_SIZE as u64) as f64 / self.link_bw
             } else {
                 f64::INFINITY
             };
