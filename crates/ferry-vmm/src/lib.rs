@@ -12,5 +12,6 @@ pub mod pagemap;
 pub mod qmp;
 pub mod report;
 pub mod soft;
+pub mod tls;
 pub mod transport;
 pub mod vmm;
