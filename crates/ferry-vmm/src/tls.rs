@@ -10,17 +10,23 @@
 //!   TLS 1.2 is not offered: both ends are ferry, and 1.3 has one round trip less and
 //!   no renegotiation.
 //! * **Crypto provider: ring**, with the suites in the order AES-128-GCM, AES-256-GCM,
-//!   ChaCha20-Poly1305. ring's AES-GCM uses AES-NI and carry-less multiply where the CPU
-//!   has them (the hosts here do), several GB/s a core; it builds with a C compiler
-//!   alone (aws-lc-rs, rustls' default, wants cmake and takes minutes to build).
+//!   ChaCha20-Poly1305. ring's AES-GCM uses AES-NI, carry-less multiply and VAES where
+//!   the CPU has them (the hosts here do), several GB/s a core, and it builds with a C
+//!   compiler alone. rustls 0.23.48 deprecates its ring provider for lacking post-quantum
+//!   key exchange (X25519MLKEM768, in the aws-lc-rs provider only): moving to aws-lc-rs
+//!   is a change of [`provider`] and of the Cargo features, and buys hybrid key exchange
+//!   against traffic recorded now and decrypted later.
 //! * **No kernel TLS here.** Handing the keys to the kernel after the handshake (kTLS)
-//!   would let pages go out with `sendfile`/`writev` straight from guest memory, as
-//!   xen-api did; the kernels ferry runs on so far offer no `tls` ULP
-//!   (`/proc/sys/net/ipv4/tcp_available_ulp`), so records are sealed in userspace and
-//!   [`MigrationStream::raw_fd`] is `None`: the engine copies pages through its buffer.
-//! * **Large records, few syscalls.** A write seals up to [`MAX_WRITE`] bytes at once,
-//!   as 16 KiB records (the TLS maximum), and hands them to the kernel in one write; a
-//!   read takes up to [`RX_BUF`] bytes of records from the kernel at once.
+//!   would let pages go out with `writev` straight from guest memory, as xen-api did;
+//!   the kernels ferry runs on so far offer no `tls` ULP
+//!   (`/proc/sys/net/ipv4/tcp_available_ulp` lists only `mptcp`), so records are sealed in
+//!   userspace and [`MigrationStream::raw_fd`] is `None`: the engine copies pages
+//!   through its buffer.
+//! * **Large records, few syscalls, few copies.** A write seals up to [`MAX_WRITE`]
+//!   bytes at once, as 16 KiB records (the TLS maximum), and the records go from
+//!   rustls' buffers to the kernel by one `sendmsg` of many of them; a read takes up to
+//!   [`RX_BUF`] bytes of records from the kernel at once (rustls would read 4 KiB at a
+//!   time from a socket).
 //!
 //! # Locking
 //!
@@ -28,15 +34,16 @@
 //! stream, so reads and writes take `&self` and must not wait for each other's socket
 //! calls. Three locks:
 //!
-//! * `tls`, the rustls connection state, is held only to seal or open records in memory,
-//!   never across a socket call;
+//! * `tls`, the rustls connection state, is held only to seal or open records in memory
+//!   and for non-blocking `sendmsg` calls, never while waiting for the socket;
 //! * `rx`, the read order, is held by a reader across its socket read, so records are
 //!   opened in the order they arrived;
-//! * `tx`, the send order, is held by a writer across its socket write. Sealed records
-//!   are queued (`out`, under `tls`) in the order they were sealed, and only the `tx`
-//!   holder takes them off the queue, so they reach the socket in that order. A reader
-//!   that has to send something (a handshake message, an alert) queues it and sends
-//!   only if `tx` is free; otherwise the holder sends it with its own.
+//! * `tx`, the send order, is held by a writer while it sends. Sealed records wait in
+//!   rustls' own queue in the order they were sealed, and only the `tx` holder takes
+//!   them off it (non-blocking, under `tls`); when the socket is full it waits for it to
+//!   drain with `poll`, holding `tx` only, so a blocked send never blocks the reader. A
+//!   reader that has to send something (a handshake message, an alert) leaves it queued
+//!   and sends only if `tx` is free; otherwise the holder sends it with its own.
 //!
 //! A socket timeout (the engine polls with 200 ms ones, see the engine's `liveness`)
 //! surfaces as `WouldBlock`/`TimedOut` and loses nothing: bytes read stay in `rx` until
@@ -44,6 +51,14 @@
 //! timed out sending them reports the timeout and, on the caller's next write (which
 //! repeats the same bytes, as the engine's `Channel` does), finishes sending and reports
 //! them written, so `Ok(n)` always means the kernel has the records.
+//!
+//! # Handshake bounds
+//!
+//! A destination's handshake runs in the first reads of the engine's door thread, under
+//! `migration.handshake-timeout` for the whole (a peer that stalls is cut then), and a
+//! peer may send at most 128 KiB before its handshake completes. A refused peer is read
+//! until it closes, for at most 2 s more, so that it reads the refusal (an alert, or a
+//! refusal frame) instead of a connection reset.
 //!
 //! # Policy
 //!
@@ -62,10 +77,11 @@
 //! holder of a certificate of the same CA is turned away as a stray even if it knows
 //! the session id.
 
-use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
+use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -351,13 +367,10 @@ enum Role {
     Server,
 }
 
-/// The rustls connection and what is sealed for the socket, in order.
+/// The rustls connection. Its queue of sealed records (rustls' `sendable_tls`) is the
+/// send order: only the holder of `tx` takes records off it, onto the socket.
 struct Tls {
     conn: rustls::Connection,
-    /// Sealed records, oldest first; only the holder of `tx` takes them off.
-    out: VecDeque<Vec<u8>>,
-    /// Emptied buffers, for the next records.
-    spare: Vec<Vec<u8>>,
     /// Peer bytes taken while handshaking.
     handshake_bytes: usize,
     /// The first bytes were looked at (a server tells TLS from plaintext).
@@ -373,11 +386,9 @@ struct Rx {
     end: usize,
 }
 
-/// Sealed bytes being written, and what the caller's last write sealed.
+/// The send order, and what the caller's last write sealed.
 #[derive(Default)]
 struct Tx {
-    pending: Vec<u8>,
-    at: usize,
     /// Plaintext bytes sealed by a write whose sending timed out: reported written by the
     /// next write once sent.
     carry: usize,
@@ -396,6 +407,9 @@ struct Shared {
     tls: Mutex<Tls>,
     rx: Mutex<Rx>,
     tx: Mutex<Tx>,
+    /// The write timeout, in microseconds (`u64::MAX`: none): a blocked send waits this
+    /// long for the socket to take bytes, polling it without a lock held.
+    wto: AtomicU64,
     identity: OnceLock<Option<String>>,
     policy: Option<ServerPolicy>,
     /// Where the peer is, for messages.
@@ -415,6 +429,58 @@ fn would_block(e: &io::Error) -> bool {
         e.kind(),
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
     )
+}
+
+/// A socket written without blocking: rustls hands it many records at once
+/// (`write_vectored`, one `sendmsg`); `WouldBlock` when the socket is full.
+struct NonBlocking(RawFd);
+
+impl Write for NonBlocking {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.write_vectored(&[io::IoSlice::new(buf)])
+    }
+
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        // SAFETY: a zeroed msghdr is valid (no name, no control data).
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = bufs.as_ptr() as *mut libc::iovec;
+        msg.msg_iovlen = bufs.len().min(libc::UIO_MAXIOV as usize) as _;
+        // SAFETY: IoSlice is ABI-compatible with iovec; every slice is alive and unchanged
+        // for the call, and the kernel only reads them.
+        let n = unsafe { libc::sendmsg(self.0, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Waits up to `within` (`None`: for ever) for `events` on `fd`: false when the time ran
+/// out. An error or hang-up counts as ready: the next call on the socket says which.
+fn wait_for(fd: RawFd, events: libc::c_short, within: Option<Duration>) -> io::Result<bool> {
+    let mut p = libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    };
+    let ms = within.map_or(-1, |d| {
+        d.as_millis().clamp(1, i32::MAX as u128) as libc::c_int
+    });
+    // SAFETY: one valid pollfd for the call's duration.
+    let r = unsafe { libc::poll(&mut p, 1, ms) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        return if e.kind() == io::ErrorKind::Interrupted {
+            Ok(true)
+        } else {
+            Err(e)
+        };
+    }
+    Ok(r > 0)
 }
 
 /// A refusal frame, as every ferry release reads it in answer to its hello.
@@ -451,8 +517,6 @@ impl TlsStream {
             role,
             tls: Mutex::new(Tls {
                 conn,
-                out: VecDeque::new(),
-                spare: Vec::new(),
                 handshake_bytes: 0,
                 sniffed: role == Role::Client,
                 failed: None,
@@ -463,6 +527,7 @@ impl TlsStream {
                 end: 0,
             }),
             tx: Mutex::new(Tx::default()),
+            wto: AtomicU64::new(u64::MAX),
             identity: OnceLock::new(),
             policy,
             peer,
@@ -483,7 +548,7 @@ impl TlsStream {
         let deadline = Instant::now() + timeout;
         let r = s.client_handshake(deadline);
         let _ = s.0.sock.set_read_timeout(None);
-        let _ = s.0.sock.set_write_timeout(None);
+        let _ = s.set_wto(None);
         r.map(|_| s)
     }
 
@@ -520,39 +585,41 @@ impl TlsStream {
             .map(|(k, m)| io::Error::new(*k, m.clone()))
     }
 
-    /// Seals what rustls has to send into the queue. Under `tls`.
-    fn seal(t: &mut Tls) -> io::Result<()> {
-        while t.conn.wants_write() {
-            let mut v = t.spare.pop().unwrap_or_default();
-            v.clear();
-            t.conn.write_tls(&mut v)?;
-            t.out.push_back(v);
-        }
-        Ok(())
+    /// Sets the write timeout: on the socket (for the few direct writes) and for the
+    /// waits of [`Self::send`].
+    fn set_wto(&self, t: Option<Duration>) -> io::Result<()> {
+        let us = t.map_or(u64::MAX, |d| d.as_micros().min(u64::MAX as u128 - 1) as u64);
+        self.0.wto.store(us, Ordering::Relaxed);
+        self.0.sock.set_write_timeout(t)
     }
 
-    /// Sends the queue, in order, as the holder of `tx`. A socket timeout leaves what is
-    /// unsent queued.
-    fn send(&self, tx: &mut Tx) -> io::Result<()> {
+    /// Sends the records rustls has sealed, in order, as the holder of `tx`: one
+    /// non-blocking `sendmsg` of many records at a time straight from rustls' buffers,
+    /// under `tls` (it never waits there), and the wait for the socket to take more
+    /// without any lock. A write timeout leaves what is unsent queued (`WouldBlock`).
+    fn send(&self, _tx: &mut Tx) -> io::Result<()> {
+        let fd = self.0.sock.fd();
         loop {
-            if tx.at < tx.pending.len() {
-                match self.0.sock.write(&tx.pending[tx.at..]) {
-                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                    Ok(n) => tx.at += n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(e),
+            let r = {
+                let mut t = lock(&self.0.tls);
+                if !t.conn.wants_write() {
+                    return Ok(());
                 }
-                continue;
-            }
-            let mut t = lock(&self.0.tls);
-            let Some(next) = t.out.pop_front() else {
-                return Ok(());
+                t.conn.write_tls(&mut NonBlocking(fd))
             };
-            let done = std::mem::replace(&mut tx.pending, next);
-            if t.spare.len() < 4 && done.capacity() > 0 {
-                t.spare.push(done);
+            match r {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let us = self.0.wto.load(Ordering::Relaxed);
+                    let within = (us != u64::MAX).then(|| Duration::from_micros(us));
+                    if !wait_for(fd, libc::POLLOUT, within)? {
+                        return Err(io::ErrorKind::WouldBlock.into());
+                    }
+                }
+                Err(e) => return Err(e),
             }
-            tx.at = 0;
         }
     }
 
@@ -572,7 +639,7 @@ impl TlsStream {
                 Err(std::sync::TryLockError::WouldBlock) => return Ok(()),
             }
             // A writer may have let go after its last look at the queue.
-            if lock(&self.0.tls).out.is_empty() {
+            if !lock(&self.0.tls).conn.wants_write() {
                 return Ok(());
             }
         }
@@ -616,8 +683,7 @@ impl TlsStream {
                 }
             }
             if let Err(e) = t.conn.process_new_packets() {
-                // rustls queues an alert for the peer: send it before failing.
-                let _ = Self::seal(t);
+                // rustls queues an alert for the peer; the caller sends it.
                 let msg = self.explain(&e);
                 return Err(self.fail(t, io::ErrorKind::PermissionDenied, msg));
             }
@@ -702,15 +768,10 @@ impl TlsStream {
                     ),
                 ));
             }
-            {
-                let mut t = lock(&self.0.tls);
-                Self::seal(&mut t)?;
-                if !t.conn.is_handshaking() {
-                    drop(t);
-                    return self.send_all(deadline);
-                }
+            if !lock(&self.0.tls).conn.is_handshaking() {
+                return self.send_all(deadline);
             }
-            self.0.sock.set_write_timeout(Some(left))?;
+            self.set_wto(Some(left))?;
             self.send_all(deadline)?;
             self.0.sock.set_read_timeout(Some(left))?;
             match self.fill(&mut rx) {
@@ -900,7 +961,6 @@ impl TlsStream {
         let _ = t.conn.writer().write_all(&refuse_frame(&reason));
         t.conn.send_close_notify();
         // Sent, and the peer's last bytes read, by the caller without the tls lock.
-        let _ = Self::seal(t);
         Err(err)
     }
 }
@@ -940,10 +1000,16 @@ impl MigrationStream for TlsStream {
                     }
                     let was = t.conn.is_handshaking();
                     let fed = self.feed(&mut t, &mut rx);
-                    let _ = Self::seal(&mut t);
                     if let Err(e) = fed {
                         drop(t);
-                        let _ = self.send_all(Instant::now() + DRAIN);
+                        let deadline = Instant::now() + DRAIN;
+                        let _ = self.set_wto(Some(DRAIN));
+                        let _ = self.send_all(deadline);
+                        if self.0.role == Role::Server {
+                            // The source may be sending its hello already: read it until the
+                            // source closes, so that it reads our alert rather than a reset.
+                            self.linger(&mut rx, deadline);
+                        }
                         return Err(e);
                     }
                     if was && !t.conn.is_handshaking() && self.0.role == Role::Server {
@@ -951,11 +1017,11 @@ impl MigrationStream for TlsStream {
                             refused = Some(e);
                         }
                     }
-                    let any = !t.out.is_empty();
+                    let any = t.conn.wants_write();
                     drop(t);
                     if let Some(e) = refused {
                         let deadline = Instant::now() + DRAIN;
-                        let _ = self.0.sock.set_write_timeout(Some(DRAIN));
+                        let _ = self.set_wto(Some(DRAIN));
                         let _ = self.send_all(deadline);
                         self.linger(&mut rx, deadline);
                         return Err(e);
@@ -1011,7 +1077,6 @@ impl MigrationStream for TlsStream {
                 ));
             }
             t.conn.writer().write_all(&buf[..n])?;
-            Self::seal(&mut t)?;
         }
         match self.send(&mut tx) {
             Ok(()) => Ok(n),
@@ -1036,7 +1101,7 @@ impl MigrationStream for TlsStream {
     }
 
     fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
-        self.0.sock.set_write_timeout(t)
+        self.set_wto(t)
     }
 
     fn raw_fd(&self) -> Option<std::os::fd::RawFd> {

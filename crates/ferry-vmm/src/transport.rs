@@ -115,6 +115,13 @@ impl Socket {
         }
     }
 
+    pub fn fd(&self) -> RawFd {
+        match self {
+            Self::Tcp(s) => s.as_raw_fd(),
+            Self::Unix(s) => s.as_raw_fd(),
+        }
+    }
+
     pub fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
         self.stream().read(buf)
     }
