@@ -95,6 +95,7 @@ def migrate_once(ferry: Path, tmp: Path, n: int, tls: bool, mem: int, fill: int,
         wait_socket(d / "src.sock", src, d / "src.log")
         time.sleep(1.0)
         c0 = cpu_seconds(src.pid) + cpu_seconds(dst.pid)
+        load0 = os.getloadavg()[0]
         t0 = time.time()
         out = subprocess.run(
             [str(ferry), "migrate", "--qmp", str(d / "src.sock"), uri, "--channels", str(n),
@@ -113,6 +114,8 @@ def migrate_once(ferry: Path, tmp: Path, n: int, tls: bool, mem: int, fill: int,
             "data_bytes": data, "wire_bytes": ram["transferred"],
             "gbps": data / secs / 1e9, "cpu_s": c1 - c0,
             "cpu_per_gib": (c1 - c0) / (data / GiB), "verified": info.get("verified"),
+            # The machine's 1-minute load before and after: other work skews the figures.
+            "load": [load0, os.getloadavg()[0]],
         }
     finally:
         reap(src)
@@ -151,7 +154,8 @@ def main(argv: list[str]) -> int:
                 m["round"] = r
                 rows.append(m)
                 log(f"round {r} ch {n} {'tls' if tls else 'plain'}: {m['gbps']:.2f} GB/s, "
-                    f"{m['cpu_per_gib']:.2f} CPU s/GiB ({m['verified']})")
+                    f"{m['cpu_per_gib']:.2f} CPU s/GiB ({m['verified']}), "
+                    f"load {m['load'][0]:.1f}")
     res = {"schema": "ferry-bench-tls/1", "when": _dt.datetime.now().isoformat(),
            "ferry": str(ferry), "mem": mem, "fill": fill, "runs": a.runs,
            "tcp_gbps": tcp, "migrations": rows}
@@ -170,6 +174,8 @@ def main(argv: list[str]) -> int:
         md.append(f"| {n} | {med(tcp[n])} | {med([m['gbps'] for m in p])} | "
                   f"{med([m['gbps'] for m in t])} | {ratio:.2f} | "
                   f"{med([m['cpu_per_gib'] for m in p])} | {med([m['cpu_per_gib'] for m in t])} |")
+    loads = [m["load"][0] for m in rows]
+    md.append(f"\n1-minute load average before each migration: {med(loads)}")
     if a.markdown:
         print("\n".join(md))
     return 0

@@ -529,3 +529,66 @@ fn a_capture_of_the_link_shows_guest_memory_in_plaintext_and_not_over_tls() {
     );
     println!("plaintext capture: {plain} of 64 known pages found; TLS capture: none");
 }
+
+/// A `ferry` of release `version` built by the cross-release tests, if one is cached.
+fn cached_release(version: &str) -> Option<PathBuf> {
+    let cache = std::env::var_os("FERRY_RELEASE_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/ferry-releases"))
+        })?;
+    std::fs::read_dir(cache).ok()?.flatten().find_map(|e| {
+        let bin = e.path().join("ferry");
+        let out = Command::new(&bin).arg("--version").output().ok()?;
+        (String::from_utf8_lossy(&out.stdout).trim() == format!("ferry {version}")).then_some(bin)
+    })
+}
+
+/// A release before TLS, either way round: a clear refusal, never a hang.
+#[test]
+fn a_release_before_tls_is_refused_clearly_both_ways() {
+    let _g = serial();
+    let Some(old) = cached_release("0.2.0") else {
+        println!("skipped: no ferry 0.2.0 in the release cache (the cross-release tests build it)");
+        return;
+    };
+    let dir = TestDir::new("tls-old");
+    let ca = TestCa::new("test CA").unwrap();
+    let c = creds(&ca, &dir, "creds", "alice", 1);
+    let tls = ["--tls-creds", s(&c)];
+    // 0.2.0 source, TLS destination: 0.2.0 reads the refusal frame.
+    let dst = Vm::incoming(&dir, "dst-new", &[DST, &tls].concat());
+    let mut src = Vm::start_program(&old, &dir, "src-old", "ferry 0.2.0 source", SRC);
+    let _ = src.qmp();
+    let started = Instant::now();
+    let out = migrate(&dir, &src, &dst.uri(), &[]);
+    assert_refused(
+        &out,
+        &mut src,
+        &dst,
+        &["the destination requires TLS (ferry run --tls-creds)"],
+    );
+    assert!(started.elapsed() < Duration::from_secs(20), "{out}");
+    // TLS source, 0.2.0 destination: the source says the destination did not take TLS.
+    let mut old_dst = Vm::start_program(
+        &old,
+        &dir,
+        "dst-old",
+        "ferry 0.2.0 destination",
+        &[DST, &["--incoming", "tcp:127.0.0.1:0"]].concat(),
+    );
+    let _ = old_dst.qmp();
+    let mut src = start(&dir, "src-new", &[SRC, &tls].concat());
+    let started = Instant::now();
+    let out = migrate(&dir, &src, &old_dst.uri(), &["--tls"]);
+    assert_refused(
+        &out,
+        &mut src,
+        &old_dst,
+        &[
+            "this source requires TLS",
+            "closed the connection during the handshake",
+        ],
+    );
+    assert!(started.elapsed() < Duration::from_secs(20), "{out}");
+}
