@@ -731,3 +731,94 @@ fn refuse_tls(door: &Door, mut ch: Channel, peer: String, magic: &[u8; 8], deadl
     );
     turn_away(door, ch, peer, format!("refused: {reason}"));
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::transport::MigrationStream;
+    use std::net::Shutdown;
+    use std::os::unix::net::UnixStream;
+    use std::sync::mpsc;
+
+    /// A unix stream that says its peer proved `id`, as a TLS stream does.
+    struct Proven(UnixStream, Option<String>);
+
+    impl MigrationStream for Proven {
+        fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+            MigrationStream::read(&self.0, buf)
+        }
+        fn write(&self, buf: &[u8]) -> io::Result<usize> {
+            MigrationStream::write(&self.0, buf)
+        }
+        fn try_clone(&self) -> io::Result<Box<dyn MigrationStream>> {
+            Ok(Box::new(Proven(self.0.try_clone()?, self.1.clone())))
+        }
+        fn shutdown(&self, how: Shutdown) {
+            let _ = self.0.shutdown(how);
+        }
+        fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+            self.0.set_read_timeout(t)
+        }
+        fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+            self.0.set_write_timeout(t)
+        }
+        fn peer_identity(&self) -> Option<String> {
+            self.1.clone()
+        }
+    }
+
+    /// Hands the door the connections a test makes.
+    struct Feed(Mutex<mpsc::Receiver<Channel>>);
+
+    impl Acceptor for Feed {
+        fn accept(&self, within: Duration) -> io::Result<Option<(Channel, String)>> {
+            Ok(self
+                .0
+                .lock()
+                .unwrap()
+                .recv_timeout(within)
+                .ok()
+                .map(|c| (c, "test".to_string())))
+        }
+    }
+
+    /// A data channel of the right session presenting another identity than the main
+    /// channel is a stray; one presenting the same identity is bound.
+    #[test]
+    fn a_data_channel_must_prove_the_main_channels_identity() {
+        let (tx, rx) = mpsc::channel();
+        let mut door = Doorman::new(
+            Incoming::acceptor(Feed(Mutex::new(rx))),
+            DoorConfig {
+                handshake_timeout: Duration::from_secs(2),
+                release: "test".into(),
+            },
+        );
+        door.expect(7, 1, Some("alice".into()));
+        let header = ChannelHeader {
+            version: CHANNEL_VERSION,
+            session_id: 7,
+            index: 0,
+            count: 1,
+        }
+        .encode();
+        let mut ends = Vec::new();
+        for id in ["bob", "alice"] {
+            let (a, b) = UnixStream::pair().unwrap();
+            MigrationStream::write(&a, &header).unwrap();
+            tx.send(Channel::new(Proven(b, Some(id.into())))).unwrap();
+            ends.push(a);
+            // One at a time, so that bob's comes first.
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let bound = door.channels(Duration::from_secs(5), &|| false).unwrap();
+        assert_eq!(bound[0].peer_identity().as_deref(), Some("alice"));
+        let strays = door.strays();
+        assert!(
+            strays.iter().any(|s| s.reason
+                == "data channel 0 presents the identity \"bob\", the main channel \"alice\""),
+            "{strays:?}"
+        );
+        door.close();
+    }
+}
