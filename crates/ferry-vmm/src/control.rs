@@ -142,6 +142,7 @@ impl Control {
 
     fn query_params(&self) -> Value {
         let p = self.vmm.params();
+        let tls = self.vmm.tls();
         let (_, channels) = self.vmm.multifd();
         json!({
             "downtime-limit": p.downtime_limit.as_millis() as u64,
@@ -165,6 +166,10 @@ impl Control {
                 TimeoutStrategy::Switchover => "switchover",
             },
             "x-ferry-switchover-ceiling": p.switchover_ceiling.as_millis() as u64,
+            // As QEMU shows them: empty strings for unset.
+            "tls-creds": tls.creds.map(|d| d.display().to_string()).unwrap_or_default(),
+            "tls-hostname": tls.hostname.unwrap_or_default(),
+            "tls-authz": tls.authz.map(|a| a.join(",")).unwrap_or_default(),
         })
     }
 
@@ -176,8 +181,13 @@ impl Control {
         // count (kept while the multifd capability is off) and the other properties.
         let mut channels = None;
         let mut multifd = Vec::new();
+        // TLS: tls-creds (a directory, "" for none), tls-hostname, tls-authz.
+        let mut tls = Vec::new();
         for (k, v) in args {
             match k.as_str() {
+                "tls-creds" | "tls-hostname" | "tls-authz" => {
+                    tls.push((k.as_str(), str_value(k, v)?.to_string()));
+                }
                 "downtime-limit"
                 | "max-bandwidth"
                 | "cpu-throttle-initial"
@@ -261,6 +271,13 @@ impl Control {
                     "There's a migration process in progress; '{k}' applies to the next \
                      migration and cannot change until this one ends"
                 )));
+            }
+        }
+        for (k, v) in tls {
+            match k {
+                "tls-creds" => self.vmm.set_tls_creds(Some(v.into())).map_err(vmm_err)?,
+                "tls-hostname" => self.vmm.set_tls_hostname(Some(v)),
+                _ => self.vmm.set_tls_authz(&v),
             }
         }
         if let Some(n) = channels {
@@ -437,7 +454,7 @@ const CAPABILITIES: [Capability; 7] = [
 ];
 
 /// What `migrate-set-parameters` knows, for the error about one it does not.
-const PARAMETERS: [&str; 18] = [
+const PARAMETERS: [&str; 21] = [
     "downtime-limit",
     "max-bandwidth",
     "multifd-channels",
@@ -456,6 +473,9 @@ const PARAMETERS: [&str; 18] = [
     "x-ferry-timeout-per-gib",
     "x-ferry-timeout-strategy",
     "x-ferry-switchover-ceiling",
+    "tls-creds",
+    "tls-hostname",
+    "tls-authz",
 ];
 
 fn type_error(name: &str, expected: &str) -> QmpError {

@@ -13,5 +13,6 @@ pub mod qmp;
 pub mod report;
 pub mod soft;
 pub mod throttle;
+pub mod tls;
 pub mod transport;
 pub mod vmm;

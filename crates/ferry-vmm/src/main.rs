@@ -45,6 +45,8 @@ enum Command {
     DumpVmstate(commands::compat::DumpArgs),
     /// Compare two releases' dumps and list every change that breaks migration between them
     CompatCheck(commands::compat::CheckArgs),
+    /// Write test TLS credentials (a CA, a server and a client certificate) into a directory
+    TlsCreds(commands::tls_creds::TlsCredsArgs),
 }
 
 fn main() -> ExitCode {
@@ -67,6 +69,7 @@ fn main() -> ExitCode {
         Command::Machines(a) => commands::machines::main(a),
         Command::DumpVmstate(a) => commands::compat::dump_vmstate(a),
         Command::CompatCheck(a) => commands::compat::compat_check(a),
+        Command::TlsCreds(a) => commands::tls_creds::main(a),
     };
     match r {
         Ok(code) => code,

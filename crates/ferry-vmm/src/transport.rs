@@ -13,11 +13,13 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ferry_migration::engine::{Acceptor, Channel, Connector, Incoming, StreamRole};
+use ferry_migration::engine::{
+    Acceptor, Channel, Connector, Incoming, MigrationStream, StreamRole,
+};
 use thiserror::Error;
 
 /// How long a connection attempt to one address may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A parsed migration address.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,6 +73,14 @@ impl std::fmt::Display for MigrationUri {
 impl MigrationUri {
     /// Connects to this address, giving up after `timeout` per address tried.
     pub fn connect_within(&self, timeout: Duration) -> io::Result<Channel> {
+        Ok(match self.connect_socket(timeout)? {
+            Socket::Tcp(s) => Channel::new(s),
+            Socket::Unix(s) => Channel::new(s),
+        })
+    }
+
+    /// The connected socket, for a transport that wraps it (TLS).
+    pub fn connect_socket(&self, timeout: Duration) -> io::Result<Socket> {
         match self {
             MigrationUri::Tcp(addr) => {
                 let mut last = None;
@@ -78,15 +88,75 @@ impl MigrationUri {
                     match TcpStream::connect_timeout(&a, timeout) {
                         Ok(s) => {
                             s.set_nodelay(true)?;
-                            return Ok(Channel::new(s));
+                            return Ok(Socket::Tcp(s));
                         }
                         Err(e) => last = Some(e),
                     }
                 }
                 Err(last.unwrap_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address")))
             }
-            MigrationUri::Unix(p) => Ok(Channel::new(UnixStream::connect(p)?)),
+            MigrationUri::Unix(p) => Ok(Socket::Unix(UnixStream::connect(p)?)),
         }
+    }
+}
+
+/// A connected socket of either kind, under a transport that wraps it.
+#[derive(Debug)]
+pub enum Socket {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Socket {
+    fn stream(&self) -> &dyn MigrationStream {
+        match self {
+            Self::Tcp(s) => s,
+            Self::Unix(s) => s,
+        }
+    }
+
+    pub fn fd(&self) -> RawFd {
+        match self {
+            Self::Tcp(s) => s.as_raw_fd(),
+            Self::Unix(s) => s.as_raw_fd(),
+        }
+    }
+
+    pub fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        self.stream().read(buf)
+    }
+
+    pub fn write(&self, buf: &[u8]) -> io::Result<usize> {
+        self.stream().write(buf)
+    }
+
+    /// Writes all of `b`, as the socket's write timeout allows.
+    pub fn write_all_direct(&self, mut b: &[u8]) -> io::Result<()> {
+        while !b.is_empty() {
+            match self.write(b) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => b = &b[n..],
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    pub fn shutdown(&self, how: std::net::Shutdown) {
+        self.stream().shutdown(how)
+    }
+
+    pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        self.stream().set_read_timeout(t)
+    }
+
+    pub fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        self.stream().set_write_timeout(t)
+    }
+
+    pub fn set_liveness(&self, limit: Duration) -> io::Result<()> {
+        self.stream().set_liveness(limit)
     }
 }
 
@@ -160,6 +230,33 @@ impl Listener {
                 let id = file_id(p);
                 Ok(Self::Unix(l, p.clone(), id))
             }
+        }
+    }
+
+    /// Waits up to `within` for a connection and returns its socket (TCP with
+    /// `TCP_NODELAY`), for a transport that wraps it.
+    pub fn accept_socket(&self, within: Duration) -> io::Result<Option<(Socket, String)>> {
+        let mut p = libc::pollfd {
+            fd: self.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = within.as_millis().min(i32::MAX as u128) as libc::c_int;
+        // SAFETY: one valid pollfd for the call's duration.
+        let r = unsafe { libc::poll(&mut p, 1, ms) };
+        if r <= 0 || p.revents & libc::POLLIN == 0 {
+            return Ok(None);
+        }
+        match self {
+            Self::Tcp(l) => {
+                let (s, a) = l.accept()?;
+                s.set_nodelay(true)?;
+                Ok(Some((Socket::Tcp(s), a.to_string())))
+            }
+            Self::Unix(l, p, _) => Ok(Some((
+                Socket::Unix(l.accept()?.0),
+                format!("unix:{}", p.display()),
+            ))),
         }
     }
 

@@ -13,6 +13,7 @@ use thiserror::Error;
 use crate::guest::GuestVm;
 use crate::machine::{self, RELEASE};
 use crate::soft::{SoftConfig, SoftVm};
+use crate::tls::{TlsAcceptor, TlsCreds, TlsDialer, TlsError};
 use crate::transport::{Listener, MigrationUri};
 
 /// Which hypervisor runs the guest.
@@ -96,6 +97,22 @@ pub enum VmmError {
     State(String),
     #[error(transparent)]
     Kvm(crate::kvm::KvmError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+}
+
+/// TLS for this VM's migrations, as QEMU's `tls-creds`, `tls-hostname` and `tls-authz`
+/// migration parameters say it: with credentials, every migration in or out is TLS
+/// with mutual authentication, and nothing else is taken or offered.
+#[derive(Debug, Clone, Default)]
+pub struct TlsSettings {
+    /// The credentials directory (see [`crate::tls::TlsCreds`]); `None`: plaintext.
+    pub creds: Option<std::path::PathBuf>,
+    /// The name the source checks in the destination's certificate; `None`: the host
+    /// of the migration address.
+    pub hostname: Option<String>,
+    /// The client identities allowed to migrate into this VM; `None`: any the CA vouches for.
+    pub authz: Option<Vec<String>>,
 }
 
 /// What a user reads when a guest's handover is in doubt, and what to do.
@@ -177,6 +194,8 @@ pub struct Vmm {
     events: Mutex<Option<EventSink>>,
     /// The migration under way (or last) is outgoing: this VM is its source.
     outgoing: std::sync::atomic::AtomicBool,
+    /// TLS settings; the destination's acceptor reads `authz` at each handshake.
+    tls: Arc<Mutex<TlsSettings>>,
 }
 
 impl std::fmt::Debug for Vmm {
@@ -250,6 +269,7 @@ impl Vmm {
             state: Mutex::new(state),
             events: Mutex::new(None),
             outgoing: std::sync::atomic::AtomicBool::new(false),
+            tls: Arc::new(Mutex::new(TlsSettings::default())),
         });
         let weak = Arc::downgrade(&vmm);
         vmm.monitor.set_listener(move |e| {
@@ -472,9 +492,57 @@ impl Vmm {
         Ok(w)
     }
 
+    /// The TLS settings.
+    pub fn tls(&self) -> TlsSettings {
+        self.tls.lock().unwrap().clone()
+    }
+
+    /// Sets the credentials directory (`None` or an empty path: plaintext). The
+    /// directory is read now, so a wrong one is refused here rather than at migration.
+    pub fn set_tls_creds(&self, dir: Option<std::path::PathBuf>) -> Result<(), VmmError> {
+        let dir = dir.filter(|d| !d.as_os_str().is_empty());
+        if let Some(d) = &dir {
+            TlsCreds::load(d)?;
+        }
+        self.check_idle("tls-creds")?;
+        self.tls.lock().unwrap().creds = dir;
+        Ok(())
+    }
+
+    pub fn set_tls_hostname(&self, name: Option<String>) {
+        self.tls.lock().unwrap().hostname = name.filter(|n| !n.is_empty());
+    }
+
+    /// Sets the identities allowed in, from a comma-separated list (empty: any).
+    pub fn set_tls_authz(&self, list: &str) {
+        let ids: Vec<String> = list
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect();
+        self.tls.lock().unwrap().authz = (!ids.is_empty()).then_some(ids);
+    }
+
+    /// How the source reaches `uri`: plainly, or with TLS when credentials are set.
+    fn connector(&self, uri: MigrationUri) -> Result<Box<dyn engine::Connector>, VmmError> {
+        let tls = self.tls();
+        let Some(dir) = tls.creds else {
+            return Ok(Box::new(uri));
+        };
+        let creds = TlsCreds::load(&dir)?;
+        Ok(Box::new(TlsDialer::new(
+            uri,
+            &creds,
+            tls.hostname.as_deref(),
+            self.params().handshake_timeout,
+        )?))
+    }
+
     /// Starts migrating the guest to `uri` in the background (QMP `migrate`).
     pub fn migrate(self: &Arc<Self>, uri: &str) -> Result<(), VmmError> {
         let uri: MigrationUri = uri.parse()?;
+        let connector = self.connector(uri.clone())?;
         match self.run_state() {
             RunState::Running | RunState::Paused => {}
             s => {
@@ -501,7 +569,7 @@ impl Vmm {
                 .name("ferry-migration".into())
                 .spawn(move || {
                     let was_running = me.run_state() == RunState::Running;
-                    match engine::migrate(me.vm.as_ref(), &id, &params, &uri, &me.monitor) {
+                    match engine::migrate(me.vm.as_ref(), &id, &params, connector.as_ref(), &me.monitor) {
                         Ok(info) => {
                             me.set_state(RunState::PostMigrate);
                             if was_running {
@@ -570,6 +638,18 @@ impl Vmm {
             uri: uri.to_string(),
             source: e,
         })?;
+        let incoming: engine::Incoming = match self.tls().creds {
+            None => listener.into(),
+            Some(dir) => {
+                let config = TlsCreds::load(&dir)?.server_config()?;
+                let tls = Arc::clone(&self.tls);
+                engine::Incoming::acceptor(TlsAcceptor {
+                    listener,
+                    config,
+                    authz: Arc::new(move || tls.lock().unwrap().authz.clone()),
+                })
+            }
+        };
         let mut w = self.claim_worker()?;
         self.outgoing
             .store(false, std::sync::atomic::Ordering::SeqCst);
@@ -587,7 +667,7 @@ impl Vmm {
             std::thread::Builder::new()
                 .name("ferry-incoming".into())
                 .spawn(move || {
-                    let r = engine::receive(me.vm.as_ref(), &id, &params, listener, &me.monitor);
+                    let r = engine::receive(me.vm.as_ref(), &id, &params, incoming, &me.monitor);
                     match &r {
                         Ok(_) if me.vm.is_running() => {
                             me.set_state(RunState::Running);

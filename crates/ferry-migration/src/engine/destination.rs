@@ -332,7 +332,7 @@ impl Dest<'_> {
         self.monitor
             .update(|i| i.session = Some(format!("{:016x}", hello.session_id)));
         if hello.channels > 0 {
-            door.expect(hello.session_id, hello.channels);
+            door.expect(hello.session_id, hello.channels, self.ch.peer_identity());
         }
         write_frame(
             &self.ch,

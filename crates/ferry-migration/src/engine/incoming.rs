@@ -18,7 +18,12 @@
 //!   hello and refuses it (then keeps waiting) or takes it as the migration; once one is
 //!   taken, a later candidate is answered `busy`, so a second source learns why;
 //! * a data channel is bound only if its session id is the hello's, its channel count
-//!   is the hello's, and its index is in range and not yet taken;
+//!   is the hello's, its index is in range and not yet taken, and its transport proved
+//!   the same peer identity as the main channel's (a TLS client certificate's: see
+//!   [`MigrationStream::peer_identity`](super::transport::MigrationStream::peer_identity));
+//! * a TLS ClientHello reaching a destination that takes plaintext is answered with a
+//!   refusal in plaintext (a TLS source reads it in place of the server's hello), so the
+//!   source learns that this side did not ask for TLS;
 //! * anything else (another magic, a wrong version, a channel for another migration or
 //!   for none yet, a duplicate, silence, a trickle) is logged and closed. It never
 //!   disturbs the migration under way, nor the wait for one.
@@ -121,6 +126,9 @@ struct DoorState {
     busy: bool,
     /// The session and channel count the hello announced.
     expect: Option<(u64, u16)>,
+    /// The identity the main channel's transport proved, which every data channel must
+    /// prove too.
+    identity: Option<String>,
     data: Vec<Option<Channel>>,
     /// The most recent strays, [`MAX_STRAYS`] at most.
     strays: Vec<Stray>,
@@ -265,10 +273,11 @@ impl Doorman {
 
     /// Opens the door to `count` data channels of session `session`. Called before the
     /// accept goes out, since the source connects them as soon as it reads it.
-    pub fn expect(&self, session: u64, count: u16) {
+    pub fn expect(&self, session: u64, count: u16, identity: Option<String>) {
         let door = self.door.as_ref().expect("a listener");
         let mut st = door.st.lock().unwrap();
         st.expect = Some((session, count));
+        st.identity = identity;
         st.data = (0..count).map(|_| None).collect();
     }
 
@@ -619,6 +628,9 @@ fn sort(door: &Door, mut ch: Channel, peer: String) {
         door.cv.notify_all();
         return;
     }
+    if magic[0] == 0x16 && magic[1] == 0x03 {
+        return refuse_tls(door, ch, peer, &magic, deadline);
+    }
     if magic != CHANNEL_MAGIC {
         return turn_away(
             door,
@@ -668,6 +680,12 @@ fn sort(door: &Door, mut ch: Channel, peer: String) {
         Some(_) if st.data[h.index as usize].is_some() => {
             Some(format!("data channel {} is already bound", h.index))
         }
+        Some(_) if ch.peer_identity() != st.identity => Some(format!(
+            "data channel {} presents the identity {}, the main channel {}",
+            h.index,
+            identity_name(ch.peer_identity()),
+            identity_name(st.identity.clone())
+        )),
         Some(_) => None,
     };
     match reason {
@@ -681,5 +699,126 @@ fn sort(door: &Door, mut ch: Channel, peer: String) {
             drop(st);
             door.cv.notify_all();
         }
+    }
+}
+
+fn identity_name(id: Option<String>) -> String {
+    match id {
+        Some(i) => format!("{i:?}"),
+        None => "of no authenticated peer".into(),
+    }
+}
+
+/// A TLS ClientHello at a destination that takes plaintext: reads the rest of its record
+/// (so that closing does not reset the connection under the answer) and answers with a
+/// plaintext refusal, which a ferry TLS source reads in place of the server's hello.
+fn refuse_tls(door: &Door, mut ch: Channel, peer: String, magic: &[u8; 8], deadline: Instant) {
+    let record = usize::from(u16::from_be_bytes([magic[3], magic[4]]));
+    let mut rest = vec![0u8; (record + 5).saturating_sub(magic.len()).min(READ_STEP)];
+    let _ = read_by(&mut ch, &mut rest, deadline);
+    let reason = "this destination takes plaintext migrations (it was started without \
+                  ferry run --tls-creds); this source connected with TLS";
+    let _ = write_frame(
+        &ch,
+        FrameTag::Refuse,
+        &Refuse {
+            cause: RefuseCause::Security,
+            reason: reason.into(),
+        }
+        .encode(),
+        "source",
+        "refuse",
+    );
+    turn_away(door, ch, peer, format!("refused: {reason}"));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::transport::MigrationStream;
+    use std::net::Shutdown;
+    use std::os::unix::net::UnixStream;
+    use std::sync::mpsc;
+
+    /// A unix stream that says its peer proved `id`, as a TLS stream does.
+    struct Proven(UnixStream, Option<String>);
+
+    impl MigrationStream for Proven {
+        fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+            MigrationStream::read(&self.0, buf)
+        }
+        fn write(&self, buf: &[u8]) -> io::Result<usize> {
+            MigrationStream::write(&self.0, buf)
+        }
+        fn try_clone(&self) -> io::Result<Box<dyn MigrationStream>> {
+            Ok(Box::new(Proven(self.0.try_clone()?, self.1.clone())))
+        }
+        fn shutdown(&self, how: Shutdown) {
+            let _ = self.0.shutdown(how);
+        }
+        fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+            self.0.set_read_timeout(t)
+        }
+        fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+            self.0.set_write_timeout(t)
+        }
+        fn peer_identity(&self) -> Option<String> {
+            self.1.clone()
+        }
+    }
+
+    /// Hands the door the connections a test makes.
+    struct Feed(Mutex<mpsc::Receiver<Channel>>);
+
+    impl Acceptor for Feed {
+        fn accept(&self, within: Duration) -> io::Result<Option<(Channel, String)>> {
+            Ok(self
+                .0
+                .lock()
+                .unwrap()
+                .recv_timeout(within)
+                .ok()
+                .map(|c| (c, "test".to_string())))
+        }
+    }
+
+    /// A data channel of the right session presenting another identity than the main
+    /// channel is a stray; one presenting the same identity is bound.
+    #[test]
+    fn a_data_channel_must_prove_the_main_channels_identity() {
+        let (tx, rx) = mpsc::channel();
+        let mut door = Doorman::new(
+            Incoming::acceptor(Feed(Mutex::new(rx))),
+            DoorConfig {
+                handshake_timeout: Duration::from_secs(2),
+                release: "test".into(),
+            },
+        );
+        door.expect(7, 1, Some("alice".into()));
+        let header = ChannelHeader {
+            version: CHANNEL_VERSION,
+            session_id: 7,
+            index: 0,
+            count: 1,
+        }
+        .encode();
+        let mut ends = Vec::new();
+        for id in ["bob", "alice"] {
+            let (a, b) = UnixStream::pair().unwrap();
+            MigrationStream::write(&a, &header).unwrap();
+            tx.send(Channel::new(Proven(b, Some(id.into())))).unwrap();
+            ends.push(a);
+            // One at a time, so that bob's comes first.
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let bound = door.channels(Duration::from_secs(5), &|| false).unwrap();
+        assert_eq!(bound[0].peer_identity().as_deref(), Some("alice"));
+        let strays = door.strays();
+        assert!(
+            strays.iter().any(|s| s.reason
+                == "data channel 0 presents the identity \"bob\", the main channel \"alice\""),
+            "{strays:?}"
+        );
+        door.close();
     }
 }

@@ -65,6 +65,13 @@ pub trait MigrationStream: Send + Sync + 'static {
         let _ = limit;
         Ok(())
     }
+
+    /// Who the peer proved to be, for a transport that authenticates it (a TLS client
+    /// certificate's identity): the destination binds a data channel only if it presents
+    /// the same identity as the main channel. `None` for an unauthenticated stream.
+    fn peer_identity(&self) -> Option<String> {
+        None
+    }
 }
 
 impl MigrationStream for TcpStream {
@@ -214,6 +221,11 @@ impl Channel {
 
     pub fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         self.s.set_write_timeout(t)
+    }
+
+    /// Who the peer proved to be ([`MigrationStream::peer_identity`]).
+    pub fn peer_identity(&self) -> Option<String> {
+        self.s.peer_identity()
     }
 
     /// The socket's descriptor when pages may be moved by `writev`/`readv` on it.

@@ -588,6 +588,9 @@ pub enum RefuseCause {
     DeviceConfig,
     /// The hello does not decode.
     BadHello,
+    /// The two sides' transport security differs (TLS against plaintext) or the peer's
+    /// credentials are not allowed in. Sent by the transport, before any hello is read.
+    Security,
     /// A cause this release does not know (sent by a newer peer).
     Other(u16),
 }
@@ -608,6 +611,7 @@ impl RefuseCause {
             Self::Channels => 11,
             Self::DeviceConfig => 12,
             Self::BadHello => 13,
+            Self::Security => 14,
             Self::Other(c) => c,
         }
     }
@@ -627,6 +631,7 @@ impl RefuseCause {
             11 => Self::Channels,
             12 => Self::DeviceConfig,
             13 => Self::BadHello,
+            14 => Self::Security,
             c => Self::Other(c),
         }
     }
@@ -648,6 +653,7 @@ impl std::fmt::Display for RefuseCause {
             Self::Channels => "data channels",
             Self::DeviceConfig => "device configuration",
             Self::BadHello => "malformed hello",
+            Self::Security => "transport security",
             Self::Other(c) => return write!(f, "cause {c}"),
         };
         f.write_str(s)

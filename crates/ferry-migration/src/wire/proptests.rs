@@ -599,7 +599,7 @@ proptest! {
     fn refuse_cause_codes_round_trip(code in prop_oneof![0..=16u16, any::<u16>()]) {
         let c = RefuseCause::from_code(code);
         prop_assert_eq!(c.code(), code);
-        prop_assert_eq!(matches!(c, RefuseCause::Other(_)), !(1..=13).contains(&code));
+        prop_assert_eq!(matches!(c, RefuseCause::Other(_)), !(1..=14).contains(&code));
         prop_assert!(!c.to_string().is_empty());
     }
 

@@ -56,6 +56,15 @@ pub struct MigrateArgs {
     /// the guest's pass rate there for about a second
     #[arg(long, value_name = "SOCK", value_parser = qmp_path, conflicts_with = "detach")]
     pub dest_qmp: Option<PathBuf>,
+    /// Migrate with TLS: the VM must have credentials (ferry run --tls-creds DIR, or QMP
+    /// migrate-set-parameters tls-creds); fails, before anything moves, if it has none.
+    /// A VM with credentials migrates with TLS in any case
+    #[arg(long)]
+    pub tls: bool,
+    /// The name to check in the destination's certificate (QMP tls-hostname)
+    /// [default: the VM's setting, else the host of URI]
+    #[arg(long, value_name = "NAME", requires = "tls")]
+    pub tls_hostname: Option<String>,
 }
 
 fn baseline_secs(s: &str) -> Result<f64, String> {
@@ -209,6 +218,19 @@ pub fn main(args: MigrateArgs) -> CliResult {
         }
     }
     let mut params = serde_json::Map::new();
+    if args.tls {
+        let p = c.execute("query-migrate-parameters", Value::Null)?;
+        if p["tls-creds"].as_str().unwrap_or("").is_empty() {
+            return Err(CliError::msg(format!(
+                "--tls: the VM at {} has no TLS credentials; start it with ferry run \
+                 --tls-creds DIR, or set them with QMP migrate-set-parameters tls-creds",
+                args.qmp.display()
+            )));
+        }
+    }
+    if let Some(h) = &args.tls_hostname {
+        params.insert("tls-hostname".into(), json!(h));
+    }
     if let Some(d) = args.downtime_limit {
         params.insert("downtime-limit".into(), json!(d));
     }

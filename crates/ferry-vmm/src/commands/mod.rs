@@ -5,6 +5,7 @@ pub mod demo;
 pub mod machines;
 pub mod migrate;
 pub mod run;
+pub mod tls_creds;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

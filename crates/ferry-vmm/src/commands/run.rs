@@ -98,6 +98,22 @@ pub struct RunArgs {
     /// the first touch of each page during the migration
     #[arg(long)]
     pub prealloc: bool,
+    /// Migrate with TLS 1.3 and mutual x509 authentication, with the credentials in DIR
+    /// as QEMU lays them out (ca-cert.pem; server-cert.pem and server-key.pem for a
+    /// destination; client-cert.pem and client-key.pem for a source; `ferry tls-creds`
+    /// makes test ones). Every migration in or out of this VM is then TLS; plaintext
+    /// peers are refused
+    #[arg(long, value_name = "DIR")]
+    pub tls_creds: Option<PathBuf>,
+    /// With --tls-creds on a destination: the client identities (certificate subject CN
+    /// or SAN) allowed to migrate into this VM, comma-separated [default: any the CA
+    /// vouches for]
+    #[arg(long, value_name = "ID[,ID...]", requires = "tls_creds")]
+    pub tls_authz: Option<String>,
+    /// With --tls-creds on a source: the name to check in the destination's certificate
+    /// [default: the host of the migration address]
+    #[arg(long, value_name = "NAME", requires = "tls_creds")]
+    pub tls_hostname: Option<String>,
 }
 
 fn parse_vcpu_work(s: &str) -> Result<VcpuWork, String> {
@@ -221,6 +237,13 @@ pub fn main(args: RunArgs) -> CliResult {
             t.elapsed().as_secs_f64()
         );
     }
+    if let Some(dir) = &args.tls_creds {
+        vmm.set_tls_creds(Some(dir.clone()))?;
+    }
+    if let Some(a) = &args.tls_authz {
+        vmm.set_tls_authz(a);
+    }
+    vmm.set_tls_hostname(args.tls_hostname.clone());
     let control = Control::new(vmm.clone());
     let _server = match &args.qmp {
         Some(p) => Some(control.serve(p).map_err(|e| CliError::Io {
@@ -260,8 +283,12 @@ pub fn main(args: RunArgs) -> CliResult {
         0 => String::new(),
         f => format!(", {} filled", human_bytes(f)),
     };
+    let tls = match &args.tls_creds {
+        Some(d) => format!(", TLS with the credentials in {}", d.display()),
+        None => String::new(),
+    };
     eprintln!(
-        "ferry: {} VM on the {} backend, machine {}: {} RAM, {} vCPU(s), {workload}{fill}{}{}",
+        "ferry: {} VM on the {} backend, machine {}: {} RAM, {} vCPU(s), {workload}{fill}{tls}{}{}",
         if args.incoming.is_some() {
             "incoming"
         } else {

@@ -261,6 +261,14 @@ impl Link {
         }
     }
 
+    /// The veth end in `side`'s namespace (for a capture there).
+    pub fn interface(&self, side: Side) -> &str {
+        match side {
+            Side::Source => &self.src_if,
+            Side::Destination => &self.dst_if,
+        }
+    }
+
     fn ends(&self) -> [(&str, &str); 2] {
         [(&self.src_ns, &self.src_if), (&self.dst_ns, &self.dst_if)]
     }
