@@ -16,6 +16,7 @@ use ferry_migration::engine::{
     self, error_chain, DestinationIdentity, MigrationError, MigrationInfo, MigrationMonitor,
     MigrationParams, MigrationStatus, SourceIdentity, TimeoutStrategy,
 };
+use ferry_vmm::guest::GuestVm;
 use ferry_vmm::machine;
 use ferry_vmm::soft::{SoftConfig, SoftVm};
 use ferry_vmm::transport::{Listener, MigrationUri};
@@ -57,7 +58,7 @@ fn stalling_params() -> MigrationParams {
 }
 
 fn vm(incoming: bool) -> Arc<SoftVm> {
-    Arc::new(
+    let vm = Arc::new(
         SoftVm::create(&SoftConfig {
             mem_size: 32 * MIB,
             dirty_size: 8 * MIB,
@@ -66,7 +67,18 @@ fn vm(incoming: bool) -> Arc<SoftVm> {
             ..SoftConfig::default()
         })
         .unwrap(),
-    )
+    );
+    // A source guest that has written its range a few times: the pages are there to
+    // move, and the workload is at speed.
+    let t = Instant::now();
+    while !incoming && vm.report().passes.iter().any(|&p| p < 3) {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the guest made no progress"
+        );
+        thread::sleep(Duration::from_millis(2));
+    }
+    vm
 }
 
 struct Run {
@@ -216,4 +228,37 @@ fn max_bandwidth_changed_in_flight_takes_effect_at_once() {
     r.source.unwrap_or_else(|e| panic!("{}", error_chain(&e)));
     assert!(r.took < Duration::from_secs(15), "{:?}", r.took);
     assert!(dst.is_running());
+}
+
+/// A throttle parameter changed while the migration runs takes effect at the next pass:
+/// a dirty limit set too high to help (the migration stalls), then lowered in flight, and
+/// the migration converges.
+#[test]
+fn a_dirty_limit_lowered_in_flight_takes_effect_at_the_next_pass() {
+    let p = MigrationParams {
+        dirty_limit: true,
+        vcpu_dirty_limit_mbps: 100_000,
+        ..stalling_params()
+    };
+    let lowered = MigrationParams {
+        vcpu_dirty_limit_mbps: 1,
+        ..p.clone()
+    };
+    let (r, src, dst) = migrate(&p, move |m| {
+        // Until it has said it does not converge, the high limit stands.
+        let t = Instant::now();
+        while !m.info().convergence.is_some_and(|c| !c.converging) {
+            assert!(t.elapsed() < Duration::from_secs(20), "never stalled");
+            thread::sleep(Duration::from_millis(20));
+        }
+        m.set_live_params(lowered);
+    });
+    let info = r.source.unwrap_or_else(|e| panic!("{}", error_chain(&e)));
+    assert!(r.stall_seen.is_some(), "it never said it stalled first");
+    assert!(
+        info.passes.iter().any(|p| p.dirty_limited),
+        "the dirty limit never came on: {:?}",
+        info.passes
+    );
+    assert!(!src.is_running() && dst.is_running());
 }

@@ -21,6 +21,7 @@ use ferry_migration::engine::{
     self, error_chain, DestinationIdentity, Faults, MigrationError, MigrationInfo,
     MigrationMonitor, MigrationParams, MigrationStatus, SourceIdentity,
 };
+use ferry_vmm::guest::GuestVm;
 use ferry_vmm::machine;
 use ferry_vmm::soft::{SoftConfig, SoftVm};
 use ferry_vmm::transport::{Listener, MigrationUri};
@@ -60,7 +61,7 @@ fn params(channels: u16) -> MigrationParams {
 }
 
 fn vm(incoming: bool, dirty: u64) -> Arc<SoftVm> {
-    Arc::new(
+    let vm = Arc::new(
         SoftVm::create(&SoftConfig {
             mem_size: 64 * MIB,
             dirty_size: dirty,
@@ -69,7 +70,17 @@ fn vm(incoming: bool, dirty: u64) -> Arc<SoftVm> {
             ..SoftConfig::default()
         })
         .unwrap(),
-    )
+    );
+    // A source guest that has written its range: its pages are there to move.
+    let t = Instant::now();
+    while !incoming && vm.report().passes.iter().any(|&p| p < 2) {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the guest made no progress"
+        );
+        thread::sleep(Duration::from_millis(2));
+    }
+    vm
 }
 
 /// A TCP relay between source and destination whose link can be frozen: while frozen
