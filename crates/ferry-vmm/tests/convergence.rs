@@ -247,7 +247,7 @@ fn a_dirty_limit_lowered_in_flight_takes_effect_at_the_next_pass() {
     let (r, src, dst) = migrate(&p, move |m| {
         // Until it has said it does not converge, the high limit stands.
         let t = Instant::now();
-        while !m.info().convergence.is_some_and(|c| !c.converging) {
+        while m.info().convergence.is_none_or(|c| c.converging) {
             assert!(t.elapsed() < Duration::from_secs(20), "never stalled");
             thread::sleep(Duration::from_millis(20));
         }
