@@ -18,13 +18,20 @@
  * to COM1, so the serial output counts the passes. A vCPU with nothing to dirty parks at
  * CPL 0 in `hlt` with interrupts off, so an idle guest costs no CPU.
  *
+ * Paced, as ferry's `--dirty-rate` (with "rate=PAGES_PER_S tsc=HZ"): after every 64 pages,
+ * and at the end of a pass (counted as 64), the loop waits until the pages written so far
+ * are due at the rate, reading the clock with `rdtsc` (CPL 3 may: CR4.TSD is clear) at the
+ * TSC frequency it is told; behind the rate it does not wait, as ferry's pacer. Unlike
+ * ferry's guest, whose VMM sleeps in the report's exit, it waits by spinning (`pause`), so
+ * a paced vCPU keeps a host core busy.
+ *
  * Memory (guest-physical = virtual, identity-mapped with 2 MiB pages over the first 4 GiB):
  *   [1 MiB, ...)   this image: code, GDT, IDT, TSS, page tables, stacks
  *   after it       QEMU's multiboot information and command line
  *   RANGE_BASE     the dirty range, then the fill range (they must fit below the first hole)
  *
  * COM1 output, in order:
- *   "ferry-bench-guest dirty=BYTES fill=BYTES ram=BYTES\n"
+ *   "ferry-bench-guest dirty=BYTES fill=BYTES ram=BYTES rate=PAGES_PER_S\n"
  *   "filled\n"                      once the fill range is written (only with fill > 0)
  *   "loop\n" then '.' per pass      with dirty > 0
  *   "idle\n"                        with dirty = 0, then nothing
@@ -214,6 +221,10 @@ user:
     call puts
     movq ram_low(%rip), %rax
     call putu
+    leaq msg_rate(%rip), %rsi
+    call puts
+    movq rate_pages(%rip), %rax
+    call putu
     movb $'\n', %al
     call putc
 
@@ -267,6 +278,55 @@ user:
     movq $RANGE_BASE, %rsi
     leaq pass_count(%rip), %rbx
     movl $COM1, %r9d
+    movq rate_pages(%rip), %rcx
+    testq %rcx, %rcx
+    jz top
+    movq tsc_hz(%rip), %rax
+    testq %rax, %rax
+    jz top
+    /* r10 = TSC cycles per 64 pages at the rate; r11 = when the pages so far are due. */
+    shlq $6, %rax
+    xorl %edx, %edx
+    divq %rcx
+    movq %rax, %r10
+    rdtsc
+    shlq $32, %rdx
+    orq %rdx, %rax
+    movq %rax, %r11
+ptop:
+    movq %rsi, %rdi
+    movq %r8, %rcx
+pchunk:
+    movl $64, %r12d
+ppage:
+    incb (%rdi)
+    addq $4096, %rdi
+    decq %rcx
+    jz pend
+    decl %r12d
+    jnz ppage
+    call pwait
+    jmp pchunk
+pend:
+    call pwait
+    incq (%rbx)
+    movb $'.', %al
+    movl %r9d, %edx
+    outb %al, %dx
+    jmp ptop
+
+/* pwait: 64 more pages are due r10 cycles after the last; spin until then. */
+pwait:
+    addq %r10, %r11
+1:  rdtsc
+    shlq $32, %rdx
+    orq %rdx, %rax
+    cmpq %r11, %rax
+    jae 2f
+    pause
+    jmp 1b
+2:  ret
+
 top:
     movq %rsi, %rdi
     movq %r8, %rcx
@@ -305,7 +365,7 @@ park_request:
     hlt
 
 /* parse_cmdline: rsi = NUL-terminated "word key=SIZE ..." (the first word, the image's
- * name, and unknown keys are skipped). Sets dirty_bytes and fill_bytes. rax = 0, or 1 for
+ * name, and unknown keys are skipped). Sets dirty_bytes, fill_bytes, rate_pages and tsc_hz. rax = 0, or 1 for
  * a value that is not a size. */
 parse_cmdline:
     pushq %rbx
@@ -323,6 +383,14 @@ next_word:
     jz value
     leaq key_fill(%rip), %rdi
     leaq fill_bytes(%rip), %rbx
+    call match_key
+    jz value
+    leaq key_rate(%rip), %rdi
+    leaq rate_pages(%rip), %rbx
+    call match_key
+    jz value
+    leaq key_tsc(%rip), %rdi
+    leaq tsc_hz(%rip), %rbx
     call match_key
     jz value
 skip_word:
@@ -441,12 +509,15 @@ msg_loop:        .asciz "loop\n"
 msg_idle:        .asciz "idle\n"
 msg_fault:       .asciz "!fault "
 msg_at:          .asciz " at "
-msg_bad_cmdline: .asciz "error: the command line takes dirty=SIZE fill=SIZE (bytes, K, M or G)\n"
+msg_bad_cmdline: .asciz "error: the command line takes dirty=SIZE fill=SIZE rate=N tsc=N (bytes, K, M or G)\n"
 msg_no_meminfo:  .asciz "error: the loader gave no memory size\n"
 msg_bad_size:    .asciz "error: dirty and fill must be multiples of 4 KiB\n"
 msg_too_big:     .asciz "error: 16 MiB + dirty + fill is more than the RAM below the first hole\n"
 key_dirty:       .asciz "dirty="
 key_fill:        .asciz "fill="
+key_rate:        .asciz "rate="
+key_tsc:         .asciz "tsc="
+msg_rate:        .asciz " rate="
 
 numbuf:          .skip 24
 numbuf_end:      .byte 0
@@ -456,6 +527,8 @@ mb_info:         .quad 0
 ram_low:         .quad 0
 dirty_bytes:     .quad 0
 fill_bytes:      .quad 0
+rate_pages:      .quad 0
+tsc_hz:          .quad 0
 
 gdt_ptr:
     .word gdt_end - gdt - 1
