@@ -6,15 +6,18 @@
 //! at the downtime it costs when the strategy accepts it. A bandwidth cap changed while
 //! a migration runs takes effect at once.
 
+mod common;
+
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::engine::{dest_id, source_id};
 use ferry_migration::compat::Config;
 use ferry_migration::engine::vm::MigratableVm;
 use ferry_migration::engine::{
-    self, error_chain, DestinationIdentity, MigrationError, MigrationInfo, MigrationMonitor,
-    MigrationParams, MigrationStatus, SourceIdentity, TimeoutStrategy,
+    self, error_chain, MigrationError, MigrationInfo, MigrationMonitor, MigrationParams,
+    MigrationStatus, TimeoutStrategy,
 };
 use ferry_vmm::guest::GuestVm;
 use ferry_vmm::machine;
@@ -25,25 +28,6 @@ const MIB: u64 = 1 << 20;
 
 fn config() -> Config {
     machine::registry().configure("ferry-0.3", &[]).unwrap()
-}
-
-fn source_id(c: &Config) -> SourceIdentity {
-    SourceIdentity {
-        release: machine::RELEASE.into(),
-        machine: c.machine().into(),
-        wire_props: c.wire_properties(),
-        compat_pinned: c.compat_pinned_wire_properties(),
-    }
-}
-
-fn dest_id(c: &Config) -> DestinationIdentity {
-    DestinationIdentity {
-        release: machine::RELEASE.into(),
-        machine: c.machine().into(),
-        known_machines: machine::machine_names(),
-        wire_props: c.wire_properties(),
-        compat_pinned: c.compat_pinned_wire_properties(),
-    }
 }
 
 /// A guest that dirties 8 MiB per pass of its own, many times a second, over a link

@@ -8,6 +8,8 @@
 //! a destination that stops sending keepalives is taken for dead, which shows they are
 //! what keeps a quiet link alive.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,11 +17,12 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::engine::{dest_id, source_id};
 use ferry_migration::compat::Config;
 use ferry_migration::engine::vm::MigratableVm;
 use ferry_migration::engine::{
-    self, error_chain, DestinationIdentity, Faults, MigrationError, MigrationInfo,
-    MigrationMonitor, MigrationParams, MigrationStatus, SourceIdentity,
+    self, error_chain, Faults, MigrationError, MigrationInfo, MigrationMonitor, MigrationParams,
+    MigrationStatus,
 };
 use ferry_vmm::guest::GuestVm;
 use ferry_vmm::machine;
@@ -31,25 +34,6 @@ const LIMIT: Duration = Duration::from_millis(1000);
 
 fn config() -> Config {
     machine::registry().configure("ferry-0.3", &[]).unwrap()
-}
-
-fn source_id(c: &Config) -> SourceIdentity {
-    SourceIdentity {
-        release: machine::RELEASE.into(),
-        machine: c.machine().into(),
-        wire_props: c.wire_properties(),
-        compat_pinned: c.compat_pinned_wire_properties(),
-    }
-}
-
-fn dest_id(c: &Config) -> DestinationIdentity {
-    DestinationIdentity {
-        release: machine::RELEASE.into(),
-        machine: c.machine().into(),
-        known_machines: machine::machine_names(),
-        wire_props: c.wire_properties(),
-        compat_pinned: c.compat_pinned_wire_properties(),
-    }
 }
 
 fn params(channels: u16) -> MigrationParams {

@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod engine;
 pub mod netns;
 
 use std::io::{BufRead, BufReader, Read};
