@@ -11,7 +11,9 @@
 //!   guest's dirty rate, the link's rate, the downtime a switchover would cost).
 //! * **Throttling, as QEMU's.** A pass in which the guest dirtied more than
 //!   `throttle-trigger-threshold` percent of what the pass sent counts as one whose
-//!   dirty rate is high; every second such pass steps the throttle. With
+//!   dirty rate is high; every second such pass steps the throttle. A pass longer
+//!   than [`SYNC_PERIOD`] is judged period by period as well ([`Converge::after_period`]),
+//!   so a slow link does not slow the throttle down with it. With
 //!   `auto-converge` the step is the CPU throttle (`cpu-throttle-initial` the first
 //!   time, then `cpu-throttle-increment` or, with `cpu-throttle-tailslow`, as much of it
 //!   as the overshoot calls for, up to `max-cpu-throttle`); with `dirty-limit` the first
@@ -30,6 +32,12 @@ use std::time::{Duration, Instant};
 
 use super::params::{human_bytes, MigrationParams, TimeoutStrategy};
 use super::vm::VcpuThrottle;
+
+/// Within a pass longer than this, the source harvests the dirty log and judges the
+/// period as it judges a pass, so the throttle keeps stepping during long passes (a
+/// pass over a slow link can take minutes). QEMU (since 9.2) syncs its dirty bitmap on
+/// the same period while auto-converge throttles, for the same reason.
+pub const SYNC_PERIOD: Duration = Duration::from_secs(5);
 
 /// Passes without the remainder shrinking before a migration counts as stalled.
 pub const STALL_PASSES: u32 = 3;
@@ -85,6 +93,8 @@ pub(crate) struct Converge {
     dirty_limit_set: Option<VcpuThrottle>,
     smallest_dirtied: Option<u64>,
     flat_passes: u32,
+    /// Whether the last pass's switchover fitted the limit.
+    last_fits: bool,
     start: Instant,
     timeout: Duration,
 }
@@ -99,6 +109,7 @@ impl Converge {
             dirty_limit_set: None,
             smallest_dirtied: None,
             flat_passes: 0,
+            last_fits: false,
             start: Instant::now(),
             timeout: p.timeout_for(ram_bytes),
         }
@@ -146,46 +157,19 @@ impl Converge {
         let converging = fits || self.flat_passes < STALL_PASSES;
         let why = (!converging).then(|| stall_message(f));
 
-        // QEMU's trigger: the guest dirtied more than the threshold's share of what
-        // the pass sent, in two passes (not necessarily in a row).
-        let mut throttle = self.retune(p);
-        let threshold = f.sent as f64 * f64::from(p.throttle_trigger_threshold) / 100.0;
-        if (p.auto_converge || p.dirty_limit) && !fits && f.dirtied as f64 > threshold {
-            self.high_passes += 1;
-            if self.high_passes >= 2 {
-                self.high_passes = 0;
-                throttle = self.step(p, f.dirtied as f64, threshold);
-            }
-        }
+        self.last_fits = fits;
+        let retuned = self.retune(p);
+        let throttle = if fits {
+            retuned
+        } else {
+            self.trigger(p, f.sent, f.dirtied).or(retuned)
+        };
 
         let timeout = (elapsed >= self.timeout && !fits).then(|| match p.timeout_strategy {
             TimeoutStrategy::Switchover if f.expected <= p.switchover_ceiling.as_secs_f64() => {
                 TimeoutAction::Switchover
             }
-            strategy => {
-                let over = match strategy {
-                    TimeoutStrategy::Switchover => format!(
-                        "; the switchover would need {:.1} s, over x-ferry-switchover-ceiling ({} ms)",
-                        f.expected,
-                        p.switchover_ceiling.as_millis()
-                    ),
-                    TimeoutStrategy::Cancel => String::new(),
-                };
-                let advice = if p.dirty_limit {
-                    "Lower vcpu-dirty-limit"
-                } else if p.auto_converge {
-                    "Raise cpu-throttle-initial or cpu-throttle-increment, or use dirty-limit"
-                } else {
-                    "Turn on auto-converge or dirty-limit"
-                };
-                TimeoutAction::Cancel(format!(
-                    "the migration did not converge within its timeout of {} s ({}{over}); \
-                     the guest runs on here. {advice}, raise downtime-limit or \
-                     max-bandwidth, or set x-ferry-timeout-strategy=switchover",
-                    self.timeout.as_secs(),
-                    stall_message(f)
-                ))
-            }
+            _ => TimeoutAction::Cancel(self.cancel_message(p, f)),
         });
         Verdict {
             converging,
@@ -193,6 +177,93 @@ impl Converge {
             throttle,
             timeout,
         }
+    }
+
+    /// Why the timeout cancels, with the stall's figures and what to change.
+    fn cancel_message(&self, p: &MigrationParams, f: &PassFigures) -> String {
+        let over = match p.timeout_strategy {
+            TimeoutStrategy::Switchover => format!(
+                "; the switchover would need {:.1} s, over x-ferry-switchover-ceiling ({} ms)",
+                f.expected,
+                p.switchover_ceiling.as_millis()
+            ),
+            TimeoutStrategy::Cancel => String::new(),
+        };
+        let advice = if p.dirty_limit {
+            "Lower vcpu-dirty-limit"
+        } else if p.auto_converge {
+            "Raise cpu-throttle-initial or cpu-throttle-increment, or use dirty-limit"
+        } else {
+            "Turn on auto-converge or dirty-limit"
+        };
+        format!(
+            "the migration did not converge within its timeout of {} s ({}{over}); \
+             the guest runs on here. {advice}, raise downtime-limit or \
+             max-bandwidth, or set x-ferry-timeout-strategy=switchover",
+            self.timeout.as_secs(),
+            stall_message(f)
+        )
+    }
+
+    /// The verdict on a period within a long pass ([`SYNC_PERIOD`] of it, its dirty log
+    /// harvested at the period's end): the throttle may step, as after a pass, and the
+    /// timeout cancels. Nothing is judged before the first pass ended, nor while the
+    /// last pass's switchover fitted (the pass underway then is one of the last).
+    /// Switching over on the timeout waits for the pass's end.
+    pub(crate) fn after_period(
+        &mut self,
+        p: &MigrationParams,
+        sent: u64,
+        dirtied: u64,
+        f_last: Option<&PassFigures>,
+    ) -> Verdict {
+        self.after_period_at(p, sent, dirtied, f_last, self.start.elapsed())
+    }
+
+    pub(crate) fn after_period_at(
+        &mut self,
+        p: &MigrationParams,
+        sent: u64,
+        dirtied: u64,
+        f_last: Option<&PassFigures>,
+        elapsed: Duration,
+    ) -> Verdict {
+        let mut v = Verdict {
+            converging: true,
+            why: None,
+            throttle: None,
+            timeout: None,
+        };
+        let Some(last) = f_last else {
+            return v;
+        };
+        if self.last_fits {
+            return v;
+        }
+        v.converging = self.flat_passes < STALL_PASSES;
+        v.why = (!v.converging).then(|| stall_message(last));
+        let retuned = self.retune(p);
+        v.throttle = self.trigger(p, sent, dirtied).or(retuned);
+        if elapsed >= self.timeout && p.timeout_strategy == TimeoutStrategy::Cancel {
+            v.timeout = Some(TimeoutAction::Cancel(self.cancel_message(p, last)));
+        }
+        v
+    }
+
+    /// QEMU's trigger: the guest dirtied more than `throttle-trigger-threshold` percent
+    /// of what was sent, in two passes or periods (not necessarily in a row), steps the
+    /// throttle.
+    fn trigger(&mut self, p: &MigrationParams, sent: u64, dirtied: u64) -> Option<VcpuThrottle> {
+        let threshold = sent as f64 * f64::from(p.throttle_trigger_threshold) / 100.0;
+        if !(p.auto_converge || p.dirty_limit) || dirtied as f64 <= threshold {
+            return None;
+        }
+        self.high_passes += 1;
+        if self.high_passes < 2 {
+            return None;
+        }
+        self.high_passes = 0;
+        self.step(p, dirtied as f64, threshold)
     }
 
     /// A throttle in force whose parameters changed while the migration runs takes
@@ -351,6 +422,65 @@ mod tests {
                 .throttle
                 .is_none());
         }
+    }
+
+    #[test]
+    fn periods_of_a_long_pass_step_the_throttle_between_passes() {
+        let mut p = params();
+        p.auto_converge = true;
+        let mut c = Converge::new(&p, 1 << 30);
+        let high = figures(90 << 20, 5.0);
+        // Nothing is judged before the first pass ended.
+        let v = c.after_period_at(&p, 10 << 20, 9 << 20, None, Duration::ZERO);
+        assert_eq!(v.throttle, None);
+        c.after_pass_at(&p, &high, Duration::ZERO);
+        // One high pass, then periods of 5 s in which the guest dirtied 90% of what
+        // went out: the second high one steps, and so on every second.
+        let mut steps = Vec::new();
+        for _ in 0..7 {
+            if let Some(VcpuThrottle::Cpu { percent }) = c
+                .after_period_at(&p, 60 << 20, 54 << 20, Some(&high), Duration::ZERO)
+                .throttle
+            {
+                steps.push(percent);
+            }
+        }
+        assert_eq!(steps, [20, 30, 40, 50]);
+        // A period in which the guest dirtied little does not count.
+        let v = c.after_period_at(&p, 60 << 20, 6 << 20, Some(&high), Duration::ZERO);
+        assert_eq!(v.throttle, None);
+        assert_eq!(c.cpu_percent(), 50);
+        // Once a pass fitted the limit, the pass after it is one of the last: its
+        // periods are left alone.
+        c.after_pass_at(&p, &figures(90 << 20, 0.1), Duration::ZERO);
+        for _ in 0..4 {
+            let v = c.after_period_at(&p, 60 << 20, 54 << 20, Some(&high), Duration::ZERO);
+            assert_eq!(v.throttle, None);
+        }
+    }
+
+    #[test]
+    fn the_timeout_cancels_within_a_long_pass_but_a_switchover_waits_for_its_end() {
+        let mut p = params();
+        p.timeout = Some(Duration::from_secs(10));
+        let mut c = Converge::new(&p, 1 << 30);
+        let f = figures(40 << 20, 2.0);
+        c.after_pass_at(&p, &f, Duration::from_secs(1));
+        let at = |c: &mut Converge, p: &MigrationParams, secs| {
+            c.after_period_at(p, 1 << 20, 1 << 20, Some(&f), Duration::from_secs(secs))
+                .timeout
+        };
+        assert_eq!(at(&mut c, &p, 9), None);
+        match at(&mut c, &p, 10) {
+            Some(TimeoutAction::Cancel(m)) => {
+                assert!(m.contains("within its timeout of 10 s"), "{m}");
+                assert!(m.contains("guest dirties 40.0 MiB/s"), "{m}");
+            }
+            v => panic!("{v:?}"),
+        }
+        p.timeout_strategy = TimeoutStrategy::Switchover;
+        p.switchover_ceiling = Duration::from_secs(3);
+        assert_eq!(at(&mut c, &p, 10), None);
     }
 
     #[test]

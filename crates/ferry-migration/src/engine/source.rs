@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::bitmap::DirtyBitmap;
-use super::converge::{Converge, PassFigures, TimeoutAction};
+use super::converge::{Converge, PassFigures, TimeoutAction, Verdict, SYNC_PERIOD};
 use super::digest::PageDigest;
 use super::error::{error_chain, MigrationError};
 use super::liveness::{KeepaliveSender, Liveness, Stalled, LEGACY_LIMIT};
@@ -143,6 +143,7 @@ pub fn migrate(
         throttled: false,
         throttle_seen: Vec::new(),
         converging: true,
+        last_pass: None,
     };
     monitor.update(|i| i.session = Some(format!("{:016x}", src.session)));
     let result = src.run(id, transport);
@@ -249,6 +250,8 @@ struct Source<'a> {
     throttle_seen: Vec<Duration>,
     /// The convergence verdict last reported, to tell a change.
     converging: bool,
+    /// What the last pass moved, for the verdicts on periods of the next.
+    last_pass: Option<PassFigures>,
 }
 
 /// One device of the migration, at the source.
@@ -675,14 +678,16 @@ impl Source<'_> {
                 .downtime_limit()
                 .unwrap_or(self.params.downtime_limit);
             let fits = expected <= limit.as_secs_f64();
-            if self.converge_after_pass(&PassFigures {
+            let figures = PassFigures {
                 sent: c.bytes,
                 dirtied: remaining,
                 secs,
                 expected,
                 limit: limit.as_secs_f64(),
                 link_rate: self.link_bw,
-            })? {
+            };
+            self.last_pass = Some(figures);
+            if self.converge_after_pass(&figures)? {
                 break;
             }
             if dirty == 0 && fits && acked {
@@ -724,6 +729,46 @@ impl Source<'_> {
         let live = self.monitor.live_params();
         let p = live.as_ref().unwrap_or(self.params);
         let v = self.converge.after_pass(p, f);
+        self.take_verdict(p, &v);
+        match v.timeout {
+            None => Ok(false),
+            Some(TimeoutAction::Cancel(why)) => Err(MigrationError::NotConverging(why)),
+            Some(TimeoutAction::Switchover) => {
+                tracing::warn!(
+                    expected_ms = f.expected * 1e3,
+                    "the timeout passed: switching over at the downtime it costs"
+                );
+                self.monitor.update(|i| {
+                    if let Some(c) = i.convergence.as_mut() {
+                        c.forced_switchover = true;
+                    }
+                });
+                Ok(true)
+            }
+        }
+    }
+
+    /// Judges the period of a long pass that just ended ([`SYNC_PERIOD`]): harvests the
+    /// dirty log (pages dirtied behind the pass's cursor go in the next pass, those
+    /// ahead of it in this one, so the pass still sends each page at most once) and
+    /// lets the policy step the throttle or cancel on the timeout.
+    fn converge_after_period(&mut self, sent: u64) -> Result<(), MigrationError> {
+        let dirtied = self.harvest()? * PAGE_SIZE as u64;
+        let live = self.monitor.live_params();
+        let p = live.as_ref().unwrap_or(self.params);
+        let v = self
+            .converge
+            .after_period(p, sent, dirtied, self.last_pass.as_ref());
+        tracing::debug!(sent, dirtied, throttle = ?v.throttle, "period of a long pass");
+        self.take_verdict(p, &v);
+        match v.timeout {
+            Some(TimeoutAction::Cancel(why)) => Err(MigrationError::NotConverging(why)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Sets the throttle a verdict wants and reports the verdict.
+    fn take_verdict(&mut self, p: &MigrationParams, v: &Verdict) {
         let mut throttle_error = None;
         if let Some(t) = v.throttle {
             match self.vm.set_vcpu_throttle(t) {
@@ -768,22 +813,6 @@ impl Source<'_> {
                 converging: v.converging,
                 why: v.why.clone(),
             });
-        }
-        match v.timeout {
-            None => Ok(false),
-            Some(TimeoutAction::Cancel(why)) => Err(MigrationError::NotConverging(why)),
-            Some(TimeoutAction::Switchover) => {
-                tracing::warn!(
-                    expected_ms = f.expected * 1e3,
-                    "the timeout passed: switching over at the downtime it costs"
-                );
-                self.monitor.update(|i| {
-                    if let Some(c) = i.convergence.as_mut() {
-                        c.forced_switchover = true;
-                    }
-                });
-                Ok(true)
-            }
         }
     }
 
@@ -1183,16 +1212,19 @@ impl Source<'_> {
         e
     }
 
-    fn harvest(&mut self) -> Result<(), MigrationError> {
+    /// Takes the dirty log into the pending pages; returns how many pages it held.
+    fn harvest(&mut self) -> Result<u64, MigrationError> {
+        let mut pages = 0;
         for b in 0..self.blocks.len() {
             // Harvest into a scratch map first so the record of what this attempt took
             // from the log is exact.
             let fresh = DirtyBitmap::new(self.blocks[b].pages());
             self.vm.dirty_log().harvest(b, &fresh)?;
+            pages += fresh.count() as u64;
             self.harvested[b].or_from(&fresh);
             self.pending[b].or_from(&fresh);
         }
-        Ok(())
+        Ok(pages)
     }
 
     /// Sends every pending page, then a pass end: the one page loop, whichever lane the
@@ -1202,12 +1234,21 @@ impl Source<'_> {
     fn send_pass(&mut self, pass: u32, final_pass: bool) -> Result<PassCount, MigrationError> {
         let mut c = PassCount::default();
         let mut section = Instant::now();
+        let (mut period, mut period_sent) = (Instant::now(), 0);
+        // Periods are judged from the second pass on (the first sends everything
+        // populated, whatever the guest dirties meanwhile): the throttle steps and the
+        // timeout holds within a pass that takes minutes.
+        let judge_periods = !final_pass && self.last_pass.is_some();
         let mut pages = Vec::with_capacity(BATCH_PAGES);
         for b in 0..self.blocks.len() {
             let mut pick = Picker::default();
             while pick.next(&self.pending[b], &mut pages, BATCH_PAGES) {
                 self.send_batch(b, &mut pages, &mut c)?;
                 self.poll_rp()?;
+                if judge_periods && period.elapsed() >= SYNC_PERIOD {
+                    self.converge_after_period(c.bytes - period_sent)?;
+                    (period, period_sent) = (Instant::now(), c.bytes);
+                }
                 // 0.1's rule syncs every section; the newer one only at the pass end
                 // below, which is enough: a pass sends each page at most once.
                 let per_section = self.params.multifd_flush_after_each_section
