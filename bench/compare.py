@@ -13,7 +13,15 @@ memory. Figures are medians over the rounds; ratios are ferry / QEMU of those me
 The QEMU guest is bench/guest/guest.S, built here with gcc and ld into a multiboot image:
 it reaches long mode at CPL 3 and runs ferry's workload (increment byte 0 of every 4 KiB page
 of a range each pass), so on a host whose KVM emulates CPL-0 code both guests run natively.
-The driver installs Debian's qemu-system-x86 (and iperf3, gcc) with apt-get when missing.
+
+QEMU is 10.0 or newer by default: the qemu-system-x86_64 on PATH if it is, or else Debian's
+qemu-system-x86 installed with apt-get (on Debian 12 from bookworm-backports, which the
+driver adds to apt's sources if they lack it; iperf3 and gcc are installed too when
+missing). `--qemu PATH` measures any other QEMU instead (Debian 12's own 7.2, say), as a
+second reference; the results name the version used. Before measuring, the driver starts
+QEMU briefly with `-cpu host`: on hosts where that dies setting an MSR (QEMU 10.0 aborts on
+MSR 0x10a, IA32_ARCH_CAPABILITIES, on PVM hosts) it uses `-cpu host,-arch-capabilities`,
+and says so in its log and in the results (`--qemu-cpu` overrides the probe).
 
 Results: JSON (--out, default bench/out/compare-<time>.json), an SVG plot of the ratios next
 to it, and markdown tables with --markdown (or later from the JSON with --from-json).
@@ -621,6 +629,12 @@ def render_markdown(results: dict) -> str:
                f"{' (uncommitted changes)' if mi.get('git_dirty') else ''}, "
                f"{mi.get('qemu_version')}, {results['started']}, {results['args']['runs']} "
                f"run(s), medians with (min–max); whole run {results.get('elapsed_s', 0):.0f} s.")
+    probe = mi.get("qemu_cpu_probe")
+    if probe:
+        # Runs before the probe existed recorded only the -cpu given.
+        out.append("")
+        out.append(f"QEMU `{mi.get('qemu')}` with `-cpu {mi.get('qemu_cpu')}` "
+                   f"({probe.get('how')}).")
     load = summary.get("other_cores")
     if load:
         out.append("")
@@ -823,9 +837,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--markdown", action="store_true", help="print markdown tables to stdout")
     ap.add_argument("--no-build", action="store_true", help="use the existing release ferry")
     ap.add_argument("--ferry", type=Path, help="ferry binary (implies --no-build)")
-    ap.add_argument("--qemu", help="qemu-system-x86_64 binary (default: PATH, installed if "
-                                   "missing)")
-    ap.add_argument("--qemu-cpu", default="host", help="QEMU -cpu (default host)")
+    ap.add_argument("--qemu", metavar="PATH",
+                    help="qemu-system-x86_64 binary to compare with, whatever its version "
+                         "(default: QEMU 10.0 or newer: the one on PATH, or else installed "
+                         "with apt-get, on Debian 12 from bookworm-backports)")
+    ap.add_argument("--qemu-cpu", metavar="CPU",
+                    help="QEMU -cpu (default: host, or host,-arch-capabilities where QEMU "
+                         "dies on an MSR with host, as QEMU 10.0 does on PVM hosts; probed "
+                         "at the start)")
     ap.add_argument("--prealloc", action="store_true",
                     help="both destinations fault in their RAM before the migration "
                          "(ferry --prealloc, QEMU -mem-prealloc): measures the transfer, "
@@ -906,7 +925,9 @@ def main(argv: list[str]) -> int:
     h.ensure_gcc()
     tmp = Path(tempfile.mkdtemp(prefix="ferry-compare-"))
     image = h.build_guest(tmp)
-    ctx = Ctx(ferry=ferry, qemu=qemu, image=image, qemu_cpu=a.qemu_cpu,
+    cpu = h.qemu_cpu_for_host(qemu, tmp, a.qemu_cpu)
+    log(f"QEMU: {h.first_line([qemu, '--version'])}, -cpu {cpu['cpu']} ({cpu['how']})")
+    ctx = Ctx(ferry=ferry, qemu=qemu, image=image, qemu_cpu=cpu["cpu"],
               ferry_channels=h.ferry_knows_channels(ferry), tmp=tmp,
               migrate_timeout=a.migrate_timeout, cool=a.cool, prealloc=a.prealloc)
     if ctx.ferry_channels:
@@ -917,6 +938,7 @@ def main(argv: list[str]) -> int:
             f"ferry`); every ferry migration uses its one connection, whatever the channel "
             f"count of the case")
     machine = machine_info(ctx, iperf3)
+    machine["qemu_cpu_probe"] = cpu
     if not machine["kvm_usable"]:
         log("warning: /dev/kvm is not usable; QEMU and ferry's KVM cases will fail")
     if machine["loadavg"] and float(machine["loadavg"][0]) > 0.5:
@@ -932,7 +954,8 @@ def main(argv: list[str]) -> int:
                  "iperf_seconds": a.iperf_seconds, "tcp_streams": a.tcp_streams,
                  "memcpy_mib": a.memcpy_mib, "memcpy_reps": a.memcpy_reps,
                  "settle": a.settle, "settle_below": a.settle_below,
-                 "migrate_timeout": a.migrate_timeout, "qemu_cpu": a.qemu_cpu,
+                 "migrate_timeout": a.migrate_timeout, "qemu_cpu": ctx.qemu_cpu,
+                 "qemu_cpu_given": a.qemu_cpu, "qemu": a.qemu,
                  "prealloc": a.prealloc,
                  "cool": a.cool, "cold_mib": a.cold_mib},
         "cases": {c: vars(CASES[c]) for c in a.case_list},

@@ -584,7 +584,7 @@ class Ctx:
     ferry: Path
     backend: str
     qemu: str | None
-    qemu_cpu: str
+    qemu_cpu: str | None
     image: Path | None
     tsc_hz: int
     link: Link
@@ -601,9 +601,12 @@ def main(argv) -> int:
     ap.add_argument("--timeout", type=int, default=60,
                     help="seconds: ferry's x-ferry-timeout, and when the driver cancels QEMU")
     ap.add_argument("--ferry", type=Path, default=h.default_ferry())
-    ap.add_argument("--qemu", default=None)
-    ap.add_argument("--qemu-cpu", default="host,-arch-capabilities",
-                    help="QEMU -cpu (plain `host` aborts on MSR 0x10a on PVM hosts)")
+    ap.add_argument("--qemu", default=None, metavar="PATH",
+                    help="qemu-system-x86_64 to use, whatever its version (default: QEMU 10.0 "
+                         "or newer, installed as bench/compare.py does if missing)")
+    ap.add_argument("--qemu-cpu", default=None, metavar="CPU",
+                    help="QEMU -cpu (default: host, or host,-arch-capabilities where `host` "
+                         "dies on an MSR, as on PVM hosts (MSR 0x10a); probed at the start)")
     ap.add_argument("--qemu-switchover-bw", type=int, default=0, metavar="BYTES_PER_S",
                     help="QEMU's avail-switchover-bandwidth (0: QEMU's default, its own "
                          "estimate of the bandwidth)")
@@ -622,6 +625,7 @@ def main(argv) -> int:
     qemu = image = None
     tmp = Path(tempfile.mkdtemp(prefix="ferry-converge-"))
     hz = 0
+    cpu: dict = {"cpu": a.qemu_cpu, "how": "unused", "probes": []}
     if "qemu" in systems:
         if backend != "kvm":
             log("/dev/kvm not usable: QEMU rows skipped")
@@ -631,6 +635,9 @@ def main(argv) -> int:
             h.ensure_gcc()
             image = h.build_guest(tmp)
             hz = tsc_hz(tmp)
+            cpu = h.qemu_cpu_for_host(qemu, tmp, a.qemu_cpu)
+            log(f"QEMU: {h.first_line([qemu, '--version'])}, -cpu {cpu['cpu']} "
+                f"({cpu['how']})")
     try:
         link = Link(LINK_MBIT)
     except BenchError as e:
@@ -638,7 +645,7 @@ def main(argv) -> int:
         return 0
     atexit.register(link.remove)
     h.guard_children(sigint=False)
-    ctx = Ctx(a.ferry, backend, qemu, a.qemu_cpu, image, hz, link, tmp, a.timeout,
+    ctx = Ctx(a.ferry, backend, qemu, cpu["cpu"], image, hz, link, tmp, a.timeout,
               a.qemu_switchover_bw)
     started = _dt.datetime.now()
     machine = {
@@ -649,6 +656,7 @@ def main(argv) -> int:
         "git_commit": h.first_line(["git", "rev-parse", "HEAD"], REPO),
         "ferry_backend": backend,
         "qemu_version": h.first_line([qemu, "--version"]) if qemu else None,
+        "qemu_cpu": cpu["cpu"], "qemu_cpu_probe": cpu,
         "tsc_hz": hz or None, "link": link.tc,
     }
     log(f"link: {link.tc}; ferry backend {backend}; TSC {hz / 1e9:.3f} GHz")

@@ -14,8 +14,9 @@ QMP (`Qmp`) over a unix socket, with the helpers that time a migration from both
 busy the rest of the machine is. References measured in the same run (`ref_tcp`: loopback TCP
 with iperf3; `ref_memcpy`). Statistics and formatting (`stats`, `fmt_num`, `cell`,
 `md_table`, `size_arg`, `parse_size`). Packages (`apt_install`, `ensure_iperf3`, `ensure_gcc`,
-`ensure_qemu`). QEMU's side (`build_guest`, `qemu_guest_cmd`, `SerialLog`, `qemu_listen`,
-`qemu_wait_migration`). Results (`write_json`, `machine_info`).
+`ensure_qemu`: QEMU 10.0 or newer, from Debian's bookworm-backports where the host's own is
+older). QEMU's side (`qemu_cpu_for_host`, `build_guest`, `qemu_guest_cmd`, `SerialLog`,
+`qemu_listen`, `qemu_wait_migration`). Results (`write_json`, `machine_info`).
 
 Only the Python 3.11 standard library is used. Units: GB = 1e9 bytes, GiB = 2^30 bytes.
 Nothing here asserts a timing (DESIGN.md section 6).
@@ -969,22 +970,238 @@ def ensure_gcc() -> None:
                                          f"image is built from bench/guest/guest.S)")
 
 
+def os_release() -> dict[str, str]:
+    out: dict[str, str] = {}
+    try:
+        for line in Path("/etc/os-release").read_text().splitlines():
+            k, sep, v = line.partition("=")
+            if sep:
+                out[k.strip()] = v.strip().strip('"')
+    except OSError:
+        pass
+    return out
+
+
 # --------------------------------------------------------------------------------------------
-# QEMU: the guest image, a migration
+# QEMU: version 10.0 or newer, a -cpu that works here, the guest image, a migration
 # --------------------------------------------------------------------------------------------
+
+QEMU_WANT = (10, 0)
+QEMU_PACKAGE = "qemu-system-x86"
+BACKPORTS = "bookworm-backports"
+APT_SOURCES = Path("/etc/apt")
+
+
+def qemu_version(exe: str | None) -> tuple[tuple[int, ...] | None, str | None]:
+    """((major, minor, micro), the --version line) of a QEMU binary; (None, line) if the
+    line names no version."""
+    if not exe:
+        return None, None
+    line = first_line([exe, "--version"])
+    m = re.search(r"version (\d+)\.(\d+)(?:\.(\d+))?", line or "")
+    if not m:
+        return None, line
+    return tuple(int(g or 0) for g in m.groups()), line
+
+
+def _apt_source_lines() -> list[tuple[Path, str]]:
+    """(file, line) of every apt source file's lines, comments left out; files apt does not
+    read (other suffixes) are skipped."""
+    files = [APT_SOURCES / "sources.list"]
+    d = APT_SOURCES / "sources.list.d"
+    if d.is_dir():
+        files += sorted(p for p in d.iterdir() if p.suffix in (".list", ".sources"))
+    out = []
+    for f in files:
+        try:
+            text = f.read_text(errors="replace")
+        except OSError:
+            continue
+        for line in text.splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line:
+                out.append((f, line))
+    return out
+
+
+def has_apt_suite(suite: str) -> bool:
+    """Whether apt's sources name `suite` (a one-line `deb` entry or a deb822 `Suites:`)."""
+    for f, line in _apt_source_lines():
+        words = line.split()
+        if f.suffix == ".sources":
+            if line.lower().startswith("suites:") and suite in words[1:]:
+                return True
+        elif words and words[0] == "deb" and suite in words:
+            return True
+    return False
+
+
+def debian_mirror() -> str:
+    """The Debian mirror this host's sources use for bookworm (deb.debian.org if none)."""
+    uris: list[str] = []
+    block: dict[str, str] = {}
+    for f, line in _apt_source_lines():
+        words = line.split()
+        if f.suffix == ".sources":
+            k, _, v = line.partition(":")
+            block[k.strip().lower()] = v.strip()
+            if "uris" in block and "suites" in block:
+                if "bookworm" in block["suites"].split():
+                    uris += block["uris"].split()
+                block = {}
+        elif words and words[0] == "deb":
+            rest = [w for w in words[1:] if not w.startswith("[") and not w.endswith("]")]
+            if len(rest) >= 2 and rest[1] == "bookworm":
+                uris.append(rest[0])
+    for u in uris:
+        if "debian" in u and "security" not in u:
+            return u.rstrip("/")
+    return "http://deb.debian.org/debian"
+
+
+def add_backports() -> Path | None:
+    """Adds Debian's bookworm-backports suite to apt's sources, unless they name it already.
+    Returns the file written, or None."""
+    if has_apt_suite(BACKPORTS):
+        return None
+    keyring = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
+    signed = f"[signed-by={keyring}] " if keyring.exists() else ""
+    line = f"deb {signed}{debian_mirror()} {BACKPORTS} main\n"
+    path = APT_SOURCES / "sources.list.d" / f"{BACKPORTS}.list"
+    log(f"adding Debian's {BACKPORTS} to apt's sources: {path}: {line.strip()}")
+    if os.geteuid() == 0:
+        path.write_text(line)
+    else:
+        p = subprocess.run(_sudo() + ["tee", str(path)], input=line, text=True,
+                           stdout=subprocess.DEVNULL)
+        if p.returncode != 0:
+            raise SystemExit(f"could not write {path}; add `{line.strip()}` to apt's sources "
+                             f"and rerun")
+    return path
+
+
+def _version_text(v: tuple[int, ...] | None) -> str:
+    return ".".join(map(str, v)) if v else "of unknown version"
 
 
 def ensure_qemu(path: str | None = None) -> str:
+    """The qemu-system-x86_64 to measure: `path` as given, whatever its version (another
+    QEMU as a reference), else the one on PATH if it is 10.0 or newer. Otherwise it is
+    installed: on Debian 12 from bookworm-backports (added to apt's sources if absent),
+    elsewhere from the distribution, with a warning if that is still older than 10.0."""
     if path:
-        return path
-    exe = shutil.which("qemu-system-x86_64")
-    if exe:
+        exe = shutil.which(path) or path
+        if not os.access(exe, os.X_OK):
+            raise SystemExit(f"--qemu {path}: not an executable")
+        v, line = qemu_version(exe)
+        log(f"QEMU as given: {exe} ({line or 'no --version'})")
         return exe
-    apt_install(["qemu-system-x86"], "qemu-system-x86_64 not found")
     exe = shutil.which("qemu-system-x86_64")
-    if not exe:
+    v, line = qemu_version(exe)
+    if exe and v and v[:2] >= QEMU_WANT:
+        return exe
+    # An older one on PATH may shadow one installed earlier (by this function, in /usr/bin).
+    usr = "/usr/bin/qemu-system-x86_64"
+    if exe and exe != usr and os.access(usr, os.X_OK):
+        uv, uline = qemu_version(usr)
+        if uv and uv[:2] >= QEMU_WANT:
+            log(f"{exe} is QEMU {_version_text(v)}; using {usr}: {uline}")
+            return usr
+    want = ".".join(map(str, QEMU_WANT))
+    why = ("qemu-system-x86_64 not found" if not exe else
+           f"{exe} is QEMU {_version_text(v)}, older than {want}")
+    osr = os_release()
+    if osr.get("ID") == "debian" and osr.get("VERSION_CODENAME") == "bookworm":
+        add_backports()
+        apt_install([QEMU_PACKAGE], why, release=BACKPORTS)
+    elif exe:
+        log(f"warning: {why}, and this is not Debian 12 (whose bookworm-backports has "
+            f"{want}): measuring it; pass --qemu PATH for another")
+        return exe
+    else:
+        apt_install([QEMU_PACKAGE], why)
+    # apt puts it in /usr/bin, which an older one elsewhere on PATH may shadow.
+    for cand in ("/usr/bin/qemu-system-x86_64", shutil.which("qemu-system-x86_64")):
+        if cand and os.access(cand, os.X_OK):
+            exe = cand
+            break
+    else:
         raise SystemExit("qemu-system-x86_64 still not on PATH after apt-get install")
+    v, line = qemu_version(exe)
+    if not v or v[:2] < QEMU_WANT:
+        log(f"warning: after installing, {exe} is QEMU {_version_text(v)}, not {want} or "
+            f"newer: measuring it")
+    else:
+        log(f"using {exe}: {line}")
     return exe
+
+
+# What QEMU prints when KVM refuses an MSR it sets (and then aborts on the assertion):
+# `-cpu host` on PVM hosts, whose KVM lists IA32_ARCH_CAPABILITIES (0x10a) and refuses it.
+_MSR_REFUSED = re.compile(r"failed to set MSR|kvm_buf_set_msrs|MSR 0x[0-9a-f]+", re.I)
+CPU_FALLBACK = "host,-arch-capabilities"
+
+
+def probe_qemu_cpu(qemu: str, cpu: str, tmp: Path, seconds: float = 1.0) -> dict:
+    """Starts QEMU with `-cpu cpu` on a small guest with nothing to boot, frozen (-S), waits
+    for its QMP (KVM has every vCPU register and MSR by then), lets it run `seconds` and
+    stops it. {"cpu", "ok", "error"}."""
+    d = tmp / f"cpu-probe-{len(list(tmp.glob('cpu-probe-*')))}"
+    d.mkdir(parents=True)
+    cmd = [qemu, "-machine", "pc", "-accel", "kvm", "-cpu", cpu, "-m", "64", "-smp", "1",
+           "-nodefaults", "-no-user-config", "-display", "none", "-S",
+           "-qmp", f"unix:{d / 'qmp'},server=on,wait=off"]
+    out: dict = {"cpu": cpu, "ok": False, "error": None}
+    p = q = None
+    try:
+        with open(d / "err", "wb") as e:
+            p = spawn(cmd, stdin=subprocess.DEVNULL, stdout=e, stderr=subprocess.STDOUT)
+        q = Qmp.connect(d / "qmp", p, f"QEMU -cpu {cpu}", d / "err", deadline=30.0)
+        q.execute("cont")
+        time.sleep(seconds)
+        q.execute("query-status")
+        out["ok"] = True
+    except (BenchError, OSError, socket.timeout) as e:
+        if p is not None:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        text = tail(d / "err", 5)
+        status = p.returncode if p is not None else None
+        out["error"] = (f"exited with status {status}: {text}" if status is not None
+                        else f"{e} {text}").strip()
+        out["msr"] = bool(_MSR_REFUSED.search(text)) or status == -signal.SIGABRT
+    finally:
+        if q is not None:
+            q.quit()
+        reap(p, grace=2.0)
+    return out
+
+
+def qemu_cpu_for_host(qemu: str, tmp: Path, given: str | None = None) -> dict:
+    """The -cpu to give QEMU here: `given` as it is, else `host`, unless QEMU with `host`
+    dies on an MSR that KVM refuses (QEMU 10.0 on PVM hosts aborts setting MSR 0x10a),
+    in which case `host,-arch-capabilities`. {"cpu", "how", "probes"}; says so in the log."""
+    if given:
+        return {"cpu": given, "how": "given (--qemu-cpu)", "probes": []}
+    first = probe_qemu_cpu(qemu, "host", tmp)
+    if first["ok"]:
+        return {"cpu": "host", "how": "probed: -cpu host works", "probes": [first]}
+    if first.get("msr"):
+        second = probe_qemu_cpu(qemu, CPU_FALLBACK, tmp)
+        if second["ok"]:
+            msg = " ".join(first["error"].split())[:300]
+            log(f"QEMU with -cpu host dies on this host ({msg}); using -cpu {CPU_FALLBACK}")
+            return {"cpu": CPU_FALLBACK,
+                    "how": f"probed: -cpu host dies setting an MSR here; {CPU_FALLBACK} works",
+                    "probes": [first, second]}
+        log(f"warning: QEMU dies with -cpu host ({first['error']}) and with -cpu "
+            f"{CPU_FALLBACK} ({second['error']}); using host, its runs will fail")
+        return {"cpu": "host", "how": "probed: neither works", "probes": [first, second]}
+    log(f"warning: QEMU with -cpu host did not start: {first['error']}; its runs will "
+        f"fail too")
+    return {"cpu": "host", "how": "probed: QEMU did not start", "probes": [first]}
 
 
 def build_guest(out_dir: Path) -> Path:
