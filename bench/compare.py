@@ -13,29 +13,33 @@ memory. Figures are medians over the rounds; ratios are ferry / QEMU of those me
 The QEMU guest is bench/guest/guest.S, built here with gcc and ld into a multiboot image:
 it reaches long mode at CPL 3 and runs ferry's workload (increment byte 0 of every 4 KiB page
 of a range each pass), so on a host whose KVM emulates CPL-0 code both guests run natively.
-The driver installs Debian's qemu-system-x86 (and iperf3, gcc) with apt-get when missing.
+
+QEMU is 10.0 or newer by default: the qemu-system-x86_64 on PATH if it is, or else Debian's
+qemu-system-x86 installed with apt-get (on Debian 12 from bookworm-backports, which the
+driver adds to apt's sources if they lack it; iperf3 and gcc are installed too when
+missing). `--qemu PATH` measures any other QEMU instead (Debian 12's own 7.2, say), as a
+second reference; the results name the version used. Before measuring, the driver starts
+QEMU briefly with `-cpu host`: on hosts where that dies setting an MSR (QEMU 10.0 aborts on
+MSR 0x10a, IA32_ARCH_CAPABILITIES, on PVM hosts) it uses `-cpu host,-arch-capabilities`,
+and says so in its log and in the results (`--qemu-cpu` overrides the probe).
 
 Results: JSON (--out, default bench/out/compare-<time>.json), an SVG plot of the ratios next
 to it, and markdown tables with --markdown (or later from the JSON with --from-json).
 
-Child processes are handled as in bench/migration.py, whose machinery this reuses: each in
-its own session with a parent-death signal, killed by process group on normal exit,
-exception, Ctrl-C, SIGTERM or SIGHUP. Only the Python standard library is used.
+Child processes are handled by bench/harness.py: each in its own session with a
+parent-death signal, killed by process group on normal exit, exception, Ctrl-C, SIGTERM or
+SIGHUP. Only the Python standard library is used.
 """
 
 from __future__ import annotations
 
 import argparse
-import atexit
 import ctypes
 import datetime as _dt
 import json
 import math
 import mmap
-import os
-import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -45,24 +49,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import migration as mb  # noqa: E402  (bench/migration.py: processes, QMP, references)
-from migration import BenchError, Qmp, log, reap, spawn  # noqa: E402
+import harness as h  # noqa: E402  (processes, QMP, /proc, references, QEMU, formatting)
+from harness import BenchError, CpuWindow, Qmp, log, reap, spawn  # noqa: E402
 
-REPO = mb.REPO
-GUEST_DIR = REPO / "bench" / "guest"
+REPO = h.REPO
 SCHEMA = "ferry-bench-compare/1"
-GiB = 1 << 30
-MiB = 1 << 20
+GiB = h.GiB
+MiB = h.MiB
 
 # Timeouts, seconds.
 T_GUEST = 180.0      # boot (firmware runs emulated here), fill, first pass
 T_CONNECT = 60.0
-T_QUIT = 20.0
-T_RESUME = 10.0
 GUEST_WINDOW_S = 1.0  # the guest's pass rate is measured over this long before migrating
 POLL_S = 0.01
-
-VCPU_THREAD = re.compile(r"^(CPU \d+/KVM|vcpu\d+|soft-vcpu\d+)$")
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,7 +93,7 @@ def freed_memory(nbytes: int) -> None:
 
 def held_bytes(*procs) -> int:
     """Peak RSS of the live processes among `procs`: what they will free when they end."""
-    return sum(mb.peak_rss(p.pid) or 0 for p in procs if p is not None and p.poll() is None)
+    return sum(h.peak_rss(p.pid) or 0 for p in procs if p is not None and p.poll() is None)
 
 
 def cool_down(per_gib: float) -> float:
@@ -189,81 +188,10 @@ def variant_name(case: str, channels: int) -> str:
     return f"{case}/{channels}ch"
 
 
-def size_arg(n: int) -> str:
-    for unit, shift in (("G", 30), ("M", 20), ("K", 10)):
-        if n and n % (1 << shift) == 0:
-            return f"{n >> shift}{unit}"
-    return str(n)
-
 
 # --------------------------------------------------------------------------------------------
 # Tools: install what is missing, build the guest image
 # --------------------------------------------------------------------------------------------
-
-
-def apt_install(packages: list[str], why: str) -> None:
-    sudo = [] if os.geteuid() == 0 else (["sudo", "-n"] if shutil.which("sudo") else [])
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    log(f"{why}; installing {' '.join(packages)} with apt-get")
-    for cmd in (sudo + ["apt-get", "update", "-q"],
-                sudo + ["apt-get", "install", "-y", "-q", "--no-install-recommends", *packages]):
-        if subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL).returncode != 0:
-            raise SystemExit(f"`{' '.join(cmd)}` failed; install {' '.join(packages)} and rerun")
-
-
-def ensure_qemu(path: str | None) -> str:
-    if path:
-        return path
-    exe = shutil.which("qemu-system-x86_64")
-    if exe:
-        return exe
-    apt_install(["qemu-system-x86"], "qemu-system-x86_64 not found")
-    exe = shutil.which("qemu-system-x86_64")
-    if not exe:
-        raise SystemExit("qemu-system-x86_64 still not on PATH after apt-get install")
-    return exe
-
-
-def ensure_gcc() -> None:
-    missing = [t for t in ("gcc", "ld") if not shutil.which(t)]
-    if missing:
-        apt_install(["gcc", "binutils"], f"{' and '.join(missing)} not found (the QEMU guest "
-                                         f"image is built from bench/guest/guest.S)")
-
-
-def build_guest(out_dir: Path) -> Path:
-    """Assembles and links bench/guest/guest.S into a 32-bit multiboot ELF."""
-    obj = out_dir / "guest.o"
-    elf = out_dir / "guest.elf"
-    cmd = ["gcc", "-m32", "-c", str(GUEST_DIR / "guest.S"), "-o", str(obj)]
-    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if p.returncode != 0:
-        raise SystemExit(f"building the guest: `{' '.join(cmd)}` failed:\n{p.stdout}")
-    link = ["ld", "-m", "elf_i386", "-n", "-T", str(GUEST_DIR / "guest.ld"), str(obj),
-            "-o", str(elf)]
-    # binutils 2.39+ warns about the image's one read-write-execute segment; older ones do
-    # not know the option.
-    p = subprocess.run(link[:1] + ["--no-warn-rwx-segments"] + link[1:],
-                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if p.returncode != 0:
-        p = subprocess.run(link, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if p.returncode != 0:
-        raise SystemExit(f"linking the guest: `{' '.join(link)}` failed:\n{p.stdout}")
-    data = elf.read_bytes()
-    at = data.find((0x1BADB002).to_bytes(4, "little"))
-    if at < 0 or at >= 8192 or at % 4:
-        raise SystemExit(f"{elf}: no multiboot header in the first 8 KiB (found at {at})")
-    return elf
-
-
-def ferry_knows_channels(ferry: Path) -> bool:
-    """Whether this ferry has the `migration.multifd-channels` property."""
-    try:
-        p = subprocess.run([str(ferry), "machines", "ferry"], stdout=subprocess.PIPE,
-                           stderr=subprocess.DEVNULL, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return "migration.multifd-channels" in p.stdout
 
 
 def ferry_channel_args(channels: int, supported: bool) -> list[str]:
@@ -276,171 +204,6 @@ def ferry_channel_args(channels: int, supported: bool) -> list[str]:
     if not supported:
         return []
     return ["--global", f"migration.multifd-channels={0 if channels == 1 else channels}"]
-
-
-# --------------------------------------------------------------------------------------------
-# Measuring a process
-# --------------------------------------------------------------------------------------------
-
-
-def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
-    """{tid: (name, utime + stime seconds)} of a process's live threads."""
-    out = {}
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for t in tids:
-        try:
-            with open(f"/proc/{pid}/task/{t}/stat") as f:
-                s = f.read()
-        except OSError:
-            continue
-        name = s[s.index("(") + 1:s.rindex(")")]
-        rest = s[s.rindex(")") + 2:].split()
-        out[int(t)] = (name, (int(rest[11]) + int(rest[12])) / mb.CLK_TCK)
-    return out
-
-
-class CpuWindow:
-    """CPU seconds of one process over a window, and how much of it its vCPU threads used.
-
-    vCPU threads may end inside the window (ferry's source hands its vCPUs back at the
-    switchover), so they are sampled while the window is open and their last reading counts.
-    """
-
-    def __init__(self, pid: int):
-        self.pid = pid
-        self.start = mb.cpu_seconds(pid)
-        self.first = {t: c for t, (n, c) in thread_cpu(pid).items() if VCPU_THREAD.match(n)}
-        self.last = dict(self.first)
-
-    def sample(self) -> None:
-        for t, (n, c) in thread_cpu(self.pid).items():
-            if VCPU_THREAD.match(n):
-                self.first.setdefault(t, 0.0)
-                self.last[t] = c
-
-    def close(self) -> dict:
-        self.sample()
-        total = mb.cpu_seconds(self.pid) - self.start
-        vcpu = sum(self.last[t] - self.first[t] for t in self.last)
-        return {"all_s": round(total, 3), "vcpu_s": round(vcpu, 3),
-                "mig_s": round(max(total - vcpu, 0.0), 3)}
-
-
-def gb_per_s(nbytes: int | None, ms: float | None) -> float | None:
-    return nbytes / (ms / 1e3) / 1e9 if nbytes and ms else None
-
-
-def anon_huge_bytes(pid: int) -> int | None:
-    """AnonHugePages of a process: how much of its memory transparent huge pages back."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("AnonHugePages:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def event_time(ev: dict) -> float | None:
-    ts = ev.get("timestamp") or {}
-    if "seconds" not in ts:
-        return None
-    return ts["seconds"] + ts.get("microseconds", 0) / 1e6
-
-
-def last_event(q: Qmp, name: str) -> dict | None:
-    for ev in reversed(q.events):
-        if ev.get("event") == name:
-            return ev
-    return None
-
-
-def wait_event(q: Qmp, name: str, timeout: float) -> dict | None:
-    """Polls with a cheap command until `name` is among the events received."""
-    end = time.monotonic() + timeout
-    while True:
-        ev = last_event(q, name)
-        if ev is not None or time.monotonic() > end:
-            return ev
-        q.execute("query-status")
-        time.sleep(0.02)
-
-
-def dst_completed(qd: Qmp) -> bool:
-    if any(ev.get("event") == "MIGRATION" and (ev.get("data") or {}).get("status") == "completed"
-           for ev in qd.events):
-        return True
-    qd.execute("query-status")
-    return False
-
-
-def start_to_done_ms(qs: Qmp, qd: Qmp) -> float | None:
-    """The whole migration as both systems can be measured alike: from the source's
-    MIGRATION setup event to the destination's MIGRATION completed event (or its RESUME,
-    if later)."""
-    for q in (qs, qd):
-        q.execute("query-status")  # collects the events sent so far
-    start = next((ev for ev in qs.events if ev.get("event") == "MIGRATION"
-                  and (ev.get("data") or {}).get("status") == "setup"), None)
-    done = next((ev for ev in reversed(qd.events) if ev.get("event") == "MIGRATION"
-                 and (ev.get("data") or {}).get("status") == "completed"), None)
-    if start is None or done is None:
-        return None
-    ends = [event_time(done)]
-    resume = last_event(qd, "RESUME")
-    if resume is not None:
-        ends.append(event_time(resume))
-    a = event_time(start)
-    if a is None or None in ends:
-        return None
-    return round((max(ends) - a) * 1e3, 2)
-
-
-def stop_resume_ms(qs: Qmp, qd: Qmp) -> float | None:
-    """The guest's own view of the downtime: source STOP to destination RESUME, from the
-    timestamps both processes put on their QMP events (one host, one clock)."""
-    stop = wait_event(qs, "STOP", T_RESUME)
-    resume = wait_event(qd, "RESUME", T_RESUME)
-    if stop is None or resume is None:
-        return None
-    a, b = event_time(stop), event_time(resume)
-    if a is None or b is None:
-        return None
-    return round((b - a) * 1e3, 2)
-
-
-class SerialLog:
-    """Counts the QEMU guest's pass markers ('.') in its serial output file."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.offset = 0
-        self.text = b""
-        self.passes = 0
-
-    def poll(self) -> None:
-        try:
-            with open(self.path, "rb") as f:
-                f.seek(self.offset)
-                chunk = f.read()
-        except FileNotFoundError:
-            return
-        self.offset += len(chunk)
-        if b"loop\n" in self.text:
-            self.passes += chunk.count(b".")
-        else:
-            self.text += chunk
-            if b"loop\n" in self.text:
-                self.passes = self.text.split(b"loop\n", 1)[1].count(b".")
-        if len(self.text) > 4096:
-            self.text = self.text[-4096:]
-
-    def has(self, marker: bytes) -> bool:
-        return marker in self.text
 
 
 # --------------------------------------------------------------------------------------------
@@ -479,7 +242,7 @@ class Run:
 
 
 def _finish(proc, q, who, warnings):
-    mb.quit_and_wait(q, proc, who, warnings)
+    h.quit_and_wait(q, proc, who, warnings)
 
 
 def guest_window(count, running: bool = True) -> dict:
@@ -507,11 +270,11 @@ def run_ferry(ctx: Ctx, case: Case, channels: int, rnd: int) -> Run:
     d.mkdir()
     chan = ferry_channel_args(channels, ctx.ferry_channels)
     r.detail["channel_args"] = chan
-    common = ["run", "--backend", case.ferry_backend, "--mem", size_arg(case.mem),
-              "--dirty", size_arg(case.dirty), *chan]
+    common = ["run", "--backend", case.ferry_backend, "--mem", h.size_arg(case.mem),
+              "--dirty", h.size_arg(case.dirty), *chan]
     src_cmd = [str(ctx.ferry), *common, "--qmp", str(d / "src.sock")]
     if case.fill:
-        src_cmd += ["--fill", size_arg(case.fill)]
+        src_cmd += ["--fill", h.size_arg(case.fill)]
     if case.paused:
         src_cmd += ["-S"]
     dst_cmd = [str(ctx.ferry), *common, "--incoming", "tcp:127.0.0.1:0",
@@ -525,7 +288,7 @@ def run_ferry(ctx: Ctx, case: Case, channels: int, rnd: int) -> Run:
     try:
         with open(d / "dst.out", "wb") as o, open(d / "dst.err", "wb") as e:
             dst = spawn(dst_cmd, stdin=subprocess.DEVNULL, stdout=o, stderr=e)
-        uri = mb.wait_uri(d / "dst.out", dst, d / "dst.err")
+        uri = h.wait_uri(d / "dst.out", dst, d / "dst.err")
         with open(d / "src.out", "wb") as o, open(d / "src.err", "wb") as e:
             src = spawn(src_cmd, stdin=subprocess.DEVNULL, stdout=o, stderr=e)
         qs = Qmp.connect(d / "src.sock", src, "ferry source", d / "src.err", deadline=T_CONNECT)
@@ -569,13 +332,13 @@ def run_ferry(ctx: Ctx, case: Case, channels: int, rnd: int) -> Run:
                     continue
         if info is None:
             raise BenchError(f"ferry migrate (exit {mig.returncode}) printed no JSON: "
-                             f"{mb.tail(d / 'migrate.err')}")
+                             f"{h.tail(d / 'migrate.err')}")
         r.detail["info"] = info
         if info.get("status") != "completed" or mig.returncode != 0:
             raise BenchError(f"migration {info.get('status')} (exit {mig.returncode}): "
-                             f"{info.get('error-desc') or mb.tail(d / 'migrate.err')}")
-        gap = stop_resume_ms(qs, qd) if not case.paused else None
-        span = start_to_done_ms(qs, qd)
+                             f"{info.get('error-desc') or h.tail(d / 'migrate.err')}")
+        gap = h.stop_resume_ms(qs, qd) if not case.paused else None
+        span = h.start_to_done_ms(qs, qd)
         st = qd.execute("query-status").get("status")
         want = "paused" if case.paused else "running"
         if st != want:
@@ -600,7 +363,7 @@ def run_ferry(ctx: Ctx, case: Case, channels: int, rnd: int) -> Run:
             "stop_resume_ms": gap,
             "setup_ms": info.get("setup-time"),
             "transferred_bytes": transferred,
-            "gbs": gb_per_s(transferred, span or total),
+            "gbs": h.gb_per_s(transferred, span or total),
             "passes": len(info.get("passes") or []),
             "cpu_src_s": cpu_s["mig_s"],
             "cpu_dst_s": cpu_d["mig_s"],
@@ -608,9 +371,9 @@ def run_ferry(ctx: Ctx, case: Case, channels: int, rnd: int) -> Run:
             "cpu_dst_all_s": cpu_d["all_s"],
             "cpu_src_vcpu_s": cpu_s["vcpu_s"],
             "cpu_dst_vcpu_s": cpu_d["vcpu_s"],
-            "rss_src_peak": mb.peak_rss(src.pid),
-            "rss_dst_peak": mb.peak_rss(dst.pid),
-            "thp_dst_bytes": anon_huge_bytes(dst.pid),
+            "rss_src_peak": h.peak_rss(src.pid),
+            "rss_dst_peak": h.peak_rss(dst.pid),
+            "thp_dst_bytes": h.anon_huge_bytes(dst.pid),
         }
         r.ok = True
     except BenchError as e:
@@ -632,25 +395,16 @@ def run_ferry(ctx: Ctx, case: Case, channels: int, rnd: int) -> Run:
             reap(dst)
             freed_memory(held)
         if not r.ok:
-            r.detail["src_stderr"] = mb.tail(d / "src.err")
-            r.detail["dst_stderr"] = mb.tail(d / "dst.err")
+            r.detail["src_stderr"] = h.tail(d / "src.err")
+            r.detail["dst_stderr"] = h.tail(d / "dst.err")
     return r
 
 
 def qemu_cmd(ctx: Ctx, case: Case, serial: Path, qmp: Path, incoming: bool) -> list[str]:
-    # debug-threads names the vCPU threads ("CPU 0/KVM"), so their CPU can be told apart.
-    cmd = [ctx.qemu, "-name", f"ferry-bench-{'dst' if incoming else 'src'},debug-threads=on",
-           "-machine", "pc", "-accel", "kvm", "-cpu", ctx.qemu_cpu,
-           "-m", str(case.mem // MiB), "-smp", "1",
-           "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-           "-serial", f"file:{serial}",
-           "-qmp", f"unix:{qmp},server=on,wait=off",
-           "-kernel", str(ctx.image), "-append", f"dirty={case.dirty} fill={case.fill}"]
-    if incoming:
-        cmd += ["-incoming", "defer"]
-        if ctx.prealloc:
-            cmd += ["-mem-prealloc"]
-    return cmd
+    return h.qemu_guest_cmd(ctx.qemu, ctx.qemu_cpu, ctx.image, case.mem, serial, qmp,
+                            name=f"ferry-bench-{'dst' if incoming else 'src'}",
+                            dirty=case.dirty, fill=case.fill, incoming=incoming,
+                            prealloc=ctx.prealloc)
 
 
 def qemu_set_channels(q: Qmp, channels: int) -> None:
@@ -674,7 +428,7 @@ def run_qemu(ctx: Ctx, case: Case, channels: int, rnd: int) -> Run:
     src = dst = None
     qs = qd = None
     interrupted = False
-    serial = SerialLog(d / "src.serial")
+    serial = h.SerialLog(d / "src.serial")
     try:
         with open(d / "dst.err", "wb") as e:
             dst = spawn(dst_cmd, stdin=subprocess.DEVNULL, stdout=e, stderr=subprocess.STDOUT)
@@ -687,21 +441,7 @@ def run_qemu(ctx: Ctx, case: Case, channels: int, rnd: int) -> Run:
 
         # Wait for the guest to be where the case wants it.
         want = b"loop\n" if case.live else b"idle\n"
-        end = time.monotonic() + T_GUEST
-        while True:
-            serial.poll()
-            if serial.has(want):
-                break
-            for bad in (b"!fault", b"error:"):
-                if serial.has(bad):
-                    raise BenchError(f"QEMU guest: {serial.text.decode(errors='replace')}")
-            if src.poll() is not None:
-                raise BenchError(f"QEMU source exited with status {src.returncode}: "
-                                 f"{mb.tail(d / 'src.err')}")
-            if time.monotonic() > end:
-                raise BenchError(f"QEMU guest did not reach {want!r} within {T_GUEST:.0f} s; "
-                                 f"serial: {serial.text[-300:]!r}")
-            time.sleep(0.02)
+        h.wait_serial(serial, src, want, T_GUEST, d / "src.err")
         if case.live:
             def count():
                 serial.poll()
@@ -716,66 +456,28 @@ def run_qemu(ctx: Ctx, case: Case, channels: int, rnd: int) -> Run:
         # downtime limit.
         qs.execute("migrate-set-parameters", {"max-bandwidth": 1 << 40,
                                               "downtime-limit": case.downtime_limit_ms})
-        port = 0
-        for _attempt in range(5):
-            port = mb.free_port()
-            try:
-                qd.execute("migrate-incoming", {"uri": f"tcp:127.0.0.1:{port}"})
-            except BenchError as e:
-                if "Address already in use" in str(e) or "Failed to bind" in str(e):
-                    continue
-                raise
-            break
-        end = time.monotonic() + 10
-        while not mb.tcp_listening(port):
-            if time.monotonic() > end:
-                raise BenchError(f"QEMU destination did not listen on port {port}")
-            time.sleep(0.01)
+        port = h.qemu_listen(qd)
 
         r.detail["cool_wait_s"] = cool_down(ctx.cool)
         cs, cd = CpuWindow(src.pid), CpuWindow(dst.pid)
         qs.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
-        end = time.monotonic() + ctx.migrate_timeout
-        while True:
-            info = qs.execute("query-migrate")
-            st = info.get("status")
-            if st == "completed":
-                # QEMU sets the status before it fills in the figures: ask again until
-                # they are there.
-                for _ in range(100):
-                    if info.get("total-time"):
-                        break
-                    time.sleep(POLL_S)
-                    info = qs.execute("query-migrate")
-                break
-            if st in ("failed", "cancelled"):
-                raise BenchError(f"QEMU migration {st}: {info.get('error-desc')}")
-            if time.monotonic() > end:
-                qs.execute("migrate_cancel")
-                raise BenchError(f"no convergence: still migrating after "
-                                 f"{ctx.migrate_timeout:.0f} s (cancelled)")
-            cs.sample()
+
+        def sample(dst_only: bool) -> None:
+            if not dst_only:
+                cs.sample()
             cd.sample()
-            time.sleep(POLL_S)
-        # The source is done when it has sent everything; the destination may still be
-        # loading (multifd channels drain after the main stream ends).
-        end = time.monotonic() + T_RESUME
-        while not dst_completed(qd):
-            if time.monotonic() > end:
-                raise BenchError(f"QEMU destination did not complete within {T_RESUME:.0f} s "
-                                 f"of the source")
-            cd.sample()
-            time.sleep(POLL_S)
+
+        info = h.qemu_wait_migration(qs, qd, ctx.migrate_timeout, sample, poll=POLL_S)
         cpu_s, cpu_d = cs.close(), cd.close()
         r.detail["info"] = info
-        gap = stop_resume_ms(qs, qd) if not case.paused else None
-        span = start_to_done_ms(qs, qd)
+        gap = h.stop_resume_ms(qs, qd) if not case.paused else None
+        span = h.start_to_done_ms(qs, qd)
         st = qd.execute("query-status").get("status")
         want_st = "paused" if case.paused else "running"
         if st != want_st:
             r.warnings.append(f"destination is {st!r}, expected {want_st!r}")
         if case.live:
-            dserial = SerialLog(d / "dst.serial")
+            dserial = h.SerialLog(d / "dst.serial")
             dserial.poll()
             n0 = dserial.offset
             time.sleep(0.3)
@@ -796,7 +498,7 @@ def run_qemu(ctx: Ctx, case: Case, channels: int, rnd: int) -> Run:
             "stop_resume_ms": gap,
             "setup_ms": info.get("setup-time"),
             "transferred_bytes": transferred,
-            "gbs": gb_per_s(transferred, span or total),
+            "gbs": h.gb_per_s(transferred, span or total),
             "passes": ram.get("dirty-sync-count"),
             "cpu_src_s": cpu_s["mig_s"],
             "cpu_dst_s": cpu_d["mig_s"],
@@ -804,9 +506,9 @@ def run_qemu(ctx: Ctx, case: Case, channels: int, rnd: int) -> Run:
             "cpu_dst_all_s": cpu_d["all_s"],
             "cpu_src_vcpu_s": cpu_s["vcpu_s"],
             "cpu_dst_vcpu_s": cpu_d["vcpu_s"],
-            "rss_src_peak": mb.peak_rss(src.pid),
-            "rss_dst_peak": mb.peak_rss(dst.pid),
-            "thp_dst_bytes": anon_huge_bytes(dst.pid),
+            "rss_src_peak": h.peak_rss(src.pid),
+            "rss_dst_peak": h.peak_rss(dst.pid),
+            "thp_dst_bytes": h.anon_huge_bytes(dst.pid),
             "mbps_last": ram.get("mbps"),
         }
         r.ok = True
@@ -828,8 +530,8 @@ def run_qemu(ctx: Ctx, case: Case, channels: int, rnd: int) -> Run:
             reap(dst)
             freed_memory(held)
         if not r.ok:
-            r.detail["src_stderr"] = mb.tail(d / "src.err")
-            r.detail["dst_stderr"] = mb.tail(d / "dst.err")
+            r.detail["src_stderr"] = h.tail(d / "src.err")
+            r.detail["dst_stderr"] = h.tail(d / "dst.err")
             serial.poll()
             r.detail["src_serial"] = serial.text[-300:].decode(errors="replace")
     return r
@@ -856,8 +558,8 @@ def summarise(results: dict) -> dict:
             ok = [r for r in mine if r["ok"]]
             s = {"runs": len(mine), "ok": len(ok)}
             for k in METRICS:
-                s[k] = mb.stats([r["metrics"].get(k) for r in ok])
-            s["passes_per_s"] = mb.stats([r["guest"].get("passes_per_s") for r in mine
+                s[k] = h.stats([r["metrics"].get(k) for r in ok])
+            s["passes_per_s"] = h.stats([r["guest"].get("passes_per_s") for r in mine
                                           if r.get("guest")])
             s["errors"] = sorted({(r.get("error") or "")[:200] for r in mine if not r["ok"]})
             entry[system] = s
@@ -873,10 +575,10 @@ def summarise(results: dict) -> dict:
     refs = out["references"]
     rounds = results["rounds"]
     for key in ("tcp1", "tcpn"):
-        refs[f"{key}_gbs"] = mb.stats([r[key].get("gbs") for r in rounds if r.get(key)])
+        refs[f"{key}_gbs"] = h.stats([r[key].get("gbs") for r in rounds if r.get(key)])
     for k in ("touched_gbs", "fresh_gbs", "fresh_thp_gbs", "cold_thp_gbs"):
-        refs[f"memcpy_{k}"] = mb.stats([r["memcpy"].get(k) for r in rounds if r.get("memcpy")])
-    out["other_cores"] = mb.stats([r.get("other_cores") for r in runs])
+        refs[f"memcpy_{k}"] = h.stats([r["memcpy"].get(k) for r in rounds if r.get("memcpy")])
+    out["other_cores"] = h.stats([r.get("other_cores") for r in runs])
     out["targets"] = check_targets(results, out)
     return out
 
@@ -912,15 +614,11 @@ def check_targets(results: dict, summary: dict) -> list[dict]:
 
 
 def fmt(x, kind: str) -> str:
-    if x is None:
-        return "–"
-    if kind == "ratio":
-        return f"{x:.2f}" if x >= 0.1 else f"{x:.3f}"
-    return mb.fmt_num(x, kind)
+    return "–" if x is None else h.fmt_num(x, kind)
 
 
 def cell(s: dict | None, kind: str) -> str:
-    return mb.cell(s, kind) if kind != "ratio" else fmt(s, kind)
+    return h.cell(s, kind) if kind != "ratio" else fmt(s, kind)
 
 
 def render_markdown(results: dict) -> str:
@@ -931,6 +629,12 @@ def render_markdown(results: dict) -> str:
                f"{' (uncommitted changes)' if mi.get('git_dirty') else ''}, "
                f"{mi.get('qemu_version')}, {results['started']}, {results['args']['runs']} "
                f"run(s), medians with (min–max); whole run {results.get('elapsed_s', 0):.0f} s.")
+    probe = mi.get("qemu_cpu_probe")
+    if probe:
+        # Runs before the probe existed recorded only the -cpu given.
+        out.append("")
+        out.append(f"QEMU `{mi.get('qemu')}` with `-cpu {mi.get('qemu_cpu')}` "
+                   f"({probe.get('how')}).")
     load = summary.get("other_cores")
     if load:
         out.append("")
@@ -998,18 +702,18 @@ def render_markdown(results: dict) -> str:
     out.append("| machine's limits, same run | GB/s |")
     out.append("|---|---:|")
     out.append(f"| loopback TCP, 1 stream (iperf3 -P 1 -t {a['iperf_seconds']}) | "
-               f"{mb.cell(refs.get('tcp1_gbs'), 'gbs')} |")
+               f"{h.cell(refs.get('tcp1_gbs'), 'gbs')} |")
     out.append(f"| loopback TCP, {a['tcp_streams']} streams (iperf3 -P {a['tcp_streams']}) | "
-               f"{mb.cell(refs.get('tcpn_gbs'), 'gbs')} |")
+               f"{h.cell(refs.get('tcpn_gbs'), 'gbs')} |")
     out.append(f"| memcpy {a['memcpy_mib']} MiB into touched memory | "
-               f"{mb.cell(refs.get('memcpy_touched_gbs'), 'gbs')} |")
+               f"{h.cell(refs.get('memcpy_touched_gbs'), 'gbs')} |")
     out.append(f"| memcpy {a['memcpy_mib']} MiB into never-touched memory (4 KiB pages) | "
-               f"{mb.cell(refs.get('memcpy_fresh_gbs'), 'gbs')} |")
+               f"{h.cell(refs.get('memcpy_fresh_gbs'), 'gbs')} |")
     out.append(f"| memcpy {a['memcpy_mib']} MiB into never-touched memory, MADV_HUGEPAGE | "
-               f"{mb.cell(refs.get('memcpy_fresh_thp_gbs'), 'gbs')} |")
+               f"{h.cell(refs.get('memcpy_fresh_thp_gbs'), 'gbs')} |")
     out.append(f"| memcpy {a.get('cold_mib', '?')} MiB into never-touched memory, MADV_HUGEPAGE, "
                f"after the cooling wait (cold) | "
-               f"{mb.cell(refs.get('memcpy_cold_thp_gbs'), 'gbs')} |")
+               f"{h.cell(refs.get('memcpy_cold_thp_gbs'), 'gbs')} |")
     notes = []
     if results.get("interrupted"):
         notes.append("the run was interrupted; figures cover what finished")
@@ -1030,7 +734,7 @@ def render_markdown(results: dict) -> str:
 def sys_cell(s: dict, key: str, kind: str) -> str:
     if not s.get("ok") and key != "passes_per_s":
         return "failed" if s.get("runs") else "–"
-    return mb.cell(s.get(key), kind)
+    return h.cell(s.get(key), kind)
 
 
 def _esc(s: str) -> str:
@@ -1133,9 +837,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--markdown", action="store_true", help="print markdown tables to stdout")
     ap.add_argument("--no-build", action="store_true", help="use the existing release ferry")
     ap.add_argument("--ferry", type=Path, help="ferry binary (implies --no-build)")
-    ap.add_argument("--qemu", help="qemu-system-x86_64 binary (default: PATH, installed if "
-                                   "missing)")
-    ap.add_argument("--qemu-cpu", default="host", help="QEMU -cpu (default host)")
+    ap.add_argument("--qemu", metavar="PATH",
+                    help="qemu-system-x86_64 binary to compare with, whatever its version "
+                         "(default: QEMU 10.0 or newer: the one on PATH, or else installed "
+                         "with apt-get, on Debian 12 from bookworm-backports)")
+    ap.add_argument("--qemu-cpu", metavar="CPU",
+                    help="QEMU -cpu (default: host, or host,-arch-capabilities where QEMU "
+                         "dies on an MSR with host, as QEMU 10.0 does on PVM hosts; probed "
+                         "at the start)")
     ap.add_argument("--prealloc", action="store_true",
                     help="both destinations fault in their RAM before the migration "
                          "(ferry --prealloc, QEMU -mem-prealloc): measures the transfer, "
@@ -1185,13 +894,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def machine_info(ctx: Ctx, iperf3: str) -> dict:
-    info = mb.machine_info(ctx.ferry, iperf3)
+    info = h.machine_info(ctx.ferry, iperf3)
     info["qemu"] = ctx.qemu
-    info["qemu_version"] = mb.first_line([ctx.qemu, "--version"])
+    info["qemu_version"] = h.first_line([ctx.qemu, "--version"])
     info["qemu_cpu"] = ctx.qemu_cpu
     info["ferry_channels"] = ctx.ferry_channels
-    info["gcc"] = mb.first_line(["gcc", "--version"])
-    info["ld"] = mb.first_line(["ld", "--version"])
+    info["gcc"] = h.first_line(["gcc", "--version"])
+    info["ld"] = h.first_line(["ld", "--version"])
     return info
 
 
@@ -1205,30 +914,21 @@ def main(argv: list[str]) -> int:
             log(f"wrote {a.plot}")
         return 0
 
-    atexit.register(mb.reap_all)
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, mb._on_signal)
-    # Ctrl-C, even when started from a shell that ignores SIGINT for background jobs.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    h.guard_children()
 
     started = _dt.datetime.now().astimezone()
     out = a.out or REPO / "bench" / "out" / f"compare-{started:%Y%m%d-%H%M%S}.json"
     plot = a.plot or out.with_suffix(".svg")
-    if a.ferry:
-        ferry = a.ferry.resolve()
-    elif a.no_build:
-        ferry = mb.default_ferry()
-    else:
-        ferry = mb.build_ferry()
-    if not os.access(ferry, os.X_OK):
-        raise SystemExit(f"no ferry binary at {ferry}; build it or pass --ferry")
-    qemu = ensure_qemu(a.qemu)
-    iperf3 = mb.ensure_iperf3()
-    ensure_gcc()
+    ferry = h.pick_ferry(a.ferry, a.no_build)
+    qemu = h.ensure_qemu(a.qemu)
+    iperf3 = h.ensure_iperf3()
+    h.ensure_gcc()
     tmp = Path(tempfile.mkdtemp(prefix="ferry-compare-"))
-    image = build_guest(tmp)
-    ctx = Ctx(ferry=ferry, qemu=qemu, image=image, qemu_cpu=a.qemu_cpu,
-              ferry_channels=ferry_knows_channels(ferry), tmp=tmp,
+    image = h.build_guest(tmp)
+    cpu = h.qemu_cpu_for_host(qemu, tmp, a.qemu_cpu)
+    log(f"QEMU: {h.first_line([qemu, '--version'])}, -cpu {cpu['cpu']} ({cpu['how']})")
+    ctx = Ctx(ferry=ferry, qemu=qemu, image=image, qemu_cpu=cpu["cpu"],
+              ferry_channels=h.ferry_knows_channels(ferry), tmp=tmp,
               migrate_timeout=a.migrate_timeout, cool=a.cool, prealloc=a.prealloc)
     if ctx.ferry_channels:
         log("ferry knows migration.multifd-channels: 1 channel = 0 (pages on the main "
@@ -1238,6 +938,7 @@ def main(argv: list[str]) -> int:
             f"ferry`); every ferry migration uses its one connection, whatever the channel "
             f"count of the case")
     machine = machine_info(ctx, iperf3)
+    machine["qemu_cpu_probe"] = cpu
     if not machine["kvm_usable"]:
         log("warning: /dev/kvm is not usable; QEMU and ferry's KVM cases will fail")
     if machine["loadavg"] and float(machine["loadavg"][0]) > 0.5:
@@ -1253,7 +954,8 @@ def main(argv: list[str]) -> int:
                  "iperf_seconds": a.iperf_seconds, "tcp_streams": a.tcp_streams,
                  "memcpy_mib": a.memcpy_mib, "memcpy_reps": a.memcpy_reps,
                  "settle": a.settle, "settle_below": a.settle_below,
-                 "migrate_timeout": a.migrate_timeout, "qemu_cpu": a.qemu_cpu,
+                 "migrate_timeout": a.migrate_timeout, "qemu_cpu": ctx.qemu_cpu,
+                 "qemu_cpu_given": a.qemu_cpu, "qemu": a.qemu,
                  "prealloc": a.prealloc,
                  "cool": a.cool, "cold_mib": a.cold_mib},
         "cases": {c: vars(CASES[c]) for c in a.case_list},
@@ -1273,12 +975,12 @@ def main(argv: list[str]) -> int:
             items: list = [(c, ch) for c in a.case_list for ch in a.channel_list]
             plan: list = ["tcp1", "tcpn", *items, "memcpy"]
             for k, item in enumerate(plan):
-                quiet = mb.settle(a.settle, a.settle_below) if a.settle > 0 else {}
-                window = mb.OtherLoad()
+                quiet = h.settle(a.settle, a.settle_below) if a.settle > 0 else {}
+                window = h.OtherLoad()
                 if item in ("tcp1", "tcpn"):
                     n = 1 if item == "tcp1" else a.tcp_streams
                     try:
-                        r = mb.ref_tcp(iperf3, a.iperf_seconds, tmp, streams=n)
+                        r = h.ref_tcp(iperf3, a.iperf_seconds, tmp, streams=n)
                         log(f"{tag} loopback TCP, {n} stream(s): {r['gbs']:.2f} GB/s")
                     except BenchError as e:
                         r = {"error": str(e)}
@@ -1290,7 +992,7 @@ def main(argv: list[str]) -> int:
                     continue
                 if item == "memcpy":
                     try:
-                        r = mb.ref_memcpy(a.memcpy_mib << 20, a.memcpy_reps)
+                        r = h.ref_memcpy(a.memcpy_mib << 20, a.memcpy_reps)
                         freed_memory(3 * (a.memcpy_mib << 20))
                         r.update(ref_cold_copy(a.cold_mib << 20, a.cool))
                         log(f"{tag} memcpy: touched {r['touched_gbs']:.2f}, never-touched "
@@ -1310,8 +1012,8 @@ def main(argv: list[str]) -> int:
                 order = ["ferry", "qemu"] if (rnd + k) % 2 else ["qemu", "ferry"]
                 for i, system in enumerate(order):
                     if i:
-                        quiet = mb.settle(a.settle, a.settle_below) if a.settle > 0 else {}
-                        window = mb.OtherLoad()
+                        quiet = h.settle(a.settle, a.settle_below) if a.settle > 0 else {}
+                        window = h.OtherLoad()
                     fn = run_ferry if system == "ferry" else run_qemu
                     run = fn(ctx, case, ch, rnd)
                     d = vars(run)
@@ -1328,7 +1030,7 @@ def main(argv: list[str]) -> int:
                             f"(reported {m['total_reported_ms']}), downtime "
                             f"{'–' if dt is None else f'{dt:.0f}'} ms "
                             f"(reported {m['downtime_reported_ms']}), "
-                            f"{mb.fmt_num(m['transferred_bytes'] or 0, 'bytes')}, "
+                            f"{h.fmt_num(m['transferred_bytes'] or 0, 'bytes')}, "
                             f"CPU src {m['cpu_src_s']:.2f} s dst {m['cpu_dst_s']:.2f} s{rate}"
                             + "".join(f"; warning: {w}" for w in run.warnings)
                             + (f"; other load {d['other_cores']:.2f} cores"
@@ -1336,16 +1038,16 @@ def main(argv: list[str]) -> int:
                     else:
                         failed += 1
                         log(f"{label} FAILED: {run.error}")
-                write_json(out, results)
+                h.write_json(out, results)
     except KeyboardInterrupt as e:
         results["interrupted"] = str(e) or "Ctrl-C"
         log(f"interrupted ({results['interrupted']}); stopping children, writing what was "
             f"measured")
     finally:
-        mb.reap_all()
+        h.reap_all()
         results["elapsed_s"] = round(time.monotonic() - t_start, 1)
         results["summary"] = summarise(results)
-        write_json(out, results)
+        h.write_json(out, results)
         try:
             plot.parent.mkdir(parents=True, exist_ok=True)
             plot.write_text(render_svg(results))
@@ -1363,14 +1065,10 @@ def main(argv: list[str]) -> int:
     return 1 if failed else 0
 
 
-def write_json(path: Path, results: dict) -> None:
-    mb.write_json(path, results)
-
-
 if __name__ == "__main__":
     try:
         sys.exit(main(sys.argv[1:]))
     except KeyboardInterrupt:
         # Interrupted before measuring began (building, installing).
-        mb.reap_all()
+        h.reap_all()
         sys.exit(130)

@@ -31,7 +31,7 @@ destination, or at the source after a cancel; QEMU's guest cannot be checked tha
 its row says whether the destination guest went on running). Medians over the rounds.
 
 Needs root (namespaces, tc). Everything it makes is removed on any exit: processes by
-process group (bench/migration.py's machinery), then the namespaces. Standard library only.
+process group (bench/harness.py), then the namespaces. Standard library only.
 """
 
 from __future__ import annotations
@@ -44,8 +44,6 @@ import os
 import re
 import shutil
 import signal
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -54,11 +52,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import compare as cb  # noqa: E402  (bench/compare.py: the QEMU guest, events, timings)
-import migration as mb  # noqa: E402  (bench/migration.py: processes, QMP)
-from migration import BenchError, Qmp, log, reap, spawn  # noqa: E402
+import harness as h  # noqa: E402  (processes, QMP, the QEMU guest, events, timings)
+from harness import BenchError, Qmp, log, median, reap, spawn  # noqa: E402
 
-REPO = mb.REPO
+REPO = h.REPO
 SCHEMA = "ferry-bench-converge/1"
 MiB = 1 << 20
 
@@ -216,11 +213,6 @@ def kvm_works() -> bool:
         return False
 
 
-def median(xs):
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
-
-
 def wait_dst_listening(link: Link, port: int, proc, who: str, timeout: float = 30.0) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -236,7 +228,7 @@ def wait_dst_listening(link: Link, port: int, proc, who: str, timeout: float = 3
 
 def finish(q, proc, who, warnings):
     try:
-        mb.quit_and_wait(q, proc, who, warnings)
+        h.quit_and_wait(q, proc, who, warnings)
     finally:
         reap(proc)
 
@@ -276,7 +268,7 @@ def run_ferry(ctx, case: Case, rnd: int) -> Run:
         qs = Qmp.connect(d / "src.sock", src, "ferry source", d / "src.err", deadline=60)
         qd = Qmp.connect(d / "dst.sock", dst, "ferry destination", d / "dst.err", deadline=60)
         wait_dst_listening(ctx.link, PORT, dst, "ferry destination")
-        mb.wait_guest_ran(qs)
+        h.wait_guest_ran(qs)
         with open(d / "migrate.out", "wb") as o, open(d / "migrate.err", "wb") as e:
             mig = spawn(mig_cmd, stdin=subprocess.DEVNULL, stdout=o, stderr=e)
         end = time.monotonic() + ctx.timeout + BASELINE_S + 60
@@ -297,7 +289,7 @@ def run_ferry(ctx, case: Case, rnd: int) -> Run:
                     pass
         if not objs:
             raise BenchError(f"ferry migrate (exit {mig.returncode}) printed no JSON: "
-                             f"{mb.tail(d / 'migrate.err')}")
+                             f"{h.tail(d / 'migrate.err')}")
         info = objs[-1]
         r.detail["final"] = info
         r.status = info.get("status")
@@ -322,8 +314,8 @@ def run_ferry(ctx, case: Case, rnd: int) -> Run:
         if gp.get("during-share") is not None:
             r.share_during = gp["during-share"] / 100
         if r.converged:
-            r.total_ms = cb.start_to_done_ms(qs, qd) or r.total_reported_ms
-            r.downtime_ms = cb.stop_resume_ms(qs, qd) or r.downtime_reported_ms
+            r.total_ms = h.start_to_done_ms(qs, qd) or r.total_reported_ms
+            r.downtime_ms = h.stop_resume_ms(qs, qd) or r.downtime_reported_ms
             r.verified = verify(qd, "destination")
         else:
             st = qs.execute("query-status").get("status")
@@ -331,9 +323,9 @@ def run_ferry(ctx, case: Case, rnd: int) -> Run:
             r.verified = f"source {st}, " + verify(qs, "source")
     except BenchError as e:
         r.error = str(e)
-        r.detail["src_stderr"] = mb.tail(d / "src.err")
-        r.detail["dst_stderr"] = mb.tail(d / "dst.err")
-        r.detail["migrate_stderr"] = mb.tail(d / "migrate.err")
+        r.detail["src_stderr"] = h.tail(d / "src.err")
+        r.detail["dst_stderr"] = h.tail(d / "dst.err")
+        r.detail["migrate_stderr"] = h.tail(d / "migrate.err")
     finally:
         reap(mig)
         finish(qs, src, "ferry source", warnings)
@@ -363,7 +355,7 @@ class Dots:
     was seen (polled), so a rate can be taken between two passes."""
 
     def __init__(self, path: Path):
-        self.s = cb.SerialLog(path)
+        self.s = h.SerialLog(path)
         self.seen: list[tuple[float, int]] = []
 
     def poll(self) -> int:
@@ -419,7 +411,7 @@ def run_qemu(ctx, case: Case, rnd: int) -> Run:
                 raise BenchError(f"QEMU guest: {dots.s.text.decode(errors='replace')}")
             if src.poll() is not None:
                 raise BenchError(f"QEMU source exited ({src.returncode}): "
-                                 f"{mb.tail(d / 'src.err')}")
+                                 f"{h.tail(d / 'src.err')}")
             if time.monotonic() > end:
                 raise BenchError(f"QEMU guest made no 2 passes in {T_BOOT:.0f} s")
             time.sleep(0.01)
@@ -490,11 +482,11 @@ def run_qemu(ctx, case: Case, rnd: int) -> Run:
         r.downtime_reported_ms = info.get("downtime")
         if r.converged:
             cend = time.monotonic() + 10
-            while not cb.dst_completed(qd) and time.monotonic() < cend:
+            while not h.dst_completed(qd) and time.monotonic() < cend:
                 time.sleep(0.02)
-            r.total_ms = cb.start_to_done_ms(qs, qd) or r.total_reported_ms
-            r.downtime_ms = cb.stop_resume_ms(qs, qd) or r.downtime_reported_ms
-            ds = cb.SerialLog(d / "dst.serial")
+            r.total_ms = h.start_to_done_ms(qs, qd) or r.total_reported_ms
+            r.downtime_ms = h.stop_resume_ms(qs, qd) or r.downtime_reported_ms
+            ds = h.SerialLog(d / "dst.serial")
             ds.poll()
             o0 = ds.offset
             time.sleep(1.5)
@@ -517,8 +509,8 @@ def run_qemu(ctx, case: Case, rnd: int) -> Run:
         r.detail["passes_during"] = n_end - n_start
     except BenchError as e:
         r.error = str(e)
-        r.detail["src_stderr"] = mb.tail(d / "src.err")
-        r.detail["dst_stderr"] = mb.tail(d / "dst.err")
+        r.detail["src_stderr"] = h.tail(d / "src.err")
+        r.detail["dst_stderr"] = h.tail(d / "dst.err")
     finally:
         finish(qs, src, "QEMU source", warnings)
         finish(qd, dst, "QEMU destination", warnings)
@@ -592,7 +584,7 @@ class Ctx:
     ferry: Path
     backend: str
     qemu: str | None
-    qemu_cpu: str
+    qemu_cpu: str | None
     image: Path | None
     tsc_hz: int
     link: Link
@@ -608,10 +600,13 @@ def main(argv) -> int:
     ap.add_argument("--systems", default="ferry,qemu")
     ap.add_argument("--timeout", type=int, default=60,
                     help="seconds: ferry's x-ferry-timeout, and when the driver cancels QEMU")
-    ap.add_argument("--ferry", type=Path, default=mb.default_ferry())
-    ap.add_argument("--qemu", default=None)
-    ap.add_argument("--qemu-cpu", default="host,-arch-capabilities",
-                    help="QEMU -cpu (plain `host` aborts on MSR 0x10a on PVM hosts)")
+    ap.add_argument("--ferry", type=Path, default=h.default_ferry())
+    ap.add_argument("--qemu", default=None, metavar="PATH",
+                    help="qemu-system-x86_64 to use, whatever its version (default: QEMU 10.0 "
+                         "or newer, installed as bench/compare.py does if missing)")
+    ap.add_argument("--qemu-cpu", default=None, metavar="CPU",
+                    help="QEMU -cpu (default: host, or host,-arch-capabilities where `host` "
+                         "dies on an MSR, as on PVM hosts (MSR 0x10a); probed at the start)")
     ap.add_argument("--qemu-switchover-bw", type=int, default=0, metavar="BYTES_PER_S",
                     help="QEMU's avail-switchover-bandwidth (0: QEMU's default, its own "
                          "estimate of the bandwidth)")
@@ -630,25 +625,27 @@ def main(argv) -> int:
     qemu = image = None
     tmp = Path(tempfile.mkdtemp(prefix="ferry-converge-"))
     hz = 0
+    cpu: dict = {"cpu": a.qemu_cpu, "how": "unused", "probes": []}
     if "qemu" in systems:
         if backend != "kvm":
             log("/dev/kvm not usable: QEMU rows skipped")
             systems.remove("qemu")
         else:
-            qemu = cb.ensure_qemu(a.qemu)
-            cb.ensure_gcc()
-            image = cb.build_guest(tmp)
+            qemu = h.ensure_qemu(a.qemu)
+            h.ensure_gcc()
+            image = h.build_guest(tmp)
             hz = tsc_hz(tmp)
+            cpu = h.qemu_cpu_for_host(qemu, tmp, a.qemu_cpu)
+            log(f"QEMU: {h.first_line([qemu, '--version'])}, -cpu {cpu['cpu']} "
+                f"({cpu['how']})")
     try:
         link = Link(LINK_MBIT)
     except BenchError as e:
         print(f"skipped: could not make the namespaces and the link: {e}")
         return 0
     atexit.register(link.remove)
-    atexit.register(mb.reap_all)
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, mb._on_signal)
-    ctx = Ctx(a.ferry, backend, qemu, a.qemu_cpu, image, hz, link, tmp, a.timeout,
+    h.guard_children(sigint=False)
+    ctx = Ctx(a.ferry, backend, qemu, cpu["cpu"], image, hz, link, tmp, a.timeout,
               a.qemu_switchover_bw)
     started = _dt.datetime.now()
     machine = {
@@ -656,9 +653,10 @@ def main(argv) -> int:
         "kvm_modules": sorted(m for m in ("kvm_pvm", "kvm_intel", "kvm_amd")
                               if Path("/sys/module", m).exists()),
         "loadavg": Path("/proc/loadavg").read_text().split()[:3],
-        "git_commit": mb.first_line(["git", "rev-parse", "HEAD"], REPO),
+        "git_commit": h.first_line(["git", "rev-parse", "HEAD"], REPO),
         "ferry_backend": backend,
-        "qemu_version": mb.first_line([qemu, "--version"]) if qemu else None,
+        "qemu_version": h.first_line([qemu, "--version"]) if qemu else None,
+        "qemu_cpu": cpu["cpu"], "qemu_cpu_probe": cpu,
         "tsc_hz": hz or None, "link": link.tc,
     }
     log(f"link: {link.tc}; ferry backend {backend}; TSC {hz / 1e9:.3f} GHz")
@@ -680,7 +678,7 @@ def main(argv) -> int:
     except KeyboardInterrupt:
         log("interrupted: writing what was measured")
     finally:
-        mb.reap_all()
+        h.reap_all()
         link.remove()
     rows = summarise(runs, systems, [c.name for c in cases])
     results = {

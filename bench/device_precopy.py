@@ -34,7 +34,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import migration as m  # noqa: E402  (the harness: processes, QMP, references)
+import harness as h  # noqa: E402  (processes, references, statistics)
+import migration as m  # noqa: E402  (bench/migration.py's cases)
 
 
 def case(name: str, accel: str, a: argparse.Namespace) -> m.Case:
@@ -77,8 +78,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--iperf-seconds", type=int, default=3)
     a = ap.parse_args(argv)
-    ferry = a.ferry.resolve() if a.ferry else m.build_ferry()
-    iperf3 = m.ensure_iperf3()
+    ferry = a.ferry.resolve() if a.ferry else h.build_ferry()
+    iperf3 = h.ensure_iperf3()
     cases = [case("precopy", a.accel, a), case("stop-copy", f"{a.accel},precopy=off", a)]
     tmp = Path(tempfile.mkdtemp(prefix="ferry-bench-precopy-"))
     rounds = []
@@ -86,31 +87,31 @@ def main(argv: list[str]) -> int:
         for rnd in range(1, a.runs + 1):
             order = cases if rnd % 2 else list(reversed(cases))
             r: dict = {"round": rnd}
-            m.settle(10.0, 0.25)
-            r["tcp"] = m.ref_tcp(iperf3, a.iperf_seconds, tmp)
-            m.log(f"[{rnd}/{a.runs}] loopback TCP: {r['tcp']['gbs']:.2f} GB/s")
+            h.settle(10.0, 0.25)
+            r["tcp"] = h.ref_tcp(iperf3, a.iperf_seconds, tmp)
+            h.log(f"[{rnd}/{a.runs}] loopback TCP: {r['tcp']['gbs']:.2f} GB/s")
             for c in order:
-                m.settle(10.0, 0.25)
+                h.settle(10.0, 0.25)
                 res = m.run_case(ferry, c, tmp, rnd)
                 if res.get("ok"):
                     res["device"] = device_figures(res["info"])
                     res.pop("info", None)
                     mt = res["metrics"]
-                    m.log(f"[{rnd}/{a.runs}] {c.name}: downtime {mt['downtime_ms']} ms "
+                    h.log(f"[{rnd}/{a.runs}] {c.name}: downtime {mt['downtime_ms']} ms "
                           f"(devices {res['device']['devices_ms']:.0f} ms), total "
                           f"{mt['total_ms']} ms, device {res['device']['mode']}")
                 else:
-                    m.log(f"[{rnd}/{a.runs}] {c.name} FAILED: {res.get('error')}")
+                    h.log(f"[{rnd}/{a.runs}] {c.name} FAILED: {res.get('error')}")
                 r[c.name] = res
             rounds.append(r)
     finally:
-        m.reap_all()
+        h.reap_all()
 
     def col(name: str, get) -> dict | None:
-        return m.stats([get(r[name]) for r in rounds if r.get(name, {}).get("ok")])
+        return h.stats([get(r[name]) for r in rounds if r.get(name, {}).get("ok")])
 
     size = m_bytes(a.accel)
-    tcp = m.stats([r["tcp"]["gbs"] for r in rounds])
+    tcp = h.stats([r["tcp"]["gbs"] for r in rounds])
     rows = []
     for c in cases:
         n = c.name
@@ -146,7 +147,7 @@ def main(argv: list[str]) -> int:
     path = a.out or Path(tempfile.gettempdir()) / f"device-precopy-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps({"command": " ".join(["python3", "bench/device_precopy.py", *argv]),
                                 "rounds": rounds}, indent=1))
-    m.log(f"results in {path}")
+    h.log(f"results in {path}")
     return 0
 
 

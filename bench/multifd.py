@@ -44,16 +44,15 @@ the ratio of the medians and the range of the per-round ratios of the back-to-ba
 also record each binary's path, `--version`, SHA-256 and, if it lies inside a git checkout,
 that checkout's HEAD. Without --baseline nothing changes. Profiles are of the candidate only.
 
-Processes are handled by the machinery
-of bench/migration.py: each child in its own session with a parent-death signal, killed by
-process group on normal exit, exception, Ctrl-C, SIGTERM or SIGHUP. Only the Python 3.11
+Processes are handled by bench/harness.py: each child in its own session with a
+parent-death signal, killed by process group on normal exit, exception, Ctrl-C, SIGTERM or
+SIGHUP. Only the Python 3.11
 standard library is used. Units: GB = 1e9 bytes, GiB = 2^30 bytes.
 """
 
 from __future__ import annotations
 
 import argparse
-import atexit
 import datetime as _dt
 import hashlib
 import json
@@ -70,11 +69,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import compare as cmp  # noqa: E402  (bench/compare.py: per-thread CPU, apt-get, sizes)
-import migration as mb  # noqa: E402  (bench/migration.py: processes, QMP, references)
-from migration import BenchError, Qmp, log, reap, spawn  # noqa: E402
+import harness as h  # noqa: E402  (processes, QMP, /proc, references, formatting)
+from harness import (BenchError, Qmp, Threads, log, parse_size, reap, spawn,  # noqa: E402
+                     thread_kind)
 
-REPO = mb.REPO
+REPO = h.REPO
 SCHEMA = "ferry-bench-multifd/1"
 GiB = 1 << 30
 PAGE = 4096
@@ -128,7 +127,7 @@ MACHINE: str | None = None
 
 def ferry_cmds(ferry: Path, v: Variant, mem: int, d: Path) -> tuple[list[str], list[str]]:
     """(source, destination) `ferry run` command lines."""
-    size = cmp.size_arg(mem)
+    size = h.size_arg(mem)
     digest = ["--global", f"migration.digest={'on' if v.digest else 'off'}"]
     common = [str(ferry), "run", "--backend", "soft", "--mem", size, "--dirty", "0",
               *(["--machine", MACHINE] if MACHINE else [])]
@@ -152,7 +151,7 @@ CANDIDATE, BASELINE = "candidate", "baseline"
 
 def _git(cwd: Path, *args: str) -> str | None:
     # --no-optional-locks: a status here must not refresh (write) that checkout's index.
-    return mb.first_line(["git", "--no-optional-locks", "-C", str(cwd), *args])
+    return h.first_line(["git", "--no-optional-locks", "-C", str(cwd), *args])
 
 
 def describe_binary(given: Path, label: str) -> dict:
@@ -160,20 +159,20 @@ def describe_binary(given: Path, label: str) -> dict:
     size, time and SHA-256; if it lies inside a git checkout, that checkout's HEAD (what it
     was most likely built from; the file itself may be older)."""
     exe = given.resolve()
-    h = hashlib.sha256()
+    digest = hashlib.sha256()
     with open(exe, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+            digest.update(block)
     st = exe.stat()
     out: dict = {
         "label": label,
         "path": str(given),
         "resolved": str(exe),
-        "version": mb.first_line([str(exe), "--version"]),
+        "version": h.first_line([str(exe), "--version"]),
         "size": st.st_size,
         "mtime": _dt.datetime.fromtimestamp(st.st_mtime).astimezone().isoformat(
             timespec="seconds"),
-        "sha256": h.hexdigest(),
+        "sha256": digest.hexdigest(),
         "git": None,
     }
     top = _git(exe.parent, "rev-parse", "--show-toplevel")
@@ -203,44 +202,6 @@ def binary_line(b: dict) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# CPU by thread
-# --------------------------------------------------------------------------------------------
-
-_NUMBERED = re.compile(r"-?\d+$")
-
-
-def thread_kind(name: str) -> str:
-    """ferry-send-3 -> ferry-send: the threads of one kind are summed."""
-    return _NUMBERED.sub("", name) or name
-
-
-class Threads:
-    """CPU of each thread of a process over a window; threads that end inside it count with
-    their last sample (so up to SAMPLE_S of their time may be missing from the split, never
-    from the process total, which comes from /proc/PID/stat)."""
-
-    def __init__(self, pid: int):
-        self.pid = pid
-        now = cmp.thread_cpu(pid)
-        self.first = {t: c for t, (_n, c) in now.items()}
-        self.last = dict(self.first)
-        self.names = {t: n for t, (n, _c) in now.items()}
-
-    def sample(self) -> None:
-        for t, (n, c) in cmp.thread_cpu(self.pid).items():
-            self.first.setdefault(t, 0.0)
-            self.names[t] = n
-            self.last[t] = c
-
-    def by_kind(self) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for t, c in self.last.items():
-            k = thread_kind(self.names.get(t, "?"))
-            out[k] = out.get(k, 0.0) + c - self.first[t]
-        return {k: round(v, 3) for k, v in sorted(out.items(), key=lambda kv: -kv[1]) if v > 0}
-
-
-# --------------------------------------------------------------------------------------------
 # perf
 # --------------------------------------------------------------------------------------------
 
@@ -250,7 +211,7 @@ def ensure_perf() -> tuple[str | None, str | None]:
     exe = shutil.which("perf")
     if not exe:
         try:
-            cmp.apt_install(["linux-perf"], "perf not found")
+            h.apt_install(["linux-perf"], "perf not found")
         except SystemExit as e:
             return None, str(e)
         exe = shutil.which("perf")
@@ -309,16 +270,6 @@ def perf_summary(perf: str, data: Path, top: int) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def last_json(path: Path) -> dict | None:
-    for line in reversed(path.read_text(errors="replace").splitlines()):
-        if line.strip().startswith("{"):
-            try:
-                return json.loads(line)
-            except json.JSONDecodeError:
-                continue
-    return None
-
-
 def metrics_of(info: dict, cpu_src: float, cpu_dst: float) -> dict:
     passes = info.get("passes") or []
     p0 = passes[0] if passes else {}
@@ -359,7 +310,7 @@ def run_variant(ferry: Path, v: Variant, mem: int, tmp: Path, tag: str,
     d = tmp / f"{slug}-{tag}"
     d.mkdir()
     res: dict = {"variant": v.name, "ok": False, "warnings": [],
-                 "loadavg_before": mb.loadavg()}
+                 "loadavg_before": h.loadavg()}
     warnings: list[str] = res["warnings"]
     src_cmd, dst_cmd = ferry_cmds(ferry, v, mem, d)
     res["commands"] = [" ".join(src_cmd), " ".join(dst_cmd)]
@@ -376,9 +327,9 @@ def run_variant(ferry: Path, v: Variant, mem: int, tmp: Path, tag: str,
             src = spawn(src_cmd, stdin=subprocess.DEVNULL, stdout=o, stderr=e)
         # The destination prints its address once its RAM is faulted in; the source serves
         # QMP once its RAM is filled or faulted in.
-        uri = mb.wait_uri(d / "dst.out", dst, d / "dst.err")
-        qs = Qmp.connect(d / "src.sock", src, "source", d / "src.err", deadline=mb.T_QMP)
-        qd = Qmp.connect(d / "dst.sock", dst, "destination", d / "dst.err", deadline=mb.T_QMP)
+        uri = h.wait_uri(d / "dst.out", dst, d / "dst.err")
+        qs = Qmp.connect(d / "src.sock", src, "source", d / "src.err", deadline=h.T_QMP)
+        qd = Qmp.connect(d / "dst.sock", dst, "destination", d / "dst.err", deadline=h.T_QMP)
         res["startup_s"] = round(time.monotonic() - t0, 3)
         st = qs.execute("query-status").get("status")
         if st != "paused":
@@ -393,8 +344,8 @@ def run_variant(ferry: Path, v: Variant, mem: int, tmp: Path, tag: str,
                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=e)))
             time.sleep(T_PERF_ATTACH)
 
-        busy0, own0 = mb.host_busy_s(), mb.own_cpu_s()
-        c0 = (mb.cpu_seconds(src.pid), mb.cpu_seconds(dst.pid))
+        busy0, own0 = h.host_busy_s(), h.own_cpu_s()
+        c0 = (h.cpu_seconds(src.pid), h.cpu_seconds(dst.pid))
         ts, td = Threads(src.pid), Threads(dst.pid)
         t_mig = time.monotonic()
         mig_cmd = [str(ferry), "migrate", "--qmp", str(d / "src.sock"), uri, "--json"]
@@ -410,24 +361,24 @@ def run_variant(ferry: Path, v: Variant, mem: int, tmp: Path, tag: str,
             time.sleep(SAMPLE_S)
         ts.sample()
         td.sample()
-        c1 = (mb.cpu_seconds(src.pid), mb.cpu_seconds(dst.pid))
+        c1 = (h.cpu_seconds(src.pid), h.cpu_seconds(dst.pid))
         wall = time.monotonic() - t_mig
         reap(mig)  # waited for: its CPU is in own_cpu_s from here on
-        other = ((mb.host_busy_s() - busy0) - (mb.own_cpu_s() - own0)
+        other = ((h.host_busy_s() - busy0) - (h.own_cpu_s() - own0)
                  - (c1[0] - c0[0]) - (c1[1] - c0[1]))
         res["migrate_wall_s"] = round(wall, 3)
         res["other_cores"] = round(max(other, 0.0) / max(wall, 1e-3), 3)
         res["threads_src_s"] = ts.by_kind()
         res["threads_dst_s"] = td.by_kind()
 
-        info = last_json(d / "migrate.out")
+        info = h.last_json((d / "migrate.out").read_text(errors="replace"))
         if info is None:
             raise BenchError(f"ferry migrate (exit {mig.returncode}) printed no JSON: "
-                             f"{mb.tail(d / 'migrate.err')}")
+                             f"{h.tail(d / 'migrate.err')}")
         res["info"] = info
         if info.get("status") != "completed" or mig.returncode != 0:
             raise BenchError(f"migration {info.get('status')} (exit {mig.returncode}): "
-                             f"{info.get('error-desc') or mb.tail(d / 'migrate.err')}")
+                             f"{info.get('error-desc') or h.tail(d / 'migrate.err')}")
         st = qd.execute("query-status").get("status")
         if st != "paused":
             warnings.append(f"destination is {st!r} after migrating, expected 'paused'")
@@ -450,7 +401,7 @@ def run_variant(ferry: Path, v: Variant, mem: int, tmp: Path, tag: str,
                 try:
                     res["profile"][who] = perf_summary(perf, d / f"perf-{who}.data", top=15)
                 except (BenchError, OSError, subprocess.TimeoutExpired) as e:
-                    res["profile"][who] = {"error": f"{e} {mb.tail(d / f'perf-{who}.err', 5)}"}
+                    res["profile"][who] = {"error": f"{e} {h.tail(d / f'perf-{who}.err', 5)}"}
         res["ok"] = True
     except BenchError as e:
         res["error"] = str(e)
@@ -465,14 +416,14 @@ def run_variant(ferry: Path, v: Variant, mem: int, tmp: Path, tag: str,
                 reap(p, grace=5.0)
             reap(mig)
             if not interrupted:
-                mb.quit_and_wait(qs, src, "source", warnings)
-                mb.quit_and_wait(qd, dst, "destination", warnings)
+                h.quit_and_wait(qs, src, "source", warnings)
+                h.quit_and_wait(qd, dst, "destination", warnings)
         finally:
             reap(src)
             reap(dst)
         if not res["ok"]:
-            res["src_stderr"] = mb.tail(d / "src.err")
-            res["dst_stderr"] = mb.tail(d / "dst.err")
+            res["src_stderr"] = h.tail(d / "src.err")
+            res["dst_stderr"] = h.tail(d / "dst.err")
         res["wall_s"] = round(time.monotonic() - t0, 3)
     return res
 
@@ -502,15 +453,15 @@ def summarise_variants(results: dict, runs: list[dict]) -> dict:
         ok = [r for r in mine if r.get("ok")]
         s: dict = {"runs": len(mine), "ok": len(ok)}
         for k in METRICS:
-            s[k] = mb.stats([r["metrics"].get(k) for r in ok])
-        s["other_cores"] = mb.stats([r.get("other_cores") for r in mine])
+            s[k] = h.stats([r["metrics"].get(k) for r in ok])
+        s["other_cores"] = h.stats([r.get("other_cores") for r in mine])
         for side in ("src", "dst"):
             kinds = sorted({k for r in ok for k in r.get(f"threads_{side}_s", {})})
             per = {}
             for k in kinds:
                 vals = [r[f"threads_{side}_s"].get(k, 0.0) / (r["metrics"]["moved_bytes"] / GiB)
                         for r in ok if r["metrics"].get("moved_bytes")]
-                st = mb.stats(vals)
+                st = h.stats(vals)
                 if st and st["median"] >= 0.005:
                     per[k] = st
             s[f"threads_{side}_s_per_gib"] = dict(
@@ -538,7 +489,7 @@ def versus(results: dict, cand: dict, base: dict) -> dict:
                     if x is not None and y:
                         pairs.append(x / y)
             per[k] = {"ratio_of_medians": cm / bm if cm is not None and bm else None,
-                      "paired": mb.stats(pairs)}
+                      "paired": h.stats(pairs)}
         out[name] = per
     return out
 
@@ -555,14 +506,14 @@ def summarise(results: dict) -> dict:
             out[key][str(ch)] = {
                 "streams": max(ch, 1),
                 "length": next((r.get("length") for r in refs if r.get("length")), None),
-                "gbs": mb.stats([r.get("gbs") for r in refs]),
-                "cpu_snd_s_per_gib": mb.stats([tcp_cpu_per_gib(r, "cpu_sender_pct")
+                "gbs": h.stats([r.get("gbs") for r in refs]),
+                "cpu_snd_s_per_gib": h.stats([tcp_cpu_per_gib(r, "cpu_sender_pct")
                                                for r in refs]),
-                "cpu_rcv_s_per_gib": mb.stats([tcp_cpu_per_gib(r, "cpu_receiver_pct")
+                "cpu_rcv_s_per_gib": h.stats([tcp_cpu_per_gib(r, "cpu_receiver_pct")
                                                for r in refs]),
-                "other_cores": mb.stats([r.get("other_cores") for r in refs]),
+                "other_cores": h.stats([r.get("other_cores") for r in refs]),
             }
-    out["other_cores"] = mb.stats([r.get("other_cores") for r in runs])
+    out["other_cores"] = h.stats([r.get("other_cores") for r in runs])
     if results.get("binaries"):
         # "variants" stays the candidate's (the binary measured without --baseline).
         base = summarise_variants(results, [r for r in runs if binary_of(r) == BASELINE])
@@ -605,7 +556,7 @@ def ok_cell(s: dict | None, key: str, kind: str) -> str:
     if not s or not s["ok"]:
         return "failed" if s and s["runs"] else "not run"
     label_ok = "" if s["ok"] == s["runs"] else f" ({s['ok']}/{s['runs']} ok)"
-    return mb.cell(s.get(key), kind) + label_ok
+    return h.cell(s.get(key), kind) + label_ok
 
 
 def ratio_cell(v: dict | None) -> str:
@@ -630,7 +581,7 @@ def render_markdown(results: dict) -> str:
     out.append(f"{'checkout' if bins else 'ferry'} `{mi.get('git_describe')}`"
                f"{' (uncommitted changes)' if mi.get('git_dirty') else ''}, "
                f"{results['started']}, {a['runs']} run(s), medians with (min–max); whole run "
-               f"{results.get('elapsed_s', 0):.0f} s; guest {cmp.size_arg(a['mem'])}, soft "
+               f"{results.get('elapsed_s', 0):.0f} s; guest {h.size_arg(a['mem'])}, soft "
                f"backend, paused; destination `--prealloc`.")
     out.append("")
     if bins:
@@ -700,13 +651,13 @@ def render_markdown(results: dict) -> str:
                 continue
             label_ok = "" if s["ok"] == s["runs"] else f" ({s['ok']}/{s['runs']} ok)"
             out.append("| " + " | ".join(first + head + [
-                mb.cell(s["pass0_gbs"], "gbs") + label_ok,
-                mb.cell(s["pass0_wire_gbs"], "gbs"),
-                mb.cell(s["to_tcp"], "pct"),
-                *([mb.cell(s["to_tcp_len"], "pct")] if length else []),
-                mb.cell(s["total_ms"], "ms"),
-                mb.cell(s["cpu_src_s_per_gib"], "s"),
-                mb.cell(s["cpu_dst_s_per_gib"], "s"),
+                h.cell(s["pass0_gbs"], "gbs") + label_ok,
+                h.cell(s["pass0_wire_gbs"], "gbs"),
+                h.cell(s["to_tcp"], "pct"),
+                *([h.cell(s["to_tcp_len"], "pct")] if length else []),
+                h.cell(s["total_ms"], "ms"),
+                h.cell(s["cpu_src_s_per_gib"], "s"),
+                h.cell(s["cpu_dst_s_per_gib"], "s"),
             ]) + " |")
     out.append("")
     out.append("CPU by thread kind, seconds per GiB moved (medians; the three largest per side):")
@@ -721,7 +672,7 @@ def render_markdown(results: dict) -> str:
             out.append(("" if label is None else f"| {label} ")
                        + f"| {name} | {threads_cell(s['threads_src_s_per_gib'])} | "
                        f"{threads_cell(s['threads_dst_s_per_gib'])} | "
-                       f"{mb.cell(s['other_cores'], 's')} |")
+                       f"{h.cell(s['other_cores'], 's')} |")
     out.append("")
     out.append("| loopback TCP, same run | GB/s | CPU sender s/GiB | CPU receiver s/GiB "
                "| other load, cores |")
@@ -730,10 +681,10 @@ def render_markdown(results: dict) -> str:
         for ch, t in summary[key].items():
             flags = f"-P {t['streams']}" + (f" -l {t['length']}" if t.get("length") else "")
             out.append(f"| iperf3 {flags} -t {a['iperf_seconds']}, for "
-                       f"{ch_label(int(ch))} data channels | {mb.cell(t['gbs'], 'gbs')} | "
-                       f"{mb.cell(t.get('cpu_snd_s_per_gib'), 's')} | "
-                       f"{mb.cell(t.get('cpu_rcv_s_per_gib'), 's')} | "
-                       f"{mb.cell(t['other_cores'], 's')} |")
+                       f"{ch_label(int(ch))} data channels | {h.cell(t['gbs'], 'gbs')} | "
+                       f"{h.cell(t.get('cpu_snd_s_per_gib'), 's')} | "
+                       f"{h.cell(t.get('cpu_rcv_s_per_gib'), 's')} | "
+                       f"{h.cell(t['other_cores'], 's')} |")
     prof = results.get("profile")
     if prof is not None:
         out.append("")
@@ -859,13 +810,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return a
 
 
-def parse_size(s: str) -> int:
-    m = re.fullmatch(r"(\d+)([KMG]?)", s.strip().upper())
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {s!r} (like 512M or 1G)")
-    return int(m.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[m.group(2)]
-
-
 def log_run(tag: str, r: dict) -> None:
     if not r.get("ok"):
         log(f"{tag} {r['variant']} FAILED: {r.get('error')}")
@@ -890,41 +834,31 @@ def main(argv: list[str]) -> int:
         return 0
     MACHINE = a.machine
 
-    atexit.register(mb.reap_all)
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, mb._on_signal)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    h.guard_children()
 
     started = _dt.datetime.now().astimezone()
     out = a.out or REPO / "bench" / "results" / f"multifd-{started:%Y%m%d-%H%M%S}.json"
     md_path = out.with_suffix(".md")
-    if a.ferry:
-        ferry = a.ferry.resolve()
-    elif a.no_build:
-        ferry = mb.default_ferry()
-    else:
-        ferry = mb.build_ferry()
-    if not os.access(ferry, os.X_OK):
-        raise SystemExit(f"no ferry binary at {ferry}; build it or pass --ferry")
-    if not cmp.ferry_knows_channels(ferry):
+    ferry = h.pick_ferry(a.ferry, a.no_build)
+    if not h.ferry_knows_channels(ferry):
         raise SystemExit(f"{ferry} has no migration.multifd-channels property (see `ferry "
                          f"machines ferry`): nothing to measure here")
     baseline = a.baseline.resolve() if a.baseline else None
     if baseline is not None:
         if not os.access(baseline, os.X_OK):
             raise SystemExit(f"--baseline: no ferry binary at {baseline}")
-        if not cmp.ferry_knows_channels(baseline):
+        if not h.ferry_knows_channels(baseline):
             raise SystemExit(f"--baseline {baseline} has no migration.multifd-channels "
                              f"property (see `ferry machines ferry`): nothing to compare")
-    iperf3 = mb.ensure_iperf3()
+    iperf3 = h.ensure_iperf3()
     perf, perf_why = (None, "--no-perf") if a.no_perf else ensure_perf()
     # Filling or faulting in --mem at the host's slowest first touch (~0.2 GB/s when busy).
     gib = max(a.mem / GiB, 1.0)
-    mb.T_URI = max(mb.T_URI, 30.0 + 20.0 * gib)
-    mb.T_QMP = max(mb.T_QMP, 30.0 + 20.0 * gib)
+    h.T_URI = max(h.T_URI, 30.0 + 20.0 * gib)
+    h.T_QMP = max(h.T_QMP, 30.0 + 20.0 * gib)
 
-    machine = mb.machine_info(ferry, iperf3)
-    machine["perf"] = mb.first_line([perf, "--version"]) if perf else None
+    machine = h.machine_info(ferry, iperf3)
+    machine["perf"] = h.first_line([perf, "--version"]) if perf else None
     if machine["loadavg"] and float(machine["loadavg"][0]) > 0.5:
         log(f"warning: load average {machine['loadavg'][0]} on {machine['nproc']} CPUs before "
             f"starting: other work will show in the figures")
@@ -961,7 +895,7 @@ def main(argv: list[str]) -> int:
     failed = 0
 
     def quiet() -> dict:
-        return mb.settle(a.settle, a.settle_below) if a.settle > 0 else {}
+        return h.settle(a.settle, a.settle_below) if a.settle > 0 else {}
 
     try:
         for rnd in range(1, a.runs + 1):
@@ -978,9 +912,9 @@ def main(argv: list[str]) -> int:
                     what = f"loopback TCP, {streams} stream(s)" + (
                         f", {length} writes" if length else "")
                     q = quiet()
-                    window = mb.OtherLoad()
+                    window = h.OtherLoad()
                     try:
-                        t = mb.ref_tcp(iperf3, a.iperf_seconds, tmp, streams=streams,
+                        t = h.ref_tcp(iperf3, a.iperf_seconds, tmp, streams=streams,
                                        length=length)
                         log(f"{tag} {what}: {t['gbs']:.2f} GB/s")
                     except BenchError as e:
@@ -1026,7 +960,7 @@ def main(argv: list[str]) -> int:
                         failed += 1
                     rr["runs"].append(r)
                     log_run(ltag, r)
-                mb.write_json(out, results)
+                h.write_json(out, results)
         if perf:
             top = max(a.channel_list)
             prof: dict = {"runs": []}
@@ -1047,13 +981,13 @@ def main(argv: list[str]) -> int:
         log(f"interrupted ({results['interrupted']}); stopping children, writing what was "
             f"measured")
     finally:
-        mb.reap_all()
+        h.reap_all()
         results["elapsed_s"] = round(time.monotonic() - t_start, 1)
         try:
             # What was measured is written first, so that a fault in the summary loses none.
-            mb.write_json(out, results)
+            h.write_json(out, results)
             results["summary"] = summarise(results)
-            mb.write_json(out, results)
+            h.write_json(out, results)
             md = render_markdown(results)
             md_path.write_text(md)
         finally:
@@ -1073,5 +1007,5 @@ if __name__ == "__main__":
     try:
         sys.exit(main(sys.argv[1:]))
     except KeyboardInterrupt:
-        mb.reap_all()
+        h.reap_all()
         sys.exit(130)

@@ -63,7 +63,7 @@ Any broken promise (a guest lost, stopped or run twice, a wrong page, a digest n
 a hop that does not succeed within its retries, a wait that times out) stops the soak with
 a message naming the hop and what was seen, and exit status 1; 130 if interrupted. Every
 wait has a time limit. Children run in their own sessions with a parent-death signal and are
-killed by process group on any way out (bench/migration.py's machinery).
+killed by process group on any way out (bench/harness.py).
 
 Output: a line per hop on stderr (hop, direction, transport, channels, zstd, outcome, time,
 downtime), then a summary: on stdout, or with --json one JSON object on stdout instead.
@@ -80,7 +80,6 @@ import random
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -91,8 +90,8 @@ from pathlib import Path
 
 sys.dont_write_bytecode = True
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import migration as m  # noqa: E402  (the harness: processes, QMP, timeouts)
-from migration import BenchError, Qmp, log  # noqa: E402
+import harness as m  # noqa: E402  (processes, QMP, statistics)
+from harness import BenchError, Qmp, log, stats  # noqa: E402
 
 SCHEMA = "ferry-soak/1"
 RELAY_PREFIX = "relay listening on "
@@ -651,13 +650,6 @@ def plan(a: argparse.Namespace) -> list[tuple[Route, str | None]]:
     for i, h in enumerate(faulted):
         faults[h] = kinds[i % len(kinds)]
     return list(zip(routes[: a.hops], faults))
-
-
-def stats(v: list) -> dict | None:
-    v = [x for x in v if x is not None]
-    if not v:
-        return None
-    return {"median": statistics.median(v), "min": min(v), "max": max(v), "n": len(v)}
 
 
 def summarise(hops: list[dict], elapsed: float) -> dict:

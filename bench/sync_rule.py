@@ -34,7 +34,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import migration as m  # noqa: E402  (the harness: processes, QMP, references)
+import harness as h  # noqa: E402  (processes, references, statistics)
+import migration as m  # noqa: E402  (bench/migration.py's cases)
 
 BASES = {
     "paused-16g": ("soft", ("--mem", "16G", "--dirty", "0", "--fill", "4G", "-S"),
@@ -70,41 +71,41 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--iperf-seconds", type=int, default=3)
     a = ap.parse_args(argv)
-    ferry = a.ferry.resolve() if a.ferry else m.build_ferry()
-    iperf3 = m.ensure_iperf3()
+    ferry = a.ferry.resolve() if a.ferry else h.build_ferry()
+    iperf3 = h.ensure_iperf3()
     bases = a.cases.split(",")
     tmp = Path(tempfile.mkdtemp(prefix="ferry-bench-sync-"))
     rounds = []
     try:
         for rnd in range(1, a.runs + 1):
             r: dict = {"round": rnd}
-            m.settle(10.0, 0.25)
-            r["tcp"] = m.ref_tcp(iperf3, a.iperf_seconds, tmp, streams=a.channels)
-            m.log(f"[{rnd}/{a.runs}] loopback TCP, {a.channels} streams: {r['tcp']['gbs']:.2f} GB/s")
+            h.settle(10.0, 0.25)
+            r["tcp"] = h.ref_tcp(iperf3, a.iperf_seconds, tmp, streams=a.channels)
+            h.log(f"[{rnd}/{a.runs}] loopback TCP, {a.channels} streams: {r['tcp']['gbs']:.2f} GB/s")
             for b in bases:
                 rules = [True, False] if rnd % 2 else [False, True]
                 for per_section in rules:
                     c = case(b, per_section, a.channels)
-                    m.settle(10.0, 0.25)
+                    h.settle(10.0, 0.25)
                     res = m.run_case(ferry, c, tmp, rnd)
                     if res.get("ok"):
                         res["syncs"] = (res["info"].get("multifd") or {}).get("syncs")
                         res.pop("info", None)
                         mt = res["metrics"]
-                        m.log(f"[{rnd}/{a.runs}] {c.name}: {res['syncs']} syncs, total "
+                        h.log(f"[{rnd}/{a.runs}] {c.name}: {res['syncs']} syncs, total "
                               f"{mt['total_ms']} ms, pass 0 {mt['pass0_gbs'] or 0:.2f} GB/s, "
                               f"downtime {mt['downtime_ms']} ms")
                     else:
-                        m.log(f"[{rnd}/{a.runs}] {c.name} FAILED: {res.get('error')}")
+                        h.log(f"[{rnd}/{a.runs}] {c.name} FAILED: {res.get('error')}")
                     r[c.name] = res
             rounds.append(r)
     finally:
-        m.reap_all()
+        h.reap_all()
 
     def col(name: str, get) -> dict | None:
-        return m.stats([get(r[name]) for r in rounds if r.get(name, {}).get("ok")])
+        return h.stats([get(r[name]) for r in rounds if r.get(name, {}).get("ok")])
 
-    tcp = m.stats([r["tcp"]["gbs"] for r in rounds])
+    tcp = h.stats([r["tcp"]["gbs"] for r in rounds])
     out = [
         f"{a.runs} rounds, {a.channels} data channels; medians (min-max); loopback TCP with "
         f"{a.channels} streams in the same run: {fmt(tcp, 'gbs')} GB/s",
@@ -129,7 +130,7 @@ def main(argv: list[str]) -> int:
     path = a.out or Path(tempfile.gettempdir()) / f"sync-rule-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps({"command": " ".join(["python3", "bench/sync_rule.py", *argv]),
                                 "rounds": rounds}, indent=1))
-    m.log(f"results in {path}")
+    h.log(f"results in {path}")
     return 0
 
 

@@ -1277,7 +1277,12 @@ impl TestCa {
         } else {
             rcgen::ExtendedKeyUsagePurpose::ServerAuth
         }];
-        p.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+        // No key usage extension: rcgen marks it critical, and QEMU's tls-creds-x509 refuses
+        // a critical one without keyEncipherment ("usage does not permit key encipherment"),
+        // which RFC 5480 forbids for these ECDSA keys. Without the extension QEMU assumes
+        // what it wants, rustls does not look, and the extended key usage still limits each
+        // certificate to its side.
+        p.key_usages = Vec::new();
         validity(&mut p, days);
         let key = rcgen::KeyPair::generate().map_err(mk)?;
         let issuer = rcgen::Issuer::from_params(&self.params, &self.key);
@@ -1514,5 +1519,30 @@ mod tests {
         let ids = cert_identities(&der);
         assert_eq!(&ids[..3], ["alice", "alice.example", "10.0.0.1"]);
         assert!(ids[3].contains("CN=alice"), "{ids:?}");
+    }
+
+    /// QEMU's tls-creds-x509 loads these credentials too: it refuses a server or client
+    /// certificate whose key usage is critical and lacks digitalSignature or
+    /// keyEncipherment, and a CA whose critical key usage lacks keyCertSign.
+    #[test]
+    fn the_test_credentials_pass_qemus_key_usage_check() {
+        use x509_parser::prelude::{FromDer, X509Certificate};
+        let ca = TestCa::new("ca").unwrap();
+        for client in [false, true] {
+            let (pem, _) = ca.issue("x", &["localhost".into()], client, 1).unwrap();
+            let der = CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+            let (_, c) = X509Certificate::from_der(der.as_ref()).unwrap();
+            if let Ok(Some(ku)) = c.key_usage() {
+                assert!(
+                    !ku.critical || (ku.value.digital_signature() && ku.value.key_encipherment()),
+                    "client {client}: critical key usage {:?}",
+                    ku.value
+                );
+            }
+        }
+        let der = CertificateDer::from_pem_slice(ca.pem.as_bytes()).unwrap();
+        let (_, c) = X509Certificate::from_der(der.as_ref()).unwrap();
+        let ku = c.key_usage().unwrap().expect("the CA names its key usage");
+        assert!(ku.value.key_cert_sign());
     }
 }
