@@ -302,7 +302,7 @@ impl Lander {
     }
 
     /// Once a batch's data is in: marks the data pages written, zeroes each zero page
-    /// that may hold data (fresh memory stays untouched), and updates the digest.
+    /// that holds data (fresh memory stays untouched), and updates the digest.
     /// Returns the pages written to guest memory.
     pub fn settle(&mut self, block: usize, normal: &[u64], zero: &[u64]) -> u64 {
         let written = &self.written[block];
@@ -314,7 +314,10 @@ impl Lander {
         }
         let mut zeroed = 0;
         for &p in zero {
-            if written.is_set(p as usize) {
+            // A page that may hold data is read before it is written: memory populated
+            // ahead (`--prealloc`) is zero already, and reading it costs far less than
+            // rewriting it, which left the receivers behind the source.
+            if written.is_set(p as usize) && !self.mem.is_zero(block, p) {
                 self.mem.zero_page(block, p);
                 zeroed += 1;
             }
