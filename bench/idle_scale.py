@@ -12,7 +12,9 @@ round migrates one such guest from one `ferry run` to another on this machine
 source's `total-time`), and the peak RSS (VmHWM) of both `ferry run` processes once the
 migration has completed. With `--baseline`, another binary (for example the previous main)
 is measured in the same run, its migrations interleaved with this build's, so that both
-columns see the same machine.
+columns see the same machine. Before each migration the script waits (up to --settle
+seconds) for other work on the machine to quieten, as bench/migration.py does, and records
+how many cores other work used during it.
 
 Figures are medians over the rounds with (min-max). Nothing here asserts a timing. Processes
 are handled by bench/migration.py's machinery (each in its own session, killed by group on
@@ -29,7 +31,6 @@ import shutil
 import signal
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -46,12 +47,16 @@ def case(size: str) -> mb.Case:
                    dst_status="running", what=f"{size} never touched")
 
 
-def one(ferry: Path, size: str, tmp: Path, rnd: int, label: str) -> dict:
+def one(ferry: Path, size: str, tmp: Path, rnd: int, label: str, settle: float,
+        settle_below: float) -> dict:
     d = tmp / label.replace(" ", "-")
     d.mkdir(exist_ok=True)
+    quiet = mb.settle(settle, settle_below) if settle > 0 else {}
+    window = mb.OtherLoad()
     r = mb.run_case(ferry, case(size), d, rnd)
     out = {"size": size, "round": rnd, "build": label, "ok": r.get("ok", False),
-           "error": r.get("error"), "warnings": r.get("warnings", [])}
+           "error": r.get("error"), "warnings": r.get("warnings", []),
+           "other_cores": window.cores(), **quiet}
     if r.get("ok"):
         m = r["metrics"]
         out.update({k: m.get(k) for k in ("total_ms", "setup_ms", "downtime_ms",
@@ -94,6 +99,9 @@ def render(results: dict) -> str:
             line += [cell(med(rs, "total_ms"), "ms"), cell(med(rs, "rss_src_peak"), "mib"),
                      cell(med(rs, "rss_dst_peak"), "mib")]
         out.append("| " + " | ".join(line) + " |")
+    busy = max((r.get("other_cores") or 0 for r in rows), default=0)
+    out.append("")
+    out.append(f"Other work on the machine used up to {busy:.2f} cores during a migration.")
     bad = [r for r in rows if not r["ok"]]
     if bad:
         out.append("")
@@ -111,6 +119,12 @@ def main(argv: list[str]) -> int:
                     help="another ferry binary, measured in the same run")
     ap.add_argument("--sizes", default="8G,64G,256G,1T", help="guest RAM sizes (default %(default)s)")
     ap.add_argument("--runs", type=int, default=3, help="rounds (default 3)")
+    ap.add_argument("--settle", type=float, default=10.0, metavar="S",
+                    help="before each migration wait up to S seconds for other work on the "
+                         "machine to quieten (default 10; 0 disables)")
+    ap.add_argument("--settle-below", type=float, default=0.25, metavar="CORES",
+                    help="what counts as quiet: other work using fewer cores than this "
+                         "(default 0.25)")
     ap.add_argument("--out", type=Path,
                     help="JSON results file (default bench/out/idle-scale-<time>.json)")
     ap.add_argument("--markdown", action="store_true", help="print a markdown table to stdout")
@@ -154,7 +168,7 @@ def main(argv: list[str]) -> int:
                 if rnd % 2 == 0:
                     order.reverse()
                 for label, exe in order:
-                    r = one(exe, size, tmp, rnd, label)
+                    r = one(exe, size, tmp, rnd, label, a.settle, a.settle_below)
                     results["rows"].append(r)
                     if r["ok"]:
                         log(f"[run {rnd}/{a.runs}] {label} {size}: total {r['total_ms']} ms, "
@@ -163,7 +177,6 @@ def main(argv: list[str]) -> int:
                     else:
                         failed += 1
                         log(f"[run {rnd}/{a.runs}] {label} {size} FAILED: {r['error']}")
-                    time.sleep(0.5)
     except KeyboardInterrupt as e:
         results["interrupted"] = str(e) or "Ctrl-C"
     finally:
