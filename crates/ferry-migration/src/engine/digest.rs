@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use xxhash_rust::xxh3::xxh3_64;
 
+use super::zeroed::ZeroedWords;
 use crate::PAGE_SIZE;
 
 /// xxh3 of a page of zeros, the content hash every zero page has.
@@ -50,8 +51,9 @@ pub fn page_term(global_page: u64, content: u64) -> u64 {
 /// commutes.
 #[derive(Debug)]
 pub struct PageDigest {
-    /// Per block: the term of each page, 0 for a page never sent.
-    terms: Vec<Box<[AtomicU64]>>,
+    /// Per block: the term of each page, 0 for a page never sent. Zero-filled on first
+    /// touch, so the terms of pages never sent cost no memory.
+    terms: Vec<ZeroedWords>,
     /// Global page number of each block's first page.
     base: Vec<u64>,
     sum: AtomicU64,
@@ -66,7 +68,7 @@ impl PageDigest {
             base.push(next);
             next += p as u64;
         }
-        let terms = block_pages.iter().map(|&p| zeroed_atomics(p)).collect();
+        let terms = block_pages.iter().map(|&p| ZeroedWords::new(p)).collect();
         Self {
             terms,
             base,
@@ -88,18 +90,6 @@ impl PageDigest {
     pub fn value(&self) -> u64 {
         self.sum.load(Ordering::Acquire)
     }
-}
-
-/// `n` zeroed atomics from calloc, so the terms of pages never sent are never faulted in
-/// (8 bytes per page of guest RAM would otherwise be touched at setup).
-fn zeroed_atomics(n: usize) -> Box<[AtomicU64]> {
-    let v: Vec<u64> = vec![0; n];
-    let b = v.into_boxed_slice();
-    let len = b.len();
-    let ptr = Box::into_raw(b).cast::<AtomicU64>();
-    // SAFETY: AtomicU64 has the same size and alignment as u64 (documented), and all-zero
-    // bytes are a valid AtomicU64; the allocation moves from one box to the other.
-    unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(ptr, len)) }
 }
 
 /// Digest of the whole of guest memory: every page's term, zero pages included, where

@@ -23,6 +23,7 @@ pub mod stats;
 mod stream;
 pub mod transport;
 pub mod vm;
+mod zeroed;
 
 pub use destination::{receive, DestinationIdentity};
 pub use error::{error_chain, MigrationError};

@@ -19,7 +19,7 @@
 use std::io;
 use std::sync::Arc;
 
-use super::bitmap::DirtyBitmap;
+use super::bitmap::{DirtyBitmap, GROUP_WORDS};
 use super::digest::{zero_page_hash, PageDigest};
 use super::error::MigrationError;
 use super::memory::{GuestMemory, PageBuf};
@@ -35,11 +35,29 @@ pub(crate) const BATCH_PAGES: usize = MAX_BATCH_PAGES;
 const _: () = assert!(MAX_BATCH_PAGES == MAX_PACKET_PAGES);
 
 /// Takes pages from a block's pending bitmap in batches, clearing the bits it takes.
-/// A word is taken whole and its bits handed out across batches.
-#[derive(Default)]
+/// A group of words is taken whole (see [`DirtyBitmap::take_group`]) and its bits handed
+/// out across batches; groups the bitmap's summary shows empty are never looked at, so a
+/// pass over a bitmap with nothing pending costs nothing in proportion to RAM.
 pub(crate) struct Picker {
-    word: usize,
-    bits: u64,
+    /// The next group to look for.
+    group: usize,
+    /// The words of the group taken last.
+    words: [u64; GROUP_WORDS],
+    /// Index in the bitmap of `words[0]`.
+    base: usize,
+    /// The first of `words` not yet handed out.
+    next: usize,
+}
+
+impl Default for Picker {
+    fn default() -> Self {
+        Self {
+            group: 0,
+            words: [0; GROUP_WORDS],
+            base: 0,
+            next: GROUP_WORDS,
+        }
+    }
 }
 
 impl Picker {
@@ -48,17 +66,25 @@ impl Picker {
     pub fn next(&mut self, bm: &DirtyBitmap, out: &mut Vec<u64>, max: usize) -> bool {
         out.clear();
         while out.len() < max {
-            if self.bits == 0 {
-                if self.word >= bm.words() {
+            if self.next == GROUP_WORDS {
+                let Some(g) = bm.next_marked_group(self.group) else {
                     break;
+                };
+                self.group = g + 1;
+                if bm.take_group(g, &mut self.words) {
+                    self.base = g * GROUP_WORDS;
+                    self.next = 0;
                 }
-                self.bits = bm.take_word(self.word);
-                self.word += 1;
                 continue;
             }
-            let bit = self.bits.trailing_zeros() as usize;
-            self.bits &= self.bits - 1;
-            out.push(((self.word - 1) * 64 + bit) as u64);
+            let bits = &mut self.words[self.next];
+            if *bits == 0 {
+                self.next += 1;
+                continue;
+            }
+            let bit = bits.trailing_zeros() as usize;
+            *bits &= *bits - 1;
+            out.push(((self.base + self.next) * 64 + bit) as u64);
         }
         !out.is_empty()
     }
@@ -380,5 +406,28 @@ mod tests {
         assert_eq!(got, want);
         assert_eq!(bm.count(), 0);
         assert!(!pick.next(&bm, &mut batch, 128));
+    }
+
+    #[test]
+    fn the_picker_skips_empty_groups_and_leaves_late_pages_for_the_next_pass() {
+        use crate::engine::bitmap::GROUP_PAGES;
+        let bm = DirtyBitmap::new(1 << 28);
+        let far = [3, 7 * GROUP_PAGES + 1, (1 << 28) - 1];
+        for p in far {
+            bm.set(p);
+        }
+        let mut pick = Picker::default();
+        let mut batch = Vec::new();
+        assert!(pick.next(&bm, &mut batch, 2));
+        assert_eq!(batch, [far[0] as u64, far[1] as u64]);
+        // Its group is behind the picker now: this pass does not see it, the next does.
+        bm.set(far[1] + 1);
+        assert!(pick.next(&bm, &mut batch, 2));
+        assert_eq!(batch, [far[2] as u64]);
+        assert!(!pick.next(&bm, &mut batch, 2));
+        assert_eq!(bm.count(), 1);
+        let mut pick = Picker::default();
+        assert!(pick.next(&bm, &mut batch, 2));
+        assert_eq!(batch, [far[1] as u64 + 1]);
     }
 }

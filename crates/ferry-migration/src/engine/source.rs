@@ -115,6 +115,7 @@ pub fn migrate(
         monitor,
         pending: blocks.iter().map(|b| DirtyBitmap::new(b.pages())).collect(),
         harvested: blocks.iter().map(|b| DirtyBitmap::new(b.pages())).collect(),
+        fresh: blocks.iter().map(|b| DirtyBitmap::new(b.pages())).collect(),
         digest: params.digest.then(|| {
             Arc::new(PageDigest::new(
                 &blocks.iter().map(RamBlock::pages).collect::<Vec<_>>(),
@@ -211,6 +212,8 @@ struct Source<'a> {
     pending: Vec<DirtyBitmap>,
     /// Every page this attempt took from the dirty log, to put back on failure.
     harvested: Vec<DirtyBitmap>,
+    /// Per block, what one harvest took from the dirty log; empty between harvests.
+    fresh: Vec<DirtyBitmap>,
     digest: Option<Arc<PageDigest>>,
     ch: Option<Channel>,
     rp: Option<Receiver<RpEvent>>,
@@ -1216,13 +1219,14 @@ impl Source<'_> {
     fn harvest(&mut self) -> Result<u64, MigrationError> {
         let mut pages = 0;
         for b in 0..self.blocks.len() {
-            // Harvest into a scratch map first so the record of what this attempt took
-            // from the log is exact.
-            let fresh = DirtyBitmap::new(self.blocks[b].pages());
-            self.vm.dirty_log().harvest(b, &fresh)?;
+            // Harvest into a map of its own first so the record of what this attempt took
+            // from the log is exact; it is left empty for the next harvest.
+            let fresh = &self.fresh[b];
+            let got = self.vm.dirty_log().harvest(b, fresh);
             pages += fresh.count() as u64;
-            self.harvested[b].or_from(&fresh);
-            self.pending[b].or_from(&fresh);
+            self.harvested[b].or_from(fresh);
+            fresh.drain_into(&self.pending[b]);
+            got?;
         }
         Ok(pages)
     }

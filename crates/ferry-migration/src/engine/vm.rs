@@ -45,6 +45,10 @@ pub unsafe trait GuestRam: Send + Sync {
 
     /// Marks in `out` every page of `block` that may hold non-zero data. A page left
     /// unmarked must read as zero. The default marks every page.
+    ///
+    /// `out` starts empty and costs nothing where nothing is set, so an implementation
+    /// that learns populated *extents* (and marks them with [`DirtyBitmap::set_range`])
+    /// makes an idle guest's migration cost nothing in proportion to its RAM.
     fn populated(&self, block: usize, out: &DirtyBitmap) {
         let _ = block;
         out.set_all();
