@@ -77,7 +77,7 @@
 //! holder of a certificate of the same CA is turned away as a stray even if it knows
 //! the session id.
 
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, Read, Write};
 use std::net::Shutdown;
 use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
@@ -965,11 +965,14 @@ impl TlsStream {
     }
 }
 
-impl MigrationStream for TlsStream {
-    fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
-        if buf.is_empty() {
-            return Ok(0);
-        }
+impl TlsStream {
+    /// A read: once rustls holds plaintext, `take` takes some of it from rustls' reader
+    /// (under `rx` and `tls`) and says how much; until then records are read and opened
+    /// (and the handshake run) as the module's docs say.
+    fn read_with(
+        &self,
+        take: &mut dyn FnMut(rustls::Reader<'_>) -> io::Result<usize>,
+    ) -> io::Result<usize> {
         let mut rx = lock(&self.0.rx);
         loop {
             let mut refused = None;
@@ -979,7 +982,7 @@ impl MigrationStream for TlsStream {
                     return Err(e);
                 }
                 if !t.conn.is_handshaking() {
-                    match t.conn.reader().read(buf) {
+                    match take(t.conn.reader()) {
                         Ok(n) => return Ok(n),
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
@@ -1045,7 +1048,7 @@ impl MigrationStream for TlsStream {
                 // Tells rustls of the end of file; the next round reads what is left.
                 let _ = t.conn.read_tls(&mut &[][..]);
                 let _ = t.conn.process_new_packets();
-                match t.conn.reader().read(buf) {
+                match take(t.conn.reader()) {
                     Ok(n) => return Ok(n),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(0),
                     Err(e) => return Err(e),
@@ -1054,17 +1057,28 @@ impl MigrationStream for TlsStream {
         }
     }
 
-    fn write(&self, buf: &[u8]) -> io::Result<usize> {
-        if buf.is_empty() {
+    /// Seals up to [`MAX_WRITE`] bytes from the start of `bufs` and sends the records.
+    fn seal_and_send(&self, bufs: &[&[u8]]) -> io::Result<usize> {
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        if total == 0 {
             return Ok(0);
         }
         let mut tx = lock(&self.0.tx);
         self.send(&mut tx)?;
         if tx.carry > 0 {
             let n = std::mem::take(&mut tx.carry);
-            return Ok(n.min(buf.len()));
+            return Ok(n.min(total));
         }
-        let n = buf.len().min(MAX_WRITE);
+        let mut left = MAX_WRITE;
+        let slices: Vec<io::IoSlice<'_>> = bufs
+            .iter()
+            .map_while(|b| {
+                let k = b.len().min(left);
+                left -= k;
+                (left > 0 || k > 0).then(|| io::IoSlice::new(&b[..k]))
+            })
+            .collect();
+        let n;
         {
             let mut t = lock(&self.0.tls);
             if let Some(e) = Self::failed(&t) {
@@ -1076,7 +1090,10 @@ impl MigrationStream for TlsStream {
                     "a write before the TLS handshake finished",
                 ));
             }
-            t.conn.writer().write_all(&buf[..n])?;
+            // One call for all the slices: rustls cuts full records across them, so a
+            // frame's head does not go out as a record of its own. Without a buffer
+            // limit (see `new`) it takes them all.
+            n = t.conn.writer().write_vectored(&slices)?;
         }
         match self.send(&mut tx) {
             Ok(()) => Ok(n),
@@ -1086,6 +1103,47 @@ impl MigrationStream for TlsStream {
             }
             Err(e) => Err(e),
         }
+    }
+}
+
+impl MigrationStream for TlsStream {
+    fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        self.read_with(&mut |mut r| r.read(buf))
+    }
+
+    /// Hands out rustls' plaintext where it lies, up to `max` bytes, as far as it has
+    /// opened records: the engine copies it from there into guest memory.
+    fn read_into(&self, max: usize, sink: &mut dyn FnMut(&[u8])) -> io::Result<usize> {
+        if max == 0 {
+            return Ok(0);
+        }
+        self.read_with(&mut |mut r| {
+            let mut n = 0;
+            while n < max {
+                let c = match r.fill_buf() {
+                    Ok(c) if c.is_empty() => break,
+                    Ok(c) => c,
+                    Err(_) if n > 0 => break,
+                    Err(e) => return Err(e),
+                };
+                let k = c.len().min(max - n);
+                sink(&c[..k]);
+                r.consume(k);
+                n += k;
+            }
+            Ok(n)
+        })
+    }
+
+    fn write(&self, buf: &[u8]) -> io::Result<usize> {
+        self.seal_and_send(&[buf])
+    }
+
+    fn write_vectored(&self, bufs: &[&[u8]]) -> io::Result<usize> {
+        self.seal_and_send(bufs)
     }
 
     fn try_clone(&self) -> io::Result<Box<dyn MigrationStream>> {
