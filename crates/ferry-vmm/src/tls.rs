@@ -1523,6 +1523,77 @@ mod tests {
         let _ = std::fs::remove_dir_all(&d);
     }
 
+    /// Frames written as several slices and read by handing out rustls' plaintext
+    /// arrive whole and in order, through socket timeouts and across the bound of one
+    /// write, as the engine's pages do.
+    #[test]
+    fn vectored_writes_and_handed_out_reads_keep_every_byte_in_order() {
+        let d = scratch("vectored");
+        make_test_creds(&d, &spec("alice")).unwrap();
+        let (c, s) = pair(&d, None);
+        let s = s.unwrap();
+        for x in [&c, &s] {
+            x.set_read_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            x.set_write_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+        }
+        const N: usize = 12 << 20;
+        let data: Arc<Vec<u8>> = Arc::new((0..N).map(|i| (i * 13 + i / 4096) as u8).collect());
+        let d1 = Arc::clone(&data);
+        let w = std::thread::spawn(move || {
+            // Heads of 24 bytes, pages of MAX_WRITE - 8 and more: writes that stop
+            // inside a slice and go on from there.
+            let mut at = 0;
+            for k in 0.. {
+                if at == N {
+                    break;
+                }
+                let head = 24.min(N - at);
+                let body = (MAX_WRITE - 8 + k * 4096).min(N - at - head);
+                let mut bufs = [
+                    &d1[at..at + head],
+                    &[][..],
+                    &d1[at + head..at + head + body],
+                ];
+                let mut first = 0;
+                while first < bufs.len() {
+                    let mut n = match c.write_vectored(&bufs[first..]) {
+                        Ok(n) => n,
+                        Err(e) if would_block(&e) => continue,
+                        Err(e) => panic!("{e}"),
+                    };
+                    while first < bufs.len() && n >= bufs[first].len() {
+                        n -= bufs[first].len();
+                        first += 1;
+                    }
+                    if first < bufs.len() {
+                        bufs[first] = &bufs[first][n..];
+                    }
+                }
+                at += head + body;
+            }
+        });
+        let mut got = Vec::with_capacity(N);
+        let mut k = 0;
+        while got.len() < N {
+            if k % 64 == 0 {
+                std::thread::sleep(Duration::from_millis(30));
+            }
+            k += 1;
+            let max = (100_000 + k * 977).min(N - got.len());
+            match s.read_into(max, &mut |b| got.extend_from_slice(b)) {
+                Ok(0) => panic!("end of file after {} bytes", got.len()),
+                Ok(n) => assert!(n <= max),
+                Err(e) if would_block(&e) => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+        w.join().unwrap();
+        assert!(got == *data, "bytes differ");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
     #[test]
     fn an_identity_outside_tls_authz_is_refused_by_name() {
         let d = scratch("authz");
