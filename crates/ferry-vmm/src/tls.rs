@@ -1124,7 +1124,7 @@ impl MigrationStream for TlsStream {
             let mut n = 0;
             while n < max {
                 let c = match r.fill_buf() {
-                    Ok(c) if c.is_empty() => break,
+                    Ok([]) => break,
                     Ok(c) => c,
                     Err(_) if n > 0 => break,
                     Err(e) => return Err(e),
