@@ -26,7 +26,10 @@
 //!   bytes at once, as 16 KiB records (the TLS maximum), and the records go from
 //!   rustls' buffers to the kernel by one `sendmsg` of many of them; a read takes up to
 //!   [`RX_BUF`] bytes of records from the kernel at once (rustls would read 4 KiB at a
-//!   time from a socket).
+//!   time from a socket). A frame's head and pages are sealed by one vectored write
+//!   ([`MigrationStream::write_vectored`]), and pages are read by handing the engine
+//!   rustls' opened plaintext where it lies ([`MigrationStream::read_into`]), so the
+//!   engine copies it into guest memory without a buffer of its own in between.
 //!
 //! # Locking
 //!
