@@ -26,7 +26,10 @@
 //!   bytes at once, as 16 KiB records (the TLS maximum), and the records go from
 //!   rustls' buffers to the kernel by one `sendmsg` of many of them; a read takes up to
 //!   [`RX_BUF`] bytes of records from the kernel at once (rustls would read 4 KiB at a
-//!   time from a socket).
+//!   time from a socket). A frame's head and pages are sealed by one vectored write
+//!   ([`MigrationStream::write_vectored`]), and pages are read by handing the engine
+//!   rustls' opened plaintext where it lies ([`MigrationStream::read_into`]), so the
+//!   engine copies it into guest memory without a buffer of its own in between.
 //!
 //! # Locking
 //!
@@ -77,7 +80,7 @@
 //! holder of a certificate of the same CA is turned away as a stray even if it knows
 //! the session id.
 
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, Read, Write};
 use std::net::Shutdown;
 use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
@@ -965,11 +968,14 @@ impl TlsStream {
     }
 }
 
-impl MigrationStream for TlsStream {
-    fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
-        if buf.is_empty() {
-            return Ok(0);
-        }
+impl TlsStream {
+    /// A read: once rustls holds plaintext, `take` takes some of it from rustls' reader
+    /// (under `rx` and `tls`) and says how much; until then records are read and opened
+    /// (and the handshake run) as the module's docs say.
+    fn read_with(
+        &self,
+        take: &mut dyn FnMut(rustls::Reader<'_>) -> io::Result<usize>,
+    ) -> io::Result<usize> {
         let mut rx = lock(&self.0.rx);
         loop {
             let mut refused = None;
@@ -979,7 +985,7 @@ impl MigrationStream for TlsStream {
                     return Err(e);
                 }
                 if !t.conn.is_handshaking() {
-                    match t.conn.reader().read(buf) {
+                    match take(t.conn.reader()) {
                         Ok(n) => return Ok(n),
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
@@ -1045,7 +1051,7 @@ impl MigrationStream for TlsStream {
                 // Tells rustls of the end of file; the next round reads what is left.
                 let _ = t.conn.read_tls(&mut &[][..]);
                 let _ = t.conn.process_new_packets();
-                match t.conn.reader().read(buf) {
+                match take(t.conn.reader()) {
                     Ok(n) => return Ok(n),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(0),
                     Err(e) => return Err(e),
@@ -1054,17 +1060,28 @@ impl MigrationStream for TlsStream {
         }
     }
 
-    fn write(&self, buf: &[u8]) -> io::Result<usize> {
-        if buf.is_empty() {
+    /// Seals up to [`MAX_WRITE`] bytes from the start of `bufs` and sends the records.
+    fn seal_and_send(&self, bufs: &[&[u8]]) -> io::Result<usize> {
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        if total == 0 {
             return Ok(0);
         }
         let mut tx = lock(&self.0.tx);
         self.send(&mut tx)?;
         if tx.carry > 0 {
             let n = std::mem::take(&mut tx.carry);
-            return Ok(n.min(buf.len()));
+            return Ok(n.min(total));
         }
-        let n = buf.len().min(MAX_WRITE);
+        let mut left = MAX_WRITE;
+        let slices: Vec<io::IoSlice<'_>> = bufs
+            .iter()
+            .map_while(|b| {
+                let k = b.len().min(left);
+                left -= k;
+                (left > 0 || k > 0).then(|| io::IoSlice::new(&b[..k]))
+            })
+            .collect();
+        let n;
         {
             let mut t = lock(&self.0.tls);
             if let Some(e) = Self::failed(&t) {
@@ -1076,7 +1093,10 @@ impl MigrationStream for TlsStream {
                     "a write before the TLS handshake finished",
                 ));
             }
-            t.conn.writer().write_all(&buf[..n])?;
+            // One call for all the slices: rustls cuts full records across them, so a
+            // frame's head does not go out as a record of its own. Without a buffer
+            // limit (see `new`) it takes them all.
+            n = t.conn.writer().write_vectored(&slices)?;
         }
         match self.send(&mut tx) {
             Ok(()) => Ok(n),
@@ -1086,6 +1106,47 @@ impl MigrationStream for TlsStream {
             }
             Err(e) => Err(e),
         }
+    }
+}
+
+impl MigrationStream for TlsStream {
+    fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        self.read_with(&mut |mut r| r.read(buf))
+    }
+
+    /// Hands out rustls' plaintext where it lies, up to `max` bytes, as far as it has
+    /// opened records: the engine copies it from there into guest memory.
+    fn read_into(&self, max: usize, sink: &mut dyn FnMut(&[u8])) -> io::Result<usize> {
+        if max == 0 {
+            return Ok(0);
+        }
+        self.read_with(&mut |mut r| {
+            let mut n = 0;
+            while n < max {
+                let c = match r.fill_buf() {
+                    Ok([]) => break,
+                    Ok(c) => c,
+                    Err(_) if n > 0 => break,
+                    Err(e) => return Err(e),
+                };
+                let k = c.len().min(max - n);
+                sink(&c[..k]);
+                r.consume(k);
+                n += k;
+            }
+            Ok(n)
+        })
+    }
+
+    fn write(&self, buf: &[u8]) -> io::Result<usize> {
+        self.seal_and_send(&[buf])
+    }
+
+    fn write_vectored(&self, bufs: &[&[u8]]) -> io::Result<usize> {
+        self.seal_and_send(bufs)
     }
 
     fn try_clone(&self) -> io::Result<Box<dyn MigrationStream>> {
@@ -1462,6 +1523,77 @@ mod tests {
         }
         assert_eq!(s.peer_identity().as_deref(), Some("alice"));
         assert_eq!(c.peer_identity(), None);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    /// Frames written as several slices and read by handing out rustls' plaintext
+    /// arrive whole and in order, through socket timeouts and across the bound of one
+    /// write, as the engine's pages do.
+    #[test]
+    fn vectored_writes_and_handed_out_reads_keep_every_byte_in_order() {
+        let d = scratch("vectored");
+        make_test_creds(&d, &spec("alice")).unwrap();
+        let (c, s) = pair(&d, None);
+        let s = s.unwrap();
+        for x in [&c, &s] {
+            x.set_read_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            x.set_write_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+        }
+        const N: usize = 12 << 20;
+        let data: Arc<Vec<u8>> = Arc::new((0..N).map(|i| (i * 13 + i / 4096) as u8).collect());
+        let d1 = Arc::clone(&data);
+        let w = std::thread::spawn(move || {
+            // Heads of 24 bytes, pages of MAX_WRITE - 8 and more: writes that stop
+            // inside a slice and go on from there.
+            let mut at = 0;
+            for k in 0.. {
+                if at == N {
+                    break;
+                }
+                let head = 24.min(N - at);
+                let body = (MAX_WRITE - 8 + k * 4096).min(N - at - head);
+                let mut bufs = [
+                    &d1[at..at + head],
+                    &[][..],
+                    &d1[at + head..at + head + body],
+                ];
+                let mut first = 0;
+                while first < bufs.len() {
+                    let mut n = match c.write_vectored(&bufs[first..]) {
+                        Ok(n) => n,
+                        Err(e) if would_block(&e) => continue,
+                        Err(e) => panic!("{e}"),
+                    };
+                    while first < bufs.len() && n >= bufs[first].len() {
+                        n -= bufs[first].len();
+                        first += 1;
+                    }
+                    if first < bufs.len() {
+                        bufs[first] = &bufs[first][n..];
+                    }
+                }
+                at += head + body;
+            }
+        });
+        let mut got = Vec::with_capacity(N);
+        let mut k = 0;
+        while got.len() < N {
+            if k % 64 == 0 {
+                std::thread::sleep(Duration::from_millis(30));
+            }
+            k += 1;
+            let max = (100_000 + k * 977).min(N - got.len());
+            match s.read_into(max, &mut |b| got.extend_from_slice(b)) {
+                Ok(0) => panic!("end of file after {} bytes", got.len()),
+                Ok(n) => assert!(n <= max),
+                Err(e) if would_block(&e) => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+        w.join().unwrap();
+        assert!(got == *data, "bytes differ");
         let _ = std::fs::remove_dir_all(&d);
     }
 

@@ -52,16 +52,6 @@ unsafe impl Send for GuestMemory {}
 // SAFETY: as for `Send`: no method hands out a reference into guest memory.
 unsafe impl Sync for GuestMemory {}
 
-/// A page-sized buffer of the engine's own, 64-byte aligned.
-#[repr(C, align(64))]
-pub(crate) struct PageBuf(pub(crate) [u8; PAGE_SIZE]);
-
-impl PageBuf {
-    pub fn new() -> Box<Self> {
-        Box::new(Self([0; PAGE_SIZE]))
-    }
-}
-
 impl GuestMemory {
     pub fn new(ram: Arc<dyn GuestRam>) -> Self {
         let regions = ram
@@ -134,6 +124,16 @@ impl GuestMemory {
         let p = self.page_ptr(block, page);
         // SAFETY: PAGE_SIZE writable bytes at `p`; `data` is our buffer, not guest memory.
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p, PAGE_SIZE) };
+    }
+
+    /// Writes `data` into a page from byte `at` of it: part of a page that arrives in
+    /// pieces. Destination only, guest stopped.
+    pub fn store_part(&self, block: usize, page: u64, at: usize, data: &[u8]) {
+        assert!(at <= PAGE_SIZE && data.len() <= PAGE_SIZE - at);
+        let p = self.page_ptr(block, page);
+        // SAFETY: `at + data.len() <= PAGE_SIZE` writable bytes inside the mapping;
+        // `data` is a buffer of ours or the transport's, not guest memory.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p.add(at), data.len()) };
     }
 
     /// Zeroes a page. Destination only, guest stopped.

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use super::bitmap::{DirtyBitmap, GROUP_WORDS};
 use super::digest::{zero_page_hash, PageDigest};
 use super::error::MigrationError;
-use super::memory::{GuestMemory, PageBuf};
+use super::memory::GuestMemory;
 use super::multifd::ChannelCounters;
 use super::stats::MigrationMonitor;
 use super::transport::Channel;
@@ -271,7 +271,6 @@ pub(crate) struct Lander {
     /// by it. Shared by every lane's lander.
     written: Arc<Vec<DirtyBitmap>>,
     digest: Option<Arc<PageDigest>>,
-    buf: Box<PageBuf>,
     iov: Vec<libc::iovec>,
 }
 
@@ -288,7 +287,6 @@ impl Lander {
             mem,
             written,
             digest,
-            buf: PageBuf::new(),
             iov: Vec::with_capacity(BATCH_PAGES),
         }
     }
@@ -303,11 +301,22 @@ impl Lander {
     ) -> Result<(), MigrationError> {
         let io = |e| MigrationError::io("source", "RAM transfer", e);
         let Some(fd) = ch.raw_fd() else {
-            for &p in normal {
-                ch.read_full(&mut self.buf.0).map_err(io)?;
-                self.mem.store_page(block, p, &self.buf.0);
-            }
-            return Ok(());
+            // The stream hands out its own buffers (TLS plaintext): each byte is copied
+            // once, from there into its page.
+            let (mem, mut k, mut at) = (&self.mem, 0, 0);
+            return ch
+                .read_into_full(normal.len() * PAGE_SIZE, &mut |mut b: &[u8]| {
+                    while !b.is_empty() {
+                        let n = b.len().min(PAGE_SIZE - at);
+                        mem.store_part(block, normal[k], at, &b[..n]);
+                        b = &b[n..];
+                        at += n;
+                        if at == PAGE_SIZE {
+                            (k, at) = (k + 1, 0);
+                        }
+                    }
+                })
+                .map_err(io);
         };
         self.iov.clear();
         for &p in normal {

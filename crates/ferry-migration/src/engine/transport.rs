@@ -42,6 +42,32 @@ pub trait MigrationStream: Send + Sync + 'static {
 
     fn write(&self, buf: &[u8]) -> io::Result<usize>;
 
+    /// Writes from `bufs` in order, as [`write`] would write their concatenation:
+    /// returns how many bytes, from the start, the stream took. A stream that transforms
+    /// its bytes (TLS) takes a frame's head and its pages in one call and seals them
+    /// into full records together; the default writes the first non-empty buffer.
+    ///
+    /// [`write`]: MigrationStream::write
+    fn write_vectored(&self, bufs: &[&[u8]]) -> io::Result<usize> {
+        match bufs.iter().find(|b| !b.is_empty()) {
+            Some(b) => self.write(b),
+            None => Ok(0),
+        }
+    }
+
+    /// Reads up to `max` bytes and hands them to `sink`, in order, in one or more
+    /// slices; returns how many it handed over (0 at end of file). A stream that holds
+    /// the bytes in buffers of its own (TLS plaintext) hands out slices of those, so
+    /// that the engine copies them once, straight to where they go (guest memory),
+    /// instead of first into a buffer of its own. The default reads into a buffer on
+    /// the stack and hands that over.
+    fn read_into(&self, max: usize, sink: &mut dyn FnMut(&[u8])) -> io::Result<usize> {
+        let mut b = [0u8; 4096];
+        let n = self.read(&mut b[..max.min(4096)])?;
+        sink(&b[..n]);
+        Ok(n)
+    }
+
     /// Another handle on the same stream, usable from another thread at the same time.
     fn try_clone(&self) -> io::Result<Box<dyn MigrationStream>>;
 
@@ -325,6 +351,41 @@ impl Channel {
         }
     }
 
+    /// One read handed to `sink` ([`MigrationStream::read_into`]), waiting as the
+    /// watch allows.
+    fn read_into_some(&self, max: usize, sink: &mut dyn FnMut(&[u8])) -> io::Result<usize> {
+        let since = Instant::now();
+        loop {
+            match self.s.read_into(max, sink) {
+                Ok(n) => {
+                    self.progress(Some(n), since)?;
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.progress(None, since)?,
+                Err(e) => return Err(self.failed(e, since)),
+            }
+        }
+    }
+
+    /// One vectored write, waiting as the watch allows.
+    fn write_vectored_some(&self, bufs: &[&[u8]], shows_life: bool) -> io::Result<usize> {
+        let since = Instant::now();
+        loop {
+            match self.s.write_vectored(bufs) {
+                Ok(n) => {
+                    self.progress_as(Some(n), since, shows_life)?;
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.progress_as(None, since, shows_life)?
+                }
+                Err(e) => return Err(self.failed(e, since)),
+            }
+        }
+    }
+
     /// One write, waiting as the watch allows.
     fn write_some(&self, buf: &[u8], shows_life: bool) -> io::Result<usize> {
         let since = Instant::now();
@@ -373,12 +434,17 @@ impl Channel {
         self.lock().write_bufs(bufs)
     }
 
-    /// Fills `buf` from the stream (a buffer of the engine's own).
-    pub(crate) fn read_full(&self, mut buf: &mut [u8]) -> io::Result<()> {
-        while !buf.is_empty() {
-            match self.read_some(buf)? {
+    /// Reads exactly `len` bytes from the stream, handing them to `sink` in order as
+    /// they come ([`MigrationStream::read_into`]).
+    pub(crate) fn read_into_full(
+        &self,
+        mut len: usize,
+        sink: &mut dyn FnMut(&[u8]),
+    ) -> io::Result<()> {
+        while len > 0 {
+            match self.read_into_some(len, sink)? {
                 0 => return Err(io::ErrorKind::UnexpectedEof.into()),
-                n => buf = &mut buf[n..],
+                n => len -= n,
             }
         }
         Ok(())
@@ -408,7 +474,7 @@ pub(crate) struct Writer<'a> {
 
 impl Writer<'_> {
     /// Writes `bufs` (buffers of the engine's own, never guest memory) in order: one
-    /// `writev` on a plain socket, one write each otherwise.
+    /// `writev` on a plain socket, vectored writes of the stream otherwise.
     pub(crate) fn write_bufs(&self, bufs: &[&[u8]]) -> io::Result<()> {
         if let Some(fd) = self.ch.raw_fd() {
             let mut iov: Vec<libc::iovec> = bufs
@@ -422,17 +488,24 @@ impl Writer<'_> {
             // call; the kernel only reads them.
             return unsafe { self.writev_all(fd, &mut iov) };
         }
-        for b in bufs {
-            self.write_all(b)?;
-        }
-        Ok(())
-    }
-
-    fn write_all(&self, mut b: &[u8]) -> io::Result<()> {
-        while !b.is_empty() {
-            match self.ch.write_some(b, self.shows_life)? {
+        let mut rest: Vec<&[u8]> = bufs.iter().copied().filter(|b| !b.is_empty()).collect();
+        let mut first = 0;
+        while first < rest.len() {
+            let mut n = match self
+                .ch
+                .write_vectored_some(&rest[first..], self.shows_life)?
+            {
                 0 => return Err(io::ErrorKind::WriteZero.into()),
-                n => b = &b[n..],
+                n => n,
+            };
+            while n > 0 && first < rest.len() {
+                let b = &mut rest[first];
+                let k = n.min(b.len());
+                *b = &b[k..];
+                n -= k;
+                if b.is_empty() {
+                    first += 1;
+                }
             }
         }
         Ok(())
