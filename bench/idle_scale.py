@@ -3,6 +3,7 @@
 
     python3 bench/idle_scale.py [--ferry PATH] [--baseline PATH] [--sizes 8G,64G,256G,1T]
                                 [--runs 3] [--out FILE.json] [--markdown]
+    python3 bench/idle_scale.py --data-share 0.5 --sizes 1G,2G,4G,8G [--channels 4]
 
 An idle soft guest (`ferry run --backend soft --mem SIZE --dirty 0`) never touches its
 memory, so a migration has nothing to send but its device and vCPU state: whatever it costs
@@ -15,6 +16,12 @@ is measured in the same run, its migrations interleaved with this build's, so th
 columns see the same machine. Before each migration the script waits (up to --settle
 seconds) for other work on the machine to quieten, as bench/migration.py does, and records
 how many cores other work used during it.
+
+With `--data-share F` the guests are not idle but paused (`-S`) with F of their RAM filled
+with incompressible data (`--fill`), the destination pre-faulted (`--prealloc`), so the
+table shows what moving data costs as RAM grows: the total time and both processes' CPU
+seconds per GiB of data (the rest of RAM is never touched and should cost nothing).
+`--channels N` sets `migration.multifd-channels` on the source (the destination follows).
 
 Figures are medians over the rounds with (min-max). Nothing here asserts a timing. Processes
 are handled by bench/migration.py's machinery (each in its own session, killed by group on
@@ -40,19 +47,30 @@ SCHEMA = "ferry-bench-idle-scale/1"
 MiB = 1 << 20
 
 
-def case(size: str) -> mb.Case:
+def data_bytes(size: str, share: float) -> int:
+    """Bytes of --fill for a guest of `size` with `share` of it data, in whole MiB."""
+    return int(h.parse_size(size) * share) // MiB * MiB
+
+
+def case(size: str, share: float = 0.0, channels: int | None = None) -> mb.Case:
     side = ("--mem", size, "--dirty", "0")
-    return mb.Case(f"idle-{size.lower()}", "soft", side, side, live=False,
-                   dst_status="running", what=f"{size} never touched")
+    chans = () if channels is None else ("--global", f"migration.multifd-channels={channels}")
+    if share <= 0:
+        return mb.Case(f"idle-{size.lower()}", "soft", side + chans, side, live=False,
+                       dst_status="running", what=f"{size} never touched")
+    fill = f"{data_bytes(size, share) // MiB}M"
+    return mb.Case(f"data-{size.lower()}", "soft", side + ("--fill", fill, "-S") + chans,
+                   side + ("--prealloc",), live=False, dst_status="paused",
+                   what=f"{size} paused, {fill} of data")
 
 
 def one(ferry: Path, size: str, tmp: Path, rnd: int, label: str, settle: float,
-        settle_below: float) -> dict:
+        settle_below: float, share: float = 0.0, channels: int | None = None) -> dict:
     d = tmp / label.replace(" ", "-")
     d.mkdir(exist_ok=True)
     quiet = mb.settle(settle, settle_below) if settle > 0 else {}
     window = h.OtherLoad()
-    r = mb.run_case(ferry, case(size), d, rnd)
+    r = mb.run_case(ferry, case(size, share, channels), d, rnd)
     out = {"size": size, "round": rnd, "build": label, "ok": r.get("ok", False),
            "error": r.get("error"), "warnings": r.get("warnings", []),
            "other_cores": window.cores(), **quiet}
@@ -62,6 +80,13 @@ def one(ferry: Path, size: str, tmp: Path, rnd: int, label: str, settle: float,
                                            "rss_src_peak", "rss_dst_peak",
                                            "cpu_src_mig_s", "cpu_dst_mig_s")})
         out["migrate_wall_s"] = r.get("migrate_wall_s")
+        if share > 0:
+            gib = data_bytes(size, share) / (1 << 30)
+            out["data_gib"] = gib
+            for k, v in (("ms_per_gib", out.get("total_ms")),
+                         ("cpu_src_per_gib", out.get("cpu_src_mig_s")),
+                         ("cpu_dst_per_gib", out.get("cpu_dst_mig_s"))):
+                out[k] = v / gib if v is not None else None
     return out
 
 
@@ -74,6 +99,8 @@ def cell(s: dict | None, kind: str) -> str:
         return "–"
     if kind == "mib":
         f = (lambda x: f"{x / MiB:.1f}")
+    elif kind == "s":
+        f = (lambda x: f"{x:.2f}")
     else:
         f = (lambda x: f"{x:.0f}")
     lo, hi, m = f(s["min"]), f(s["max"]), f(s["median"])
@@ -85,18 +112,31 @@ def render(results: dict) -> str:
     rows = results["rows"]
     out = [f"{results['runs']} round(s), medians with (min–max), {results['started']}; "
            f"`{results['command']}`", ""]
+    data = results.get("data_share", 0) > 0
+    if data:
+        out[0:0] = [f"Paused guests with {results['data_share']:.0%} of RAM as incompressible "
+                    f"data, channels: {results.get('channels') or 'the default'}.", ""]
     head = ["guest RAM"]
     for label in builds:
-        head += [f"{label}: total ms", f"{label}: src peak RSS MiB",
-                 f"{label}: dst peak RSS MiB"]
+        if data:
+            head += [f"{label}: total ms", f"{label}: ms per GiB of data",
+                     f"{label}: src CPU s/GiB", f"{label}: dst CPU s/GiB"]
+        else:
+            head += [f"{label}: total ms", f"{label}: src peak RSS MiB",
+                     f"{label}: dst peak RSS MiB"]
     out.append("| " + " | ".join(head) + " |")
     out.append("|---|" + "---:|" * (len(head) - 1))
     for size in results["sizes"]:
         line = [size]
         for label in builds:
             rs = [r for r in rows if r["size"] == size and r["build"] == label]
-            line += [cell(med(rs, "total_ms"), "ms"), cell(med(rs, "rss_src_peak"), "mib"),
-                     cell(med(rs, "rss_dst_peak"), "mib")]
+            if data:
+                line += [cell(med(rs, "total_ms"), "ms"), cell(med(rs, "ms_per_gib"), "ms"),
+                         cell(med(rs, "cpu_src_per_gib"), "s"),
+                         cell(med(rs, "cpu_dst_per_gib"), "s")]
+            else:
+                line += [cell(med(rs, "total_ms"), "ms"), cell(med(rs, "rss_src_peak"), "mib"),
+                         cell(med(rs, "rss_dst_peak"), "mib")]
         out.append("| " + " | ".join(line) + " |")
     busy = max((r.get("other_cores") or 0 for r in rows), default=0)
     out.append("")
@@ -118,6 +158,10 @@ def main(argv: list[str]) -> int:
                     help="another ferry binary, measured in the same run")
     ap.add_argument("--sizes", default="8G,64G,256G,1T", help="guest RAM sizes (default %(default)s)")
     ap.add_argument("--runs", type=int, default=3, help="rounds (default 3)")
+    ap.add_argument("--data-share", type=float, default=0.0, metavar="F",
+                    help="paused guests with F (0 to 1) of RAM as data instead of idle ones")
+    ap.add_argument("--channels", type=int, default=None,
+                    help="migration.multifd-channels of the source (default: ferry's)")
     ap.add_argument("--settle", type=float, default=10.0, metavar="S",
                     help="before each migration wait up to S seconds for other work on the "
                          "machine to quieten (default 10; 0 disables)")
@@ -153,6 +197,8 @@ def main(argv: list[str]) -> int:
         "git_commit": h.first_line(["git", "rev-parse", "HEAD"], h.REPO),
         "sizes": sizes,
         "runs": a.runs,
+        "data_share": a.data_share,
+        "channels": a.channels,
         "rows": [],
     }
     tmp = Path(tempfile.mkdtemp(prefix="ferry-idle-scale-"))
@@ -165,7 +211,8 @@ def main(argv: list[str]) -> int:
                 if rnd % 2 == 0:
                     order.reverse()
                 for label, exe in order:
-                    r = one(exe, size, tmp, rnd, label, a.settle, a.settle_below)
+                    r = one(exe, size, tmp, rnd, label, a.settle, a.settle_below,
+                            a.data_share, a.channels)
                     results["rows"].append(r)
                     if r["ok"]:
                         log(f"[run {rnd}/{a.runs}] {label} {size}: total {r['total_ms']} ms, "
