@@ -49,7 +49,24 @@ enum Command {
     TlsCreds(commands::tls_creds::TlsCredsArgs),
 }
 
+/// Keeps freed heap memory for reuse instead of handing it back to the kernel at once.
+///
+/// glibc unmaps a freed allocation of 128 KiB or more, and trims the heap once 128 KiB
+/// at its top are free; a migration over TLS allocates and frees its records' buffers
+/// frame after frame, so each frame faulted its buffers in again: a quarter of the
+/// source's CPU went to page faults inside `memmove`. Allocations below 32 MiB now come
+/// from the heap, and up to 64 MiB of free heap is kept. Guest RAM and the engine's page
+/// bitmaps are mappings of their own and are not affected.
+fn keep_freed_heap() {
+    // SAFETY: mallopt only sets allocator parameters; called before any thread starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
+    }
+}
+
 fn main() -> ExitCode {
+    keep_freed_heap();
     // QEMU spells it `-global`; clap wants two dashes.
     let args = std::env::args_os().map(|a| if a == "-global" { "--global".into() } else { a });
     let cli = Cli::parse_from(args);
