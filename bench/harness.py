@@ -146,6 +146,16 @@ def on_signal(signum, _frame):
 _on_signal = on_signal
 
 
+def run_main(main) -> None:
+    """A driver's entry: exits with `main(argv)`'s code, or 130 (every child killed) on a
+    Ctrl-C that comes before the driver's own handling (building, installing)."""
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except KeyboardInterrupt:
+        reap_all()
+        sys.exit(130)
+
+
 def guard_children(sigint: bool = True) -> None:
     """Every child is killed on the way out: at exit, and SIGTERM or SIGHUP raise
     KeyboardInterrupt as Ctrl-C does. With `sigint`, Ctrl-C works even when the driver was

@@ -237,8 +237,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except KeyboardInterrupt:
-        h.reap_all()
-        sys.exit(130)
+    h.run_main(main)

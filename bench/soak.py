@@ -984,8 +984,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except KeyboardInterrupt:
-        m.reap_all()
-        sys.exit(130)
+    m.run_main(main)
