@@ -209,6 +209,14 @@ impl std::fmt::Debug for Channel {
     }
 }
 
+/// Which way a call moves bytes, for [`Channel::retry`].
+#[derive(Clone, Copy)]
+enum Dir {
+    Read,
+    /// Whether an accepted write counts as the peer's life.
+    Write(bool),
+}
+
 impl Channel {
     pub fn new(stream: impl MigrationStream) -> Self {
         Self::from_boxed(Box::new(stream))
@@ -335,73 +343,47 @@ impl Channel {
         }
     }
 
-    /// One read, waiting as the watch allows.
-    fn read_some(&self, buf: &mut [u8]) -> io::Result<usize> {
+    /// Runs one read or write `op` until it moves bytes or fails, waiting as the watch
+    /// allows. `Read` counts what arrives as the peer's life; `Write(shows_life)` says
+    /// whether an accepted write does (see [`Self::progress_as`]).
+    fn retry(&self, dir: Dir, mut op: impl FnMut() -> io::Result<usize>) -> io::Result<usize> {
         let since = Instant::now();
+        let progress = |moved| match dir {
+            Dir::Read => self.progress(moved, since),
+            Dir::Write(shows_life) => self.progress_as(moved, since, shows_life),
+        };
         loop {
-            match self.s.read(buf) {
+            match op() {
                 Ok(n) => {
-                    self.progress(Some(n), since)?;
+                    progress(Some(n))?;
                     return Ok(n);
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.progress(None, since)?,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => progress(None)?,
                 Err(e) => return Err(self.failed(e, since)),
             }
         }
+    }
+
+    /// One read, waiting as the watch allows.
+    fn read_some(&self, buf: &mut [u8]) -> io::Result<usize> {
+        self.retry(Dir::Read, || self.s.read(buf))
     }
 
     /// One read handed to `sink` ([`MigrationStream::read_into`]), waiting as the
     /// watch allows.
     fn read_into_some(&self, max: usize, sink: &mut dyn FnMut(&[u8])) -> io::Result<usize> {
-        let since = Instant::now();
-        loop {
-            match self.s.read_into(max, sink) {
-                Ok(n) => {
-                    self.progress(Some(n), since)?;
-                    return Ok(n);
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.progress(None, since)?,
-                Err(e) => return Err(self.failed(e, since)),
-            }
-        }
+        self.retry(Dir::Read, || self.s.read_into(max, sink))
     }
 
     /// One vectored write, waiting as the watch allows.
     fn write_vectored_some(&self, bufs: &[&[u8]], shows_life: bool) -> io::Result<usize> {
-        let since = Instant::now();
-        loop {
-            match self.s.write_vectored(bufs) {
-                Ok(n) => {
-                    self.progress_as(Some(n), since, shows_life)?;
-                    return Ok(n);
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.progress_as(None, since, shows_life)?
-                }
-                Err(e) => return Err(self.failed(e, since)),
-            }
-        }
+        self.retry(Dir::Write(shows_life), || self.s.write_vectored(bufs))
     }
 
     /// One write, waiting as the watch allows.
     fn write_some(&self, buf: &[u8], shows_life: bool) -> io::Result<usize> {
-        let since = Instant::now();
-        loop {
-            match self.s.write(buf) {
-                Ok(n) => {
-                    self.progress_as(Some(n), since, shows_life)?;
-                    return Ok(n);
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.progress_as(None, since, shows_life)?
-                }
-                Err(e) => return Err(self.failed(e, since)),
-            }
-        }
+        self.retry(Dir::Write(shows_life), || self.s.write(buf))
     }
 
     /// Takes the write lock, for one whole frame.
