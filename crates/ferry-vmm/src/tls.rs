@@ -1481,12 +1481,10 @@ mod tests {
         Ok(())
     }
 
-    /// Both directions at once, on two threads per side, with 200 ms socket timeouts
-    /// firing all along (the receiver is slowed): every byte arrives, in order, and the
-    /// server learns the client's identity.
-    #[test]
-    fn bytes_cross_both_ways_at_once_through_socket_timeouts() {
-        let d = scratch("both");
+    /// A client and server connected with alice's credentials in scratch directory
+    /// `name`, both with 200 ms socket timeouts (which fire all along in the tests).
+    fn timed_pair(name: &str) -> (PathBuf, TlsStream, TlsStream) {
+        let d = scratch(name);
         make_test_creds(&d, &spec("alice")).unwrap();
         let (c, s) = pair(&d, None);
         let s = s.unwrap();
@@ -1496,6 +1494,15 @@ mod tests {
             x.set_write_timeout(Some(Duration::from_millis(200)))
                 .unwrap();
         }
+        (d, c, s)
+    }
+
+    /// Both directions at once, on two threads per side, with 200 ms socket timeouts
+    /// firing all along (the receiver is slowed): every byte arrives, in order, and the
+    /// server learns the client's identity.
+    #[test]
+    fn bytes_cross_both_ways_at_once_through_socket_timeouts() {
+        let (d, c, s) = timed_pair("both");
         const N: usize = 24 << 20;
         let data: Arc<Vec<u8>> = Arc::new((0..N).map(|i| (i * 7 + i / 4096) as u8).collect());
         let mut threads = Vec::new();
@@ -1531,16 +1538,7 @@ mod tests {
     /// write, as the engine's pages do.
     #[test]
     fn vectored_writes_and_handed_out_reads_keep_every_byte_in_order() {
-        let d = scratch("vectored");
-        make_test_creds(&d, &spec("alice")).unwrap();
-        let (c, s) = pair(&d, None);
-        let s = s.unwrap();
-        for x in [&c, &s] {
-            x.set_read_timeout(Some(Duration::from_millis(200)))
-                .unwrap();
-            x.set_write_timeout(Some(Duration::from_millis(200)))
-                .unwrap();
-        }
+        let (d, c, s) = timed_pair("vectored");
         const N: usize = 12 << 20;
         let data: Arc<Vec<u8>> = Arc::new((0..N).map(|i| (i * 13 + i / 4096) as u8).collect());
         let d1 = Arc::clone(&data);
