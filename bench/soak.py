@@ -322,17 +322,6 @@ def wait_uri(vm: Vm, prefix: str) -> str:
         time.sleep(0.01)
 
 
-def last_json(text: str) -> dict | None:
-    for line in reversed(text.splitlines()):
-        line = line.strip()
-        if line.startswith("{"):
-            try:
-                return json.loads(line)
-            except json.JSONDecodeError:
-                continue
-    return None
-
-
 # --------------------------------------------------------------------------------------------
 # A hop
 # --------------------------------------------------------------------------------------------
@@ -458,7 +447,7 @@ class Hop:
                 except ProcessLookupError:
                     pass
                 m.reap(relay, grace=0.5)
-        info = last_json(out_path.read_text(errors="replace")) or {}
+        info = m.last_json(out_path.read_text(errors="replace")) or {}
         status = info.get("status")
         att["exit"] = mig.returncode
         att["status"] = status
