@@ -93,8 +93,8 @@ pub(crate) struct Converge {
     dirty_limit_set: Option<VcpuThrottle>,
     smallest_dirtied: Option<u64>,
     flat_passes: u32,
-    /// Whether the last pass's switchover fitted the limit.
-    last_fits: bool,
+    /// What the last pass moved (none before the first pass ended).
+    last: Option<PassFigures>,
     start: Instant,
     timeout: Duration,
 }
@@ -109,7 +109,7 @@ impl Converge {
             dirty_limit_set: None,
             smallest_dirtied: None,
             flat_passes: 0,
-            last_fits: false,
+            last: None,
             start: Instant::now(),
             timeout: p.timeout_for(ram_bytes),
         }
@@ -122,6 +122,11 @@ impl Converge {
 
     pub(crate) fn dirty_limit_on(&self) -> bool {
         self.dirty_limit_on
+    }
+
+    /// Whether a pass has ended (periods are judged from the second pass on).
+    pub(crate) fn passed(&self) -> bool {
+        self.last.is_some()
     }
 
     pub(crate) fn timeout(&self) -> Duration {
@@ -157,7 +162,7 @@ impl Converge {
         let converging = fits || self.flat_passes < STALL_PASSES;
         let why = (!converging).then(|| stall_message(f));
 
-        self.last_fits = fits;
+        self.last = Some(*f);
         let retuned = self.retune(p);
         let throttle = if fits {
             retuned
@@ -210,14 +215,8 @@ impl Converge {
     /// timeout cancels. Nothing is judged before the first pass ended, nor while the
     /// last pass's switchover fitted (the pass underway then is one of the last).
     /// Switching over on the timeout waits for the pass's end.
-    pub(crate) fn after_period(
-        &mut self,
-        p: &MigrationParams,
-        sent: u64,
-        dirtied: u64,
-        f_last: Option<&PassFigures>,
-    ) -> Verdict {
-        self.after_period_at(p, sent, dirtied, f_last, self.start.elapsed())
+    pub(crate) fn after_period(&mut self, p: &MigrationParams, sent: u64, dirtied: u64) -> Verdict {
+        self.after_period_at(p, sent, dirtied, self.start.elapsed())
     }
 
     pub(crate) fn after_period_at(
@@ -225,7 +224,6 @@ impl Converge {
         p: &MigrationParams,
         sent: u64,
         dirtied: u64,
-        f_last: Option<&PassFigures>,
         elapsed: Duration,
     ) -> Verdict {
         let mut v = Verdict {
@@ -234,18 +232,18 @@ impl Converge {
             throttle: None,
             timeout: None,
         };
-        let Some(last) = f_last else {
+        let Some(last) = self.last else {
             return v;
         };
-        if self.last_fits {
+        if last.expected <= last.limit {
             return v;
         }
         v.converging = self.flat_passes < STALL_PASSES;
-        v.why = (!v.converging).then(|| stall_message(last));
+        v.why = (!v.converging).then(|| stall_message(&last));
         let retuned = self.retune(p);
         v.throttle = self.trigger(p, sent, dirtied).or(retuned);
         if elapsed >= self.timeout && p.timeout_strategy == TimeoutStrategy::Cancel {
-            v.timeout = Some(TimeoutAction::Cancel(self.cancel_message(p, last)));
+            v.timeout = Some(TimeoutAction::Cancel(self.cancel_message(p, &last)));
         }
         v
     }
@@ -431,7 +429,7 @@ mod tests {
         let mut c = Converge::new(&p, 1 << 30);
         let high = figures(90 << 20, 5.0);
         // Nothing is judged before the first pass ended.
-        let v = c.after_period_at(&p, 10 << 20, 9 << 20, None, Duration::ZERO);
+        let v = c.after_period_at(&p, 10 << 20, 9 << 20, Duration::ZERO);
         assert_eq!(v.throttle, None);
         c.after_pass_at(&p, &high, Duration::ZERO);
         // One high pass, then periods of 5 s in which the guest dirtied 90% of what
@@ -439,7 +437,7 @@ mod tests {
         let mut steps = Vec::new();
         for _ in 0..7 {
             if let Some(VcpuThrottle::Cpu { percent }) = c
-                .after_period_at(&p, 60 << 20, 54 << 20, Some(&high), Duration::ZERO)
+                .after_period_at(&p, 60 << 20, 54 << 20, Duration::ZERO)
                 .throttle
             {
                 steps.push(percent);
@@ -447,14 +445,14 @@ mod tests {
         }
         assert_eq!(steps, [20, 30, 40, 50]);
         // A period in which the guest dirtied little does not count.
-        let v = c.after_period_at(&p, 60 << 20, 6 << 20, Some(&high), Duration::ZERO);
+        let v = c.after_period_at(&p, 60 << 20, 6 << 20, Duration::ZERO);
         assert_eq!(v.throttle, None);
         assert_eq!(c.cpu_percent(), 50);
         // Once a pass fitted the limit, the pass after it is one of the last: its
         // periods are left alone.
         c.after_pass_at(&p, &figures(90 << 20, 0.1), Duration::ZERO);
         for _ in 0..4 {
-            let v = c.after_period_at(&p, 60 << 20, 54 << 20, Some(&high), Duration::ZERO);
+            let v = c.after_period_at(&p, 60 << 20, 54 << 20, Duration::ZERO);
             assert_eq!(v.throttle, None);
         }
     }
@@ -467,7 +465,7 @@ mod tests {
         let f = figures(40 << 20, 2.0);
         c.after_pass_at(&p, &f, Duration::from_secs(1));
         let at = |c: &mut Converge, p: &MigrationParams, secs| {
-            c.after_period_at(p, 1 << 20, 1 << 20, Some(&f), Duration::from_secs(secs))
+            c.after_period_at(p, 1 << 20, 1 << 20, Duration::from_secs(secs))
                 .timeout
         };
         assert_eq!(at(&mut c, &p, 9), None);

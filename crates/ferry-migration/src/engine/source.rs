@@ -144,7 +144,6 @@ pub fn migrate(
         throttled: false,
         throttle_seen: Vec::new(),
         converging: true,
-        last_pass: None,
     };
     monitor.update(|i| i.session = Some(format!("{:016x}", src.session)));
     let result = src.run(id, transport);
@@ -253,8 +252,6 @@ struct Source<'a> {
     throttle_seen: Vec<Duration>,
     /// The convergence verdict last reported, to tell a change.
     converging: bool,
-    /// What the last pass moved, for the verdicts on periods of the next.
-    last_pass: Option<PassFigures>,
 }
 
 /// One device of the migration, at the source.
@@ -689,7 +686,6 @@ impl Source<'_> {
                 limit: limit.as_secs_f64(),
                 link_rate: self.link_bw,
             };
-            self.last_pass = Some(figures);
             if self.converge_after_pass(&figures)? {
                 break;
             }
@@ -759,9 +755,7 @@ impl Source<'_> {
         let dirtied = self.harvest()? * PAGE_SIZE as u64;
         let live = self.monitor.live_params();
         let p = live.as_ref().unwrap_or(self.params);
-        let v = self
-            .converge
-            .after_period(p, sent, dirtied, self.last_pass.as_ref());
+        let v = self.converge.after_period(p, sent, dirtied);
         tracing::debug!(sent, dirtied, throttle = ?v.throttle, "period of a long pass");
         self.take_verdict(p, &v);
         match v.timeout {
@@ -1242,7 +1236,7 @@ impl Source<'_> {
         // Periods are judged from the second pass on (the first sends everything
         // populated, whatever the guest dirties meanwhile): the throttle steps and the
         // timeout holds within a pass that takes minutes.
-        let judge_periods = !final_pass && self.last_pass.is_some();
+        let judge_periods = !final_pass && self.converge.passed();
         let mut pages = Vec::with_capacity(BATCH_PAGES);
         for b in 0..self.blocks.len() {
             let mut pick = Picker::default();
