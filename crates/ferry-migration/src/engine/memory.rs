@@ -284,35 +284,41 @@ unsafe fn xxh3_page(p: *const u8) -> u64 {
     h ^ (h >> 32)
 }
 
+/// One block over a buffer of u64s (8-byte aligned, as the volatile loads need), for
+/// the engine's unit tests.
+#[cfg(test)]
+struct TestRam(Vec<super::vm::RamBlock>, Vec<Box<[u64]>>);
+
+// SAFETY: the buffer lives as long as the struct and is never moved or resized.
+#[cfg(test)]
+unsafe impl GuestRam for TestRam {
+    fn blocks(&self) -> &[super::vm::RamBlock] {
+        &self.0
+    }
+    fn host_ptr(&self, block: usize) -> *mut u8 {
+        self.1[block].as_ptr().cast_mut().cast()
+    }
+}
+
+/// Zeroed guest RAM of one block of `pages` pages, for unit tests.
+#[cfg(test)]
+pub(crate) fn test_ram(pages: usize) -> Arc<dyn GuestRam> {
+    Arc::new(TestRam(
+        vec![super::vm::RamBlock {
+            name: "ram".into(),
+            gpa: 0,
+            size: (pages * PAGE_SIZE) as u64,
+        }],
+        vec![vec![0u64; pages * PAGE_SIZE / 8].into_boxed_slice()],
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::engine::digest::{content_hash, zero_page_hash};
-    use crate::engine::vm::RamBlock;
 
-    /// One block over a buffer of u64s: 8-byte aligned, as the volatile loads need.
-    struct Ram(Vec<RamBlock>, Vec<Box<[u64]>>);
-
-    // SAFETY: the buffer lives as long as the struct and is never moved or resized.
-    unsafe impl GuestRam for Ram {
-        fn blocks(&self) -> &[RamBlock] {
-            &self.0
-        }
-        fn host_ptr(&self, block: usize) -> *mut u8 {
-            self.1[block].as_ptr().cast_mut().cast()
-        }
-    }
-
-    fn ram(pages: usize) -> Arc<dyn GuestRam> {
-        Arc::new(Ram(
-            vec![RamBlock {
-                name: "ram".into(),
-                gpa: 0,
-                size: (pages * PAGE_SIZE) as u64,
-            }],
-            vec![vec![0u64; pages * PAGE_SIZE / 8].into_boxed_slice()],
-        ))
-    }
+    use super::test_ram as ram;
 
     #[test]
     fn zero_detection_sees_the_last_byte_and_copies_are_exact() {

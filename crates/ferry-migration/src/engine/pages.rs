@@ -439,4 +439,21 @@ mod tests {
         assert!(pick.next(&bm, &mut batch, 2));
         assert_eq!(batch, [far[1] as u64 + 1]);
     }
+
+    #[test]
+    fn a_zero_page_zeroes_a_page_that_holds_data_and_leaves_zero_ones_unwritten() {
+        use crate::engine::memory::test_ram;
+        let mem = Arc::new(GuestMemory::new(test_ram(4)));
+        let written = Arc::new(vec![DirtyBitmap::new(4)]);
+        let mut page = vec![0u8; PAGE_SIZE];
+        page[100] = 9;
+        mem.store_page(0, 0, &page);
+        // Pages 0 and 1 may hold data (page 1 does not), pages 2 and 3 are fresh.
+        written[0].set(0);
+        written[0].set(1);
+        let mut lander = Lander::new(Arc::clone(&mem), Arc::clone(&written), None);
+        let rewritten = lander.settle(0, &[], &[0, 1, 2]);
+        assert!(mem.is_zero(0, 0), "a zero page left the old data in place");
+        assert_eq!(rewritten, 1, "only the page that held data is written");
+    }
 }
