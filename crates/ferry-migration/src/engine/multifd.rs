@@ -6,8 +6,9 @@
 //! The migration thread walks the dirty bitmap and hands each run of up to
 //! [`MAX_PACKET_PAGES`] pages of one block to a sender thread, the first whose queue has
 //! room, starting after the one used last. A sender reads its pages itself: it tells
-//! zero pages from data pages, hashes them for the digest, compresses if asked, and
-//! writes header, offsets and pages with one `writev` straight from guest memory.
+//! zero pages from data pages, compresses if asked, writes header, offsets and pages
+//! with one `writev` straight from guest memory, then hashes the data pages for the
+//! digest (see [`Classifier`] for why after).
 //!
 //! # Destination
 //!
@@ -531,6 +532,7 @@ impl Sender {
                 .send(&self.ch, &self.cfg.mem, &self.head, block, &b.normal)
         };
         sent.map_err(|e| MigrationError::io(PEER, "RAM transfer", e))?;
+        self.classifier.sent(b);
         Ok(ChannelCounters {
             packets: 1,
             pages: pages.len() as u64,
