@@ -383,24 +383,29 @@ mod avx2 {
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn xxh3_page(p: *const u8) -> u64 {
         let sec = XXH3_SECRET.as_ptr();
-        let mut acc = [0u64; 8];
-        // SAFETY (every block below): the offsets are those of the portable loop, inside
-        // the page; secret offsets stay inside the 192-byte secret (key + 64 <= 192).
+        let mut acc = ACC_INIT;
+        // SAFETY: 64 bytes of our array, as two unaligned loads.
         let mut v = unsafe {
             [
-                _mm256_loadu_si256(ACC_INIT.as_ptr().cast()),
-                _mm256_loadu_si256(ACC_INIT.as_ptr().add(4).cast()),
+                _mm256_loadu_si256(acc.as_ptr().cast()),
+                _mm256_loadu_si256(acc.as_ptr().add(4).cast()),
             ]
         };
         for b in 0..BLOCKS {
             for s in 0..STRIPES_PER_BLOCK {
+                // SAFETY: the portable loop's offsets, inside the page; the key's 64
+                // bytes end inside the secret (s * 8 + 64 <= 192).
                 unsafe { stripe(&mut v, p.add(b * BLOCK + s * STRIPE), sec.add(s * 8)) };
             }
+            // SAFETY: the secret's last 64 bytes.
             unsafe { scramble(&mut v, sec.add(SCRAMBLE_KEY)) };
         }
         for s in 0..LAST_STRIPES {
+            // SAFETY: as in the blocks: inside the page and the secret.
             unsafe { stripe(&mut v, p.add(BLOCKS * BLOCK + s * STRIPE), sec.add(s * 8)) };
         }
+        // SAFETY: the page's last 64 bytes, keyed by 64 bytes inside the secret; then
+        // two stores into our array.
         unsafe {
             stripe(&mut v, p.add(PAGE_SIZE - STRIPE), sec.add(LAST_STRIPE_KEY));
             _mm256_storeu_si256(acc.as_mut_ptr().cast(), v[0]);
@@ -479,12 +484,14 @@ mod tests {
             m.store_page(0, 0, &page);
             let want = content_hash(&page);
             proptest::prop_assert_eq!(m.hash_page(0, 0), want);
-            // SAFETY (both): the page is a whole PAGE_SIZE buffer of ours.
-            proptest::prop_assert_eq!(unsafe { xxh3_page_portable(page.as_ptr()) }, want);
+            // SAFETY: the page is a whole PAGE_SIZE buffer of ours.
+            let portable = unsafe { xxh3_page_portable(page.as_ptr()) };
+            proptest::prop_assert_eq!(portable, want);
             #[cfg(target_arch = "x86_64")]
             if std::arch::is_x86_feature_detected!("avx2") {
                 // SAFETY: as above, on a CPU with AVX2.
-                proptest::prop_assert_eq!(unsafe { avx2::xxh3_page(page.as_ptr()) }, want);
+                let vector = unsafe { avx2::xxh3_page(page.as_ptr()) };
+                proptest::prop_assert_eq!(vector, want);
             }
         }
     }
