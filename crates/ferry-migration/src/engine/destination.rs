@@ -119,29 +119,30 @@ pub fn receive(
         match judge(&cand, vm, &devices, &stated, door.takes_channels()) {
             Ok((hello, annotations)) => break (cand, hello, annotations),
             Err(refusal) => {
-                let _ = write_frame(
-                    &cand.ch,
-                    FrameTag::Refuse,
-                    &Refuse {
-                        cause: refusal.cause,
-                        reason: refusal.to_peer.clone(),
-                    }
-                    .encode(),
-                    PEER,
-                    "refuse",
-                );
-                cand.ch.shutdown();
                 tracing::warn!(peer = %cand.peer, cause = %refusal.cause, reason = %refusal.reason, "refused an incoming migration");
+                let frame = Refuse {
+                    cause: refusal.cause,
+                    reason: refusal.to_peer.clone(),
+                }
+                .encode();
                 let e = MigrationError::Incompatible {
                     cause: refusal.cause,
                     reason: refusal.reason,
                 };
-                if !door.waits_on() {
+                let waits = door.waits_on();
+                if waits {
+                    // Listed before the source is told, so that `query-migrate` here
+                    // shows the refusal to anyone who heard of it from the source.
+                    door.refused(cand.peer, error_chain(&e));
+                    report_strays(monitor, &door);
+                }
+                let _ = write_frame(&cand.ch, FrameTag::Refuse, &frame, PEER, "refuse");
+                cand.ch.shutdown();
+                if !waits {
                     monitor.update(|i| i.error_desc = Some(error_chain(&e)));
                     monitor.set_status(MigrationStatus::Failed);
                     return Err(e);
                 }
-                door.refused(cand.peer, error_chain(&e));
             }
         }
     };
