@@ -265,8 +265,11 @@ fn kvm_dirty_limit_slows_the_writer_only() {
         .iter()
         .all(|s| s.dirty_rate.is_none()));
     // The computing vCPU's own pace moves with the machine's load (1100-3200 passes/s
-    // seen here while other builds ran), so it is measured on both sides of the limited
-    // window and held to the slower of the two.
+    // seen here while other builds ran, and 0.81 of the slower of its before and after
+    // figures within one quiet run), so it is measured on both sides of the limited
+    // window and held to half the slower of the two: a limit that held it as it holds
+    // the writer (about 85 % of the time here) would leave it near 15 %. That the limit
+    // never holds it is checked exactly below (its throttled time stays zero).
     std::thread::sleep(period);
     let after = pass_rates(&vm, Duration::from_secs(1));
     println!(
@@ -283,7 +286,7 @@ fn kvm_dirty_limit_slows_the_writer_only() {
     assert!(rates[1] < limit as f64 / 20.0, "{rates:?}");
     let unlimited = base[1].min(after[1]);
     assert!(
-        limited[1] > 0.85 * unlimited,
+        limited[1] > 0.5 * unlimited,
         "computing vCPU: {:.0} passes/s limited, {:.0} before and {:.0} after",
         limited[1],
         base[1],
