@@ -617,6 +617,11 @@ class Hop:
         att["transferred"] = (info.get("ram") or {}).get("transferred")
         att["passes_src_final"] = src_final
         att["passes_src_before"] = src_before
+        # Each RAM pass as [pages, zero pages, dirty after, ms]: what a surprising
+        # attempt (one that ends before its fault, say) moved and when.
+        att["ram_passes"] = [[p.get("pages"), p.get("zero-pages"), p.get("dirty-after"),
+                              round(p.get("duration-ms") or 0, 1)]
+                             for p in info.get("passes") or []]
 
 
 # --------------------------------------------------------------------------------------------
