@@ -224,6 +224,8 @@ class Ctx:
     # Both destinations fault in their RAM before the migration (ferry --prealloc, QEMU
     # -mem-prealloc), so the host's slow first touch is outside what is measured.
     prealloc: bool = False
+    # `--global` settings for both ferry processes (--ferry-global), for A/B runs.
+    ferry_globals: tuple = ()
 
 
 @dataclass
@@ -272,6 +274,8 @@ def run_ferry(ctx: Ctx, case: Case, channels: int, rnd: int) -> Run:
     r.detail["channel_args"] = chan
     common = ["run", "--backend", case.ferry_backend, "--mem", h.size_arg(case.mem),
               "--dirty", h.size_arg(case.dirty), *chan]
+    for g in ctx.ferry_globals:
+        common += ["--global", g]
     src_cmd = [str(ctx.ferry), *common, "--qmp", str(d / "src.sock")]
     if case.fill:
         src_cmd += ["--fill", h.size_arg(case.fill)]
@@ -849,6 +853,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     help="both destinations fault in their RAM before the migration "
                          "(ferry --prealloc, QEMU -mem-prealloc): measures the transfer, "
                          "not the host's first touch of fresh memory")
+    ap.add_argument("--ferry-global", action="append", default=[], metavar="DRIVER.PROP=VALUE",
+                    help="a --global for both ferry processes, e.g. "
+                         "migration.x-ferry-populate-ahead=off (repeatable)")
     ap.add_argument("--migrate-timeout", type=float, default=120.0, metavar="S",
                     help="cancel a migration still running after S seconds and count it as "
                          "not converging (default 120)")
@@ -929,7 +936,8 @@ def main(argv: list[str]) -> int:
     log(f"QEMU: {h.first_line([qemu, '--version'])}, -cpu {cpu['cpu']} ({cpu['how']})")
     ctx = Ctx(ferry=ferry, qemu=qemu, image=image, qemu_cpu=cpu["cpu"],
               ferry_channels=h.ferry_knows_channels(ferry), tmp=tmp,
-              migrate_timeout=a.migrate_timeout, cool=a.cool, prealloc=a.prealloc)
+              migrate_timeout=a.migrate_timeout, cool=a.cool, prealloc=a.prealloc,
+              ferry_globals=tuple(a.ferry_global))
     if ctx.ferry_channels:
         log("ferry knows migration.multifd-channels: 1 channel = 0 (pages on the main "
             "connection), N = N multifd channels")
@@ -956,7 +964,7 @@ def main(argv: list[str]) -> int:
                  "settle": a.settle, "settle_below": a.settle_below,
                  "migrate_timeout": a.migrate_timeout, "qemu_cpu": ctx.qemu_cpu,
                  "qemu_cpu_given": a.qemu_cpu, "qemu": a.qemu,
-                 "prealloc": a.prealloc,
+                 "prealloc": a.prealloc, "ferry_globals": a.ferry_global,
                  "cool": a.cool, "cold_mib": a.cold_mib},
         "cases": {c: vars(CASES[c]) for c in a.case_list},
         "machine": machine,

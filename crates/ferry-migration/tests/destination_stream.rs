@@ -28,7 +28,7 @@ use ferry_migration::engine::{
 use ferry_migration::state::{encode, DeviceState, Value};
 use ferry_migration::wire::{
     decode_reason, encode_reason, Accept, Completed, DeviceStateHeader, EndOfStream, FrameHeader,
-    FrameTag, PassEnd, RamBatchHeader, Refuse, RefuseCause, StreamHeader, VcpuStateHeader,
+    FrameTag, PassEnd, PopulatedExtents, RamBatchHeader, Refuse, RefuseCause, StreamHeader, VcpuStateHeader,
     ANNOTATION_PREFIX, MAX_DEVICE_STATE_LEN,
 };
 use ferry_migration::PAGE_SIZE;
@@ -355,16 +355,23 @@ fn replay(stream: &[u8]) -> Outcome {
 
 /// [`replay`] into a destination whose `migration.digest` is `digest`.
 fn replay_with(stream: &[u8], digest: bool) -> Outcome {
+    replay_params(
+        stream,
+        MigrationParams {
+            digest,
+            ..destination_params()
+        },
+    )
+}
+
+/// [`replay`] into a destination with `params`.
+fn replay_params(stream: &[u8], params: MigrationParams) -> Outcome {
     let id = DestinationIdentity {
         wire_props: vec![(
             "migration.digest".into(),
-            if digest { "on" } else { "off" }.into(),
+            if params.digest { "on" } else { "off" }.into(),
         )],
         ..destination_identity()
-    };
-    let params = MigrationParams {
-        digest,
-        ..destination_params()
     };
     let vm = TestVm::destination(TEST_LAYOUT);
     let (ours, theirs) = UnixStream::pair().unwrap();
@@ -1525,6 +1532,97 @@ fn a_ram_batch_naming_a_page_twice_is_refused() {
         assert_refused(
             &splice(&[r.ram_part(), &batch(1, &[(9, true), (9, true)], &[])]),
             "a RAM batch of block 1 names page 9 twice",
+        );
+    });
+}
+
+// ---------------------------------------------------------------------------------------
+// Populated extents (migration.x-ferry-populate-ahead).
+
+/// The recorded stream with a hello that has `migration.x-ferry-populate-ahead` on and
+/// `extents` (frames) after it, or after the first pass end with `late`.
+fn with_extents(r: &Recording, extents: &[u8], late: bool) -> Vec<u8> {
+    let mut hello = common::hello(TEST_LAYOUT, false);
+    hello.wire_props = populate_params().stated_wire_properties(&[]);
+    let body = &r.stream[r.first(FrameTag::Hello).end()..];
+    let at = if late {
+        r.first(FrameTag::PassEnd).end() - r.first(FrameTag::Hello).end()
+    } else {
+        0
+    };
+    splice(&[&stream_prefix(&hello), &body[..at], extents, &body[at..]])
+}
+
+fn populate_params() -> MigrationParams {
+    MigrationParams {
+        populate_ahead: true,
+        ..destination_params()
+    }
+}
+
+fn extents_frame(block: u16, extents: &[(u64, u64)]) -> Vec<u8> {
+    frame(
+        FrameTag::PopulatedExtents,
+        &PopulatedExtents {
+            block,
+            extents: extents.to_vec(),
+        }
+        .encode(),
+    )
+}
+
+/// Extents that lie inside guest memory are taken (and change no page: the guest's
+/// memory is the source's); extents that name a block or pages the destination does
+/// not have, that go back, that come after the first pass, or that come when the
+/// property is off fail the migration naming the cause, without resuming.
+#[test]
+fn populated_extents_are_checked_and_change_no_page() {
+    within(LIMIT, || {
+        let r = recording();
+        let all = splice(&[
+            &extents_frame(0, &[(0, 100), (200, 312)]),
+            &extents_frame(0, &[(600, 0)][..0]),
+            &extents_frame(1, &[(0, 128)]),
+        ]);
+        let o = replay_params(&with_extents(r, &all, false), populate_params());
+        let info = o.result.as_ref().unwrap_or_else(|e| {
+            panic!("extents inside guest memory were refused: {}", error_chain(e))
+        });
+        assert!(o.vm.resumed());
+        assert!(
+            o.vm.test_ram().contents() == r.source_ram,
+            "guest memory differs from the source's after populating"
+        );
+        assert_eq!(
+            info.ram.x_ferry_populate_announced,
+            (100 + 312 + 128) * PAGE_SIZE as u64
+        );
+        assert!(info.ram.x_ferry_populated_ahead <= info.ram.x_ferry_populate_announced);
+
+        for (extents, late, says) in [
+            (extents_frame(2, &[(0, 1)]), false, "RAM block index"),
+            (extents_frame(1, &[(100, 29)]), false, "past the block's end"),
+            (extents_frame(0, &[(5, 0)]), false, "empty extent"),
+            (
+                splice(&[&extents_frame(0, &[(10, 5)]), &extents_frame(0, &[(12, 1)])]),
+                false,
+                "does not ascend",
+            ),
+            (extents_frame(0, &[(0, 1)]), true, "after the first pass"),
+        ] {
+            check_refused(
+                replay_params(&with_extents(r, &extents, late), populate_params()),
+                says,
+            );
+        }
+        // A destination with the property off takes no extents (a source that sends
+        // them with the property off in its hello breaks the wire).
+        let mut hello = common::hello(TEST_LAYOUT, false);
+        hello.wire_props = destination_params().stated_wire_properties(&[]);
+        let body = &r.stream[r.first(FrameTag::Hello).end()..];
+        assert_refused(
+            &splice(&[&stream_prefix(&hello), &extents_frame(0, &[(0, 1)]), body]),
+            "x-ferry-populate-ahead is off",
         );
     });
 }

@@ -11,7 +11,7 @@
 //! | machine type | release | what its table restores |
 //! |---|---|---|
 //! | `ferry-0.3` | 0.3 (being prepared) | nothing: the defaults |
-//! | `ferry-0.2` | 0.2.0 | 10 s for a new connection to identify itself; 120 s of silence before a peer is taken for dead |
+//! | `ferry-0.2` | 0.2.0 | 10 s for a new connection to identify itself; 120 s of silence before a peer is taken for dead; no populated extents before the first pass |
 //! | `ferry-0.1` | 0.1.0 | 0.1's multifd sync after every section; no device precopy or switchover-ack; no state digest |
 
 use ferry_migration::compat::{CompatEntry, DriverDef, MachineDef, Registry};
@@ -46,6 +46,13 @@ pub static FERRY_0_2: MachineDef = MachineDef {
             driver: "migration",
             property: "liveness-timeout",
             value: "120000",
+        },
+        // 0.3 tells the destination where memory is populated before the first pass,
+        // a frame 0.2 does not know.
+        CompatEntry {
+            driver: "migration",
+            property: "x-ferry-populate-ahead",
+            value: "off",
         },
         // 0.3's convergence control. 0.2 had none: no throttle (these are 0.3's
         // defaults, off), and no timeout, which 0.3 gives every machine type alike, since

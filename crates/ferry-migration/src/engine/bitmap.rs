@@ -230,6 +230,42 @@ impl DirtyBitmap {
         });
     }
 
+    /// Calls `f(first, pages)` for every run of set pages, in ascending order, runs
+    /// fewer than `gap` clear pages apart merged into one (the clear pages between them
+    /// counted in), leaving the bitmap unchanged.
+    pub fn extents(&self, gap: u64, mut f: impl FnMut(u64, u64)) {
+        let mut cur: Option<(u64, u64)> = None;
+        self.for_each_word(|i, mut bits| {
+            let base = i as u64 * 64;
+            while bits != 0 {
+                let tz = u64::from(bits.trailing_zeros());
+                let rest = bits >> tz;
+                let len = if rest == u64::MAX {
+                    64
+                } else {
+                    u64::from((!rest).trailing_zeros())
+                };
+                let (s, e) = (base + tz, base + tz + len);
+                match &mut cur {
+                    Some((_, end)) if s <= *end + gap => *end = e,
+                    _ => {
+                        if let Some((first, end)) = cur.replace((s, e)) {
+                            f(first, end - first);
+                        }
+                    }
+                }
+                bits = if tz + len >= 64 {
+                    0
+                } else {
+                    bits & !(((1u64 << len) - 1) << tz)
+                };
+            }
+        });
+        if let Some((first, end)) = cur {
+            f(first, end - first);
+        }
+    }
+
     /// Moves every set bit of `self` into `into` and clears `self`.
     pub fn drain_into(&self, into: &DirtyBitmap) {
         assert_eq!(self.pages, into.pages, "bitmaps of different sizes");
@@ -511,6 +547,20 @@ mod tests {
                 for p in [0, pages / 2, pages - 1] {
                     proptest::prop_assert_eq!(b.is_set(p), m[p]);
                 }
+            }
+            // Extents: the model's runs, merged across gaps of fewer than `gap` pages.
+            for gap in [0u64, 1, 16, 100] {
+                let mut want: Vec<(u64, u64)> = Vec::new();
+                for p in (0..pages).filter(|&p| m[p]) {
+                    let p = p as u64;
+                    match want.last_mut() {
+                        Some((f, n)) if p <= *f + *n + gap => *n = p + 1 - *f,
+                        _ => want.push((p, 1)),
+                    }
+                }
+                let mut got = Vec::new();
+                b.extents(gap, |f, n| got.push((f, n)));
+                proptest::prop_assert_eq!(got, want);
             }
             // The picker's way through: marked groups, taken whole.
             let mut taken = Vec::new();

@@ -22,6 +22,7 @@ use super::liveness::{KeepaliveSender, Liveness, LEGACY_LIMIT};
 use super::memory::GuestMemory;
 use super::multifd::{ChannelCounters, RecvConfig, RecvSet};
 use super::pages::{record, Lander, Side};
+use super::populate::Populator;
 use super::params::MigrationParams;
 use super::stats::{
     ChannelStats, DeviceStats, Handover, HandoverPoint, MigrationEvent, MigrationInfo,
@@ -35,7 +36,7 @@ use crate::state::{self, StateReader};
 use crate::wire::{
     decode_reason, encode_reason, Accept, Annotations, ChannelsReady, Completed, Compression,
     DeviceMode, DevicePlan, DeviceRef, DeviceStateHeader, EndOfStream, FrameHeader, FrameTag,
-    Hello, Keepalive, MultifdSync, PassEnd, RamBatchHeader, Refuse, RefuseCause, StateDigest,
+    Hello, Keepalive, MultifdSync, PassEnd, PopulatedExtents, RamBatchHeader, Refuse, RefuseCause, StateDigest,
     StopCopyWhy, VcpuStateHeader, WireError, MAX_BATCH_PAGES,
 };
 use crate::PAGE_SIZE;
@@ -197,11 +198,15 @@ pub fn receive(
         state_digest: None,
         live,
         keepalive: None,
+        populate: None,
+        populate_ends: Vec::new(),
+        passes_ended: 0,
     };
     dst.device_loaded = vec![false; dst.devices.len()];
     dst.precopy = vec![DestPrecopy::default(); dst.devices.len()];
     let mut r = dst.run(&stated, hello, &mut door);
     dst.keepalive.take();
+    dst.stop_populate();
     if let Err(e) = &r {
         // A data channel's failure is what woke the main channel: report that, unless
         // the main channel had its own say (an abort, a refusal, a bad frame).
@@ -310,6 +315,14 @@ struct Dest<'a> {
     live: Arc<Liveness>,
     /// Keepalives on the return path, for a source that takes them.
     keepalive: Option<KeepaliveSender>,
+    /// The thread that faults memory in ahead of the pages, once the source has said
+    /// where its memory is (`migration.x-ferry-populate-ahead`).
+    populate: Option<Populator>,
+    /// Per block, the end of the extents announced so far: the next must start there
+    /// or beyond.
+    populate_ends: Vec<u64>,
+    /// Pass ends received.
+    passes_ended: u32,
 }
 
 /// One device's precopy, at the destination.
@@ -402,9 +415,18 @@ impl Dest<'_> {
                     let p =
                         PassEnd::decode(&read_payload(&mut self.ch, fh.len, PEER, "pass end")?)?;
                     self.syncs_this_pass = 0;
-                    self.monitor.update(|i| i.ram.dirty_sync_count += 1);
+                    self.passes_ended += 1;
+                    let populate = self.populate.as_ref().map(Populator::progress);
+                    self.monitor.update(|i| {
+                        i.ram.dirty_sync_count += 1;
+                        if let Some((announced, ahead)) = populate {
+                            i.ram.x_ferry_populate_announced = announced;
+                            i.ram.x_ferry_populated_ahead = ahead;
+                        }
+                    });
                     self.monitor.emit(&MigrationEvent::Pass(p.pass));
                 }
+                FrameTag::PopulatedExtents => self.populated_extents(fh)?,
                 FrameTag::DeviceState => self.device_state(fh)?,
                 FrameTag::DevicePrecopy => self.device_precopy(fh)?,
                 FrameTag::PrecopyInitDone => {
@@ -438,6 +460,9 @@ impl Dest<'_> {
                         "end of stream",
                     )?)?;
                     self.monitor.probe(HandoverPoint::EndOfStreamReceived);
+                    // Every page is in: what is left to populate would only compete
+                    // with the load.
+                    self.stop_populate();
                     // Wind the channels down before the guest may resume, so that once
                     // the source hears `Completed` nothing of this migration is left.
                     if let Some(mut r) = self.recv.take() {
@@ -464,6 +489,58 @@ impl Dest<'_> {
                     .into())
                 }
             }
+        }
+    }
+
+    /// Where the source's memory is populated: queued for the populating thread,
+    /// started at the first such frame. Only before the first pass ends, and only with
+    /// the property on (the hello said so too, or it was refused).
+    fn populated_extents(&mut self, fh: FrameHeader) -> Result<(), MigrationError> {
+        let payload = read_payload(&mut self.ch, fh.len, PEER, "populated extents")?;
+        if !self.params.populate_ahead || self.passes_ended > 0 {
+            return Err(WireError::UnexpectedFrame {
+                tag: fh.tag as u8,
+                expected: if self.params.populate_ahead {
+                    "no populated extents after the first pass"
+                } else {
+                    "no populated extents: migration.x-ferry-populate-ahead is off"
+                },
+            }
+            .into());
+        }
+        let pages: Vec<u64> = self.blocks.iter().map(|b| b.pages() as u64).collect();
+        self.populate_ends.resize(pages.len(), 0);
+        let e = PopulatedExtents::decode(&payload, &pages, &self.populate_ends)?;
+        let block = e.block as usize;
+        if let Some(end) = e.end() {
+            self.populate_ends[block] = end;
+        }
+        if self.populate.is_none() {
+            match Populator::start(self.vm.ram()) {
+                Ok(p) => self.populate = Some(p),
+                Err(err) => {
+                    // Not worth failing a migration for: the pages fault in as they land.
+                    tracing::warn!(error = %err, "cannot start the populating thread");
+                    return Ok(());
+                }
+            }
+        }
+        if let Some(p) = self.populate.as_mut() {
+            p.add(block, &e.extents);
+        }
+        Ok(())
+    }
+
+    /// Stops the populating thread, if there is one, and reports what it did.
+    fn stop_populate(&mut self) {
+        if let Some(mut p) = self.populate.take() {
+            p.stop();
+            let (announced, ahead) = p.progress();
+            tracing::debug!(announced, ahead, "populate-ahead done");
+            self.monitor.update(|i| {
+                i.ram.x_ferry_populate_announced = announced;
+                i.ram.x_ferry_populated_ahead = ahead;
+            });
         }
     }
 

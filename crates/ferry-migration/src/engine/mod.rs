@@ -17,6 +17,7 @@ pub mod liveness;
 mod memory;
 pub mod multifd;
 mod pages;
+mod populate;
 pub mod params;
 pub mod source;
 pub mod stats;

@@ -92,6 +92,13 @@ pub static MIGRATION_DRIVER: DriverDef = DriverDef {
             doc: "carry a digest of every device and vCPU state as sent, which the destination checks before it resumes",
         },
         PropDef {
+            name: "x-ferry-populate-ahead",
+            kind: PropKind::Bool,
+            default: "on",
+            wire: true,
+            doc: "the source says where guest memory is populated before the first pass, and the destination faults that memory in on a thread of its own ahead of the pages rather than page by page as they land; the destination's memory then matches the source's, zero pages included",
+        },
+        PropDef {
             name: "handshake-timeout",
             kind: PropKind::U64 {
                 min: 100,
@@ -233,6 +240,9 @@ pub struct MigrationParams {
     /// A digest of every device and vCPU state, checked before the guest resumes. A
     /// wire property.
     pub state_digest: bool,
+    /// The source sends where memory is populated before pass 0, and the destination
+    /// faults it in ahead of the pages. A wire property.
+    pub populate_ahead: bool,
     /// Destination: how long a new connection has to send its header and hello.
     pub handshake_timeout: Duration,
     /// How long either side lets its peer be silent before it fails the migration.
@@ -282,6 +292,7 @@ impl Default for MigrationParams {
             multifd_flush_after_each_section: false,
             switchover_ack: true,
             state_digest: true,
+            populate_ahead: true,
             handshake_timeout: Duration::from_secs(5),
             liveness_timeout: Duration::from_secs(5),
             auto_converge: false,
@@ -318,6 +329,7 @@ impl MigrationParams {
                 .bool(MIGRATION, "multifd-flush-after-each-section")?,
             switchover_ack: cfg.bool(MIGRATION, "switchover-ack")?,
             state_digest: cfg.bool(MIGRATION, "state-digest")?,
+            populate_ahead: cfg.bool(MIGRATION, "x-ferry-populate-ahead")?,
             handshake_timeout: Duration::from_millis(cfg.u64(MIGRATION, "handshake-timeout")?),
             liveness_timeout: Duration::from_millis(cfg.u64(MIGRATION, "liveness-timeout")?),
             auto_converge: cfg.bool(MIGRATION, "auto-converge")?,
@@ -383,6 +395,10 @@ impl MigrationParams {
                 on(self.switchover_ack),
             ),
             (format!("{MIGRATION}.state-digest"), on(self.state_digest)),
+            (
+                format!("{MIGRATION}.x-ferry-populate-ahead"),
+                on(self.populate_ahead),
+            ),
         ]
     }
 

@@ -49,7 +49,7 @@ use crate::state::{self, StateWriter};
 use crate::wire::{
     decode_reason, encode_reason, Accept, Annotations, ChannelHeader, ChannelsReady, Completed,
     DeviceMode, DevicePlan, DeviceRef, DeviceStateHeader, EndOfStream, FrameTag, Hello,
-    HelloDevice, HelloRamBlock, Keepalive, MultifdSync, PassEnd, PrecopyOffer, Refuse, StopCopyWhy,
+    HelloDevice, HelloRamBlock, Keepalive, MultifdSync, PassEnd, PopulatedExtents, PrecopyOffer, Refuse, StopCopyWhy,
     StreamHeader, VcpuStateHeader, CHANNEL_VERSION, PROTOCOL_VERSION,
 };
 use crate::PAGE_SIZE;
@@ -61,6 +61,10 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 const COMPLETION_TIMEOUT: Duration = Duration::from_secs(120);
 /// Passes after convergence while each still shrinks what the downtime must carry.
 const MAX_EXTRA_PASSES: u32 = 3;
+
+/// Populated runs of memory closer than this many pages (64 KiB) are announced to the
+/// destination as one extent.
+const POPULATE_GAP: u64 = 16;
 /// How long the destination may take to bind the data channels (it waits 10 s for them
 /// itself and then says which one is missing).
 const CHANNELS_TIMEOUT: Duration = Duration::from_secs(30);
@@ -590,6 +594,9 @@ impl Source<'_> {
         for (b, bm) in self.pending.iter().enumerate() {
             self.ram.populated(b, bm);
         }
+        if self.params.populate_ahead {
+            self.send_populated_extents()?;
+        }
         for i in 0..self.devices.len() {
             if self.devices[i].precopy {
                 self.vm.precopy_begin(i)?;
@@ -719,6 +726,31 @@ impl Source<'_> {
             pass += 1;
         }
         self.switchover(pass + 1)
+    }
+
+    /// Tells the destination where memory is populated (pass 0's pages), so it can
+    /// fault that memory in ahead of them (`engine::populate`). Runs closer than
+    /// [`POPULATE_GAP`] pages go as one extent: fewer, longer calls for the destination,
+    /// at the price of a few pages populated there that hold nothing here.
+    fn send_populated_extents(&mut self) -> Result<(), MigrationError> {
+        for (b, bm) in self.pending.iter().enumerate() {
+            let mut extents = Vec::new();
+            bm.extents(POPULATE_GAP, |first, pages| extents.push((first, pages)));
+            for chunk in extents.chunks(PopulatedExtents::MAX_EXTENTS) {
+                let frame = PopulatedExtents {
+                    block: b as u16,
+                    extents: chunk.to_vec(),
+                };
+                write_frame(
+                    self.ch(),
+                    FrameTag::PopulatedExtents,
+                    &frame.encode(),
+                    PEER,
+                    "populated extents",
+                )?;
+            }
+        }
+        Ok(())
     }
 
     /// Takes the convergence policy's verdict on the pass just made: reports it, sets

@@ -133,6 +133,13 @@ pub struct RamStats {
     /// Bytes on the data channels (headers and possibly compressed data), part of
     /// `transferred`; 0 when pages travel on the main channel.
     pub multifd_bytes: u64,
+    /// Destination, with `migration.x-ferry-populate-ahead`: bytes of guest memory the
+    /// source said were populated, and of those, the bytes faulted in ahead of the
+    /// pages so far.
+    #[serde(skip_serializing_if = "is_zero_u64")]
+    pub x_ferry_populate_announced: u64,
+    #[serde(skip_serializing_if = "is_zero_u64")]
+    pub x_ferry_populated_ahead: u64,
 }
 
 /// One pass over guest memory.

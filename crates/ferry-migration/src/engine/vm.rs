@@ -53,6 +53,41 @@ pub unsafe trait GuestRam: Send + Sync {
         let _ = block;
         out.set_all();
     }
+
+    /// Faults in `pages` pages of `block` from page `first` without changing what they
+    /// hold: a destination's populate-ahead (`migration.x-ferry-populate-ahead`), run on
+    /// a thread of its own while the pages are on their way, so that they land in
+    /// memory that is already there. The engine only asks for pages inside the block.
+    ///
+    /// The default asks the kernel (`MADV_POPULATE_WRITE`, Linux 5.14), which suits any
+    /// ordinary shared or private mapping. An embedder whose memory must stay allocated
+    /// lazily returns `Ok(())` without doing anything; an error stops the populating
+    /// for the rest of the migration (the pages are then faulted in as they land).
+    fn prepare(&self, block: usize, first: usize, pages: usize) -> std::io::Result<()> {
+        let b = &self.blocks()[block];
+        assert!(
+            first.checked_add(pages).is_some_and(|e| e <= b.pages()),
+            "prepare past the end of block {block}"
+        );
+        if pages == 0 {
+            return Ok(());
+        }
+        // SAFETY: the range lies inside the block's mapping (checked above), which the
+        // trait's contract keeps mapped; MADV_POPULATE_WRITE faults pages in without
+        // writing to them, so what the guest or the engine put there is unchanged.
+        let rc = unsafe {
+            libc::madvise(
+                self.host_ptr(block).add(first * crate::PAGE_SIZE).cast(),
+                pages * crate::PAGE_SIZE,
+                libc::MADV_POPULATE_WRITE,
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
 }
 
 /// Write tracking of guest RAM.

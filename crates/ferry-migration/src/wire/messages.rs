@@ -84,6 +84,7 @@ pub enum FrameTag {
     PrecopyInitDone = 0x0a,
     StateDigest = 0x0b,
     Keepalive = 0x0c,
+    PopulatedExtents = 0x0d,
     Accept = 0x81,
     Refuse = 0x82,
     LoadFailed = 0x83,
@@ -109,6 +110,7 @@ impl FrameTag {
             0x0a => Self::PrecopyInitDone,
             0x0b => Self::StateDigest,
             0x0c => Self::Keepalive,
+            0x0d => Self::PopulatedExtents,
             0x81 => Self::Accept,
             0x82 => Self::Refuse,
             0x83 => Self::LoadFailed,
@@ -140,6 +142,7 @@ impl FrameTag {
             Self::StateDigest => StateDigest::LEN as u32,
             Self::DevicePlan => DevicePlan::MAX_LEN as u32,
             Self::Keepalive | Self::KeepaliveReturn => Keepalive::LEN as u32,
+            Self::PopulatedExtents => PopulatedExtents::MAX_LEN as u32,
         }
     }
 
@@ -164,6 +167,7 @@ impl FrameTag {
             Self::DevicePlan => "device plan",
             Self::SwitchoverAck => "switchover acknowledgement",
             Self::Keepalive | Self::KeepaliveReturn => "keepalive",
+            Self::PopulatedExtents => "populated extents",
         }
     }
 }
@@ -798,6 +802,88 @@ impl RamBatchHeader {
     pub fn entry(page: u64, zero: bool) -> u64 {
         debug_assert!(page <= Self::PAGE_MASK);
         page | if zero { Self::ZERO } else { 0 }
+    }
+}
+
+/// Where one RAM block of the source's guest holds memory, sent before pass 0 with
+/// `migration.x-ferry-populate-ahead` on, so that the destination can fault that memory
+/// in on a thread of its own while the pages are still on their way (see
+/// `engine::populate`). A hint: it changes no page, and the destination checks it as it
+/// checks everything else (the block exists, every extent lies inside it, extents
+/// ascend without overlapping), failing the migration on a frame that breaks a rule.
+///
+/// Payload: block index (u16), extent count (u32), then per extent its first page and
+/// its length in pages (u64 each). A block with more extents than one frame holds
+/// ([`Self::MAX_EXTENTS`]) takes several frames, each ascending after the one before.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PopulatedExtents {
+    pub block: u16,
+    /// `(first page, pages)`, ascending, none empty, none overlapping.
+    pub extents: Vec<(u64, u64)>,
+}
+
+impl PopulatedExtents {
+    /// Extents in one frame: 1 MiB of them.
+    pub const MAX_EXTENTS: usize = 1 << 16;
+    pub const MAX_LEN: usize = 6 + Self::MAX_EXTENTS * 16;
+
+    pub fn encode(&self) -> Vec<u8> {
+        debug_assert!(self.extents.len() <= Self::MAX_EXTENTS);
+        let mut w = Writer::new();
+        w.u16(self.block).u32(self.extents.len() as u32);
+        for &(first, pages) in &self.extents {
+            w.u64(first).u64(pages);
+        }
+        w.buf
+    }
+
+    /// Decodes and checks the frame's own rules; `block_pages` gives the pages of each
+    /// of the destination's blocks, and `ends` for each block the page its extents must
+    /// start at or beyond (the end of its previous frame, 0 before its first).
+    pub fn decode(b: &[u8], block_pages: &[u64], ends: &[u64]) -> Result<Self, WireError> {
+        let mut r = Reader::new(b, "populated extents");
+        let block = r.u16()?;
+        let Some(&pages_in_block) = block_pages.get(block as usize) else {
+            return Err(WireError::BadValue {
+                what: "populated extents: RAM block index",
+                value: block.into(),
+            });
+        };
+        let n = r.u32()? as usize;
+        if n > Self::MAX_EXTENTS {
+            return Err(WireError::TooLong {
+                what: "populated extents",
+                len: n as u64,
+                max: Self::MAX_EXTENTS as u64,
+            });
+        }
+        let mut extents = Vec::with_capacity(n.min(b.len() / 16));
+        let mut next = ends.get(block as usize).copied().unwrap_or(0);
+        for _ in 0..n {
+            let (first, pages) = (r.u64()?, r.u64()?);
+            if first < next {
+                return Err(WireError::BadValue {
+                    what: "populated extents: an extent that does not ascend (first page)",
+                    value: first,
+                });
+            }
+            let end = first.checked_add(pages).filter(|&e| pages > 0 && e <= pages_in_block);
+            let Some(end) = end else {
+                return Err(WireError::BadValue {
+                    what: "populated extents: an empty extent or one past the block's end (pages)",
+                    value: pages,
+                });
+            };
+            extents.push((first, pages));
+            next = end;
+        }
+        r.finish()?;
+        Ok(Self { block, extents })
+    }
+
+    /// The page after the last extent, if there is one.
+    pub fn end(&self) -> Option<u64> {
+        self.extents.last().map(|&(f, p)| f + p)
     }
 }
 

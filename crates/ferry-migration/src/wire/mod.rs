@@ -19,6 +19,8 @@
 //!    | <------------------------------------- DevicePlan     | (switchover-ack on)
 //!    | data channel i: ChannelHeader(session, i, N)  ------> | binds it by its header
 //!    | <------------------------------------ ChannelsReady   | all N bound
+//!    | PopulatedExtents*: where guest memory is populated    | faults it in ahead
+//!    |   (migration.x-ferry-populate-ahead on)  -----------> | of the pages
 //!    | pass 0: every populated page, as packets on the data channels,
 //!    |         MultifdSync(s) (per pass, or per section on ferry-0.1), PassEnd
 //!    |         DevicePrecopy* (devices the plan precopies), and once a device's

@@ -23,7 +23,7 @@ use proptest::test_runner::TestCaseError;
 use super::*;
 use crate::PAGE_SIZE;
 
-const ALL_TAGS: [FrameTag; 20] = [
+const ALL_TAGS: [FrameTag; 21] = [
     FrameTag::Hello,
     FrameTag::RamBatch,
     FrameTag::PassEnd,
@@ -36,6 +36,7 @@ const ALL_TAGS: [FrameTag; 20] = [
     FrameTag::PrecopyInitDone,
     FrameTag::StateDigest,
     FrameTag::Keepalive,
+    FrameTag::PopulatedExtents,
     FrameTag::Accept,
     FrameTag::Refuse,
     FrameTag::LoadFailed,
@@ -1953,4 +1954,115 @@ fn malformed_precopy_offers_are_unknown_annotations_not_offers() {
         assert!(a.precopy.is_empty(), "{k}={v} taken as an offer");
         assert_eq!(a.unknown, [k.to_string()], "{k}={v}");
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Populated extents
+
+/// Ascending, non-overlapping, non-empty extents inside a block of `pages` pages, from
+/// gaps and lengths.
+fn extents_in(pages: u64) -> impl Strategy<Value = Vec<(u64, u64)>> {
+    vec((0..40u64, 1..40u64), 0..50).prop_map(move |steps| {
+        let mut at = 0;
+        let mut out = Vec::new();
+        for (gap, len) in steps {
+            let first = at + gap;
+            if first + len > pages {
+                break;
+            }
+            out.push((first, len));
+            at = first + len;
+        }
+        out
+    })
+}
+
+const EXTENT_BLOCKS: [u64; 2] = [1000, 64];
+
+proptest! {
+    #[test]
+    fn populated_extents_round_trip_and_are_length_exact(
+        block in 0..2u16,
+        e in extents_in(64),
+        extra in any::<u8>(),
+    ) {
+        let v = PopulatedExtents { block, extents: e };
+        let b = v.encode();
+        prop_assert!(b.len() <= FrameTag::PopulatedExtents.max_len() as usize);
+        let decode = |b: &[u8]| PopulatedExtents::decode(b, &EXTENT_BLOCKS, &[0, 0]);
+        length_exact(&v, &b, extra, decode)?;
+    }
+
+    #[test]
+    fn populated_extents_mutations_never_yield_a_second_spelling(
+        e in extents_in(1000),
+        at in any::<Index>(),
+        byte in any::<u8>(),
+    ) {
+        let b = PopulatedExtents { block: 0, extents: e }.encode();
+        mutation_canonical(
+            b,
+            at,
+            byte,
+            |b| PopulatedExtents::decode(b, &EXTENT_BLOCKS, &[0, 0]),
+            PopulatedExtents::encode,
+        )?;
+    }
+
+    /// Whatever the bytes, an accepted frame names a block that exists and extents that
+    /// lie inside it, ascend from where the block's last frame ended and do not overlap.
+    #[test]
+    fn accepted_populated_extents_lie_inside_their_block(
+        bytes in vec(any::<u8>(), 0..200),
+        ends in (0..1000u64, 0..64u64),
+    ) {
+        let ends = [ends.0, ends.1];
+        if let Ok(v) = PopulatedExtents::decode(&bytes, &EXTENT_BLOCKS, &ends) {
+            let pages = EXTENT_BLOCKS[v.block as usize];
+            let mut next = ends[v.block as usize];
+            for &(first, n) in &v.extents {
+                prop_assert!(n > 0 && first >= next && first + n <= pages, "{:?}", v);
+                next = first + n;
+            }
+        }
+    }
+}
+
+#[test]
+fn populated_extents_that_break_a_rule_are_refused_naming_it() {
+    let enc = |block: u16, e: &[(u64, u64)]| {
+        PopulatedExtents {
+            block,
+            extents: e.to_vec(),
+        }
+        .encode()
+    };
+    let decode = |b: &[u8], ends: &[u64]| PopulatedExtents::decode(b, &EXTENT_BLOCKS, ends);
+    let cases: [(Vec<u8>, [u64; 2], &str); 6] = [
+        (enc(2, &[(0, 1)]), [0, 0], "RAM block index"),
+        (enc(1, &[(0, 65)]), [0, 0], "past the block's end"),
+        (enc(1, &[(u64::MAX, 2)]), [0, 0], "past the block's end"),
+        (enc(0, &[(5, 0)]), [0, 0], "empty extent"),
+        (enc(0, &[(10, 5), (12, 1)]), [0, 0], "does not ascend"),
+        (enc(0, &[(3, 1)]), [4, 0], "does not ascend"),
+    ];
+    for (b, ends, says) in cases {
+        let err = decode(&b, &ends).unwrap_err().to_string();
+        assert!(err.contains(says), "{err} (wanted {says})");
+    }
+    // A count over the frame's limit is refused before anything is read.
+    let mut b = enc(0, &[]);
+    b[2..6].copy_from_slice(&(PopulatedExtents::MAX_EXTENTS as u32 + 1).to_le_bytes());
+    assert!(matches!(decode(&b, &[0, 0]), Err(WireError::TooLong { .. })));
+    // The largest frame fits its limit.
+    let full = PopulatedExtents {
+        block: 0,
+        extents: (0..PopulatedExtents::MAX_EXTENTS as u64)
+            .map(|i| (2 * i, 1))
+            .collect(),
+    };
+    assert_eq!(
+        full.encode().len(),
+        FrameTag::PopulatedExtents.max_len() as usize
+    );
 }

@@ -470,6 +470,7 @@ pub fn wire_0_1(p: MigrationParams) -> MigrationParams {
         multifd_flush_after_each_section: true,
         switchover_ack: false,
         state_digest: false,
+        populate_ahead: false,
         ..p
     }
 }
