@@ -11,20 +11,24 @@
 //!   starts with a byte choosing a RAM batch (block, entries, page seeds, length error),
 //!   a pass end, a device or vCPU state (valid, relabelled, raw or with a byte flipped), an
 //!   end of stream (flags, digest, page count exact or not), an abort, a return-path frame,
-//!   raw bytes, or a frame header with any tag and length.
+//!   raw bytes, a frame header with any tag and length, or populated extents (a block, in
+//!   range or not, and extents that lie inside it or not).
 //!
 //! A program that does not send an end of stream ends as an honest source would, with
 //! valid state for every device and vCPU it did not send and an exact end of stream; mode
 //! bit 3 cuts the stream where the program ends instead. Mode bit 1 makes the hello
-//! announce full verification; bit 2 turns the digest off on both sides.
+//! announce full verification; bit 2 turns the digest off on both sides; bit 4 turns
+//! `migration.x-ferry-populate-ahead` on on both sides.
 //!
 //! Checks, beyond no panic and no hang: the VM was resumed at most once and only after
 //! every device and vCPU loaded exactly once, with no load after it; a failed receive left
 //! it stopped. In program mode, a completed migration left guest memory exactly as the
 //! program wrote it whenever the end of stream carried the program's own digest (or the
 //! stream held nothing but the program's frames), and a stream holding a RAM batch the
-//! destination must refuse (block or page out of range, a page named twice, wrong length)
-//! never completed.
+//! destination must refuse (block or page out of range, a page named twice, wrong length),
+//! or populated extents it must refuse (property off, after a pass end, a block it lacks,
+//! extents outside the block, empty or not ascending), never completed. Valid extents
+//! change no page: memory is still exactly as the program wrote it.
 
 #![no_main]
 
@@ -41,8 +45,8 @@ use ferry_migration::engine::vm::MigratableVm;
 use ferry_migration::engine::{self, Channel, MigrationMonitor, MigrationParams};
 use ferry_migration::state::{encode, DeviceState, StateSchema, SubsectionState, Value};
 use ferry_migration::wire::{
-    encode_reason, DeviceStateHeader, EndOfStream, FrameTag, PassEnd, RamBatchHeader,
-    VcpuStateHeader,
+    encode_reason, DeviceStateHeader, EndOfStream, FrameTag, PassEnd, PopulatedExtents,
+    RamBatchHeader, VcpuStateHeader,
 };
 use ferry_migration::PAGE_SIZE;
 use libfuzzer_sys::fuzz_target;
@@ -111,6 +115,12 @@ struct Model {
     eos_digest: Option<Option<u64>>,
     /// The program sent a frame for the UART, the timer, vCPU 0.
     sent: [bool; 3],
+    /// Both sides have `migration.x-ferry-populate-ahead` on.
+    populate_on: bool,
+    /// A pass end went out: extents after it are refused.
+    pass_ended: bool,
+    /// Per block, the end of the extents sent so far.
+    populate_ends: [u64; 2],
 }
 
 impl Model {
@@ -126,6 +136,9 @@ impl Model {
             opaque: false,
             eos_digest: None,
             sent: [false; 3],
+            populate_on: false,
+            pass_ended: false,
+            populate_ends: [0; 2],
         }
     }
 
@@ -332,22 +345,68 @@ fn end_of_stream(inp: &mut Input, m: &mut Model, digest_on: bool, full: bool) ->
     frame(FrameTag::EndOfStream, &p)
 }
 
+/// A populated-extents frame: block 0, 1 or 2 (which the destination lacks), up to three
+/// extents from gaps and lengths that may run past the block or go back; poisons the
+/// model when the destination must refuse it.
+fn populated_extents(inp: &mut Input, m: &mut Model) -> Vec<u8> {
+    let block = inp.u8() % 3;
+    let mut extents = Vec::new();
+    let mut at = if block < 2 {
+        m.populate_ends[usize::from(block)]
+    } else {
+        0
+    };
+    let mut valid = m.populate_on && !m.pass_ended && block < 2;
+    for _ in 0..inp.u8() % 4 {
+        let back = inp.u8() % 8 == 0;
+        let first = if back {
+            at.saturating_sub(1 + u64::from(inp.u8() % 4))
+        } else {
+            at + u64::from(inp.u8() % 12)
+        };
+        let pages = u64::from(inp.u8() % 12);
+        let limit = FUZZ_LAYOUT
+            .get(usize::from(block))
+            .map_or(0, |l| l.2 as u64);
+        valid &= first >= at && pages > 0 && first + pages <= limit;
+        extents.push((first, pages));
+        at = first + pages;
+    }
+    if valid && block < 2 {
+        m.populate_ends[usize::from(block)] = at;
+    } else if !valid {
+        m.poisoned = true;
+    }
+    frame(
+        FrameTag::PopulatedExtents,
+        &PopulatedExtents {
+            block: u16::from(block),
+            extents,
+        }
+        .encode(),
+    )
+}
+
 /// Builds the frames of a program; stops after an end of stream. A program that sends
 /// none ends as an honest source would, unless `cut`: with the state it did not send and
 /// an end of stream that matches what it sent.
 fn program(inp: &mut Input, m: &mut Model, digest_on: bool, full: bool, cut: bool) -> Vec<u8> {
     let mut s = Vec::new();
     while !inp.is_empty() && s.len() < MAX_STREAM {
-        let f = match inp.u8() % 12 {
+        let f = match inp.u8() % 13 {
             0..=2 => ram_batch(inp, m),
-            3 => frame(
-                FrameTag::PassEnd,
-                &PassEnd {
-                    pass: u32::from(inp.u8()),
-                    pages: inp.u64(),
-                }
-                .encode(),
-            ),
+            3 => {
+                m.pass_ended = true;
+                frame(
+                    FrameTag::PassEnd,
+                    &PassEnd {
+                        pass: u32::from(inp.u8()),
+                        pages: inp.u64(),
+                    }
+                    .encode(),
+                )
+            }
+            12 => populated_extents(inp, m),
             4 | 5 => device_state(inp, m),
             6 => vcpu_frame(inp, m),
             7 => {
@@ -458,9 +517,11 @@ fn run(data: &[u8]) {
     let full = mode & 2 == 2;
     let digest_on = mode & 4 == 0;
     let cut = mode & 8 == 8;
+    let populate_on = mode & 16 == 16;
 
     let params = MigrationParams {
         digest: digest_on,
+        populate_ahead: populate_on,
         ..wire_0_1(MigrationParams::default())
     };
     // What a source with these parameters states, so that fuzzing gets past the hello.
@@ -469,6 +530,7 @@ fn run(data: &[u8]) {
     h.wire_props = digest_prop.clone();
     let mut stream = stream_prefix(&h);
     let mut model = Model::new();
+    model.populate_on = populate_on;
     if structured {
         stream.extend(program(&mut Input(rest), &mut model, digest_on, full, cut));
     } else {

@@ -4,8 +4,8 @@
 
 use ferry_migration::wire::{
     decode_reason, encode_reason, Accept, Annotations, Completed, DevicePlan, DeviceRef,
-    DeviceStateHeader, EndOfStream, PassEnd, Refuse, StateDigest, VcpuStateHeader, MAX_DEVICES,
-    MAX_NAME_LEN, MAX_REASON_LEN,
+    DeviceStateHeader, EndOfStream, PassEnd, PopulatedExtents, Refuse, StateDigest,
+    VcpuStateHeader, MAX_DEVICES, MAX_NAME_LEN, MAX_REASON_LEN,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -13,7 +13,7 @@ fuzz_target!(|data: &[u8]| {
     let Some((&kind, b)) = data.split_first() else {
         return;
     };
-    match kind % 13 {
+    match kind % 14 {
         0 => {
             if let Ok(a) = Accept::decode(b) {
                 assert!(a.release.len() <= MAX_NAME_LEN);
@@ -27,7 +27,7 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         2 | 3 => {
-            let what = if kind % 13 == 2 {
+            let what = if kind % 14 == 2 {
                 "abort"
             } else {
                 "load failed"
@@ -88,6 +88,19 @@ fuzz_target!(|data: &[u8]| {
         11 => {
             if let Ok(d) = StateDigest::decode(b) {
                 assert_eq!(d.encode(), b);
+            }
+        }
+        12 => {
+            // Blocks of 1000 and 64 pages, the second's earlier frames ending at page 7.
+            let (pages, ends) = ([1000, 64], [0, 7]);
+            if let Ok(p) = PopulatedExtents::decode(b, &pages, &ends) {
+                let block = usize::from(p.block);
+                let mut next = ends[block];
+                for &(first, n) in &p.extents {
+                    assert!(n > 0 && first >= next && first + n <= pages[block]);
+                    next = first + n;
+                }
+                assert_eq!(p.encode(), b);
             }
         }
         _ => {

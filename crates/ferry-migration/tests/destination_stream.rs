@@ -28,8 +28,8 @@ use ferry_migration::engine::{
 use ferry_migration::state::{encode, DeviceState, Value};
 use ferry_migration::wire::{
     decode_reason, encode_reason, Accept, Completed, DeviceStateHeader, EndOfStream, FrameHeader,
-    FrameTag, PassEnd, PopulatedExtents, RamBatchHeader, Refuse, RefuseCause, StreamHeader, VcpuStateHeader,
-    ANNOTATION_PREFIX, MAX_DEVICE_STATE_LEN,
+    FrameTag, PassEnd, PopulatedExtents, RamBatchHeader, Refuse, RefuseCause, StreamHeader,
+    VcpuStateHeader, ANNOTATION_PREFIX, MAX_DEVICE_STATE_LEN,
 };
 use ferry_migration::PAGE_SIZE;
 
@@ -1586,7 +1586,10 @@ fn populated_extents_are_checked_and_change_no_page() {
         ]);
         let o = replay_params(&with_extents(r, &all, false), populate_params());
         let info = o.result.as_ref().unwrap_or_else(|e| {
-            panic!("extents inside guest memory were refused: {}", error_chain(e))
+            panic!(
+                "extents inside guest memory were refused: {}",
+                error_chain(e)
+            )
         });
         assert!(o.vm.resumed());
         assert!(
@@ -1601,7 +1604,11 @@ fn populated_extents_are_checked_and_change_no_page() {
 
         for (extents, late, says) in [
             (extents_frame(2, &[(0, 1)]), false, "RAM block index"),
-            (extents_frame(1, &[(100, 29)]), false, "past the block's end"),
+            (
+                extents_frame(1, &[(100, 29)]),
+                false,
+                "past the block's end",
+            ),
             (extents_frame(0, &[(5, 0)]), false, "empty extent"),
             (
                 splice(&[&extents_frame(0, &[(10, 5)]), &extents_frame(0, &[(12, 1)])]),

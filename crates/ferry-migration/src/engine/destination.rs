@@ -22,8 +22,8 @@ use super::liveness::{KeepaliveSender, Liveness, LEGACY_LIMIT};
 use super::memory::GuestMemory;
 use super::multifd::{ChannelCounters, RecvConfig, RecvSet};
 use super::pages::{record, Lander, Side};
-use super::populate::Populator;
 use super::params::MigrationParams;
+use super::populate::Populator;
 use super::stats::{
     ChannelStats, DeviceStats, Handover, HandoverPoint, MigrationEvent, MigrationInfo,
     MigrationMonitor, MigrationStatus, MultifdStats, STOP_COPY_ACK_OFF,
@@ -36,8 +36,8 @@ use crate::state::{self, StateReader};
 use crate::wire::{
     decode_reason, encode_reason, Accept, Annotations, ChannelsReady, Completed, Compression,
     DeviceMode, DevicePlan, DeviceRef, DeviceStateHeader, EndOfStream, FrameHeader, FrameTag,
-    Hello, Keepalive, MultifdSync, PassEnd, PopulatedExtents, RamBatchHeader, Refuse, RefuseCause, StateDigest,
-    StopCopyWhy, VcpuStateHeader, WireError, MAX_BATCH_PAGES,
+    Hello, Keepalive, MultifdSync, PassEnd, PopulatedExtents, RamBatchHeader, Refuse, RefuseCause,
+    StateDigest, StopCopyWhy, VcpuStateHeader, WireError, MAX_BATCH_PAGES,
 };
 use crate::PAGE_SIZE;
 

@@ -49,8 +49,8 @@ use crate::state::{self, StateWriter};
 use crate::wire::{
     decode_reason, encode_reason, Accept, Annotations, ChannelHeader, ChannelsReady, Completed,
     DeviceMode, DevicePlan, DeviceRef, DeviceStateHeader, EndOfStream, FrameTag, Hello,
-    HelloDevice, HelloRamBlock, Keepalive, MultifdSync, PassEnd, PopulatedExtents, PrecopyOffer, Refuse, StopCopyWhy,
-    StreamHeader, VcpuStateHeader, CHANNEL_VERSION, PROTOCOL_VERSION,
+    HelloDevice, HelloRamBlock, Keepalive, MultifdSync, PassEnd, PopulatedExtents, PrecopyOffer,
+    Refuse, StopCopyWhy, StreamHeader, VcpuStateHeader, CHANNEL_VERSION, PROTOCOL_VERSION,
 };
 use crate::PAGE_SIZE;
 

@@ -867,7 +867,9 @@ impl PopulatedExtents {
                     value: first,
                 });
             }
-            let end = first.checked_add(pages).filter(|&e| pages > 0 && e <= pages_in_block);
+            let end = first
+                .checked_add(pages)
+                .filter(|&e| pages > 0 && e <= pages_in_block);
             let Some(end) = end else {
                 return Err(WireError::BadValue {
                     what: "populated extents: an empty extent or one past the block's end (pages)",

@@ -2053,7 +2053,10 @@ fn populated_extents_that_break_a_rule_are_refused_naming_it() {
     // A count over the frame's limit is refused before anything is read.
     let mut b = enc(0, &[]);
     b[2..6].copy_from_slice(&(PopulatedExtents::MAX_EXTENTS as u32 + 1).to_le_bytes());
-    assert!(matches!(decode(&b, &[0, 0]), Err(WireError::TooLong { .. })));
+    assert!(matches!(
+        decode(&b, &[0, 0]),
+        Err(WireError::TooLong { .. })
+    ));
     // The largest frame fits its limit.
     let full = PopulatedExtents {
         block: 0,
