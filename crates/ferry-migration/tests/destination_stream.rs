@@ -247,7 +247,14 @@ fn pump(mut from: UnixStream, mut to: UnixStream, mut keep: Option<&mut Vec<u8>>
 /// Migrates a source VM into a destination through a proxy that records the forward
 /// stream.
 fn record() -> Recording {
+    record_with(source_params(), destination_params(), true)
+}
+
+/// [`record`] with the source's and the destination's parameters, and a source whose
+/// populated scan is exact or not.
+fn record_with(src_params: MigrationParams, dst_params: MigrationParams, exact: bool) -> Recording {
     let src = TestVm::source(TEST_LAYOUT, &initial_writes(), script());
+    src.test_ram().set_populated_exact(exact);
     let dst = Arc::new(TestVm::destination(TEST_LAYOUT));
     let path = socket_path();
     let listener = UnixListener::bind(&path).unwrap();
@@ -259,7 +266,7 @@ fn record() -> Recording {
             engine::receive(
                 dst2.as_ref(),
                 &destination_identity(),
-                &destination_params(),
+                &dst_params,
                 Channel::new(dest_end),
                 &MigrationMonitor::new(),
             )
@@ -279,7 +286,7 @@ fn record() -> Recording {
     let source = engine::migrate(
         &src,
         &source_identity(),
-        &source_params(),
+        &src_params,
         &Dial::Unix(path.clone()),
         &MigrationMonitor::new(),
     );
@@ -1631,5 +1638,48 @@ fn populated_extents_are_checked_and_change_no_page() {
             &splice(&[&stream_prefix(&hello), &extents_frame(0, &[(0, 1)]), body]),
             "x-ferry-populate-ahead is off",
         );
+    });
+}
+
+/// The source announces where memory is populated only when its scan was exact: the
+/// pages the guest holds (initial_writes: block 0 pages 0-139, 300 and 511, block 1
+/// pages 0-7 and 127), runs closer than 16 pages merged; after a scan that could not
+/// tell (and marked every page), nothing, so a destination never populates all of RAM
+/// on its word.
+#[test]
+fn the_source_announces_populated_memory_only_after_an_exact_scan() {
+    within(LIMIT, || {
+        for exact in [true, false] {
+            let r = record_with(
+                MigrationParams {
+                    populate_ahead: true,
+                    ..source_params()
+                },
+                populate_params(),
+                exact,
+            );
+            let mut got: Vec<(u16, Vec<(u64, u64)>)> = Vec::new();
+            for f in r.all(FrameTag::PopulatedExtents) {
+                let e =
+                    PopulatedExtents::decode(&r.stream[f.payload()], &[512, 128], &[0, 0]).unwrap();
+                got.push((e.block, e.extents));
+            }
+            let announced = r.destination.ram.x_ferry_populate_announced;
+            if exact {
+                assert_eq!(
+                    got,
+                    [
+                        (0, vec![(0, 140), (300, 1), (511, 1)]),
+                        (1, vec![(0, 8), (127, 1)])
+                    ]
+                );
+                assert_eq!(announced, 151 * PAGE_SIZE as u64);
+            } else {
+                assert_eq!(got, []);
+                assert_eq!(announced, 0);
+            }
+            assert!(r.resumed);
+            assert!(r.destination.ram.x_ferry_populated_ahead <= announced);
+        }
     });
 }

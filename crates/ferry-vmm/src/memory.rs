@@ -7,6 +7,8 @@
 //! engine through [`GuestRam`], whose `populated` reads `/proc/self/pagemap` so pages
 //! the guest never touched are never read.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use ferry_migration::engine::bitmap::DirtyBitmap;
 use ferry_migration::engine::vm::{GuestRam, RamBlock, VmError};
 use ferry_migration::PAGE_SIZE;
@@ -17,24 +19,12 @@ use vm_memory::{
 use crate::pagemap;
 
 /// Faults in every page of guest RAM without changing its contents
-/// (`MADV_POPULATE_WRITE`), so later writes find memory the host has already handed
-/// out. Returns the bytes covered. Linux 5.14 or later.
+/// ([`GuestRam::prepare`]: `MADV_POPULATE_WRITE`), so later writes find memory the host
+/// has already handed out. Returns the bytes covered. Linux 5.14 or later.
 pub fn prefault(ram: &dyn GuestRam) -> std::io::Result<u64> {
-    const MADV_POPULATE_WRITE: libc::c_int = 23;
     let mut total = 0;
     for (b, block) in ram.blocks().iter().enumerate() {
-        // SAFETY: the range is one whole RAM block, mapped for as long as `ram` lives
-        // (GuestRam's contract); populating only allocates pages, it writes nothing.
-        let r = unsafe {
-            libc::madvise(
-                ram.host_ptr(b).cast(),
-                block.size as usize,
-                MADV_POPULATE_WRITE,
-            )
-        };
-        if r != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+        ram.prepare(b, 0, block.pages())?;
         total += block.size;
     }
     Ok(total)
@@ -46,6 +36,8 @@ pub struct HostRam {
     mem: GuestMemoryMmap,
     blocks: Vec<RamBlock>,
     ptrs: Vec<usize>,
+    /// The last populated scan fell back to marking every page.
+    inexact: AtomicBool,
 }
 
 impl HostRam {
@@ -81,7 +73,12 @@ impl HostRam {
                 size,
             })
             .collect();
-        Ok(Self { mem, blocks, ptrs })
+        Ok(Self {
+            mem,
+            blocks,
+            ptrs,
+            inexact: AtomicBool::new(false),
+        })
     }
 
     /// The vm-memory view, for registering memslots.
@@ -162,7 +159,12 @@ unsafe impl GuestRam for HostRam {
         if let Err(e) = pagemap::mark_populated(self.host_ptr(block), len, out) {
             tracing::debug!(error = %e, "pagemap unreadable; treating every page as populated");
             out.set_all();
+            self.inexact.store(true, Ordering::Relaxed);
         }
+    }
+
+    fn populated_is_exact(&self) -> bool {
+        !self.inexact.load(Ordering::Relaxed)
     }
 }
 

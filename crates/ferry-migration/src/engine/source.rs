@@ -594,7 +594,7 @@ impl Source<'_> {
         for (b, bm) in self.pending.iter().enumerate() {
             self.ram.populated(b, bm);
         }
-        if self.params.populate_ahead {
+        if self.params.populate_ahead && self.ram.populated_is_exact() {
             self.send_populated_extents()?;
         }
         for i in 0..self.devices.len() {

@@ -54,6 +54,17 @@ pub unsafe trait GuestRam: Send + Sync {
         out.set_all();
     }
 
+    /// Whether [`populated`](Self::populated) marked only pages that may hold data (as
+    /// read from the host's page tables or an allocation map), rather than every page
+    /// as the default does or as an implementation does that could not tell. The source
+    /// tells a destination that populates ahead (`migration.x-ferry-populate-ahead`)
+    /// where memory is only when this is true, so a destination never faults in all of
+    /// a guest's RAM on the word of a scan that marked everything. Asked after
+    /// `populated`, so an implementation may answer for the scan it just made.
+    fn populated_is_exact(&self) -> bool {
+        false
+    }
+
     /// Faults in `pages` pages of `block` from page `first` without changing what they
     /// hold: a destination's populate-ahead (`migration.x-ferry-populate-ahead`), run on
     /// a thread of its own while the pages are on their way, so that they land in

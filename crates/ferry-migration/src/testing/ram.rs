@@ -5,6 +5,7 @@
 use std::alloc::{alloc_zeroed, dealloc, handle_alloc_error, Layout};
 use std::cell::RefCell;
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::engine::bitmap::DirtyBitmap;
 use crate::engine::vm::{GuestRam, RamBlock, VmError};
@@ -94,6 +95,8 @@ pub struct HeapRam {
     /// with zeros: reported populated, like a backend that knows which pages were ever
     /// faulted in.
     touched: Vec<DirtyBitmap>,
+    /// What [`GuestRam::populated_is_exact`] answers (true unless a test says otherwise).
+    exact: AtomicBool,
 }
 
 impl std::fmt::Debug for HeapRam {
@@ -121,7 +124,14 @@ impl HeapRam {
                 .iter()
                 .map(|&(_, _, p)| DirtyBitmap::new(p))
                 .collect(),
+            exact: AtomicBool::new(true),
         }
+    }
+
+    /// Makes [`GuestRam::populated_is_exact`] answer `exact`: false stands in for a
+    /// backend whose scan could not tell and marked every page it reports.
+    pub fn set_populated_exact(&self, exact: bool) {
+        self.exact.store(exact, Ordering::Relaxed);
     }
 
     fn page_ptr(&self, block: usize, page: usize) -> *mut u8 {
@@ -274,6 +284,10 @@ unsafe impl GuestRam for HeapRam {
 
     /// Every page written through this type or holding a non-zero byte (the engine
     /// writes through `host_ptr`): unmarked pages read as zero, as the contract asks.
+    fn populated_is_exact(&self) -> bool {
+        self.exact.load(Ordering::Relaxed)
+    }
+
     fn populated(&self, block: usize, out: &DirtyBitmap) {
         for p in 0..self.blocks[block].pages() {
             if self.touched[block].is_set(p) || !self.page_is_zero(block, p) {

@@ -1,5 +1,6 @@
 //! Guest RAM: two anonymous mappings from vm-memory, registered as KVM memslots.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Once;
 
 use ferry_migration::engine::bitmap::DirtyBitmap;
@@ -22,6 +23,8 @@ pub struct KvmRam {
     _mem: GuestMemoryMmap,
     blocks: Vec<RamBlock>,
     host: Vec<usize>,
+    /// The last populated scan fell back to marking every page.
+    inexact: AtomicBool,
 }
 
 impl KvmRam {
@@ -61,6 +64,7 @@ impl KvmRam {
             _mem: mem,
             blocks,
             host,
+            inexact: AtomicBool::new(false),
         };
         ram.advise_huge_pages();
         Ok(ram)
@@ -170,6 +174,11 @@ unsafe impl GuestRam for KvmRam {
             static WARNED: Once = Once::new();
             WARNED.call_once(|| tracing::warn!(%err, "/proc/self/pagemap unreadable, treating all RAM as populated"));
             out.set_all();
+            self.inexact.store(true, Ordering::Relaxed);
         }
+    }
+
+    fn populated_is_exact(&self) -> bool {
+        !self.inexact.load(Ordering::Relaxed)
     }
 }
