@@ -15,7 +15,9 @@
 //!   compiler alone. rustls 0.23.48 deprecates its ring provider for lacking post-quantum
 //!   key exchange (X25519MLKEM768, in the aws-lc-rs provider only): moving to aws-lc-rs
 //!   is a change of [`provider`] and of the Cargo features, and buys hybrid key exchange
-//!   against traffic recorded now and decrypted later.
+//!   against traffic recorded now and decrypted later, but on these hosts its AES-128-GCM
+//!   costs about twice ring's CPU per GiB (`bench/aead` measures both side by side;
+//!   BENCHMARKS.md, "ring or aws-lc-rs"), which the data path would pay at each end.
 //! * **No kernel TLS here.** Handing the keys to the kernel after the handshake (kTLS)
 //!   would let pages go out with `writev` straight from guest memory, as xen-api did;
 //!   the kernels ferry runs on so far offer no `tls` ULP
