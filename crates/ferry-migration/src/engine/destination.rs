@@ -199,7 +199,7 @@ pub fn receive(
         live,
         keepalive: None,
         populate: None,
-        populate_ends: Vec::new(),
+        populate_ends: vec![0; ram.blocks().len()],
         passes_ended: 0,
     };
     dst.device_loaded = vec![false; dst.devices.len()];
@@ -416,14 +416,10 @@ impl Dest<'_> {
                         PassEnd::decode(&read_payload(&mut self.ch, fh.len, PEER, "pass end")?)?;
                     self.syncs_this_pass = 0;
                     self.passes_ended += 1;
-                    let populate = self.populate.as_ref().map(Populator::progress);
-                    self.monitor.update(|i| {
-                        i.ram.dirty_sync_count += 1;
-                        if let Some((announced, ahead)) = populate {
-                            i.ram.x_ferry_populate_announced = announced;
-                            i.ram.x_ferry_populated_ahead = ahead;
-                        }
-                    });
+                    self.monitor.update(|i| i.ram.dirty_sync_count += 1);
+                    if let Some(p) = &self.populate {
+                        self.report_populate(p);
+                    }
                     self.monitor.emit(&MigrationEvent::Pass(p.pass));
                 }
                 FrameTag::PopulatedExtents => self.populated_extents(fh)?,
@@ -509,7 +505,6 @@ impl Dest<'_> {
             .into());
         }
         let pages: Vec<u64> = self.blocks.iter().map(|b| b.pages() as u64).collect();
-        self.populate_ends.resize(pages.len(), 0);
         let e = PopulatedExtents::decode(&payload, &pages, &self.populate_ends)?;
         let block = e.block as usize;
         if let Some(end) = e.end() {
@@ -535,13 +530,18 @@ impl Dest<'_> {
     fn stop_populate(&mut self) {
         if let Some(mut p) = self.populate.take() {
             p.stop();
-            let (announced, ahead) = p.progress();
-            tracing::debug!(announced, ahead, "populate-ahead done");
-            self.monitor.update(|i| {
-                i.ram.x_ferry_populate_announced = announced;
-                i.ram.x_ferry_populated_ahead = ahead;
-            });
+            self.report_populate(&p);
         }
+    }
+
+    /// Puts the populating thread's progress into `query-migrate`.
+    fn report_populate(&self, p: &Populator) {
+        let (announced, ahead) = p.progress();
+        tracing::debug!(announced, ahead, "populate-ahead progress");
+        self.monitor.update(|i| {
+            i.ram.x_ferry_populate_announced = announced;
+            i.ram.x_ferry_populated_ahead = ahead;
+        });
     }
 
     /// For a source that takes keepalives: the first one at once, which tells the
