@@ -183,6 +183,18 @@ TARGETS = [
     ("live-1g", "downtime_ms", 1.0, "downtime ≤ QEMU's"),
 ]
 
+# The goals of "QEMU 10.0 as the reference, and half the CPU per GiB moved", for every
+# channel count: CPU per GiB moved at most CPU_PER_GIB s and at most CPU_OF_QEMU of
+# QEMU's on each side (every case that moves data), every live case's total at most
+# LIVE_TOTAL of QEMU's with ferry's downtime within the case's limit, and the paused
+# case's throughput at least PAUSED_OF_TCP of loopback TCP with as many streams. Each
+# CPU row names the bare socket's own cost per GiB in the same run (iperf3's sender or
+# receiver), since no migration over that socket can cost less.
+CPU_PER_GIB = 0.2
+CPU_OF_QEMU = 0.5
+LIVE_TOTAL = 0.5
+PAUSED_OF_TCP = 0.95
+
 
 def variant_name(case: str, channels: int) -> str:
     return f"{case}/{channels}ch"
@@ -580,11 +592,25 @@ def summarise(results: dict) -> dict:
     rounds = results["rounds"]
     for key in ("tcp1", "tcpn"):
         refs[f"{key}_gbs"] = h.stats([r[key].get("gbs") for r in rounds if r.get(key)])
+        for side in ("sender", "receiver"):
+            refs[f"{key}_cpu_{side}_s_per_gib"] = h.stats(
+                [tcp_cpu_per_gib(r[key], side) for r in rounds if r.get(key)])
     for k in ("touched_gbs", "fresh_gbs", "fresh_thp_gbs", "cold_thp_gbs"):
         refs[f"memcpy_{k}"] = h.stats([r["memcpy"].get(k) for r in rounds if r.get("memcpy")])
     out["other_cores"] = h.stats([r.get("other_cores") for r in runs])
     out["targets"] = check_targets(results, out)
     return out
+
+
+def tcp_cpu_per_gib(r: dict, side: str) -> float | None:
+    """A loopback TCP reference's CPU per GiB at `side`; results written before the harness
+    computed it have the percentage it comes from."""
+    if f"cpu_{side}_s_per_gib" in r:
+        return r[f"cpu_{side}_s_per_gib"]
+    pct, n = r.get(f"cpu_{side}_pct"), r.get("bytes")
+    if pct is None or not n or not r.get("seconds"):
+        return None
+    return pct / 100 * r["seconds"] / (n / 2**30)
 
 
 def check_targets(results: dict, summary: dict) -> list[dict]:
@@ -614,6 +640,66 @@ def check_targets(results: dict, summary: dict) -> list[dict]:
                         (("ferry", f_ok), ("qemu", q_ok))))
             rows.append({"variant": v, "metric": metric, "limit": limit, "ratio": ratio,
                          "met": met, "what": what, "note": note})
+    return rows + check_cpu_goals(results, summary)
+
+
+def _median(s: dict | None) -> float | None:
+    return s["median"] if s else None
+
+
+def check_cpu_goals(results: dict, summary: dict) -> list[dict]:
+    """The rows of the CPU, live-total and throughput goals (see CPU_PER_GIB)."""
+    rows = []
+    refs = summary["references"]
+    a = results["args"]
+
+    def tcp_ref(ch: int) -> str | None:
+        return "tcp1" if ch == 1 else "tcpn" if ch == a.get("tcp_streams") else None
+
+    def row(v, what, value, kind, met, note=""):
+        rows.append({"variant": v, "metric": what, "limit": None, "ratio": value,
+                     "kind": kind, "met": met, "what": what, "note": note})
+
+    for v, e in summary["variants"].items():
+        name, ch = v.split("/")
+        case, ch = CASES[name], int(ch[:-2])
+        f, q = e["ferry"], e["qemu"]
+        ref = tcp_ref(ch)
+        moved = _median(f.get("transferred_bytes"))
+        if case.fill or case.dirty:
+            for side, floor_key, who in (("src", "sender", "sender"),
+                                         ("dst", "receiver", "receiver")):
+                cpu = _median(f.get(f"cpu_{side}_s"))
+                floor = _median(refs.get(f"{ref}_cpu_{floor_key}_s_per_gib")) if ref else None
+                per_gib = cpu / (moved / 2**30) if cpu is not None and moved else None
+                note = (f"loopback TCP's {who} alone: {floor:.2f} s/GiB" if floor is not None
+                        else "")
+                row(v, f"CPU {side} per GiB moved ≤ {CPU_PER_GIB} s", per_gib, "s",
+                    per_gib is not None and per_gib <= CPU_PER_GIB, note)
+                ratio = e["ratio"].get(f"cpu_{side}_s")
+                qcpu = _median(q.get(f"cpu_{side}_s"))
+                qmoved = _median(q.get("transferred_bytes"))
+                met = ratio is not None and ratio <= CPU_OF_QEMU
+                note = ""
+                if qcpu is not None and qmoved:
+                    half = CPU_OF_QEMU * qcpu / (qmoved / 2**30)
+                    note = f"{CPU_OF_QEMU}x QEMU's is {half:.2f} s/GiB"
+                    if not met and floor is not None and half < floor:
+                        note += f", below loopback TCP's {who} alone ({floor:.2f})"
+                row(v, f"CPU {side} ≤ {CPU_OF_QEMU}x QEMU's", ratio, "ratio", met, note)
+        if case.live:
+            ratio = e["ratio"].get("total_ms")
+            dt = f.get("downtime_ms")
+            within = dt is not None and dt["max"] <= case.downtime_limit_ms
+            row(v, f"total ≤ {LIVE_TOTAL}x QEMU's, downtime ≤ {case.downtime_limit_ms} ms",
+                ratio, "ratio", ratio is not None and ratio <= LIVE_TOTAL and within,
+                "" if within else "ferry's downtime over the limit or not measured")
+        if case.paused and ref:
+            tcp = _median(refs.get(f"{ref}_gbs"))
+            gbs = _median(f.get("gbs"))
+            share = gbs / tcp if gbs is not None and tcp else None
+            row(v, f"GB/s ≥ {PAUSED_OF_TCP}x loopback TCP, {ch} stream(s)", share, "ratio",
+                share is not None and share >= PAUSED_OF_TCP)
     return rows
 
 
@@ -682,10 +768,10 @@ def render_markdown(results: dict) -> str:
             fmt(r["cpu_dst_s"], "ratio"),
         ]) + " |")
     out.append("")
-    out.append("| case | target | ratio ferry/QEMU | met |")
+    out.append("| case | target | ferry/QEMU, or the figure | met |")
     out.append("|---|---|---:|---|")
     for t in summary["targets"]:
-        out.append(f"| {t['variant']} | {t['what']} | {fmt(t['ratio'], 'ratio')} | "
+        out.append(f"| {t['variant']} | {t['what']} | {fmt(t['ratio'], t.get('kind', 'ratio'))} | "
                    f"{'yes' if t['met'] else 'no'}"
                    f"{' (' + t['note'] + ')' if t['note'] else ''} |")
     live = [(v, e) for v, e in summary["variants"].items() if CASES[v.split('/')[0]].live]
@@ -705,10 +791,22 @@ def render_markdown(results: dict) -> str:
     out.append("")
     out.append("| machine's limits, same run | GB/s |")
     out.append("|---|---:|")
-    out.append(f"| loopback TCP, 1 stream (iperf3 -P 1 -t {a['iperf_seconds']}) | "
+    ln = next((r["tcp1"].get("length") for r in results["rounds"] if r.get("tcp1")), None)
+    dash_l = f" -l {ln}" if ln else ""
+    out.append(f"| loopback TCP, 1 stream (iperf3 -P 1 -t {a['iperf_seconds']}{dash_l}) | "
                f"{h.cell(refs.get('tcp1_gbs'), 'gbs')} |")
-    out.append(f"| loopback TCP, {a['tcp_streams']} streams (iperf3 -P {a['tcp_streams']}) | "
+    out.append(f"| loopback TCP, {a['tcp_streams']} streams (iperf3 -P {a['tcp_streams']}"
+               f"{dash_l}) | "
                f"{h.cell(refs.get('tcpn_gbs'), 'gbs')} |")
+    out.append("")
+    out.append("| loopback TCP's own CPU per GiB, same run | sender s/GiB | receiver s/GiB |")
+    out.append("|---|---:|---:|")
+    for key, n in (("tcp1", 1), ("tcpn", a["tcp_streams"])):
+        out.append(f"| {n} stream(s) | {h.cell(refs.get(f'{key}_cpu_sender_s_per_gib'), 's')} | "
+                   f"{h.cell(refs.get(f'{key}_cpu_receiver_s_per_gib'), 's')} |")
+    out.append("")
+    out.append("| memcpy, same run | GB/s |")
+    out.append("|---|---:|")
     out.append(f"| memcpy {a['memcpy_mib']} MiB into touched memory | "
                f"{h.cell(refs.get('memcpy_touched_gbs'), 'gbs')} |")
     out.append(f"| memcpy {a['memcpy_mib']} MiB into never-touched memory (4 KiB pages) | "
@@ -988,7 +1086,9 @@ def main(argv: list[str]) -> int:
                 if item in ("tcp1", "tcpn"):
                     n = 1 if item == "tcp1" else a.tcp_streams
                     try:
-                        r = h.ref_tcp(iperf3, a.iperf_seconds, tmp, streams=n)
+                        # 512 KiB writes and reads: a batch of ferry's pages.
+                        r = h.ref_tcp(iperf3, a.iperf_seconds, tmp, streams=n,
+                                      length="512K")
                         log(f"{tag} loopback TCP, {n} stream(s): {r['gbs']:.2f} GB/s")
                     except BenchError as e:
                         r = {"error": str(e)}

@@ -782,6 +782,15 @@ def ref_tcp(iperf3: str, seconds: int, tmp: Path, streams: int = 1,
             recv = j["end"]["sum_received"]
             sent = j["end"]["sum_sent"]
             cpu = j["end"].get("cpu_utilization_percent", {})
+
+            def per_gib(pct, side: dict) -> float | None:
+                # iperf3's CPU figure is user+system time over the test's wall time, of
+                # the whole process; times the seconds and over the GiB it moved, it is
+                # the bare socket's cost per GiB, the floor under any migration's here.
+                if pct is None or not side.get("bytes"):
+                    return None
+                return pct / 100 * side["seconds"] / (side["bytes"] / 2**30)
+
             return {
                 "streams": streams,
                 "length": length,
@@ -792,6 +801,8 @@ def ref_tcp(iperf3: str, seconds: int, tmp: Path, streams: int = 1,
                 "retransmits": sent.get("retransmits"),
                 "cpu_sender_pct": cpu.get("host_total"),
                 "cpu_receiver_pct": cpu.get("remote_total"),
+                "cpu_sender_s_per_gib": per_gib(cpu.get("host_total"), sent),
+                "cpu_receiver_s_per_gib": per_gib(cpu.get("remote_total"), recv),
             }
         finally:
             reap(server, grace=1.0)
