@@ -7,7 +7,8 @@ For every case and channel count, each round migrates a ferry guest (two `ferry 
 processes and `ferry migrate`) and a QEMU guest (two `qemu-system-x86_64` processes driven
 over QMP), one right after the other, in an order that alternates between rounds so that
 whatever else the machine is doing hits both. Each round also measures the machine's limits:
-loopback TCP with iperf3 over 1 and N streams, and memcpy into touched and never-touched
+loopback TCP with iperf3 over 1 and N streams (512 KiB writes, with the socket's own CPU per
+GiB at each end), and memcpy into touched and never-touched
 memory. Figures are medians over the rounds; ratios are ferry / QEMU of those medians.
 
 The QEMU guest is bench/guest/guest.S, built here with gcc and ld into a multiboot image:
