@@ -8,8 +8,8 @@ processes and `ferry migrate`) and a QEMU guest (two `qemu-system-x86_64` proces
 over QMP), one right after the other, in an order that alternates between rounds so that
 whatever else the machine is doing hits both. Each round also measures the machine's limits:
 loopback TCP with iperf3 over 1 and N streams (512 KiB writes, with the socket's own CPU per
-GiB at each end), and memcpy into touched and never-touched
-memory. Figures are medians over the rounds; ratios are ferry / QEMU of those medians.
+GiB at each end), and memcpy into touched and never-touched memory. Figures are medians over
+the rounds; ratios are ferry / QEMU of those medians.
 
 The QEMU guest is bench/guest/guest.S, built here with gcc and ld into a multiboot image:
 it reaches long mode at CPL 3 and runs ferry's workload (increment byte 0 of every 4 KiB page
@@ -190,7 +190,9 @@ TARGETS = [
 # LIVE_TOTAL of QEMU's with ferry's downtime within the case's limit, and the paused
 # case's throughput at least PAUSED_OF_TCP of loopback TCP with as many streams. Each
 # CPU row names the bare socket's own cost per GiB in the same run (iperf3's sender or
-# receiver), since no migration over that socket can cost less.
+# receiver): the part of a migration's CPU that is the kernel's, whatever the engine does.
+# It is iperf3's figure, not a hard floor: a sender that writes larger batches, or fewer
+# of them, can pay a little less.
 CPU_PER_GIB = 0.2
 CPU_OF_QEMU = 0.5
 LIVE_TOTAL = 0.5

@@ -786,7 +786,8 @@ def ref_tcp(iperf3: str, seconds: int, tmp: Path, streams: int = 1,
             def per_gib(pct, side: dict) -> float | None:
                 # iperf3's CPU figure is user+system time over the test's wall time, of
                 # the whole process; times the seconds and over the GiB it moved, it is
-                # the bare socket's cost per GiB, the floor under any migration's here.
+                # the bare socket's cost per GiB: the kernel's share of any migration's
+                # CPU on this host, to read a migration's own figure against.
                 if pct is None or not side.get("bytes"):
                     return None
                 return pct / 100 * side["seconds"] / (side["bytes"] / 2**30)
