@@ -7,8 +7,6 @@
 //! engine through [`GuestRam`], whose `populated` reads `/proc/self/pagemap` so pages
 //! the guest never touched are never read.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use ferry_migration::engine::bitmap::DirtyBitmap;
 use ferry_migration::engine::vm::{GuestRam, RamBlock, VmError};
 use ferry_migration::PAGE_SIZE;
@@ -36,8 +34,7 @@ pub struct HostRam {
     mem: GuestMemoryMmap,
     blocks: Vec<RamBlock>,
     ptrs: Vec<usize>,
-    /// The last populated scan fell back to marking every page.
-    inexact: AtomicBool,
+    scan: pagemap::PopulatedScan,
 }
 
 impl HostRam {
@@ -77,7 +74,7 @@ impl HostRam {
             mem,
             blocks,
             ptrs,
-            inexact: AtomicBool::new(false),
+            scan: pagemap::PopulatedScan::default(),
         })
     }
 
@@ -156,15 +153,11 @@ unsafe impl GuestRam for HostRam {
 
     fn populated(&self, block: usize, out: &DirtyBitmap) {
         let len = self.blocks[block].size as usize;
-        if let Err(e) = pagemap::mark_populated(self.host_ptr(block), len, out) {
-            tracing::debug!(error = %e, "pagemap unreadable; treating every page as populated");
-            out.set_all();
-            self.inexact.store(true, Ordering::Relaxed);
-        }
+        self.scan.mark(self.host_ptr(block), len, out);
     }
 
     fn populated_is_exact(&self) -> bool {
-        !self.inexact.load(Ordering::Relaxed)
+        self.scan.is_exact()
     }
 }
 

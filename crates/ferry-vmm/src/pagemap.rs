@@ -16,6 +16,8 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Once;
 
 use ferry_migration::engine::bitmap::DirtyBitmap;
 use ferry_migration::PAGE_SIZE;
@@ -32,6 +34,37 @@ pub fn mark_populated(host: *const u8, len: usize, out: &DirtyBitmap) -> io::Res
     match scan(&f, host, len, out) {
         Err(e) if scan_unsupported(&e) => read_entries(&f, host, len, out),
         r => r,
+    }
+}
+
+/// The `populated` scan of a [`GuestRam`] whose blocks are mappings of this process, for
+/// every backend that has one: [`mark_populated`], or every page where the pagemap cannot
+/// be read. It remembers such a fallback for [`GuestRam::populated_is_exact`], for the life
+/// of the memory (a later scan that reads the pagemap does not make the earlier one exact).
+///
+/// [`GuestRam`]: ferry_migration::engine::vm::GuestRam
+/// [`GuestRam::populated_is_exact`]: ferry_migration::engine::vm::GuestRam::populated_is_exact
+#[derive(Debug, Default)]
+pub struct PopulatedScan {
+    fell_back: AtomicBool,
+}
+
+impl PopulatedScan {
+    /// Marks in `out` the pages of `[host, host + len)` that may hold data.
+    pub fn mark(&self, host: *const u8, len: usize, out: &DirtyBitmap) {
+        if let Err(err) = mark_populated(host, len, out) {
+            static WARNED: Once = Once::new();
+            WARNED.call_once(|| {
+                tracing::warn!(%err, "/proc/self/pagemap unreadable, treating all RAM as populated")
+            });
+            out.set_all();
+            self.fell_back.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// No scan so far fell back to marking every page.
+    pub fn is_exact(&self) -> bool {
+        !self.fell_back.load(Ordering::Relaxed)
     }
 }
 

@@ -282,12 +282,12 @@ unsafe impl GuestRam for HeapRam {
         self.regions[block].ptr.as_ptr()
     }
 
-    /// Every page written through this type or holding a non-zero byte (the engine
-    /// writes through `host_ptr`): unmarked pages read as zero, as the contract asks.
     fn populated_is_exact(&self) -> bool {
         self.exact.load(Ordering::Relaxed)
     }
 
+    /// Every page written through this type or holding a non-zero byte (the engine
+    /// writes through `host_ptr`): unmarked pages read as zero, as the contract asks.
     fn populated(&self, block: usize, out: &DirtyBitmap) {
         for p in 0..self.blocks[block].pages() {
             if self.touched[block].is_set(p) || !self.page_is_zero(block, p) {

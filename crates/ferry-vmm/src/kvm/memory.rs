@@ -1,6 +1,5 @@
 //! Guest RAM: two anonymous mappings from vm-memory, registered as KVM memslots.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Once;
 
 use ferry_migration::engine::bitmap::DirtyBitmap;
@@ -23,8 +22,7 @@ pub struct KvmRam {
     _mem: GuestMemoryMmap,
     blocks: Vec<RamBlock>,
     host: Vec<usize>,
-    /// The last populated scan fell back to marking every page.
-    inexact: AtomicBool,
+    scan: pagemap::PopulatedScan,
 }
 
 impl KvmRam {
@@ -64,7 +62,7 @@ impl KvmRam {
             _mem: mem,
             blocks,
             host,
-            inexact: AtomicBool::new(false),
+            scan: pagemap::PopulatedScan::default(),
         };
         ram.advise_huge_pages();
         Ok(ram)
@@ -170,15 +168,10 @@ unsafe impl GuestRam for KvmRam {
             self.host[block] as *const u8,
             self.blocks[block].size as usize,
         );
-        if let Err(err) = pagemap::mark_populated(host, len, out) {
-            static WARNED: Once = Once::new();
-            WARNED.call_once(|| tracing::warn!(%err, "/proc/self/pagemap unreadable, treating all RAM as populated"));
-            out.set_all();
-            self.inexact.store(true, Ordering::Relaxed);
-        }
+        self.scan.mark(host, len, out);
     }
 
     fn populated_is_exact(&self) -> bool {
-        !self.inexact.load(Ordering::Relaxed)
+        self.scan.is_exact()
     }
 }
