@@ -144,22 +144,28 @@ impl Classifier {
             let zero = self.mem.is_zero(block, p);
             out.entries.push((p, zero));
             if zero {
-                if let Some(d) = &self.digest {
-                    d.update(block, p as usize, zero_page_hash());
-                }
                 out.zero.push(p);
             } else {
                 out.normal.push(p);
             }
+        }
+        if let Some(d) = &self.digest {
+            let zero = zero_page_hash();
+            d.update_all(block, out.zero.iter().map(|&p| (p as usize, zero)));
         }
     }
 
     /// Records the digest terms of a batch's data pages, once they were written.
     pub fn sent(&self, batch: &Batch) {
         if let Some(d) = &self.digest {
-            for &p in &batch.normal {
-                d.update(batch.block, p as usize, self.mem.hash_page(batch.block, p));
-            }
+            let b = batch.block;
+            d.update_all(
+                b,
+                batch
+                    .normal
+                    .iter()
+                    .map(|&p| (p as usize, self.mem.hash_page(b, p))),
+            );
         }
     }
 }
@@ -359,9 +365,6 @@ impl Lander {
         let written = &self.written[block];
         for &p in normal {
             written.set(p as usize);
-            if let Some(d) = &self.digest {
-                d.update(block, p as usize, self.mem.hash_page(block, p));
-            }
         }
         let mut zeroed = 0;
         for &p in zero {
@@ -372,9 +375,16 @@ impl Lander {
                 self.mem.zero_page(block, p);
                 zeroed += 1;
             }
-            if let Some(d) = &self.digest {
-                d.update(block, p as usize, zero_page_hash());
-            }
+        }
+        if let Some(d) = &self.digest {
+            let data = normal
+                .iter()
+                .map(|&p| (p as usize, self.mem.hash_page(block, p)));
+            let zero_hash = zero_page_hash();
+            d.update_all(
+                block,
+                data.chain(zero.iter().map(|&p| (p as usize, zero_hash))),
+            );
         }
         normal.len() as u64 + zeroed
     }
