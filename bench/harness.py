@@ -747,6 +747,40 @@ def machine_info(ferry: Path, iperf3: str | None) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
+FLOOR_DIR = REPO / "bench" / "floor"
+
+
+def build_floor() -> Path | None:
+    """bench/floor, built (a no-op when it is fresh); None, said, when it cannot be."""
+    p = subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=FLOOR_DIR,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    exe = FLOOR_DIR / "target" / "release" / "floor"
+    if p.returncode != 0 or not os.access(exe, os.X_OK):
+        log(f"warning: could not build bench/floor (exit {p.returncode}): "
+            f"{p.stderr.strip()[-300:]}; no verified-transfer floor in this run")
+        return None
+    return exe
+
+
+def ref_floor(floor: Path, streams: int, size: str = "1G") -> dict:
+    """The least a verified page transfer costs here (bench/floor's `verify` mode): `size`
+    from populated memory into populated memory over loopback TCP with `streams`
+    connections, 512 KiB per write and read, every page hashed at both ends. What a
+    migration costs above it is the migration's own."""
+    r = run_tracked([str(floor), "--json", "--rounds", "1", "--modes", "verify",
+                     "--streams", str(streams), "--size", size], timeout=120,
+                    stdin=subprocess.DEVNULL)
+    if r.returncode != 0:
+        raise BenchError(f"bench/floor exit {r.returncode}: {r.stderr.strip()[-300:]}")
+    try:
+        m = json.loads(r.stdout)["medians"][0]
+    except (json.JSONDecodeError, KeyError, IndexError):
+        raise BenchError(f"bench/floor printed no result: {r.stdout.strip()[:300]}")
+    return {"streams": streams, "gbs": m["gbs"],
+            "cpu_sender_s_per_gib": m["send_cpu_s_per_gib"],
+            "cpu_receiver_s_per_gib": m["recv_cpu_s_per_gib"]}
+
+
 def ref_tcp(iperf3: str, seconds: int, tmp: Path, streams: int = 1,
             length: str | None = None) -> dict:
     """Loopback TCP with iperf3 over `streams` parallel connections (-P), receiver's figure
