@@ -1158,35 +1158,26 @@ def main(argv: list[str]) -> int:
             for k, item in enumerate(plan):
                 quiet = h.settle(a.settle, a.settle_below) if a.settle > 0 else {}
                 window = h.OtherLoad()
-                if item in ("tcp1", "tcpn"):
-                    n = 1 if item == "tcp1" else a.tcp_streams
-                    try:
-                        # 512 KiB writes and reads: a batch of ferry's pages.
-                        r = h.ref_tcp(iperf3, a.iperf_seconds, tmp, streams=n,
-                                      length="512K")
-                        log(f"{tag} loopback TCP, {n} stream(s): {r['gbs']:.2f} GB/s")
-                    except BenchError as e:
-                        r = {"error": str(e)}
-                        failed += 1
-                        log(f"{tag} loopback TCP, {n} stream(s) FAILED: {e}")
-                    r.update(quiet)
-                    r["other_cores"] = window.cores()
-                    rr[item] = r
-                    continue
-                if item in ("floor1", "floorn"):
-                    n = 1 if item == "floor1" else a.tcp_streams
-                    try:
-                        r = h.ref_floor(floor, n)
-                        log(f"{tag} verified transfer alone, {n} stream(s): {r['gbs']:.2f} "
-                            f"GB/s, sender {r['cpu_sender_s_per_gib']:.2f} receiver "
-                            f"{r['cpu_receiver_s_per_gib']:.2f} CPU s/GiB")
-                    except BenchError as e:
-                        r = {"error": str(e)}
-                        failed += 1
-                        log(f"{tag} verified transfer, {n} stream(s) FAILED: {e}")
-                    r.update(quiet)
-                    r["other_cores"] = window.cores()
-                    rr[item] = r
+                if item in ("tcp1", "tcpn", "floor1", "floorn"):
+                    n = 1 if item.endswith("1") else a.tcp_streams
+                    if item.startswith("tcp"):
+                        what = f"loopback TCP, {n} stream(s)"
+
+                        def measure(n=n):
+                            # 512 KiB writes and reads: a batch of ferry's pages.
+                            r = h.ref_tcp(iperf3, a.iperf_seconds, tmp, streams=n,
+                                          length="512K")
+                            return r, f"{r['gbs']:.2f} GB/s"
+                    else:
+                        what = f"verified transfer alone, {n} stream(s)"
+
+                        def measure(n=n):
+                            r = h.ref_floor(floor, n)
+                            return r, (f"{r['gbs']:.2f} GB/s, sender "
+                                       f"{r['cpu_sender_s_per_gib']:.2f} receiver "
+                                       f"{r['cpu_receiver_s_per_gib']:.2f} CPU s/GiB")
+                    rr[item], bad = h.reference(tag, what, measure, quiet, window)
+                    failed += bad
                     continue
                 if item == "memcpy":
                     try:

@@ -747,6 +747,25 @@ def machine_info(ferry: Path, iperf3: str | None) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
+def reference(tag: str, what: str, measure, quiet: dict,
+              window: "OtherLoad") -> tuple[dict, bool]:
+    """One reference measurement of a round (loopback TCP, the verified-transfer floor):
+    `measure()` returns its figures and the line to log. Returns the figures, or the error
+    when it raised BenchError, with the settling figures and the other load of `window`,
+    and whether it failed. Logged either way."""
+    try:
+        r, line = measure()
+        log(f"{tag} {what}: {line}")
+        failed = False
+    except BenchError as e:
+        r = {"error": str(e)}
+        failed = True
+        log(f"{tag} {what} FAILED: {e}")
+    r.update(quiet)
+    r["other_cores"] = window.cores()
+    return r, failed
+
+
 FLOOR_DIR = REPO / "bench" / "floor"
 
 

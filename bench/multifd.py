@@ -913,17 +913,13 @@ def main(argv: list[str]) -> int:
                         f", {length} writes" if length else "")
                     q = quiet()
                     window = h.OtherLoad()
-                    try:
+
+                    def measure(streams=streams, length=length):
                         t = h.ref_tcp(iperf3, a.iperf_seconds, tmp, streams=streams,
-                                       length=length)
-                        log(f"{tag} {what}: {t['gbs']:.2f} GB/s")
-                    except BenchError as e:
-                        t = {"error": str(e)}
-                        failed += 1
-                        log(f"{tag} {what} FAILED: {e}")
-                    t.update(q)
-                    t["other_cores"] = window.cores()
-                    rr[key][str(ch)] = t
+                                      length=length)
+                        return t, f"{t['gbs']:.2f} GB/s"
+                    rr[key][str(ch)], bad = h.reference(tag, what, measure, q, window)
+                    failed += bad
                 tcp_gbs = rr["tcp"][str(ch)].get("gbs")
                 tcp_len_gbs = rr["tcp_len"].get(str(ch), {}).get("gbs")
                 # Alternate the order between rounds: nothing always runs first.
