@@ -196,7 +196,9 @@ TARGETS = [
 # CPU row names the bare socket's own cost per GiB in the same run (iperf3's sender or
 # receiver): the part of a migration's CPU that is the kernel's, whatever the engine does.
 # It is iperf3's figure, not a hard floor: a sender that writes larger batches, or fewer
-# of them, can pay a little less.
+# of them, can pay a little less. The rows also name bench/floor's verified transfer, the
+# socket plus the copies from and into memory and the hashes: no migration that checks
+# its pages as ferry's digest does can cost less than that on the host.
 CPU_PER_GIB = 0.2
 CPU_OF_QEMU = 0.5
 LIVE_TOTAL = 0.5
@@ -683,12 +685,14 @@ def check_cpu_goals(results: dict, summary: dict) -> list[dict]:
     refs = summary["references"]
     a = results["args"]
 
-    def tcp_ref(ch: int) -> str | None:
-        return "tcp1" if ch == 1 else "tcpn" if ch == a.get("tcp_streams") else None
+    def ref_key(kind: str, ch: int) -> str | None:
+        # The reference of `kind` ("tcp" or "floor") measured with as many streams.
+        n = "1" if ch == 1 else "n" if ch == a.get("tcp_streams") else None
+        return kind + n if n else None
 
     def floor_of(ch: int, what: str) -> float | None:
         # bench/floor with as many streams: the least a verified transfer costs here.
-        key = "floor1" if ch == 1 else "floorn" if ch == a.get("tcp_streams") else None
+        key = ref_key("floor", ch)
         return _median(refs.get(f"{key}_{what}")) if key else None
 
     def spread(e: dict, metric: str, limit: float) -> str:
@@ -708,7 +712,7 @@ def check_cpu_goals(results: dict, summary: dict) -> list[dict]:
         name, ch = v.split("/")
         case, ch = CASES[name], int(ch[:-2])
         f, q = e["ferry"], e["qemu"]
-        ref = tcp_ref(ch)
+        ref = ref_key("tcp", ch)
         moved = _median(f.get("transferred_bytes"))
         if case.fill or case.dirty:
             for side, floor_key, who in (("src", "sender", "sender"),
